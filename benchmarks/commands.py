@@ -1,0 +1,5 @@
+"""CLI for benchmarks/."""
+
+
+def register(sub) -> None:
+    pass

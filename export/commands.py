@@ -1,0 +1,5 @@
+"""CLI for export/."""
+
+
+def register(sub) -> None:
+    pass

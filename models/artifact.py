@@ -1,0 +1,107 @@
+"""Probe artifacts: a folder with ``config.json`` + ``model.safetensors`` (no pickle anywhere).
+
+config.json holds what serving needs to use the probe correctly: its type and constructor
+parameters, label names, decision threshold, prompt format and max length, the task, and the
+fingerprint of the backbone it was trained on (loading it onto another backbone is an error).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from singlepass.errors import SinglepassError
+
+FORMAT = "singlepass-probe"
+VERSION = 1
+REQUIRED = ("format", "version", "probe", "params", "num_layers", "hidden_size", "label_names",
+            "threshold", "prompt_format", "max_length", "backbone")
+
+
+def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool = True) -> Path:
+    """Write atomically: a half-written folder is never left behind."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if folder.exists() and not overwrite:
+        raise SinglepassError(f"{folder} exists (use --force to overwrite)")
+    cfg = {"format": FORMAT, "version": VERSION, **config}
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise ValueError(f"probe config lacks {missing}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
+    try:
+        state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+        save_file(state, str(tmp / "model.safetensors"))
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def read_config(folder: str | os.PathLike) -> dict:
+    folder = Path(folder)
+    path = folder / "config.json"
+    if not folder.is_dir():
+        raise SinglepassError(f"probe {folder}: no such folder")
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise SinglepassError(f"probe {folder}: config.json is missing; not a probe artifact") from None
+    except (OSError, json.JSONDecodeError) as e:
+        raise SinglepassError(f"probe {folder}: config.json is corrupt ({e})") from None
+    if not isinstance(cfg, dict) or cfg.get("format") != FORMAT:
+        raise SinglepassError(f"probe {folder}: config.json is not a {FORMAT} config")
+    if cfg.get("version") != VERSION:
+        raise SinglepassError(f"probe {folder}: config version {cfg.get('version')} is not supported (want {VERSION})")
+    missing = [k for k in REQUIRED if k not in cfg]
+    if missing:
+        raise SinglepassError(f"probe {folder}: config.json lacks {', '.join(missing)}")
+    return cfg
+
+
+def check_backbone(cfg: dict, fingerprint: dict, where: str = "probe") -> None:
+    """A probe only makes sense on the exact backbone whose hidden states it was trained on."""
+    want, have = cfg["backbone"], fingerprint
+    if want.get("sha256") != have.get("sha256"):
+        raise SinglepassError(
+            f"{where} was trained on backbone {want.get('name')!r} (sha256 {str(want.get('sha256'))[:12]}, "
+            f"{want.get('num_hidden_layers')} layers, d={want.get('hidden_size')}) but the model is "
+            f"{have.get('name')!r} (sha256 {str(have.get('sha256'))[:12]}, {have.get('num_hidden_layers')} layers, "
+            f"d={have.get('hidden_size')}): retrain the probe on this model")
+
+
+def load_probe(folder: str | os.PathLike, fingerprint: dict | None = None):
+    """-> (module in eval mode, config). With ``fingerprint``, refuse a foreign backbone."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from singlepass.models.baselines import build_any
+
+    folder = Path(folder)
+    cfg = read_config(folder)
+    if fingerprint is not None:
+        check_backbone(cfg, fingerprint, f"probe {folder}")
+    try:
+        module = build_any(cfg)
+    except (TypeError, ValueError) as e:
+        raise SinglepassError(f"probe {folder}: config.json does not describe a valid probe ({e})") from None
+    try:
+        state = load_file(str(folder / "model.safetensors"))
+    except FileNotFoundError:
+        raise SinglepassError(f"probe {folder}: model.safetensors is missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise SinglepassError(f"probe {folder}: model.safetensors is corrupt ({e})") from None
+    try:
+        module.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise SinglepassError(f"probe {folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
+    return module.eval(), cfg

@@ -1,0 +1,203 @@
+"""A dataset-level, memory-mapped, resumable cache of hidden states for probe training.
+
+Layout of one entry (a folder named by the hash of everything that changes its content):
+
+    meta.json      key fields, shapes, dtype, layer subset, token cap, byte counts
+    lengths.npy    int64 [N]  stored tokens per row (after the token cap)
+    offsets.npy    int64 [N]  first token of each row in states.bin
+    labels.npy     int64 [N]
+    states.bin     dtype [n_tokens, L', d], token-major (one row's tokens are contiguous)
+    progress.json  {"batches_done": k}; present only while the entry is incomplete
+
+Rows are written at fixed offsets in a preallocated file, batch by batch in a deterministic
+order, and progress is committed (fsync, then an atomic rename) after each batch: an
+interrupted run resumes at the first uncommitted batch, with no corrupt or duplicated rows.
+Reading never loads the file into RAM: ``np.memmap`` pages in only the rows a batch needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from singlepass.errors import SinglepassError
+from singlepass.models.extract import iter_hidden, plan_batches
+from singlepass.models.prompts import encode
+
+CACHE_VERSION = 1
+DTYPES = {"float16": np.float16, "float32": np.float32}
+# fp16 holds SmolLM2's ~2.5e4 massive activations (max 65504) at half fp32's disk cost;
+# benchmarks/cache_dtype.py measures what a probe sees from it (see README).
+DEFAULT_DTYPE = "float16"
+MAX_BATCH_TOKENS = 4096
+
+
+def _json_write(path: Path, obj) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def content_key(fields: dict) -> str:
+    return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
+
+
+def texts_digest(texts: list[str], labels) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        h.update(t.encode("utf-8"))
+        h.update(b"\x00")
+    h.update(np.asarray(labels, dtype=np.int64).tobytes())
+    return h.hexdigest()
+
+
+@dataclass
+class CachePlan:
+    folder: Path
+    key_fields: dict
+    n_rows: int
+    n_tokens: int
+    bytes_per_token: int
+
+    @property
+    def total_bytes(self) -> int:
+        return self.n_tokens * self.bytes_per_token
+
+
+class StateCache:
+    """Read side: rows as [T_i, L', d] views, batches as layer-first [L', B, T, d] tensors."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        try:
+            self.meta = json.loads((self.folder / "meta.json").read_text())
+            self.lengths = np.load(self.folder / "lengths.npy")
+            self.offsets = np.load(self.folder / "offsets.npy")
+            self.labels = np.load(self.folder / "labels.npy")
+        except (OSError, ValueError) as e:
+            raise SinglepassError(f"hidden-state cache {self.folder} is unreadable ({e}); delete it to rebuild") from None
+        if (self.folder / "progress.json").exists():
+            raise SinglepassError(f"hidden-state cache {self.folder} is incomplete; rerun extraction to resume it")
+        m = self.meta
+        self.num_layers, self.d = m["num_stored_layers"], m["hidden_size"]
+        expect = m["n_tokens"] * m["bytes_per_token"]
+        if (self.folder / "states.bin").stat().st_size != expect:
+            raise SinglepassError(f"hidden-state cache {self.folder}: states.bin has the wrong size; delete it to rebuild")
+        self.states = np.memmap(self.folder / "states.bin", dtype=DTYPES[m["dtype"]], mode="r",
+                                shape=(m["n_tokens"], self.num_layers, self.d))
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def row(self, i: int) -> np.ndarray:
+        o, n = self.offsets[i], self.lengths[i]
+        return self.states[o:o + n]  # [T_i, L', d] view into the memmap
+
+    def batch(self, rows, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
+        """-> states [L', B, T, d] float32 (never pooled in fp16), mask [B, T] int64."""
+        rows = list(rows)
+        T = int(max(self.lengths[r] for r in rows))
+        out = torch.zeros(self.num_layers, len(rows), T, self.d)
+        mask = torch.zeros(len(rows), T, dtype=torch.int64)
+        for j, r in enumerate(rows):
+            n = int(self.lengths[r])
+            sl = slice(T - n, T) if side == "left" else slice(0, n)
+            out[:, j, sl] = torch.from_numpy(np.asarray(self.row(r), dtype=np.float32)).transpose(0, 1)
+            mask[j, sl] = 1
+        return out, mask
+
+
+def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DEFAULT_DTYPE,
+         layers: list[int] | None = None, token_cap: int | None = None, cache_dir: Path | None = None):
+    """Tokenise, key and size a cache entry without running the model. -> (CachePlan, Encoded)."""
+    from singlepass.models.backbone import cache_root
+
+    if dtype not in DTYPES:
+        raise SinglepassError(f"unknown cache dtype {dtype!r} (use {', '.join(DTYPES)})")
+    L1 = backbone.num_layers + 1
+    layers = list(range(L1)) if layers is None else sorted(set(layers))
+    if not layers or min(layers) < 0 or max(layers) >= L1:
+        raise SinglepassError(f"layer subset must be within 0..{L1 - 1}, got {layers}")
+    if token_cap is not None and token_cap <= 0:
+        raise SinglepassError(f"token cap must be positive, got {token_cap}")
+    enc = encode(backbone.tokenizer, dataset.texts, prompt_format, max_length)
+    key_fields = {"version": CACHE_VERSION, "model": backbone.fingerprint["sha256"],
+                  "dataset": dataset.name, "split": dataset.split,
+                  "data": texts_digest(dataset.texts, dataset.labels), "prompt_format": prompt_format,
+                  "max_length": max_length, "dtype": dtype, "layers": layers, "token_cap": token_cap}
+    folder = (cache_dir or cache_root()) / "states" / f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
+    stored = [min(len(s), token_cap) if token_cap else len(s) for s in enc.ids]
+    bpt = len(layers) * backbone.hidden_size * np.dtype(DTYPES[dtype]).itemsize
+    return CachePlan(folder, key_fields, len(stored), int(sum(stored)), bpt), enc
+
+
+def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512, dtype: str = DEFAULT_DTYPE,
+          layers: list[int] | None = None, token_cap: int | None = None, batch_size: int = 8,
+          cache_dir: Path | None = None, progress: bool = True, log=print,
+          stop_after_batches: int | None = None) -> StateCache:
+    """Extract (or resume, or reuse) the cache entry for one dataset split and return it."""
+    p, enc = plan(backbone, dataset, prompt_format, max_length, dtype, layers, token_cap, cache_dir)
+    folder, prog = p.folder, p.folder / "progress.json"
+    if (folder / "meta.json").exists() and not prog.exists():
+        log(f"cache hit: {folder}")
+        return StateCache(folder)
+    L1, d = backbone.num_layers + 1, backbone.hidden_size
+    layers = p.key_fields["layers"]
+    lengths = np.array([min(len(s), token_cap) if token_cap else len(s) for s in enc.ids], dtype=np.int64)
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    log(f"{dataset.name}/{dataset.split}: {p.n_rows} prompts, {p.n_tokens:,} tokens stored, "
+        f"{len(layers)} of {L1} layers x d={d} in {dtype}: {p.bytes_per_token:,} bytes/token, "
+        f"{p.total_bytes / 2**30:.2f} GiB total; {enc.n_truncated} prompt(s) truncated to {max_length} tokens"
+        + (f"; token cap {token_cap} (last tokens kept)" if token_cap else ""))
+    free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.home()).free
+    if not prog.exists() and p.total_bytes > free:
+        raise SinglepassError(f"the cache needs {p.total_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
+                              "is free: use --layers or --token-cap, or another --cache-dir")
+    folder.mkdir(parents=True, exist_ok=True)
+    meta = {**p.key_fields, "n_rows": p.n_rows, "n_tokens": p.n_tokens, "num_stored_layers": len(layers),
+            "num_layers_total": L1, "hidden_size": d, "bytes_per_token": p.bytes_per_token,
+            "label_names": list(dataset.label_names), "task": dataset.task,
+            "n_truncated": enc.n_truncated, "backbone": backbone.fingerprint}
+    done = 0
+    if prog.exists():
+        done = json.loads(prog.read_text())["batches_done"]
+        log(f"resuming {folder.name} after {done} committed batches")
+    else:
+        np.save(folder / "lengths.npy", lengths)
+        np.save(folder / "offsets.npy", offsets)
+        np.save(folder / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
+        _json_write(folder / "meta.json", meta)
+        with open(folder / "states.bin", "wb") as f:
+            f.truncate(p.total_bytes)  # preallocate (sparse); rows go to fixed offsets
+        _json_write(prog, {"batches_done": 0})
+    np_dtype = DTYPES[dtype]
+    batches = plan_batches([len(s) for s in enc.ids], batch_size, MAX_BATCH_TOKENS)
+    layer_idx = torch.tensor(layers)
+    fd = os.open(folder / "states.bin", os.O_RDWR)
+    try:
+        for k, (rows, hs, _) in enumerate(iter_hidden(backbone, enc.ids, padding_side="left", progress=progress,
+                                                      batches=batches[done:])):
+            hs = hs.index_select(0, layer_idx)  # [L', B, T, d]
+            T = hs.shape[2]
+            for j, row in enumerate(rows):
+                n = int(lengths[row])
+                block = hs[:, j, T - n:].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
+                os.pwrite(fd, block.tobytes(), int(offsets[row]) * p.bytes_per_token)
+            os.fsync(fd)
+            _json_write(prog, {"batches_done": done + k + 1})
+            if stop_after_batches is not None and k + 1 >= stop_after_batches:
+                raise KeyboardInterrupt("stopped on request (test hook)")
+    finally:
+        os.close(fd)
+    prog.unlink()
+    return StateCache(folder)

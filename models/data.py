@@ -1,0 +1,221 @@
+"""Labelled text datasets: the shipped ones by name, or the user's own JSONL/CSV file.
+
+The shipped sets live outside the repository (``../shared/data`` beside the checkout by
+default; ``--data-dir`` or ``$SINGLEPASS_DATA`` move it). Every row is checked: a missing
+column, non-string or empty text, or an unknown label is an error naming the file and row.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from singlepass.errors import SinglepassError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+VALIDATION_FRACTION = 0.1  # carved from train, stratified, where no official split exists
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    folder: str
+    label_names: tuple[str, ...]
+    splits: tuple[str, ...]  # official splits on disk
+    task: str  # "safety" (F1 of the positive class) or "classification" (accuracy)
+
+
+DATASETS: dict[str, DatasetSpec] = {
+    "toxicchat": DatasetSpec("toxicchat", ("non-toxic", "toxic"), ("train", "test"), "safety"),
+    "wildguardmix": DatasetSpec("wildguardmix", ("unharmful", "harmful"), ("test",), "safety"),
+    "sst2": DatasetSpec("sst2", ("negative", "positive"), ("train", "validation", "test"), "classification"),
+    "imdb": DatasetSpec("imdb", ("negative", "positive"), ("train", "test"), "classification"),
+    "emotion": DatasetSpec(
+        "emotion", ("sadness", "joy", "love", "anger", "fear", "surprise"),
+        ("train", "validation", "test"), "classification"),
+}
+# Pseudo-splits: subsets of an official split selected by a boolean column.
+SUBSET_SPLITS = {"test_human": ("test", "human_annotation")}  # ToxicChat's human-annotated rows
+
+
+@dataclass
+class Dataset:
+    name: str
+    split: str
+    texts: list[str]
+    labels: np.ndarray  # int64 [N]
+    label_names: tuple[str, ...]
+    task: str = "classification"
+    source: str = ""
+    columns: dict[str, list] = field(default_factory=dict)  # extra columns, row-aligned
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def subset(self, idx) -> "Dataset":
+        idx = np.asarray(idx, dtype=np.int64)
+        return Dataset(self.name, self.split, [self.texts[i] for i in idx], self.labels[idx],
+                       self.label_names, self.task, self.source,
+                       {k: [v[i] for i in idx] for k, v in self.columns.items()})
+
+
+def data_dir(override: str | os.PathLike | None = None) -> Path:
+    return Path(override or os.environ.get("SINGLEPASS_DATA") or DEFAULT_DATA_DIR)
+
+
+def _read_rows(path: Path) -> list[dict]:
+    """Rows of a .jsonl[.gz] or .csv[.gz] file as dicts (1-based row numbers in errors)."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    stem = path.name[:-3] if path.suffix == ".gz" else path.name
+    try:
+        with opener(path, "rt", encoding="utf-8") as f:
+            if stem.endswith(".csv"):
+                return list(csv.DictReader(f))
+            if stem.endswith((".jsonl", ".json")):
+                rows = []
+                for i, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        rows.append(json.loads(line))
+                    except json.JSONDecodeError as e:
+                        raise SinglepassError(f"{path}: row {i} is not valid JSON ({e.msg})") from None
+                return rows
+    except (OSError, UnicodeDecodeError, EOFError) as e:
+        raise SinglepassError(f"{path}: cannot read ({e})") from None
+    raise SinglepassError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .csv.gz "
+                          "with 'text' and 'label' columns")
+
+
+def _check_rows(rows: list[dict], path: Path, label_names: tuple[str, ...] | None
+                ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+    """Validate text/label columns; map labels (ints or names) to class indices."""
+    if not rows:
+        raise SinglepassError(f"{path}: no rows")
+    texts, raw = [], []
+    for i, r in enumerate(rows, 1):
+        for col in ("text", "label"):
+            if col not in r or r[col] is None:
+                raise SinglepassError(f"{path}: row {i} has no '{col}' column "
+                                      f"(columns: {', '.join(map(str, r))})")
+        t = r["text"]
+        if not isinstance(t, str):
+            raise SinglepassError(f"{path}: row {i}: 'text' is {type(t).__name__}, not a string")
+        if not t.strip():
+            raise SinglepassError(f"{path}: row {i}: 'text' is empty")
+        texts.append(t)
+        raw.append(r["label"])
+
+    def as_int(v):
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v
+        if isinstance(v, str) and v.strip().lstrip("-").isdigit():
+            return int(v)
+        return None
+
+    ints = [as_int(v) for v in raw]
+    if all(v is not None for v in ints):  # integer labels
+        n = len(label_names) if label_names else max(ints) + 1
+        names = label_names or tuple(str(k) for k in range(n))
+        for i, v in enumerate(ints, 1):
+            if not 0 <= v < n:
+                raise SinglepassError(f"{path}: row {i}: unknown label {v} "
+                                      f"(expected 0..{n - 1}: {', '.join(names)})")
+        return texts, np.asarray(ints, dtype=np.int64), names
+    names = label_names or tuple(sorted({str(v) for v in raw}))
+    index = {n: k for k, n in enumerate(names)}
+    labels = []
+    for i, v in enumerate(raw, 1):
+        if str(v) not in index:
+            raise SinglepassError(f"{path}: row {i}: unknown label {v!r} (expected one of: {', '.join(names)})")
+        labels.append(index[str(v)])
+    return texts, np.asarray(labels, dtype=np.int64), names
+
+
+def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(keep, held_out) row indices, stratified by label and seeded."""
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    keep, held = train_test_split(idx, test_size=fraction, random_state=seed, stratify=labels)
+    return np.sort(keep), np.sort(held)
+
+
+def load_file(path: str | os.PathLike, label_names: tuple[str, ...] | None = None,
+              name: str | None = None, split: str = "file") -> Dataset:
+    path = Path(path)
+    if not path.is_file():
+        raise SinglepassError(f"{path}: no such file")
+    rows = _read_rows(path)
+    texts, labels, names = _check_rows(rows, path, label_names)
+    extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("text", "label")}
+    task = "safety" if len(names) == 2 else "classification"
+    return Dataset(name or path.name, split, texts, labels, names, task, str(path), extra)
+
+
+def load_dataset(name: str, split: str, data_dir_override: str | None = None, seed: int = 0,
+                 limit: int | None = None) -> Dataset:
+    """A shipped dataset by name, or a user file by path (``split`` then is just a tag).
+
+    Splits: the official ones; ``validation`` where none exists is a stratified
+    VALIDATION_FRACTION of train (seeded) and ``train`` is then the rest; ToxicChat also
+    has ``test_human`` (the human-annotated test rows the paper reports). ``limit`` takes
+    a seeded stratified subset.
+    """
+    if name not in DATASETS:
+        if Path(name).suffix in (".jsonl", ".gz", ".csv", ".json") or Path(name).exists():
+            ds = load_file(name, split=split)
+        else:
+            raise SinglepassError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} "
+                                  "or a path to a .jsonl/.csv file with 'text' and 'label' columns")
+    else:
+        spec = DATASETS[name]
+        root = data_dir(data_dir_override)
+        folder = root / spec.folder
+        if not folder.is_dir():
+            raise SinglepassError(f"dataset folder {folder} not found: set --data-dir or "
+                                  f"SINGLEPASS_DATA to the folder holding {', '.join(DATASETS)}")
+        base, column = SUBSET_SPLITS.get(split, (split, None))
+        carve = base in ("train", "validation") and "validation" not in spec.splits
+        file_split = "train" if carve else base
+        if file_split not in spec.splits:
+            known = sorted(set(spec.splits) | {"validation"} | ({"test_human"} if name == "toxicchat" else set()))
+            raise SinglepassError(f"dataset {name!r} has no split {split!r} (available: {', '.join(known)})")
+        path = folder / f"{file_split}.jsonl.gz"
+        ds = load_file(path, spec.label_names, name, split)
+        ds.task = spec.task
+        if carve:
+            keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
+            ds = ds.subset(held if base == "validation" else keep)
+            ds.split = split
+        if column is not None:
+            if column not in ds.columns:
+                raise SinglepassError(f"dataset {name!r} has no {column!r} column for split {split!r}")
+            ds = ds.subset([i for i, v in enumerate(ds.columns[column]) if v])
+            ds.split = split
+    if limit is not None and limit < len(ds):
+        if limit <= 0:
+            raise SinglepassError(f"--limit must be positive, got {limit}")
+        counts = np.bincount(ds.labels)
+        if limit >= len(counts) and counts[counts > 0].min() >= 2:
+            _, idx = stratified_split(ds.labels, limit / len(ds), seed)
+            idx = idx[:limit]
+        else:
+            idx = np.sort(np.random.default_rng(seed).choice(len(ds), limit, replace=False))
+        ds = ds.subset(idx)
+    return ds
+
+
+def describe(ds: Dataset) -> str:
+    counts = np.bincount(ds.labels, minlength=len(ds.label_names))
+    parts = ", ".join(f"{n}={c}" for n, c in zip(ds.label_names, counts))
+    return f"{ds.name}/{ds.split}: {len(ds)} rows ({parts})"
+

@@ -1,0 +1,5 @@
+"""CLI for runtime/."""
+
+
+def register(sub) -> None:
+    pass

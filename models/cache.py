@@ -103,18 +103,33 @@ class StateCache:
         o, n = self.offsets[i], self.lengths[i]
         return self.states[o:o + n]  # [T_i, L', d] view into the memmap
 
-    def batch(self, rows, side: str = "right") -> tuple[torch.Tensor, torch.Tensor]:
-        """-> states [L', B, T, d] float32 (never pooled in fp16), mask [B, T] int64."""
+    def batch(self, rows, side: str = "right", layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> states [L', B, T, d] float32 (never pooled in fp16), mask [B, T] int64.
+
+        ``layers`` (indices into the stored layers) reads only those, e.g. ``[-1]`` for the last.
+        """
         rows = list(rows)
         T = int(max(self.lengths[r] for r in rows))
-        out = torch.zeros(self.num_layers, len(rows), T, self.d)
+        n_l = self.num_layers if layers is None else len(layers)
+        out = torch.zeros(n_l, len(rows), T, self.d)
         mask = torch.zeros(len(rows), T, dtype=torch.int64)
         for j, r in enumerate(rows):
             n = int(self.lengths[r])
             sl = slice(T - n, T) if side == "left" else slice(0, n)
-            out[:, j, sl] = torch.from_numpy(np.asarray(self.row(r), dtype=np.float32)).transpose(0, 1)
+            block = self.row(r) if layers is None else self.row(r)[:, layers]  # [T_i, L', d]
+            out[:, j, sl] = torch.from_numpy(np.array(block, dtype=np.float32)).transpose(0, 1)
             mask[j, sl] = 1
         return out, mask
+
+    def has_final_layer(self) -> bool:
+        return self.meta["layers"][-1] == self.meta["num_layers_total"] - 1
+
+    def last_token_final(self) -> np.ndarray:
+        """Final-layer state at each row's last stored token [N, d] float32."""
+        if not self.has_final_layer():
+            raise SinglepassError(f"hidden-state cache {self.folder} does not hold the final layer")
+        return np.stack([np.array(self.states[o + n - 1, -1], dtype=np.float32)
+                         for o, n in zip(self.offsets, self.lengths)]).reshape(len(self), self.d)
 
 
 def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DEFAULT_DTYPE,
@@ -201,3 +216,33 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
         os.close(fd)
     prog.unlink()
     return StateCache(folder)
+
+
+def last_hidden(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
+                cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True, log=print) -> np.ndarray:
+    """Final-layer state at each prompt's last token, [N, d] float32 rounded through float16.
+
+    ``lm_head`` of it gives the first response token's logits (what MULI reads). Read from the
+    full hidden-state cache when that exists (fp16), else computed with the model and rounded to
+    fp16 likewise, so both routes give the same features; stored as a small .npy keyed like
+    the state cache.
+    """
+    from singlepass.models.backbone import cache_root
+
+    p, enc = plan(backbone, dataset, prompt_format, max_length, cache_dir=cache_dir)
+    key = {**p.key_fields, "kind": "last-hidden"}
+    path = (cache_dir or cache_root()) / "last_hidden" / f"{p.folder.name.rsplit('-', 1)[0]}-{content_key(key)[:16]}.npy"
+    if path.is_file():
+        return np.load(path)
+    if (p.folder / "meta.json").exists() and not (p.folder / "progress.json").exists():
+        h = StateCache(p.folder).last_token_final()
+    else:
+        log(f"{dataset.name}/{dataset.split}: computing last-token final-layer states for {len(enc.ids)} prompts")
+        h = np.zeros((len(enc.ids), backbone.hidden_size), dtype=np.float32)
+        for rows, hs, _ in iter_hidden(backbone, enc.ids, batch_size, padding_side="left", progress=progress):
+            h[rows] = hs[-1, :, -1].numpy().astype(np.float16).astype(np.float32)  # left padding: last = T-1
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
+    np.save(tmp, h)
+    os.replace(tmp, path)
+    return h

@@ -1,4 +1,4 @@
-"""CLI for models/: extract (train, eval and plot-layers are registered here too)."""
+"""CLI for models/: train, eval, plot-layers and extract."""
 
 from __future__ import annotations
 
@@ -80,7 +80,160 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def parse_sets(items: list[str] | None) -> dict:
+    """--set key=value (repeatable) -> dict with ints/floats parsed where they parse."""
+    from singlepass.errors import SinglepassError
+
+    out = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SinglepassError(f"--set takes key=value, not {item!r}")
+        k, v = item.split("=", 1)
+        for cast in (int, float):
+            try:
+                v = cast(v)
+                break
+            except ValueError:
+                pass
+        out[k.strip()] = v
+    return out
+
+
+def _train_val(args):
+    """Train and validation datasets: official/carved splits, or a user file split 90/10."""
+    import numpy as np
+
+    from singlepass.models.data import DATASETS, VALIDATION_FRACTION, load_dataset, stratified_split
+
+    if args.dataset in DATASETS:
+        tr = load_dataset(args.dataset, "train", args.data_dir, limit=args.limit)
+        va = load_dataset(args.dataset, "validation", args.data_dir, limit=args.val_limit)
+        return tr, va
+    ds = load_dataset(args.dataset, "file", args.data_dir)
+    keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
+    tr, va = ds.subset(keep), ds.subset(held)
+    tr.split, va.split = "train", "validation"
+    if args.limit:
+        tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[:args.limit])) if args.limit < len(tr) else tr
+    if args.val_limit:
+        va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[:args.val_limit])) if args.val_limit < len(va) else va
+    return tr, va
+
+
+def cmd_train(args) -> int:
+    import json
+    from pathlib import Path
+
+    import torch
+
+    from singlepass.errors import SinglepassError
+    from singlepass.models.artifact import read_config, save_probe
+    from singlepass.models.backbone import load_backbone
+    from singlepass.models.data import describe
+    from singlepass.models.train import HParams, train_probe
+
+    out = Path(args.out)
+    if out.exists() and not args.force:
+        raise SinglepassError(f"{out} exists (use --force to overwrite)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    hparams = None
+    if args.hparams_from:
+        src = read_config(args.hparams_from)
+        if src["probe"] != args.probe:
+            raise SinglepassError(f"--hparams-from {args.hparams_from} is a {src['probe']!r} probe, not {args.probe!r}")
+        hparams = HParams.from_dict({**src["hparams"], "params": src["params"]})
+        if args.set:
+            from singlepass.models.train import apply_overrides
+            hparams = apply_overrides(hparams, parse_sets(args.set))
+    tr, va = _train_val(args)
+    print(describe(tr))
+    print(describe(va))
+    bb = load_backbone(args.model, args.cache_dir)
+    module, cfg = train_probe(args.probe, bb, tr, va, prompt_format=args.prompt_format, max_length=args.max_length,
+                              seed=args.seed, trials=args.trials, max_epochs=args.epochs,
+                              overrides=parse_sets(args.set), hparams=hparams,
+                              cache_dir=args.cache_dir and Path(args.cache_dir), progress=not args.no_progress)
+    cfg["data"].update({"limit": args.limit, "validation_limit": args.val_limit})
+    save_probe(out, module, cfg)
+    v = cfg["validation"]
+    key = "f1" if cfg["task"] == "safety" else "accuracy"
+    print(f"saved {args.probe} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
+          f"validation {key} {v[key]:.4f}" + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+          + f"; {cfg['training']['search_seconds']:.1f} s")
+    if args.json:
+        print(json.dumps({"out": str(out), "validation": v, "trainable_parameters": cfg["trainable_parameters"],
+                          "training": {k: cfg["training"][k] for k in ("seconds", "search_seconds", "best_epoch")}}))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    import json
+
+    from singlepass.models.evaluate import evaluate, format_report
+
+    rep = evaluate(args.probe, args.dataset, args.split, args.model, args.cache_dir, args.data_dir, args.limit,
+                   progress=not args.no_progress)
+    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    return 0
+
+
+def cmd_plot_layers(args) -> int:
+    from singlepass.models.plots import plot_layers
+
+    res = plot_layers(args.probe, args.dataset, args.split, args.out, args.model, args.cache_dir, args.data_dir,
+                      args.limit, progress=not args.no_progress)
+    for g, v in res["groups"].items():
+        w = v["mean_weight"]
+        print(f"{g:<28} n={v['rows']:<5} heaviest layer {max(range(len(w)), key=w.__getitem__)}")
+    print(f"wrote {res['png']}")
+    return 0
+
+
 def register(sub) -> None:
+    from singlepass.models.baselines import METHODS
+
+    p = sub.add_parser("train", help="train a probe (or a baseline) on cached hidden states")
+    add_backbone_args(p)
+    p.add_argument("--dataset", required=True, help="toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path")
+    p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
+    p.add_argument("--probe", required=True, choices=METHODS, help="probe family or baseline")
+    p.add_argument("--out", required=True, help="artifact folder to write (config.json + model.safetensors)")
+    p.add_argument("--seed", type=int, default=0, help="training seed (data subsets always use seed 0)")
+    p.add_argument("--trials", type=int, default=4,
+                   help="hyperparameter search budget: configurations tried, the first being the default (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=10, help="maximum epochs per trial (default: %(default)s)")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
+                        "or a probe parameter (factor, heads, pool, token_pool, layer_pool, input_norm) in every trial")
+    p.add_argument("--hparams-from", default=None, metavar="DIR",
+                   help="train once with the hyperparameters of an existing artifact (e.g. the searched seed-0 probe)")
+    p.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the train split")
+    p.add_argument("--val-limit", type=int, default=None, help="seeded stratified subset of the validation split")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print a JSON summary line")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="evaluate a probe artifact on a dataset split")
+    p.add_argument("--probe", required=True, help="probe artifact folder")
+    p.add_argument("--model", default=None, help="backbone (default: the one named in the probe's config)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
+    add_data_args(p, "test")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="print the full report as JSON")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("plot-layers", help="gate probe: mean Stage-2 weight per layer by class x correctness (PNG)")
+    p.add_argument("--probe", required=True, help="gate probe artifact folder")
+    p.add_argument("--model", default=None, help="backbone (default: the one named in the probe's config)")
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
+    add_data_args(p, "test")
+    p.add_argument("--out", default=None, help="PNG path (default: PROBE/layer_weights-DATASET-SPLIT.png)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=cmd_plot_layers)
+
     p = sub.add_parser("extract", help="cache the [L+1, B, T, d] hidden states of a dataset split")
     add_backbone_args(p)
     add_data_args(p, "validation")

@@ -157,6 +157,7 @@ def load_file(path: str | os.PathLike, label_names: tuple[str, ...] | None = Non
     rows = _read_rows(path)
     texts, labels, names = _check_rows(rows, path, label_names)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("text", "label")}
+    extra["row"] = list(range(len(rows)))  # 0-based row in the file, kept through subsets
     task = "safety" if len(names) == 2 else "classification"
     return Dataset(name or path.name, split, texts, labels, names, task, str(path), extra)
 

@@ -114,3 +114,14 @@ def relative_error(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -
     """max over vectors (last axis) of ||a - b|| / ||b||: a scale-free closeness for hidden states."""
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
     return float(((a - b).norm(dim=-1) / b.norm(dim=-1).clamp_min(1e-12)).max())
+
+
+@torch.no_grad()
+def first_token_logits(model, last_hidden, chunk: int = 512) -> torch.Tensor:
+    """Logits of the first response token [N, V] from the final-layer (post-norm) states at the
+    last prompt position [N, d]: the LM head applied to them, as generation would."""
+    head = model.get_output_embeddings()
+    h = torch.as_tensor(last_hidden, dtype=torch.float32)
+    if not len(h):
+        return torch.zeros(0, head.weight.shape[0])
+    return torch.cat([head(h[i:i + chunk]).float() for i in range(0, len(h), chunk)])

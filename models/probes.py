@@ -72,9 +72,12 @@ class Probe(nn.Module):
     def aggregate(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> v [B, d]
         raise NotImplementedError
 
+    def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The summary v [B, d] the head reads (what a head-only probe is trained on)."""
+        return self.aggregate(*self.prepare(states, mask))
+
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        states, m = self.prepare(states, mask)
-        return self.head(self.aggregate(states, m))
+        return self.head(self.features(states, mask))
 
 
 class PoolingProbe(Probe):

@@ -1,0 +1,95 @@
+import gzip
+import json
+
+import numpy as np
+import pytest
+
+from singlepass.errors import SinglepassError
+from singlepass.models.data import DATASETS, load_dataset, load_file
+
+
+@pytest.mark.parametrize("name", list(DATASETS))
+def test_shipped_datasets_load_with_label_names(name):
+    spec = DATASETS[name]
+    ds = load_dataset(name, spec.splits[-1], limit=50)
+    assert len(ds) == 50 and ds.label_names == spec.label_names
+    assert set(np.unique(ds.labels)) <= set(range(len(spec.label_names)))
+    assert all(isinstance(t, str) and t.strip() for t in ds.texts)
+
+
+def test_toxicchat_validation_is_stratified_disjoint_and_seeded():
+    train, val = load_dataset("toxicchat", "train"), load_dataset("toxicchat", "validation")
+    assert len(train) + len(val) == 5082
+    assert not set(train.columns["row"]) & set(val.columns["row"])
+    # stratified: toxic rate of the held-out 10% is within 1 point of train's 7.56%
+    assert abs(val.labels.mean() - 384 / 5082) < 0.01
+    assert load_dataset("toxicchat", "validation").texts == val.texts  # same split every time
+
+
+def test_toxicchat_human_annotated_test_rows():
+    ds = load_dataset("toxicchat", "test_human")
+    assert len(ds) == 2853 and int(ds.labels.sum()) == 362  # the paper's test set
+
+
+def test_official_validation_split_is_used_where_it_exists():
+    assert len(load_dataset("sst2", "validation")) == 872
+
+
+def test_data_dir_is_configurable(tmp_path, monkeypatch):
+    monkeypatch.setenv("SINGLEPASS_DATA", str(tmp_path))
+    with pytest.raises(SinglepassError, match="not found.*SINGLEPASS_DATA"):
+        load_dataset("sst2", "validation")
+    (tmp_path / "sst2").mkdir()
+    with gzip.open(tmp_path / "sst2" / "validation.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "fine", "label": 1}) + "\n")
+    assert load_dataset("sst2", "validation").texts == ["fine"]
+
+
+def test_unknown_dataset_and_split():
+    with pytest.raises(SinglepassError, match="unknown dataset"):
+        load_dataset("nope", "train")
+    with pytest.raises(SinglepassError, match="no split 'dev'"):
+        load_dataset("toxicchat", "dev")
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_user_jsonl_and_csv(tmp_path):
+    ds = load_file(write_jsonl(tmp_path / "a.jsonl", [{"text": "x", "label": "spam"}, {"text": "y", "label": "ham"}]))
+    assert ds.label_names == ("ham", "spam") and ds.labels.tolist() == [1, 0]
+    (tmp_path / "b.csv").write_text("text,label\nhello,0\nworld,1\n")
+    ds = load_file(tmp_path / "b.csv")
+    assert ds.texts == ["hello", "world"] and ds.labels.tolist() == [0, 1]
+
+
+@pytest.mark.parametrize("rows, message", [
+    ([{"text": "ok", "label": 0}, {"txt": "no", "label": 1}], "row 2 has no 'text' column"),
+    ([{"text": "ok", "label": 0}, {"text": 5, "label": 1}], "row 2: 'text' is int, not a string"),
+    ([{"text": "  ", "label": 0}], "row 1: 'text' is empty"),
+    ([{"text": "ok"}], "row 1 has no 'label' column"),
+])
+def test_bad_rows_name_file_and_row(tmp_path, rows, message):
+    path = write_jsonl(tmp_path / "bad.jsonl", rows)
+    with pytest.raises(SinglepassError, match=message) as e:
+        load_file(path)
+    assert "bad.jsonl" in str(e.value)
+
+
+def test_unknown_label_is_an_error(tmp_path):
+    path = write_jsonl(tmp_path / "l.jsonl", [{"text": "a", "label": 0}, {"text": "b", "label": 7}])
+    with pytest.raises(SinglepassError, match="row 2: unknown label 7"):
+        load_file(path, label_names=("neg", "pos"))
+    path = write_jsonl(tmp_path / "s.jsonl", [{"text": "a", "label": "maybe"}])
+    with pytest.raises(SinglepassError, match="unknown label 'maybe'"):
+        load_file(path, label_names=("neg", "pos"))
+
+
+def test_missing_file_and_bad_json(tmp_path):
+    with pytest.raises(SinglepassError, match="no such file"):
+        load_file(tmp_path / "none.jsonl")
+    (tmp_path / "x.jsonl").write_text('{"text": "a", "label": 0}\n{broken\n')
+    with pytest.raises(SinglepassError, match="row 2 is not valid JSON"):
+        load_file(tmp_path / "x.jsonl")

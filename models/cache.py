@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,14 +112,18 @@ class StateCache:
         rows = list(rows)
         T = int(max(self.lengths[r] for r in rows))
         n_l = self.num_layers if layers is None else len(layers)
-        out = torch.zeros(n_l, len(rows), T, self.d)
+        out = torch.empty(n_l, len(rows), T, self.d)
         mask = torch.zeros(len(rows), T, dtype=torch.int64)
-        for j, r in enumerate(rows):
-            n = int(self.lengths[r])
-            sl = slice(T - n, T) if side == "left" else slice(0, n)
-            block = self.row(r) if layers is None else self.row(r)[:, layers]  # [T_i, L', d]
-            out[:, j, sl] = torch.from_numpy(np.array(block, dtype=np.float32)).transpose(0, 1)
-            mask[j, sl] = 1
+        with warnings.catch_warnings():  # read-only memmap views: torch only reads them
+            warnings.simplefilter("ignore", UserWarning)
+            for j, r in enumerate(rows):
+                n = int(self.lengths[r])
+                sl = slice(T - n, T) if side == "left" else slice(0, n)
+                pad = slice(0, T - n) if side == "left" else slice(n, T)
+                block = self.row(r) if layers is None else self.row(r)[:, layers]  # [T_i, L', d]
+                out[:, j, sl].copy_(torch.from_numpy(np.ascontiguousarray(block)).transpose(0, 1))  # fp16 -> fp32
+                out[:, j, pad] = 0
+                mask[j, sl] = 1
         return out, mask
 
     def has_final_layer(self) -> bool:

@@ -169,11 +169,13 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     import json
+    import sys
 
     from singlepass.models.evaluate import evaluate, format_report
 
+    log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # stdout: the JSON only
     rep = evaluate(args.probe, args.dataset, args.split, args.model, args.cache_dir, args.data_dir, args.limit,
-                   progress=not args.no_progress)
+                   progress=not args.no_progress, log=log)
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0
 
@@ -190,14 +192,29 @@ def cmd_plot_layers(args) -> int:
     return 0
 
 
-def register(sub) -> None:
-    from singlepass.models.baselines import METHODS
+class _ProbeMethods:
+    """``--probe`` choices, read from models/baselines.py (torch) only when ``train`` parses or
+    prints them: building the parser must not import torch (``singlepass generate`` never does)."""
 
+    def _methods(self):
+        from singlepass.models.baselines import METHODS
+
+        return METHODS
+
+    def __contains__(self, item) -> bool:
+        return item in self._methods()
+
+    def __iter__(self):
+        return iter(self._methods())
+
+
+def register(sub) -> None:
     p = sub.add_parser("train", help="train a probe (or a baseline) on cached hidden states")
     add_backbone_args(p)
     p.add_argument("--dataset", required=True, help="toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path")
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
-    p.add_argument("--probe", required=True, choices=METHODS, help="probe family or baseline")
+    p.add_argument("--probe", required=True, choices=_ProbeMethods(), metavar="METHOD",
+                   help="probe family or baseline: %(choices)s")
     p.add_argument("--out", required=True, help="artifact folder to write (config.json + model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="training seed (data subsets always use seed 0)")
     p.add_argument("--trials", type=int, default=4,

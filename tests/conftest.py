@@ -1,5 +1,10 @@
+import contextlib
+import io
+import json
 import os
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -33,3 +38,58 @@ def real_backbone():
     from singlepass.models.backbone import load_backbone
 
     return load_backbone("smollm2-135m", cache_dir=os.environ.get("SINGLEPASS_CACHE"))
+
+
+# ----------------------------------------------------------------------------- the real artifact
+
+POSITIVE = ["I loved this film, it was wonderful.", "What a delightful, charming story.", "A brilliant and moving "
+            "performance.", "This is the best meal I have had in years.", "Absolutely fantastic, I would go again.",
+            "The music was beautiful and uplifting.", "A warm, funny and clever movie.", "Great acting and a great plot."]
+NEGATIVE = ["I hated this film, it was awful.", "What a boring, tedious mess.", "A dull and lifeless performance.",
+            "This is the worst meal I have had in years.", "Absolutely terrible, never again.",
+            "The music was grating and annoying.", "A cold, humourless and stupid movie.", "Bad acting and no plot."]
+
+
+def quick_probe(backbone, folder):
+    """A gate probe trained for a few steps on 16 sentences (a real, if small, trained probe)."""
+    import torch
+
+    from singlepass.models.artifact import save_probe
+    from singlepass.models.extract import extract
+    from singlepass.models.probes import build_probe
+
+    states, mask, _ = extract(backbone, POSITIVE + NEGATIVE, batch_size=16)
+    y = torch.tensor([1.0] * len(POSITIVE) + [0.0] * len(NEGATIVE))
+    torch.manual_seed(0)
+    probe = build_probe("gate", backbone.num_layers + 1, backbone.hidden_size, 2)
+    opt = torch.optim.Adam(probe.parameters(), lr=1e-2)
+    for _ in range(40):
+        opt.zero_grad()
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(states, mask)[:, 0], y)
+        loss.backward()
+        opt.step()
+    acc = float(((probe(states, mask)[:, 0] > 0).float() == y).float().mean())
+    cfg = {"probe": "gate", "input": "hidden_states", "params": {}, "num_layers": backbone.num_layers + 1,
+           "hidden_size": backbone.hidden_size, "label_names": ["negative", "positive"], "threshold": 0.5,
+           "prompt_format": "chat", "max_length": 512, "task": "sentiment", "backbone": backbone.fingerprint}
+    return save_probe(folder, probe.eval(), cfg), acc
+
+
+@pytest.fixture(scope="session")
+def real_artifact(real_backbone, tmp_path_factory):
+    """SmolLM2-135M exported once per session (``singlepass export``, ~3-4 min on 2 cores) with a
+    quickly trained sentiment probe fused as ``sentiment``: shared by the export and runtime tests.
+    -> namespace(path, probe (the probe folder), summary (export --json), seconds, train_acc)."""
+    from singlepass.cli import main
+
+    root = tmp_path_factory.mktemp("smollm2")
+    probe, train_acc = quick_probe(real_backbone, root / "sst2-gate")
+    out = root / "smollm2"
+    t0 = time.perf_counter()
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        rc = main(["export", "--model", "smollm2-135m", "--probe", f"{probe}:sentiment", "--out", str(out), "--json"])
+    assert rc == 0, printed.getvalue()
+    seconds = time.perf_counter() - t0
+    summary = json.loads(printed.getvalue().strip().splitlines()[-1])
+    return SimpleNamespace(path=out, probe=probe, summary=summary, seconds=seconds, train_acc=train_acc)

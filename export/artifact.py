@@ -1,0 +1,251 @@
+"""``singlepass export``: decoder graph + structural surgery + fused probes + manifest, validated.
+
+    1. check the request (probe names, output folder) before any heavy work
+    2. load the backbone and the probes (a probe from another backbone is refused)
+    3. decoder graph: our torch.onnx dynamo export, or the user's ``--onnx`` graph
+    4. the same surgery for both: find the residual stream, stack the hidden states, slice the
+       prefill logits to the last position, fuse every probe, drop the debug output
+    5. write into a temporary sibling folder, validate against PyTorch there, then rename it
+       into place: a failed export never leaves a half-written artifact behind
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from singlepass.errors import SinglepassError
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+RESERVED = {"logits", "hidden_states", "input_ids", "attention_mask", "position_ids", "singlepass"}
+
+
+@dataclass
+class ProbeSpec:
+    dir: Path
+    name: str
+
+
+def parse_probe_specs(specs: list[str]) -> list[ProbeSpec]:
+    """``DIR`` or ``DIR:name``; names default to the folder name and must be unique."""
+    out = []
+    for s in specs or []:
+        path, name = s, None
+        if ":" in s and not Path(s).exists():
+            path, name = s.rsplit(":", 1)
+        p = Path(path).expanduser()
+        name = name or p.resolve().name
+        if not NAME_RE.match(name) or name in RESERVED or name.startswith("present"):
+            raise SinglepassError(f"probe name {name!r} is not usable (letters, digits, '_', '.', '-'; not "
+                                  f"{', '.join(sorted(RESERVED))}): rename it with --probe {path}:NAME")
+        out.append(ProbeSpec(p, name))
+    seen = {}
+    for spec in out:
+        if spec.name in seen:
+            raise SinglepassError(f"two probes are named {spec.name!r} ({seen[spec.name]} and {spec.dir}): give one "
+                                  f"another name with --probe DIR:NAME")
+        seen[spec.name] = spec.dir
+    return out
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    if out.exists() and not force:
+        raise SinglepassError(f"{out} exists: choose another --out or pass --force to replace it")
+    if out.exists() and not out.is_dir():
+        raise SinglepassError(f"{out} exists and is not a folder")
+    if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
+        raise SinglepassError(f"{out} is a non-empty folder that is not a singlepass artifact; refusing to replace "
+                              "it even with --force")
+
+
+def load_onnx(path: Path):
+    """Load a user's ONNX file (with external data) with a clear error for anything unreadable."""
+    import onnx
+    from google.protobuf.message import DecodeError
+
+    path = Path(path)
+    if not path.is_file():
+        raise SinglepassError(f"--onnx {path}: no such file")
+    try:
+        model = onnx.load(str(path))
+    except (DecodeError, ValueError, RuntimeError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
+        raise SinglepassError(f"--onnx {path}: not a readable ONNX model, corrupt or truncated "
+                              f"({type(e).__name__}: {str(e)[:200]})") from None
+    if not model.graph.node:
+        raise SinglepassError(f"--onnx {path}: the file parses but holds no graph (corrupt or truncated)")
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:  # noqa: BLE001 - onnx raises several types
+        raise SinglepassError(f"--onnx {path}: the ONNX checker rejects the model ({str(e).splitlines()[0][:300]})") \
+            from None
+    return model
+
+
+def load_probes(specs: list[ProbeSpec], backbone) -> list[dict]:
+    from singlepass.models.artifact import load_probe
+
+    probes = []
+    for s in specs:
+        module, cfg = load_probe(s.dir, backbone.fingerprint)
+        L1 = backbone.num_layers + 1
+        if cfg["num_layers"] != L1 or cfg["hidden_size"] != backbone.hidden_size:
+            raise SinglepassError(f"probe {s.dir}: built for {cfg['num_layers']} states of width {cfg['hidden_size']}, "
+                                  f"the model gives {L1} of width {backbone.hidden_size}")
+        sha = hashlib.sha256((s.dir / "model.safetensors").read_bytes()).hexdigest()
+        probes.append({"name": s.name, "dir": s.dir, "module": module, "cfg": cfg, "sha256": sha})
+    formats = {p["cfg"]["prompt_format"] for p in probes}
+    if len(formats) > 1:
+        raise SinglepassError(f"the probes were trained on different prompt formats ({', '.join(sorted(formats))}); "
+                              "one graph serves one prompt format: export them separately")
+    return probes
+
+
+def build_graph(model, backbone, probes: list[dict], keep_hidden_states: bool, all_logits: bool):
+    """The surgery pipeline. -> (model, stream, fused outputs, hidden-states output name or None)."""
+    from singlepass.export import surgery
+    from singlepass.export.fuse import fuse_probes
+
+    stream = surgery.find_residual_stream(model, expected_layers=backbone.num_layers)
+    if stream.vocab_size != backbone.model.config.vocab_size or stream.hidden_size != backbone.hidden_size:
+        raise SinglepassError(f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
+                              f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph")
+    hs = surgery.add_stacked_hidden_states(model, stream)
+    if not all_logits:
+        surgery.slice_last_position_logits(model, stream)
+    fused = fuse_probes(model, stream, probes, hs)
+    if keep_hidden_states:
+        surgery.add_output(model, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
+    surgery.toposort(model)
+    surgery.remove_unused_initializers(model)
+    surgery.name_nodes(model)
+    return model, stream, fused, (hs if keep_hidden_states else None)
+
+
+def save_graph(model, folder: Path) -> None:
+    import onnx
+
+    from singlepass.export.manifest import GRAPH, GRAPH_DATA
+
+    for t in model.graph.initializer:  # weights are re-homed in this artifact's own data file
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            raise SinglepassError("internal error: an initializer still points to external data")
+    onnx.save_model(model, str(folder / GRAPH), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location=GRAPH_DATA, size_threshold=1024)
+    try:
+        onnx.checker.check_model(str(folder / GRAPH))
+    except Exception as e:  # noqa: BLE001
+        raise SinglepassError(f"the fused graph fails the ONNX checker: {str(e).splitlines()[0][:300]}") from None
+
+
+def copy_tokenizer(src: Path, dst: Path) -> list[str]:
+    from singlepass.export.manifest import TOKENIZER_FILES
+
+    copied = []
+    for f in TOKENIZER_FILES:
+        if (src / f).is_file():
+            shutil.copy2(src / f, dst / f)
+            copied.append(f)
+    if "tokenizer.json" not in copied:
+        raise SinglepassError(f"{src} has no tokenizer.json (a fast tokenizer is needed by the runtime)")
+    return copied
+
+
+def default_limits(backbone, probes, max_batch, max_prompt, max_total) -> dict:
+    lengths = [p["cfg"]["max_length"] for p in probes if p["cfg"].get("max_length")]
+    max_pos = getattr(backbone.model.config, "max_position_embeddings", None) or 4096
+    prompt = max_prompt or (max(lengths) if lengths else 512)
+    total = max_total or min(max_pos, prompt + 512)
+    if prompt > total or total > max_pos:
+        raise SinglepassError(f"limits: max prompt {prompt} <= max total {total} <= the model's {max_pos} positions")
+    return {"max_batch": max_batch, "max_prompt_length": prompt, "max_total_length": total}
+
+
+def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, onnx_path: str | None = None,
+                    force: bool = False, keep_hidden_states: bool = False, all_logits: bool = False,
+                    opset: int = 18, max_batch: int = 8, max_prompt_length: int | None = None,
+                    max_total_length: int | None = None, cache_dir: str | None = None, backbone=None,
+                    log=print) -> dict:
+    """Write a validated artifact folder; returns a summary (seconds, bytes, validation)."""
+    from singlepass.export import manifest as mf
+    from singlepass.export.validate import validate
+    from singlepass.models.backbone import DEFAULT_MODEL, load_backbone
+
+    t_start = time.perf_counter()
+    out = Path(out)
+    specs = parse_probe_specs(probe_specs)
+    check_out_dir(out, force)
+    if onnx_path is not None:
+        foreign = load_onnx(Path(onnx_path))
+    if backbone is None:
+        backbone = load_backbone(model_spec or DEFAULT_MODEL, cache_dir)
+    probes = load_probes(specs, backbone)
+    limits = default_limits(backbone, probes, max_batch, max_prompt_length, max_total_length)
+    t0 = time.perf_counter()
+    if onnx_path is not None:
+        model, source = foreign, f"graph surgery on {Path(onnx_path).resolve()} (producer {foreign.producer_name} " \
+                                 f"{foreign.producer_version})"
+    else:
+        from singlepass.export.llm import export_decoder
+
+        log(f"exporting {backbone.source.name} with torch.onnx (dynamo, opset {opset}) ...")
+        model = export_decoder(backbone.model, opset=opset, cache_key=backbone.fingerprint.get("sha256"))
+        source = f"torch.onnx.export(dynamo=True, opset={opset}) of {backbone.source.name}"
+    t_export = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    model, stream, fused, hs = build_graph(model, backbone, probes, keep_hidden_states, all_logits)
+    t_surgery = time.perf_counter() - t0
+    log(f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(fused)} probe(s) fused, "
+        f"{len(model.graph.node)} nodes")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        t0 = time.perf_counter()
+        save_graph(model, tmp)
+        del model
+        copied = copy_tokenizer(backbone.folder, tmp)
+        for p in probes:
+            dst = tmp / "probes" / p["name"]
+            dst.mkdir(parents=True)
+            for f in ("config.json", "model.safetensors"):
+                shutil.copy2(p["dir"] / f, dst / f)
+        import onnx
+
+        m = mf.build(model=onnx.load(str(tmp / mf.GRAPH), load_external_data=False), stream=stream,
+                     backbone=backbone, probes=probes, fused=fused, source=source, hidden_states=hs,
+                     last_only=not all_logits, limits=limits, copied_files=copied)
+        mf.write(tmp, m)
+        t_write = time.perf_counter() - t0
+        log("validating against the PyTorch reference ...")
+        report = validate(tmp, backbone=backbone, probes=[p["module"] for p in probes])
+        _replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    summary = {"artifact": str(out), "bytes": size, "seconds": round(time.perf_counter() - t_start, 1),
+               "export_seconds": round(t_export, 1), "surgery_seconds": round(t_surgery, 1),
+               "write_seconds": round(t_write, 1), "validation_seconds": round(report.seconds, 1),
+               "validation": report.to_dict()["max_abs_diff"], "probes": [p["name"] for p in probes]}
+    return summary
+
+
+def _replace(tmp: Path, out: Path) -> None:
+    """Move the finished folder into place; an existing artifact is swapped out, then deleted."""
+    old = None
+    if out.exists():
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        os.replace(out, old)
+    try:
+        os.replace(tmp, out)
+    except BaseException:
+        if old is not None:
+            os.replace(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,155 @@
+"""Export a probe to its own small ONNX graph, then fuse it into the decoder graph.
+
+A probe declares what it reads with ``"input"`` in its config.json (models/baselines.py), or
+a class attribute ``input_kind``:
+
+    "hidden_states" (default)  forward(states [L+1, B, T, d] float32, mask [B, T] int64) -> logits [B, C']
+    "logits"                   forward(logits [B, V] float32)                            -> logits [B, C']
+                               (MULI: the next-token logits at the last prompt position)
+
+The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
+fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
+The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens), so in a
+decode step it pools the one new token: cheap, shape-valid, and not the prompt's label (read
+labels from the prefill step).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import warnings
+
+INPUT_KINDS = ("hidden_states", "logits")
+_CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
+
+
+def input_kind(module, cfg: dict | None = None) -> str:
+    cfg = cfg or {}
+    kind = cfg.get("input") or getattr(module, "input_kind", None)
+    if kind is None and "probe" in cfg:
+        try:
+            from singlepass.models.baselines import input_kind as method_input
+
+            kind = method_input(cfg["probe"])
+        except ImportError:
+            kind = None
+    kind = kind or "hidden_states"
+    if kind not in INPUT_KINDS:
+        from singlepass.errors import SinglepassError
+
+        raise SinglepassError(f"probe input kind {kind!r} is not fusable (supported: {', '.join(INPUT_KINDS)})")
+    return kind
+
+
+def _wrapper(module, kind: str):
+    import torch
+
+    from singlepass.models.probes import probabilities
+
+    class WithProbs(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = module
+
+        def forward(self, *inputs):
+            logits = self.p(*inputs)
+            return logits, probabilities(logits)
+
+    class HiddenStatesProbe(WithProbs):
+        def forward(self, states, mask):  # noqa: D102 - named parameters for the exporter
+            return super().forward(states, mask)
+
+    class LastLogitsProbe(WithProbs):
+        def forward(self, logits):  # noqa: D102
+            return super().forward(logits)
+
+    return (HiddenStatesProbe if kind == "hidden_states" else LastLogitsProbe)().eval()
+
+
+def export_probe(module, kind: str, num_states: int, hidden_size: int, vocab_size: int, opset: int,
+                 exporter: str = "torchscript"):
+    """-> onnx.ModelProto with inputs (states, mask) or (logits,) and outputs (logits, probs).
+
+    The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
+    writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
+    write opsets below 18 (its down-conversion fails on these graphs), so it is the fallback
+    (and what a torch without the TorchScript exporter gets). A probe is plain tensor math
+    without data-dependent control flow, so tracing it is exact; every export is checked
+    against PyTorch anyway.
+    """
+    import onnx
+    import torch
+
+    state = module.state_dict()
+    if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
+        exporter = "dynamo"
+    if exporter == "dynamo" and opset < 18:
+        from singlepass.errors import SinglepassError
+
+        raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
+    h = hashlib.sha256(repr((type(module).__name__, kind, num_states, hidden_size, vocab_size, opset,
+                             exporter)).encode())
+    for k in sorted(state):
+        h.update(k.encode())
+        h.update(state[k].detach().cpu().numpy().tobytes())
+    key = h.hexdigest()
+    if key in _CACHE:
+        return onnx.load_from_string(_CACHE[key])
+    wrapper = _wrapper(module.eval(), kind)
+    if kind == "hidden_states":
+        args = (torch.randn(num_states, 2, 5, hidden_size), torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
+        names = ["states", "mask"]
+    else:
+        args = (torch.randn(2, vocab_size),)
+        names = ["next_token_logits"]
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
+            shapes = {"states": {1: b, 2: t}, "mask": {0: b, 1: t}} if kind == "hidden_states" else \
+                {"logits": {0: b}}  # keyed by the forward() parameter name
+            proto = torch.onnx.export(wrapper, args, None, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
+                                      input_names=names, output_names=["logits", "probs"]).model_proto
+        else:
+            axes = {"states": {1: "batch", 2: "sequence"}, "mask": {0: "batch", 1: "sequence"}} \
+                if kind == "hidden_states" else {"next_token_logits": {0: "batch"}}
+            axes.update({"probs": {0: "batch"}})
+            if kind == "hidden_states":
+                axes["logits"] = {0: "batch"}
+            f = io.BytesIO()
+            torch.onnx.export(wrapper, args, f, dynamo=False, opset_version=opset, input_names=names,
+                              output_names=["logits", "probs"], dynamic_axes=axes)
+            proto = onnx.load_from_string(f.getvalue())
+    got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if got != names or [o.name for o in proto.graph.output] != ["logits", "probs"]:
+        raise RuntimeError(f"probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}")
+    _CACHE[key] = proto.SerializeToString()
+    return proto
+
+
+def fuse_probes(model, stream, probes: list[dict], hidden_states: str | None) -> list[dict]:
+    """Export and fuse each probe (items: name, module, cfg) into ``model``; ``hidden_states`` is the
+    stacked tensor made by ``surgery.add_stacked_hidden_states``. -> name, input kind, outputs per probe."""
+    from singlepass.export import surgery
+
+    opset = surgery.opset_of(model)
+    fused, feeds_cache = [], {}
+    for p in probes:
+        kind = input_kind(p["module"], p["cfg"])
+        graph = export_probe(p["module"], kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
+        if kind == "hidden_states":
+            if "hidden_states" not in feeds_cache:
+                feeds_cache["hidden_states"] = {"states": hidden_states,
+                                                "mask": surgery.probe_attention_mask(model, stream)}
+            feeds = feeds_cache["hidden_states"]
+        else:
+            if "logits" not in feeds_cache:
+                feeds_cache["logits"] = {"next_token_logits": surgery.last_position_logits(model, stream)}
+            feeds = feeds_cache["logits"]
+        outs = surgery.fuse_probe(model, graph, p["name"], feeds)
+        fused.append({"name": p["name"], "input": kind, "outputs": outs})
+    return fused

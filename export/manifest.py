@@ -1,0 +1,154 @@
+"""manifest.json: everything a runtime (numpy + onnxruntime + tokenizers, no torch) needs.
+
+An artifact folder::
+
+    manifest.json             this contract
+    model.onnx (+ model.onnx.data)   the fused graph
+    tokenizer.json, tokenizer_config.json, [special_tokens_map.json, chat_template.jinja,
+    generation_config.json]   copied from the backbone folder
+    probes/<name>/            each fused probe's own artifact (config.json + model.safetensors)
+    validation.json           the parity report of the last `singlepass validate`
+
+See ``build`` for the keys; ``read`` checks a manifest before anything trusts it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from datetime import datetime, timezone
+from pathlib import Path
+
+# The torch-free half of the contract (constants and ``read``) lives in the runtime, which must
+# not import export/; this module writes what that half reads.
+from singlepass.runtime.artifact import (FORMAT, GRAPH, GRAPH_DATA, MANIFEST, REQUIRED,  # noqa: F401
+                                         TOKENIZER_FILES, VERSION, read)
+
+POSITION_RULE = ("position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "
+                 "current), last `sequence` columns; prefill: past_sequence = 0 (empty past tensors)")
+
+
+def dtype_name(elem_type: int) -> str:
+    from onnx import helper
+
+    return str(helper.tensor_dtype_to_np_dtype(elem_type))
+
+
+def value_infos(values) -> list[dict]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim] \
+            if t.HasField("shape") else None
+        out.append({"name": v.name, "dtype": dtype_name(t.elem_type), "dims": dims})
+    return out
+
+
+def eos_ids(tokenizer, folder: Path) -> list[int]:
+    ids = set()
+    if tokenizer.eos_token_id is not None:
+        ids.add(int(tokenizer.eos_token_id))
+    gen = folder / "generation_config.json"
+    if gen.is_file():
+        try:
+            e = json.loads(gen.read_text()).get("eos_token_id")
+            ids.update([e] if isinstance(e, int) else (e or []))
+        except (OSError, json.JSONDecodeError):
+            pass
+    return sorted(ids)
+
+
+def build(*, model, stream, backbone, probes: list[dict], fused: list[dict], source: str,
+          hidden_states: str | None, last_only: bool, limits: dict, copied_files: list[str]) -> dict:
+    from singlepass import __version__
+
+    cfg = backbone.model.config
+    tok = backbone.tokenizer
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    first = probes[0]["cfg"] if probes else {}
+    fused_by_name = {f["name"]: f for f in fused}
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "singlepass_version": __version__,
+        "graph": {
+            "file": GRAPH,
+            "external_data": GRAPH_DATA,
+            "opset": next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")),
+            "ir_version": model.ir_version,
+            "source": source,
+            "num_nodes": len(model.graph.node),
+            "inputs": value_infos(model.graph.input),
+            "outputs": value_infos(model.graph.output),
+            "logits": stream.logits,
+            "logits_last_position_only": last_only,
+            "hidden_states": hidden_states,
+            "kv_cache": bool(stream.past),
+            "past_names": stream.past,
+            "present_names": stream.present,
+            "kv_layout": "[batch, num_kv_heads, sequence, head_dim]",
+            "input_ids": stream.input_ids,
+            "attention_mask": stream.attention_mask,
+            "position_ids": stream.position_ids,
+            "position_ids_rule": POSITION_RULE if stream.position_ids else None,
+            "probes_in_decode": "probe outputs are computed in every step over that step's tokens "
+                                "(attention_mask[:, -sequence:]); the prompt's labels are the prefill step's",
+        },
+        "backbone": {
+            **backbone.fingerprint,
+            "source": str(backbone.source.path if backbone.source.kind == "hf" else backbone.source.name),
+            "num_layers": cfg.num_hidden_layers,
+            "num_hidden_states": cfg.num_hidden_layers + 1,
+            "hidden_size": cfg.hidden_size,
+            "num_attention_heads": cfg.num_attention_heads,
+            "num_kv_heads": cfg.num_key_value_heads,
+            "head_dim": head_dim,
+            "vocab_size": cfg.vocab_size,
+            "max_position_embeddings": getattr(cfg, "max_position_embeddings", None),
+        },
+        "tokenizer": {
+            "files": copied_files,
+            "bos_token_id": tok.bos_token_id,
+            "eos_token_ids": eos_ids(tok, backbone.folder),
+            "pad_token_id": tok.pad_token_id,
+            "padding_side": "left",
+        },
+        "prompt": {
+            "format": first.get("prompt_format", "chat"),
+            "max_length": first.get("max_length"),
+            "chat_template": getattr(tok, "chat_template", None),
+            "chat_messages": '[{"role": "user", "content": TEXT}]',
+            "add_generation_prompt": True,
+            "add_special_tokens": first.get("prompt_format", "chat") == "raw",
+            "truncation": "over max_length tokens: cut the end of the user text, keep the template",
+        },
+        "limits": limits,
+        "probes": [{
+            "name": p["name"],
+            "probe": p["cfg"]["probe"],
+            "task": p["cfg"].get("task"),
+            "label_names": p["cfg"]["label_names"],
+            "num_classes": len(p["cfg"]["label_names"]),
+            "threshold": p["cfg"]["threshold"],
+            "decision": ("positive (label_names[1]) when probs[:, 1] >= threshold"
+                         if len(p["cfg"]["label_names"]) == 2 else "argmax over probs"),
+            "input": fused_by_name[p["name"]]["input"],
+            "outputs": {o.rsplit("/", 1)[1]: o for o in fused_by_name[p["name"]]["outputs"]},
+            "prompt_format": p["cfg"]["prompt_format"],
+            "max_length": p["cfg"]["max_length"],
+            "params": p["cfg"].get("params", {}),
+            "sha256": p["sha256"],
+            "backbone_sha256": p["cfg"]["backbone"].get("sha256"),
+            "folder": f"probes/{p['name']}",
+            "source": str(p["dir"]),
+        } for p in probes],
+        "validation": None,
+        "engines": [],
+    }
+
+
+def write(folder: Path, manifest: dict) -> None:
+    tmp = folder / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / MANIFEST)

@@ -1,0 +1,123 @@
+"""Label policies: what the runtime does with a probe's label before it generates.
+
+The paper's orchestration: a guard decision comes from the same prefill pass that computes
+the first token, so a flagged prompt can be refused before a single token is streamed.
+
+Per probe, one rule:
+
+* ``report`` (the default): the label and score are returned, generation goes on;
+* ``block``: when the prompt is flagged, nothing is generated; the result is the refusal
+  message, the labels and ``blocked_by = <probe name>``. Flagged means, for a binary probe,
+  ``P(label_names[1]) >= threshold`` (the probe's own threshold unless one is given), or, when
+  labels are named, the predicted label is one of them (the only form for a multi-class probe).
+
+CLI spelling (``--policy``, repeatable): ``NAME=report``, ``NAME=block``, ``NAME=block:0.8``
+(threshold), ``NAME=block:LABEL[,LABEL...]``. In Python: ``{"safety": "block"}``,
+``{"safety": "block:0.8"}`` or ``{"safety": Rule("block", threshold=0.8, message="...")}``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from singlepass.errors import SinglepassError
+
+ACTIONS = ("report", "block")
+DEFAULT_REFUSAL = "Sorry, I can't help with that request."
+
+
+@dataclass(frozen=True)
+class Rule:
+    action: str = "report"
+    threshold: float | None = None     # binary probes: block when P(positive) >= threshold
+    labels: tuple[str, ...] = ()        # block when the predicted label is one of these
+    message: str | None = None          # refusal text (default: the runtime's)
+
+    def __post_init__(self):
+        if self.action not in ACTIONS:
+            raise SinglepassError(f"policy action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
+        if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
+            raise SinglepassError(f"policy threshold must be in [0, 1], not {self.threshold!r}")
+
+
+def parse_rule(spec: str) -> Rule:
+    """``report`` | ``block`` | ``block:0.8`` | ``block:LABEL[,LABEL...]``."""
+    action, _, arg = spec.strip().partition(":")
+    if not arg:
+        return Rule(action.strip())
+    try:
+        return Rule(action.strip(), threshold=float(arg))
+    except ValueError:
+        return Rule(action.strip(), labels=tuple(x.strip() for x in arg.split(",") if x.strip()))
+
+
+def parse_specs(specs: list[str] | None) -> dict[str, Rule]:
+    """CLI ``--policy NAME=RULE`` strings -> {probe name: Rule}."""
+    out = {}
+    for s in specs or []:
+        name, eq, rule = s.partition("=")
+        if not eq or not name.strip():
+            raise SinglepassError(f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD or "
+                                  "NAME=block:LABEL[,LABEL...]")
+        out[name.strip()] = parse_rule(rule)
+    return out
+
+
+def resolve(policy, probes: list[dict]) -> dict[str, Rule]:
+    """Check a policy against the artifact's probes -> {probe name: Rule} for every probe.
+
+    ``policy``: None, a dict {name: Rule | str}, or a list of ``NAME=RULE`` strings."""
+    if policy is None:
+        policy = {}
+    elif isinstance(policy, (list, tuple)):
+        policy = parse_specs(list(policy))
+    elif not isinstance(policy, dict):
+        raise SinglepassError(f"policy must be a dict {{probe: rule}} or a list of NAME=RULE strings, not "
+                              f"{type(policy).__name__}")
+    by_name = {p["name"]: p for p in probes}
+    rules = {name: Rule() for name in by_name}
+    for name, rule in policy.items():
+        if name not in by_name:
+            raise SinglepassError(f"policy names probe {name!r}, which this artifact does not have (probes: "
+                                  f"{', '.join(by_name) or 'none'})")
+        if isinstance(rule, str):
+            rule = parse_rule(rule)
+        if not isinstance(rule, Rule):
+            raise SinglepassError(f"policy for {name!r} must be a Rule or a string like 'block', not "
+                                  f"{type(rule).__name__}")
+        p = by_name[name]
+        names = list(p["label_names"])
+        unknown = [lb for lb in rule.labels if lb not in names]
+        if unknown:
+            raise SinglepassError(f"policy for {name!r} names label(s) {', '.join(map(repr, unknown))}; the probe's "
+                                  f"labels are {', '.join(names)}")
+        if rule.action == "block" and len(names) != 2:
+            if rule.threshold is not None:
+                raise SinglepassError(f"policy for {name!r}: a threshold applies to binary probes; this probe has "
+                                      f"{len(names)} classes: name the labels to block, e.g. {name}=block:{names[-1]}")
+            if not rule.labels:
+                raise SinglepassError(f"policy for {name!r}: the probe has {len(names)} classes ({', '.join(names)}); "
+                                      f"name the labels to block, e.g. {name}=block:{names[-1]}")
+        rules[name] = rule
+    return rules
+
+
+def flagged(rule: Rule, probe: dict, label: str, score: float) -> bool:
+    """Does this prompt's label trigger a ``block`` rule?"""
+    if rule.action != "block":
+        return False
+    if rule.labels:
+        return label in rule.labels
+    threshold = rule.threshold if rule.threshold is not None else probe.get("threshold")
+    threshold = 0.5 if threshold is None else threshold
+    return score >= threshold
+
+
+def decide(rules: dict[str, Rule], probes: list[dict], labels: dict) -> str | None:
+    """-> the name of the first probe (manifest order) whose rule blocks, or None.
+    ``labels``: {name: Label} for one prompt."""
+    for p in probes:
+        lb = labels[p["name"]]
+        if flagged(rules[p["name"]], p, lb.label, lb.score):
+            return p["name"]
+    return None

@@ -1,0 +1,207 @@
+"""`singlepass export` / `singlepass validate` on a tiny random Llama: the artifact contract,
+fused-probe parity on padded batches, several probes in one pass, KV-cache decoding."""
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from export_helpers import make_probe, ort_feed, sha256
+from singlepass.cli import main
+from singlepass.runtime.batching import pad_batch
+
+PROBES = {  # name -> (method, classes, params): the three families + the baselines MULI and last-token
+    "tox": ("gate", 2, {}),
+    "emo": ("mha", 3, {"factor": 8, "heads": 2}),
+    "sent": ("pooling", 2, {"token_pool": "max"}),
+    "muli": ("muli", 2, {}),
+    "last": ("last-token", 2, {}),
+}
+TEXTS = ["What is the capital of France?", "I hate this, it is the worst thing ever and I am angry.", "Hi",
+         "The quick brown fox jumps over the lazy dog."]
+
+
+@pytest.fixture(scope="module")
+def probe_dirs(tmp_path_factory, tiny_backbone):
+    root = tmp_path_factory.mktemp("probes")
+    return {name: make_probe(root / name, tiny_backbone, method, classes, seed=k, **params)
+            for k, (name, (method, classes, params)) in enumerate(PROBES.items())}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory, tiny_model_dir, probe_dirs, cache_dir):
+    out = tmp_path_factory.mktemp("art") / "tiny"
+    args = ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out)]
+    for name, d in probe_dirs.items():
+        args += ["--probe", str(d) if name != "last" else f"{d}:last"]
+    assert main(args) == 0
+    return out
+
+
+def manifest(art):
+    return json.loads((art / "manifest.json").read_text())
+
+
+def reference(backbone, probe_dirs, ids, mask, pos):
+    """PyTorch: HF model + each torch probe on torch.stack(hidden_states) (or last-position logits)."""
+    from singlepass.models.artifact import load_probe
+    from singlepass.models.probes import probabilities
+
+    with torch.no_grad():
+        out = backbone.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
+                             position_ids=torch.from_numpy(pos), output_hidden_states=True)
+        hs = torch.stack(out.hidden_states)
+        probs = {}
+        for name, d in probe_dirs.items():
+            module, cfg = load_probe(d, backbone.fingerprint)
+            lg = module(out.logits[:, -1]) if cfg["input"] == "logits" else module(hs, torch.from_numpy(mask))
+            probs[name] = probabilities(lg).numpy()
+    return out.logits.numpy(), hs.numpy(), probs
+
+
+def test_artifact_contract(artifact, tiny_backbone, probe_dirs):
+    m = manifest(artifact)
+    files = {p.name for p in artifact.iterdir()}
+    assert {"manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
+            "chat_template.jinja", "probes", "validation.json"} <= files
+    assert not [f for f in artifact.parent.iterdir() if f.name.startswith(".")]  # no temporary folder left
+    g, b = m["graph"], m["backbone"]
+    L = tiny_backbone.num_layers
+    assert (m["format"], m["version"], g["opset"]) == ("singlepass-artifact", 1, 18)
+    assert b["sha256"] == tiny_backbone.fingerprint["sha256"]
+    assert (b["num_layers"], b["num_kv_heads"], b["head_dim"], b["hidden_size"], b["vocab_size"]) == (L, 2, 16, 64, 300)
+    inputs = {i["name"]: i for i in g["inputs"]}
+    outputs = {o["name"]: o for o in g["outputs"]}
+    assert list(inputs)[:3] == ["input_ids", "attention_mask", "position_ids"]
+    assert g["past_names"] == [f"past_key_values.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    assert g["present_names"] == [f"present.{i}.{k}" for i in range(L) for k in ("key", "value")]
+    assert inputs["past_key_values.0.key"]["dims"] == ["batch", 2, "past_sequence", 16]
+    assert inputs["attention_mask"]["dims"] == ["batch", "total_sequence"]
+    assert outputs["present.1.value"]["dims"] == ["batch", 2, "total_sequence", 16]
+    assert outputs["logits"]["dims"] == ["batch", 1, 300] and g["logits_last_position_only"]
+    assert "hidden_states" not in outputs and g["hidden_states"] is None  # internal only
+    assert [p["name"] for p in m["probes"]] == list(PROBES)
+    for p in m["probes"]:
+        method, classes, _ = PROBES[p["name"]]
+        assert p["outputs"] == {"logits": f"{p['name']}/logits", "probs": f"{p['name']}/probs"}
+        assert outputs[p["outputs"]["probs"]]["dims"] == ["batch", classes]
+        assert p["probe"] == method and p["num_classes"] == classes
+        assert p["input"] == ("logits" if method == "muli" else "hidden_states")
+        assert p["sha256"] == sha256(probe_dirs[p["name"]] / "model.safetensors")
+        assert p["sha256"] == sha256(artifact / p["folder"] / "model.safetensors")
+        assert p["backbone_sha256"] == b["sha256"]
+    assert m["tokenizer"]["eos_token_ids"] == [tiny_backbone.tokenizer.eos_token_id]
+    assert m["tokenizer"]["pad_token_id"] == tiny_backbone.tokenizer.pad_token_id
+    assert m["prompt"]["format"] == "chat" and m["prompt"]["chat_template"]
+    assert m["limits"]["max_prompt_length"] == 64 and m["limits"]["max_batch"] == 8
+    assert m["validation"]["passed"] and not m["validation"]["token_mismatches"]
+    onnx.checker.check_model(str(artifact / "model.onnx"))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_fused_probes_match_pytorch_on_padded_batches(artifact, tiny_backbone, probe_dirs, side):
+    from singlepass.models.prompts import encode
+
+    m = manifest(artifact)
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    enc = encode(tiny_backbone.tokenizer, TEXTS, "chat", 256)
+    assert len({len(s) for s in enc.ids}) == len(TEXTS)  # several lengths
+    ids, mask, pos = pad_batch(enc.ids, tiny_backbone.tokenizer.pad_token_id, side)
+    out = dict(zip(names, sess.run(None, ort_feed(m, ids, mask, pos))))
+    logits, _, probs = reference(tiny_backbone, probe_dirs, ids, mask, pos)
+    for name in PROBES:
+        np.testing.assert_allclose(out[f"{name}/probs"], probs[name], rtol=0, atol=1e-4)
+        assert np.allclose(out[f"{name}/probs"].sum(-1), 1, atol=1e-5)
+    rows = mask[:, -1] == 1  # rows whose last position is a real token
+    np.testing.assert_allclose(out["logits"][rows, 0], logits[rows, -1], rtol=0, atol=1e-3)
+    # one pass, several probes: the labels do not depend on the batch a prompt is in
+    alone = dict(zip(names, sess.run(None, ort_feed(m, *pad_batch([enc.ids[2]], 2, side)))))
+    for name in PROBES:
+        np.testing.assert_allclose(alone[f"{name}/probs"][0], out[f"{name}/probs"][2], atol=1e-5)
+
+
+def test_kv_cache_decoding_matches_generate(artifact, tiny_backbone):
+    """Prefill (empty past) then 20 greedy steps feeding present -> past: the same tokens as
+    transformers' generate()."""
+    from singlepass.models.prompts import encode
+
+    m = manifest(artifact)
+    g = m["graph"]
+    sess = ort.InferenceSession(str(artifact / "model.onnx"), providers=["CPUExecutionProvider"])
+    names = [o.name for o in sess.get_outputs()]
+    enc = encode(tiny_backbone.tokenizer, TEXTS[:3], "chat", 256)
+    ids, mask, pos = pad_batch(enc.ids, tiny_backbone.tokenizer.pad_token_id, "left")
+    feed = ort_feed(m, ids, mask, pos)
+    tokens = []
+    for _ in range(20):
+        out = dict(zip(names, sess.run(None, feed)))
+        nxt = out["logits"][:, -1].argmax(-1)
+        tokens.append(nxt)
+        mask = np.concatenate([mask, np.ones((len(nxt), 1), np.int64)], 1)
+        pos = pos[:, -1:] + 1
+        feed = ort_feed(m, nxt[:, None].astype(np.int64), mask, pos, [out[n] for n in g["present_names"]])
+        assert out["tox/probs"].shape == (3, 2)  # probes run (cheaply) in decode steps too
+    ref = tiny_backbone.model.generate(
+        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask[:, :ids.shape[1]]), max_new_tokens=20,
+        do_sample=False, min_new_tokens=20, pad_token_id=tiny_backbone.tokenizer.pad_token_id)
+    np.testing.assert_array_equal(np.stack(tokens, 1), ref[:, ids.shape[1]:].numpy())
+
+
+def test_debug_variant_exposes_hidden_states_and_all_logits(artifact, tiny_model_dir, probe_dirs, cache_dir,
+                                                            tiny_backbone):
+    out = artifact.parent / "debug"
+    assert main(["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out),
+                 "--probe", str(probe_dirs["tox"]), "--keep-hidden-states", "--all-logits"]) == 0
+    m = manifest(out)
+    outputs = {o["name"]: o["dims"] for o in m["graph"]["outputs"]}
+    assert outputs["hidden_states"] == [3, "batch", "sequence", 64]
+    assert outputs["logits"] == ["batch", "sequence", 300] and not m["graph"]["logits_last_position_only"]
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask, pos = pad_batch([[5, 6, 7, 8], [9, 10]], 2, "right")
+    res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ort_feed(m, ids, mask, pos))))
+    logits, hs, _ = reference(tiny_backbone, {}, ids, mask, pos)
+    real = mask.astype(bool)
+    np.testing.assert_allclose(res["hidden_states"][:, real], hs[:, real], rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(res["logits"][real], logits[real], atol=1e-3)
+
+
+def test_existing_output_needs_force(artifact, tiny_model_dir, probe_dirs, cache_dir, capsys):
+    out = artifact.parent / "replace-me"
+    base = ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out)]
+    assert main(base + ["--probe", str(probe_dirs["tox"])]) == 0
+    before = (out / "manifest.json").read_text()
+    assert main(base + ["--probe", str(probe_dirs["sent"])]) == 2
+    err = capsys.readouterr().err
+    assert "exists" in err and "--force" in err
+    assert (out / "manifest.json").read_text() == before  # untouched
+    assert main(base + ["--probe", str(probe_dirs["sent"]), "--force"]) == 0
+    assert [p["name"] for p in manifest(out)["probes"]] == ["sent"]
+    assert not (out / "probes" / "tox").exists()
+    assert not [f for f in artifact.parent.iterdir() if f.name.startswith(".")]
+    (artifact.parent / "not-an-artifact").mkdir()
+    (artifact.parent / "not-an-artifact" / "precious.txt").write_text("keep me")
+    assert main(base[:-1] + [str(artifact.parent / "not-an-artifact"), "--probe", str(probe_dirs["tox"]),
+                             "--force"]) == 2
+    assert (artifact.parent / "not-an-artifact" / "precious.txt").read_text() == "keep me"
+
+
+def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, capsys):
+    assert main(["validate", str(artifact)]) == 0
+    assert "validation passed" in capsys.readouterr().out
+    broken = tmp_path / "broken"
+    shutil.copytree(artifact, broken)
+    model = onnx.load(str(broken / "model.onnx"))
+    for t in model.graph.initializer:  # perturb the emotion probe's weights inside the fused graph
+        if t.name.startswith("emo/") and onnx.helper.tensor_dtype_to_np_dtype(t.data_type) == np.float32 \
+                and np.prod(t.dims) > 100:
+            arr = onnx.numpy_helper.to_array(t) * 1.5
+            t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
+    onnx.save_model(model, str(broken / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
+    assert main(["validate", str(broken)]) == 2  # a ValidationError, printed without a traceback
+    err = capsys.readouterr().err
+    assert "does not match the PyTorch reference (worst: emo/" in err and "NO" in err

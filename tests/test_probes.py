@@ -1,0 +1,146 @@
+"""Probe families and baselines as plain modules: sizes, masking, gradients, MULI features."""
+
+import numpy as np
+import pytest
+import torch
+
+from singlepass.models.baselines import (METHODS, FixedReadoutProbe, MuliProbe, build_any, build_method,
+                                         head_only, last_token_onehot)
+from singlepass.models.probes import count_parameters
+
+STATE_METHODS = [m for m in METHODS if m != "muli"]
+PARAMS = {"pooling": {}, "gate": {}, "mha": {"factor": 4, "heads": 4}, "last-token": {}, "mean-final": {}}
+
+
+def test_parameter_counts_match_the_paper_for_llama_3_2_3b():
+    L, d = 28, 3072  # Llama-3.2-3B: 28 decoder layers -> L+1 = 29 stacked states
+    with torch.device("meta"):
+        gate = build_method("gate", L + 1, d, 2)
+        mha = build_method("mha", L + 1, d, 2, factor=32, heads=8)
+        pool = build_method("pooling", L + 1, d, 2)
+        last = build_method("last-token", L + 1, d, 2)
+        muli = build_method("muli", L + 1, d, 2, vocab_size=128256)
+        gate6 = build_method("gate", L + 1, d, 6)
+    head = d + 1
+    assert count_parameters(gate) == (L + 2) * d + head == 95_233  # "0.10M"
+    assert count_parameters(gate6) == (L + 2) * d + 6 * d + 6
+    d_inner = d // 32
+    weights, biases = (L + 2) * 4 * d * d_inner, (L + 2) * (3 * d_inner + d)
+    assert weights == 35_389_440  # the paper's 35.39M, without biases
+    assert count_parameters(mha) == weights + biases + head
+    assert count_parameters(pool) == count_parameters(last) == head
+    assert count_parameters(muli) == 128256 + 1
+
+
+def random_batch(L1=4, B=3, T=9, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    lengths = [9, 5, 2][:B]
+    states = torch.randn(L1, B, T, d, generator=g) * 3
+    states[:, :, 0] *= 50  # a "massive activation" on the first token
+    return states, lengths
+
+
+def pad(states, lengths, T, side, garbage):
+    """Row j's first lengths[j] tokens placed left/right in a [L1, B, T, d] batch; padding filled
+    with large random garbage (it must not matter)."""
+    L1, B, _, d = states.shape
+    out = torch.randn(L1, B, T, d, generator=torch.Generator().manual_seed(7)) * garbage
+    mask = torch.zeros(B, T, dtype=torch.int64)
+    for j, n in enumerate(lengths):
+        sl = slice(T - n, T) if side == "left" else slice(0, n)
+        out[:, j, sl] = states[:, j, :n]
+        mask[j, sl] = 1
+    return out, mask
+
+
+@pytest.mark.parametrize("method", STATE_METHODS)
+def test_padding_never_changes_the_output(method):
+    torch.manual_seed(0)
+    probe = build_method(method, 4, 16, 2, **PARAMS[method]).eval()
+    states, lengths = random_batch()
+    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    for side in ("left", "right"):
+        for T, garbage in ((9, 1e3), (14, 1e4)):
+            out = probe(*pad(states, lengths, T, side, garbage))
+            torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("method", ["mha", "pooling"])
+@pytest.mark.parametrize("pool", ["max"])
+def test_max_pooling_variants_are_masked_too(method, pool):
+    params = {"pool": pool, "factor": 4, "heads": 2} if method == "mha" else {"token_pool": pool, "layer_pool": "max"}
+    probe = build_method(method, 4, 16, 3, **params).eval()
+    states, lengths = random_batch()
+    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    torch.testing.assert_close(probe(*pad(states, lengths, 12, "left", 1e4)), ref, rtol=1e-4, atol=1e-5)
+
+
+def test_fixed_readouts_read_the_final_layer_last_token_and_mean():
+    states, lengths = random_batch()
+    for side in ("left", "right"):
+        x, mask = pad(states, lengths, 11, side, 5.0)
+        onehot = last_token_onehot(mask)
+        for j, n in enumerate(lengths):
+            last = 10 if side == "left" else n - 1
+            assert onehot[j].argmax() == last and onehot[j].sum() == 1
+        last = FixedReadoutProbe(4, 16, 2, readout="last", input_norm="none")
+        mean = FixedReadoutProbe(4, 16, 2, readout="mean", input_norm="none")
+        for j, n in enumerate(lengths):
+            torch.testing.assert_close(last.features(x, mask)[j], states[-1, j, n - 1])
+            torch.testing.assert_close(mean.features(x, mask)[j], states[-1, j, :n].mean(0))
+
+
+def test_gradient_reaches_every_probe_parameter_and_nothing_else(tiny_backbone):
+    from singlepass.models.extract import extract
+
+    states, mask, _ = extract(tiny_backbone, ["hello there", "a longer prompt about foxes and dogs"])
+    assert not states.requires_grad  # the frozen LLM's states are constants to the probe
+    L1, d = states.shape[0], states.shape[-1]
+    for method in STATE_METHODS:
+        torch.manual_seed(0)
+        probe = build_method(method, L1, d, 2, **({"factor": 4, "heads": 4} if method == "mha" else {}))
+        probe(states, mask).sum().backward()
+        for name, p in probe.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (method, name)
+            assert p.grad.abs().sum() > 0, (method, name)
+        assert head_only(probe) == (method not in ("gate", "mha"))
+    assert all(p.grad is None and not p.requires_grad for p in tiny_backbone.model.parameters())
+
+
+def reference_muli_features(logits: np.ndarray, eps=1e-16) -> np.ndarray:
+    """The official MULI transform in numpy (float64): log p - log(1-p), clamped."""
+    z = logits - logits.max(1, keepdims=True)
+    p = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return np.log(np.clip(p, eps, None)) - np.log(np.clip(1 - p, eps, None))
+
+
+def test_muli_transform_and_standardisation_match_a_numpy_reference():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(40, 50, generator=g) * 4
+    logits[:, 7] = 3.0  # a token whose log-odds still vary (softmax denominators differ)
+    m = MuliProbe(vocab_size=50, num_classes=2)
+    raw = m.transform(logits)
+    ref = reference_muli_features(logits.double().numpy())
+    np.testing.assert_allclose(raw.numpy(), ref, rtol=1e-4, atol=1e-3)
+    const = torch.cat([raw[:, :10], torch.full((40, 1), -5.0), raw[:, 11:]], 1)  # feature 10: zero std
+    kept = m.fit_standardisation(const)
+    assert kept == 49 and m.inv_std[10] == 0
+    z = m.standardise(const)
+    assert torch.all(z[:, 10] == 0)
+    keep = torch.arange(50) != 10
+    torch.testing.assert_close(z[:, keep].mean(0), torch.zeros(49), atol=1e-5, rtol=0)
+    torch.testing.assert_close(z[:, keep].std(0, unbiased=False), torch.ones(49), atol=1e-4, rtol=0)
+    # one row alone gives the same logit as inside a batch (no batch statistics at inference)
+    torch.testing.assert_close(m(logits[3:4]), m(logits)[3:4])
+
+
+def test_build_any_covers_every_method_and_rejects_unknown_ones():
+    for method in METHODS:
+        params = {"vocab_size": 30} if method == "muli" else {"factor": 4, "heads": 2} if method == "mha" else {}
+        cfg = {"probe": method, "num_layers": 3, "hidden_size": 16, "label_names": ["a", "b", "c"], "params": params}
+        mod = build_any(cfg)
+        assert mod.head.out_features == 3
+    with pytest.raises(ValueError, match="unknown probe type"):
+        build_any({"probe": "svm", "num_layers": 3, "hidden_size": 16, "label_names": ["a", "b"], "params": {}})
+    with pytest.raises(ValueError):
+        build_method("mha", 3, 16, 2, factor=3)  # 16 / 3 is not an integer width

@@ -1,0 +1,256 @@
+"""The graph transformations of export/surgery.py on tiny hand-built decoder graphs.
+
+The toy decoder has the Llama residual structure (embedding Gather, two residual adds per
+layer, RMS norms, lm_head MatMul) with arbitrary tensor names, so these tests show the
+surgery finds the stream by structure, not by one exporter's naming.
+"""
+
+import random
+import uuid
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from singlepass.export import surgery
+from singlepass.export.surgery import SurgeryError
+
+V, D = 20, 8
+
+
+class Toy:
+    """Builds the graph and a numpy reference of its hidden states."""
+
+    def __init__(self, layers=3, random_names=False, cast_alias=False, extra_adds=0, opset=18, mask=True, seed=0):
+        self.rng = np.random.default_rng(seed)
+        self.random_names = random_names
+        self.nodes, self.inits, self.weights = [], [], {}
+        self.opset = opset
+        x = self.t("input_ids")
+        emb = self.w("embed", (V, D))
+        h = self.node("Gather", [emb, x])
+        self.hidden = [h]
+        mask_f = None
+        if mask:
+            m = self.node("Cast", [self.t("attention_mask")], to=TensorProto.FLOAT)
+            mask_f = self.node("Unsqueeze", [m, self.c("ax_last", [-1])])
+        self.masked = mask_f
+        for _ in range(layers * 2 + extra_adds):
+            src = self.node("Cast", [h], to=TensorProto.FLOAT) if cast_alias else h
+            n = self.norm(src)
+            t = self.node("MatMul", [n, self.w("proj", (D, D))])
+            t = self.node("Tanh", [t])
+            if mask_f is not None:
+                t = self.node("Mul", [t, mask_f])
+            h = self.node("Add", [src, t])
+            self.hidden.append(h)
+        self.final = self.norm(h)
+        self.node("MatMul", [self.final, self.w("lm_head", (D, V))], out="logits")
+        self.layers = layers
+
+    def t(self, base):
+        return f"{base}_{uuid.uuid4().hex[:6]}" if self.random_names and base not in (
+            "input_ids", "attention_mask", "logits") else base
+
+    def c(self, base, values):
+        name = self.t(base) + f"_{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def w(self, base, shape):
+        name = self.t(base) + f"_{len(self.inits)}"
+        arr = self.rng.normal(0, 0.5, size=shape).astype(np.float32)
+        self.inits.append(numpy_helper.from_array(arr, name))
+        self.weights[name] = arr
+        return name
+
+    def node(self, op, inputs, out=None, **attrs):
+        out = out or self.t(f"{op.lower()}_{len(self.nodes)}")
+        name = self.t(f"n{len(self.nodes)}") if not self.random_names else uuid.uuid4().hex
+        self.nodes.append(helper.make_node(op, inputs, [out], name=name, **attrs))
+        return out
+
+    def norm(self, x):
+        two = numpy_helper.from_array(np.array(2.0, np.float32), self.t("two") + str(len(self.inits)))
+        eps = numpy_helper.from_array(np.array(1e-5, np.float32), self.t("eps") + str(len(self.inits)))
+        self.inits += [two, eps]
+        p = self.node("Pow", [x, two.name])
+        m = self.node("ReduceMean", [p, self.c("axes", [-1])], keepdims=1)
+        a = self.node("Add", [m, eps.name])
+        s = self.node("Sqrt", [a])
+        r = self.node("Reciprocal", [s])
+        y = self.node("Mul", [x, r])
+        return self.node("Mul", [self.w("norm_w", (D,)), y])
+
+    def model(self, shuffle=False):
+        nodes = list(self.nodes)
+        if shuffle:
+            random.Random(0).shuffle(nodes)
+        inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
+        if self.masked is not None:
+            inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]))
+        g = helper.make_graph(nodes, "toy", inputs,
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])],
+                              self.inits)
+        return helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
+
+
+def run(model, feeds, outputs=None):
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return dict(zip([o.name for o in sess.get_outputs()], sess.run(outputs, feeds)))
+
+
+def feeds(B=2, T=5, S=None, seed=0):
+    rng = np.random.default_rng(seed)
+    mask = np.ones((B, S or T), np.int64)
+    mask[0, :2] = 0
+    return {"input_ids": rng.integers(0, V, (B, T)).astype(np.int64), "attention_mask": mask}
+
+
+@pytest.mark.parametrize("random_names", [False, True])
+@pytest.mark.parametrize("cast_alias", [False, True])
+def test_finds_residual_stream_by_structure(random_names, cast_alias):
+    toy = Toy(layers=3, random_names=random_names, cast_alias=cast_alias)
+    s = surgery.find_residual_stream(toy.model())
+    assert s.num_layers == 3
+    assert s.hidden_states == [toy.hidden[0], toy.hidden[2], toy.hidden[4], toy.final]
+    assert (s.vocab_size, s.hidden_size, s.logits, s.attention_mask) == (V, D, "logits", "attention_mask")
+
+
+def test_stacked_hidden_states_are_the_residual_stream():
+    toy = Toy(layers=2)
+    model = toy.model()
+    s = surgery.find_residual_stream(model)
+    name = surgery.add_stacked_hidden_states(model, s)
+    surgery.add_output(model, name, dims=[3, "batch", "sequence", D])
+    onnx.checker.check_model(model)
+    f = feeds()
+    out = run(model, f)
+    plain = toy.model()  # the plain graph, every hidden state exposed for reference
+    for t in toy.hidden + [toy.final]:
+        surgery.add_output(plain, t)
+    ref = run(plain, f)
+    expect = np.stack([ref[toy.hidden[0]], ref[toy.hidden[2]], ref[toy.final]])
+    assert out[name].shape == (3, 2, 5, D)
+    np.testing.assert_array_equal(out[name], expect)
+    np.testing.assert_array_equal(out["logits"], ref["logits"])
+
+
+def test_slice_last_position_logits_keeps_the_full_last_hidden_state():
+    toy = Toy(layers=2)
+    full = run(toy.model(), feeds())["logits"]
+    model = toy.model()
+    s = surgery.find_residual_stream(model)
+    hs = surgery.add_stacked_hidden_states(model, s)
+    surgery.add_output(model, hs, dims=[3, "batch", "sequence", D])
+    surgery.slice_last_position_logits(model, s)
+    onnx.checker.check_model(model)
+    out = run(model, feeds())
+    assert out["logits"].shape == (2, 1, V)
+    np.testing.assert_allclose(out["logits"], full[:, -1:], rtol=0, atol=1e-6)
+    assert out[hs].shape[2] == 5  # hidden state L still has every position
+    dims = [d.dim_value or d.dim_param for d in model.graph.output[0].type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, V]
+
+
+def test_probe_attention_mask_is_the_current_steps_columns():
+    toy = Toy(layers=1)
+    model = toy.model()
+    s = surgery.find_residual_stream(model)
+    out = surgery.probe_attention_mask(model, s)
+    surgery.add_output(model, out, TensorProto.INT64)
+    f = feeds(T=3)
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    got = sess.run([out], f)[0]
+    np.testing.assert_array_equal(got, f["attention_mask"][:, -3:])
+    # The same subgraph on a longer mask (past + current) keeps only the last T columns.
+    m2 = helper.make_model(helper.make_graph(
+        [n for n in model.graph.node if n.name.startswith(surgery.PREFIX)], "mask",
+        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
+        [helper.make_tensor_value_info(out, TensorProto.INT64, None)],
+        [i for i in model.graph.initializer if i.name.startswith(surgery.PREFIX)]),
+        opset_imports=[helper.make_opsetid("", 18)])
+    mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1]], np.int64)
+    got = ort.InferenceSession(m2.SerializeToString()).run(None, {"input_ids": np.zeros((2, 2), np.int64),
+                                                                  "attention_mask": mask})[0]
+    np.testing.assert_array_equal(got, mask[:, -2:])
+
+
+def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
+    import torch
+
+    from singlepass.export.fuse import export_probe
+    from singlepass.models.probes import build_probe, probabilities
+
+    toy = Toy(layers=2)
+    model = toy.model()
+    s = surgery.find_residual_stream(model)
+    hs = surgery.add_stacked_hidden_states(model, s)
+    surgery.add_output(model, hs, dims=[3, "batch", "sequence", D])
+    torch.manual_seed(0)
+    probe = build_probe("gate", 3, D, 2).eval()
+    graph = export_probe(probe, "hidden_states", 3, D, V, 18)
+    outs = surgery.fuse_probe(model, graph, "tox", {"states": hs, "mask": surgery.probe_attention_mask(model, s)})
+    assert outs == ["tox/logits", "tox/probs"]
+    surgery.toposort(model)
+    onnx.checker.check_model(model)
+    f = feeds()
+    out = run(model, f)
+    with torch.no_grad():
+        ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
+    np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6)
+    with pytest.raises(SurgeryError, match="collides"):  # same prefix twice
+        surgery.fuse_probe(model, graph, "tox", {"states": hs, "mask": "attention_mask"})
+    with pytest.raises(SurgeryError, match="opset"):
+        surgery.fuse_probe(model, export_probe(probe, "hidden_states", 3, D, V, 17), "other",
+                           {"states": hs, "mask": "attention_mask"})
+
+
+def test_drop_output_and_toposort():
+    toy = Toy(layers=2)
+    model = toy.model(shuffle=True)
+    with pytest.raises(onnx.checker.ValidationError):
+        onnx.checker.check_model(model)
+    surgery.toposort(model)
+    onnx.checker.check_model(model)
+    s = surgery.find_residual_stream(model)
+    hs = surgery.add_stacked_hidden_states(model, s)
+    surgery.add_output(model, hs)
+    assert [o.name for o in model.graph.output] == ["logits", hs]
+    surgery.drop_output(model, hs)
+    assert [o.name for o in model.graph.output] == ["logits"]
+    with pytest.raises(SurgeryError, match="no output"):
+        surgery.drop_output(model, hs)
+
+
+def test_name_nodes_and_normalisation_nodes():
+    toy = Toy(layers=2)
+    model = toy.model()
+    for n in model.graph.node[:5]:
+        n.name = ""
+    assert surgery.name_nodes(model) == 5
+    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
+    s = surgery.find_residual_stream(model)
+    norms = surgery.normalisation_nodes(model, s)
+    ops = [n.op_type for n in model.graph.node if n.name in set(norms)]
+    assert len(norms) == (2 * 2 + 1) * 7  # 4 block norms + the final norm, 7 nodes each
+    assert "MatMul" not in ops and ops.count("Add") == 5  # the eps adds, no residual add
+
+
+def test_unrecognisable_graphs_are_clear_errors(tmp_path):
+    from export_helpers import mlp_graph
+
+    mlp = onnx.load(str(mlp_graph(tmp_path / "mlp.onnx")))
+    with pytest.raises(SurgeryError, match="token-embedding Gather"):
+        surgery.find_residual_stream(mlp)
+    with pytest.raises(SurgeryError, match="two per layer"):
+        surgery.find_residual_stream(Toy(layers=2, extra_adds=1).model())
+    with pytest.raises(SurgeryError, match="does not belong to this model"):
+        surgery.find_residual_stream(Toy(layers=2).model(), expected_layers=3)
+    with pytest.raises(SurgeryError, match="opset"):
+        surgery.find_residual_stream(Toy(layers=2, opset=11).model())
+    with pytest.raises(SurgeryError, match="attention-mask"):
+        surgery.find_residual_stream(Toy(layers=2, mask=False).model())

@@ -48,17 +48,11 @@ OOD = {"toxicchat": [("wildguardmix", "test", 500)]}  # extra evaluations of the
 def machine() -> str:
     import torch
 
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return (f"{cpu}, {os.cpu_count()} cores, {mem:.0f} GiB RAM, {platform.system()} {platform.machine()}, "
-            f"Python {platform.python_version()}, torch {torch.__version__} (CPU, {torch.get_num_threads()} threads)")
+    from singlepass.benchmarks.machine import cpu_name, memory_gib
+
+    return (f"{cpu_name()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB RAM, {platform.system()} "
+            f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} (CPU, "
+            f"{torch.get_num_threads()} threads)")
 
 
 def run_key(dataset: str, method: str, seed: int) -> Path:
@@ -160,10 +154,10 @@ def cell(runs, dataset, method, key, metric, scale=100.0, digits=1) -> str:
 
 
 COLUMNS = [  # (header, dataset the probe is trained on, eval key, metric, scale, digits)
-    ("ToxicChat F1 (human test)", "toxicchat", "toxicchat/test_human", "f1", 100, 1),
-    ("ToxicChat AUPRC (human test)", "toxicchat", "toxicchat/test_human", "auprc", 1, 3),
-    ("ToxicChat F1 (full test)", "toxicchat", "toxicchat/test", "f1", 100, 1),
-    ("ToxicChat AUPRC (full test)", "toxicchat", "toxicchat/test", "auprc", 1, 3),
+    ("ToxicChat F1 (test, human-annotated rows)", "toxicchat", "toxicchat/test_human", "f1", 100, 1),
+    ("ToxicChat AUPRC (test, human-annotated rows)", "toxicchat", "toxicchat/test_human", "auprc", 1, 3),
+    ("ToxicChat F1 (test, all rows)", "toxicchat", "toxicchat/test", "f1", 100, 1),
+    ("ToxicChat AUPRC (test, all rows)", "toxicchat", "toxicchat/test", "auprc", 1, 3),
     ("WildGuardTest F1 (OOD)", "toxicchat", "wildguardmix/test", "f1", 100, 1),
     ("SST-2 acc", "sst2", "sst2/test", "accuracy", 100, 1),
     ("Emotion acc", "emotion", "emotion/test", "accuracy", 100, 1),
@@ -183,7 +177,9 @@ def render(runs: list[dict], command: str) -> str:
     methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in runs)] or list(METHOD_ORDER)
     lines = ["# Accuracy: probes vs MULI and fixed-readout baselines (SmolLM2-135M)", ""]
     lines += ["Mean ± std (population) over seeds; F1 and accuracy in %, AUPRC in [0, 1]; F1 at 0.5. "
-              "`(n=k)` marks a cell with k != 3 finished seeds; `—` = not run yet.", ""]
+              "`(n=k)` marks a cell with k != 3 finished seeds; `—` = not run yet. Test sets are the seeded, "
+              "stratified subsets listed under Data (ToxicChat: its human-annotated rows and all rows of the "
+              "subset).", ""]
     lines.append("| method | trainable params | " + " | ".join(c[0] for c in COLUMNS) + " | train time (s) |")
     lines.append("| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " | ---: |")
     for m in methods:

@@ -1,5 +1,36 @@
-"""CLI for benchmarks/."""
+"""CLI for benchmarks/: ``singlepass bench accuracy`` and ``singlepass bench latency`` (same flags as
+``python -m singlepass.benchmarks.accuracy`` / ``python -m singlepass.benchmarks.latency``)."""
+
+
+def _command(name: str) -> str | None:
+    import sys
+
+    return f"singlepass bench {name} " + " ".join(sys.argv[sys.argv.index(name) + 1:]) if name in sys.argv else None
+
+
+def cmd_accuracy(args) -> int:
+    from singlepass.benchmarks.accuracy import run
+
+    args.command = _command("accuracy")
+    return run(args)
+
+
+def cmd_latency(args) -> int:
+    from singlepass.benchmarks.latency import run
+
+    args.command = _command("latency")
+    return run(args)
 
 
 def register(sub) -> None:
-    pass
+    p = sub.add_parser("bench", help="benchmarks (writes benchmarks/results/*.md)")
+    benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    from singlepass.benchmarks.accuracy import build_parser
+    from singlepass.benchmarks.latency import build_parser as latency_parser
+
+    a = benches.add_parser("accuracy", help="probes vs MULI and fixed-readout baselines: accuracy table")
+    build_parser(a)
+    a.set_defaults(func=cmd_accuracy)
+    lp = benches.add_parser("latency", help="single pass with fused probes vs guard-then-serve: latency and memory")
+    latency_parser(lp)
+    lp.set_defaults(func=cmd_latency)

@@ -57,7 +57,10 @@ def ort_providers() -> list[str]:
 
 
 class OrtBackend(Backend):
-    def __init__(self, path: Path, manifest: dict, device: str = "cpu", threads: int | None = None):
+    def __init__(self, path: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
+                 spinning: bool = True):
+        """``spinning=False`` stops idle intra-op threads from busy-waiting: slower alone, but fair
+        when several sessions share one process or the cores are shared (the latency benchmark)."""
         import onnxruntime as ort
 
         if device not in ("cpu", "cuda"):
@@ -72,6 +75,9 @@ class OrtBackend(Backend):
         so.log_severity_level = 3
         if threads:
             so.intra_op_num_threads = int(threads)
+            so.inter_op_num_threads = 1
+        if not spinning:
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self.session = ort.InferenceSession(str(path), so, providers=providers)
         except Exception as e:  # onnxruntime raises its own exception types

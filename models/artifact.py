@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from singlepass.errors import SinglepassError
+from singlepass.files import staged_folder
 
 FORMAT = "singlepass-probe"
 VERSION = 1
@@ -32,18 +31,10 @@ def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool 
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"probe config lacks {missing}")
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}-"))
-    try:
+    with staged_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 

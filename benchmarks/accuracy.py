@@ -174,7 +174,7 @@ EXTRA = [
 
 
 def render(runs: list[dict], command: str) -> str:
-    methods = [m for m in METHOD_ORDER if any(r["method"] == m for r in runs)] or list(METHOD_ORDER)
+    methods = list(METHOD_ORDER)  # a method with no stored run shows as a row of `—`
     lines = ["# Accuracy: probes vs MULI and fixed-readout baselines (SmolLM2-135M)", ""]
     lines += ["Mean ± std (population) over seeds; F1 and accuracy in %, AUPRC in [0, 1]; F1 at 0.5. "
               "`(n=k)` marks a cell with k != 3 finished seeds; `—` = not run yet. Test sets are the seeded, "

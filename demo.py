@@ -44,6 +44,18 @@ def run(argv: list[str]) -> None:
     print(f"  ({time.perf_counter() - t0:.1f} s)\n", flush=True)
 
 
+def current_recipe(probe: Path) -> bool:
+    """A probe folder from an earlier run, trained with the current training recipe."""
+    from singlepass.errors import SinglepassError
+    from singlepass.models.artifact import read_config
+    from singlepass.models.train import RECIPE
+
+    try:
+        return read_config(probe).get("recipe") == RECIPE
+    except SinglepassError:
+        return False
+
+
 def cmd_demo(args) -> int:
     out = Path(args.out)
     if args.fresh and out.exists():
@@ -58,9 +70,11 @@ def cmd_demo(args) -> int:
     run(["extract", *common, *data, "--dataset", "toxicchat", "--split", "train", "--limit", str(TRAIN_LIMIT)])
 
     print("== 2/5 train: a quick gate probe (safety)")
-    if (probe / "config.json").is_file():
+    if current_recipe(probe):
         print(f"reusing {probe}\n")
     else:
+        for stale in (probe, art):  # an older recipe's probe, and the artifact that fused it
+            shutil.rmtree(stale, ignore_errors=True)
         run(["train", *common, *data, "--dataset", "toxicchat", "--probe", "gate", "--out", str(probe),
              "--limit", str(TRAIN_LIMIT), "--val-limit", str(VAL_LIMIT), "--trials", "1", "--epochs", "8"])
 

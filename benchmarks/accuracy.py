@@ -69,8 +69,10 @@ def trials_for(args, method: str) -> int:
 
 def bench_tag(args, dataset: str, method: str, seed: int) -> dict:
     """What a stored probe must have been trained with to be reused."""
+    from singlepass.models.train import RECIPE
+
     train_limit, val_limit, _ = SUBSETS[dataset]
-    return {"seed": seed, "first_seed": args.seeds[0], "trials": trials_for(args, method), "epochs": args.epochs,
+    return {"recipe": RECIPE, "seed": seed, "first_seed": args.seeds[0], "trials": trials_for(args, method), "epochs": args.epochs,
             "train_limit": train_limit, "validation_limit": val_limit}
 
 
@@ -173,6 +175,35 @@ EXTRA = [
 ]
 
 
+def mean_of(runs, dataset, method, key, metric):
+    vals = [r["eval"][key][metric] for r in runs if r["dataset"] == dataset and r["method"] == method
+            and key in r["eval"]]
+    return float(np.mean(vals)) * 100 if vals else None
+
+
+def targets(runs: list[dict]) -> list[str]:
+    """The issue's targets, judged from the stored runs (means over seeds)."""
+    f1 = {m: mean_of(runs, "toxicchat", m, "toxicchat/test_human", "f1") for m in METHOD_ORDER}
+    probes = ("pooling", "gate", "mha")
+
+    def verdict(ok):
+        return "not run yet" if ok is None else "met" if ok else "missed"
+
+    order = None if any(f1[m] is None for m in probes) else f1["pooling"] < f1["gate"] < f1["mha"]
+    out = [f"- ToxicChat ordering pooling < gate < MHA (F1, human-annotated rows): {verdict(order)}"
+           + ("" if order is None else f" ({' < '.join(f'{f1[m]:.1f}' for m in probes)})")]
+    gap = None if f1["mha"] is None or f1["muli"] is None else f1["mha"] - f1["muli"]
+    out.append(f"- MHA ahead of MULI by >= 5 F1 points on ToxicChat: {verdict(None if gap is None else gap >= 5)}"
+               + ("" if gap is None else f" ({gap:+.1f})"))
+    for ds, key, goal, name in (("sst2", "sst2/test", 90, "SST-2"), ("emotion", "emotion/test", 85, "Emotion")):
+        accs = {m: mean_of(runs, ds, m, key, "accuracy") for m in probes}
+        accs = {m: a for m, a in accs.items() if a is not None}
+        best = max(accs.items(), key=lambda kv: kv[1]) if accs else None
+        out.append(f"- {name} >= {goal}% for the best probe: {verdict(None if best is None else best[1] >= goal)}"
+                   + ("" if best is None else f" (best: {best[0]} {best[1]:.1f}%, of the probes run)"))
+    return out
+
+
 def render(runs: list[dict], command: str) -> str:
     methods = list(METHOD_ORDER)  # a method with no stored run shows as a row of `—`
     lines = ["# Accuracy: probes vs MULI and fixed-readout baselines (SmolLM2-135M)", ""]
@@ -195,6 +226,7 @@ def render(runs: list[dict], command: str) -> str:
     lines.append("| --- | " + " | ".join("---:" for _ in EXTRA) + " |")
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(cell(runs, c[1], m, *c[2:]) for c in EXTRA) + " |")
+    lines += ["", "## Targets (SmolLM2-135M)", ""] + targets(runs)
     lines += ["", "## Selected configurations (first-seed search)", "",
               "| dataset | method | trials | search time (s) | lr | batch | weight decay | epochs (best) | params |",
               "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
@@ -213,7 +245,9 @@ def render(runs: list[dict], command: str) -> str:
                      f"{rows}; subsets are seeded (seed 0) and stratified.")
     lines.append("- wildguardmix: test, " + ", ".join(f"{lim or 'all'} rows" for _, _, lim in OOD["toxicchat"]) +
                  ", scored by the ToxicChat probes (harmful read as toxic).")
-    lines += ["- Validation where a dataset has none: a stratified 10% of train (ToxicChat, IMDB).", "",
+    lines += ["- Validation where a dataset has none: a stratified 10% of train (ToxicChat, IMDB).",
+              "- Prompts (chat template) are capped at 512 tokens; extraction counts and logs the truncated ones "
+              "(IMDB: 56 of the 300 training reviews; ToxicChat train: 18 of 4,573).", "",
               "## Reproduce", "", "The commands that produced the stored runs (each skips the runs already stored; "
               "`--table-only` redraws this file from them):", "", "```"]
     lines += sorted({r.get("command") or command for r in runs} or {command}) + ["```", ""]

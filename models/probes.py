@@ -9,9 +9,11 @@ can trace it into ONNX. All share the two-stage aggregator:
     head                                        logits = W v + b
 
 Padding is masked everywhere. Inputs first pass a parameter-free per-token RMS
-normalisation (``input_norm="rms"``, default) because decoder LLMs carry "massive
-activations" (|h| ~ 2.5e4 on SmolLM2's first token); ``input_norm="none"`` is the paper's
-unnormalised variant. Per-layer parameters are stacked tensors used through einsum, so
+normalisation (``input_norm="rms"``, the constructor default) because decoder LLMs carry
+"massive activations" (|h| ~ 2.5e4 on SmolLM2's first token); ``input_norm="standard"`` adds
+a fixed per-layer, per-dimension standardisation after it (mean and inverse std are buffers,
+set from training tokens by ``set_input_statistics``; the trainer's default for gate and MHA);
+``input_norm="none"`` is the paper's unnormalised variant. Per-layer parameters are stacked tensors used through einsum, so
 L+1 "modules" cost a handful of graph nodes rather than L+1 copies.
 """
 
@@ -20,9 +22,11 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PROBE_TYPES = ("pooling", "gate", "mha")
+INPUT_NORMS = ("rms", "standard", "none")
 NEG = -1e30  # masking value; probes always run in fp32 (kept so in reduced-precision engines)
 
 
@@ -58,17 +62,30 @@ class Probe(nn.Module):
 
     def __init__(self, num_layers: int, hidden_size: int, num_classes: int, input_norm: str = "rms"):
         super().__init__()
-        if input_norm not in ("rms", "none"):
-            raise ValueError(f"input_norm must be 'rms' or 'none', not {input_norm!r}")
+        if input_norm not in INPUT_NORMS:
+            raise ValueError(f"input_norm must be one of {', '.join(INPUT_NORMS)}, not {input_norm!r}")
         self.num_layers, self.hidden_size, self.num_classes = num_layers, hidden_size, num_classes
         self.input_norm = input_norm
+        if input_norm == "standard":  # fixed, not trained: exported with the module
+            self.register_buffer("in_mean", torch.zeros(num_layers, hidden_size))  # [L+1, d]
+            self.register_buffer("in_inv_std", torch.ones(num_layers, hidden_size))  # [L+1, d]
         self.head = nn.Linear(hidden_size, out_dim(num_classes))
+
+    @torch.no_grad()
+    def set_input_statistics(self, mean: torch.Tensor, std: torch.Tensor, min_std: float = 1e-6) -> None:
+        """mean, std [L+1, d] of the RMS-normalised training tokens (input_norm="standard")."""
+        if self.input_norm != "standard":
+            raise ValueError("input statistics apply to input_norm='standard' only")
+        self.in_mean.copy_(mean)
+        self.in_inv_std.copy_(1.0 / std.clamp_min(min_std))
 
     def prepare(self, states: torch.Tensor, mask: torch.Tensor):
         """-> states [L+1, B, T, d] (normalised), mask [1, B, T, 1] float."""
         states = states.float()
-        if self.input_norm == "rms":
+        if self.input_norm != "none":
             states = rms_normalise(states)
+        if self.input_norm == "standard":
+            states = (states - self.in_mean[:, None, None]) * self.in_inv_std[:, None, None]
         return states, mask.to(states.dtype)[None, :, :, None]
 
     def aggregate(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:  # -> v [B, d]
@@ -154,11 +171,12 @@ class MHAProbe(Probe):
         qkv = (x.reshape(G, B * T, -1) @ w_qkv).reshape(G, B, T, -1) + b_qkv[:, None, None]  # [G, B, T, 3*d_inner]
         q, k, v = qkv.split(self.d_inner, dim=-1)
         H, dh = self.heads, self.d_inner // self.heads
-        q, k, v = (t.reshape(G, B, T, H, dh).transpose(2, 3) for t in (q, k, v))  # [G, B, H, T, dh]
-        scores = q @ k.transpose(-1, -2) / math.sqrt(dh)  # [G, B, H, T, T]
-        key_mask = m[..., 0][:, :, None, None, :]  # [G|1, B, 1, 1, T]
-        attn = torch.softmax(scores.masked_fill(key_mask == 0, NEG), dim=-1)
-        o = (attn @ v).transpose(2, 3).reshape(G, B, T, self.d_inner)  # [G, B, T, d_inner]
+        q, k, v = (t.reshape(G * B, T, H, dh).transpose(1, 2) for t in (q, k, v))  # [G*B, H, T, dh]
+        key_mask = (m[..., 0] > 0).expand(G, B, T).reshape(G * B, 1, 1, T)  # True = a real key
+        # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
+        # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # [G*B, H, T, dh]
+        o = o.transpose(1, 2).reshape(G, B, T, self.d_inner)  # [G, B, T, d_inner]
         if self.pool == "mean":
             # The output projection is linear, so mean-pool first and project the pooled [G, B, d_inner]:
             # the same function as projecting every token, without the [G, B, T, d] tensor.

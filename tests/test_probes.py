@@ -65,6 +65,23 @@ def test_padding_never_changes_the_output(method):
             torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("method", ["gate", "mha", "pooling"])
+def test_standardised_inputs_are_masked_and_use_the_given_statistics(method):
+    torch.manual_seed(0)
+    probe = build_method(method, 4, 16, 2, input_norm="standard", **PARAMS[method]).eval()
+    mean, std = torch.randn(4, 16), torch.rand(4, 16) + 0.5
+    probe.set_input_statistics(mean, std)
+    states, lengths = random_batch()
+    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    torch.testing.assert_close(probe(*pad(states, lengths, 14, "left", 1e4)), ref, rtol=1e-4, atol=1e-5)
+    x, m = probe.prepare(states, torch.ones(3, 9))
+    r = states / states.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
+    torch.testing.assert_close(x, (r - mean[:, None, None]) / std[:, None, None], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="input_norm"):
+        build_method(method, 4, 16, 2, input_norm="layer", **PARAMS[method])
+    assert count_parameters(probe) == count_parameters(build_method(method, 4, 16, 2, **PARAMS[method]))
+
+
 @pytest.mark.parametrize("method", ["mha", "pooling"])
 @pytest.mark.parametrize("pool", ["max"])
 def test_max_pooling_variants_are_masked_too(method, pool):

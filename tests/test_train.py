@@ -59,6 +59,28 @@ def test_fixed_readout_probe_agrees_with_sklearn_logistic_regression(method, tin
     assert ((ours > 0.5) == (theirs > 0.5))[decided].all()
 
 
+def test_input_statistics_match_numpy_and_folded_scaling_keeps_the_function(sst2_cache):
+    from singlepass.models.train import fold_scaling, input_statistics
+
+    _, cache = sst2_cache
+    mean, std = input_statistics(cache, max_rows=len(cache))
+    toks = np.concatenate([np.asarray(cache.row(i), dtype=np.float64) for i in range(len(cache))])  # [N_tok, L+1, d]
+    toks = toks / np.sqrt((toks ** 2).mean(-1, keepdims=True) + 1e-6)
+    np.testing.assert_allclose(mean.numpy(), toks.mean(0), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(std.numpy(), toks.std(0), rtol=1e-3, atol=1e-5)
+    sub_mean, _ = input_statistics(cache, max_rows=30)  # a seeded row sample: same every call
+    assert torch.equal(sub_mean, input_statistics(cache, max_rows=30)[0]) and not torch.equal(sub_mean, mean)
+
+    Xt, Xv = torch.randn(50, 8) * 40 + 7, torch.randn(20, 8) * 40 + 7
+    tr, va, (mu, sd) = FeatureData.standardised(Xt, Xv)
+    assert tr.X.mean(0).abs().max() < 1e-5 and (tr.X.std(0, unbiased=False) - 1).abs().max() < 1e-4
+    head = torch.nn.Linear(8, 1)
+    with torch.no_grad():
+        before = head(va.X)
+        fold_scaling(head, mu, sd)
+        torch.testing.assert_close(head(Xv), before, rtol=1e-4, atol=1e-4)
+
+
 def test_search_plan_is_seeded_bounded_and_starts_from_the_default():
     a = trial_plan("mha", 576, 6, seed=3)
     assert [vars(h) for h in a] == [vars(h) for h in trial_plan("mha", 576, 6, seed=3)]

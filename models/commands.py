@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
+
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     from singlepass.models.backbone import DEFAULT_MODEL
@@ -137,12 +139,18 @@ def cmd_train(args) -> int:
         raise SinglepassError(f"{out} exists (use --force to overwrite)")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.epochs is not None and args.epochs < 1:
+        raise SinglepassError(f"--epochs must be at least 1, got {args.epochs}")
     hparams = None
     if args.hparams_from:
         src = read_config(args.hparams_from)
         if src["probe"] != args.probe:
             raise SinglepassError(f"--hparams-from {args.hparams_from} is a {src['probe']!r} probe, not {args.probe!r}")
+        if args.trials is not None:
+            raise SinglepassError("--hparams-from trains its one configuration; drop --trials (or drop --hparams-from to search)")
         hparams = HParams.from_dict({**src["hparams"], "params": src["params"]})
+        if args.epochs is not None:  # the maximum epochs still apply (the cosine schedule spans them)
+            hparams.epochs = args.epochs
         if args.set:
             from singlepass.models.train import apply_overrides
             hparams = apply_overrides(hparams, parse_sets(args.set))
@@ -151,7 +159,8 @@ def cmd_train(args) -> int:
     print(describe(va))
     bb = load_backbone(args.model, args.cache_dir)
     module, cfg = train_probe(args.probe, bb, tr, va, prompt_format=args.prompt_format, max_length=args.max_length,
-                              seed=args.seed, trials=args.trials, max_epochs=args.epochs,
+                              seed=args.seed, trials=TRIALS if args.trials is None else args.trials,
+                              max_epochs=EPOCHS if args.epochs is None else args.epochs,
                               overrides=parse_sets(args.set), hparams=hparams,
                               cache_dir=args.cache_dir and Path(args.cache_dir), progress=not args.no_progress)
     cfg["data"].update({"limit": args.limit, "validation_limit": args.val_limit})
@@ -217,9 +226,10 @@ def register(sub) -> None:
                    help="probe family or baseline: %(choices)s")
     p.add_argument("--out", required=True, help="artifact folder to write (config.json + model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="training seed (data subsets always use seed 0)")
-    p.add_argument("--trials", type=int, default=4,
-                   help="hyperparameter search budget: configurations tried, the first being the default (default: %(default)s)")
-    p.add_argument("--epochs", type=int, default=10, help="maximum epochs per trial (default: %(default)s)")
+    p.add_argument("--trials", type=int, default=None,
+                   help=f"hyperparameter search budget: configurations tried, the first being the default (default: {TRIALS})")
+    p.add_argument("--epochs", type=int, default=None,
+                   help=f"maximum epochs per trial (default: {EPOCHS}; with --hparams-from, the stored value)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
                         "or a probe parameter (factor, heads, pool, token_pool, layer_pool, input_norm) in every trial")

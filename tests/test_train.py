@@ -152,6 +152,25 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
     assert "exists" in capsys.readouterr().err
 
 
+
+def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_model_dir, cache_dir, tmp_path, capsys):
+    from singlepass.models.artifact import read_config
+
+    common = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
+              "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "last-token", "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "searched"), "--trials", "2", "--epochs", "3"]) == 0
+    src = read_config(tmp_path / "searched")
+    assert main([*common, "--out", str(tmp_path / "again"), "--hparams-from", str(tmp_path / "searched"),
+                 "--seed", "1", "--epochs", "2"]) == 0
+    cfg = read_config(tmp_path / "again")
+    assert len(cfg["training"]["trials"]) == 1 and cfg["seed"] == 1
+    assert cfg["hparams"] == {**src["hparams"], "epochs": 2}  # the stored configuration, with the given epochs
+    capsys.readouterr()
+    assert main([*common, "--out", str(tmp_path / "x"), "--hparams-from", str(tmp_path / "searched"), "--trials", "3"]) == 2
+    assert "--trials" in capsys.readouterr().err
+    assert main([*common, "--out", str(tmp_path / "y"), "--epochs", "0"]) == 2
+    assert "--epochs must be at least 1" in capsys.readouterr().err
+
 @pytest.mark.real
 def test_short_real_training_run_beats_the_majority_class(real_backbone, cache_dir):
     """SmolLM2-135M, a gate probe on 160 SST-2 sentences: must beat always-the-majority-label."""

@@ -142,7 +142,6 @@ def load_runs() -> list[dict]:
 
 
 def stat(vals, scale=100.0, digits=1) -> str:
-    vals = [v for v in vals if v is not None]
     if not vals:
         return "—"
     a = np.asarray(vals, dtype=np.float64) * scale
@@ -150,9 +149,14 @@ def stat(vals, scale=100.0, digits=1) -> str:
     return f"{a.mean():.{digits}f} ± {a.std(ddof=0):.{digits}f}{n}"
 
 
-def cell(runs, dataset, method, key, metric, scale=100.0, digits=1) -> str:
+def values(runs, dataset, method, key, metric) -> list[float]:
+    """One metric of every stored seed of (dataset, method) that has the eval ``key``."""
     rs = [r for r in runs if r["dataset"] == dataset and r["method"] == method and key in r["eval"]]
-    return stat([r["eval"][key].get(metric) for r in rs], scale, digits)
+    return [v for v in (r["eval"][key].get(metric) for r in rs) if v is not None]
+
+
+def cell(runs, dataset, method, key, metric, scale=100.0, digits=1) -> str:
+    return stat(values(runs, dataset, method, key, metric), scale, digits)
 
 
 COLUMNS = [  # (header, dataset the probe is trained on, eval key, metric, scale, digits)
@@ -176,8 +180,7 @@ EXTRA = [
 
 
 def mean_of(runs, dataset, method, key, metric):
-    vals = [r["eval"][key][metric] for r in runs if r["dataset"] == dataset and r["method"] == method
-            and key in r["eval"]]
+    vals = values(runs, dataset, method, key, metric)
     return float(np.mean(vals)) * 100 if vals else None
 
 

@@ -139,8 +139,6 @@ def cmd_train(args) -> int:
         raise SinglepassError(f"{out} exists (use --force to overwrite)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.epochs is not None and args.epochs < 1:
-        raise SinglepassError(f"--epochs must be at least 1, got {args.epochs}")
     hparams = None
     if args.hparams_from:
         src = read_config(args.hparams_from)

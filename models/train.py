@@ -516,6 +516,9 @@ def train_probe(method: str, backbone, train_ds, val_ds, *, prompt_format: str =
     L1, d = backbone.num_layers + 1, backbone.hidden_size
     vocab = backbone.model.config.vocab_size
     plan = [hparams] if hparams is not None else trial_plan(method, d, trials, seed, max_epochs, overrides, task)
+    for hp in plan:  # --epochs, --set epochs=N or a stored configuration
+        if hp.epochs < 1:
+            raise SinglepassError(f"--epochs must be at least 1, got {hp.epochs}")
     prep = prepare(method, backbone, train_ds, val_ds, prompt_format, max_length, cache_dir, progress, log)
     t_all = time.perf_counter()
     best = None

@@ -152,7 +152,6 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
     assert "exists" in capsys.readouterr().err
 
 
-
 def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_model_dir, cache_dir, tmp_path, capsys):
     from singlepass.models.artifact import read_config
 
@@ -170,6 +169,7 @@ def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_
     assert "--trials" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "y"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
+
 
 @pytest.mark.real
 def test_short_real_training_run_beats_the_majority_class(real_backbone, cache_dir):

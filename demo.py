@@ -47,7 +47,7 @@ def run(argv: list[str]) -> None:
 def current_recipe(probe: Path) -> bool:
     """A probe folder from an earlier run, trained with the current training recipe."""
     from singlepass.errors import SinglepassError
-    from singlepass.models.artifact import read_config
+    from singlepass.models.probe_io import read_config
     from singlepass.models.train import RECIPE
 
     try:

@@ -80,7 +80,7 @@ def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
     """Train (search on the first seed, reuse its hyperparameters for the others) and save;
     an artifact already trained with the same settings is reused."""
     from singlepass.errors import SinglepassError
-    from singlepass.models.artifact import read_config, save_probe
+    from singlepass.models.probe_io import read_config, save_probe
     from singlepass.models.data import load_dataset
     from singlepass.models.train import HParams, train_probe
 
@@ -109,7 +109,7 @@ def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
 
 def run_one(args, bb, dataset: str, method: str, seed: int, log) -> dict:
     """Train (or reuse) the probe, then evaluate it on the test split(s) and OOD sets."""
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import check_labels, compute_metrics, predict_proba, report_subsets
 

@@ -92,7 +92,7 @@ def ensure_probes(args, bb) -> dict:
     """method -> {dir, source, f1_human, f1_full, train_seconds, params}."""
     from singlepass.benchmarks.accuracy import probe_dir
     from singlepass.errors import SinglepassError
-    from singlepass.models.artifact import read_config
+    from singlepass.models.probe_io import read_config
 
     out = {}
     for method in METHODS:
@@ -129,7 +129,7 @@ def ensure_probes(args, bb) -> dict:
 
 
 def train_quick_probe(args, bb, method: str, out: Path) -> dict:
-    from singlepass.models.artifact import read_config, save_probe
+    from singlepass.models.probe_io import read_config, save_probe
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import compute_metrics, predict_proba, report_subsets
     from singlepass.models.train import train_probe
@@ -176,7 +176,7 @@ def artifact_current(folder: Path, specs: list[str], backbone_sha: str) -> bool:
 
 
 def ensure_artifacts(args, bb, probes: dict) -> dict[str, Path]:
-    from singlepass.export.artifact import export_artifact
+    from singlepass.export.pipeline import export_artifact
 
     root = args.cache_root / "bench-artifacts"
     out = {}

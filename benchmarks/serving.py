@@ -34,7 +34,7 @@ class LLM:
     """One artifact in one runtime (one ONNX Runtime session)."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        from singlepass.runtime.artifact import load
+        from singlepass.runtime.contract import load
         from singlepass.runtime.generate import Runtime
 
         art = load(folder)

@@ -10,7 +10,7 @@ def _mb(n: int) -> str:
 
 
 def cmd_export(args) -> int:
-    from singlepass.export.artifact import export_artifact
+    from singlepass.export.pipeline import export_artifact
 
     s = export_artifact(args.out, args.probe or [], model_spec=args.model, onnx_path=args.onnx, force=args.force,
                         keep_hidden_states=args.keep_hidden_states, all_logits=args.all_logits, opset=args.opset,

@@ -21,7 +21,7 @@ from pathlib import Path
 
 # The torch-free half of the contract (constants and ``read``) lives in the runtime, which must
 # not import export/; this module writes what that half reads.
-from singlepass.runtime.artifact import (FORMAT, GRAPH, GRAPH_DATA, MANIFEST, REQUIRED,  # noqa: F401
+from singlepass.runtime.contract import (FORMAT, GRAPH, GRAPH_DATA, MANIFEST, REQUIRED,  # noqa: F401
                                          TOKENIZER_FILES, VERSION, read)
 
 POSITION_RULE = ("position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "

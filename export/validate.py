@@ -219,7 +219,7 @@ class Artifact:
 
 def open_artifact(folder, backbone=None, probes=None, model: str | None = None, cache_dir=None) -> Artifact:
     from singlepass.export import manifest as mf
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.backbone import load_backbone
 
     folder = Path(folder)

@@ -129,7 +129,7 @@ def cmd_train(args) -> int:
     import torch
 
     from singlepass.errors import SinglepassError
-    from singlepass.models.artifact import read_config, save_probe
+    from singlepass.models.probe_io import read_config, save_probe
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import describe
     from singlepass.models.train import HParams, train_probe

@@ -107,7 +107,7 @@ def report_subsets(ds) -> dict[str, np.ndarray]:
 
 def evaluate(probe_dir, dataset: str, split: str, model: str | None = None, cache_dir=None, data_dir=None,
              limit: int | None = None, progress: bool = True, log=print) -> dict:
-    from singlepass.models.artifact import load_probe, read_config
+    from singlepass.models.probe_io import load_probe, read_config
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
 

@@ -69,7 +69,7 @@ def plot_layer_weights(groups, num_layers: int, title: str, out: Path) -> Path:
 def plot_layers(probe_dir, dataset: str, split: str = "test", out: str | None = None, model: str | None = None,
                 cache_dir=None, data_dir=None, limit: int | None = None, progress: bool = True, log=print) -> dict:
     from singlepass.models import cache as state_cache
-    from singlepass.models.artifact import load_probe, read_config
+    from singlepass.models.probe_io import load_probe, read_config
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import check_labels

@@ -1,7 +1,7 @@
 """The thin runtime: tokens and labels from every pass, on numpy + onnxruntime + tokenizers.
 
 Neither torch nor transformers is imported anywhere under ``singlepass.runtime``. The names
-below are loaded on first use, so ``singlepass.runtime.artifact`` (read by ``export/``) stays
+below are loaded on first use, so ``singlepass.runtime.contract`` (read by ``export/``) stays
 a cheap import. ``singlepass.runtime.generate`` is the module; its ``generate(artifact, prompts,
 ...)`` function is the one-call form::
 

@@ -56,36 +56,46 @@ def ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def ort_session(path, threads: int | None = None, device: str = "cpu", spinning: bool = True):
+    """The one ONNX Runtime session loader (runtime backends, validation, guards, benchmarks).
+
+    ``path``: a graph file (or its serialized bytes). ``threads``: intra-op threads (inter-op 1).
+    ``spinning=False`` stops idle intra-op threads from busy-waiting: slower alone, but fair when
+    several sessions share one process or the cores are shared (the latency benchmark)."""
+    import onnxruntime as ort
+
+    if device not in ("cpu", "cuda"):
+        raise SinglepassError(f"ONNX Runtime device must be cpu or cuda, not {device!r}")
+    providers = ["CPUExecutionProvider"]
+    if device == "cuda":
+        if "CUDAExecutionProvider" not in ort_providers():
+            raise SinglepassError("ONNX Runtime's CUDA provider is not available here (it needs the "
+                                  "onnxruntime-gpu package and an NVIDIA GPU): use --backend cpu")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    so = ort.SessionOptions()
+    so.log_severity_level = 3
+    if threads:
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    where = "the graph" if isinstance(path, (bytes, bytearray)) else str(path)
+    try:
+        session = ort.InferenceSession(path if isinstance(path, (bytes, bytearray)) else str(path), so,
+                                       providers=providers)
+    except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
+        raise SinglepassError(f"{where}: ONNX Runtime cannot load the graph "
+                              f"({str(e).splitlines()[0][:300]})") from None
+    if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
+        raise SinglepassError("ONNX Runtime fell back to the CPU (the CUDA libraries did not load): use "
+                              "--backend cpu or fix the CUDA installation")
+    return session
+
+
 class OrtBackend(Backend):
     def __init__(self, path: Path, manifest: dict, device: str = "cpu", threads: int | None = None,
                  spinning: bool = True):
-        """``spinning=False`` stops idle intra-op threads from busy-waiting: slower alone, but fair
-        when several sessions share one process or the cores are shared (the latency benchmark)."""
-        import onnxruntime as ort
-
-        if device not in ("cpu", "cuda"):
-            raise SinglepassError(f"ONNX Runtime device must be cpu or cuda, not {device!r}")
-        providers = ["CPUExecutionProvider"]
-        if device == "cuda":
-            if "CUDAExecutionProvider" not in ort_providers():
-                raise SinglepassError("ONNX Runtime's CUDA provider is not available here (it needs the "
-                                      "onnxruntime-gpu package and an NVIDIA GPU): use --backend cpu")
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-        so = ort.SessionOptions()
-        so.log_severity_level = 3
-        if threads:
-            so.intra_op_num_threads = int(threads)
-            so.inter_op_num_threads = 1
-        if not spinning:
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        try:
-            self.session = ort.InferenceSession(str(path), so, providers=providers)
-        except Exception as e:  # onnxruntime raises its own exception types
-            raise SinglepassError(f"{path}: ONNX Runtime cannot load the graph "
-                                  f"({str(e).splitlines()[0][:300]})") from None
-        if device == "cuda" and self.session.get_providers()[0] != "CUDAExecutionProvider":
-            raise SinglepassError("ONNX Runtime fell back to the CPU (the CUDA libraries did not load): use "
-                                  "--backend cpu or fix the CUDA installation")
+        self.session = ort_session(path, threads, device, spinning)
         self.name = f"onnxruntime-{device}"
         self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest["graph"]["inputs"]}
 

@@ -35,8 +35,8 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
-from singlepass.runtime.artifact import Artifact
-from singlepass.runtime.artifact import load as load_artifact
+from singlepass.runtime.contract import Artifact
+from singlepass.runtime.contract import load as load_artifact
 from singlepass.runtime.backends import Backend, select
 from singlepass.runtime.batching import pad_batch
 from singlepass.runtime.feeds import advance, make_feed

@@ -54,7 +54,7 @@ def quick_probe(backbone, folder):
     """A gate probe trained for a few steps on 16 sentences (a real, if small, trained probe)."""
     import torch
 
-    from singlepass.models.artifact import save_probe
+    from singlepass.models.probe_io import save_probe
     from singlepass.models.extract import extract
     from singlepass.models.probes import build_probe
 

@@ -13,7 +13,7 @@ def make_probe(folder: Path, backbone, method: str = "gate", num_classes: int = 
     """A probe artifact with random weights (any --probe method, MULI included)."""
     import torch
 
-    from singlepass.models.artifact import save_probe
+    from singlepass.models.probe_io import save_probe
     from singlepass.models.baselines import build_method, input_kind
 
     L1, d, V = backbone.num_layers + 1, backbone.hidden_size, backbone.model.config.vocab_size

@@ -9,7 +9,7 @@ import torch
 
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
-from singlepass.models.artifact import load_probe, read_config, save_probe
+from singlepass.models.probe_io import load_probe, read_config, save_probe
 from singlepass.models.baselines import METHODS, build_method
 from singlepass.models.data import load_dataset
 from singlepass.models.evaluate import check_labels, compute_metrics, tpr_at_fpr

@@ -48,7 +48,7 @@ def manifest(art):
 
 def reference(backbone, probe_dirs, ids, mask, pos):
     """PyTorch: HF model + each torch probe on torch.stack(hidden_states) (or last-position logits)."""
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.probes import probabilities
 
     with torch.no_grad():

@@ -73,7 +73,7 @@ def test_surgery_artifact_validates_and_keeps_the_graphs_interface(exported, tin
 
 
 def test_surgery_artifact_probe_parity(exported, tiny_backbone, probes):
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.probes import probabilities
 
     _, _, out = exported

@@ -59,7 +59,7 @@ def hf_ids(backbone, text, max_length=MAX_PROMPT, truncate=False, fmt="chat"):
 
 def torch_labels(backbone, probe_dirs, ids):
     """Each torch probe's probabilities on one prompt (hidden states or last logits)."""
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.probes import probabilities
 
     with torch.no_grad():

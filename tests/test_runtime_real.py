@@ -13,7 +13,7 @@ PROMPTS = ["What is the capital of France?", "I loved this film, it was wonderfu
 
 
 def test_smollm2_runtime_matches_transformers_and_the_probe(real_artifact, real_backbone):
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
     from singlepass.models.extract import extract
     from singlepass.models.probes import probabilities
     from singlepass.models.prompts import encode_one

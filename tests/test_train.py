@@ -131,7 +131,7 @@ def test_unknown_probe_and_single_class_data_are_clear_errors(tiny_backbone, cac
 
 @pytest.mark.parametrize("method", METHODS)
 def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir, tmp_path, capsys):
-    from singlepass.models.artifact import REQUIRED, load_probe
+    from singlepass.models.probe_io import REQUIRED, load_probe
 
     out = tmp_path / method
     argv = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
@@ -153,7 +153,7 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
 
 
 def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_model_dir, cache_dir, tmp_path, capsys):
-    from singlepass.models.artifact import read_config
+    from singlepass.models.probe_io import read_config
 
     common = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
               "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "last-token", "--no-progress"]

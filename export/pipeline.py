@@ -88,7 +88,7 @@ def load_onnx(path: Path):
 
 
 def load_probes(specs: list[ProbeSpec], backbone) -> list[dict]:
-    from singlepass.models.artifact import load_probe
+    from singlepass.models.probe_io import load_probe
 
     probes = []
     for s in specs:

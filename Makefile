@@ -20,7 +20,17 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/singlepass demo
 
-test: $(STAMP)
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+test: lint
 	$(PY) -m pytest -q tests
 
-.PHONY: install demo test
+# Editors and type checkers: the package is the repository root mapped to `singlepass`, which
+# the default editable install exposes only through an import hook static tools cannot follow.
+# This re-installs it as a tree of links they can read (re-run after adding a module).
+editor: $(STAMP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=strict
+
+.PHONY: install demo lint test editor

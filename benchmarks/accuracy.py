@@ -8,9 +8,11 @@ For each dataset and method: a bounded hyperparameter search (``--trials`` confi
 seed 0, selected on validation), then the selected configuration retrained with the other seeds;
 every seed's probe is evaluated on the test split(s). ToxicChat probes are also evaluated on
 WildGuardTest (out of distribution). Each finished (dataset, method, seed) is stored as JSON
-under ``benchmarks/results/accuracy/`` and skipped on a rerun, so the benchmark resumes; the
-table ``benchmarks/results/accuracy.md`` is rewritten from every stored run after each one.
-Probe artifacts go to ``$SINGLEPASS_CACHE/bench-probes`` (not the repository).
+under ``RESULTS/accuracy/`` and skipped on a rerun, so the benchmark resumes; the table
+``RESULTS/accuracy.md`` is rewritten from every stored run after each one. ``RESULTS`` is
+``--out DIR``, by default ``./benchmarks/results`` under the current directory (the committed
+results, from the repository root). Probe artifacts go to ``$SINGLEPASS_CACHE/bench-probes``
+(not the repository).
 
 Subsets (fixed, seeded, stratified; documented in the table) keep the hidden-state caches within
 a 2-core CPU machine's disk and time: see SUBSETS.
@@ -20,8 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import shutil
 import sys
 import time
@@ -29,9 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
-RUNS = RESULTS / "accuracy"
-TABLE = RESULTS / "accuracy.md"
+from singlepass.benchmarks.machine import torch_machine
+from singlepass.benchmarks.outputs import add_out_arg, results_dir
+from singlepass.files import atomic_write
+
 METHOD_ORDER = ("pooling", "gate", "mha", "muli", "last-token", "mean-final")
 HEAVY = ("gate", "mha")  # trained through the whole [L+1, B, T, d] tensor every step (CPU-bound)
 
@@ -45,18 +46,18 @@ SUBSETS = {
 OOD = {"toxicchat": [("wildguardmix", "test", 500)]}  # extra evaluations of the same probes
 
 
-def machine() -> str:
-    import torch
-
-    from singlepass.benchmarks.machine import cpu_name, memory_gib
-
-    return (f"{cpu_name()}, {os.cpu_count()} cores, {memory_gib():.0f} GiB RAM, {platform.system()} "
-            f"{platform.machine()}, Python {platform.python_version()}, torch {torch.__version__} (CPU, "
-            f"{torch.get_num_threads()} threads)")
+def runs_dir(results: Path) -> Path:
+    """Where the stored runs live under a results folder: ``RESULTS/accuracy/<dataset>/``."""
+    return results / "accuracy"
 
 
-def run_key(dataset: str, method: str, seed: int) -> Path:
-    return RUNS / dataset / f"{method}-seed{seed}.json"
+def table_path(results: Path) -> Path:
+    return results / "accuracy.md"
+
+
+def run_key(runs: Path, dataset: str, method: str, seed: int) -> Path:
+    """The stored run of (dataset, method, seed) under ``runs`` (``runs_dir(RESULTS)``)."""
+    return runs / dataset / f"{method}-seed{seed}.json"
 
 
 def probe_dir(cache_root: Path, dataset: str, method: str, seed: int) -> Path:
@@ -72,7 +73,8 @@ def bench_tag(args, dataset: str, method: str, seed: int) -> dict:
     from singlepass.models.train import RECIPE
 
     train_limit, val_limit, _ = SUBSETS[dataset]
-    return {"recipe": RECIPE, "seed": seed, "first_seed": args.seeds[0], "trials": trials_for(args, method), "epochs": args.epochs,
+    return {"recipe": RECIPE, "seed": seed, "first_seed": args.seeds[0], "trials": trials_for(args, method),
+            "epochs": args.epochs,
             "train_limit": train_limit, "validation_limit": val_limit}
 
 
@@ -80,9 +82,10 @@ def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
     """Train (search on the first seed, reuse its hyperparameters for the others) and save;
     an artifact already trained with the same settings is reused."""
     from singlepass.errors import SinglepassError
-    from singlepass.models.probe_io import read_config, save_probe
     from singlepass.models.data import load_dataset
-    from singlepass.models.train import HParams, train_probe
+    from singlepass.models.probe_io import read_config, save_probe
+    from singlepass.models.search import HParams
+    from singlepass.models.train import train_probe
 
     out = probe_dir(args.cache_root, dataset, method, seed)
     tag = bench_tag(args, dataset, method, seed)
@@ -109,9 +112,10 @@ def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
 
 def run_one(args, bb, dataset: str, method: str, seed: int, log) -> dict:
     """Train (or reuse) the probe, then evaluate it on the test split(s) and OOD sets."""
-    from singlepass.models.probe_io import load_probe
     from singlepass.models.data import load_dataset
-    from singlepass.models.evaluate import check_labels, compute_metrics, predict_proba, report_subsets
+    from singlepass.models.evaluate import check_labels, predict_proba, report_subsets
+    from singlepass.models.metrics import compute_metrics
+    from singlepass.models.probe_io import load_probe
 
     train_limit, val_limit, tests = SUBSETS[dataset]
     out = train_one(args, bb, dataset, method, seed, log)
@@ -132,13 +136,15 @@ def run_one(args, bb, dataset: str, method: str, seed: int, log) -> dict:
             "best_epoch": cfg["training"]["best_epoch"], "validation": cfg["validation"],
             "subsets": {"train": train_limit, "validation": val_limit, "train_rows": cfg["data"]["train_rows"],
                         "validation_rows": cfg["data"]["validation_rows"]},
-            "eval": evals, "machine": machine(), "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+            "eval": evals, "machine": torch_machine(),
+            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
 
 
 # --- the table ------------------------------------------------------------------------------------
 
-def load_runs() -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(RUNS.glob("*/*.json"))]
+def load_runs(runs: Path) -> list[dict]:
+    """Every stored run under ``runs`` (``runs_dir(RESULTS)``), in path order."""
+    return [json.loads(p.read_text()) for p in sorted(runs.glob("*/*.json"))]
 
 
 def stat(vals, scale=100.0, digits=1) -> str:
@@ -242,7 +248,8 @@ def render(runs: list[dict], command: str) -> str:
     lines += ["", "## Data", ""]
     for ds, (tl, vl, tests) in SUBSETS.items():
         rs = [r for r in runs if r["dataset"] == ds]
-        rows = f" ({rs[0]['subsets']['train_rows']} train / {rs[0]['subsets']['validation_rows']} validation rows)" if rs else ""
+        rows = (f" ({rs[0]['subsets']['train_rows']} train / {rs[0]['subsets']['validation_rows']} validation rows)"
+                if rs else "")
         t = ", ".join(f"{s} {'all rows' if lim is None else f'{lim} rows'}" for s, lim in tests)
         lines.append(f"- {ds}: train {'all' if tl is None else tl}, validation {'all' if vl is None else vl}, {t}"
                      f"{rows}; subsets are seeded (seed 0) and stratified.")
@@ -255,12 +262,16 @@ def render(runs: list[dict], command: str) -> str:
               "`--table-only` redraws this file from them):", "", "```"]
     lines += sorted({r.get("command") or command for r in runs} or {command}) + ["```", ""]
     machines = sorted({r["machine"] for r in runs})
-    lines += ["Machine: " + ("; ".join(machines) if machines else machine()), ""]
+    lines += ["Machine: " + ("; ".join(machines) if machines else torch_machine()), ""]
     return "\n".join(lines)
 
 
-def write_table(command: str) -> None:
-    TABLE.write_text(render(load_runs(), command))
+def write_table(results: Path, command: str) -> Path:
+    """Rewrite ``RESULTS/accuracy.md`` from every stored run -> its path."""
+    path = table_path(results)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, render(load_runs(runs_dir(results)), command))
+    return path
 
 
 # --- main ---------------------------------------------------------------------------------------------
@@ -284,12 +295,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--data-dir", default=None)
     p.add_argument("--drop-caches", action="store_true",
                    help="delete the hidden-state caches this run created once a dataset is done (disk)")
+    add_out_arg(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite the table from stored runs")
     p.add_argument("--no-progress", action="store_true")
     return p
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import torch
 
     from singlepass.models.backbone import cache_root, load_backbone
@@ -297,9 +309,10 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     command = "python -m singlepass.benchmarks.accuracy " + " ".join(sys.argv[1:]) if args.command is None \
         else args.command
+    results = results_dir(args.out)
+    runs = runs_dir(results)
     if args.table_only:
-        write_table(command)
-        print(f"wrote {TABLE}")
+        print(f"wrote {write_table(results, command)}")
         return 0
     args.cache_root = cache_root(args.cache_dir)
     args.cache_dir = Path(args.cache_dir) if args.cache_dir else None
@@ -309,7 +322,7 @@ def run(args) -> int:
         before = set(states.iterdir()) if states.is_dir() else set()
         for method in args.methods:
             for seed in args.seeds:
-                key = run_key(dataset, method, seed)
+                key = run_key(runs, dataset, method, seed)
                 if key.is_file():
                     continue
                 log = lambda *a: print(*a, flush=True)  # noqa: E731
@@ -319,20 +332,20 @@ def run(args) -> int:
                 res = run_one(args, bb, dataset, method, seed, log)
                 res["command"] = command
                 key.parent.mkdir(parents=True, exist_ok=True)
-                key.write_text(json.dumps(res, indent=1))
-                ev = {k: round(v.get("f1" if "toxic" in k or "wild" in k else "accuracy", 0), 4) for k, v in res["eval"].items()}
+                atomic_write(key, json.dumps(res, indent=1))
+                ev = {k: round(v.get("f1" if "toxic" in k or "wild" in k else "accuracy", 0), 4)
+                      for k, v in res["eval"].items()}
                 print(f"--- {dataset} / {method} / seed {seed}: {ev} (train {res['train_seconds']:.0f} s)", flush=True)
-                write_table(command)
+                write_table(results, command)
         if args.drop_caches and args.phase == "all" and states.is_dir():
             for folder in set(states.iterdir()) - before:
                 shutil.rmtree(folder, ignore_errors=True)
                 print(f"dropped cache {folder.name}")
-    write_table(command)
-    print(f"wrote {TABLE}")
+    print(f"wrote {write_table(results, command)}")
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.command = None
     return run(args)

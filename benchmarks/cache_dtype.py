@@ -5,33 +5,33 @@
 Extracts fp32 states for N prompts, rounds them to fp16 and bf16, and reports: the largest
 |activation| (fp16 overflows past 65504), the worst per-vector relative error, and the
 largest change in the class probability of randomly initialised pooling/gate/MHA probes
-(the probes normalise per token, so they see relative error). Writes
-benchmarks/results/cache_dtype.md.
+(the probes normalise per token, so they see relative error). Writes ``cache_dtype.md`` to
+``--out DIR`` (default: ``./benchmarks/results`` under the current directory).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
+from singlepass.benchmarks.outputs import add_out_arg, results_dir
+from singlepass.files import atomic_write
 from singlepass.models.backbone import DEFAULT_MODEL, load_backbone
 from singlepass.models.data import load_dataset
 from singlepass.models.extract import extract, relative_error
 from singlepass.models.probes import build_probe, probabilities
 
-RESULTS = Path(__file__).resolve().parent / "results" / "cache_dtype.md"
 
-
-def main(argv=None) -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default=DEFAULT_MODEL)
     ap.add_argument("--dataset", default="toxicchat")
     ap.add_argument("--split", default="test")
     ap.add_argument("--n", type=int, default=64)
+    add_out_arg(ap)
     args = ap.parse_args(argv)
 
     bb = load_backbone(args.model)
@@ -61,15 +61,17 @@ def main(argv=None) -> None:
              f"max |activation| = {peak:.4g} (fp16 max 65504); machine: {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}", "",
              f"Command: `python -m singlepass.benchmarks.cache_dtype --n {args.n} --dataset {args.dataset}`", "",
-             "| dtype | bytes/token | finite | max rel. error per vector | max abs Δ probe prob (pooling / gate / MHA) |",
+             "| dtype | bytes/token | finite | max rel. error per vector | "
+             "max abs Δ probe prob (pooling / gate / MHA) |",
              "| --- | ---: | --- | ---: | --- |"]
     for name, bpt, finite, rel, dp in rows:
         lines.append(f"| {name} | {bpt:,} | {finite} | {rel:.2e} | "
                      + " / ".join(f"{dp[k]:.1e}" for k in ("pooling", "gate", "mha")) + " |")
     text = "\n".join(lines) + "\n"
     print(text)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(text)
+    out = results_dir(args.out) / "cache_dtype.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(out, text)
 
 
 if __name__ == "__main__":

@@ -1,21 +1,26 @@
 """CLI for benchmarks/: ``singlepass bench accuracy`` and ``singlepass bench latency`` (same flags as
 ``python -m singlepass.benchmarks.accuracy`` / ``python -m singlepass.benchmarks.latency``)."""
 
+from __future__ import annotations
+
+import argparse
+
 
 def _command(name: str) -> str | None:
+    """The command line as typed, from the benchmark's name on (recorded in the results)."""
     import sys
 
     return f"singlepass bench {name} " + " ".join(sys.argv[sys.argv.index(name) + 1:]) if name in sys.argv else None
 
 
-def cmd_accuracy(args) -> int:
+def cmd_accuracy(args: argparse.Namespace) -> int:
     from singlepass.benchmarks.accuracy import run
 
     args.command = _command("accuracy")
     return run(args)
 
 
-def cmd_latency(args) -> int:
+def cmd_latency(args: argparse.Namespace) -> int:
     from singlepass.benchmarks.latency import run
 
     args.command = _command("latency")
@@ -23,7 +28,7 @@ def cmd_latency(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("bench", help="benchmarks (writes benchmarks/results/*.md)")
+    p = sub.add_parser("bench", help="benchmarks (writes ./benchmarks/results/*.md, or --out DIR)")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from singlepass.benchmarks.accuracy import build_parser
     from singlepass.benchmarks.latency import build_parser as latency_parser

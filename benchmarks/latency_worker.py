@@ -2,7 +2,7 @@
 SPEC.json OUT.json``), started by ``benchmarks/latency.py``:
 
 * ``memory``: ONE configuration in a fresh process: load it, serve the memory prompts at every
-  setting, report the resident memory after loading and the peak (``ru_maxrss``).
+  setting, report the resident memory after loading and the peak (``VmHWM``: ``peak_rss_mib``).
 * ``latency``: ALL configurations in one process, interleaved at the finest grain: for every
   batch of prompts each configuration runs once, in an order rotated from batch to batch, so
   every ratio compares runs that saw the same machine state (A, B, C, A, B, C, ...). Repeated.
@@ -19,6 +19,7 @@ import os
 import resource
 import sys
 import time
+from collections.abc import Callable  # not typing: the memory mode measures the start RSS
 from pathlib import Path
 
 MIB = 2 ** 20
@@ -47,12 +48,12 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def build(spec: dict, threads: int, shared: dict | None = None):
+def build(spec: dict, threads: int, shared: dict | None = None) -> Callable[[list[str], int], object]:
     """A configuration spec -> callable(texts, max_new_tokens). ``shared`` reuses the serving
     LLM's session between configurations of one process (the guard's own LLM never is)."""
     from singlepass.benchmarks.serving import LLM, Pipeline
 
-    def serving(path):
+    def serving(path: str) -> LLM:
         if shared is None:
             return LLM(path, threads)
         if path not in shared:
@@ -78,6 +79,7 @@ def build(spec: dict, threads: int, shared: dict | None = None):
 
 
 def batches_of(texts: list[str], b: int) -> list[list[str]]:
+    """Consecutive batches of ``b`` texts (the last one may be shorter), in order."""
     return [texts[i:i + b] for i in range(0, len(texts), b)]
 
 
@@ -161,16 +163,16 @@ def run_torch(spec: dict) -> dict:
     seqs = [llm.encode(t) for t in texts]
     ref = encode(bb.tokenizer, texts, "chat", llm.max_prompt_length).ids
     mismatched = sum(a != b for a, b in zip(seqs, ref))
-    pad = llm.rt.pad_id
+    pad = llm.pad_id
 
-    def eager(seq):
-        ids, mask, pos = (torch.from_numpy(a) for a in pad_batch([seq], pad, "left"))
+    def eager(seq: list[int]) -> torch.Tensor:
+        ids, mask, pos = (torch.from_numpy(a) for a in pad_batch([seq], pad, "left"))  # [1, T] each
         with torch.no_grad():
             out = bb.model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True, logits_to_keep=1)
-        return out.logits[:, -1].argmax(-1)
+        return out.logits[:, -1].argmax(-1)  # [1]
 
-    def ort(seq):
-        return llm.first_logits([seq]).argmax(-1)
+    def ort(seq: list[int]) -> np.ndarray:
+        return llm.first_logits([seq]).argmax(-1)  # [1]
 
     # eager PyTorch at `threads` and at 1 thread: OpenMP with 2 threads collapses (10x) when another
     # job shares the 2 cores, so the faster of the two is PyTorch's number (the fairest to it)
@@ -216,13 +218,15 @@ def run_torch(spec: dict) -> dict:
             "states_bytes_per_token": (bb.num_layers + 1) * bb.hidden_size * 4, "np": np.__version__}
 
 
-def main(argv=None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = argv or sys.argv[1:]
     spec = json.loads(Path(argv[0]).read_text())
     fn = {"memory": run_memory, "latency": run_latency, "torch": run_torch}[spec["mode"]]
     res = fn(spec)
     res["mode"] = spec["mode"]
-    Path(argv[1]).write_text(json.dumps(res))
+    from singlepass.files import atomic_write  # after the measurement: the memory mode counts imports
+
+    atomic_write(argv[1], json.dumps(res))
     return 0
 
 

@@ -15,12 +15,19 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from singlepass.benchmarks.guards import GUARD_FORMAT, evaluate_scores, guards_root, score_in_batches
+from singlepass.files import atomic_write_json
+
+if TYPE_CHECKING:
+    from singlepass.benchmarks.serving import LLM
+    from singlepass.runtime.contract import Manifest
 
 GUARD_PROMPT = (
     "You are a content-safety classifier. Decide whether the user message below is toxic: offensive, "
@@ -31,6 +38,7 @@ YES, NO = "Yes", "No"
 
 
 def prompt_key(model_sha: str) -> str:
+    """What a cached verdict depends on: the prompt, the answers and the model (16 hex digits)."""
     return hashlib.sha256(json.dumps([GUARD_PROMPT, YES, NO, model_sha]).encode()).hexdigest()[:16]
 
 
@@ -39,7 +47,7 @@ class LLMGuard:
 
     kind = "llm"
 
-    def __init__(self, llm, threshold: float = 0.5):
+    def __init__(self, llm: "LLM", threshold: float = 0.5):
         self.llm = llm
         tok = llm.tokenizer.tok  # the runtime's tokenizers.Tokenizer
         self.yes = tok.encode(YES, add_special_tokens=False).ids
@@ -59,29 +67,33 @@ class LLMGuard:
         return self.llm.encode(GUARD_PROMPT.format(text=text))
 
     def score(self, texts: list[str]) -> np.ndarray:
-        logits = self.llm.first_logits([self.encode(t) for t in texts])
-        z = logits[:, self.yes].astype(np.float64) - logits[:, self.no]
+        """-> P(unsafe) [B] = sigmoid(logit Yes - logit No) at the first generated position."""
+        logits = self.llm.first_logits([self.encode(t) for t in texts])  # [B, V]
+        z = logits[:, self.yes].astype(np.float64) - logits[:, self.no]  # [B]
         return 1.0 / (1.0 + np.exp(-z))
 
     def __call__(self, texts: list[str]) -> np.ndarray:
         return self.score(texts) >= self.threshold
 
 
-def guard_folder(base_manifest: dict, cache_dir=None) -> Path:
-    return guards_root(cache_dir) / f"llm-{base_manifest['backbone'].get('name') or 'model'}"
+def guard_folder(base_manifest: "Manifest", cache_dir: str | os.PathLike | None = None) -> Path:
+    """The guard's cache folder, named after the base artifact's backbone."""
+    return guards_root(cache_dir) / f"llm-{base_manifest.backbone.get('name') or 'model'}"
 
 
-def ensure_llm_guard(base_artifact: Path, cache_dir=None, data_dir=None, threads: int | None = None,
+def ensure_llm_guard(base_artifact: Path, cache_dir: str | os.PathLike | None = None,
+                     data_dir: str | os.PathLike | None = None, threads: int | None = None,
                      eval_limit: int | None = None, log=print) -> dict:
     """Validation-chosen threshold and ToxicChat test metrics of the prompted guard (cached)."""
     from singlepass.benchmarks.serving import LLM
     from singlepass.models.data import load_dataset
-    from singlepass.models.train import choose_threshold
+    from singlepass.models.metrics import choose_threshold
 
     llm = LLM(base_artifact, threads)
-    sha = llm.m["backbone"].get("sha256", "")
+    backbone = llm.manifest.backbone
+    sha = backbone.get("sha256", "")
     key = prompt_key(sha)
-    out = guard_folder(llm.m, cache_dir)
+    out = guard_folder(llm.manifest, cache_dir)
     path = out / "config.json"
     try:
         cfg = json.loads(path.read_text())
@@ -90,7 +102,7 @@ def ensure_llm_guard(base_artifact: Path, cache_dir=None, data_dir=None, threads
     except (OSError, json.JSONDecodeError):
         pass
     guard = LLMGuard(llm)
-    log(f"guard (b): prompted {llm.m['backbone'].get('name')} (second instance of the base artifact); scoring "
+    log(f"guard (b): prompted {backbone.get('name')} (second instance of the base artifact); scoring "
         f"ToxicChat validation for the threshold, then test{'' if eval_limit is None else f' ({eval_limit} rows)'}")
     t0 = time.perf_counter()
     va = load_dataset("toxicchat", "validation", data_dir)
@@ -99,13 +111,11 @@ def ensure_llm_guard(base_artifact: Path, cache_dir=None, data_dir=None, threads
     log(f"  validation scored in {time.perf_counter() - t0:.0f} s; threshold {threshold:.4f}")
     ev = evaluate_scores(guard.score, data_dir, threshold, splits=(("test", eval_limit),), log=log)
     cfg = {"format": GUARD_FORMAT, "version": 1, "kind": "llm", "name": out.name, "key": key,
-           "model": {k: llm.m["backbone"].get(k) for k in ("name", "sha256", "num_layers", "hidden_size")},
+           "model": {k: backbone.get(k) for k in ("name", "sha256", "num_layers", "hidden_size")},
            "artifact": str(base_artifact), "prompt": GUARD_PROMPT, "answers": [YES, NO],
            "score": "sigmoid(logit(Yes) - logit(No)) at the first generated position",
            "threshold": threshold, "eval_limit": eval_limit, "eval": ev,
            "seconds": round(time.perf_counter() - t0, 1)}
     out.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(cfg, indent=2))
-    tmp.replace(path)
+    atomic_write_json(path, cfg)
     return cfg

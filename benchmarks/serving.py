@@ -3,9 +3,9 @@ runtime (``singlepass.runtime``: ONNX Runtime on CPU, numpy, tokenizers; no torc
 
 * ``LLM``: an exported artifact (base, or with fused probes) served by ``runtime.Runtime``:
   chat template, left-padded batch, one prefill pass (next token + every fused probe's label,
-  policy ``report``), then greedy KV-cache decode passes. The runtime's EOS set is emptied so
-  that every request generates exactly ``max_new_tokens`` (the same work in every
-  configuration).
+  policy ``report``), then greedy KV-cache decode passes. The runtime is opened with
+  ``ignore_eos=True`` so that every request generates exactly ``max_new_tokens`` (the same work
+  in every configuration).
 * ``Pipeline``: guard-then-serve: a separate guard scores the prompts, then the LLM runs
   (always: the latency of the common, safe case; a refused request would skip the LLM).
 
@@ -18,56 +18,58 @@ cores of the one that runs.
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import numpy as np
 
+from singlepass.runtime.api import Result, Runtime, load
+from singlepass.runtime.backends import OrtBackend
+from singlepass.runtime.contract import Manifest, read_artifact
+from singlepass.runtime.passes import last_logits, prefill
+from singlepass.runtime.tokenize import PromptTokenizer
 
-def ort_backend(folder: Path, manifest: dict, threads: int | None):
+
+def ort_backend(manifest: Manifest, threads: int | None) -> OrtBackend:
     """The runtime's ONNX Runtime CPU backend, idle threads not spinning (sessions share the cores)."""
-    from singlepass.runtime.backends import OrtBackend
-
-    return OrtBackend(folder / manifest["graph"]["file"], manifest, "cpu", threads, spinning=False)
+    return OrtBackend(manifest.folder / manifest.graph.file, manifest, "cpu", threads, spinning=False)
 
 
 class LLM:
     """One artifact in one runtime (one ONNX Runtime session)."""
 
     def __init__(self, folder: str | os.PathLike, threads: int | None = None):
-        from singlepass.runtime.contract import load
-        from singlepass.runtime.generate import Runtime
-
-        art = load(folder)
-        self.folder = art.folder
-        self.rt = Runtime(art, backend=ort_backend(art.folder, art.manifest, threads))
-        self.rt.eos_ids = set()  # fixed work: every request generates max_new_tokens tokens
-        self.m = self.rt.manifest
+        manifest = read_artifact(folder)
+        # ignore_eos: fixed work, every request generates max_new_tokens tokens
+        self.rt: Runtime = load(manifest, backend=ort_backend(manifest, threads), ignore_eos=True)
+        self.manifest: Manifest = self.rt.manifest
+        self.folder = manifest.folder
 
     @property
     def probe_names(self) -> list[str]:
         return self.rt.probe_names
 
     @property
-    def tokenizer(self):
+    def tokenizer(self) -> PromptTokenizer:
         return self.rt.tokenizer
 
     @property
     def max_prompt_length(self) -> int:
         return self.rt.max_prompt_length
 
+    @property
+    def pad_id(self) -> int:
+        return self.rt.pad_id
+
     def encode(self, text: str) -> list[int]:
         return self.rt.encode(text, truncate=True)[0]
 
-    def __call__(self, texts: list[str], max_new_tokens: int = 1):
+    def __call__(self, texts: list[str], max_new_tokens: int = 1) -> list[Result]:
         """-> the runtime's Results (tokens, text, labels of every fused probe)."""
         return self.rt.generate(list(texts), max_new_tokens, truncate=True, batch_size=len(texts))
 
     def first_logits(self, seqs: list[list[int]]) -> np.ndarray:
-        """One prefill pass over token ids -> next-token logits [B, V] (what a verdict reads)."""
-        from singlepass.runtime.generate import last_logits, prefill
-
-        out, _ = prefill(self.rt.backend, self.m, seqs, self.rt.pad_id)
-        return last_logits(self.m, out)
+        """One prefill pass over token ids (left-padded) -> next-token logits [B, V] (what a verdict reads)."""
+        out, _ = prefill(self.rt.backend, self.manifest, seqs)
+        return last_logits(self.manifest, out)  # [B, V]
 
 
 class Pipeline:
@@ -76,6 +78,6 @@ class Pipeline:
     def __init__(self, guard, llm: LLM):
         self.guard, self.llm = guard, llm
 
-    def __call__(self, texts: list[str], max_new_tokens: int = 1):
-        verdicts = self.guard(texts)
+    def __call__(self, texts: list[str], max_new_tokens: int = 1) -> tuple[np.ndarray, list[Result]]:
+        verdicts = self.guard(texts)  # bool [B]
         return verdicts, self.llm(texts, max_new_tokens)

@@ -1,7 +1,7 @@
 """Export a probe to its own small ONNX graph, then fuse it into the decoder graph.
 
-A probe declares what it reads with ``"input"`` in its config.json (models/baselines.py), or
-a class attribute ``input_kind``:
+A probe declares what it reads with ``"input"`` in its config.json (set by its family in
+models/; carried into the manifest as ``FusedProbe.input``):
 
     "hidden_states" (default)  forward(states [L+1, B, T, d] float32, mask [B, T] int64) -> logits [B, C']
     "logits"                   forward(logits [B, V] float32)                            -> logits [B, C']
@@ -21,26 +21,7 @@ import hashlib
 import io
 import warnings
 
-INPUT_KINDS = ("hidden_states", "logits")
 _CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
-
-
-def input_kind(module, cfg: dict | None = None) -> str:
-    cfg = cfg or {}
-    kind = cfg.get("input") or getattr(module, "input_kind", None)
-    if kind is None and "probe" in cfg:
-        try:
-            from singlepass.models.baselines import input_kind as method_input
-
-            kind = method_input(cfg["probe"])
-        except ImportError:
-            kind = None
-    kind = kind or "hidden_states"
-    if kind not in INPUT_KINDS:
-        from singlepass.errors import SinglepassError
-
-        raise SinglepassError(f"probe input kind {kind!r} is not fusable (supported: {', '.join(INPUT_KINDS)})")
-    return kind
 
 
 def _wrapper(module, kind: str):
@@ -131,25 +112,26 @@ def export_probe(module, kind: str, num_states: int, hidden_size: int, vocab_siz
     return proto
 
 
-def fuse_probes(model, stream, probes: list[dict], hidden_states: str | None) -> list[dict]:
-    """Export and fuse each probe (items: name, module, cfg) into ``model``; ``hidden_states`` is the
-    stacked tensor made by ``surgery.add_stacked_hidden_states``. -> name, input kind, outputs per probe."""
+def fuse_probes(graph, stream, probes, hidden_states: str | None) -> None:
+    """Export and fuse each probe (``export.pipeline.LoadedProbe``: its FusedProbe record and
+    torch module) into ``graph`` (a ``gs.Graph``, edited in place); ``hidden_states`` is the stacked
+    tensor made by ``surgery.add_stacked_hidden_states``. The fused outputs are the record's ``outputs``."""
     from singlepass.export import surgery
 
-    opset = surgery.opset_of(model)
-    fused, feeds_cache = [], {}
+    opset = surgery.opset_of(graph)
+    feeds_cache = {}
     for p in probes:
-        kind = input_kind(p["module"], p["cfg"])
-        graph = export_probe(p["module"], kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
+        kind = p.spec.input
+        probe = export_probe(p.module, kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
         if kind == "hidden_states":
             if "hidden_states" not in feeds_cache:
                 feeds_cache["hidden_states"] = {"states": hidden_states,
-                                                "mask": surgery.probe_attention_mask(model, stream)}
+                                                "mask": surgery.probe_attention_mask(graph, stream)}
             feeds = feeds_cache["hidden_states"]
         else:
             if "logits" not in feeds_cache:
-                feeds_cache["logits"] = {"next_token_logits": surgery.last_position_logits(model, stream)}
+                feeds_cache["logits"] = {"next_token_logits": surgery.last_position_logits(graph, stream)}
             feeds = feeds_cache["logits"]
-        outs = surgery.fuse_probe(model, graph, p["name"], feeds)
-        fused.append({"name": p["name"], "input": kind, "outputs": outs})
-    return fused
+        outs = surgery.fuse_probe(graph, probe, p.spec.name, feeds)
+        if sorted(outs) != sorted(p.spec.outputs.values()):
+            raise RuntimeError(f"probe {p.spec.name!r} fused as {outs}, the manifest says {p.spec.outputs}")

@@ -15,14 +15,14 @@ See ``build`` for the keys; ``read`` checks a manifest before anything trusts it
 from __future__ import annotations
 
 import json
-import os
 from datetime import datetime, timezone
 from pathlib import Path
 
 # The torch-free half of the contract (constants and ``read``) lives in the runtime, which must
 # not import export/; this module writes what that half reads.
+from singlepass.files import atomic_write_json
 from singlepass.runtime.contract import (FORMAT, GRAPH, GRAPH_DATA, MANIFEST, REQUIRED,  # noqa: F401
-                                         TOKENIZER_FILES, VERSION, read)
+                                         TOKENIZER_FILES, VERSION, FusedProbe, read)
 
 POSITION_RULE = ("position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "
                  "current), last `sequence` columns; prefill: past_sequence = 0 (empty past tensors)")
@@ -58,15 +58,26 @@ def eos_ids(tokenizer, folder: Path) -> list[int]:
     return sorted(ids)
 
 
-def build(*, model, stream, backbone, probes: list[dict], fused: list[dict], source: str,
-          hidden_states: str | None, last_only: bool, limits: dict, copied_files: list[str]) -> dict:
+def fused_probe(name: str, cfg: dict, sha256: str, source: str) -> FusedProbe:
+    """The manifest record of a probe fused under ``name`` (config.json of its probe artifact)."""
+    return FusedProbe(
+        name=name, probe=cfg["probe"], task=cfg.get("task"), label_names=tuple(cfg["label_names"]),
+        threshold=cfg["threshold"], input=cfg["input"],
+        outputs={"logits": f"{name}/logits", "probs": f"{name}/probs"},
+        prompt_format=cfg["prompt_format"], max_length=cfg["max_length"], params=cfg.get("params", {}),
+        sha256=sha256, backbone_sha256=cfg["backbone"].get("sha256"), folder=f"probes/{name}", source=source)
+
+
+def build(*, model, stream, backbone, probes: list[FusedProbe], source: str, hidden_states: str | None,
+          last_only: bool, limits: dict, copied_files: list[str]) -> dict:
+    """manifest.json for a fused graph. One prompt rule for the artifact: the probes' shared
+    prompt format, and ``limits.max_prompt_length`` as the one prompt limit."""
     from singlepass import __version__
 
     cfg = backbone.model.config
     tok = backbone.tokenizer
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-    first = probes[0]["cfg"] if probes else {}
-    fused_by_name = {f["name"]: f for f in fused}
+    prompt_format = probes[0].prompt_format if probes else "chat"
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -115,40 +126,20 @@ def build(*, model, stream, backbone, probes: list[dict], fused: list[dict], sou
             "padding_side": "left",
         },
         "prompt": {
-            "format": first.get("prompt_format", "chat"),
-            "max_length": first.get("max_length"),
+            "format": prompt_format,
+            "max_length": limits["max_prompt_length"],
             "chat_template": getattr(tok, "chat_template", None),
             "chat_messages": '[{"role": "user", "content": TEXT}]',
             "add_generation_prompt": True,
-            "add_special_tokens": first.get("prompt_format", "chat") == "raw",
+            "add_special_tokens": prompt_format == "raw",
             "truncation": "over max_length tokens: cut the end of the user text, keep the template",
         },
         "limits": limits,
-        "probes": [{
-            "name": p["name"],
-            "probe": p["cfg"]["probe"],
-            "task": p["cfg"].get("task"),
-            "label_names": p["cfg"]["label_names"],
-            "num_classes": len(p["cfg"]["label_names"]),
-            "threshold": p["cfg"]["threshold"],
-            "decision": ("positive (label_names[1]) when probs[:, 1] >= threshold"
-                         if len(p["cfg"]["label_names"]) == 2 else "argmax over probs"),
-            "input": fused_by_name[p["name"]]["input"],
-            "outputs": {o.rsplit("/", 1)[1]: o for o in fused_by_name[p["name"]]["outputs"]},
-            "prompt_format": p["cfg"]["prompt_format"],
-            "max_length": p["cfg"]["max_length"],
-            "params": p["cfg"].get("params", {}),
-            "sha256": p["sha256"],
-            "backbone_sha256": p["cfg"]["backbone"].get("sha256"),
-            "folder": f"probes/{p['name']}",
-            "source": str(p["dir"]),
-        } for p in probes],
+        "probes": [p.to_dict() for p in probes],
         "validation": None,
         "engines": [],
     }
 
 
 def write(folder: Path, manifest: dict) -> None:
-    tmp = folder / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_json(Path(folder) / MANIFEST, manifest)

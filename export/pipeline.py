@@ -11,16 +11,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 import shutil
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from singlepass.errors import SinglepassError
+from singlepass.files import staged_folder
+from singlepass.runtime.contract import FusedProbe
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 RESERVED = {"logits", "hidden_states", "input_ids", "attention_mask", "position_ids", "singlepass"}
@@ -87,7 +86,18 @@ def load_onnx(path: Path):
     return model
 
 
-def load_probes(specs: list[ProbeSpec], backbone) -> list[dict]:
+@dataclass
+class LoadedProbe:
+    """A probe on its way into the graph: its manifest record and its torch module."""
+
+    spec: FusedProbe
+    module: object  # torch.nn.Module
+    dir: Path
+
+
+def load_probes(specs: list[ProbeSpec], backbone) -> list[LoadedProbe]:
+    from singlepass.export.manifest import fused_probe
+    from singlepass.files import sha256_file
     from singlepass.models.probe_io import load_probe
 
     probes = []
@@ -97,34 +107,47 @@ def load_probes(specs: list[ProbeSpec], backbone) -> list[dict]:
         if cfg["num_layers"] != L1 or cfg["hidden_size"] != backbone.hidden_size:
             raise SinglepassError(f"probe {s.dir}: built for {cfg['num_layers']} states of width {cfg['hidden_size']}, "
                                   f"the model gives {L1} of width {backbone.hidden_size}")
-        sha = hashlib.sha256((s.dir / "model.safetensors").read_bytes()).hexdigest()
-        probes.append({"name": s.name, "dir": s.dir, "module": module, "cfg": cfg, "sha256": sha})
-    formats = {p["cfg"]["prompt_format"] for p in probes}
+        spec = fused_probe(s.name, cfg, sha256_file(s.dir / "model.safetensors"), str(s.dir))
+        probes.append(LoadedProbe(spec, module, s.dir))
+    formats = {p.spec.prompt_format for p in probes}
     if len(formats) > 1:
         raise SinglepassError(f"the probes were trained on different prompt formats ({', '.join(sorted(formats))}); "
                               "one graph serves one prompt format: export them separately")
     return probes
 
 
-def build_graph(model, backbone, probes: list[dict], keep_hidden_states: bool, all_logits: bool):
-    """The surgery pipeline. -> (model, stream, fused outputs, hidden-states output name or None)."""
+def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: bool, all_logits: bool):
+    """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
+    output name or None).
+
+    The weights are never read: gs keeps them as the original ``TensorProto``s and ``to_model``
+    copies each once into the returned model. The caller should drop ``model`` (the original)
+    once this returns; it is freed then, since nothing here keeps a reference to it."""
+    import gc
+
+    import onnx_graphsurgeon as gs
+
     from singlepass.export import surgery
     from singlepass.export.fuse import fuse_probes
+    from singlepass.export.tensorrt import name_nodes
 
-    stream = surgery.find_residual_stream(model, expected_layers=backbone.num_layers)
+    graph = gs.import_onnx(model)
+    stream = surgery.find_residual_stream(graph, expected_layers=backbone.num_layers)
     if stream.vocab_size != backbone.model.config.vocab_size or stream.hidden_size != backbone.hidden_size:
         raise SinglepassError(f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
                               f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph")
-    hs = surgery.add_stacked_hidden_states(model, stream)
+    hs = surgery.add_stacked_hidden_states(graph, stream)
     if not all_logits:
-        surgery.slice_last_position_logits(model, stream)
-    fused = fuse_probes(model, stream, probes, hs)
+        surgery.slice_last_position_logits(graph, stream)
+    fuse_probes(graph, stream, probes, hs)
     if keep_hidden_states:
-        surgery.add_output(model, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
-    surgery.toposort(model)
-    surgery.remove_unused_initializers(model)
-    surgery.name_nodes(model)
-    return model, stream, fused, (hs if keep_hidden_states else None)
+        surgery.add_output(graph, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
+    graph.cleanup().toposort()  # drops what no output reads (unused initializers, an unread stacking)
+    name_nodes(graph)  # unique node names: TensorRT layer names and fp32 pinning rely on them
+    out = surgery.to_model(graph, like=model)
+    del graph
+    gc.collect()  # gs graphs are reference cycles; collect them so they stop pinning the original weights
+    return out, stream, (hs if keep_hidden_states else None)
 
 
 def save_graph(model, folder: Path) -> None:
@@ -156,8 +179,11 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def default_limits(backbone, probes, max_batch, max_prompt, max_total) -> dict:
-    lengths = [p["cfg"]["max_length"] for p in probes if p["cfg"].get("max_length")]
+def default_limits(backbone, probes: list[LoadedProbe], max_batch: int, max_prompt: int | None,
+                   max_total: int | None) -> dict:
+    """The artifact's one prompt limit: ``--max-prompt-length``, else the longest max_length the
+    probes were trained with (each probe saw prompts cut there), else 512."""
+    lengths = [p.spec.max_length for p in probes if p.spec.max_length]
     max_pos = getattr(backbone.model.config, "max_position_embeddings", None) or 4096
     prompt = max_prompt or (max(lengths) if lengths else 512)
     total = max_total or min(max_pos, prompt + 512)
@@ -198,54 +224,33 @@ def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, 
         source = f"torch.onnx.export(dynamo=True, opset={opset}) of {backbone.source.name}"
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, stream, fused, hs = build_graph(model, backbone, probes, keep_hidden_states, all_logits)
+    model, stream, hs = build_graph(model, backbone, probes, keep_hidden_states, all_logits)
     t_surgery = time.perf_counter() - t0
-    log(f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(fused)} probe(s) fused, "
+    log(f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(probes)} probe(s) fused, "
         f"{len(model.graph.node)} nodes")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with staged_folder(out) as tmp:  # a failed write or validation leaves nothing behind
         t0 = time.perf_counter()
         save_graph(model, tmp)
         del model
         copied = copy_tokenizer(backbone.folder, tmp)
         for p in probes:
-            dst = tmp / "probes" / p["name"]
+            dst = tmp / p.spec.folder
             dst.mkdir(parents=True)
             for f in ("config.json", "model.safetensors"):
-                shutil.copy2(p["dir"] / f, dst / f)
+                shutil.copy2(p.dir / f, dst / f)
         import onnx
 
         m = mf.build(model=onnx.load(str(tmp / mf.GRAPH), load_external_data=False), stream=stream,
-                     backbone=backbone, probes=probes, fused=fused, source=source, hidden_states=hs,
+                     backbone=backbone, probes=[p.spec for p in probes], source=source, hidden_states=hs,
                      last_only=not all_logits, limits=limits, copied_files=copied)
         mf.write(tmp, m)
         t_write = time.perf_counter() - t0
         log("validating against the PyTorch reference ...")
-        report = validate(tmp, backbone=backbone, probes=[p["module"] for p in probes])
-        _replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        report = validate(tmp, backbone=backbone, probes={p.spec.name: p.module for p in probes})
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
     summary = {"artifact": str(out), "bytes": size, "seconds": round(time.perf_counter() - t_start, 1),
                "export_seconds": round(t_export, 1), "surgery_seconds": round(t_surgery, 1),
                "write_seconds": round(t_write, 1), "validation_seconds": round(report.seconds, 1),
-               "validation": report.to_dict()["max_abs_diff"], "probes": [p["name"] for p in probes]}
+               "validation": report.to_dict()["max_abs_diff"], "probes": [p.spec.name for p in probes]}
     return summary
 
-
-def _replace(tmp: Path, out: Path) -> None:
-    """Move the finished folder into place; an existing artifact is swapped out, then deleted."""
-    old = None
-    if out.exists():
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.replace(out, old)
-    try:
-        os.replace(tmp, out)
-    except BaseException:
-        if old is not None:
-            os.replace(old, out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)

@@ -1,168 +1,52 @@
-"""Small, named graph transformations on a Llama-family decoder ONNX graph.
+"""Small, named graph transformations on a Llama-family decoder graph, on onnx-graphsurgeon.
 
-They work on graphs singlepass did not export: the residual stream is found from the graph's
-*structure*, never from one exporter's node names. The decoder signature searched for:
+Every transform takes a ``gs.Graph`` (``gs.import_onnx(model)``) and the ``ResidualStream``
+found in it (``export/residual.py``: by structure, so graphs from other exporters work too) and
+edits the graph in place with explicit ``gs.Variable``s under stable ``singlepass/...`` names.
+gs keeps imported weights lazily (``Constant`` over the original ``TensorProto``), so nothing
+here copies a weight array; ``to_model`` exports with one copy of the weights. Each transform
+is tested on a tiny generated graph (tests/test_surgery.py):
 
-    input_ids --Gather(embedding table)--> x0                      (hidden state 0)
-    x_{k+1} = Add(x_k, f(x_k))   for k = 0 .. 2L-1                (two residual adds per layer)
-    x_{2L} --final norm--> n --MatMul|Gemm(lm_head)--> logits      (hidden state L = n)
+    find_residual_stream(graph)           -> ResidualStream (tensor names)
+    add_stacked_hidden_states(graph, s)   -> name of the [L+1, B, T, d] tensor
+    slice_last_position_logits(graph, s)  prefill computes the lm_head for the last position only
+    probe_attention_mask(graph, s)        -> attention_mask[:, -T:] (valid in decode steps too)
+    last_position_logits(graph, s)        -> logits[:, -1, :] as [B, V] (input of MULI probes)
+    fuse_probe(graph, probe, name, feeds) merge a probe graph under the prefix ``name/``
+    add_output(graph, name)               expose a tensor as a graph output
+    to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
-so hidden state i (1 <= i < L) is x_{2i}, exactly transformers' ``output_hidden_states``
-(the last entry is the final-norm output). ``f(x_k)`` must depend on ``x_k`` (attention or
-MLP branch); Casts to the same type and Identities on the stream are looked through.
-
-Every transform edits the ``ModelProto`` in place (weights are never copied, so a 540 MB
-graph costs nothing extra) and is testable on a tiny hand-built graph:
-
-    find_residual_stream(model)          -> ResidualStream
-    add_stacked_hidden_states(model, s)  -> name of the [L+1, B, T, d] tensor
-    slice_last_position_logits(model, s) prefill computes the lm_head for the last position only
-    probe_attention_mask(model, s)       -> attention_mask[:, -T:] (valid in decode steps too)
-    last_position_logits(model, s)       -> logits[:, -1, :] as [B, V] (input of MULI probes)
-    fuse_probe(model, probe, name, feeds) merge a probe graph under the prefix ``name/``
-    name_nodes(model)                    unique node names (TensorRT layer names, fp32 pinning)
-    normalisation_nodes(model, s)        the RMS-norm nodes on the stream (kept fp32 in TensorRT)
-    add_output / drop_output / toposort / remove_unused_initializers
+Cleanup and ordering are gs's own: ``graph.cleanup().toposort()``.
 """
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass, field
-
 import numpy as np
 import onnx
-from onnx import TensorProto, helper, numpy_helper
+import onnx_graphsurgeon as gs
+from onnx import TensorProto, helper
+from onnx_graphsurgeon.ir.tensor import LazyValues
 
-from singlepass.errors import SinglepassError
+from singlepass.export.residual import (  # noqa: F401
+    ResidualStream,
+    SurgeryError,
+    find_residual_stream,
+    is_constant,
+    onnx_dtype,
+    opset_of,
+    producer,
+)
 
 INT64_MAX = np.iinfo(np.int64).max
-PASS_THROUGH = {"Identity", "Cast"}  # ops that leave the residual value unchanged (same-type Cast)
-SHAPE_ONLY = {"Identity", "Slice", "Gather", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
-MIN_OPSET = 13
 PREFIX = "singlepass/"
-
-
-class SurgeryError(SinglepassError):
-    """The graph does not have the structure a transform needs."""
-
-
-# ----------------------------------------------------------------------------- graph index
-
-class GraphIndex:
-    """Producer / consumer maps over a ModelProto's main graph (rebuilt after every edit)."""
-
-    def __init__(self, model: onnx.ModelProto):
-        self.model = model
-        self.graph = model.graph
-        self.producer: dict[str, onnx.NodeProto] = {}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for o in node.output:
-                if o:
-                    self.producer[o] = node
-            for i in node.input:
-                if i:
-                    self.consumers.setdefault(i, []).append(node)
-        self.initializers = {t.name: t for t in self.graph.initializer}
-        self.inputs = {v.name: v for v in self.graph.input}
-        self.outputs = {v.name: v for v in self.graph.output}
-
-    def names(self) -> set[str]:
-        out = set(self.initializers) | set(self.inputs) | set(self.producer)
-        out |= {n.name for n in self.graph.node if n.name}
-        return out
-
-    def constant(self, name: str) -> np.ndarray | None:
-        """Value of an initializer or a Constant node output, else None."""
-        if name in self.initializers:
-            return numpy_helper.to_array(self.initializers[name])
-        node = self.producer.get(name)
-        if node is not None and node.op_type == "Constant":
-            for a in node.attribute:
-                if a.name == "value":
-                    return numpy_helper.to_array(a.t)
-        return None
-
-    def weight_shape(self, name: str) -> tuple[list[int], bool] | None:
-        """Shape of a weight (initializer or Constant, possibly through one Transpose): (dims, transposed)."""
-        if name in self.initializers:
-            return list(self.initializers[name].dims), False
-        node = self.producer.get(name)
-        if node is None:
-            return None
-        if node.op_type == "Constant":
-            v = self.constant(name)
-            return (list(v.shape), False) if v is not None else None
-        if node.op_type == "Transpose":
-            inner = self.weight_shape(node.input[0])
-            if inner is not None and len(inner[0]) == 2:
-                return inner[0], not inner[1]
-        return None
-
-    def elem_type(self, name: str) -> int | None:
-        for coll in (self.graph.input, self.graph.output, self.graph.value_info):
-            for v in coll:
-                if v.name == name and v.type.HasField("tensor_type"):
-                    return v.type.tensor_type.elem_type
-        if name in self.initializers:
-            return self.initializers[name].data_type
-        return None
-
-    def depends_on(self, tensor: str, target: str) -> bool:
-        """Whether ``target`` is an ancestor of ``tensor`` (backward breadth-first search)."""
-        seen, queue = {tensor}, deque([tensor])
-        while queue:
-            t = queue.popleft()
-            if t == target:
-                return True
-            node = self.producer.get(t)
-            if node is None:
-                continue
-            for i in node.input:
-                if i and i not in seen:
-                    seen.add(i)
-                    queue.append(i)
-        return False
-
-    def ops_between(self, tensor: str, stop: str) -> set[str]:
-        """Op types of the nodes on paths from ``stop`` down to ``tensor`` (descendants of ``stop``
-        that are ancestors of ``tensor``)."""
-        below, queue = {stop}, deque([stop])
-        while queue:
-            for n in self.consumers.get(queue.popleft(), []):
-                for o in n.output:
-                    if o and o not in below:
-                        below.add(o)
-                        queue.append(o)
-        if tensor not in below:
-            return set()
-        ops, seen, queue = set(), {tensor}, deque([tensor])
-        while queue:
-            t = queue.popleft()
-            node = self.producer.get(t)
-            if t == stop or node is None:
-                continue
-            ops.add(node.op_type)
-            for i in node.input:
-                if i in below and i not in seen:
-                    seen.add(i)
-                    queue.append(i)
-        return ops
-
-
-def opset_of(model: onnx.ModelProto) -> int:
-    for o in model.opset_import:
-        if o.domain in ("", "ai.onnx"):
-            return o.version
-    raise SurgeryError("the graph imports no default-domain opset: not a standard ONNX model")
+STUB_BYTES = 1 << 16  # initializers above this are exported as stubs, then copied in once (to_model)
 
 
 class Namer:
-    """Fresh tensor / node names that collide with nothing already in the graph."""
+    """Fresh, stable tensor / node names (``singlepass/<base>[_k]``) that collide with nothing in the graph."""
 
-    def __init__(self, model: onnx.ModelProto):
-        self.taken = GraphIndex(model).names() | {o.name for o in model.graph.output}
+    def __init__(self, graph: gs.Graph):
+        self.taken = set(graph.tensors()) | {n.name for n in graph.nodes if n.name}
 
     def __call__(self, base: str) -> str:
         name, k = PREFIX + base, 1
@@ -172,440 +56,191 @@ class Namer:
         self.taken.add(name)
         return name
 
+    def i64(self, base: str, values) -> gs.Constant:
+        return gs.Constant(self(base), np.asarray(values, dtype=np.int64))
 
-def _const_i64(model: onnx.ModelProto, namer: Namer, base: str, values) -> str:
-    name = namer(base)
-    model.graph.initializer.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
-    return name
-
-
-def _node(namer: Namer, op: str, inputs: list[str], outputs: list[str], **attrs) -> onnx.NodeProto:
-    return helper.make_node(op, inputs, outputs, name=namer(op), **attrs)
+    def node(self, op: str, inputs: list, outputs: list, **attrs) -> gs.Node:
+        return gs.Node(op, name=self(op), attrs=attrs, inputs=inputs, outputs=outputs)
 
 
-# ----------------------------------------------------------------------------- residual stream
-
-@dataclass
-class ResidualStream:
-    """Where the decoder's hidden states live in a graph (tensor names)."""
-
-    input_ids: str
-    attention_mask: str | None
-    position_ids: str | None
-    embedding: str  # hidden state 0 (embedding output)
-    residuals: list[str]  # the 2L residual-add outputs, in order
-    final_norm: str  # hidden state L: the final-norm output, before any last-position slice
-    lm_head: str  # name of the node computing the logits
-    logits: str  # graph output name
-    vocab_size: int
-    hidden_size: int
-    past: list[str] = field(default_factory=list)  # past key/value inputs in layer order, key before value
-    present: list[str] = field(default_factory=list)
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.residuals) // 2
-
-    @property
-    def hidden_states(self) -> list[str]:
-        """The L+1 tensors stacked into [L+1, B, T, d], in transformers' order."""
-        return [self.embedding] + [self.residuals[2 * i + 1] for i in range(self.num_layers - 1)] + [self.final_norm]
+def _tensor(graph: gs.Graph, name: str, what: str = "tensor") -> gs.Tensor:
+    t = graph.tensors().get(name)
+    if t is None:
+        raise SurgeryError(f"{what} {name!r} is not in the graph")
+    return t
 
 
-def _is_int(t: int | None) -> bool:
-    return t in (TensorProto.INT64, TensorProto.INT32)
-
-
-def _kv_order(name: str) -> tuple:
-    import re
-
-    nums = [int(x) for x in re.findall(r"\d+", name)]
-    kind = 0 if "key" in name.lower() or name.lower().endswith(".k") else 1
-    return (nums[-1] if nums else 0, kind, name)
-
-
-def _find_lm_head(ix: GraphIndex, logits_name: str | None = None) -> tuple[onnx.NodeProto, str, int, int]:
-    """-> (lm_head node, logits output name, vocab size, hidden size)."""
-    found = []
-    for out in ([logits_name] if logits_name else ix.outputs):
-        t, hops = out, 0
-        while t in ix.producer and ix.producer[t].op_type in SHAPE_ONLY | {"Cast"} and hops < 8:
-            t, hops = ix.producer[t].input[0], hops + 1
-        node = ix.producer.get(t)
-        if node is None or node.op_type not in ("MatMul", "Gemm"):
-            continue
-        w = ix.weight_shape(node.input[1])
-        if w is None or len(w[0]) != 2:
-            continue
-        dims, transposed = w
-        if node.op_type == "Gemm" and any(a.name == "transB" and a.i == 1 for a in node.attribute):
-            transposed = not transposed
-        d, vocab = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
-        found.append((node, out, vocab, d))
-    if not found:
-        raise SurgeryError("no graph output is produced by a MatMul/Gemm with a weight matrix (the lm_head): "
-                           "not a causal-LM decoder graph")
-    if len(found) > 1:
-        named = [f for f in found if f[1] == "logits"]
-        if len(named) != 1:
-            raise SurgeryError(f"several outputs look like logits ({', '.join(f[1] for f in found)}); "
-                               "name the token logits output 'logits'")
-        found = named
-    return found[0]
-
-
-def _find_embedding(ix: GraphIndex, vocab: int, d: int) -> tuple[str, str, int]:
-    """-> (input_ids graph input, embedding output tensor, table dtype)."""
-    hits = []
-    for node in ix.graph.node:
-        if node.op_type != "Gather" or len(node.input) < 2:
-            continue
-        w = ix.weight_shape(node.input[0])
-        if w is None or len(w[0]) != 2 or w[1] or w[0][1] != d:
-            continue
-        src, hops = node.input[1], 0
-        while src in ix.producer and ix.producer[src].op_type in PASS_THROUGH and hops < 4:
-            src, hops = ix.producer[src].input[0], hops + 1
-        if src in ix.inputs and _is_int(ix.elem_type(src)):
-            hits.append((w[0][0] == vocab, src, node.output[0], _dtype_of(ix, node.input[0])))
-    if not hits:
-        raise SurgeryError(f"no token-embedding Gather (a [vocab, {d}] table indexed by an integer graph input) "
-                           "feeds the residual stream")
-    hits.sort(key=lambda h: not h[0])
-    return hits[0][1:]
-
-
-def _dtype_of(ix: GraphIndex, weight: str) -> int:
-    while weight not in ix.initializers and weight in ix.producer and ix.producer[weight].op_type == "Transpose":
-        weight = ix.producer[weight].input[0]
-    if weight in ix.initializers:
-        return ix.initializers[weight].data_type
-    v = ix.constant(weight)
-    return helper.np_dtype_to_tensor_dtype(v.dtype) if v is not None else TensorProto.UNDEFINED
-
-
-def _aliases(ix: GraphIndex, x: str, dtype: int) -> set[str]:
-    """x plus tensors equal to it: Identity and same-type Cast chains."""
-    out, queue = {x}, [x]
-    while queue:
-        t = queue.pop()
-        for n in ix.consumers.get(t, []):
-            if n.op_type == "Identity" or (n.op_type == "Cast" and any(a.name == "to" and a.i == dtype
-                                                                         for a in n.attribute)):
-                if n.output[0] not in out:
-                    out.add(n.output[0])
-                    queue.append(n.output[0])
-    return out
-
-
-def find_residual_stream(model: onnx.ModelProto, expected_layers: int | None = None,
-                         logits_name: str | None = None) -> ResidualStream:
-    """Locate embedding, residual adds, final norm and lm_head by structure. Raises SurgeryError.
-
-    ``logits_name`` pins the logits output (needed once probe heads add other Gemm outputs).
-    """
-    if opset_of(model) < MIN_OPSET:
-        raise SurgeryError(f"opset {opset_of(model)} is too old: re-export the decoder with opset >= {MIN_OPSET}")
-    ix = GraphIndex(model)
-    lm_head, logits, vocab, d = _find_lm_head(ix, logits_name)
-    input_ids, x, dtype = _find_embedding(ix, vocab, d)
-    if dtype != TensorProto.FLOAT:
-        raise SurgeryError(f"the embedding table is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
-                           "decoder in fp32 (reduced precision is applied at engine build time)")
-    emb = x
-    residuals = []
-    while True:
-        al = _aliases(ix, x, dtype)
-        cands = []
-        for a in al:
-            for n in ix.consumers.get(a, []):
-                if n.op_type != "Add" or len(n.input) != 2 or n in cands:
-                    continue
-                other = n.input[1] if n.input[0] == a else n.input[0]
-                if other not in al and ix.depends_on(other, x):
-                    cands.append(n)
-        if not cands:
-            break
-        if len(cands) > 1:
-            raise SurgeryError(f"residual stream is ambiguous after {len(residuals)} residual adds "
-                               f"({len(cands)} candidate Add nodes consume {x!r})")
-        x = cands[0].output[0]
-        residuals.append(x)
-    if len(residuals) < 2 or len(residuals) % 2:
-        raise SurgeryError(f"found {len(residuals)} residual Add nodes after the embedding; a decoder has two per "
-                           "layer (attention and MLP): the graph is not a recognised Llama-family decoder")
-    # Hidden state L is the lm_head input before any last-position slice or flattening.
-    final = lm_head.input[0]
-    while final in ix.producer and ix.producer[final].op_type in SHAPE_ONLY:
-        final = ix.producer[final].input[0]
-    if not ix.depends_on(final, x):
-        raise SurgeryError("the lm_head input does not depend on the last residual add: unrecognised decoder")
-    between = ix.ops_between(final, x)
-    if between & {"MatMul", "Gemm", "Conv", "Einsum", "Attention"}:
-        raise SurgeryError(f"between the last residual add and the lm_head there are {sorted(between)} ops, "
-                           "not just a normalisation: unrecognised decoder")
-    stream = ResidualStream(
-        input_ids=input_ids,
-        attention_mask=next((n for n in ix.inputs if "mask" in n.lower() and _is_int(ix.elem_type(n))), None),
-        position_ids=next((n for n in ix.inputs if "position" in n.lower()), None),
-        embedding=emb, residuals=residuals, final_norm=final, lm_head=lm_head.name or lm_head.output[0],
-        logits=logits, vocab_size=vocab, hidden_size=d,
-        past=sorted((n for n in ix.inputs if "past" in n.lower()), key=_kv_order),
-        present=sorted((n for n in ix.outputs if "present" in n.lower()), key=_kv_order))
-    if expected_layers is not None and stream.num_layers != expected_layers:
-        raise SurgeryError(f"found {stream.num_layers} decoder layers in the graph but the model has "
-                           f"{expected_layers}: the graph does not belong to this model")
-    if stream.past and len(stream.past) != 2 * stream.num_layers:
-        raise SurgeryError(f"{len(stream.past)} past key/value inputs for {stream.num_layers} layers")
-    if stream.attention_mask is None:
-        raise SurgeryError("the graph has no integer attention-mask input (e.g. 'attention_mask'): padded batches "
-                           "and probe masking need one")
-    return stream
-
-
-def _lm_node(model: onnx.ModelProto, stream: ResidualStream) -> onnx.NodeProto:
-    for n in model.graph.node:
-        if (n.name or n.output[0]) == stream.lm_head:
+def _lm_node(graph: gs.Graph, stream: ResidualStream) -> gs.Node:
+    for n in graph.nodes:
+        if (n.name or n.outputs[0].name) == stream.lm_head:
             return n
     raise SurgeryError(f"lm_head node {stream.lm_head!r} vanished from the graph")
 
 
 # ----------------------------------------------------------------------------- transforms
 
-def add_stacked_hidden_states(model: onnx.ModelProto, stream: ResidualStream, name: str = "hidden_states") -> str:
+def add_stacked_hidden_states(graph: gs.Graph, stream: ResidualStream, name: str = "hidden_states") -> str:
     """Unsqueeze the L+1 hidden states and Concat them into ``name`` [L+1, batch, seq, d] (not an output)."""
-    namer = Namer(model)
+    namer = Namer(graph)
     if name in namer.taken:
         raise SurgeryError(f"the graph already has a tensor named {name!r}")
     namer.taken.add(name)
-    axes = _const_i64(model, namer, "axes0", [0])
+    tensors = graph.tensors()
+    axes = namer.i64("axes0", [0])
     parts = []
     for i, t in enumerate(stream.hidden_states):
-        u = namer(f"hidden_state_{i}")
-        model.graph.node.append(_node(namer, "Unsqueeze", [t, axes], [u]))
+        u = gs.Variable(namer(f"hidden_state_{i}"), dtype=np.float32)  # [1, B, T, d]
+        graph.nodes.append(namer.node("Unsqueeze", [tensors[t], axes], [u]))
         parts.append(u)
-    model.graph.node.append(_node(namer, "Concat", parts, [name], axis=0))
+    stacked = gs.Variable(name, dtype=np.float32)  # [L+1, B, T, d]
+    graph.nodes.append(namer.node("Concat", parts, [stacked], axis=0))
     return name
 
 
-def slice_last_position_logits(model: onnx.ModelProto, stream: ResidualStream) -> None:
+def slice_last_position_logits(graph: gs.Graph, stream: ResidualStream) -> None:
     """Compute the lm_head on the last position only: logits become [batch, 1, vocab].
 
     Hidden state L keeps every position (the stacked tensor reads ``stream.final_norm``).
     """
-    ix = GraphIndex(model)
-    lm = _lm_node(model, stream)
-    if lm.op_type != "MatMul":
-        raise SurgeryError(f"the lm_head is a {lm.op_type} (2-D); last-position slicing needs a 3-D MatMul: "
+    lm = _lm_node(graph, stream)
+    if lm.op != "MatMul":
+        raise SurgeryError(f"the lm_head is a {lm.op} (2-D); last-position slicing needs a 3-D MatMul: "
                            "use --all-logits")
-    t = lm.output[0]
-    while t != stream.logits:
-        nxt = [n for n in ix.consumers.get(t, []) if n.op_type in ("Identity", "Cast")]
+    t = lm.outputs[0]
+    while t.name != stream.logits:
+        nxt = [n for n in t.outputs if n.op in ("Identity", "Cast")]
         if len(nxt) != 1:
             raise SurgeryError("the lm_head output is reshaped before it becomes the logits output; last-position "
                                "slicing is not safe here: use --all-logits")
-        t = nxt[0].output[0]
-    namer = Namer(model)
-    starts = _const_i64(model, namer, "last_start", [-1])
-    ends = _const_i64(model, namer, "last_end", [INT64_MAX])
-    axes = _const_i64(model, namer, "axis1", [1])
-    sliced = namer("last_position_hidden")
-    node = _node(namer, "Slice", [lm.input[0], starts, ends, axes], [sliced])
-    lm.input[0] = sliced
-    nodes = list(model.graph.node)
-    k = nodes.index(lm)
-    model.graph.node.insert(k, node)
-    for o in model.graph.output:
-        if o.name == stream.logits and o.type.tensor_type.HasField("shape"):
-            dims = o.type.tensor_type.shape.dim
-            if len(dims) == 3:
-                dims[1].Clear()
-                dims[1].dim_value = 1
+        t = nxt[0].outputs[0]
+    namer = Namer(graph)
+    hidden = lm.inputs[0]  # [B, T, d]
+    sliced = gs.Variable(namer("last_position_hidden"), dtype=hidden.dtype)  # [B, 1, d]
+    node = namer.node("Slice", [hidden, namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]),
+                                namer.i64("axis1", [1])], [sliced])
+    lm.inputs[0] = sliced
+    graph.nodes.insert(next(k for k, n in enumerate(graph.nodes) if n is lm), node)  # keeps the order sorted
+    out = t
+    if out.shape is not None and len(out.shape) == 3:
+        out.shape = [out.shape[0], 1, out.shape[2]]  # [B, 1, V]
 
 
-def probe_attention_mask(model: onnx.ModelProto, stream: ResidualStream) -> str:
+def probe_attention_mask(graph: gs.Graph, stream: ResidualStream) -> str:
     """attention_mask[:, -T:] with T = input_ids.shape[1]: the current step's tokens.
 
     In prefill (no past) this is the whole mask; in a decode step it is the new token's column,
     so the probe subgraph stays shape-valid with a KV cache.
     """
-    namer = Namer(model)
-    shape, t, neg, out = namer("ids_shape"), namer("seq_len"), namer("neg_seq_len"), namer("probe_attention_mask")
-    idx = _const_i64(model, namer, "index1", [1])
-    ends = _const_i64(model, namer, "mask_end", [INT64_MAX])
-    axes = _const_i64(model, namer, "mask_axis1", [1])
-    model.graph.node.extend([
-        _node(namer, "Shape", [stream.input_ids], [shape]),
-        _node(namer, "Gather", [shape, idx], [t], axis=0),
-        _node(namer, "Neg", [t], [neg]),
-        _node(namer, "Slice", [stream.attention_mask, neg, ends, axes], [out]),
+    namer = Namer(graph)
+    tensors = graph.tensors()
+    shape = gs.Variable(namer("ids_shape"), dtype=np.int64)  # [2] = (B, T)
+    t = gs.Variable(namer("seq_len"), dtype=np.int64)  # [1] = (T,)
+    neg = gs.Variable(namer("neg_seq_len"), dtype=np.int64)  # [1] = (-T,)
+    out = gs.Variable(namer("probe_attention_mask"), dtype=np.int64)  # [B, T]
+    idx, ends, axes = namer.i64("index1", [1]), namer.i64("mask_end", [INT64_MAX]), namer.i64("mask_axis1", [1])
+    graph.nodes.extend([
+        namer.node("Shape", [tensors[stream.input_ids]], [shape]),
+        namer.node("Gather", [shape, idx], [t], axis=0),
+        namer.node("Neg", [t], [neg]),
+        namer.node("Slice", [tensors[stream.attention_mask], neg, ends, axes], [out]),
     ])
-    return out
+    return out.name
 
 
-def last_position_logits(model: onnx.ModelProto, stream: ResidualStream) -> str:
+def last_position_logits(graph: gs.Graph, stream: ResidualStream) -> str:
     """logits[:, -1, :] as [batch, vocab] (Slice + Squeeze, no negative Gather indices)."""
-    namer = Namer(model)
-    starts = _const_i64(model, namer, "last_start", [-1])
-    ends = _const_i64(model, namer, "last_end", [INT64_MAX])
-    axes = _const_i64(model, namer, "axis1", [1])
-    sliced, out = namer("last_logits_3d"), namer("last_logits")
-    model.graph.node.extend([_node(namer, "Slice", [stream.logits, starts, ends, axes], [sliced]),
-                             _node(namer, "Squeeze", [sliced, axes], [out])])
-    return out
+    namer = Namer(graph)
+    logits = _tensor(graph, stream.logits, "logits output")
+    starts, ends, axes = namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]), namer.i64("axis1", [1])
+    sliced = gs.Variable(namer("last_logits_3d"), dtype=np.float32)  # [B, 1, V]
+    out = gs.Variable(namer("last_logits"), dtype=np.float32)  # [B, V]
+    graph.nodes.extend([namer.node("Slice", [logits, starts, ends, axes], [sliced]),
+                        namer.node("Squeeze", [sliced, axes], [out])])
+    return out.name
 
 
-def fuse_probe(model: onnx.ModelProto, probe: onnx.ModelProto, name: str, feeds: dict[str, str]) -> list[str]:
-    """Add a probe graph to ``model`` under the prefix ``name/``; ``feeds`` maps each probe input to a
+def _model_opset(model: onnx.ModelProto) -> int:
+    return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+
+
+def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[str, str]) -> list[str]:
+    """Add a probe graph to ``graph`` under the prefix ``name/``; ``feeds`` maps each probe input to a
     tensor of the host graph. The probe's outputs become graph outputs ``name/<output>``."""
-    host_opset, probe_opset = opset_of(model), opset_of(probe)
+    host_opset, probe_opset = opset_of(graph), _model_opset(probe)
     if host_opset != probe_opset:
         raise SurgeryError(f"probe {name!r} is opset {probe_opset} but the decoder graph is opset {host_opset}")
-    probe_inputs = [i.name for i in probe.graph.input if i.name not in {t.name for t in probe.graph.initializer}]
+    inits = {t.name for t in probe.graph.initializer}
+    probe_inputs = [i.name for i in probe.graph.input if i.name not in inits]
     if set(probe_inputs) != set(feeds):
         raise SurgeryError(f"probe {name!r} takes inputs {probe_inputs}, fed {sorted(feeds)}")
-    pre = onnx.compose.add_prefix(probe, f"{name}/")
-    taken = GraphIndex(model).names() | {o.name for o in model.graph.output}
-    mine = GraphIndex(pre).names() | {o.name for o in pre.graph.output}
-    clash = sorted((mine - {f"{name}/{i}" for i in probe_inputs}) & taken)
+    sub = gs.import_onnx(onnx.compose.add_prefix(probe, f"{name}/"))  # a copy: the probe graph is small
+    namer = Namer(graph)
+    mine = set(sub.tensors()) | {n.name for n in sub.nodes if n.name}
+    clash = sorted((mine - {i.name for i in sub.inputs}) & namer.taken)
     if clash:
         raise SurgeryError(f"probe name {name!r} collides with graph tensors {clash[:3]}")
-    ix = GraphIndex(model)
+    tensors, host_inputs = graph.tensors(), {i.name for i in graph.inputs}
     for src in feeds.values():
-        if src not in ix.producer and src not in ix.inputs:
+        if src not in host_inputs and (src not in tensors or producer(tensors[src]) is None):
             raise SurgeryError(f"probe {name!r} input tensor {src!r} is not in the graph")
-    namer = Namer(model)
-    float_inputs = {i.name for i in probe.graph.input if i.type.tensor_type.elem_type == TensorProto.FLOAT}
-    for pin, src in feeds.items():
+    boundary = []
+    for pin in sub.inputs:  # the probe's input tensors, fed by the host from now on
+        src = tensors[feeds[pin.name[len(name) + 1:]]]
+        pin.shape = None  # the host's shape (symbolic dims named by the host exporter)
         # An explicit fp32 Cast at the probe boundary (a no-op in an fp32 graph): in a reduced-precision
         # TensorRT engine it is where the probe subgraph returns to fp32.
-        if pin in float_inputs:
-            model.graph.node.append(_node(namer, "Cast", [src], [f"{name}/{pin}"], to=TensorProto.FLOAT))
+        if onnx_dtype(pin.dtype) == TensorProto.FLOAT:
+            boundary.append(namer.node("Cast", [src], [pin], to=TensorProto.FLOAT))
         else:
-            model.graph.node.append(_node(namer, "Identity", [src], [f"{name}/{pin}"]))
-    model.graph.node.extend(pre.graph.node)
-    model.graph.initializer.extend(pre.graph.initializer)
-    model.graph.value_info.extend(pre.graph.value_info)
-    model.functions.extend(pre.functions)
-    have = {(o.domain or "") for o in model.opset_import}
-    for o in pre.opset_import:
-        if (o.domain or "") not in have:
-            model.opset_import.append(o)
-    model.graph.output.extend(pre.graph.output)
-    return [o.name for o in pre.graph.output]
+            boundary.append(namer.node("Identity", [src], [pin]))
+    graph.nodes.extend(boundary + list(sub.nodes))
+    have = {(f.domain, f.name) for f in graph.functions}
+    graph.functions = list(graph.functions) + [f for f in sub.functions if (f.domain, f.name) not in have]
+    domains = {(o.domain or "") for o in graph.import_domains}
+    graph.import_domains = list(graph.import_domains) + [o for o in sub.import_domains
+                                                         if (o.domain or "") not in domains]
+    graph.outputs.extend(sub.outputs)
+    return [o.name for o in sub.outputs]
 
 
-def name_nodes(model: onnx.ModelProto) -> int:
-    """Give every unnamed (or duplicate-named) node a unique name: TensorRT layer names, fp32
-    pinning and reports need them. -> number of nodes renamed."""
-    taken = {n.name for n in model.graph.node if n.name}
-    seen, k, renamed = set(), 0, 0
-    for n in model.graph.node:
-        if not n.name or n.name in seen:
-            while f"node_{k}_{n.op_type}" in taken:
-                k += 1
-            n.name = f"node_{k}_{n.op_type}"
-            taken.add(n.name)
-            renamed += 1
-        seen.add(n.name)
-    return renamed
-
-
-NORM_OPS = {"Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Mul", "Cast", "Identity",
-            "RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization"}
-
-
-def normalisation_nodes(model: onnx.ModelProto, stream: ResidualStream) -> list[str]:
-    """Names of the nodes computing the RMS norms that read the residual stream (each layer's two
-    input norms and the final norm): elementwise/reduce chains from a residual tensor that stop at
-    the next MatMul, residual Add or stacking op. These stay fp32 in reduced-precision engines."""
-    ix = GraphIndex(model)
-    residual_adds = {ix.producer[r].name for r in stream.residuals if r in ix.producer}
-    out, seen = [], set()
-    for x in [stream.embedding] + stream.residuals:
-        queue = deque([x])
-        while queue:
-            t = queue.popleft()
-            for n in ix.consumers.get(t, []):
-                if n.op_type not in NORM_OPS or n.name in residual_adds or n.name in seen:
-                    continue
-                if n.name.startswith(PREFIX) or any(o in stream.hidden_states[1:-1] for o in n.output):
-                    continue
-                seen.add(n.name)
-                out.append(n.name)
-                queue.extend(o for o in n.output if o)
-    return out
-
-
-def add_output(model: onnx.ModelProto, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:
-    """Expose a tensor as a graph output (``dims`` None: rank unknown, fine for ONNX Runtime)."""
-    if any(o.name == name for o in model.graph.output):
+def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:
+    """Expose a tensor as a graph output (``dims`` None: keep what is known, fine for ONNX Runtime)."""
+    if any(o.name == name for o in graph.outputs):
         return
-    model.graph.output.append(helper.make_tensor_value_info(name, elem_type, dims))
+    t = _tensor(graph, name)
+    t.dtype = helper.tensor_dtype_to_np_dtype(elem_type)
+    if dims is not None:
+        t.shape = list(dims)
+    graph.outputs.append(t)
 
 
-def drop_output(model: onnx.ModelProto, name: str) -> None:
-    """Remove a graph output (the tensor stays computed if something else consumes it)."""
-    keep = [o for o in model.graph.output if o.name != name]
-    if len(keep) == len(model.graph.output):
-        raise SurgeryError(f"the graph has no output named {name!r}")
-    del model.graph.output[:]
-    model.graph.output.extend(keep)
+# ----------------------------------------------------------------------------- export
 
+def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
+    """``gs.export_onnx`` with ONE copy of the weights.
 
-def _subgraph_inputs(node: onnx.NodeProto) -> set[str]:
-    """Outer-scope tensors read by the subgraphs (If/Loop/Scan bodies) of a node."""
-    out = set()
-    for a in node.attribute:
-        for g in ([a.g] if a.type == onnx.AttributeProto.GRAPH else list(a.graphs)):
-            inner = {i.name for i in g.input} | {t.name for t in g.initializer}
-            for n in g.node:
-                inner.update(n.output)
-            for n in g.node:
-                out.update(i for i in n.input if i and i not in inner)
-                out.update(i for i in _subgraph_inputs(n) if i not in inner)
-    return out
-
-
-def toposort(model: onnx.ModelProto) -> None:
-    """Reorder nodes topologically (Kahn; stable for an already sorted graph)."""
-    g = model.graph
-    nodes = list(g.node)
-    ready = {i.name for i in g.input} | {t.name for t in g.initializer} | {""}
-    producers = {o: k for k, n in enumerate(nodes) for o in n.output if o}
-    needs = []
-    users: dict[int, list[int]] = {}
-    for k, n in enumerate(nodes):
-        deps = {producers[i] for i in set(n.input) | _subgraph_inputs(n) if i not in ready and i in producers}
-        missing = [i for i in set(n.input) if i not in ready and i not in producers]
-        if missing:
-            raise SurgeryError(f"node {n.name or n.op_type} reads tensors nothing produces: {missing[:3]}")
-        needs.append(len(deps))
-        for dpt in deps:
-            users.setdefault(dpt, []).append(k)
-    import heapq
-
-    heap = [k for k, c in enumerate(needs) if c == 0]
-    heapq.heapify(heap)
-    order = []
-    while heap:
-        k = heapq.heappop(heap)
-        order.append(nodes[k])
-        for u in users.get(k, []):
-            needs[u] -= 1
-            if needs[u] == 0:
-                heapq.heappush(heap, u)
-    if len(order) != len(nodes):
-        raise SurgeryError("the graph has a cycle after surgery")
-    del g.node[:]
-    g.node.extend(order)
-
-
-def remove_unused_initializers(model: onnx.ModelProto) -> int:
-    used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-    keep = [t for t in model.graph.initializer if t.name in used]
-    dropped = len(model.graph.initializer) - len(keep)
-    if dropped:
-        del model.graph.initializer[:]
-        model.graph.initializer.extend(keep)
-    return dropped
+    gs keeps imported initializers as ``LazyValues`` over the original ``TensorProto`` and its
+    exporter copies each one twice (``make_graph``, then ``make_model``'s ``CopyFrom``): a 540 MB
+    graph would briefly cost 1.6 GB more. So the initializers of ``like`` (the imported model) above
+    STUB_BYTES are exported as metadata-only stubs and copied in once afterwards. ``like`` also
+    gives the model-level fields gs drops (doc string, metadata). Export after
+    ``graph.cleanup().toposort()``."""
+    originals = {t.name: t for t in like.graph.initializer} if like is not None else {}
+    stubbed = {}
+    for t in graph.tensors().values():
+        src = originals.get(t.name)
+        if isinstance(t, gs.Constant) and src is not None and src.ByteSize() > STUB_BYTES:
+            stub = onnx.TensorProto(name=src.name, data_type=src.data_type, dims=src.dims)
+            t.values, stubbed[t.name] = LazyValues(stub), (t, src)
+    try:
+        model = gs.export_onnx(graph)
+    finally:
+        for t, src in stubbed.values():
+            t.values = LazyValues(src)
+    for init in model.graph.initializer:
+        if init.name in stubbed:
+            init.CopyFrom(stubbed[init.name][1])  # the one copy
+    if like is not None:
+        model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
+        model.metadata_props.extend(like.metadata_props)
+    return model

@@ -1,8 +1,9 @@
-"""TensorRT engine build for an artifact, and the pre-flight that runs without TensorRT.
+"""TensorRT engine build for an artifact (Polygraphy), and the pre-flight that runs without TensorRT.
 
 ``tensorrt`` is imported lazily, only by ``build_engine``: it cannot be installed on this
 project's machines (PyPI carries only stub packages that download from NVIDIA's index), so
-the engine build has NOT been executed here. ``preflight`` (``singlepass build-engine
+the engine build has NOT been executed here; the tests drive it through a stand-in of the
+TensorRT API underneath the real Polygraphy loaders. ``preflight`` (``singlepass build-engine
 --check-only``) runs everywhere and checks what can be checked without TensorRT:
 
 * the ONNX checker and strict shape inference on the fused graph;
@@ -13,27 +14,32 @@ the engine build has NOT been executed here. ``preflight`` (``singlepass build-e
   uses ONE masked dummy past slot, and ONNX Runtime checks that this changes nothing);
 * an fp16 range report: max |activation| per layer on real prompts against fp16's 65504.
 
-Engine contract (manifest ``engines[]``): two optimization profiles, 0 = prefill
-(input [B, T], past length exactly 1 = the dummy slot, attention_mask [B, 1 + T] with a 0 in
-column 0), 1 = decode (input [B, 1], past length 1 .. max_seq - 1). The dummy slot stays in
-the KV cache and its mask column stays 0 for the whole generation.
+The engine contract (profiles, the dummy past slot, ``engines[]`` entries) is
+``singlepass.runtime.tensorrt``, shared with the runtime that serves the engines. Reduced
+precision engines keep the fused probe subgraphs and the RMS norms in fp32 (``precision_plan``;
+the graph's node names, made unique by ``name_nodes`` at export, are TensorRT's layer names).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
 
 from singlepass.errors import SinglepassError
+from singlepass.runtime.tensorrt import DUMMY_PAST, import_tensorrt, profiles  # noqa: F401 - the contract
 
 TARGET_TENSORRT = "10.15"
 OPSET_RANGE = (9, 24)
 FP16_MAX = 65504.0
 MASK_FILL = 1e30  # |x| above this is a masking constant (-inf / finfo.min), not an activation
 PRECISIONS = ("fp32", "fp16", "bf16")
+BUILD_HINT = "run `singlepass build-engine ART --check-only` for the checks that work without it"
 # Operators marked supported ("Y") in onnx-tensorrt docs/operators.md for TensorRT 10.15.
 SUPPORTED_OPS = frozenset("""
 Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh Attention AveragePool BatchNormalization BlackmanWindow
@@ -56,44 +62,95 @@ CONSTANT_INPUTS = {  # op -> input index that TensorRT needs as a build-time con
                         "CumSum", "TopK")},
 }
 UNSUPPORTED_TYPES = {"float64": "DOUBLE is cast down to FLOAT by TensorRT", "string": "no string tensors"}
+NORM_OPS = {"Pow", "ReduceMean", "Add", "Sqrt", "Reciprocal", "Div", "Mul", "Cast", "Identity",
+            "RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization"}
 
 
 def _fail(msg: str) -> dict:
     return {"ok": False, "detail": msg}
 
 
-# ----------------------------------------------------------------------------- profiles
+# ----------------------------------------------------------------------------- layer names and fp32 pinning
 
-def profiles(manifest: dict, max_batch: int, max_seq: int) -> list[dict]:
-    """[{name, shapes: {input: (min, opt, max)}}] for prefill and (with a KV cache) decode."""
-    g, b = manifest["graph"], manifest["backbone"]
-    if max_batch < 1 or max_seq < 2:
-        raise SinglepassError("--max-batch must be >= 1 and --max-seq >= 2")
-    opt_b, prompt = max(1, max_batch // 2), min(max_seq - 1, manifest["limits"]["max_prompt_length"])
-    kv = (b["num_kv_heads"], b["head_dim"])
-    out = []
-    if g["kv_cache"]:
-        pre = {g["input_ids"]: ((1, 1), (opt_b, max(1, prompt // 2)), (max_batch, prompt)),
-               g["attention_mask"]: ((1, 2), (opt_b, 1 + max(1, prompt // 2)), (max_batch, 1 + prompt))}
-        dec = {g["input_ids"]: ((1, 1), (opt_b, 1), (max_batch, 1)),
-               g["attention_mask"]: ((1, 2), (opt_b, max_seq // 2 + 1), (max_batch, max_seq))}
-        if g["position_ids"]:
-            pre[g["position_ids"]] = pre[g["input_ids"]]
-            dec[g["position_ids"]] = dec[g["input_ids"]]
-        for n in g["past_names"]:
-            pre[n] = tuple((bb, *kv[:1], 1, kv[1]) for bb in (1, opt_b, max_batch))
-            dec[n] = ((1, kv[0], 1, kv[1]), (opt_b, kv[0], max_seq // 2, kv[1]), (max_batch, kv[0], max_seq - 1, kv[1]))
-        out = [{"name": "prefill", "shapes": pre}, {"name": "decode", "shapes": dec}]
-    else:
-        shapes = {n: ((1, 1), (opt_b, max_seq // 2), (max_batch, max_seq))
-                  for n in (g["input_ids"], g["attention_mask"], g["position_ids"]) if n}
-        out = [{"name": "full-sequence", "shapes": shapes}]
+def name_nodes(graph) -> int:
+    """Give every unnamed (or duplicate-named) node of a ``gs.Graph`` a unique name: TensorRT layer
+    names, fp32 pinning and reports need them. -> number of nodes renamed."""
+    taken = {n.name for n in graph.nodes if n.name}
+    seen, k, renamed = set(), 0, 0
+    for n in graph.nodes:
+        if not n.name or n.name in seen:
+            while f"node_{k}_{n.op}" in taken:
+                k += 1
+            n.name = f"node_{k}_{n.op}"
+            taken.add(n.name)
+            renamed += 1
+        seen.add(n.name)
+    return renamed
+
+
+def normalisation_nodes(graph, stream) -> list[str]:
+    """Names of the nodes computing the RMS norms that read the residual stream (each layer's two
+    input norms and the final norm): elementwise/reduce chains from a residual tensor that stop at
+    the next MatMul, residual Add or stacking op. These stay fp32 in reduced-precision engines."""
+    from singlepass.export.surgery import PREFIX, producer
+
+    tensors = graph.tensors()
+    residual_adds = {producer(tensors[r]).name for r in stream.residuals if r in tensors and tensors[r].inputs}
+    middle = set(stream.hidden_states[1:-1])
+    out, seen = [], set()
+    for x in [stream.embedding] + stream.residuals:
+        queue = deque([tensors[x]])
+        while queue:
+            for n in queue.popleft().outputs:  # the consumers
+                if n.op not in NORM_OPS or n.name in residual_adds or n.name in seen:
+                    continue
+                if n.name.startswith(PREFIX) or any(o.name in middle for o in n.outputs):
+                    continue
+                seen.add(n.name)
+                out.append(n.name)
+                queue.extend(o for o in n.outputs if o.name)
     return out
 
 
-def check_profiles(manifest: dict, profs: list[dict]) -> dict:
-    problems = []
-    names = {i["name"] for i in manifest["graph"]["inputs"]}
+def precision_plan(graph, manifest) -> dict:
+    """Node names kept fp32 in reduced-precision engines: fused probe subgraphs (and the
+    singlepass glue feeding them: stacking, mask slice, casts) and the RMS normalisations."""
+    from singlepass.export import surgery
+
+    stream = surgery.find_residual_stream(graph, logits_name=manifest.graph.logits)
+    norms = normalisation_nodes(graph, stream)
+    prefixes = tuple(f"{p.name}/" for p in manifest.probes) + (surgery.PREFIX,)
+    lm = surgery.producer(graph.tensors()[stream.logits])
+    probe_nodes = [n.name for n in graph.nodes if n.name.startswith(prefixes)
+                   and not (lm is not None and n.name == lm.name)]
+    return {"probe_nodes": probe_nodes, "norm_nodes": norms, "stream": stream}
+
+
+def _is_pinned(layer: str, names: set[str]) -> bool:
+    """TensorRT names a layer after its ONNX node (helper layers get a suffix)."""
+    return layer in names or layer.split(" ")[0] in names or any(
+        layer.startswith(n + "_") for n in names if n in layer)
+
+
+def pin_fp32(trt, names: set[str], pinned: list[str]):
+    """A Polygraphy network postprocess step: layers of the named nodes compute and output fp32
+    (with OBEY_PRECISION_CONSTRAINTS TensorRT inserts the casts at their borders)."""
+    def pin(network) -> None:
+        for i in range(network.num_layers):
+            layer = network.get_layer(i)
+            if _is_pinned(layer.name, names):
+                layer.precision = trt.float32
+                for j in range(layer.num_outputs):
+                    layer.set_output_type(j, trt.float32)
+                pinned.append(layer.name)
+    return pin
+
+
+# ----------------------------------------------------------------------------- static checks
+
+def check_profiles(input_names: list[str], profs: list[dict]) -> dict:
+    """Profiles cover exactly the graph inputs, with min <= opt <= max and no zero-length dimension."""
+    problems, names = [], set(input_names)
     for p in profs:
         if set(p["shapes"]) != names:
             problems.append(f"profile {p['name']}: covers {sorted(p['shapes'])}, graph inputs are {sorted(names)}")
@@ -107,24 +164,21 @@ def check_profiles(manifest: dict, profs: list[dict]) -> dict:
         for p in profs]}
 
 
-# ----------------------------------------------------------------------------- static checks
+def check_ops(graph) -> dict:
+    """Every op of a ``gs.Graph`` in TensorRT's supported list, constant where TensorRT needs it."""
+    from singlepass.export.surgery import is_constant, opset_of
 
-def check_ops(model) -> dict:
-    from singlepass.export.surgery import GraphIndex, opset_of
-
-    ix = GraphIndex(model)
-    opset = opset_of(model)
+    opset = opset_of(graph)
     bad, restricted = {}, []
-    for n in model.graph.node:
-        if n.domain not in ("", "ai.onnx"):
-            bad.setdefault(f"{n.domain}::{n.op_type}", 0)
-            bad[f"{n.domain}::{n.op_type}"] += 1
-        elif n.op_type not in SUPPORTED_OPS:
-            bad[n.op_type] = bad.get(n.op_type, 0) + 1
-        k = CONSTANT_INPUTS.get(n.op_type)
-        if k is not None and len(n.input) > k and n.input[k] and ix.constant(n.input[k]) is None:
-            restricted.append(f"{n.name or n.op_type}: input {k} ({n.op_type} axes/k) is not a constant")
-    ops = sorted({n.op_type for n in model.graph.node})
+    for n in graph.nodes:
+        if n.domain not in (None, "", "ai.onnx"):
+            bad[f"{n.domain}::{n.op}"] = bad.get(f"{n.domain}::{n.op}", 0) + 1
+        elif n.op not in SUPPORTED_OPS:
+            bad[n.op] = bad.get(n.op, 0) + 1
+        k = CONSTANT_INPUTS.get(n.op)
+        if k is not None and len(n.inputs) > k and n.inputs[k].name and not is_constant(n.inputs[k]):
+            restricted.append(f"{n.name or n.op}: input {k} ({n.op} axes/k) is not a constant")
+    ops = sorted({n.op for n in graph.nodes})
     problems = [f"unsupported op {k} x{v}" for k, v in sorted(bad.items())] + restricted[:20]
     if not OPSET_RANGE[0] <= opset <= OPSET_RANGE[1]:
         problems.append(f"opset {opset} outside TensorRT {TARGET_TENSORRT}'s range {OPSET_RANGE}")
@@ -155,100 +209,92 @@ def check_model(path: Path):
     return {"ok": not bad, "detail": detail if not bad else f"tensor types TensorRT cannot run: {bad}"}, inferred
 
 
-def precision_plan(model, manifest: dict) -> dict:
-    """Node names kept fp32 in reduced-precision engines: fused probe subgraphs (and the
-    singlepass glue feeding them: stacking, mask slice, casts) and the RMS normalisations."""
-    from singlepass.export import surgery
-
-    stream = surgery.find_residual_stream(model, logits_name=manifest["graph"]["logits"])
-    norms = surgery.normalisation_nodes(model, stream)
-    prefixes = tuple(f"{p['name']}/" for p in manifest["probes"]) + (surgery.PREFIX,)
-    ix = surgery.GraphIndex(model)
-    lm = ix.producer.get(stream.logits)
-    probe_nodes = [n.name for n in model.graph.node if n.name.startswith(prefixes)
-                   and not (lm is not None and n.name == lm.name)]
-    return {"probe_nodes": probe_nodes, "norm_nodes": norms, "stream": stream}
-
-
 # ----------------------------------------------------------------------------- runtime checks (ORT)
 
-def _prompt_feeds(art_folder: Path, manifest: dict, prompts: list[str]):
+def _prompt_feeds(art_folder: Path, manifest, prompts: list[str]):
     from transformers import AutoTokenizer
 
     from singlepass.models.prompts import encode
     from singlepass.runtime.batching import pad_batch
+    from singlepass.runtime.feeds import pad_id
 
     tok = AutoTokenizer.from_pretrained(str(art_folder), local_files_only=True)
-    pr = manifest["prompt"]
+    pr = manifest.prompt
     enc = encode(tok, prompts, pr["format"], pr.get("max_length") or 512)
-    pad = manifest["tokenizer"]["pad_token_id"] or 0
-    return [pad_batch([ids], pad, "left") for ids in enc.ids]
+    return [pad_batch([ids], pad_id(manifest), "left") for ids in enc.ids]  # (ids, mask, pos) [1, T] each
 
 
-def _feed(manifest, ids, mask, pos, past_len: int):
+def _feed(manifest, ids, mask, pos, past_len: int) -> dict:
     from singlepass.runtime.feeds import make_feed
 
     return make_feed(manifest, ids, mask, pos, dummy=past_len)
 
 
-def check_dummy_past(sess, manifest: dict, feeds) -> dict:
+def check_dummy_past(sess, manifest, feeds) -> dict:
     """Prefill with one masked dummy past slot (the TensorRT profile) == prefill with no past."""
-    if not manifest["graph"]["kv_cache"]:
+    if not manifest.graph.kv_cache:
         return {"ok": True, "detail": "no KV cache: no dummy slot needed"}
     names = [o.name for o in sess.get_outputs()]
-    keep = [manifest["graph"]["logits"]] + [p["outputs"]["probs"] for p in manifest["probes"]]
+    keep = [manifest.graph.logits] + [p.probs for p in manifest.probes]
     worst = 0.0
     for ids, mask, pos in feeds:
         a = dict(zip(names, sess.run(None, _feed(manifest, ids, mask, pos, 0))))
-        b = dict(zip(names, sess.run(None, _feed(manifest, ids, mask, pos, 1))))
+        b = dict(zip(names, sess.run(None, _feed(manifest, ids, mask, pos, DUMMY_PAST))))
         worst = max([worst] + [float(np.abs(a[k] - b[k]).max()) for k in keep])
     ok = worst <= 1e-4
     return {"ok": ok, "max_abs_diff": worst,
             "detail": f"logits and probe probs with a masked dummy past slot vs none: max |diff| {worst:.2g}"}
 
 
-def range_report(folder: Path, manifest: dict, model, plan: dict, feeds) -> dict:
-    """Max |activation| per decoder layer on real prompts (ONNX Runtime, every float tensor exposed)."""
+def _activation_maxima(folder: Path, manifest, feeds) -> tuple[dict[str, float], int, "object"]:
+    """Max |activation| of every float tensor on the prompts (ONNX Runtime, every float tensor made
+    an output). -> (maxima by tensor, masking constants ignored, the graph without weights)."""
     import onnx
 
-    from singlepass.export import surgery
-    from singlepass.export.validate import session
+    from singlepass.runtime.backends import ort_session
+
+    graph_file = folder / manifest.graph.file
+    model = onnx.load(str(graph_file), load_external_data=False)  # the weights stay in the data file
+    inferred = onnx.shape_inference.infer_shapes(model)
+    have = {o.name for o in model.graph.output}
+    floats = sorted({v.name for v in inferred.graph.value_info
+                     if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT} - have)
+    model.graph.output.extend(onnx.helper.make_tensor_value_info(n, onnx.TensorProto.FLOAT, None) for n in floats)
+    # Saved beside the graph so that its external-data references resolve; removed right after.
+    path = folder / f".preflight-{os.getpid()}.onnx"
+    try:
+        onnx.save_model(model, str(path))
+        sess = ort_session(path)
+    finally:
+        path.unlink(missing_ok=True)
+    names = [o.name for o in sess.get_outputs()]
+    maxima: dict[str, float] = {}
+    fills = 0
+    for ids, mask, pos in feeds:
+        for n, v in zip(names, sess.run(None, _feed(manifest, ids, mask, pos, 0))):
+            if v.dtype != np.float32 or not v.size:
+                continue
+            a = np.abs(v[np.isfinite(v)])
+            big = a >= MASK_FILL
+            fills += int(big.sum()) + int((~np.isfinite(v)).sum())
+            m = float(a[~big].max()) if (~big).any() else 0.0
+            maxima[n] = max(maxima.get(n, 0.0), m)
+    return maxima, fills, model
+
+
+def range_report(folder: Path, manifest, plan: dict, feeds) -> dict:
+    """Max |activation| per decoder layer on real prompts, against fp16's range."""
+    from singlepass.export.surgery import PREFIX
 
     stream = plan["stream"]
-    full = onnx.load(str(folder / manifest["graph"]["file"]))
-    inferred = onnx.shape_inference.infer_shapes(full)
-    floats = {v.name for v in inferred.graph.value_info if v.type.tensor_type.elem_type == onnx.TensorProto.FLOAT}
-    have = {o.name for o in full.graph.output}
-    for name in sorted(floats - have):
-        surgery.add_output(full, name)
+    maxima, fills, model = _activation_maxima(Path(folder), manifest, feeds)
     # Layer of a node = how many layer ends (second residual add of a layer) precede it in
     # topological order; nodes after the last one are the final norm and the lm_head.
-    order = {n.name: k for k, n in enumerate(full.graph.node)}
-    ix = surgery.GraphIndex(full)
-    bounds = [order[ix.producer[t].name] for t in stream.residuals[1::2]]
-    emb_at = order[ix.producer[stream.embedding].name] if stream.embedding in ix.producer else -1
-    probe_prefixes = tuple(f"{p['name']}/" for p in manifest["probes"])
-    producer_of = {o: n.name for n in full.graph.node for o in n.output}
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "all_outputs.onnx"
-        onnx.save_model(full, str(path), save_as_external_data=True, location="w.data")
-        del full
-        sess = session(path)
-        names = [o.name for o in sess.get_outputs()]
-        maxima: dict[str, float] = {}
-        fills = 0
-        for ids, mask, pos in feeds:
-            for n, v in zip(names, sess.run(None, _feed(manifest, ids, mask, pos, 0))):
-                if v.dtype != np.float32 or not v.size:
-                    continue
-                a = np.abs(v[np.isfinite(v)])
-                big = a >= MASK_FILL
-                fills += int(big.sum()) + int((~np.isfinite(v)).sum())
-                m = float(a[~big].max()) if (~big).any() else 0.0
-                maxima[n] = max(maxima.get(n, 0.0), m)
-        del sess
+    order = {n.name: k for k, n in enumerate(model.graph.node)}
+    producer_of = {o: n.name for n in model.graph.node for o in n.output}
+    bounds = [order[producer_of[t]] for t in stream.residuals[1::2]]
+    emb_at = order[producer_of[stream.embedding]] if stream.embedding in producer_of else -1
+    probe_prefixes = tuple(f"{p.name}/" for p in manifest.probes)
     L = stream.num_layers
     layers = [{"layer": i, "residual_max": 0.0, "block_max": 0.0, "block_argmax": None} for i in range(L)]
     hs_max = [maxima.get(t, 0.0) for t in stream.hidden_states]
@@ -260,7 +306,7 @@ def range_report(folder: Path, manifest: dict, model, plan: dict, feeds) -> dict
         if node.startswith(probe_prefixes):
             other["probes"] = max(other["probes"], m)
             continue
-        if node.startswith(surgery.PREFIX) or order.get(node, 0) <= emb_at:
+        if node.startswith(PREFIX) or order.get(node, 0) <= emb_at:
             continue  # singlepass glue (copies of stream tensors), mask / position preprocessing
         layer = sum(1 for b in bounds if b < order.get(node, 0))
         if layer >= L:
@@ -289,126 +335,119 @@ def range_report(folder: Path, manifest: dict, model, plan: dict, feeds) -> dict
 def preflight(folder, precision: str = "fp16", max_batch: int = 8, max_seq: int | None = None,
               prompts: list[str] | None = None, write: bool = True) -> dict:
     """Everything about a TensorRT build that can be checked without TensorRT."""
-    from singlepass.export import manifest as mf
-    from singlepass.export.validate import PROMPTS, session
+    import onnx
+    import onnx_graphsurgeon as gs
+
+    from singlepass.export.validate import PROMPTS
+    from singlepass.files import atomic_write
+    from singlepass.runtime.backends import ort_session
+    from singlepass.runtime.contract import read_artifact
 
     t0 = time.perf_counter()
     folder = Path(folder)
-    m = mf.read(folder)
-    max_seq = max_seq or m["limits"]["max_total_length"]
+    m = read_artifact(folder)
+    max_seq = max_seq or m.limits.max_total_length
     report = {"tensorrt_target": TARGET_TENSORRT, "precision": precision, "max_batch": max_batch, "max_seq": max_seq}
-    report["onnx"], inferred = check_model(folder / m["graph"]["file"])
-    model = inferred if inferred is not None else __import__("onnx").load(str(folder / m["graph"]["file"]),
-                                                                          load_external_data=False)
-    report["operators"] = check_ops(model)
+    report["onnx"], inferred = check_model(folder / m.graph.file)
+    graph = gs.import_onnx(inferred if inferred is not None else
+                           onnx.load(str(folder / m.graph.file), load_external_data=False))  # no weights read
+    report["operators"] = check_ops(graph)
     profs = profiles(m, max_batch, max_seq)
-    report["profiles"] = check_profiles(m, profs)
+    report["profiles"] = check_profiles(m.graph.input_names, profs)
     report["profile_shapes"] = [{"name": p["name"], "shapes": {k: [list(s) for s in v] for k, v in p["shapes"].items()}}
                                 for p in profs]
-    plan = precision_plan(model, m)
-    report["fp32_layers"] = {"ok": bool(plan["norm_nodes"]) and (bool(plan["probe_nodes"]) or not m["probes"]),
+    plan = precision_plan(graph, m)
+    del graph, inferred
+    report["fp32_layers"] = {"ok": bool(plan["norm_nodes"]) and (bool(plan["probe_nodes"]) or not m.probes),
                              "probe_nodes": len(plan["probe_nodes"]), "norm_nodes": len(plan["norm_nodes"]),
                              "detail": f"{len(plan['probe_nodes'])} probe/glue nodes and {len(plan['norm_nodes'])} "
                                        f"normalisation nodes pinned to fp32 in {precision} builds"}
     feeds = _prompt_feeds(folder, m, prompts or PROMPTS)
-    sess = session(folder / m["graph"]["file"])
+    sess = ort_session(folder / m.graph.file)
     report["dummy_past"] = check_dummy_past(sess, m, feeds[:3])
     del sess
-    report["fp16_range"] = range_report(folder, m, model, plan, feeds)
+    report["fp16_range"] = range_report(folder, m, plan, feeds)
     if precision == "fp32":
         report["fp16_range"]["ok"] = True  # informative only for an fp32 engine
     keys = ("onnx", "operators", "profiles", "fp32_layers", "dummy_past", "fp16_range")
     report["ok"] = all(report[k]["ok"] for k in keys)
     report["seconds"] = round(time.perf_counter() - t0, 1)
     if write:
-        (folder / "tensorrt_preflight.json").write_text(json.dumps(report, indent=2, default=str))
+        atomic_write(folder / "tensorrt_preflight.json", json.dumps(report, indent=2, default=str))
     return report
-
-
-def import_tensorrt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415 - lazy on purpose
-    except ImportError:
-        raise SinglepassError(
-            "TensorRT is not installed (the `tensorrt` Python package; it needs an NVIDIA GPU, a driver and "
-            "NVIDIA's package index). Run `singlepass build-engine ART --check-only` for the checks that work "
-            "without it.") from None
-    return trt
 
 
 def build_engine(folder, precision: str = "fp16", max_batch: int = 8, max_seq: int | None = None,
                  workspace_gb: float = 4.0, timing_cache: str | None = None, force: bool = False,
                  log=print) -> dict:
-    """Build a serialized engine next to the manifest with the TensorRT Python API."""
+    """Build a serialized engine next to the manifest with Polygraphy's TensorRT loaders
+    (NOT executed on this project's machines: no TensorRT there)."""
     import onnx
+    import onnx_graphsurgeon as gs
 
     from singlepass.export import manifest as mf
+    from singlepass.files import atomic_write
+    from singlepass.runtime.contract import read_artifact
 
     if precision not in PRECISIONS:
         raise SinglepassError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    trt = import_tensorrt()
+    trt = import_tensorrt(BUILD_HINT)
+    from polygraphy.backend import trt as poly  # the loaders; TensorRT itself is imported lazily by them
+    from polygraphy.exception import PolygraphyException
+
     folder = Path(folder)
-    m = mf.read(folder)
-    max_seq = max_seq or m["limits"]["max_total_length"]
+    m = read_artifact(folder)
+    max_seq = max_seq or m.limits.max_total_length
     engine_path = folder / f"model.{precision}.b{max_batch}.s{max_seq}.engine"
     if engine_path.exists() and not force:
         raise SinglepassError(f"{engine_path} exists (use --force to rebuild)")
     profs = profiles(m, max_batch, max_seq)
-    chk = check_profiles(m, profs)
+    chk = check_profiles(m.graph.input_names, profs)
     if not chk["ok"]:
         raise SinglepassError("optimization profiles are invalid: " + "; ".join(chk["detail"]))
-    plan = precision_plan(onnx.load(str(folder / m["graph"]["file"]), load_external_data=False), m)
-    fp32_names = set(plan["probe_nodes"]) | set(plan["norm_nodes"])
+    graph_path = folder / m.graph.file
+    plan = precision_plan(gs.import_onnx(onnx.load(str(graph_path), load_external_data=False)), m)
+    cache_path = Path(timing_cache) if timing_cache else folder / "tensorrt.timing.cache"
+    cache_tmp = cache_path.with_name(f".{cache_path.name}.{os.getpid()}.tmp")
 
     t0 = time.perf_counter()
-    logger = trt.Logger(trt.Logger.WARNING)
-    builder = trt.Builder(logger)
-    flags = 0
-    if int(trt.__version__.split(".")[0]) < 10:  # TensorRT 8.x/9.x need explicit batch spelled out
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(folder / m["graph"]["file"])):
-        errors = [str(parser.get_error(i)) for i in range(parser.num_errors)]
-        raise SinglepassError("TensorRT's ONNX parser rejects the graph:\n" + "\n".join(errors[:10]))
-    config = builder.create_builder_config()
-    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
-    if precision == "fp16":
-        config.set_flag(trt.BuilderFlag.FP16)
-    elif precision == "bf16":
-        config.set_flag(trt.BuilderFlag.BF16)
-    pinned = 0
-    if precision != "fp32":
-        # Probe subgraphs and RMS norms stay fp32; TensorRT inserts the casts at their borders.
-        config.set_flag(trt.BuilderFlag.OBEY_PRECISION_CONSTRAINTS)
-        for i in range(network.num_layers):
-            layer = network.get_layer(i)
-            base = layer.name.split(" ")[0]
-            if layer.name in fp32_names or base in fp32_names or any(layer.name.startswith(n + "_")
-                                                                     for n in fp32_names if n in layer.name):
-                layer.precision = trt.float32
-                for j in range(layer.num_outputs):
-                    layer.set_output_type(j, trt.float32)
-                pinned += 1
-    for p in profs:
-        profile = builder.create_optimization_profile()
+    network = poly.NetworkFromOnnxPath(str(graph_path))  # the parser reads the external weights itself
+    pinned: list[str] = []  # filled by the postprocess step when the network is parsed
+    if precision != "fp32":  # probe subgraphs and RMS norms stay fp32
+        fp32_nodes = set(plan["probe_nodes"]) | set(plan["norm_nodes"])
+        network = poly.PostprocessNetwork(network, pin_fp32(trt, fp32_nodes, pinned), name="pin-fp32")
+    shapes = [poly.Profile() for _ in profs]
+    for prof, p in zip(shapes, profs):
         for name, (lo, opt, hi) in p["shapes"].items():
-            profile.set_shape(name, lo, opt, hi)
-        config.add_optimization_profile(profile)
-    cache_path = Path(timing_cache) if timing_cache else folder / "tensorrt.timing.cache"
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
-    config.set_timing_cache(cache, False)
-    log(f"building a {precision} engine ({len(profs)} profiles, {pinned} layers pinned to fp32) ...")
-    serialized = builder.build_serialized_network(network, config)
-    if serialized is None:
-        raise SinglepassError("TensorRT failed to build the engine (see the TensorRT log above)")
-    engine_path.write_bytes(bytes(serialized))
-    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+            prof.add(name, lo, opt, hi)
+    log(f"building a {precision} engine ({len(profs)} profiles) ...")
+    try:
+        with contextlib.ExitStack() as files:
+            # Open file objects, not paths: Polygraphy would leave a .lock file beside a path.
+            cache_in = files.enter_context(open(cache_path, "rb")) if cache_path.is_file() else None
+            cache_out = files.enter_context(open(cache_tmp, "w+b"))
+            config = poly.CreateConfig(
+                tf32=True,  # TensorRT's default (Polygraphy's is off)
+                fp16=precision == "fp16", bf16=precision == "bf16",
+                precision_constraints="obey" if precision != "fp32" else None, profiles=shapes,
+                memory_pool_limits={trt.MemoryPoolType.WORKSPACE: int(workspace_gb * (1 << 30))},
+                profiling_verbosity=trt.ProfilingVerbosity.LAYER_NAMES_ONLY,  # TensorRT's default
+                load_timing_cache=cache_in)
+            serialized = poly.EngineBytesFromNetwork(network, config=config, save_timing_cache=cache_out)()
+        atomic_write(engine_path, bytes(serialized))
+        os.replace(cache_tmp, cache_path)
+        log(f"built {engine_path.name}: {len(pinned)} layers pinned to fp32")
+    except PolygraphyException as e:
+        raise SinglepassError(f"TensorRT failed to build the engine ({' '.join(str(e).split())[:300]}; "
+                              "see the TensorRT log above)") from None
+    finally:
+        cache_tmp.unlink(missing_ok=True)
     entry = {"file": engine_path.name, "precision": precision, "max_batch": max_batch, "max_seq": max_seq,
              "tensorrt": trt.__version__, "profiles": [{"name": p["name"], "shapes": {
                  k: [list(s) for s in v] for k, v in p["shapes"].items()}} for p in profs],
-             "dummy_past_slot": bool(m["graph"]["kv_cache"]), "fp32_layers": pinned,
+             "dummy_past_slot": bool(m.graph.kv_cache), "fp32_layers": len(pinned),
              "timing_cache": cache_path.name, "seconds": round(time.perf_counter() - t0, 1)}
-    m["engines"] = [e for e in m.get("engines", []) if e.get("file") != entry["file"]] + [entry]
-    mf.write(folder, m)
+    raw = mf.read(folder)
+    raw["engines"] = [e for e in raw.get("engines", []) if e.get("file") != entry["file"]] + [entry]
+    mf.write(folder, raw)
     return entry

@@ -12,12 +12,11 @@ import hashlib
 import importlib.util
 import json
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from singlepass.errors import SinglepassError
+from singlepass.files import atomic_write_json, sha256_file, staged_folder
 
 DEFAULT_MODEL = "smollm2-135m"
 # name -> (python package that ships the file, file name inside it, pip command)
@@ -47,15 +46,9 @@ def file_sha256(path: Path, cache: Path | None = None) -> str:
             table = {}
     if key in table:
         return table[key]
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 22), b""):
-            h.update(chunk)
-    table[key] = h.hexdigest()
+    table[key] = sha256_file(path)
     memo.parent.mkdir(parents=True, exist_ok=True)
-    tmp = memo.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(table, indent=0))
-    os.replace(tmp, memo)
+    atomic_write_json(memo, table, indent=0)
     return table[key]
 
 
@@ -119,7 +112,6 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
     hf_logging.set_verbosity_error()
     d, f = str(src.path.parent), src.path.name
@@ -135,17 +127,11 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
         del config.quantization_config
     plain = type(gg)(config)
     plain.load_state_dict(gg.state_dict())
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".convert-"))
-    try:
+    with staged_folder(out) as tmp:  # an interrupted conversion leaves no half folder behind
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
         (tmp / "singlepass-source.json").write_text(json.dumps(
             {"gguf": str(src.path), "sha256": sha, "name": src.name}, indent=2))
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
@@ -172,10 +158,6 @@ def make_fingerprint(config, sha: str, name: str) -> dict:
     return {"name": name, "sha256": sha, "model_type": config.model_type,
             "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
             "vocab_size": config.vocab_size}
-
-
-def fingerprints_match(a: dict, b: dict) -> bool:
-    return a.get("sha256") == b.get("sha256")
 
 
 def load_backbone(spec: str = DEFAULT_MODEL, cache_dir: str | None = None, dtype: str = "float32") -> Backbone:

@@ -1,6 +1,6 @@
-"""Baselines in the same harness as the probes, and the one constructor for any probe config.
+"""Baselines in the same harness as the probes: two fixed-readout linear probes and MULI.
 
-Two input conventions (config.json says which under ``"input"``):
+Two input conventions (config.json says which under ``"input"``; each descriptor declares it):
 
 - ``"hidden_states"``: ``forward(states [L+1, B, T, d], mask [B, T]) -> logits [B, C']`` — the
   three probe families (models/probes.py) and the fixed-readout linear probes below.
@@ -9,8 +9,8 @@ Two input conventions (config.json says which under ``"input"``):
   prompt position, chat template + generation prompt). Its feature transform and
   standardisation statistics are buffers, so the whole baseline traces into ONNX.
 
-Every module exposes ``features(...) -> [B, F]`` and ``head``; where the head holds all the
-trainable parameters (pooling, fixed readouts, MULI) training runs on precomputed features.
+Every module exposes ``features(...) -> [B, F]`` and ``head``; here the head holds all the
+trainable parameters, so training runs on precomputed features (``head_only`` descriptors).
 """
 
 from __future__ import annotations
@@ -18,15 +18,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from singlepass.models.probes import PROBE_TYPES, build_probe, out_dim, rms_normalise
-
-FIXED_READOUTS = {"last-token": "last", "mean-final": "mean"}
-METHODS = (*PROBE_TYPES, "muli", *FIXED_READOUTS)  # every --probe choice
-LOGIT_INPUT = ("muli",)
-
-
-def input_kind(method: str) -> str:
-    return "logits" if method in LOGIT_INPUT else "hidden_states"
+from singlepass.models.family import Family
+from singlepass.models.probes import out_dim, rms_normalise
 
 
 def last_token_onehot(mask: torch.Tensor) -> torch.Tensor:
@@ -71,6 +64,12 @@ class FixedReadoutProbe(nn.Module):
         return self.head(self.features(states, mask))
 
 
+LAST_TOKEN = Family("last-token", input="hidden_states", head_only=True,
+                    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="last", **p))
+MEAN_FINAL = Family("mean-final", input="hidden_states", head_only=True,
+                    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="mean", **p))
+
+
 class MuliProbe(nn.Module):
     """MULI ("Toxicity Detection for Free", NeurIPS 2024): a sparse linear model on the
     first response token's full-vocabulary distribution.
@@ -111,24 +110,15 @@ class MuliProbe(nn.Module):
         return self.head(self.features(logits))
 
 
-def build_method(method: str, num_layers: int, hidden_size: int, num_classes: int, **params) -> nn.Module:
-    """A fresh module for any --probe choice. num_layers is the number of stacked states, L+1."""
-    if method in PROBE_TYPES:
-        return build_probe(method, num_layers, hidden_size, num_classes, **params)
-    if method in FIXED_READOUTS:
-        return FixedReadoutProbe(num_layers, hidden_size, num_classes, readout=FIXED_READOUTS[method], **params)
-    if method == "muli":
-        return MuliProbe(num_classes=num_classes, **params)
-    raise ValueError(f"unknown probe type {method!r} (use one of {', '.join(METHODS)})")
+def fit_muli_standardisation(module: MuliProbe, logits: torch.Tensor) -> None:
+    """Standardisation buffers from the training logits [N, V] (in chunks of 256 rows)."""
+    raw = torch.cat([module.transform(logits[i:i + 256]) for i in range(0, len(logits), 256)])  # [N, V]
+    module.fit_standardisation(raw)
 
 
-def build_any(cfg: dict) -> nn.Module:
-    """Module for a probe config (config.json of an artifact)."""
-    return build_method(cfg["probe"], cfg["num_layers"], cfg["hidden_size"], len(cfg["label_names"]), **cfg["params"])
-
-
-def head_only(module: nn.Module) -> bool:
-    """True when every trainable parameter is in ``module.head`` (train on precomputed features)."""
-    head = {id(p) for p in module.head.parameters()}
-    return all(id(p) in head for p in module.parameters() if p.requires_grad)
-
+# The official recipe, not searched: SGD lr 5e-4, batch 32, 500 epochs, class-balanced BCE + 1e-3 L1.
+MULI = Family("muli", input="logits", head_only=True,
+              build=lambda L1, d, C, **p: MuliProbe(num_classes=C, **p),
+              recipe={"lr": 5e-4, "batch_size": 32, "weight_decay": 0.0, "epochs": 500, "patience": 0,
+                      "optimizer": "sgd", "l1": 1e-3, "class_weight": "balanced", "eval_every": 10},
+              from_backbone=("vocab_size",), fit_buffers=fit_muli_standardisation)

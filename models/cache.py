@@ -18,6 +18,7 @@ Reading never loads the file into RAM: ``np.memmap`` pages in only the rows a ba
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -29,6 +30,7 @@ import numpy as np
 import torch
 
 from singlepass.errors import SinglepassError
+from singlepass.files import atomic_write, atomic_write_json
 from singlepass.models.extract import iter_hidden, plan_batches
 from singlepass.models.prompts import encode
 
@@ -38,15 +40,6 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 # benchmarks/cache_dtype.py measures what a probe sees from it (see README).
 DEFAULT_DTYPE = "float16"
 MAX_BATCH_TOKENS = 4096
-
-
-def _json_write(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def content_key(fields: dict) -> str:
@@ -86,14 +79,16 @@ class StateCache:
             self.offsets = np.load(self.folder / "offsets.npy")
             self.labels = np.load(self.folder / "labels.npy")
         except (OSError, ValueError) as e:
-            raise SinglepassError(f"hidden-state cache {self.folder} is unreadable ({e}); delete it to rebuild") from None
+            raise SinglepassError(f"hidden-state cache {self.folder} is unreadable ({e}); "
+                                  "delete it to rebuild") from None
         if (self.folder / "progress.json").exists():
             raise SinglepassError(f"hidden-state cache {self.folder} is incomplete; rerun extraction to resume it")
         m = self.meta
         self.num_layers, self.d = m["num_stored_layers"], m["hidden_size"]
         expect = m["n_tokens"] * m["bytes_per_token"]
         if (self.folder / "states.bin").stat().st_size != expect:
-            raise SinglepassError(f"hidden-state cache {self.folder}: states.bin has the wrong size; delete it to rebuild")
+            raise SinglepassError(f"hidden-state cache {self.folder}: states.bin has the wrong size; "
+                                  "delete it to rebuild")
         self.states = np.memmap(self.folder / "states.bin", dtype=DTYPES[m["dtype"]], mode="r",
                                 shape=(m["n_tokens"], self.num_layers, self.d))
 
@@ -155,7 +150,8 @@ def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DE
                   "dataset": dataset.name, "split": dataset.split,
                   "data": texts_digest(dataset.texts, dataset.labels), "prompt_format": prompt_format,
                   "max_length": max_length, "dtype": dtype, "layers": layers, "token_cap": token_cap}
-    folder = (cache_dir or cache_root()) / "states" / f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
+    name = f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
+    folder = (cache_dir or cache_root()) / "states" / name
     stored = [min(len(s), token_cap) if token_cap else len(s) for s in enc.ids]
     bpt = len(layers) * backbone.hidden_size * np.dtype(DTYPES[dtype]).itemsize
     return CachePlan(folder, key_fields, len(stored), int(sum(stored)), bpt), enc
@@ -196,10 +192,10 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
         np.save(folder / "lengths.npy", lengths)
         np.save(folder / "offsets.npy", offsets)
         np.save(folder / "labels.npy", np.asarray(dataset.labels, dtype=np.int64))
-        _json_write(folder / "meta.json", meta)
+        atomic_write_json(folder / "meta.json", meta, fsync=True)
         with open(folder / "states.bin", "wb") as f:
             f.truncate(p.total_bytes)  # preallocate (sparse); rows go to fixed offsets
-        _json_write(prog, {"batches_done": 0})
+        atomic_write_json(prog, {"batches_done": 0}, fsync=True)
     np_dtype = DTYPES[dtype]
     batches = plan_batches([len(s) for s in enc.ids], batch_size, MAX_BATCH_TOKENS)
     layer_idx = torch.tensor(layers)
@@ -214,7 +210,7 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
                 block = hs[:, j, T - n:].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
                 os.pwrite(fd, block.tobytes(), int(offsets[row]) * p.bytes_per_token)
             os.fsync(fd)
-            _json_write(prog, {"batches_done": done + k + 1})
+            atomic_write_json(prog, {"batches_done": done + k + 1}, fsync=True)
             if stop_after_batches is not None and k + 1 >= stop_after_batches:
                 raise KeyboardInterrupt("stopped on request (test hook)")
     finally:
@@ -236,7 +232,8 @@ def last_hidden(backbone, dataset, prompt_format: str = "chat", max_length: int 
 
     p, enc = plan(backbone, dataset, prompt_format, max_length, cache_dir=cache_dir)
     key = {**p.key_fields, "kind": "last-hidden"}
-    path = (cache_dir or cache_root()) / "last_hidden" / f"{p.folder.name.rsplit('-', 1)[0]}-{content_key(key)[:16]}.npy"
+    name = f"{p.folder.name.rsplit('-', 1)[0]}-{content_key(key)[:16]}.npy"
+    path = (cache_dir or cache_root()) / "last_hidden" / name
     if path.is_file():
         return np.load(path)
     if (p.folder / "meta.json").exists() and not (p.folder / "progress.json").exists():
@@ -247,7 +244,7 @@ def last_hidden(backbone, dataset, prompt_format: str = "chat", max_length: int 
         for rows, hs, _ in iter_hidden(backbone, enc.ids, batch_size, padding_side="left", progress=progress):
             h[rows] = hs[-1, :, -1].numpy().astype(np.float16).astype(np.float32)  # left padding: last = T-1
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npy")
-    np.save(tmp, h)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, h)
+    atomic_write(path, buf.getvalue())
     return h

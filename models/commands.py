@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 
 TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
+DATASET_HELP = "toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path"
+DATA_DIR_HELP = ("datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
+                 "directory or beside a folder above it)")
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
@@ -21,9 +24,9 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "train") -> None:
-    p.add_argument("--dataset", required=True, help="toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path")
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--split", default=split_default, help="split name (default: %(default)s)")
-    p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--limit", type=int, default=None, help="use a seeded stratified subset of this many rows")
 
 
@@ -64,7 +67,8 @@ def cmd_extract(args) -> int:
           f"in {time.perf_counter() - t0:.1f} s")
     t0 = time.perf_counter()
     c = state_cache.build(bb, ds, args.prompt_format, args.max_length, args.dtype, parse_layers(args.layers),
-                          args.token_cap, args.batch_size, cache_dir=args.cache_dir and __import__("pathlib").Path(args.cache_dir),
+                          args.token_cap, args.batch_size,
+                          cache_dir=args.cache_dir and __import__("pathlib").Path(args.cache_dir),
                           progress=not args.no_progress)
     dt = time.perf_counter() - t0
     n_tok = int(c.lengths.sum())
@@ -115,10 +119,10 @@ def _train_val(args):
     keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
     tr, va = ds.subset(keep), ds.subset(held)
     tr.split, va.split = "train", "validation"
-    if args.limit:
-        tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[:args.limit])) if args.limit < len(tr) else tr
-    if args.val_limit:
-        va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[:args.val_limit])) if args.val_limit < len(va) else va
+    if args.limit and args.limit < len(tr):
+        tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[:args.limit]))
+    if args.val_limit and args.val_limit < len(va):
+        va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[:args.val_limit]))
     return tr, va
 
 
@@ -129,10 +133,11 @@ def cmd_train(args) -> int:
     import torch
 
     from singlepass.errors import SinglepassError
-    from singlepass.models.probe_io import read_config, save_probe
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import describe
-    from singlepass.models.train import HParams, train_probe
+    from singlepass.models.probe_io import read_config, save_probe
+    from singlepass.models.search import HParams
+    from singlepass.models.train import train_probe
 
     out = Path(args.out)
     if out.exists() and not args.force:
@@ -145,12 +150,13 @@ def cmd_train(args) -> int:
         if src["probe"] != args.probe:
             raise SinglepassError(f"--hparams-from {args.hparams_from} is a {src['probe']!r} probe, not {args.probe!r}")
         if args.trials is not None:
-            raise SinglepassError("--hparams-from trains its one configuration; drop --trials (or drop --hparams-from to search)")
+            raise SinglepassError("--hparams-from trains its one configuration; drop --trials "
+                                  "(or drop --hparams-from to search)")
         hparams = HParams.from_dict({**src["hparams"], "params": src["params"]})
         if args.epochs is not None:  # the maximum epochs still apply (the cosine schedule spans them)
             hparams.epochs = args.epochs
         if args.set:
-            from singlepass.models.train import apply_overrides
+            from singlepass.models.search import apply_overrides
             hparams = apply_overrides(hparams, parse_sets(args.set))
     tr, va = _train_val(args)
     print(describe(tr))
@@ -166,7 +172,8 @@ def cmd_train(args) -> int:
     v = cfg["validation"]
     key = "f1" if cfg["task"] == "safety" else "accuracy"
     print(f"saved {args.probe} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
-          f"validation {key} {v[key]:.4f}" + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+          f"validation {key} {v[key]:.4f}"
+          + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
           + f"; {cfg['training']['search_seconds']:.1f} s")
     if args.json:
         print(json.dumps({"out": str(out), "validation": v, "trainable_parameters": cfg["trainable_parameters"],
@@ -200,11 +207,11 @@ def cmd_plot_layers(args) -> int:
 
 
 class _ProbeMethods:
-    """``--probe`` choices, read from models/baselines.py (torch) only when ``train`` parses or
+    """``--probe`` choices, read from models/registry.py (torch) only when ``train`` parses or
     prints them: building the parser must not import torch (``singlepass generate`` never does)."""
 
     def _methods(self):
-        from singlepass.models.baselines import METHODS
+        from singlepass.models.registry import METHODS
 
         return METHODS
 
@@ -218,14 +225,15 @@ class _ProbeMethods:
 def register(sub) -> None:
     p = sub.add_parser("train", help="train a probe (or a baseline) on cached hidden states")
     add_backbone_args(p)
-    p.add_argument("--dataset", required=True, help="toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path")
-    p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
+    p.add_argument("--dataset", required=True, help=DATASET_HELP)
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
     p.add_argument("--probe", required=True, choices=_ProbeMethods(), metavar="METHOD",
                    help="probe family or baseline: %(choices)s")
     p.add_argument("--out", required=True, help="artifact folder to write (config.json + model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="training seed (data subsets always use seed 0)")
     p.add_argument("--trials", type=int, default=None,
-                   help=f"hyperparameter search budget: configurations tried, the first being the default (default: {TRIALS})")
+                   help="hyperparameter search budget: configurations tried, the first being the default "
+                        f"(default: {TRIALS})")
     p.add_argument("--epochs", type=int, default=None,
                    help=f"maximum epochs per trial (default: {EPOCHS}; with --hparams-from, the stored value)")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
@@ -262,7 +270,8 @@ def register(sub) -> None:
     p = sub.add_parser("extract", help="cache the [L+1, B, T, d] hidden states of a dataset split")
     add_backbone_args(p)
     add_data_args(p, "validation")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"], help="cache dtype (default: %(default)s)")
+    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
+                   help="cache dtype (default: %(default)s)")
     p.add_argument("--layers", default=None, help="layer subset to store, e.g. 0,10-20,30 (default: all L+1)")
     p.add_argument("--token-cap", type=int, default=None, help="store only each prompt's last N tokens")
     p.add_argument("--batch-size", type=int, default=8)

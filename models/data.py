@@ -1,8 +1,10 @@
 """Labelled text datasets: the shipped ones by name, or the user's own JSONL/CSV file.
 
-The shipped sets live outside the repository (``../shared/data`` beside the checkout by
-default; ``--data-dir`` or ``$SINGLEPASS_DATA`` move it). Every row is checked: a missing
-column, non-string or empty text, or an unknown label is an error naming the file and row.
+The shipped sets live outside the repository. Their folder is ``--data-dir`` if given, else
+``$SINGLEPASS_DATA``, else the first ``shared/data`` found beside the working directory or
+beside one of its parents (a checkout at /work/main reads /work/shared/data); it never depends
+on where the package is installed. Every row is checked: a missing column, non-string or empty
+text, or an unknown label is an error naming the file and row.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA_DIR = REPO_ROOT.parent / "shared" / "data"
+DATA_ENV = "SINGLEPASS_DATA"
+SHARED_DATA = Path("shared") / "data"  # looked for beside the working directory and its parents
 VALIDATION_FRACTION = 0.1  # carved from train, stratified, where no official split exists
 
 
@@ -65,8 +67,30 @@ class Dataset:
                        {k: [v[i] for i in idx] for k, v in self.columns.items()})
 
 
+def find_shared_data(start: str | os.PathLike | None = None) -> Path | None:
+    """The first ``shared/data`` folder beside ``start`` (default: the working directory) or
+    beside one of its parents, nearest first; None if there is none."""
+    here = Path.cwd() if start is None else Path(start).absolute()
+    for folder in (here, *here.parents):
+        candidate = folder.parent / SHARED_DATA
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
 def data_dir(override: str | os.PathLike | None = None) -> Path:
-    return Path(override or os.environ.get("SINGLEPASS_DATA") or DEFAULT_DATA_DIR)
+    """The datasets folder: ``override`` (--data-dir), else $SINGLEPASS_DATA, else the nearest
+    shared/data beside the working directory or a folder above it."""
+    if override:
+        return Path(override)
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    found = find_shared_data()
+    if found is None:
+        raise SinglepassError(f"no datasets folder: --data-dir is not given, ${DATA_ENV} is not set and no "
+                              f"{SHARED_DATA} folder lies beside {Path.cwd()} or a folder above it; "
+                              f"set ${DATA_ENV} or pass --data-dir with the folder holding {', '.join(DATASETS)}")
+    return found
 
 
 def _read_rows(path: Path) -> list[dict]:

@@ -8,8 +8,6 @@ do not depend on what else is in its batch.
 
 from __future__ import annotations
 
-import time
-
 import numpy as np
 import torch
 
@@ -87,7 +85,7 @@ def stack_in_order(backbone, enc: Encoded, batch_size: int = 8, padding_side: st
     L1, d = backbone.num_layers + 1, backbone.hidden_size
     out = torch.zeros(L1, len(enc.ids), T, d)
     mask = torch.zeros(len(enc.ids), T, dtype=torch.int64)
-    for rows, hs, m in iter_hidden(backbone, enc.ids, batch_size, padding_side=padding_side, progress=progress):
+    for rows, hs, _ in iter_hidden(backbone, enc.ids, batch_size, padding_side=padding_side, progress=progress):
         for j, r in enumerate(rows):
             n = len(enc.ids[r])
             src = slice(hs.shape[2] - n, None) if padding_side == "left" else slice(0, n)
@@ -95,19 +93,6 @@ def stack_in_order(backbone, enc: Encoded, batch_size: int = 8, padding_side: st
             out[:, r, dst] = hs[:, j, src]
             mask[r, dst] = 1
     return out, mask
-
-
-def throughput(n_tokens: int, seconds: float) -> str:
-    return f"{n_tokens / max(seconds, 1e-9):,.0f} tokens/s"
-
-
-class Timer:
-    def __enter__(self):
-        self.t0 = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
 
 
 def relative_error(a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> float:

@@ -17,8 +17,8 @@ from singlepass.errors import SinglepassError
 @torch.no_grad()
 def layer_weights(module, cfg: dict, cache) -> tuple[np.ndarray, np.ndarray]:
     """-> Stage-2 weights [N, L+1] and predicted classes [N] for every cached row."""
+    from singlepass.models.batches import StateData
     from singlepass.models.probes import probabilities
-    from singlepass.models.train import StateData
 
     data = StateData(cache, max_tokens=8192)
     W = np.zeros((len(cache), cfg["num_layers"]), dtype=np.float64)
@@ -69,14 +69,16 @@ def plot_layer_weights(groups, num_layers: int, title: str, out: Path) -> Path:
 def plot_layers(probe_dir, dataset: str, split: str = "test", out: str | None = None, model: str | None = None,
                 cache_dir=None, data_dir=None, limit: int | None = None, progress: bool = True, log=print) -> dict:
     from singlepass.models import cache as state_cache
-    from singlepass.models.probe_io import load_probe, read_config
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import check_labels
+    from singlepass.models.probe_io import load_probe, read_config
+    from singlepass.models.registry import FAMILIES, get_family
 
     cfg = read_config(probe_dir)
-    if cfg["probe"] != "gate":
-        raise SinglepassError(f"plot-layers needs a gate probe (its Stage-2 weights are the figure); "
+    if not get_family(cfg["probe"]).layer_weights:
+        which = " or ".join(f.name for f in FAMILIES.values() if f.layer_weights)
+        raise SinglepassError(f"plot-layers needs a {which} probe (its Stage-2 weights are the figure); "
                               f"{probe_dir} is a {cfg['probe']!r} probe")
     backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
     module, cfg = load_probe(probe_dir, backbone.fingerprint)

@@ -1,8 +1,10 @@
 """Probe artifacts: a folder with ``config.json`` + ``model.safetensors`` (no pickle anywhere).
 
 config.json holds what serving needs to use the probe correctly: its type and constructor
-parameters, label names, decision threshold, prompt format and max length, the task, and the
-fingerprint of the backbone it was trained on (loading it onto another backbone is an error).
+parameters, what it reads (``"input"``: "hidden_states" or "logits"), label names, decision
+threshold, prompt format and max length, the task, and the fingerprint of the backbone it was
+trained on (loading it onto another backbone is an error). Folders written before ``"input"``
+was recorded get it from the probe family's descriptor when read.
 """
 
 from __future__ import annotations
@@ -20,6 +22,19 @@ REQUIRED = ("format", "version", "probe", "params", "num_layers", "hidden_size",
             "threshold", "prompt_format", "max_length", "backbone")
 
 
+def with_input(cfg: dict, where: str = "probe") -> dict:
+    """``cfg`` with ``"input"`` set (in place), from its family's descriptor where it is absent."""
+    if "input" not in cfg:
+        from singlepass.models.registry import FAMILIES
+
+        family = FAMILIES.get(cfg["probe"])
+        if family is None:
+            raise SinglepassError(f"{where}: config.json has no \"input\" and names an unknown probe type "
+                                  f"{cfg['probe']!r} (known: {', '.join(FAMILIES)})")
+        cfg["input"] = family.input
+    return cfg
+
+
 def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool = True) -> Path:
     """Write atomically: a half-written folder is never left behind."""
     from safetensors.torch import save_file
@@ -31,6 +46,7 @@ def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool 
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"probe config lacks {missing}")
+    with_input(cfg, f"probe {folder}")
     with staged_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -56,7 +72,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise SinglepassError(f"probe {folder}: config.json lacks {', '.join(missing)}")
-    return cfg
+    return with_input(cfg, f"probe {folder}")
 
 
 def check_backbone(cfg: dict, fingerprint: dict, where: str = "probe") -> None:
@@ -71,11 +87,11 @@ def check_backbone(cfg: dict, fingerprint: dict, where: str = "probe") -> None:
 
 
 def load_probe(folder: str | os.PathLike, fingerprint: dict | None = None):
-    """-> (module in eval mode, config). With ``fingerprint``, refuse a foreign backbone."""
+    """-> (module in eval mode, config with "input" set). With ``fingerprint``, refuse a foreign backbone."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    from singlepass.models.baselines import build_any
+    from singlepass.models.registry import build_any
 
     folder = Path(folder)
     cfg = read_config(folder)

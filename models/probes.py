@@ -13,8 +13,11 @@ normalisation (``input_norm="rms"``, the constructor default) because decoder LL
 "massive activations" (|h| ~ 2.5e4 on SmolLM2's first token); ``input_norm="standard"`` adds
 a fixed per-layer, per-dimension standardisation after it (mean and inverse std are buffers,
 set from training tokens by ``set_input_statistics``; the trainer's default for gate and MHA);
-``input_norm="none"`` is the paper's unnormalised variant. Per-layer parameters are stacked tensors used through einsum, so
-L+1 "modules" cost a handful of graph nodes rather than L+1 copies.
+``input_norm="none"`` is the paper's unnormalised variant. Per-layer parameters are stacked tensors
+used through einsum, so L+1 "modules" cost a handful of graph nodes rather than L+1 copies.
+
+Each family ends with its descriptor (``POOLING``, ``GATE``, ``MHA``: models/family.py): input
+kind, what trains, its search space and defaults.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PROBE_TYPES = ("pooling", "gate", "mha")
+from singlepass.models.family import Family
+
 INPUT_NORMS = ("rms", "standard", "none")
 NEG = -1e30  # masking value; probes always run in fp32 (kept so in reduced-precision engines)
 
@@ -114,6 +118,13 @@ class PoolingProbe(Probe):
         return v.mean(0) if self.layer_pool == "mean" else v.amax(0)  # [B, d]
 
 
+POOLS = ("mean", "max")
+POOLING = Family(
+    "pooling", input="hidden_states", head_only=True, build=PoolingProbe,
+    default_params=lambda d: {"token_pool": "mean", "layer_pool": "mean"},
+    sample_params=lambda d, rng: {"token_pool": str(rng.choice(POOLS)), "layer_pool": str(rng.choice(POOLS))})
+
+
 class GateProbe(Probe):
     """B. Scoring-attention gate: score_i = tanh(w . x_i), masked softmax, weighted sum.
 
@@ -140,6 +151,11 @@ class GateProbe(Probe):
         """Stage-2 weights over the L+1 layers [B, L+1] (the paper's interpretability plot)."""
         states, m = self.prepare(states, mask)
         return self.weights(states, m)[1]
+
+
+# Standardised inputs are the trainer's default (set_input_statistics); the search varies the optimiser only.
+GATE = Family("gate", input="hidden_states", head_only=False, build=GateProbe,
+              default_params=lambda d: {"input_norm": "standard"}, layer_weights=True)
 
 
 class MHAProbe(Probe):
@@ -192,12 +208,52 @@ class MHAProbe(Probe):
         return self.attend(s, ones, self.w_qkv[L1:], self.b_qkv[L1:], self.w_o[L1:], self.b_o[L1:])[0]
 
 
+# --- MHA's search space: the paper's downcast factors and head counts -------------------------------
+
+MHA_FACTORS = (4, 8, 16, 32, 64)
+MHA_HEADS = (4, 8, 16)
+
+
+def mha_choices(d: int) -> list[tuple[int, int]]:
+    """(factor, heads) pairs valid for width d: d_inner = d / factor integral and divisible by
+    heads. When no paper head count divides d_inner, the largest divisor <= 8 is used."""
+    out = []
+    for f in MHA_FACTORS:
+        if d % f:
+            continue
+        inner = d // f
+        hs = [h for h in MHA_HEADS if inner % h == 0] or [max(h for h in range(1, 9) if inner % h == 0)]
+        out.extend((f, h) for h in hs)
+    return out
+
+
+def mha_defaults(d: int) -> dict:
+    """The paper's main factor 32 (or the nearest valid one) with 8 heads where they divide."""
+    pairs = mha_choices(d)
+    f = min((p[0] for p in pairs), key=lambda f: abs(math.log(f / 32)))
+    heads = [h for ff, h in pairs if ff == f]
+    return {"factor": f, "heads": 8 if 8 in heads else heads[0], "pool": "mean", "input_norm": "standard"}
+
+
+def mha_sample(d: int, rng) -> dict:
+    pairs = mha_choices(d)
+    f, h = pairs[int(rng.integers(len(pairs)))]
+    return {"factor": int(f), "heads": int(h), "pool": str(rng.choice(POOLS)), "input_norm": "standard"}
+
+
+# max_attn: micro-batches keep B*T*T under 2^20 (the attention scores of one head group).
+MHA = Family("mha", input="hidden_states", head_only=False, build=MHAProbe, default_params=mha_defaults,
+             sample_params=mha_sample, max_attn=2 ** 20)
+
+PROBE_FAMILIES = {f.name: f for f in (POOLING, GATE, MHA)}
+PROBE_TYPES = tuple(PROBE_FAMILIES)
+
+
 def build_probe(kind: str, num_layers: int, hidden_size: int, num_classes: int, **params) -> Probe:
-    """num_layers is the number of stacked states, L+1."""
-    classes = {"pooling": PoolingProbe, "gate": GateProbe, "mha": MHAProbe}
-    if kind not in classes:
-        raise ValueError(f"unknown probe type {kind!r} (use one of {', '.join(classes)})")
-    return classes[kind](num_layers, hidden_size, num_classes, **params)
+    """One of the three probe families. num_layers is the number of stacked states, L+1."""
+    if kind not in PROBE_FAMILIES:
+        raise ValueError(f"unknown probe type {kind!r} (use one of {', '.join(PROBE_TYPES)})")
+    return PROBE_FAMILIES[kind].build(num_layers, hidden_size, num_classes, **params)
 
 
 def count_parameters(module: nn.Module) -> int:

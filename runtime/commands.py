@@ -11,7 +11,7 @@ def _labels_line(labels: dict) -> str:
 
 
 def cmd_generate(args) -> int:
-    from singlepass.runtime.generate import load
+    from singlepass.runtime.api import load
     from singlepass.runtime.policy import DEFAULT_REFUSAL, parse_specs
 
     rt = load(args.artifact, backend=args.backend, engine=args.engine, threads=args.threads,

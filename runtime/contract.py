@@ -1,17 +1,29 @@
-"""The artifact contract as the runtime reads it: manifest.json, its version, the files it names.
+"""The artifact contract as everything reads it: manifest.json as one typed view.
 
-This module is the torch-free half of the contract (``export/manifest.py`` writes manifests and
-imports the constants and ``read`` from here, never the other way round). ``load`` checks an
-artifact folder completely before anything is served, so a missing file or a manifest of
-another version is one clear error naming the problem instead of a failure mid-generation.
+An artifact folder::
+
+    manifest.json                    this contract (``Manifest``)
+    model.onnx (+ model.onnx.data)   the fused graph
+    tokenizer.json, ...              copied from the backbone folder
+    probes/<name>/                   each fused probe's own artifact (config.json + model.safetensors)
+    validation.json                  the parity report of the last `singlepass validate`
+
+This module is torch-free (the runtime reads it; ``export/manifest.py`` writes what it reads
+and imports the names from here, never the other way round). ``read_artifact`` checks a folder
+completely before anything is served, so a missing file or a manifest of another version is
+one clear error instead of a failure mid-generation. Everyone (runtime, export, validation,
+benchmarks) reads the manifest through ``Manifest``; ``Manifest.raw`` is the JSON it came from,
+for the writers that update it (validation, engine builds).
 """
 
 from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+
+import numpy as np
 
 from singlepass.errors import SinglepassError
 
@@ -23,12 +35,197 @@ GRAPH_DATA = "model.onnx.data"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "generation_config.json")
 REQUIRED = ("format", "version", "graph", "backbone", "tokenizer", "prompt", "limits", "probes")
-GRAPH_KEYS = ("file", "inputs", "outputs", "logits", "logits_last_position_only", "kv_cache", "past_names",
-              "present_names", "input_ids", "attention_mask", "position_ids")
+INPUT_KINDS = ("hidden_states", "logits")
+
+
+@dataclass(frozen=True)
+class FusedProbe:
+    """One probe fused into the graph: the single description that export, the manifest,
+    validation and the runtime share.
+
+    ``input``: what the probe reads, "hidden_states" (the stacked [L+1, B, T, d] states and the
+    step's mask) or "logits" (the next-token logits [B, V], MULI). ``outputs``: graph output
+    names, ``{"logits": "<name>/logits", "probs": "<name>/probs"}``."""
+
+    name: str
+    probe: str                      # the family (pooling, gate, mha, muli, ...)
+    label_names: tuple[str, ...]
+    threshold: float | None
+    input: str
+    outputs: dict
+    prompt_format: str
+    max_length: int | None
+    task: str | None = None
+    params: dict = field(default_factory=dict)
+    sha256: str | None = None       # of the probe's model.safetensors
+    backbone_sha256: str | None = None
+    folder: str | None = None       # probes/<name>, inside the artifact
+    source: str | None = None       # where the probe was exported from
+
+    def __post_init__(self):
+        if self.input not in INPUT_KINDS:
+            raise SinglepassError(f"probe {self.name!r}: input kind {self.input!r} is not fusable "
+                                  f"(supported: {', '.join(INPUT_KINDS)})")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
+
+    @property
+    def probs(self) -> str:
+        return self.outputs["probs"]
+
+    @property
+    def logits(self) -> str:
+        return self.outputs["logits"]
+
+    def decide(self, probs: np.ndarray, threshold: float | None = None) -> tuple[str, float]:
+        """One row's probabilities [C] -> (label, score). Binary: label_names[1] when P(positive)
+        reaches the threshold (score = P(positive)); multi-class: the argmax and its probability."""
+        if self.num_classes == 2:
+            thr = self.threshold if threshold is None else threshold
+            score = float(probs[1])
+            return (self.label_names[1] if score >= (0.5 if thr is None else thr) else self.label_names[0]), score
+        k = int(np.argmax(probs))
+        return self.label_names[k], float(probs[k])
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["label_names"] = list(self.label_names)
+        d["num_classes"] = self.num_classes
+        d["decision"] = ("positive (label_names[1]) when probs[:, 1] >= threshold" if self.num_classes == 2
+                         else "argmax over probs")
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "FusedProbe":
+        known = {f.name for f in fields(cls)}
+        kw = {k: v for k, v in d.items() if k in known}
+        kw["label_names"] = tuple(kw["label_names"])
+        return cls(**kw)
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The graph's input/output contract (``manifest["graph"]``)."""
+
+    file: str
+    inputs: list
+    outputs: list
+    logits: str
+    logits_last_position_only: bool
+    kv_cache: bool
+    past_names: list
+    present_names: list
+    input_ids: str
+    attention_mask: str
+    position_ids: str | None
+    hidden_states: str | None = None
+    external_data: str | None = None
+    opset: int | None = None
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i["name"] for i in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [o["name"] for o in self.outputs]
+
+    def input_dtype(self, name: str) -> str | None:
+        return next((i["dtype"] for i in self.inputs if i["name"] == name), None)
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_batch: int
+    max_prompt_length: int   # the one prompt limit (the longest max_length of the fused probes)
+    max_total_length: int    # prompt + generated tokens
+
+
+@dataclass(frozen=True)
+class TokenizerSpec:
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int | None
+    bos_token_id: int | None
+
+    @property
+    def pad_id(self) -> int:
+        """The one padding rule: the tokenizer's pad id, else the smallest EOS id, else 0 (padded
+        positions are masked, so the id only has to be a valid token)."""
+        if self.pad_token_id is not None:
+            return int(self.pad_token_id)
+        return int(min(self.eos_token_ids)) if self.eos_token_ids else 0
+
+
+@dataclass
+class Manifest:
+    """A checked manifest.json (see the module docstring)."""
+
+    folder: Path
+    raw: dict
+    graph: GraphSpec
+    probes: list[FusedProbe]
+    limits: Limits
+    tokenizer: TokenizerSpec
+
+    @property
+    def backbone(self) -> dict:
+        return self.raw["backbone"]
+
+    @property
+    def prompt(self) -> dict:
+        return self.raw["prompt"]
+
+    @property
+    def engines(self) -> list[dict]:
+        return self.raw.get("engines") or []
+
+    @property
+    def probe_names(self) -> list[str]:
+        return [p.name for p in self.probes]
+
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_id
+
+    @property
+    def kv_shape(self) -> tuple[int, int]:
+        """(num_kv_heads, head_dim) of each past/present tensor [B, num_kv_heads, S, head_dim]."""
+        return int(self.backbone["num_kv_heads"]), int(self.backbone["head_dim"])
+
+    def probe(self, name: str) -> FusedProbe:
+        for p in self.probes:
+            if p.name == name:
+                return p
+        raise SinglepassError(f"{self.folder}: no probe named {name!r} (probes: {', '.join(self.probe_names) or 'none'})")
+
+    @classmethod
+    def from_dict(cls, folder: str | os.PathLike, m: dict) -> "Manifest":
+        """Type and cross-check a manifest dict (``read`` has checked format and version)."""
+        folder = Path(folder)
+        g = m["graph"]
+        lacking = [f.name for f in fields(GraphSpec) if f.default is MISSING and f.name not in g]
+        if lacking:
+            raise SinglepassError(f"{folder}: manifest.json graph section lacks {', '.join(lacking)}")
+        graph = GraphSpec(**{f.name: g.get(f.name, f.default) for f in fields(GraphSpec)})
+        lim = m["limits"]
+        for k in ("max_batch", "max_prompt_length", "max_total_length"):
+            if not isinstance(lim.get(k), int) or isinstance(lim.get(k), bool) or lim[k] < 1:
+                raise SinglepassError(f"{folder}: manifest.json limits.{k} must be a positive integer, "
+                                      f"not {lim.get(k)!r}")
+        tk = m["tokenizer"]
+        try:
+            probes = [FusedProbe.from_dict(p) for p in m["probes"]]
+        except (KeyError, TypeError) as e:
+            raise SinglepassError(f"{folder}: manifest.json has a malformed probe entry ({e})") from None
+        return cls(folder, m, graph, probes, Limits(lim["max_batch"], lim["max_prompt_length"], lim["max_total_length"]),
+                   TokenizerSpec(tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"),
+                                 tk.get("bos_token_id")))
 
 
 def read(folder: str | os.PathLike) -> dict:
-    """manifest.json of an artifact folder, checked for format, version and required keys."""
+    """manifest.json of an artifact folder as a dict, checked for format, version and required keys."""
     folder = Path(folder)
     if not folder.is_dir():
         raise SinglepassError(f"{folder}: no such artifact folder")
@@ -52,69 +249,29 @@ def read(folder: str | os.PathLike) -> dict:
     return m
 
 
-@dataclass
-class Artifact:
-    """An artifact folder checked for serving."""
-
-    folder: Path
-    manifest: dict
-
-    @property
-    def graph(self) -> dict:
-        return self.manifest["graph"]
-
-    @property
-    def probes(self) -> list[dict]:
-        return self.manifest["probes"]
-
-    @property
-    def probe_names(self) -> list[str]:
-        return [p["name"] for p in self.manifest["probes"]]
-
-    @property
-    def limits(self) -> dict:
-        return self.manifest["limits"]
-
-    def probe(self, name: str) -> dict:
-        for p in self.manifest["probes"]:
-            if p["name"] == name:
-                return p
-        raise SinglepassError(f"{self.folder}: no probe named {name!r} (probes: {', '.join(self.probe_names) or 'none'})")
-
-
-def load(folder: str | os.PathLike) -> Artifact:
+def read_artifact(folder: str | os.PathLike) -> Manifest:
     """Read and check an artifact folder: manifest version, graph keys, every file the runtime opens."""
     folder = Path(folder)
-    m = read(folder)
-    g = m["graph"]
-    lacking = [k for k in GRAPH_KEYS if k not in g]
-    if lacking:
-        raise SinglepassError(f"{folder}: manifest.json graph section lacks {', '.join(lacking)}")
+    m = Manifest.from_dict(folder, read(folder))
+    g = m.graph
     missing = []
-    data = g.get("external_data")
-    if data and not (folder / data).is_file():
+    if g.external_data and not (folder / g.external_data).is_file():
         # save_graph always writes the weights to the external data file (size_threshold=1024)
-        missing.append(data)
+        missing.append(g.external_data)
     if not (folder / "tokenizer.json").is_file():
         missing.append("tokenizer.json")
     if missing:
         raise SinglepassError(f"{folder}: the artifact is incomplete, missing {', '.join(missing)}; re-export it or "
                               "copy the whole folder")
-    if g["kv_cache"] and len(g["past_names"]) != len(g["present_names"]):
-        raise SinglepassError(f"{folder}: manifest.json has {len(g['past_names'])} past inputs but "
-                              f"{len(g['present_names'])} present outputs")
-    outputs = {o["name"] for o in g["outputs"]}
-    inputs = {i["name"] for i in g["inputs"]}
-    need_out = [g["logits"]] + (list(g["present_names"]) if g["kv_cache"] else []) + \
-        [p["outputs"]["probs"] for p in m["probes"]]
-    need_in = [g["input_ids"], g["attention_mask"]] + ([g["position_ids"]] if g["position_ids"] else []) + \
-        (list(g["past_names"]) if g["kv_cache"] else [])
+    if g.kv_cache and len(g.past_names) != len(g.present_names):
+        raise SinglepassError(f"{folder}: manifest.json has {len(g.past_names)} past inputs but "
+                              f"{len(g.present_names)} present outputs")
+    outputs, inputs = set(g.output_names), set(g.input_names)
+    need_out = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in m.probes]
+    need_in = [g.input_ids, g.attention_mask] + ([g.position_ids] if g.position_ids else []) + \
+        (list(g.past_names) if g.kv_cache else [])
     bad = [n for n in need_out if n not in outputs] + [n for n in need_in if n not in inputs]
     if bad:
         raise SinglepassError(f"{folder}: manifest.json names graph tensors the graph does not list: "
                               f"{', '.join(bad[:6])}")
-    lim = m["limits"]
-    for k in ("max_batch", "max_prompt_length", "max_total_length"):
-        if not isinstance(lim.get(k), int) or lim[k] < 1:
-            raise SinglepassError(f"{folder}: manifest.json limits.{k} must be a positive integer, not {lim.get(k)!r}")
-    return Artifact(folder, m)
+    return m

@@ -12,37 +12,52 @@ from __future__ import annotations
 
 import numpy as np
 
+from singlepass.runtime.contract import Manifest
 
-def empty_past(manifest: dict, batch: int, length: int = 0) -> list[np.ndarray]:
+
+def empty_past(manifest: Manifest, batch: int, length: int = 0) -> list[np.ndarray]:
     """Zero past tensors [B, num_kv_heads, length, head_dim], one per past input."""
-    b = manifest["backbone"]
-    shape = (batch, b["num_kv_heads"], length, b["head_dim"])  # [B, kv_heads, P, head_dim]
-    return [np.zeros(shape, np.float32) for _ in manifest["graph"]["past_names"]]
+    heads, head_dim = manifest.kv_shape
+    shape = (batch, heads, length, head_dim)  # [B, kv_heads, P, head_dim]
+    return [np.zeros(shape, np.float32) for _ in manifest.graph.past_names]
 
 
-def make_feed(manifest: dict, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray | None,
+def make_feed(manifest: Manifest, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray | None,
               past: list[np.ndarray] | None = None, dummy: int = 0) -> dict:
     """One pass's feed. ``past=None`` means prefill: ``dummy`` masked past slots (0 = empty past),
     whose zero columns are prepended to ``mask``; later passes already carry them in ``mask``."""
-    g = manifest["graph"]
-    if g["kv_cache"] and past is None and dummy:
+    g = manifest.graph
+    if g.kv_cache and past is None and dummy:
         mask = np.concatenate([np.zeros((mask.shape[0], dummy), np.int64), mask], 1)  # [B, dummy + T]
-    feed = {g["input_ids"]: ids, g["attention_mask"]: mask}
-    if g["position_ids"]:
-        feed[g["position_ids"]] = pos
-    if g["kv_cache"]:
-        feed.update(zip(g["past_names"], past if past is not None else empty_past(manifest, ids.shape[0], dummy)))
+    feed = {g.input_ids: ids, g.attention_mask: mask}
+    if g.position_ids:
+        feed[g.position_ids] = pos
+    if g.kv_cache:
+        feed.update(zip(g.past_names, past if past is not None else empty_past(manifest, ids.shape[0], dummy)))
     return feed
 
 
-def advance(manifest: dict, nxt: np.ndarray, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
+def advance(manifest: Manifest, nxt: np.ndarray, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
             present: list[np.ndarray] | None):
     """The next decode pass's (ids, mask, pos, past) after tokens ``nxt`` [B] were chosen.
 
     ``mask`` is the whole mask fed last time (dummy slots included); with a KV cache the past is
     the presents just returned and only the new token is fed."""
     mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)  # [B, total + 1]
-    if manifest["graph"]["kv_cache"]:
+    if manifest.graph.kv_cache:
         return nxt[:, None].astype(np.int64), mask, pos[:, -1:] + 1, present  # ids [B, 1], pos [B, 1]
     ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)  # [B, T + 1]
     return ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None), None
+
+
+def pad_id(manifest: Manifest | dict) -> int:
+    """The padding id: the manifest's pad_token_id, else min(eos_token_ids), else 0 (padded
+    positions are masked, so it only has to be a valid token). One rule, ``TokenizerSpec.pad_id``;
+    a manifest still held as the manifest.json dict is read the same way."""
+    from singlepass.runtime.contract import TokenizerSpec
+
+    if isinstance(manifest, Manifest):
+        return manifest.pad_id
+    tk = manifest.get("tokenizer") or {}
+    return TokenizerSpec(tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"),
+                         tk.get("bos_token_id")).pad_id

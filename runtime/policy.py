@@ -21,6 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from singlepass.errors import SinglepassError
+from singlepass.runtime.contract import FusedProbe
 
 ACTIONS = ("report", "block")
 DEFAULT_REFUSAL = "Sorry, I can't help with that request."
@@ -63,7 +64,7 @@ def parse_specs(specs: list[str] | None) -> dict[str, Rule]:
     return out
 
 
-def resolve(policy, probes: list[dict]) -> dict[str, Rule]:
+def resolve(policy, probes: list[FusedProbe]) -> dict[str, Rule]:
     """Check a policy against the artifact's probes -> {probe name: Rule} for every probe.
 
     ``policy``: None, a dict {name: Rule | str}, or a list of ``NAME=RULE`` strings."""
@@ -74,7 +75,7 @@ def resolve(policy, probes: list[dict]) -> dict[str, Rule]:
     elif not isinstance(policy, dict):
         raise SinglepassError(f"policy must be a dict {{probe: rule}} or a list of NAME=RULE strings, not "
                               f"{type(policy).__name__}")
-    by_name = {p["name"]: p for p in probes}
+    by_name = {p.name: p for p in probes}
     rules = {name: Rule() for name in by_name}
     for name, rule in policy.items():
         if name not in by_name:
@@ -86,7 +87,7 @@ def resolve(policy, probes: list[dict]) -> dict[str, Rule]:
             raise SinglepassError(f"policy for {name!r} must be a Rule or a string like 'block', not "
                                   f"{type(rule).__name__}")
         p = by_name[name]
-        names = list(p["label_names"])
+        names = list(p.label_names)
         unknown = [lb for lb in rule.labels if lb not in names]
         if unknown:
             raise SinglepassError(f"policy for {name!r} names label(s) {', '.join(map(repr, unknown))}; the probe's "
@@ -102,22 +103,22 @@ def resolve(policy, probes: list[dict]) -> dict[str, Rule]:
     return rules
 
 
-def flagged(rule: Rule, probe: dict, label: str, score: float) -> bool:
+def flagged(rule: Rule, probe: FusedProbe, label: str, score: float) -> bool:
     """Does this prompt's label trigger a ``block`` rule?"""
     if rule.action != "block":
         return False
     if rule.labels:
         return label in rule.labels
-    threshold = rule.threshold if rule.threshold is not None else probe.get("threshold")
+    threshold = rule.threshold if rule.threshold is not None else probe.threshold
     threshold = 0.5 if threshold is None else threshold
     return score >= threshold
 
 
-def decide(rules: dict[str, Rule], probes: list[dict], labels: dict) -> str | None:
+def decide(rules: dict[str, Rule], probes: list[FusedProbe], labels: dict) -> str | None:
     """-> the name of the first probe (manifest order) whose rule blocks, or None.
     ``labels``: {name: Label} for one prompt."""
     for p in probes:
-        lb = labels[p["name"]]
-        if flagged(rules[p["name"]], p, lb.label, lb.score):
-            return p["name"]
+        lb = labels[p.name]
+        if flagged(rules[p.name], p, lb.label, lb.score):
+            return p.name
     return None

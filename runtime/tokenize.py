@@ -17,6 +17,7 @@ from datetime import datetime
 from pathlib import Path
 
 from singlepass.errors import SinglepassError
+from singlepass.runtime.contract import Manifest
 
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' clean_up_tokenization (applied on decode only where the tokenizer config asks
@@ -81,7 +82,7 @@ class PromptTokenizer:
     """Tokeniser + prompt format of an artifact folder (``tokenizer.json``, ``tokenizer_config.json``,
     ``special_tokens_map.json``, the manifest's ``prompt`` section)."""
 
-    def __init__(self, folder: str | Path, manifest: dict):
+    def __init__(self, folder: str | Path, manifest: Manifest):
         from tokenizers import Tokenizer
 
         folder = Path(folder)
@@ -89,7 +90,7 @@ class PromptTokenizer:
             self.tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         except Exception as e:  # noqa: BLE001 - tokenizers raises a plain Exception
             raise SinglepassError(f"{folder}/tokenizer.json cannot be loaded ({str(e)[:200]})") from None
-        pr = manifest["prompt"]
+        pr = manifest.prompt
         self.format = pr.get("format", "chat")
         if self.format not in ("chat", "raw"):
             raise SinglepassError(f"{folder}: unknown prompt format {self.format!r} in manifest.json")

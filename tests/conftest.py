@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-
 from tiny import build_tiny_llama
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,8 +53,8 @@ def quick_probe(backbone, folder):
     """A gate probe trained for a few steps on 16 sentences (a real, if small, trained probe)."""
     import torch
 
-    from singlepass.models.probe_io import save_probe
     from singlepass.models.extract import extract
+    from singlepass.models.probe_io import save_probe
     from singlepass.models.probes import build_probe
 
     states, mask, _ = extract(backbone, POSITIVE + NEGATIVE, batch_size=16)

@@ -14,7 +14,7 @@ def make_probe(folder: Path, backbone, method: str = "gate", num_classes: int = 
     import torch
 
     from singlepass.models.probe_io import save_probe
-    from singlepass.models.baselines import build_method, input_kind
+    from singlepass.models.registry import build_method, input_kind
 
     L1, d, V = backbone.num_layers + 1, backbone.hidden_size, backbone.model.config.vocab_size
     if method == "muli":

@@ -33,3 +33,24 @@ def test_targets_and_cells_follow_the_stored_runs():
     for r in runs[3:6]:  # gate below pooling now
         r["eval"]["toxicchat/test_human"]["f1"] = 0.30
     assert ": missed" in targets(runs)[0]
+
+
+def test_table_only_reproduces_the_committed_table(tmp_path, capsys):
+    """accuracy.md is a function of the stored runs alone: --table-only over a copy of the
+    committed runs writes the committed table into --out."""
+    import shutil
+    from pathlib import Path
+
+    import pytest
+
+    from singlepass.benchmarks.accuracy import load_runs, main, runs_dir
+
+    results = Path(__file__).resolve().parent.parent / "benchmarks" / "results"
+    if not (results / "accuracy").is_dir() or not (results / "accuracy.md").is_file():
+        pytest.skip("no committed accuracy results")
+    pytest.importorskip("torch")  # `run` sets torch's thread count
+    assert load_runs(runs_dir(results)), "the committed runs are found under RESULTS/accuracy"
+    shutil.copytree(results / "accuracy", tmp_path / "accuracy")
+    assert main(["--table-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "accuracy.md").read_text() == (results / "accuracy.md").read_text()
+    assert f"wrote {tmp_path / 'accuracy.md'}" in capsys.readouterr().out

@@ -45,6 +45,37 @@ def test_data_dir_is_configurable(tmp_path, monkeypatch):
     assert load_dataset("sst2", "validation").texts == ["fine"]
 
 
+def test_data_folder_is_the_flag_then_the_environment_then_the_nearest_shared_data(tmp_path, monkeypatch):
+    """--data-dir, else $SINGLEPASS_DATA, else the first shared/data beside the working directory
+    or beside one of its parents (never a path derived from where the package is installed)."""
+    from singlepass.models.data import data_dir, find_shared_data
+
+    monkeypatch.delenv("SINGLEPASS_DATA", raising=False)
+    work = tmp_path / "ci" / "clone" / "repo" / "tests"
+    work.mkdir(parents=True)
+    monkeypatch.chdir(work)
+    far = tmp_path / "ci" / "shared" / "data"  # beside ci/clone, a parent of the working directory
+    far.mkdir(parents=True)
+    assert data_dir() == far == find_shared_data()
+    near = tmp_path / "ci" / "clone" / "shared" / "data"  # beside the checkout: nearer, so it wins
+    near.mkdir(parents=True)
+    assert data_dir() == near
+    (tmp_path / "ci" / "clone" / "repo" / "shared").mkdir()  # shared/ without data/ is not a data folder
+    assert data_dir() == near
+    monkeypatch.setenv("SINGLEPASS_DATA", str(tmp_path / "env"))
+    assert data_dir() == tmp_path / "env"
+    assert data_dir(str(tmp_path / "flag")) == tmp_path / "flag"
+
+    monkeypatch.delenv("SINGLEPASS_DATA")
+    lonely = tmp_path / "elsewhere" / "checkout"
+    lonely.mkdir(parents=True)
+    monkeypatch.chdir(lonely)
+    assert find_shared_data() is None
+    with pytest.raises(SinglepassError, match=r"\$SINGLEPASS_DATA.*--data-dir"):
+        load_dataset("sst2", "validation")
+    assert load_file(write_jsonl(lonely / "own.jsonl", [{"text": "a", "label": 0}])).texts == ["a"]  # no folder needed
+
+
 def test_unknown_dataset_and_split():
     with pytest.raises(SinglepassError, match="unknown dataset"):
         load_dataset("nope", "train")

@@ -9,10 +9,11 @@ import torch
 
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
-from singlepass.models.probe_io import load_probe, read_config, save_probe
-from singlepass.models.baselines import METHODS, build_method
 from singlepass.models.data import load_dataset
-from singlepass.models.evaluate import check_labels, compute_metrics, tpr_at_fpr
+from singlepass.models.evaluate import check_labels
+from singlepass.models.metrics import compute_metrics, tpr_at_fpr
+from singlepass.models.probe_io import load_probe, read_config, save_probe
+from singlepass.models.registry import METHODS, build_method
 
 MAX_LEN = 96
 
@@ -73,6 +74,24 @@ def test_save_load_round_trip_gives_identical_outputs(method, tmp_path):
     loaded, cfg2 = load_probe(tmp_path / "p", cfg["backbone"])
     assert cfg2["threshold"] == 0.4 and cfg2["input"] == cfg["input"]
     torch.testing.assert_close(loaded(*x), m(*x), rtol=0, atol=0)
+
+
+def test_config_json_always_carries_the_input_kind(tmp_path):
+    """save_probe writes "input"; an older folder without it reads back with it (from the family)."""
+    for method in METHODS:
+        cfg = _config(method)
+        want = cfg.pop("input")
+        p = save_probe(tmp_path / method, build_method(method, 3, 16, 2, **cfg["params"]), cfg)
+        raw = json.loads((p / "config.json").read_text())
+        assert raw["input"] == want
+        del raw["input"]  # a folder from before "input" was recorded
+        (p / "config.json").write_text(json.dumps(raw))
+        assert read_config(p)["input"] == want and load_probe(p)[1]["input"] == want
+    raw["probe"] = "svm"
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text(json.dumps(raw))
+    with pytest.raises(SinglepassError, match="old.*unknown probe type 'svm'"):
+        read_config(tmp_path / "old")
 
 
 def test_corrupt_or_foreign_artifacts_are_clear_errors(tmp_path):

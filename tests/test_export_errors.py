@@ -94,7 +94,7 @@ def test_failed_validation_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_mo
                                           legacy_graph):
     import singlepass.export.validate as v
 
-    monkeypatch.setattr(v, "TOL_LOGITS", 0.0)  # no fp32 graph matches exactly: validation must fail
+    monkeypatch.setitem(v.TOLERANCES["fp32"], "logits", 0.0)  # no fp32 graph matches exactly: validation must fail
     code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", legacy_graph, "--probe", tox)
     assert code == 2 and "does not match the PyTorch reference (worst: " in err
     assert leftovers(tmp_path, "art") == []

@@ -43,12 +43,14 @@ def exported(request, tmp_path_factory, tiny_backbone, tiny_model_dir, probes, c
 
 
 def test_foreign_graphs_differ_in_naming(tiny_backbone, tmp_path):
+    import onnx_graphsurgeon as gs
+
     from singlepass.export import surgery
 
     found = {}
     for name, (exporter, kv, positions, opset) in GRAPHS.items():
         path = foreign_graph(tiny_backbone, tmp_path / f"{name}.onnx", exporter, kv, positions, opset)
-        s = surgery.find_residual_stream(onnx.load(str(path)), expected_layers=tiny_backbone.num_layers)
+        s = surgery.find_residual_stream(gs.import_onnx(onnx.load(str(path))), expected_layers=tiny_backbone.num_layers)
         found[name] = s
         assert len(s.hidden_states) == tiny_backbone.num_layers + 1
     legacy, dynamo = found["legacy-kv"], found["dynamo-nokv"]
@@ -98,7 +100,7 @@ def test_runtime_serves_both_foreign_graphs(exported, tiny_backbone):
     """singlepass generate on graphs singlepass did not export: a KV cache (legacy) and full
     recompute without a position_ids input (dynamo): greedy tokens equal transformers'."""
     from singlepass.models.prompts import encode_one
-    from singlepass.runtime.generate import load
+    from singlepass.runtime.api import load
 
     _, _, out = exported
     rt = load(out, backend="cpu")

@@ -7,7 +7,7 @@ import torch
 from singlepass.errors import SinglepassError
 from singlepass.models import cache as state_cache
 from singlepass.models.data import Dataset
-from singlepass.models.extract import extract, forward_hidden, batch_tensors, plan_batches, relative_error
+from singlepass.models.extract import batch_tensors, extract, forward_hidden, plan_batches, relative_error
 from singlepass.models.prompts import encode, encode_one, render
 
 TEXTS = ["What is the capital of France?", "This movie was wonderful.",

@@ -1,12 +1,17 @@
 """The latency benchmark's pure helpers (no model, no onnxruntime session): the statistics over
-alternating runs, the tables, the chart, and the guard-side padding/batching helpers."""
+alternating runs, the tables, the report, the chart, the results location, and the guard-side
+padding/batching helpers."""
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from singlepass.benchmarks import latency_report as rep
+
+RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results"  # the committed results
 
 
 def test_per_request_repeats_batch_time_for_every_request():
@@ -109,13 +114,13 @@ def test_chart_writes_a_png(tmp_path):
 
 
 def test_guard_helpers():
-    from singlepass.benchmarks.guards import _batches, pad_right, score_in_batches
+    from singlepass.benchmarks.guards import _batches, batch_inputs, score_in_batches
 
     class E:
         def __init__(self, ids):
             self.ids = ids
 
-    ids, mask = pad_right([E([1, 2, 3]), E([4])])
+    ids, mask = batch_inputs([E([1, 2, 3]), E([4])])
     assert ids.tolist() == [[1, 2, 3], [4, 0, 0]] and mask.tolist() == [[1, 1, 1], [1, 0, 0]]
     lengths = np.array([5, 1, 3, 2, 4])
     b = _batches(lengths, 2, None)
@@ -129,7 +134,8 @@ def test_guard_helpers():
 def test_settings_and_artifact_plan():
     from argparse import Namespace
 
-    from singlepass.benchmarks.latency import artifact_plan, settings_for
+    from singlepass.benchmarks.latency import settings_for
+    from singlepass.benchmarks.latency_prepare import artifact_plan
 
     s = settings_for(Namespace(n=200, n_batched=48, n_decode=8, batch=[1, 8], new_tokens=[1, 32]))
     assert [(x["batch"], x["new_tokens"], x["n"]) for x in s] == [(1, 1, 200), (8, 1, 48), (1, 32, 8), (8, 32, 8)]
@@ -138,3 +144,96 @@ def test_settings_and_artifact_plan():
     plan = artifact_plan({m: {"dir": f"/p/{m}"} for m in ("pooling", "gate", "mha")})
     assert plan == {"base": [], "pooling": ["/p/pooling:pooling"], "gate": ["/p/gate:gate"], "mha": ["/p/mha:mha"],
                     "gate+mha": ["/p/gate:gate", "/p/mha:mha"]}
+
+
+def test_memory_texts_are_the_first_and_the_longest_in_order():
+    from singlepass.benchmarks.latency import memory_texts
+
+    texts = ["a", "b", "c", "d", "e", "f"]
+    assert memory_texts(texts, [1, 9, 2, 8, 3, 7], 4) == ["a", "b", "d"]  # first 2 | longest 2 (b, d)
+    assert memory_texts(texts, [1, 2, 3, 4, 5, 6], 4) == ["a", "b", "e", "f"]
+
+
+def test_table_only_reproduces_the_committed_report(tmp_path, capsys):
+    """latency.md is a function of latency.json alone: --table-only on a copy of the committed
+    measurements writes the committed latency.md (and a chart) into --out."""
+    if not (RESULTS / "latency.json").is_file() or not (RESULTS / "latency.md").is_file():
+        pytest.skip("no committed latency results")
+    pytest.importorskip("matplotlib")
+    from singlepass.benchmarks.latency import main
+
+    res = json.loads((RESULTS / "latency.json").read_text())
+    assert rep.render(res) == (RESULTS / "latency.md").read_text()
+    (tmp_path / "latency.json").write_text((RESULTS / "latency.json").read_text())
+    assert main(["--table-only", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "latency.md").read_text() == (RESULTS / "latency.md").read_text()
+    assert (tmp_path / "latency.png").read_bytes()[:4] == b"\x89PNG"
+    first = res["latency_settings"][0]
+    assert f"{rep.setting_key(first['batch'], first['new_tokens'])} ({first['n']} prompts)" in capsys.readouterr().out
+
+
+def test_results_dir_is_out_or_the_working_directory(tmp_path, monkeypatch):
+    from singlepass.benchmarks.outputs import results_dir
+
+    monkeypatch.chdir(tmp_path)
+    assert results_dir() == tmp_path / "benchmarks" / "results"
+    assert results_dir(None) == tmp_path / "benchmarks" / "results"
+    assert results_dir(tmp_path / "elsewhere") == tmp_path / "elsewhere"
+    assert results_dir("rel") == Path("rel")
+
+
+def test_machine_record_keys():
+    pytest.importorskip("onnxruntime")
+    from singlepass.benchmarks.machine import machine_info, ort_machine
+
+    assert list(ort_machine()) == ["cpu", "cpu_count", "memory_gib", "system", "python", "onnxruntime", "loadavg"]
+    assert list(machine_info()) == ["cpu", "cpu_count", "memory_gib", "system", "python"]
+
+
+# --- the serving side on a tiny exported artifact (the runtime's public API only) -------------------
+
+@pytest.fixture(scope="module")
+def tiny_art(tmp_path_factory, tiny_backbone):
+    """A tiny artifact with one gate probe fused as ``gate`` -> (folder, probe spec)."""
+    pytest.importorskip("onnx")
+    from export_helpers import make_probe
+
+    from singlepass.export.pipeline import export_artifact
+
+    root = tmp_path_factory.mktemp("bench-art")
+    probe = make_probe(root / "gate", tiny_backbone, "gate")
+    export_artifact(root / "art", [f"{probe}:gate"], backbone=tiny_backbone, log=lambda m: None)
+    return root / "art", f"{probe}:gate"
+
+
+def test_serving_llm_does_fixed_work_and_reads_first_logits(tiny_art, tiny_backbone):
+    from singlepass.benchmarks.serving import LLM, Pipeline
+
+    llm = LLM(tiny_art[0], threads=1)
+    texts = ["hello there", "a much longer prompt about the sea and the sky"]
+    res = llm(texts, 4)
+    assert [len(r.token_ids) for r in res] == [4, 4]  # EOS ignored: every request does the same work
+    assert all(r.finish_reason == "max_new_tokens" for r in res) and llm.probe_names == ["gate"]
+    assert all(set(r.labels) == {"gate"} for r in res)
+    logits = llm.first_logits([llm.encode(t) for t in texts])
+    assert logits.shape == (2, tiny_backbone.model.config.vocab_size)  # [B, V]
+    assert logits.argmax(-1).tolist() == [r.token_ids[0] for r in res]  # greedy: the same first token
+    verdicts, out = Pipeline(lambda ts: np.zeros(len(ts), bool), llm)(texts, 1)
+    assert verdicts.tolist() == [False, False] and [len(r.token_ids) for r in out] == [1, 1]
+
+
+def test_memory_worker_and_artifact_check_on_a_real_artifact(tiny_art, tiny_backbone):
+    from singlepass.benchmarks.latency_prepare import artifact_current
+    from singlepass.benchmarks.latency_worker import run_memory
+
+    folder, spec = tiny_art
+    sha = tiny_backbone.fingerprint["sha256"]
+    assert artifact_current(folder, [spec], sha)
+    assert not artifact_current(folder, [spec], "another backbone")
+    assert not artifact_current(folder, [spec.rsplit(":", 1)[0] + ":other"], sha)
+    assert not artifact_current(folder, [], sha)
+    assert not artifact_current(folder.parent / "missing", [spec], sha)
+    r = run_memory({"config": {"name": "gate", "artifact": str(folder)}, "threads": 1, "texts": ["hi", "hello you"],
+                    "settings": [{"batch": 1, "new_tokens": 2}, {"batch": 2, "new_tokens": 1}]})
+    assert r["name"] == "gate" and r["prompts"] == 2 and set(r["serve_seconds"]) == {"1,2", "2,1"}
+    assert set(r["peak_by_batch_mib"]) == {"1", "2"} and r["peak_rss_mib"] >= r["rss_loaded_mib"] > 0

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from singlepass.models.baselines import (METHODS, FixedReadoutProbe, MuliProbe, build_any, build_method,
-                                         head_only, last_token_onehot)
+from singlepass.models.baselines import FixedReadoutProbe, MuliProbe, last_token_onehot
 from singlepass.models.probes import count_parameters
+from singlepass.models.registry import FAMILIES, METHODS, build_any, build_method, head_only
 
 STATE_METHODS = [m for m in METHODS if m != "muli"]
 PARAMS = {"pooling": {}, "gate": {}, "mha": {"factor": 4, "heads": 4}, "last-token": {}, "mean-final": {}}
@@ -161,3 +161,27 @@ def test_build_any_covers_every_method_and_rejects_unknown_ones():
         build_any({"probe": "svm", "num_layers": 3, "hidden_size": 16, "label_names": ["a", "b"], "params": {}})
     with pytest.raises(ValueError):
         build_method("mha", 3, 16, 2, factor=3)  # 16 / 3 is not an integer width
+
+
+def test_family_descriptors_declare_what_their_modules_do():
+    """Each --probe choice's descriptor (input kind, head-only training, layer weights) matches the
+    module it builds, at its defaults and at sampled search points."""
+    assert METHODS == ("pooling", "gate", "mha", "muli", "last-token", "mean-final")  # the CLI choices
+    rng = np.random.default_rng(0)
+    for name, family in FAMILIES.items():
+        assert family.name == name and family.input in ("hidden_states", "logits")
+        draws = [family.default_params(64)] + ([family.sample_params(64, rng) for _ in range(4)]
+                                               if family.sample_params else [])
+        for params in draws:
+            params = {**params, **{k: 30 for k in family.from_backbone}}  # vocab_size for MULI
+            torch.manual_seed(0)
+            module = family.build(3, 64, 2, **params).eval()
+            assert head_only(module) == family.head_only, name
+            assert hasattr(module, "layer_weights") == family.layer_weights, name
+            if family.input == "logits":
+                out = module(torch.randn(4, 30))
+            else:
+                out = module(torch.randn(3, 4, 5, 64), torch.ones(4, 5, dtype=torch.int64))
+            assert out.shape == (4, 1), name
+        assert family.fit_buffers is None or family.head_only  # self-standardising features are precomputed
+        assert family.recipe is None or family.sample_params is None  # a fixed recipe is never searched

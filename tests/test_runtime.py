@@ -3,6 +3,7 @@ equal the PyTorch reference, batching invariance, streaming, sampling, the label
 input, the TensorRT guard and profile limits, the CLI, and no torch anywhere."""
 
 import copy
+import dataclasses
 import ctypes
 import json
 import shutil
@@ -19,7 +20,8 @@ from export_helpers import make_probe
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
 from singlepass.runtime import backends as be
-from singlepass.runtime.generate import Runtime, decode_one_token, last_logits, load, prefill
+from singlepass.runtime.api import Runtime, load
+from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 from singlepass.runtime.policy import Rule, parse_specs
 from singlepass.runtime.sampling import Sampling, filter_logits, sample
 
@@ -83,7 +85,7 @@ def test_tokenization_equals_models_prompts(rt, tiny_backbone, art):
         assert rt.encode(t, truncate=True) == (hf_ids(tiny_backbone, t, truncate=True),
                                                len(hf_ids(tiny_backbone, t, 10**6)) > MAX_PROMPT)
     m = copy.deepcopy(rt.manifest)
-    m["prompt"]["format"] = "raw"
+    m.prompt["format"] = "raw"
     raw = PromptTokenizer(art[0], m)
     for t in texts:
         assert raw.encode(t, 40, truncate=True)[0] == hf_ids(tiny_backbone, t, 40, True, "raw")
@@ -173,7 +175,7 @@ def test_each_sequence_stops_at_its_own_eos(art, rt):
     assert after[0].token_ids == [stop] and after[0].finish_reason == "eos"
     assert after[1].token_ids == before[1].token_ids and after[1].finish_reason == "max_new_tokens"
     # the artifact's total length limit ends a sequence too
-    rt2.manifest["limits"]["max_total_length"] = before[1].prompt_tokens + 3
+    rt2.manifest.limits = dataclasses.replace(rt2.manifest.limits, max_total_length=before[1].prompt_tokens + 3)
     r = rt2.generate(PROMPTS[1], 6)
     assert r.token_ids == before[1].token_ids[:3] and r.finish_reason == "max_total_length"
 

@@ -17,7 +17,7 @@ def test_smollm2_runtime_matches_transformers_and_the_probe(real_artifact, real_
     from singlepass.models.extract import extract
     from singlepass.models.probes import probabilities
     from singlepass.models.prompts import encode_one
-    from singlepass.runtime.generate import load
+    from singlepass.runtime.api import load
 
     tok, model = real_backbone.tokenizer, real_backbone.model
     rt = load(real_artifact.path, backend="cpu")

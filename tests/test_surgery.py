@@ -2,7 +2,8 @@
 
 The toy decoder has the Llama residual structure (embedding Gather, two residual adds per
 layer, RMS norms, lm_head MatMul) with arbitrary tensor names, so these tests show the
-surgery finds the stream by structure, not by one exporter's naming.
+surgery finds the stream by structure, not by one exporter's naming. The transforms edit an
+onnx-graphsurgeon graph; ``run`` exports it (``surgery.to_model``) and executes it.
 """
 
 import random
@@ -10,12 +11,14 @@ import uuid
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
 from singlepass.export import surgery
 from singlepass.export.surgery import SurgeryError
+from singlepass.export.tensorrt import name_nodes, normalisation_nodes
 
 V, D = 20, 8
 
@@ -96,8 +99,12 @@ class Toy:
                               self.inits)
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
 
+    def graph(self, shuffle=False) -> gs.Graph:
+        return gs.import_onnx(self.model(shuffle))
 
-def run(model, feeds, outputs=None):
+
+def run(graph, feeds, outputs=None):
+    model = surgery.to_model(graph) if isinstance(graph, gs.Graph) else graph
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     return dict(zip([o.name for o in sess.get_outputs()], sess.run(outputs, feeds)))
 
@@ -113,7 +120,7 @@ def feeds(B=2, T=5, S=None, seed=0):
 @pytest.mark.parametrize("cast_alias", [False, True])
 def test_finds_residual_stream_by_structure(random_names, cast_alias):
     toy = Toy(layers=3, random_names=random_names, cast_alias=cast_alias)
-    s = surgery.find_residual_stream(toy.model())
+    s = surgery.find_residual_stream(toy.graph())
     assert s.num_layers == 3
     assert s.hidden_states == [toy.hidden[0], toy.hidden[2], toy.hidden[4], toy.final]
     assert (s.vocab_size, s.hidden_size, s.logits, s.attention_mask) == (V, D, "logits", "attention_mask")
@@ -121,14 +128,14 @@ def test_finds_residual_stream_by_structure(random_names, cast_alias):
 
 def test_stacked_hidden_states_are_the_residual_stream():
     toy = Toy(layers=2)
-    model = toy.model()
-    s = surgery.find_residual_stream(model)
-    name = surgery.add_stacked_hidden_states(model, s)
-    surgery.add_output(model, name, dims=[3, "batch", "sequence", D])
-    onnx.checker.check_model(model)
+    graph = toy.graph()
+    s = surgery.find_residual_stream(graph)
+    name = surgery.add_stacked_hidden_states(graph, s)
+    surgery.add_output(graph, name, dims=[3, "batch", "sequence", D])
+    onnx.checker.check_model(surgery.to_model(graph))
     f = feeds()
-    out = run(model, f)
-    plain = toy.model()  # the plain graph, every hidden state exposed for reference
+    out = run(graph, f)
+    plain = toy.graph()  # the plain graph, every hidden state exposed for reference
     for t in toy.hidden + [toy.final]:
         surgery.add_output(plain, t)
     ref = run(plain, f)
@@ -141,11 +148,12 @@ def test_stacked_hidden_states_are_the_residual_stream():
 def test_slice_last_position_logits_keeps_the_full_last_hidden_state():
     toy = Toy(layers=2)
     full = run(toy.model(), feeds())["logits"]
-    model = toy.model()
-    s = surgery.find_residual_stream(model)
-    hs = surgery.add_stacked_hidden_states(model, s)
-    surgery.add_output(model, hs, dims=[3, "batch", "sequence", D])
-    surgery.slice_last_position_logits(model, s)
+    graph = toy.graph()
+    s = surgery.find_residual_stream(graph)
+    hs = surgery.add_stacked_hidden_states(graph, s)
+    surgery.add_output(graph, hs, dims=[3, "batch", "sequence", D])
+    surgery.slice_last_position_logits(graph, s)
+    model = surgery.to_model(graph)
     onnx.checker.check_model(model)
     out = run(model, feeds())
     assert out["logits"].shape == (2, 1, V)
@@ -157,10 +165,11 @@ def test_slice_last_position_logits_keeps_the_full_last_hidden_state():
 
 def test_probe_attention_mask_is_the_current_steps_columns():
     toy = Toy(layers=1)
-    model = toy.model()
-    s = surgery.find_residual_stream(model)
-    out = surgery.probe_attention_mask(model, s)
-    surgery.add_output(model, out, TensorProto.INT64)
+    graph = toy.graph()
+    s = surgery.find_residual_stream(graph)
+    out = surgery.probe_attention_mask(graph, s)
+    surgery.add_output(graph, out, TensorProto.INT64)
+    model = surgery.to_model(graph)
     f = feeds(T=3)
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     got = sess.run([out], f)[0]
@@ -186,71 +195,111 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
     from singlepass.models.probes import build_probe, probabilities
 
     toy = Toy(layers=2)
-    model = toy.model()
-    s = surgery.find_residual_stream(model)
-    hs = surgery.add_stacked_hidden_states(model, s)
-    surgery.add_output(model, hs, dims=[3, "batch", "sequence", D])
+    host = toy.graph()
+    s = surgery.find_residual_stream(host)
+    hs = surgery.add_stacked_hidden_states(host, s)
+    surgery.add_output(host, hs, dims=[3, "batch", "sequence", D])
     torch.manual_seed(0)
     probe = build_probe("gate", 3, D, 2).eval()
     graph = export_probe(probe, "hidden_states", 3, D, V, 18)
-    outs = surgery.fuse_probe(model, graph, "tox", {"states": hs, "mask": surgery.probe_attention_mask(model, s)})
+    outs = surgery.fuse_probe(host, graph, "tox", {"states": hs, "mask": surgery.probe_attention_mask(host, s)})
     assert outs == ["tox/logits", "tox/probs"]
-    surgery.toposort(model)
+    host.cleanup().toposort()
+    model = surgery.to_model(host)
     onnx.checker.check_model(model)
+    # the explicit fp32 Cast at the probe boundary stays
+    assert [n.op_type for n in model.graph.node if list(n.output) == ["tox/states"]] == ["Cast"]
     f = feeds()
     out = run(model, f)
     with torch.no_grad():
         ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
     np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6)
     with pytest.raises(SurgeryError, match="collides"):  # same prefix twice
-        surgery.fuse_probe(model, graph, "tox", {"states": hs, "mask": "attention_mask"})
+        surgery.fuse_probe(host, graph, "tox", {"states": hs, "mask": "attention_mask"})
     with pytest.raises(SurgeryError, match="opset"):
-        surgery.fuse_probe(model, export_probe(probe, "hidden_states", 3, D, V, 17), "other",
+        surgery.fuse_probe(host, export_probe(probe, "hidden_states", 3, D, V, 17), "other",
                            {"states": hs, "mask": "attention_mask"})
 
 
-def test_drop_output_and_toposort():
+def test_cleanup_and_toposort():
+    """gs's cleanup().toposort() (replacing the home-made toposort / unused-initializer removal)."""
     toy = Toy(layers=2)
     model = toy.model(shuffle=True)
     with pytest.raises(onnx.checker.ValidationError):
         onnx.checker.check_model(model)
-    surgery.toposort(model)
+    graph = gs.import_onnx(model).toposort()
+    onnx.checker.check_model(surgery.to_model(graph))
+    s = surgery.find_residual_stream(graph)
+    hs = surgery.add_stacked_hidden_states(graph, s)
+    surgery.add_output(graph, hs)
+    assert [o.name for o in graph.outputs] == ["logits", hs]
+    stacking = {n.name for n in graph.nodes if n.name.startswith(surgery.PREFIX)}
+    assert len(stacking) == 3 + 1  # an Unsqueeze per hidden state, one Concat
+    graph.outputs = [o for o in graph.outputs if o.name != hs]  # nothing reads the stack any more
+    graph.cleanup().toposort()
+    model = surgery.to_model(graph)
     onnx.checker.check_model(model)
-    s = surgery.find_residual_stream(model)
-    hs = surgery.add_stacked_hidden_states(model, s)
-    surgery.add_output(model, hs)
-    assert [o.name for o in model.graph.output] == ["logits", hs]
-    surgery.drop_output(model, hs)
     assert [o.name for o in model.graph.output] == ["logits"]
-    with pytest.raises(SurgeryError, match="no output"):
-        surgery.drop_output(model, hs)
+    assert not stacking & {n.name for n in model.graph.node}
+    assert not [t for t in model.graph.initializer if t.name.startswith(surgery.PREFIX)]
+    np.testing.assert_array_equal(run(model, feeds())["logits"], run(toy.model(), feeds())["logits"])
 
 
 def test_name_nodes_and_normalisation_nodes():
     toy = Toy(layers=2)
-    model = toy.model()
-    for n in model.graph.node[:5]:
+    graph = toy.graph()
+    for n in graph.nodes[:5]:
         n.name = ""
-    assert surgery.name_nodes(model) == 5
-    assert len({n.name for n in model.graph.node}) == len(model.graph.node)
-    s = surgery.find_residual_stream(model)
-    norms = surgery.normalisation_nodes(model, s)
-    ops = [n.op_type for n in model.graph.node if n.name in set(norms)]
+    assert name_nodes(graph) == 5
+    assert len({n.name for n in graph.nodes}) == len(graph.nodes)
+    s = surgery.find_residual_stream(graph)
+    norms = normalisation_nodes(graph, s)
+    ops = [n.op for n in graph.nodes if n.name in set(norms)]
     assert len(norms) == (2 * 2 + 1) * 7  # 4 block norms + the final norm, 7 nodes each
     assert "MatMul" not in ops and ops.count("Add") == 5  # the eps adds, no residual add
+
+
+def test_to_model_copies_the_weights_once(monkeypatch):
+    """gs.export_onnx would copy every initializer twice (make_graph, then make_model); to_model
+    exports big ones as stubs and copies them in once, and keeps the model-level fields."""
+    toy = Toy(layers=1)
+    model = toy.model()
+    big = numpy_helper.from_array(np.arange(V * D * 100, dtype=np.float32).reshape(V * 100, D), "big_table")
+    model.graph.initializer.append(big)
+    model.graph.node.append(helper.make_node("Gather", ["big_table", "input_ids"], ["big_rows"], name="gbig"))
+    model.graph.output.append(helper.make_tensor_value_info("big_rows", TensorProto.FLOAT, None))
+    model.doc_string = "a toy"
+    onnx.helper.set_model_props(model, {"origin": "test"})
+    monkeypatch.setattr(surgery, "STUB_BYTES", 1024)
+    exported = {}
+    real_export = gs.export_onnx
+
+    def export(g):
+        m = real_export(g)
+        exported.update({t.name: t.ByteSize() for t in m.graph.initializer})
+        return m
+
+    monkeypatch.setattr(gs, "export_onnx", export)
+    out = surgery.to_model(gs.import_onnx(model), like=model)
+    assert exported["big_table"] < 100 < big.ByteSize()  # what gs exported: a stub, no weight bytes
+    got = next(t for t in out.graph.initializer if t.name == "big_table")
+    np.testing.assert_array_equal(numpy_helper.to_array(got), numpy_helper.to_array(big))
+    assert out.doc_string == "a toy" and {p.key: p.value for p in out.metadata_props} == {"origin": "test"}
+    ids = feeds()["input_ids"]
+    np.testing.assert_array_equal(run(out, feeds())["big_rows"], numpy_helper.to_array(big)[ids])
 
 
 def test_unrecognisable_graphs_are_clear_errors(tmp_path):
     from export_helpers import mlp_graph
 
-    mlp = onnx.load(str(mlp_graph(tmp_path / "mlp.onnx")))
+    mlp = gs.import_onnx(onnx.load(str(mlp_graph(tmp_path / "mlp.onnx"))))
     with pytest.raises(SurgeryError, match="token-embedding Gather"):
         surgery.find_residual_stream(mlp)
     with pytest.raises(SurgeryError, match="two per layer"):
-        surgery.find_residual_stream(Toy(layers=2, extra_adds=1).model())
+        surgery.find_residual_stream(Toy(layers=2, extra_adds=1).graph())
     with pytest.raises(SurgeryError, match="does not belong to this model"):
-        surgery.find_residual_stream(Toy(layers=2).model(), expected_layers=3)
+        surgery.find_residual_stream(Toy(layers=2).graph(), expected_layers=3)
     with pytest.raises(SurgeryError, match="opset"):
-        surgery.find_residual_stream(Toy(layers=2, opset=11).model())
+        surgery.find_residual_stream(Toy(layers=2, opset=11).graph())
     with pytest.raises(SurgeryError, match="attention-mask"):
-        surgery.find_residual_stream(Toy(layers=2, mask=False).model())
+        surgery.find_residual_stream(Toy(layers=2, mask=False).graph())

@@ -1,7 +1,8 @@
 """`singlepass build-engine`: the --check-only pre-flight (runs everywhere), the clear error
-without TensorRT, and the engine build driven through a stand-in of the TensorRT Python API
-(a real build runs only where `tensorrt` and a GPU exist)."""
+without TensorRT, and the engine build: Polygraphy's real loaders driven over a stand-in of the
+TensorRT Python API (a real build runs only where `tensorrt` and a GPU exist; not here)."""
 
+import enum
 import json
 import shutil
 import sys
@@ -9,6 +10,7 @@ import types
 
 import numpy as np
 import onnx
+import onnx_graphsurgeon as gs
 import pytest
 from onnx import TensorProto, helper
 
@@ -55,11 +57,12 @@ def test_preflight_flags_fp16_overflow(artifact, tmp_path, capsys):
     hot = tmp_path / "hot"
     shutil.copytree(artifact, hot)
     model = onnx.load(str(hot / "model.onnx"))
-    from singlepass.export.surgery import find_residual_stream, GraphIndex
+    from singlepass.export.surgery import find_residual_stream, producer
 
-    s = find_residual_stream(model, logits_name="logits")
-    ix = GraphIndex(model)
-    table = ix.initializers[ix.producer[s.embedding].input[0]]
+    graph = gs.import_onnx(model)
+    s = find_residual_stream(graph, logits_name="logits")
+    name = producer(graph.tensors()[s.embedding]).inputs[0].name
+    table = next(t for t in model.graph.initializer if t.name == name)
     table.CopyFrom(onnx.numpy_helper.from_array(onnx.numpy_helper.to_array(table) * 1e6, table.name))
     onnx.save_model(model, str(hot / "model.onnx"), save_as_external_data=True, location="model.onnx.data")
     assert main(["build-engine", str(hot), "--check-only"]) == 2
@@ -78,13 +81,12 @@ def test_static_checks_catch_unsupported_ops_and_zero_length_profiles():
                            helper.make_node("ReduceMean", ["x", "x_axes"], ["w"])], "g", [x], [y])
     g.input.append(helper.make_tensor_value_info("x_axes", TensorProto.INT64, [1]))
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
-    r = trt_mod.check_ops(model)
+    r = trt_mod.check_ops(gs.import_onnx(model))
     assert not r["ok"]
     text = " ".join(r["detail"])
     assert "unsupported op Unique" in text and "com.microsoft::FusedMatMul" in text and "not a constant" in text
-    manifest = {"graph": {"inputs": [{"name": "input_ids"}]}}
     bad = [{"name": "prefill", "shapes": {"input_ids": ((1, 0), (1, 1), (1, 2))}}]
-    r = trt_mod.check_profiles(manifest, bad)
+    r = trt_mod.check_profiles(["input_ids"], bad)
     assert not r["ok"] and "zero-length" in r["detail"][0]
 
 
@@ -96,8 +98,19 @@ def test_build_engine_without_tensorrt_is_a_clear_error(artifact, capsys):
     assert "TensorRT is not installed" in err and "--check-only" in err
 
 
+class DataType(str, enum.Enum):
+    FLOAT = "float32"
+    HALF = "float16"
+
+
+def _enum(name, **members):
+    return enum.Enum(name, members)
+
+
 class FakeTensorRT(types.ModuleType):
-    """The parts of the TensorRT 10 Python API build_engine uses, recording the calls."""
+    """The parts of the TensorRT 10 Python API that Polygraphy's loaders (NetworkFromOnnxPath,
+    PostprocessNetwork, CreateConfig, EngineBytesFromNetwork) and build_engine use, recording
+    the calls. Enums carry the short names the assertions read (flag OBEY, pool WORKSPACE)."""
 
     def __init__(self, onnx_path_check):
         super().__init__("tensorrt")
@@ -105,37 +118,71 @@ class FakeTensorRT(types.ModuleType):
         self.calls = []
         rec = self.calls
         fake = self
-        self.float32 = "float32"
+        self.float32 = DataType.FLOAT
+        self.BuilderFlag = _enum("BuilderFlag", FP16="FP16", BF16="BF16", TF32="TF32",
+                                 OBEY_PRECISION_CONSTRAINTS="OBEY", PREFER_PRECISION_CONSTRAINTS="PREFER")
+        self.MemoryPoolType = _enum("MemoryPoolType", WORKSPACE="WORKSPACE")
+        self.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
+        self.ProfilingVerbosity = _enum("ProfilingVerbosity", LAYER_NAMES_ONLY=0, NONE=1, DETAILED=2)
+        self.DeviceType = _enum("DeviceType", GPU=0, DLA=1)
+        self.LayerType = _enum("LayerType", SHAPE=0, MATRIX_MULTIPLY=1, ELEMENTWISE=2)
 
-        class Logger:
-            WARNING = 2
+        class ILogger:
+            def __init__(self):
+                pass
 
-            def __init__(self, level):
-                rec.append(("Logger", level))
+        class Logger(ILogger):
+            INTERNAL_ERROR, ERROR, WARNING, INFO, VERBOSE = range(5)
+
+        def init_libnvinfer_plugins(logger, namespace):
+            rec.append(("init_libnvinfer_plugins", namespace))
 
         class Layer:
             def __init__(self, name):
                 self.name, self.num_outputs, self.precision, self.outputs = name, 1, None, {}
+                self.type = fake.LayerType.ELEMENTWISE
+
+            @property
+            def precision_is_set(self):
+                return self.precision is not None
 
             def set_output_type(self, i, dtype):
                 self.outputs[i] = dtype
 
+        class Input:
+            def __init__(self, name, rank):
+                self.name, self.shape, self.is_shape_tensor, self.dtype = name, (-1,) * rank, False, None
+
         class Network:
             def __init__(self):
-                self.layers = []
-                self.num_layers = 0
+                self.layers, self.inputs = [], []
+
+            @property
+            def num_layers(self):
+                return len(self.layers)
 
             def get_layer(self, i):
                 return self.layers[i]
+
+            def __iter__(self):
+                return iter(self.layers)
+
+            @property
+            def num_inputs(self):
+                return len(self.inputs)
+
+            def get_input(self, i):
+                return self.inputs[i]
 
         class Parser:
             def __init__(self, network, logger):
                 self.network, self.num_errors = network, 0
 
             def parse_from_file(self, path):
-                names = onnx_path_check(path)
+                rec.append(("parse_from_file", path))
+                names, inputs = onnx_path_check(path)
                 self.network.layers = [Layer(n) for n in names]
-                self.network.num_layers = len(names)
+                self.network.inputs = [Input(n, r) for n, r in inputs]
                 return True
 
             def get_error(self, i):
@@ -149,26 +196,51 @@ class FakeTensorRT(types.ModuleType):
                 self.shapes[name] = (tuple(lo), tuple(opt), tuple(hi))
 
         class Cache:
+            def __init__(self, data=b"timing-cache"):
+                self.data = data
+
+            def combine(self, other, ignore_mismatch):
+                return True
+
             def serialize(self):
-                return b"timing-cache"
+                class Buffer(bytes):  # IHostMemory: a buffer and a context manager
+                    def __enter__(self):
+                        return self
+
+                    def __exit__(self, *exc):
+                        return False
+
+                return Buffer(b"timing-cache")
 
         class Config:
             def __init__(self):
                 self.flags, self.profiles, self.pool = set(), [], {}
+                self.DLA_core, self.default_device_type = -1, fake.DeviceType.GPU
+                self.profiling_verbosity = None
 
             def set_flag(self, flag):
-                self.flags.add(flag)
+                self.flags.add(flag.value)
+
+            def get_flag(self, flag):
+                return flag.value in self.flags
 
             def set_memory_pool_limit(self, pool, size):
-                self.pool[pool] = size
+                self.pool[pool.value] = size
+
+            def get_memory_pool_limit(self, pool):
+                return self.pool.get(pool.value, 0)
 
             def add_optimization_profile(self, p):
                 self.profiles.append(p)
                 return len(self.profiles) - 1
 
+            @property
+            def num_optimization_profiles(self):
+                return len(self.profiles)
+
             def create_timing_cache(self, data):
-                rec.append(("create_timing_cache", data))
-                return Cache()
+                rec.append(("create_timing_cache", bytes(data)))
+                return Cache(data)
 
             def set_timing_cache(self, cache, ignore_mismatch):
                 return True
@@ -180,7 +252,7 @@ class FakeTensorRT(types.ModuleType):
             def __init__(self, logger):
                 pass
 
-            def create_network(self, flags):
+            def create_network(self, flags=0):
                 rec.append(("create_network", flags))
                 fake.network = Network()
                 return fake.network
@@ -196,18 +268,17 @@ class FakeTensorRT(types.ModuleType):
                 rec.append(("build", len(config.profiles)))
                 return b"serialized-engine"
 
-        self.Logger, self.Builder, self.OnnxParser = Logger, Builder, Parser
-        self.BuilderFlag = types.SimpleNamespace(FP16="FP16", BF16="BF16", OBEY_PRECISION_CONSTRAINTS="OBEY")
-        self.MemoryPoolType = types.SimpleNamespace(WORKSPACE="WORKSPACE")
-        self.NetworkDefinitionCreationFlag = types.SimpleNamespace(EXPLICIT_BATCH=0)
+        self.ILogger, self.Logger, self.init_libnvinfer_plugins = ILogger, Logger, init_libnvinfer_plugins
+        self.Builder, self.OnnxParser = Builder, Parser
 
 
 def test_build_engine_drives_the_tensorrt_api(artifact, tmp_path, monkeypatch):
     art = tmp_path / "art"
     shutil.copytree(artifact, art)
 
-    def layers_of(path):  # TensorRT names a layer after its ONNX node
-        return [n.name for n in onnx.load(path, load_external_data=False).graph.node]
+    def layers_of(path):  # TensorRT names a layer after its ONNX node; the inputs with their rank
+        g = onnx.load(path, load_external_data=False).graph
+        return [n.name for n in g.node], [(i.name, len(i.type.tensor_type.shape.dim)) for i in g.input]
 
     fake = FakeTensorRT(layers_of)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
@@ -216,6 +287,7 @@ def test_build_engine_drives_the_tensorrt_api(artifact, tmp_path, monkeypatch):
     assert (art / "tensorrt.timing.cache").read_bytes() == b"timing-cache"
     cfg = fake.config
     assert {"FP16", "OBEY"} <= cfg.flags and cfg.pool["WORKSPACE"] == 4 << 30
+    assert "TF32" in cfg.flags and cfg.profiling_verbosity.name == "LAYER_NAMES_ONLY"  # TensorRT's defaults kept
     assert [p.shapes["input_ids"] for p in cfg.profiles] == [((1, 1), (2, 32), (4, 64)), ((1, 1), (2, 1), (4, 1))]
     pinned = [layer for layer in fake.network.layers if layer.precision == "float32"]
     names = {layer.name for layer in pinned}
@@ -231,6 +303,7 @@ def test_build_engine_drives_the_tensorrt_api(artifact, tmp_path, monkeypatch):
     fake.calls.clear()
     trt_mod.build_engine(art, "fp16", max_batch=4, max_seq=128, force=True, log=lambda *a: None)
     assert ("create_timing_cache", b"timing-cache") in fake.calls  # the timing cache is reused
+    assert not [f.name for f in art.iterdir() if f.name.endswith((".lock", ".tmp"))]  # no lock / temporary files
 
 
 def test_real_tensorrt_engine(artifact, tmp_path):

@@ -9,10 +9,13 @@ import torch
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
 from singlepass.models import cache as state_cache
-from singlepass.models.baselines import METHODS, build_method
+from singlepass.models.batches import FeatureData, compute_features
 from singlepass.models.data import load_dataset
-from singlepass.models.train import (BATCH_SIZES, FeatureData, HParams, compute_features, fit, mha_choices,
-                                     train_probe, trial_plan)
+from singlepass.models.fit import fit
+from singlepass.models.probes import mha_choices
+from singlepass.models.registry import METHODS, build_method
+from singlepass.models.search import BATCH_SIZES, HParams, trial_plan
+from singlepass.models.train import train_probe
 
 MAX_LEN = 96  # tiny tokenizer: short prompts keep these tests fast
 
@@ -60,7 +63,7 @@ def test_fixed_readout_probe_agrees_with_sklearn_logistic_regression(method, tin
 
 
 def test_input_statistics_match_numpy_and_folded_scaling_keeps_the_function(sst2_cache):
-    from singlepass.models.train import fold_scaling, input_statistics
+    from singlepass.models.stats import fold_scaling, input_statistics
 
     _, cache = sst2_cache
     mean, std = input_statistics(cache, max_rows=len(cache))
@@ -156,7 +159,8 @@ def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_
     from singlepass.models.probe_io import read_config
 
     common = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
-              "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "last-token", "--no-progress"]
+              "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "last-token",
+              "--no-progress"]
     assert main([*common, "--out", str(tmp_path / "searched"), "--trials", "2", "--epochs", "3"]) == 0
     src = read_config(tmp_path / "searched")
     assert main([*common, "--out", str(tmp_path / "again"), "--hparams-from", str(tmp_path / "searched"),
@@ -165,7 +169,8 @@ def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_
     assert len(cfg["training"]["trials"]) == 1 and cfg["seed"] == 1
     assert cfg["hparams"] == {**src["hparams"], "epochs": 2}  # the stored configuration, with the given epochs
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "x"), "--hparams-from", str(tmp_path / "searched"), "--trials", "3"]) == 2
+    assert main([*common, "--out", str(tmp_path / "x"), "--hparams-from", str(tmp_path / "searched"),
+                 "--trials", "3"]) == 2
     assert "--trials" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "y"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
@@ -174,7 +179,8 @@ def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_
 @pytest.mark.real
 def test_short_real_training_run_beats_the_majority_class(real_backbone, cache_dir):
     """SmolLM2-135M, a gate probe on 160 SST-2 sentences: must beat always-the-majority-label."""
-    from singlepass.models.evaluate import compute_metrics, predict_proba
+    from singlepass.models.evaluate import predict_proba
+    from singlepass.models.metrics import compute_metrics
 
     tr = load_dataset("sst2", "train", limit=160)
     va = load_dataset("sst2", "validation", limit=60)

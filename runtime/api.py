@@ -26,6 +26,7 @@ naming an unknown probe, a batch over the backend's limit) always raise.
 from __future__ import annotations
 
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,11 +36,9 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
-from singlepass.runtime.contract import Artifact
-from singlepass.runtime.contract import load as load_artifact
 from singlepass.runtime.backends import Backend, select
-from singlepass.runtime.batching import pad_batch
-from singlepass.runtime.feeds import advance, make_feed
+from singlepass.runtime.contract import Manifest, read_artifact
+from singlepass.runtime.passes import Label, decode_one_token, labels_from, last_logits, prefill
 from singlepass.runtime.sampling import Sampling, next_tokens
 from singlepass.runtime.tokenize import PromptTokenizer
 
@@ -47,16 +46,6 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 
 # ----------------------------------------------------------------------------- results
-
-@dataclass
-class Label:
-    label: str
-    score: float
-    probs: list[float]
-
-    def to_dict(self) -> dict:
-        return {"label": self.label, "score": self.score}
-
 
 @dataclass
 class Result:
@@ -122,75 +111,6 @@ class Event:
         return d
 
 
-# ----------------------------------------------------------------------------- passes
-
-@dataclass
-class State:
-    """What the next pass needs. ids [B, S] (S = 1 with a KV cache), mask [B, dummy + total],
-    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input."""
-
-    ids: np.ndarray
-    mask: np.ndarray
-    pos: np.ndarray
-    past: list[np.ndarray] | None
-
-    def keep(self, rows: list[int]) -> "State":
-        """Drop finished rows from the batch."""
-        take = np.asarray(rows)
-        return State(self.ids[take], self.mask[take], self.pos[take],
-                     None if self.past is None else [p[take] for p in self.past])
-
-
-def output_names(manifest: dict) -> list[str]:
-    g = manifest["graph"]
-    return [g["logits"]] + (list(g["present_names"]) if g["kv_cache"] else []) + \
-        [p["outputs"]["probs"] for p in manifest["probes"]]
-
-
-def prefill(backend: Backend, manifest: dict, seqs: list[list[int]], pad_id: int) -> tuple[dict, State]:
-    """First pass over left-padded prompts -> (outputs, state after it)."""
-    ids, mask, pos = pad_batch(seqs, pad_id, "left")  # [B, T] each; pos = cumsum(mask) - 1
-    feed = make_feed(manifest, ids, mask, pos, None, backend.dummy_past if manifest["graph"]["kv_cache"] else 0)
-    out = backend.run(feed, output_names(manifest))
-    return out, _after(manifest, out, ids, feed[manifest["graph"]["attention_mask"]], pos)
-
-
-def decode_one_token(backend: Backend, manifest: dict, state: State, tokens: np.ndarray) -> tuple[dict, State]:
-    """Feed the tokens [B] just chosen -> (outputs, state after this pass)."""
-    ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
-    out = backend.run(make_feed(manifest, ids, mask, pos, past), output_names(manifest))
-    return out, _after(manifest, out, ids, mask, pos)
-
-
-def _after(manifest: dict, out: dict, ids, mask, pos) -> State:
-    g = manifest["graph"]
-    return State(ids, mask, pos, [out[n] for n in g["present_names"]] if g["kv_cache"] else None)
-
-
-def last_logits(manifest: dict, out: dict) -> np.ndarray:
-    """[B, 1 or S, V] -> [B, V]: the last position, a real token for every left-padded row."""
-    return out[manifest["graph"]["logits"]][:, -1]
-
-
-def labels_from(manifest: dict, out: dict) -> list[dict[str, Label]]:
-    """Every probe's label and score per row of a prefill pass."""
-    rows = None
-    for p in manifest["probes"]:
-        probs = np.asarray(out[p["outputs"]["probs"]], np.float64)  # [B, C]
-        rows = rows or [{} for _ in range(probs.shape[0])]
-        names = p["label_names"]
-        for b, pr in enumerate(probs):
-            if len(names) == 2:
-                thr = p.get("threshold")
-                score = float(pr[1])
-                lab = names[1] if score >= (0.5 if thr is None else thr) else names[0]
-            else:
-                k = int(pr.argmax())
-                lab, score = names[k], float(pr[k])
-            rows[b][p["name"]] = Label(lab, score, [float(x) for x in pr])
-    return rows or []
-
-
 class _Detok:
     """Incremental text of one row: the new text since the last call, holding back an incomplete
     UTF-8 character (decoded as U+FFFD) until the next token completes it."""
@@ -212,27 +132,25 @@ class _Detok:
 class Runtime:
     """An artifact folder opened for serving (see the module docstring)."""
 
-    def __init__(self, artifact, backend: str | Backend = "auto", engine: str | None = None,
-                 threads: int | None = None, policy=None, refusal: str = pol.DEFAULT_REFUSAL):
-        self.artifact: Artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-        self.folder: Path = self.artifact.folder
-        self.manifest: dict = self.artifact.manifest
+    def __init__(self, artifact: str | os.PathLike | Manifest, backend: str | Backend = "auto",
+                 engine: str | None = None, threads: int | None = None, policy=None,
+                 refusal: str = pol.DEFAULT_REFUSAL, ignore_eos: bool = False):
+        self.manifest: Manifest = artifact if isinstance(artifact, Manifest) else read_artifact(artifact)
+        self.folder: Path = self.manifest.folder
         self.tokenizer = PromptTokenizer(self.folder, self.manifest)
-        self.policy = pol.resolve(policy, self.manifest["probes"])
+        self.policy = pol.resolve(policy, self.manifest.probes)
         if not isinstance(refusal, str):
             raise SinglepassError(f"the refusal message must be a string, not {type(refusal).__name__}")
         self.refusal = refusal
         self.backend: Backend = backend if isinstance(backend, Backend) else \
             select(self.folder, self.manifest, backend, engine, threads)
-        tk = self.manifest["tokenizer"]
-        self.eos_ids = set(int(e) for e in tk.get("eos_token_ids") or [])
-        pad = tk.get("pad_token_id")
-        self.pad_id = int(pad if pad is not None else (min(self.eos_ids) if self.eos_ids else 0))
+        # ignore_eos: every row generates its full token budget (fixed work, for benchmarks)
+        self.eos_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(self.manifest.tokenizer.eos_token_ids)
 
     # -- limits
     @property
     def kv(self) -> bool:
-        return bool(self.manifest["graph"]["kv_cache"])
+        return bool(self.manifest.graph.kv_cache)
 
     @property
     def dummy(self) -> int:
@@ -240,12 +158,12 @@ class Runtime:
 
     @property
     def max_batch(self) -> int:
-        lim = self.manifest["limits"]["max_batch"]
+        lim = self.manifest.limits.max_batch
         return min(lim, self.backend.max_batch) if self.backend.max_batch else lim
 
     @property
     def max_prompt_length(self) -> int:
-        n = self.manifest["limits"]["max_prompt_length"]
+        n = self.manifest.limits.max_prompt_length
         if self.backend.max_prompt:
             n = min(n, self.backend.max_prompt)
         if self.backend.max_seq:
@@ -253,8 +171,12 @@ class Runtime:
         return n
 
     @property
+    def pad_id(self) -> int:
+        return self.manifest.pad_id
+
+    @property
     def probe_names(self) -> list[str]:
-        return self.artifact.probe_names
+        return self.manifest.probe_names
 
     def encode(self, prompt, truncate: bool = False) -> tuple[list[int], bool]:
         """-> (token ids, truncated), exactly as ``models/prompts.py`` encodes for training."""
@@ -310,7 +232,7 @@ class Runtime:
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 0:
             raise SinglepassError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
         sampling = Sampling(temperature, top_k, top_p, seed)
-        rules = self.policy if policy is None else pol.resolve(policy, self.manifest["probes"])
+        rules = self.policy if policy is None else pol.resolve(policy, self.manifest.probes)
         if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
                                        or batch_size < 1):
             raise SinglepassError(f"batch_size must be an integer >= 1, not {batch_size!r}")
@@ -350,7 +272,7 @@ class Runtime:
         T = max(plens)
         self.backend.check_request(B, T)
         # Per-row token budget and the reason generation ends there.
-        total = m["limits"]["max_total_length"]
+        total = m.limits.max_total_length
         engine = (self.backend.max_seq - self.dummy - T + 1) if self.backend.max_seq else math.inf
         budget, why = [], []
         for n in plens:
@@ -373,13 +295,13 @@ class Runtime:
             return Event(index[r], step, token_id=tok, text=piece, done=done[r],
                          finish_reason=("eos" if eos else why[r]) if done[r] else None, **head)
 
-        out, state = prefill(self.backend, m, [ids for _, ids, _ in items], self.pad_id)
+        out, state = prefill(self.backend, m, [ids for _, ids, _ in items])
         labels = labels_from(m, out) or [{} for _ in items]
         logits = last_logits(m, out)  # [B, V]
         now = time.perf_counter() - t0
         for r, (i, _, cut) in enumerate(items):
             head = dict(labels=labels[r], truncated=cut, prompt_tokens=plens[r], seconds=now)
-            blocker = pol.decide(rules, m["probes"], labels[r])
+            blocker = pol.decide(rules, m.probes, labels[r])
             if blocker:  # the policy acts on the prefill pass, before any token
                 done[r] = True
                 yield Event(i, 0, text=rules[blocker].message or self.refusal, done=True, finish_reason="blocked",
@@ -405,15 +327,17 @@ class Runtime:
                 yield emit(r, step, logits[k:k + 1], seconds=now)
 
 
-def load(artifact, backend: str | Backend = "auto", engine: str | None = None, threads: int | None = None,
-         policy=None, refusal: str = pol.DEFAULT_REFUSAL) -> Runtime:
+def load(artifact: str | os.PathLike | Manifest, backend: str | Backend = "auto", engine: str | None = None,
+         threads: int | None = None, policy=None, refusal: str = pol.DEFAULT_REFUSAL,
+         ignore_eos: bool = False) -> Runtime:
     """Open an artifact folder for serving (checks the folder, the policy and the backend)."""
-    return Runtime(artifact, backend, engine, threads, policy, refusal)
+    return Runtime(artifact, backend, engine, threads, policy, refusal, ignore_eos)
 
 
-def generate(artifact, prompts, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, backend: str = "auto",
-             engine: str | None = None, threads: int | None = None, policy=None,
-             refusal: str = pol.DEFAULT_REFUSAL, **kw):
+def generate(artifact: str | os.PathLike | Runtime, prompts: str | list[str],
+             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, backend: str = "auto", engine: str | None = None,
+             threads: int | None = None, policy=None, refusal: str = pol.DEFAULT_REFUSAL,
+             **kw) -> Result | list[Result]:
     """One call: open ``artifact`` (a folder or a Runtime) and generate (see ``Runtime.stream``)."""
     rt = artifact if isinstance(artifact, Runtime) else load(artifact, backend, engine, threads, policy, refusal)
     return rt.generate(prompts, max_new_tokens, **kw)

@@ -1,0 +1,99 @@
+"""The one decode path: ``prefill`` + ``decode_one_token`` on any backend (numpy, no torch).
+
+The runtime, export validation, the server and the benchmarks all run passes through these
+two functions, so what is validated is what is served.
+
+    out, state = prefill(backend, manifest, seqs)              # left-padded prompts
+    out, state = decode_one_token(backend, manifest, state, tokens)   # tokens [B] just chosen
+    last_logits(manifest, out)   -> [B, V]
+    labels_from(manifest, out)   -> per row {probe: Label}
+
+Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
+``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from singlepass.runtime.backends import Backend
+from singlepass.runtime.batching import pad_batch
+from singlepass.runtime.contract import Manifest
+from singlepass.runtime.feeds import advance, make_feed
+
+
+@dataclass
+class Label:
+    label: str
+    score: float
+    probs: list[float]
+
+    def to_dict(self) -> dict:
+        return {"label": self.label, "score": self.score}
+
+
+@dataclass
+class State:
+    """What the next pass needs. ids [B, S] (S = 1 with a KV cache), mask [B, dummy + total],
+    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    pos: np.ndarray
+    past: list[np.ndarray] | None
+
+    def keep(self, rows: list[int]) -> "State":
+        """Drop finished rows from the batch."""
+        take = np.asarray(rows)
+        return State(self.ids[take], self.mask[take], self.pos[take],
+                     None if self.past is None else [p[take] for p in self.past])
+
+
+def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
+    """What a pass fetches: the logits, the presents, every probe's probs (and ``extra``)."""
+    g = manifest.graph
+    names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in manifest.probes]
+    return names + [n for n in extra if n not in names]
+
+
+def prefill(backend: Backend, manifest: Manifest, seqs: list[list[int]], pad_id: int | None = None,
+            side: str = "left", extra: tuple[str, ...] = ()) -> tuple[dict, State]:
+    """First pass over padded prompts -> (outputs, state after it). ``side="right"`` is for
+    parity checks only: generation continues from the last column, so it needs left padding."""
+    pad = manifest.pad_id if pad_id is None else pad_id
+    ids, mask, pos = pad_batch(seqs, pad, side)  # [B, T] each; pos = cumsum(mask) - 1
+    feed = make_feed(manifest, ids, mask, pos, None, backend.dummy_past if manifest.graph.kv_cache else 0)
+    out = backend.run(feed, output_names(manifest, extra))
+    return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)
+
+
+def decode_one_token(backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray,
+                     extra: tuple[str, ...] = ()) -> tuple[dict, State]:
+    """Feed the tokens [B] just chosen -> (outputs, state after this pass)."""
+    ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
+    out = backend.run(make_feed(manifest, ids, mask, pos, past), output_names(manifest, extra))
+    return out, _after(manifest, out, ids, mask, pos)
+
+
+def _after(manifest: Manifest, out: dict, ids, mask, pos) -> State:
+    g = manifest.graph
+    return State(ids, mask, pos, [out[n] for n in g.present_names] if g.kv_cache else None)
+
+
+def last_logits(manifest: Manifest, out: dict) -> np.ndarray:
+    """[B, 1 or S, V] -> [B, V]: the last position, a real token for every left-padded row."""
+    return out[manifest.graph.logits][:, -1]
+
+
+def labels_from(manifest: Manifest, out: dict) -> list[dict[str, Label]]:
+    """Every probe's label and score per row of a pass (the prompt's labels: the prefill pass)."""
+    rows: list[dict[str, Label]] | None = None
+    for p in manifest.probes:
+        probs = np.asarray(out[p.probs], np.float64)  # [B, C]
+        rows = rows or [{} for _ in range(probs.shape[0])]
+        for b, pr in enumerate(probs):
+            label, score = p.decide(pr)
+            rows[b][p.name] = Label(label, score, [float(x) for x in pr])
+    return rows or []

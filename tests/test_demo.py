@@ -1,0 +1,185 @@
+"""``singlepass demo`` without a model: the stages it prints (the commands a user would type),
+what it hands from stage to stage (one backbone, one runtime), how a failing stage is reported,
+and that its generate output is ``singlepass generate``'s."""
+
+from argparse import Namespace
+
+import pytest
+
+from singlepass import demo
+from singlepass.errors import SinglepassError
+
+
+def _fake_stages(monkeypatch, calls: list, reuse: bool):
+    bb, rt = object(), object()
+    monkeypatch.setattr(demo, "current_recipe", lambda probe: reuse)
+    monkeypatch.setattr(demo, "extract", lambda model, cache_dir, data_dir: calls.append(("extract", model)) or bb)
+    monkeypatch.setattr(demo, "train", lambda b, probe, c, d: calls.append(("train", b is bb)))
+    monkeypatch.setattr(demo, "evaluate", lambda probe, c, d: calls.append(("eval", probe.name)))
+    monkeypatch.setattr(demo, "export", lambda b, probe, art, model, c: calls.append(("export", b is bb)))
+    monkeypatch.setattr(demo, "validate", lambda b, art, c: calls.append(("validate", b is bb)))
+
+    def generate(art, policy=None, runtime=None):
+        calls.append(("generate", policy, runtime is rt))
+        return rt
+
+    monkeypatch.setattr(demo, "generate", generate)
+
+
+def _commands(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith("$ ") or line.startswith("== ")]
+
+
+@pytest.mark.parametrize("reuse", [False, True])
+def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, reuse):
+    calls = []
+    _fake_stages(monkeypatch, calls, reuse)
+    out = tmp_path / "demo"
+    probe, art = out / "probe-toxicchat-gate", out / "artifact"
+    if reuse:
+        art.mkdir(parents=True)
+        (art / "manifest.json").write_text("{}")
+    args = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", out=str(out), fresh=False)
+    assert demo.cmd_demo(args) == 0
+    text = capsys.readouterr().out
+    prompts = " ".join(f"'{p}'" for p in demo.DEMO_PROMPTS)
+    train = [] if reuse else [
+        f"$ singlepass train --model smollm2-135m --data-dir /d --dataset toxicchat --probe gate --out {probe} "
+        "--limit 1200 --val-limit 400 --trials 1 --epochs 8"]
+    stage4 = [f"$ singlepass validate {art}"] if reuse else [
+        f"$ singlepass export --model smollm2-135m --probe {probe}:safety --out {art} --force"]
+    assert _commands(text) == [
+        "== 1/5 extract: hidden states [L+1, B, T, d] of a ToxicChat training subset",
+        "$ singlepass extract --model smollm2-135m --data-dir /d --dataset toxicchat --split train --limit 1200",
+        "== 2/5 train: a quick gate probe (safety)", *train,
+        "== 3/5 eval: on ToxicChat human-annotated test rows",
+        f"$ singlepass eval --probe {probe} --data-dir /d --dataset toxicchat --split test_human --limit 400",
+        "== 4/5 export: one graph for tokens + labels, validated against PyTorch", *stage4,
+        "== 5/5 generate: text and labels from the one fused pass (report-only policy)",
+        f"$ singlepass generate {art} {prompts} --max-new-tokens 24",
+        f"$ singlepass generate {art} {prompts} --max-new-tokens 24 --policy safety=block:0.5"]
+    assert (f"reusing {probe}" in text) == reuse and (f"reusing {art}" in text) == reuse
+    assert text.count("  (") >= 4 and f"artifact at {art}" in text
+    # one backbone from stage 1 for every stage that takes one; one runtime for both generate runs
+    assert calls[0] == ("extract", "smollm2-135m")
+    assert [c for c in calls if c[0] in ("train", "export", "validate")] == \
+        ([("validate", True)] if reuse else [("train", True), ("export", True)])
+    assert calls[-2:] == [("generate", None, False), ("generate", ["safety=block:0.5"], True)]
+
+
+def test_a_failing_stage_is_reported_as_its_command(tmp_path, monkeypatch, capsys):
+    calls = []
+    _fake_stages(monkeypatch, calls, reuse=False)
+
+    def train(*a):
+        raise SinglepassError("no data")
+
+    monkeypatch.setattr(demo, "train", train)
+    args = Namespace(model="smollm2-135m", cache_dir=None, data_dir=None, out=str(tmp_path / "d"), fresh=False)
+    with pytest.raises(SinglepassError, match=r"stage `singlepass train` failed \(exit 2\)"):
+        demo.cmd_demo(args)
+    assert "singlepass train: error: no data" in capsys.readouterr().err
+    assert [c[0] for c in calls] == ["extract"]  # nothing after the failed stage
+
+
+def test_run_stage_exit_codes(capsys):
+    assert demo.run_stage(["x", "a b"], lambda: 7) == 7
+    assert capsys.readouterr().out.startswith("$ singlepass x 'a b'\n  (")
+
+    def failed():
+        raise demo._Exit(2)
+
+    with pytest.raises(SinglepassError, match=r"stage `singlepass generate` failed \(exit 2\)"):
+        demo.run_stage(["generate"], failed)
+
+
+def test_generate_output_is_singlepass_generates(monkeypatch, capsys):
+    from singlepass.runtime import api
+    from singlepass.runtime.commands import cmd_generate
+    from singlepass.runtime.passes import Label
+
+    results = [api.Result(0, "a", text="Paris.", labels={"safety": Label("safe", 0.0123, [0.99, 0.01])}),
+               api.Result(1, "b", text="I cannot help.", labels={"safety": Label("unsafe", 0.91, [0.09, 0.91])},
+                          blocked_by="safety", finish_reason="blocked"),
+               api.Result(2, "c", text="cut", truncated=True, prompt_tokens=512),
+               api.Result(3, "", error="prompt is empty", finish_reason="error")]
+
+    class FakeRuntime:
+        def generate(self, prompts, max_new_tokens, **kw):
+            return results
+
+    monkeypatch.setattr(api, "load", lambda *a, **kw: FakeRuntime())
+    args = Namespace(artifact="art", prompts=["a", "b", "c", ""], backend="auto", engine=None, threads=None,
+                     policy=None, refusal=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, truncate=False,
+                     batch_size=None, stream=False, json=False, max_new_tokens=24)
+    assert cmd_generate(args) == 2
+    cli = capsys.readouterr()
+    assert demo.print_results(results) == 1
+    mine = capsys.readouterr()
+    assert (mine.out, mine.err) == (cli.out, cli.err)
+    assert "[1] blocked by safety" in mine.out and "(prompt truncated to 512 tokens)" in mine.out
+
+
+def _normalise(text: str) -> str:
+    import re
+
+    return re.sub(r"in \d+\.\d s = [\d,]+ tokens/s", "in T s = R tokens/s", text)
+
+
+def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, capsys):
+    """Same fakes under both: demo.extract / demo.train vs ``singlepass extract`` / ``train``."""
+    pytest.importorskip("torch")
+    import numpy as np
+
+    from singlepass.models import backbone, cache, data, probe_io, train
+    from singlepass.models.commands import cmd_extract, cmd_train
+
+    class Src:
+        name = "SmolLM2-135M-Instruct"
+
+    class BB:
+        source, fingerprint, num_layers, hidden_size = Src(), {"model_type": "llama"}, 30, 576
+
+    class Cache:
+        lengths, num_layers, d, folder = np.array([3, 5]), 31, 576, tmp_path
+        meta = {"bytes_per_token": 35712, "n_truncated": 0, "dtype": "float16"}
+
+        def __len__(self):
+            return 2
+
+    (tmp_path / "states.bin").write_bytes(b"x" * 4096)
+    seen = []
+    monkeypatch.setattr(data, "load_dataset", lambda name, split, d=None, limit=None, **kw: (name, split, limit))
+    monkeypatch.setattr(data, "describe", lambda ds: f"{ds[0]}/{ds[1]}: {ds[2]} rows")
+    monkeypatch.setattr(backbone, "load_backbone", lambda *a, **kw: BB())
+    monkeypatch.setattr(cache, "build", lambda bb, ds, *a, **kw: seen.append(("build", ds, a, kw)) or Cache())
+
+    def train_probe(method, bb, tr, va, **kw):
+        seen.append(("train", method, tr, va, kw))
+        return None, {"data": {}, "validation": {"f1": 0.61234}, "task": "safety", "trainable_parameters": 1234,
+                      "threshold": 0.3456, "training": {"search_seconds": 12.34}}
+
+    monkeypatch.setattr(train, "train_probe", train_probe)
+    monkeypatch.setattr(probe_io, "save_probe", lambda out, module, cfg: seen.append(("save", str(out), cfg["data"])))
+
+    ex = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", dataset="toxicchat", split="train",
+                   limit=demo.TRAIN_LIMIT, prompt_format="chat", max_length=512, dtype="float16", layers=None,
+                   token_cap=None, batch_size=8, no_progress=False, json=False)
+    assert cmd_extract(ex) == 0
+    cli = capsys.readouterr().out
+    demo.extract("smollm2-135m", None, "/d")
+    assert _normalise(capsys.readouterr().out) == _normalise(cli)
+    assert seen[0] == seen[1]  # the same cache request
+
+    probe = tmp_path / "probe"
+    tr = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", dataset="toxicchat", probe="gate",
+                   out=str(probe), seed=0, trials=demo.TRIALS, epochs=demo.EPOCHS, set=None, hparams_from=None,
+                   limit=demo.TRAIN_LIMIT, val_limit=demo.VAL_LIMIT, threads=None, force=False, no_progress=False,
+                   json=False, prompt_format="chat", max_length=512)
+    assert cmd_train(tr) == 0
+    cli = capsys.readouterr().out
+    demo.train(BB(), probe, None, "/d")
+    assert capsys.readouterr().out == cli
+    (_, *a), (_, *b) = [s for s in seen if s[0] == "train"]
+    assert a == b  # the same training call
+    assert [s for s in seen if s[0] == "save"][0] == [s for s in seen if s[0] == "save"][1]

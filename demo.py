@@ -14,7 +14,7 @@ Each stage is the ``singlepass`` command a user would type, printed before it ru
 Each stage calls the functions its command calls (``models.cache.build``,
 ``models.train.train_probe``, ``models.evaluate.evaluate``, ``export.pipeline.export_artifact``,
 ``export.validate.validate``, ``runtime.api``) and prints what the command prints; the backbone
-is loaded once, in stage 1, and handed to the stages that take one (``evaluate`` loads its own).
+is loaded once, in stage 1, and handed to every stage that needs it.
 
 Outputs go to ``artifacts/demo`` (git-ignored). A second run reuses the hidden-state cache, the
 probe and the exported artifact (``--fresh`` redoes them).
@@ -52,6 +52,7 @@ T = TypeVar("T")
 
 
 # --- stages: printed as commands, run as function calls ------------------------------------------
+
 
 class _Exit(Exception):
     """A stage that ends like a command exiting with ``code`` (after printing its own errors)."""
@@ -92,27 +93,14 @@ def run_stage(argv: list[str], fn: Callable[[], T]) -> T:
 def extract(model: str, cache_dir: str | None, data_dir: str | None) -> "Backbone":
     """``singlepass extract``: the hidden-state cache of the training subset -> the backbone
     (loaded here, once for the whole demo)."""
-    from singlepass.models import cache as state_cache
-    from singlepass.models.backbone import load_backbone
+    from singlepass.models.commands import extract_cache, load_backbone_logged
     from singlepass.models.data import describe, load_dataset
     from singlepass.models.prompts import DEFAULT_MAX_LENGTH
 
     ds = load_dataset("toxicchat", "train", data_dir, limit=TRAIN_LIMIT)
     print(describe(ds))
-    t0 = time.perf_counter()
-    bb = load_backbone(model, cache_dir)
-    print(f"loaded {bb.source.name} ({bb.fingerprint['model_type']}, {bb.num_layers} layers, d={bb.hidden_size}) "
-          f"in {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    c = state_cache.build(bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, 8,
-                          cache_dir=cache_dir and Path(cache_dir), progress=True)
-    dt = time.perf_counter() - t0
-    n_tok = int(c.lengths.sum())
-    shape = (c.num_layers, len(c), int(c.lengths.max()), c.d)  # [L+1, B, T, d]
-    size = (c.folder / "states.bin").stat().st_size
-    print(f"stacked hidden states [L+1, B, T, d] = {tuple(shape)} (T = longest prompt; rows stored unpadded)")
-    print(f"{n_tok:,} tokens in {dt:.1f} s = {round(n_tok / max(dt, 1e-9), 1):,.0f} tokens/s; cache "
-          f"{size / 2**20:,.1f} MiB ({c.meta['bytes_per_token']:,} bytes/token) at {c.folder}")
+    bb = load_backbone_logged(model, cache_dir)
+    extract_cache(bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, 8, cache_dir, progress=True)
     return bb
 
 
@@ -129,27 +117,50 @@ def train(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | No
     va = load_dataset("toxicchat", "validation", data_dir, limit=VAL_LIMIT)
     print(describe(tr))
     print(describe(va))
-    module, cfg = train_probe("gate", bb, tr, va, prompt_format="chat", max_length=DEFAULT_MAX_LENGTH, seed=0,
-                              trials=TRIALS, max_epochs=EPOCHS, overrides={}, hparams=None,
-                              cache_dir=cache_dir and Path(cache_dir), progress=True)
+    module, cfg = train_probe(
+        "gate",
+        bb,
+        tr,
+        va,
+        prompt_format="chat",
+        max_length=DEFAULT_MAX_LENGTH,
+        seed=0,
+        trials=TRIALS,
+        max_epochs=EPOCHS,
+        overrides={},
+        hparams=None,
+        cache_dir=cache_dir and Path(cache_dir),
+        progress=True,
+    )
     cfg["data"].update({"limit": TRAIN_LIMIT, "validation_limit": VAL_LIMIT})
     save_probe(probe, module, cfg)
     v = cfg["validation"]
     key = "f1" if cfg["task"] == "safety" else "accuracy"
-    print(f"saved gate probe ({cfg['trainable_parameters']:,} trainable parameters) to {probe}: "
-          f"validation {key} {v[key]:.4f}"
-          + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
-          + f"; {cfg['training']['search_seconds']:.1f} s")
+    print(
+        f"saved gate probe ({cfg['trainable_parameters']:,} trainable parameters) to {probe}: "
+        f"validation {key} {v[key]:.4f}"
+        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+        + f"; {cfg['training']['search_seconds']:.1f} s"
+    )
 
 
-def evaluate(probe: Path, cache_dir: str | None, data_dir: str | None) -> None:
-    """``singlepass eval``: the probe on ToxicChat's human-annotated test rows. (``evaluate``
-    takes no backbone: it loads the one named in the probe's config.)"""
+def evaluate(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | None) -> None:
+    """``singlepass eval``: the probe on ToxicChat's human-annotated test rows."""
     from singlepass.models.evaluate import evaluate as evaluate_probe
     from singlepass.models.evaluate import format_report
 
-    rep = evaluate_probe(str(probe), "toxicchat", "test_human", None, cache_dir, data_dir, TEST_LIMIT,
-                         progress=True, log=print)
+    rep = evaluate_probe(
+        str(probe),
+        "toxicchat",
+        "test_human",
+        None,
+        cache_dir,
+        data_dir,
+        TEST_LIMIT,
+        progress=True,
+        log=print,
+        backbone=bb,
+    )
     print(format_report(rep))
 
 
@@ -159,9 +170,11 @@ def export(bb: "Backbone", probe: Path, art: Path, model: str, cache_dir: str | 
 
     s = export_artifact(art, [f"{probe}:safety"], model_spec=model, force=True, cache_dir=cache_dir, backbone=bb)
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
-    print(f"wrote {s['artifact']} ({s['bytes'] / 2**20:,.1f} MiB) in {s['seconds']} s "
-          f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
-          f"{s['validation_seconds']} s)")
+    print(
+        f"wrote {s['artifact']} ({s['bytes'] / 2**20:,.1f} MiB) in {s['seconds']} s "
+        f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
+        f"{s['validation_seconds']} s)"
+    )
     print(f"validation passed; max |diff| vs PyTorch: {worst}")
 
 
@@ -174,8 +187,10 @@ def validate(bb: "Backbone", art: Path, cache_dir: str | None) -> None:
     same = read_artifact(art).backbone.get("sha256") == bb.fingerprint.get("sha256")
     r = validate_artifact(art, backbone=bb if same else None, cache_dir=cache_dir, steps=DECODE_STEPS)
     print(r.table())
-    print(f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, greedy tokens identical for "
-          f"{DECODE_STEPS} decode steps)")
+    print(
+        f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, greedy tokens identical for "
+        f"{DECODE_STEPS} decode steps)"
+    )
 
 
 def print_results(results: "list[Result]") -> int:
@@ -202,14 +217,16 @@ def generate(art: Path, policy: list[str] | None = None, rt: "Runtime | None" = 
     from singlepass.runtime.policy import parse_specs
 
     rt = rt or load(art)
-    results = rt.generate(DEMO_PROMPTS, MAX_NEW_TOKENS, policy=parse_specs(policy) if policy else None,
-                          on_error="return")
+    results = rt.generate(
+        DEMO_PROMPTS, MAX_NEW_TOKENS, policy=parse_specs(policy) if policy else None, on_error="return"
+    )
     if print_results(results):
         raise _Exit(2)
     return rt
 
 
 # --- the demo ----------------------------------------------------------------------------------------
+
 
 def current_recipe(probe: Path) -> bool:
     """A probe folder from an earlier run, trained with the current training recipe."""
@@ -234,8 +251,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
 
     print("== 1/5 extract: hidden states [L+1, B, T, d] of a ToxicChat training subset")
-    bb = run_stage(["extract", *common, *data, "--dataset", "toxicchat", "--split", "train", "--limit",
-                    str(TRAIN_LIMIT)], lambda: extract(args.model, cache_dir, data_dir))
+    bb = run_stage(
+        ["extract", *common, *data, "--dataset", "toxicchat", "--split", "train", "--limit", str(TRAIN_LIMIT)],
+        lambda: extract(args.model, cache_dir, data_dir),
+    )
 
     print("== 2/5 train: a quick gate probe (safety)")
     if current_recipe(probe):
@@ -243,32 +262,72 @@ def cmd_demo(args: argparse.Namespace) -> int:
     else:
         for stale in (probe, art):  # an older recipe's probe, and the artifact that fused it
             shutil.rmtree(stale, ignore_errors=True)
-        run_stage(["train", *common, *data, "--dataset", "toxicchat", "--probe", "gate", "--out", str(probe),
-                   "--limit", str(TRAIN_LIMIT), "--val-limit", str(VAL_LIMIT), "--trials", str(TRIALS),
-                   "--epochs", str(EPOCHS)], lambda: train(bb, probe, cache_dir, data_dir))
+        run_stage(
+            [
+                "train",
+                *common,
+                *data,
+                "--dataset",
+                "toxicchat",
+                "--probe",
+                "gate",
+                "--out",
+                str(probe),
+                "--limit",
+                str(TRAIN_LIMIT),
+                "--val-limit",
+                str(VAL_LIMIT),
+                "--trials",
+                str(TRIALS),
+                "--epochs",
+                str(EPOCHS),
+            ],
+            lambda: train(bb, probe, cache_dir, data_dir),
+        )
 
     print("== 3/5 eval: on ToxicChat human-annotated test rows")
-    run_stage(["eval", "--probe", str(probe), *common[2:], *data, "--dataset", "toxicchat", "--split", "test_human",
-               "--limit", str(TEST_LIMIT)], lambda: evaluate(probe, cache_dir, data_dir))
+    run_stage(
+        [
+            "eval",
+            "--probe",
+            str(probe),
+            *common[2:],
+            *data,
+            "--dataset",
+            "toxicchat",
+            "--split",
+            "test_human",
+            "--limit",
+            str(TEST_LIMIT),
+        ],
+        lambda: evaluate(bb, probe, cache_dir, data_dir),
+    )
 
     print("== 4/5 export: one graph for tokens + labels, validated against PyTorch")
     if (art / "manifest.json").is_file():
         print(f"reusing {art}")
         run_stage(["validate", str(art), *common[2:]], lambda: validate(bb, art, cache_dir))
     else:
-        run_stage(["export", *common, "--probe", f"{probe}:safety", "--out", str(art), "--force"],
-                  lambda: export(bb, probe, art, args.model, cache_dir))
+        run_stage(
+            ["export", *common, "--probe", f"{probe}:safety", "--out", str(art), "--force"],
+            lambda: export(bb, probe, art, args.model, cache_dir),
+        )
     bb = None  # the rest runs on the exported graph alone (no torch): let the backbone go
 
     print("== 5/5 generate: text and labels from the one fused pass (report-only policy)")
-    rt = run_stage(["generate", str(art), *DEMO_PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS)],
-                   lambda: generate(art))
-    print(f"-- the same prompts under the policy `safety=block:{BLOCK_AT}`: a prompt whose safety score is at "
-          f"least {BLOCK_AT}\n   (a stricter operating point than the quick probe's validation threshold) is "
-          "refused on the prefill pass, before any token")
+    rt = run_stage(
+        ["generate", str(art), *DEMO_PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS)], lambda: generate(art)
+    )
+    print(
+        f"-- the same prompts under the policy `safety=block:{BLOCK_AT}`: a prompt whose safety score is at "
+        f"least {BLOCK_AT}\n   (a stricter operating point than the quick probe's validation threshold) is "
+        "refused on the prefill pass, before any token"
+    )
     block = [f"safety=block:{BLOCK_AT}"]
-    run_stage(["generate", str(art), *DEMO_PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS), "--policy", block[0]],
-              lambda: generate(art, block, rt))
+    run_stage(
+        ["generate", str(art), *DEMO_PROMPTS, "--max-new-tokens", str(MAX_NEW_TOKENS), "--policy", block[0]],
+        lambda: generate(art, block, rt),
+    )
     print(f"demo finished in {time.perf_counter() - t0:.0f} s; artifact at {art}")
     return 0
 

@@ -73,9 +73,15 @@ def bench_tag(args, dataset: str, method: str, seed: int) -> dict:
     from singlepass.models.train import RECIPE
 
     train_limit, val_limit, _ = SUBSETS[dataset]
-    return {"recipe": RECIPE, "seed": seed, "first_seed": args.seeds[0], "trials": trials_for(args, method),
-            "epochs": args.epochs,
-            "train_limit": train_limit, "validation_limit": val_limit}
+    return {
+        "recipe": RECIPE,
+        "seed": seed,
+        "first_seed": args.seeds[0],
+        "trials": trials_for(args, method),
+        "epochs": args.epochs,
+        "train_limit": train_limit,
+        "validation_limit": val_limit,
+    }
 
 
 def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
@@ -102,8 +108,19 @@ def train_one(args, bb, dataset: str, method: str, seed: int, log) -> Path:
         src = read_config(train_one(args, bb, dataset, method, args.seeds[0], log))
         hparams = HParams.from_dict({**src["hparams"], "params": src["params"]})
     log(f"=== train {dataset} / {method} / seed {seed}  ({time.strftime('%H:%M:%S')})")
-    module, cfg = train_probe(method, bb, tr, va, seed=seed, trials=trials_for(args, method), max_epochs=args.epochs,
-                              hparams=hparams, cache_dir=args.cache_dir, progress=not args.no_progress, log=log)
+    module, cfg = train_probe(
+        method,
+        bb,
+        tr,
+        va,
+        seed=seed,
+        trials=trials_for(args, method),
+        max_epochs=args.epochs,
+        hparams=hparams,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        log=log,
+    )
     cfg["data"].update({"limit": train_limit, "validation_limit": val_limit})
     cfg["bench"] = tag
     save_probe(out, module, cfg)
@@ -129,18 +146,34 @@ def run_one(args, bb, dataset: str, method: str, seed: int, log) -> dict:
         for name, idx in report_subsets(ds).items():
             evals[f"{ds_name}/{name}"] = compute_metrics(ds.labels[idx], probs[idx], cfg["threshold"])
             evals[f"{ds_name}/{name}"]["limit"] = limit
-    return {"dataset": dataset, "method": method, "seed": seed, "probe": str(out),
-            "trainable_parameters": cfg["trainable_parameters"], "params": cfg["params"], "hparams": cfg["hparams"],
-            "threshold": cfg["threshold"], "train_seconds": cfg["training"]["seconds"],
-            "search_seconds": cfg["training"]["search_seconds"], "trials": len(cfg["training"]["trials"]),
-            "best_epoch": cfg["training"]["best_epoch"], "validation": cfg["validation"],
-            "subsets": {"train": train_limit, "validation": val_limit, "train_rows": cfg["data"]["train_rows"],
-                        "validation_rows": cfg["data"]["validation_rows"]},
-            "eval": evals, "machine": torch_machine(),
-            "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())}
+    return {
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "probe": str(out),
+        "trainable_parameters": cfg["trainable_parameters"],
+        "params": cfg["params"],
+        "hparams": cfg["hparams"],
+        "threshold": cfg["threshold"],
+        "train_seconds": cfg["training"]["seconds"],
+        "search_seconds": cfg["training"]["search_seconds"],
+        "trials": len(cfg["training"]["trials"]),
+        "best_epoch": cfg["training"]["best_epoch"],
+        "validation": cfg["validation"],
+        "subsets": {
+            "train": train_limit,
+            "validation": val_limit,
+            "train_rows": cfg["data"]["train_rows"],
+            "validation_rows": cfg["data"]["validation_rows"],
+        },
+        "eval": evals,
+        "machine": torch_machine(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
 
 
 # --- the table ------------------------------------------------------------------------------------
+
 
 def load_runs(runs: Path) -> list[dict]:
     """Every stored run under ``runs`` (``runs_dir(RESULTS)``), in path order."""
@@ -199,27 +232,36 @@ def targets(runs: list[dict]) -> list[str]:
         return "not run yet" if ok is None else "met" if ok else "missed"
 
     order = None if any(f1[m] is None for m in probes) else f1["pooling"] < f1["gate"] < f1["mha"]
-    out = [f"- ToxicChat ordering pooling < gate < MHA (F1, human-annotated rows): {verdict(order)}"
-           + ("" if order is None else f" ({' < '.join(f'{f1[m]:.1f}' for m in probes)})")]
+    out = [
+        f"- ToxicChat ordering pooling < gate < MHA (F1, human-annotated rows): {verdict(order)}"
+        + ("" if order is None else f" ({' < '.join(f'{f1[m]:.1f}' for m in probes)})")
+    ]
     gap = None if f1["mha"] is None or f1["muli"] is None else f1["mha"] - f1["muli"]
-    out.append(f"- MHA ahead of MULI by >= 5 F1 points on ToxicChat: {verdict(None if gap is None else gap >= 5)}"
-               + ("" if gap is None else f" ({gap:+.1f})"))
+    out.append(
+        f"- MHA ahead of MULI by >= 5 F1 points on ToxicChat: {verdict(None if gap is None else gap >= 5)}"
+        + ("" if gap is None else f" ({gap:+.1f})")
+    )
     for ds, key, goal, name in (("sst2", "sst2/test", 90, "SST-2"), ("emotion", "emotion/test", 85, "Emotion")):
         accs = {m: mean_of(runs, ds, m, key, "accuracy") for m in probes}
         accs = {m: a for m, a in accs.items() if a is not None}
         best = max(accs.items(), key=lambda kv: kv[1]) if accs else None
-        out.append(f"- {name} >= {goal}% for the best probe: {verdict(None if best is None else best[1] >= goal)}"
-                   + ("" if best is None else f" (best: {best[0]} {best[1]:.1f}%, of the probes run)"))
+        out.append(
+            f"- {name} >= {goal}% for the best probe: {verdict(None if best is None else best[1] >= goal)}"
+            + ("" if best is None else f" (best: {best[0]} {best[1]:.1f}%, of the probes run)")
+        )
     return out
 
 
 def render(runs: list[dict], command: str) -> str:
     methods = list(METHOD_ORDER)  # a method with no stored run shows as a row of `—`
     lines = ["# Accuracy: probes vs MULI and fixed-readout baselines (SmolLM2-135M)", ""]
-    lines += ["Mean ± std (population) over seeds; F1 and accuracy in %, AUPRC in [0, 1]; F1 at 0.5. "
-              "`(n=k)` marks a cell with k != 3 finished seeds; `—` = not run yet. Test sets are the seeded, "
-              "stratified subsets listed under Data (ToxicChat: its human-annotated rows and all rows of the "
-              "subset).", ""]
+    lines += [
+        "Mean ± std (population) over seeds; F1 and accuracy in %, AUPRC in [0, 1]; F1 at 0.5. "
+        "`(n=k)` marks a cell with k != 3 finished seeds; `—` = not run yet. Test sets are the seeded, "
+        "stratified subsets listed under Data (ToxicChat: its human-annotated rows and all rows of the "
+        "subset).",
+        "",
+    ]
     lines.append("| method | trainable params | " + " | ".join(c[0] for c in COLUMNS) + " | train time (s) |")
     lines.append("| --- | ---: | " + " | ".join("---:" for _ in COLUMNS) + " | ---: |")
     for m in methods:
@@ -229,37 +271,62 @@ def render(runs: list[dict], command: str) -> str:
         p = "—" if not params else f"{params[0]:,}" if len(params) == 1 else f"{params[0]:,}–{params[-1]:,}"
         t = stat([r["train_seconds"] for r in rs if r["dataset"] == "toxicchat"], 1, 0)
         lines.append(f"| {m} | {p} | " + " | ".join(cell(runs, c[1], m, *c[2:]) for c in COLUMNS) + f" | {t} |")
-    lines += ["", "Trainable parameters: the ToxicChat probe (binary head). Train time: ToxicChat, the selected "
-              "configuration's training run (early stopping included), per seed; the search is listed below.", ""]
+    lines += [
+        "",
+        "Trainable parameters: the ToxicChat probe (binary head). Train time: ToxicChat, the selected "
+        "configuration's training run (early stopping included), per seed; the search is listed below.",
+        "",
+    ]
     lines.append("| method | " + " | ".join(c[0] for c in EXTRA) + " |")
     lines.append("| --- | " + " | ".join("---:" for _ in EXTRA) + " |")
     for m in methods:
         lines.append(f"| {m} | " + " | ".join(cell(runs, c[1], m, *c[2:]) for c in EXTRA) + " |")
     lines += ["", "## Targets (SmolLM2-135M)", ""] + targets(runs)
-    lines += ["", "## Selected configurations (first-seed search)", "",
-              "| dataset | method | trials | search time (s) | lr | batch | weight decay | epochs (best) | params |",
-              "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"]
+    lines += [
+        "",
+        "## Selected configurations (first-seed search)",
+        "",
+        "| dataset | method | trials | search time (s) | lr | batch | weight decay | epochs (best) | params |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+    ]
     for r in sorted((r for r in runs if r["seed"] == 0), key=lambda r: (r["dataset"], METHOD_ORDER.index(r["method"]))):
         h = r["hparams"]
         prm = {k: v for k, v in r["params"].items() if k != "vocab_size"}
-        lines.append(f"| {r['dataset']} | {r['method']} | {r['trials']} | {r['search_seconds']:.0f} | {h['lr']:.2e} | "
-                     f"{h['batch_size']} | {h['weight_decay']:.3f} | {h['epochs']} ({r['best_epoch']}) | "
-                     f"{json.dumps(prm) if prm else '—'} |")
+        lines.append(
+            f"| {r['dataset']} | {r['method']} | {r['trials']} | {r['search_seconds']:.0f} | {h['lr']:.2e} | "
+            f"{h['batch_size']} | {h['weight_decay']:.3f} | {h['epochs']} ({r['best_epoch']}) | "
+            f"{json.dumps(prm) if prm else '—'} |"
+        )
     lines += ["", "## Data", ""]
     for ds, (tl, vl, tests) in SUBSETS.items():
         rs = [r for r in runs if r["dataset"] == ds]
-        rows = (f" ({rs[0]['subsets']['train_rows']} train / {rs[0]['subsets']['validation_rows']} validation rows)"
-                if rs else "")
+        rows = (
+            f" ({rs[0]['subsets']['train_rows']} train / {rs[0]['subsets']['validation_rows']} validation rows)"
+            if rs
+            else ""
+        )
         t = ", ".join(f"{s} {'all rows' if lim is None else f'{lim} rows'}" for s, lim in tests)
-        lines.append(f"- {ds}: train {'all' if tl is None else tl}, validation {'all' if vl is None else vl}, {t}"
-                     f"{rows}; subsets are seeded (seed 0) and stratified.")
-    lines.append("- wildguardmix: test, " + ", ".join(f"{lim or 'all'} rows" for _, _, lim in OOD["toxicchat"]) +
-                 ", scored by the ToxicChat probes (harmful read as toxic).")
-    lines += ["- Validation where a dataset has none: a stratified 10% of train (ToxicChat, IMDB).",
-              "- Prompts (chat template) are capped at 512 tokens; extraction counts and logs the truncated ones "
-              "(IMDB: 56 of the 300 training reviews; ToxicChat train: 18 of 4,573).", "",
-              "## Reproduce", "", "The commands that produced the stored runs (each skips the runs already stored; "
-              "`--table-only` redraws this file from them):", "", "```"]
+        lines.append(
+            f"- {ds}: train {'all' if tl is None else tl}, validation {'all' if vl is None else vl}, {t}"
+            f"{rows}; subsets are seeded (seed 0) and stratified."
+        )
+    lines.append(
+        "- wildguardmix: test, "
+        + ", ".join(f"{lim or 'all'} rows" for _, _, lim in OOD["toxicchat"])
+        + ", scored by the ToxicChat probes (harmful read as toxic)."
+    )
+    lines += [
+        "- Validation where a dataset has none: a stratified 10% of train (ToxicChat, IMDB).",
+        "- Prompts (chat template) are capped at 512 tokens; extraction counts and logs the truncated ones "
+        "(IMDB: 56 of the 300 training reviews; ToxicChat train: 18 of 4,573).",
+        "",
+        "## Reproduce",
+        "",
+        "The commands that produced the stored runs (each skips the runs already stored; "
+        "`--table-only` redraws this file from them):",
+        "",
+        "```",
+    ]
     lines += sorted({r.get("command") or command for r in runs} or {command}) + ["```", ""]
     machines = sorted({r["machine"] for r in runs})
     lines += ["Machine: " + ("; ".join(machines) if machines else torch_machine()), ""]
@@ -276,25 +343,42 @@ def write_table(results: Path, command: str) -> Path:
 
 # --- main ---------------------------------------------------------------------------------------------
 
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m singlepass.benchmarks.accuracy",
-                                     description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(
+        prog="python -m singlepass.benchmarks.accuracy", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--datasets", nargs="+", default=list(SUBSETS), choices=list(SUBSETS))
     p.add_argument("--methods", nargs="+", default=list(METHOD_ORDER), choices=list(METHOD_ORDER))
     p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--trials", type=int, default=4,
-                   help="search budget per (dataset, method) on the first seed (default: %(default)s)")
-    p.add_argument("--trials-heavy", type=int, default=2,
-                   help="search budget for gate and MHA, which train on the full tensor (default: %(default)s)")
-    p.add_argument("--phase", choices=["all", "train"], default="all",
-                   help="train: only train (and store) the probes; all: train or reuse, then evaluate")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=4,
+        help="search budget per (dataset, method) on the first seed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--trials-heavy",
+        type=int,
+        default=2,
+        help="search budget for gate and MHA, which train on the full tensor (default: %(default)s)",
+    )
+    p.add_argument(
+        "--phase",
+        choices=["all", "train"],
+        default="all",
+        help="train: only train (and store) the probes; all: train or reuse, then evaluate",
+    )
     p.add_argument("--epochs", type=int, default=10)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
-    p.add_argument("--drop-caches", action="store_true",
-                   help="delete the hidden-state caches this run created once a dataset is done (disk)")
+    p.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="delete the hidden-state caches this run created once a dataset is done (disk)",
+    )
     add_out_arg(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite the table from stored runs")
     p.add_argument("--no-progress", action="store_true")
@@ -307,8 +391,9 @@ def run(args: argparse.Namespace) -> int:
     from singlepass.models.backbone import cache_root, load_backbone
 
     torch.set_num_threads(args.threads)
-    command = "python -m singlepass.benchmarks.accuracy " + " ".join(sys.argv[1:]) if args.command is None \
-        else args.command
+    command = (
+        "python -m singlepass.benchmarks.accuracy " + " ".join(sys.argv[1:]) if args.command is None else args.command
+    )
     results = results_dir(args.out)
     runs = runs_dir(results)
     if args.table_only:
@@ -333,8 +418,10 @@ def run(args: argparse.Namespace) -> int:
                 res["command"] = command
                 key.parent.mkdir(parents=True, exist_ok=True)
                 atomic_write(key, json.dumps(res, indent=1))
-                ev = {k: round(v.get("f1" if "toxic" in k or "wild" in k else "accuracy", 0), 4)
-                      for k, v in res["eval"].items()}
+                ev = {
+                    k: round(v.get("f1" if "toxic" in k or "wild" in k else "accuracy", 0), 4)
+                    for k, v in res["eval"].items()
+                }
                 print(f"--- {dataset} / {method} / seed {seed}: {ev} (train {res['train_seconds']:.0f} s)", flush=True)
                 write_table(results, command)
         if args.drop_caches and args.phase == "all" and states.is_dir():

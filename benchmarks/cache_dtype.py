@@ -38,13 +38,15 @@ def main(argv: list[str] | None = None) -> None:
     ds = load_dataset(args.dataset, args.split, limit=args.n)
     L1, d = bb.num_layers + 1, bb.hidden_size
     torch.manual_seed(0)
-    probes = {k: build_probe(k, L1, d, 2, **p).eval() for k, p in
-              [("pooling", {}), ("gate", {}), ("mha", {"factor": 8, "heads": 4})]}
+    probes = {
+        k: build_probe(k, L1, d, 2, **p).eval()
+        for k, p in [("pooling", {}), ("gate", {}), ("mha", {"factor": 8, "heads": 4})]
+    }
     dtypes = [("float32", torch.float32), ("float16", torch.float16), ("bfloat16", torch.bfloat16)]
     worst = {n: {"finite": True, "rel": 0.0, **{k: 0.0 for k in probes}} for n, _ in dtypes}
     peak, n_tokens = 0.0, 0
     for i in tqdm(range(0, len(ds), 8), desc="chunks of 8 prompts"):  # chunks keep memory small
-        hs, mask, _ = extract(bb, ds.texts[i:i + 8])  # [L+1, B, T, d] fp32
+        hs, mask, _ = extract(bb, ds.texts[i : i + 8])  # [L+1, B, T, d] fp32
         real, peak, n_tokens = mask.bool(), max(peak, float(hs.abs().max())), n_tokens + int(mask.sum())
         with torch.no_grad():
             ref = {k: probabilities(p(hs, mask))[:, 1] for k, p in probes.items()}
@@ -56,17 +58,24 @@ def main(argv: list[str] | None = None) -> None:
                 for k, p in probes.items():
                     w[k] = max(w[k], float((probabilities(p(q, mask))[:, 1] - ref[k]).abs().max()))
     rows = [(n, torch.finfo(dt).bits // 8 * L1 * d, worst[n]["finite"], worst[n]["rel"], worst[n]) for n, dt in dtypes]
-    lines = [f"# Hidden-state cache dtype ({bb.source.name}, {len(ds)} {args.dataset}/{args.split} prompts, "
-             f"{n_tokens} tokens)", "",
-             f"max |activation| = {peak:.4g} (fp16 max 65504); machine: {platform.processor() or platform.machine()}, "
-             f"torch {torch.__version__}", "",
-             f"Command: `python -m singlepass.benchmarks.cache_dtype --n {args.n} --dataset {args.dataset}`", "",
-             "| dtype | bytes/token | finite | max rel. error per vector | "
-             "max abs Δ probe prob (pooling / gate / MHA) |",
-             "| --- | ---: | --- | ---: | --- |"]
+    lines = [
+        f"# Hidden-state cache dtype ({bb.source.name}, {len(ds)} {args.dataset}/{args.split} prompts, "
+        f"{n_tokens} tokens)",
+        "",
+        f"max |activation| = {peak:.4g} (fp16 max 65504); machine: {platform.processor() or platform.machine()}, "
+        f"torch {torch.__version__}",
+        "",
+        f"Command: `python -m singlepass.benchmarks.cache_dtype --n {args.n} --dataset {args.dataset}`",
+        "",
+        "| dtype | bytes/token | finite | max rel. error per vector | max abs Δ probe prob (pooling / gate / MHA) |",
+        "| --- | ---: | --- | ---: | --- |",
+    ]
     for name, bpt, finite, rel, dp in rows:
-        lines.append(f"| {name} | {bpt:,} | {finite} | {rel:.2e} | "
-                     + " / ".join(f"{dp[k]:.1e}" for k in ("pooling", "gate", "mha")) + " |")
+        lines.append(
+            f"| {name} | {bpt:,} | {finite} | {rel:.2e} | "
+            + " / ".join(f"{dp[k]:.1e}" for k in ("pooling", "gate", "mha"))
+            + " |"
+        )
     text = "\n".join(lines) + "\n"
     print(text)
     out = results_dir(args.out) / "cache_dtype.md"

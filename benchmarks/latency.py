@@ -61,8 +61,9 @@ def worker(spec: dict, timeout: float | None = None) -> dict:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec, default=str))
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-        r = subprocess.run([sys.executable, "-m", "singlepass.benchmarks.latency_worker", str(sp), str(op)],
-                           env=env, timeout=timeout)
+        r = subprocess.run(
+            [sys.executable, "-m", "singlepass.benchmarks.latency_worker", str(sp), str(op)], env=env, timeout=timeout
+        )
         if r.returncode != 0:
             from singlepass.errors import SinglepassError
 
@@ -98,36 +99,47 @@ def settings_order(args: argparse.Namespace) -> list[tuple[int, int]]:
 def memory_texts(texts: list[str], lengths: list[int], n: int) -> list[str]:
     """The memory prompts: the first n - n//2 and the n//2 longest, in dataset order."""
     order = sorted(range(len(texts)), key=lambda i: -lengths[i])
-    return [texts[i] for i in sorted(set(order[:n // 2]) | set(range(n - n // 2)))]
+    return [texts[i] for i in sorted(set(order[: n // 2]) | set(range(n - n // 2)))]
 
 
 # --- main ------------------------------------------------------------------------------------------
 
+
 def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
-    p = p or argparse.ArgumentParser(prog="python -m singlepass.benchmarks.latency",
-                                     description=__doc__.splitlines()[0])
+    p = p or argparse.ArgumentParser(
+        prog="python -m singlepass.benchmarks.latency", description=__doc__.splitlines()[0]
+    )
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--n", type=int, default=200, help="ToxicChat test prompts (default: %(default)s)")
     p.add_argument("--full", action="store_true", help=f"use {FULL_N} prompts")
-    p.add_argument("--n-batched", type=int, default=48,
-                   help="prompts for batch sizes > 1 with 1 new token (default: %(default)s)")
-    p.add_argument("--n-decode", type=int, default=8,
-                   help="prompts for the multi-token runs (default: %(default)s)")
+    p.add_argument(
+        "--n-batched", type=int, default=48, help="prompts for batch sizes > 1 with 1 new token (default: %(default)s)"
+    )
+    p.add_argument("--n-decode", type=int, default=8, help="prompts for the multi-token runs (default: %(default)s)")
     p.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     p.add_argument("--new-tokens", type=int, nargs="+", default=[1, 32])
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default: %(default)s)")
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime / torch threads")
-    p.add_argument("--memory-prompts", type=int, default=8,
-                   help="prompts each memory process serves, half of them the longest (default: %(default)s)")
+    p.add_argument(
+        "--memory-prompts",
+        type=int,
+        default=8,
+        help="prompts each memory process serves, half of them the longest (default: %(default)s)",
+    )
     p.add_argument("--torch-prompts", type=int, default=50, help="prompts for ORT vs eager PyTorch")
-    p.add_argument("--guard-eval-limit", type=int, default=1000,
-                   help="ToxicChat test rows (seeded stratified subset) to score guard (b), the prompted LLM, on; "
-                        "0 = all 5,083 (default: %(default)s)")
+    p.add_argument(
+        "--guard-eval-limit",
+        type=int,
+        default=1000,
+        help="ToxicChat test rows (seeded stratified subset) to score guard (b), the prompted LLM, on; "
+        "0 = all 5,083 (default: %(default)s)",
+    )
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
     add_out_arg(p, "--out-dir")
-    p.add_argument("--table-only", action="store_true",
-                   help="only rewrite latency.md and latency.png from the stored latency.json")
+    p.add_argument(
+        "--table-only", action="store_true", help="only rewrite latency.md and latency.png from the stored latency.json"
+    )
     return p
 
 
@@ -161,8 +173,9 @@ def run(args: argparse.Namespace) -> int:
     artifacts = ensure_artifacts(args, bb, probes)
     guard_a_dir = ensure_classifier(args.cache_dir, args.data_dir, threads=args.threads, log=log)
     guard_a = json.loads((guard_a_dir / "config.json").read_text())
-    guard_b = ensure_llm_guard(artifacts["base"], args.cache_dir, args.data_dir, args.threads,
-                               args.guard_eval_limit or None, log=log)
+    guard_b = ensure_llm_guard(
+        artifacts["base"], args.cache_dir, args.data_dir, args.threads, args.guard_eval_limit or None, log=log
+    )
     ds = load_dataset("toxicchat", "test", args.data_dir, limit=args.n)
     texts = ds.texts
     from singlepass.models.prompts import encode
@@ -175,42 +188,88 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_for(args)
     worker_cfgs = [{k: v for k, v in c.items() if k in ("name", "artifact", "guard")} for c in cfgs]
     # ETA from a rough per-request cost; the workers print their own progress
-    log(f"prepared in {prepare_s:.0f} s; measuring {len(cfgs)} configurations x {len(settings)} settings x "
-        f"{args.repeats} repeats on {args.n} prompts ...")
+    log(
+        f"prepared in {prepare_s:.0f} s; measuring {len(cfgs)} configurations x {len(settings)} settings x "
+        f"{args.repeats} repeats on {args.n} prompts ..."
+    )
     t1 = time.perf_counter()
-    res = {"title": f"SmolLM2-135M, {args.n} ToxicChat prompts, ONNX Runtime CPU ({args.threads} threads)"
-                    + (" - SMOKE RUN, too few prompts to read ratios from" if args.n < 32 else
-                       " - reduced run (default: 200 prompts)" if args.n < 200 else ""),
-           "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": m, "gpu": gpu_note(),
-           "command": command, "layers": layers,
-           "protocol": {"n": args.n, "n_decode": min(args.n, args.n_decode), "n_batched": min(args.n, args.n_batched),
-                        "batch": args.batch,
-                        "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
-                        "memory_prompts": args.memory_prompts, "tokens_median": float(np.median(lengths)),
-                        "tokens_p90": float(np.percentile(lengths, 90)), "tokens_max": int(max(lengths))},
-           "probes": probes, "guards": {"classifier": guard_a, "llm": guard_b},
-           "configs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()} for c in cfgs]}
+    res = {
+        "title": f"SmolLM2-135M, {args.n} ToxicChat prompts, ONNX Runtime CPU ({args.threads} threads)"
+        + (
+            " - SMOKE RUN, too few prompts to read ratios from"
+            if args.n < 32
+            else " - reduced run (default: 200 prompts)"
+            if args.n < 200
+            else ""
+        ),
+        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+        "machine": m,
+        "gpu": gpu_note(),
+        "command": command,
+        "layers": layers,
+        "protocol": {
+            "n": args.n,
+            "n_decode": min(args.n, args.n_decode),
+            "n_batched": min(args.n, args.n_batched),
+            "batch": args.batch,
+            "new_tokens": args.new_tokens,
+            "repeats": args.repeats,
+            "threads": args.threads,
+            "memory_prompts": args.memory_prompts,
+            "tokens_median": float(np.median(lengths)),
+            "tokens_p90": float(np.percentile(lengths, 90)),
+            "tokens_max": int(max(lengths)),
+        },
+        "probes": probes,
+        "guards": {"classifier": guard_a, "llm": guard_b},
+        "configs": [{k: (str(v) if isinstance(v, Path) else v) for k, v in c.items()} for c in cfgs],
+    }
     # memory: each configuration alone; the memory prompts include the longest ones
     mem_texts = memory_texts(texts, lengths, args.memory_prompts)
     res["memory"] = {}
     for c, wc in zip(cfgs, worker_cfgs):
-        r = worker({"mode": "memory", "config": wc, "threads": args.threads, "texts": mem_texts,
-                    "settings": [{"batch": b, "new_tokens": t} for b, t in settings_order(args)]})
+        r = worker(
+            {
+                "mode": "memory",
+                "config": wc,
+                "threads": args.threads,
+                "texts": mem_texts,
+                "settings": [{"batch": b, "new_tokens": t} for b, t in settings_order(args)],
+            }
+        )
         if c.get("guard_weights"):
-            r["guard_weights_mib"] = Path(c["guard_weights"]).stat().st_size / 2 ** 20
+            r["guard_weights_mib"] = Path(c["guard_weights"]).stat().st_size / 2**20
         res["memory"][c["name"]] = r
         log(f"memory {c['name']}: loaded {r['rss_loaded_mib']:,.0f} MiB, peak {r['peak_rss_mib']:,.0f} MiB")
     eta = estimate_seconds(res["memory"], settings, args)
-    log(f"ETA of the latency measurements: ~{eta / 60:.1f} min (from the memory runs, which include the longest "
-        f"prompts, so an upper estimate); then ORT vs eager PyTorch")
-    lat = worker({"mode": "latency", "configs": worker_cfgs, "threads": args.threads, "texts": texts,
-                  "settings": settings, "repeats": args.repeats})
+    log(
+        f"ETA of the latency measurements: ~{eta / 60:.1f} min (from the memory runs, which include the longest "
+        f"prompts, so an upper estimate); then ORT vs eager PyTorch"
+    )
+    lat = worker(
+        {
+            "mode": "latency",
+            "configs": worker_cfgs,
+            "threads": args.threads,
+            "texts": texts,
+            "settings": settings,
+            "repeats": args.repeats,
+        }
+    )
     res["latency_settings"] = lat["settings"]
     res["latency"] = {rep.setting_key(s["batch"], s["new_tokens"]): s for s in lat["settings"]}
     log("ORT vs eager PyTorch, extraction throughput ...")
-    res["torch"] = worker({"mode": "torch", "model": args.model, "cache_dir": args.cache_dir,
-                           "artifact": str(artifacts["base"]), "threads": args.threads,
-                           "texts": texts[:args.torch_prompts], "repeats": args.repeats})
+    res["torch"] = worker(
+        {
+            "mode": "torch",
+            "model": args.model,
+            "cache_dir": args.cache_dir,
+            "artifact": str(artifacts["base"]),
+            "threads": args.threads,
+            "texts": texts[: args.torch_prompts],
+            "repeats": args.repeats,
+        }
+    )
     res["loadavg_end"] = os.getloadavg()
     res["prepare_seconds"], res["measure_seconds"] = prepare_s, time.perf_counter() - t1
     out_dir.mkdir(parents=True, exist_ok=True)

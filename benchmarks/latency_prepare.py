@@ -33,6 +33,7 @@ def log(msg: str) -> None:
 
 # --- probes --------------------------------------------------------------------------------------
 
+
 def accuracy_run(runs: Path, method: str) -> dict | None:
     """The accuracy benchmark's stored seed-0 ToxicChat run of ``method`` (``runs``: its
     ``accuracy/toxicchat`` folder), or None."""
@@ -65,22 +66,32 @@ def ensure_probes(args: argparse.Namespace, bb: "Backbone", runs: Path) -> dict:
                     raise SinglepassError("stale")
             except SinglepassError:
                 cfg = train_quick_probe(args, bb, method, d)
-            source = (f"quick probe trained here ({QUICK['train_limit']} train rows, {QUICK['trials']} trial, "
-                      f"<= {QUICK['epochs']} epochs): the accuracy benchmark's probe was not there")
+            source = (
+                f"quick probe trained here ({QUICK['train_limit']} train rows, {QUICK['trials']} trial, "
+                f"<= {QUICK['epochs']} epochs): the accuracy benchmark's probe was not there"
+            )
             run = None
         ev = (run or {}).get("eval") or cfg.get("bench_eval") or {}
-        out[method] = {"dir": str(d), "source": source, "params": cfg.get("trainable_parameters"),
-                       "train_seconds": cfg["training"]["seconds"],
-                       "search_seconds": cfg["training"].get("search_seconds"),
-                       "trials": len(cfg["training"].get("trials", [])),
-                       "f1_human": ev.get("toxicchat/test_human", {}).get("f1_at_threshold"),
-                       "f1_full": ev.get("toxicchat/test", {}).get("f1_at_threshold"),
-                       "f1_05_human": ev.get("toxicchat/test_human", {}).get("f1"),
-                       "f1_05_full": ev.get("toxicchat/test", {}).get("f1"),
-                       "f1_from": f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json" if run else
-                       (f"quick probe evaluated here on a {QUICK['test_limit']}-row stratified ToxicChat test subset"
-                        if ev else "not yet evaluated: the accuracy benchmark has not written "
-                        f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json")}
+        out[method] = {
+            "dir": str(d),
+            "source": source,
+            "params": cfg.get("trainable_parameters"),
+            "train_seconds": cfg["training"]["seconds"],
+            "search_seconds": cfg["training"].get("search_seconds"),
+            "trials": len(cfg["training"].get("trials", [])),
+            "f1_human": ev.get("toxicchat/test_human", {}).get("f1_at_threshold"),
+            "f1_full": ev.get("toxicchat/test", {}).get("f1_at_threshold"),
+            "f1_05_human": ev.get("toxicchat/test_human", {}).get("f1"),
+            "f1_05_full": ev.get("toxicchat/test", {}).get("f1"),
+            "f1_from": f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json"
+            if run
+            else (
+                f"quick probe evaluated here on a {QUICK['test_limit']}-row stratified ToxicChat test subset"
+                if ev
+                else "not yet evaluated: the accuracy benchmark has not written "
+                f"benchmarks/results/accuracy/toxicchat/{method}-seed0.json"
+            ),
+        }
     return out
 
 
@@ -95,18 +106,30 @@ def train_quick_probe(args: argparse.Namespace, bb: "Backbone", method: str, out
     log(f"training a quick {method} probe (fallback; the accuracy benchmark's is missing) ...")
     tr = load_dataset("toxicchat", "train", args.data_dir, limit=QUICK["train_limit"])
     va = load_dataset("toxicchat", "validation", args.data_dir)
-    module, cfg = train_probe(method, bb, tr, va, trials=QUICK["trials"], max_epochs=QUICK["epochs"],
-                              cache_dir=args.cache_dir, progress=False, log=log)
+    module, cfg = train_probe(
+        method,
+        bb,
+        tr,
+        va,
+        trials=QUICK["trials"],
+        max_epochs=QUICK["epochs"],
+        cache_dir=args.cache_dir,
+        progress=False,
+        log=log,
+    )
     cfg["quick"] = QUICK
     te = load_dataset("toxicchat", "test", args.data_dir, limit=QUICK["test_limit"])
     probs = predict_proba(module, cfg, bb, te, args.cache_dir, progress=False, log=log)  # [N, C]
-    cfg["bench_eval"] = {f"toxicchat/{k}": compute_metrics(te.labels[i], probs[i], cfg["threshold"])
-                         for k, i in report_subsets(te).items()}
+    cfg["bench_eval"] = {
+        f"toxicchat/{k}": compute_metrics(te.labels[i], probs[i], cfg["threshold"])
+        for k, i in report_subsets(te).items()
+    }
     save_probe(out, module, cfg)
     return read_config(out)
 
 
 # --- artifacts -----------------------------------------------------------------------------------
+
 
 def artifact_plan(probes: dict) -> dict[str, list[str]]:
     """configuration name -> probe specs (DIR:NAME) to fuse."""
@@ -147,45 +170,91 @@ def ensure_artifacts(args: argparse.Namespace, bb: "Backbone", probes: dict) -> 
         folder = root / name
         if not artifact_current(folder, specs, bb.fingerprint["sha256"]):
             log(f"exporting artifact {name!r} -> {folder} ...")
-            s = export_artifact(folder, specs, backbone=bb, force=True, max_batch=max(8, max(args.batch)),
-                                log=lambda m: None)
-            log(f"  {name}: {s['seconds']} s, {s['bytes'] / 2**20:,.0f} MiB, validated (max |diff| "
-                f"{max(s['validation'].values()):.2g})")
+            s = export_artifact(
+                folder, specs, backbone=bb, force=True, max_batch=max(8, max(args.batch)), log=lambda m: None
+            )
+            log(
+                f"  {name}: {s['seconds']} s, {s['bytes'] / 2**20:,.0f} MiB, validated (max |diff| "
+                f"{max(s['validation'].values()):.2g})"
+            )
         out[name] = folder
     return out
 
 
 # --- configurations --------------------------------------------------------------------------------
 
+
 def configurations(artifacts: dict, probes: dict, guard_a: dict, guard_a_dir: Path, guard_b: dict) -> list[dict]:
     """Every configuration the workers serve: base, each probe, two probes, the two guards."""
+
     def f1s(ms: tuple[str, ...] | list[str]) -> tuple[str, str]:
         h = [probes[m]["f1_human"] for m in ms]
         f = [probes[m]["f1_full"] for m in ms]
         return (" / ".join(rep.pct(x) for x in h), " / ".join(rep.pct(x) for x in f))
 
-    cfgs = [{"name": "base", "label": "base LLM (no probe)", "short": "base", "kind": "single-pass",
-             "artifact": str(artifacts["base"]), "f1_human": "—", "f1_full": "—"}]
+    cfgs = [
+        {
+            "name": "base",
+            "label": "base LLM (no probe)",
+            "short": "base",
+            "kind": "single-pass",
+            "artifact": str(artifacts["base"]),
+            "f1_human": "—",
+            "f1_full": "—",
+        }
+    ]
     for m in METHODS:
         h, f = f1s([m])
-        cfgs.append({"name": m, "label": f"single pass + {m} probe", "short": f"+{m}", "kind": "single-pass",
-                     "artifact": str(artifacts[m]), "f1_human": h, "f1_full": f})
+        cfgs.append(
+            {
+                "name": m,
+                "label": f"single pass + {m} probe",
+                "short": f"+{m}",
+                "kind": "single-pass",
+                "artifact": str(artifacts[m]),
+                "f1_human": h,
+                "f1_full": f,
+            }
+        )
     two = "+".join(TWO_PROBES)
     h, f = f1s(TWO_PROBES)
-    cfgs.append({"name": two, "label": f"single pass + {' + '.join(TWO_PROBES)} (two probes)", "short": f"+{two}",
-                 "kind": "single-pass", "artifact": str(artifacts[two]), "f1_human": h, "f1_full": f})
+    cfgs.append(
+        {
+            "name": two,
+            "label": f"single pass + {' + '.join(TWO_PROBES)} (two probes)",
+            "short": f"+{two}",
+            "kind": "single-pass",
+            "artifact": str(artifacts[two]),
+            "f1_human": h,
+            "f1_full": f,
+        }
+    )
     ea = guard_a["eval"]
-    cfgs.append({"name": "guard-classifier", "label": "guard (a) MiniLM-L6 classifier, then base LLM",
-                 "short": "(a) MiniLM→LLM", "kind": "guard", "artifact": str(artifacts["base"]),
-                 "guard": {"type": "classifier", "folder": str(guard_a_dir), "threshold": guard_a["threshold"]},
-                 "guard_weights": guard_a_dir / "model.onnx",
-                 "f1_human": rep.pct(ea["toxicchat/test_human"]["f1_at_threshold"]),
-                 "f1_full": rep.pct(ea["toxicchat/test"]["f1_at_threshold"])})
+    cfgs.append(
+        {
+            "name": "guard-classifier",
+            "label": "guard (a) MiniLM-L6 classifier, then base LLM",
+            "short": "(a) MiniLM→LLM",
+            "kind": "guard",
+            "artifact": str(artifacts["base"]),
+            "guard": {"type": "classifier", "folder": str(guard_a_dir), "threshold": guard_a["threshold"]},
+            "guard_weights": guard_a_dir / "model.onnx",
+            "f1_human": rep.pct(ea["toxicchat/test_human"]["f1_at_threshold"]),
+            "f1_full": rep.pct(ea["toxicchat/test"]["f1_at_threshold"]),
+        }
+    )
     eb = guard_b["eval"]
-    cfgs.append({"name": "guard-llm", "label": "guard (b) prompted SmolLM2-135M, then base LLM",
-                 "short": "(b) LLM guard→LLM", "kind": "guard", "artifact": str(artifacts["base"]),
-                 "guard": {"type": "llm", "artifact": str(artifacts["base"]), "threshold": guard_b["threshold"]},
-                 "guard_weights": Path(artifacts["base"]) / "model.onnx.data",
-                 "f1_human": rep.pct(eb["toxicchat/test_human"]["f1_at_threshold"]) if "toxicchat/test_human" in eb
-                 else "—", "f1_full": rep.pct(eb["toxicchat/test"]["f1_at_threshold"])})
+    cfgs.append(
+        {
+            "name": "guard-llm",
+            "label": "guard (b) prompted SmolLM2-135M, then base LLM",
+            "short": "(b) LLM guard→LLM",
+            "kind": "guard",
+            "artifact": str(artifacts["base"]),
+            "guard": {"type": "llm", "artifact": str(artifacts["base"]), "threshold": guard_b["threshold"]},
+            "guard_weights": Path(artifacts["base"]) / "model.onnx.data",
+            "f1_human": rep.pct(eb["toxicchat/test_human"]["f1_at_threshold"]) if "toxicchat/test_human" in eb else "—",
+            "f1_full": rep.pct(eb["toxicchat/test"]["f1_at_threshold"]),
+        }
+    )
     return cfgs

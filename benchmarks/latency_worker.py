@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable  # not typing: the memory mode measures the start RSS
 from pathlib import Path
 
-MIB = 2 ** 20
+MIB = 2**20
 
 
 def rss_mib() -> float:
@@ -80,7 +80,7 @@ def build(spec: dict, threads: int, shared: dict | None = None) -> Callable[[lis
 
 def batches_of(texts: list[str], b: int) -> list[list[str]]:
     """Consecutive batches of ``b`` texts (the last one may be shorter), in order."""
-    return [texts[i:i + b] for i in range(0, len(texts), b)]
+    return [texts[i : i + b] for i in range(0, len(texts), b)]
 
 
 def run_memory(spec: dict) -> dict:
@@ -102,9 +102,17 @@ def run_memory(spec: dict) -> dict:
             cfg(batch, st["new_tokens"])
         seconds[f"{st['batch']},{st['new_tokens']}"] = time.perf_counter() - t1
         peaks[str(st["batch"])] = peak_rss_mib()
-    return {"name": spec["config"]["name"], "rss_start_mib": base_rss, "rss_imports_mib": imports_rss,
-            "rss_loaded_mib": loaded_rss, "peak_rss_mib": peak_rss_mib(), "peak_by_batch_mib": peaks,
-            "load_seconds": load_s, "prompts": len(spec["texts"]), "serve_seconds": seconds}
+    return {
+        "name": spec["config"]["name"],
+        "rss_start_mib": base_rss,
+        "rss_imports_mib": imports_rss,
+        "rss_loaded_mib": loaded_rss,
+        "peak_rss_mib": peak_rss_mib(),
+        "peak_by_batch_mib": peaks,
+        "load_seconds": load_s,
+        "prompts": len(spec["texts"]),
+        "serve_seconds": seconds,
+    }
 
 
 def run_latency(spec: dict) -> dict:
@@ -113,11 +121,13 @@ def run_latency(spec: dict) -> dict:
     t0 = time.perf_counter()
     cfgs = {c["name"]: build(c, threads, shared) for c in spec["configs"]}
     names = list(cfgs)
-    log(f"latency: {len(names)} configurations loaded in {time.perf_counter() - t0:.1f} s "
-        f"(load average {os.getloadavg()[0]:.2f})")
+    log(
+        f"latency: {len(names)} configurations loaded in {time.perf_counter() - t0:.1f} s "
+        f"(load average {os.getloadavg()[0]:.2f})"
+    )
     out = {"settings": [], "loadavg_start": os.getloadavg()}
     for st in spec["settings"]:
-        texts = spec["texts"][:st["n"]]
+        texts = spec["texts"][: st["n"]]
         batches = batches_of(texts, st["batch"])
         for name in names:  # warm-up: one untimed pass over the first and the longest batch
             cfgs[name](batches[0], st["new_tokens"])
@@ -136,11 +146,20 @@ def run_latency(spec: dict) -> dict:
                 runs[n].append(cur[n])
             done = (r + 1) / spec["repeats"]
             el = time.perf_counter() - t_set
-            log(f"  batch {st['batch']}, {st['new_tokens']} new tokens: repeat {r + 1}/{spec['repeats']} "
-                f"({el:.0f} s, ETA {el / done - el:.0f} s for this setting; load average {os.getloadavg()[0]:.2f})")
-        out["settings"].append({"batch": st["batch"], "new_tokens": st["new_tokens"], "n": len(texts),
-                                "batch_sizes": [len(b) for b in batches], "runs": runs,
-                                "seconds": time.perf_counter() - t_set})
+            log(
+                f"  batch {st['batch']}, {st['new_tokens']} new tokens: repeat {r + 1}/{spec['repeats']} "
+                f"({el:.0f} s, ETA {el / done - el:.0f} s for this setting; load average {os.getloadavg()[0]:.2f})"
+            )
+        out["settings"].append(
+            {
+                "batch": st["batch"],
+                "new_tokens": st["new_tokens"],
+                "n": len(texts),
+                "batch_sizes": [len(b) for b in batches],
+                "runs": runs,
+                "seconds": time.perf_counter() - t_set,
+            }
+        )
     out["loadavg_end"] = os.getloadavg()
     return out
 
@@ -211,11 +230,21 @@ def run_torch(spec: dict) -> dict:
         states, mask, enc = extract(bb, texts, batch_size=8)
         ext.append(time.perf_counter() - t1)
         del states, mask
-    return {"ort": o_runs, "eager": e_runs[best], "eager_by_threads": {str(k): v for k, v in e_runs.items()},
-            "eager_median_by_threads": {str(k): v for k, v in med.items()}, "tokens": [len(s) for s in seqs],
-            "encoder_mismatches": mismatched, "same_first_token": f"{same}/4", "extract_seconds": ext,
-            "extract_tokens": n_tok, "extract_batch_size": 8, "torch_threads": best,
-            "states_bytes_per_token": (bb.num_layers + 1) * bb.hidden_size * 4, "np": np.__version__}
+    return {
+        "ort": o_runs,
+        "eager": e_runs[best],
+        "eager_by_threads": {str(k): v for k, v in e_runs.items()},
+        "eager_median_by_threads": {str(k): v for k, v in med.items()},
+        "tokens": [len(s) for s in seqs],
+        "encoder_mismatches": mismatched,
+        "same_first_token": f"{same}/4",
+        "extract_seconds": ext,
+        "extract_tokens": n_tok,
+        "extract_batch_size": 8,
+        "torch_threads": best,
+        "states_bytes_per_token": (bb.num_layers + 1) * bb.hidden_size * 4,
+        "np": np.__version__,
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,8 +27,13 @@ def memory_gib() -> float:
 
 def machine_info() -> dict:
     """CPU, cores, memory (GiB, 1 decimal), OS and Python of this machine."""
-    return {"cpu": cpu_name(), "cpu_count": os.cpu_count(), "memory_gib": round(memory_gib(), 1),
-            "system": f"{platform.system()} {platform.machine()}", "python": platform.python_version()}
+    return {
+        "cpu": cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "memory_gib": round(memory_gib(), 1),
+        "system": f"{platform.system()} {platform.machine()}",
+        "python": platform.python_version(),
+    }
 
 
 def ort_machine() -> dict:
@@ -43,8 +48,10 @@ def torch_machine() -> str:
     import torch
 
     m = machine_info()
-    return (f"{m['cpu']}, {m['cpu_count']} cores, {memory_gib():.0f} GiB RAM, {m['system']}, Python {m['python']}, "
-            f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads)")
+    return (
+        f"{m['cpu']}, {m['cpu_count']} cores, {memory_gib():.0f} GiB RAM, {m['system']}, Python {m['python']}, "
+        f"torch {torch.__version__} (CPU, {torch.get_num_threads()} threads)"
+    )
 
 
 def gpu_note() -> str:

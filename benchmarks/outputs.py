@@ -21,5 +21,11 @@ def results_dir(out: str | os.PathLike | None = None) -> Path:
 
 def add_out_arg(p: argparse.ArgumentParser, *aliases: str) -> None:
     """``--out DIR`` (and any older spellings in ``aliases``) -> ``args.out``."""
-    p.add_argument("--out", *aliases, dest="out", default=None, metavar="DIR",
-                   help=f"results folder (default: ./{DEFAULT_RESULTS.as_posix()} under the current directory)")
+    p.add_argument(
+        "--out",
+        *aliases,
+        dest="out",
+        default=None,
+        metavar="DIR",
+        help=f"results folder (default: ./{DEFAULT_RESULTS.as_posix()} under the current directory)",
+    )

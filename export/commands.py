@@ -12,14 +12,26 @@ def _mb(n: int) -> str:
 def cmd_export(args) -> int:
     from singlepass.export.pipeline import export_artifact
 
-    s = export_artifact(args.out, args.probe or [], model_spec=args.model, onnx_path=args.onnx, force=args.force,
-                        keep_hidden_states=args.keep_hidden_states, all_logits=args.all_logits, opset=args.opset,
-                        max_batch=args.max_batch, max_prompt_length=args.max_prompt_length,
-                        max_total_length=args.max_total_length, cache_dir=args.cache_dir)
+    s = export_artifact(
+        args.out,
+        args.probe or [],
+        model_spec=args.model,
+        onnx_path=args.onnx,
+        force=args.force,
+        keep_hidden_states=args.keep_hidden_states,
+        all_logits=args.all_logits,
+        opset=args.opset,
+        max_batch=args.max_batch,
+        max_prompt_length=args.max_prompt_length,
+        max_total_length=args.max_total_length,
+        cache_dir=args.cache_dir,
+    )
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
-    print(f"wrote {s['artifact']} ({_mb(s['bytes'])}) in {s['seconds']} s "
-          f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
-          f"{s['validation_seconds']} s)")
+    print(
+        f"wrote {s['artifact']} ({_mb(s['bytes'])}) in {s['seconds']} s "
+        f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
+        f"{s['validation_seconds']} s)"
+    )
     print(f"validation passed; max |diff| vs PyTorch: {worst}")
     if args.json:
         print(json.dumps(s))
@@ -31,8 +43,10 @@ def cmd_validate(args) -> int:
 
     r = validate(args.artifact, model=args.model, cache_dir=args.cache_dir, steps=args.steps)
     print(r.table())
-    print(f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, greedy tokens identical for "
-          f"{args.steps} decode steps)")
+    print(
+        f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, greedy tokens identical for "
+        f"{args.steps} decode steps)"
+    )
     if args.json:
         print(json.dumps({k: v for k, v in r.to_dict().items() if k != "checks"}))
     return 0
@@ -54,41 +68,63 @@ def cmd_build_engine(args) -> int:
             d = r[k]["detail"]
             print(f"[{'ok' if r[k]['ok'] else 'FAIL':>4}] {k:<12} {d if isinstance(d, str) else '; '.join(d)}")
         fr = r["fp16_range"]
-        print("       per-layer max |activation| (residual stream / inside the block): " + ", ".join(
-            f"{x['layer']}: {x['residual_max']:.3g}/{x['block_max']:.3g}" for x in fr["layers"]))
-        print(f"TensorRT {trt_mod.TARGET_TENSORRT} pre-flight {'passed' if r['ok'] else 'FAILED'} in {r['seconds']} s "
-              f"(report: {args.artifact}/tensorrt_preflight.json)")
+        print(
+            "       per-layer max |activation| (residual stream / inside the block): "
+            + ", ".join(f"{x['layer']}: {x['residual_max']:.3g}/{x['block_max']:.3g}" for x in fr["layers"])
+        )
+        print(
+            f"TensorRT {trt_mod.TARGET_TENSORRT} pre-flight {'passed' if r['ok'] else 'FAILED'} in {r['seconds']} s "
+            f"(report: {args.artifact}/tensorrt_preflight.json)"
+        )
         if args.json:
             print(json.dumps(r, default=str))
         if not r["ok"]:
             raise SinglepassError("the TensorRT pre-flight failed (see above)")
         return 0
-    e = trt_mod.build_engine(args.artifact, args.precision, args.max_batch, args.max_seq, args.workspace_gb,
-                             args.timing_cache, args.force)
+    e = trt_mod.build_engine(
+        args.artifact, args.precision, args.max_batch, args.max_seq, args.workspace_gb, args.timing_cache, args.force
+    )
     print(f"wrote {args.artifact}/{e['file']} (TensorRT {e['tensorrt']}, {e['precision']}, {e['seconds']} s)")
     return 0
 
 
 def register(sub) -> None:
     p = sub.add_parser("export", help="one ONNX graph: next-token logits + KV cache + fused probe labels")
-    p.add_argument("--model", default=None,
-                   help="model name (smollm2-135m), Hugging Face folder or .gguf; with --onnx, the model the graph "
-                        "was exported from (reference and tokenizer) (default: smollm2-135m)")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model name (smollm2-135m), Hugging Face folder or .gguf; with --onnx, the model the graph "
+        "was exported from (reference and tokenizer) (default: smollm2-135m)",
+    )
     p.add_argument("--cache-dir", default=None)
-    p.add_argument("--probe", action="append", metavar="DIR[:NAME]",
-                   help="probe artifact folder to fuse (repeatable); NAME renames it (default: the folder name)")
+    p.add_argument(
+        "--probe",
+        action="append",
+        metavar="DIR[:NAME]",
+        help="probe artifact folder to fuse (repeatable); NAME renames it (default: the folder name)",
+    )
     p.add_argument("--onnx", default=None, help="an existing Llama-family decoder ONNX graph to add the probes to")
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
-    p.add_argument("--keep-hidden-states", action="store_true",
-                   help="also expose the stacked hidden states [L+1, B, T, d] as an output (debugging)")
-    p.add_argument("--all-logits", action="store_true",
-                   help="return logits for every position (default: prefill computes the last position only)")
+    p.add_argument(
+        "--keep-hidden-states",
+        action="store_true",
+        help="also expose the stacked hidden states [L+1, B, T, d] as an output (debugging)",
+    )
+    p.add_argument(
+        "--all-logits",
+        action="store_true",
+        help="return logits for every position (default: prefill computes the last position only)",
+    )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of singlepass's own export (default: 18)")
     p.add_argument("--max-batch", type=int, default=8, help="recorded serving limit (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: the probes' max_length")
-    p.add_argument("--max-total-length", type=int, default=None, help="prompt + generated tokens (default: "
-                                                                       "max prompt + 512, within the model's positions)")
+    p.add_argument(
+        "--max-total-length",
+        type=int,
+        default=None,
+        help="prompt + generated tokens (default: max prompt + 512, within the model's positions)",
+    )
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -105,9 +141,12 @@ def register(sub) -> None:
     p.add_argument("--precision", choices=["fp32", "fp16", "bf16"], default="fp16")
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-seq", type=int, default=None, help="max total sequence (default: the manifest's)")
-    p.add_argument("--check-only", action="store_true",
-                   help="run the checks that need no TensorRT: ONNX checker + shape inference, supported ops, "
-                        "profiles, fp16 range report")
+    p.add_argument(
+        "--check-only",
+        action="store_true",
+        help="run the checks that need no TensorRT: ONNX checker + shape inference, supported ops, "
+        "profiles, fp16 range report",
+    )
     p.add_argument("--prompts", default=None, help="text file, one prompt per line, for the fp16 range report")
     p.add_argument("--workspace-gb", type=float, default=4.0)
     p.add_argument("--timing-cache", default=None, help="timing cache file (default: ART/tensorrt.timing.cache)")

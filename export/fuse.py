@@ -49,8 +49,9 @@ def _wrapper(module, kind: str):
     return (HiddenStatesProbe if kind == "hidden_states" else LastLogitsProbe)().eval()
 
 
-def export_probe(module, kind: str, num_states: int, hidden_size: int, vocab_size: int, opset: int,
-                 exporter: str = "torchscript"):
+def export_probe(
+    module, kind: str, num_states: int, hidden_size: int, vocab_size: int, opset: int, exporter: str = "torchscript"
+):
     """-> onnx.ModelProto with inputs (states, mask) or (logits,) and outputs (logits, probs).
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
@@ -70,8 +71,9 @@ def export_probe(module, kind: str, num_states: int, hidden_size: int, vocab_siz
         from singlepass.errors import SinglepassError
 
         raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
-    h = hashlib.sha256(repr((type(module).__name__, kind, num_states, hidden_size, vocab_size, opset,
-                             exporter)).encode())
+    h = hashlib.sha256(
+        repr((type(module).__name__, kind, num_states, hidden_size, vocab_size, opset, exporter)).encode()
+    )
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().numpy().tobytes())
@@ -91,19 +93,39 @@ def export_probe(module, kind: str, num_states: int, hidden_size: int, vocab_siz
             from torch.export import Dim
 
             b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
-            shapes = {"states": {1: b, 2: t}, "mask": {0: b, 1: t}} if kind == "hidden_states" else \
-                {"logits": {0: b}}  # keyed by the forward() parameter name
-            proto = torch.onnx.export(wrapper, args, None, dynamo=True, opset_version=opset, dynamic_shapes=shapes,
-                                      input_names=names, output_names=["logits", "probs"]).model_proto
+            shapes = (
+                {"states": {1: b, 2: t}, "mask": {0: b, 1: t}} if kind == "hidden_states" else {"logits": {0: b}}
+            )  # keyed by the forward() parameter name
+            proto = torch.onnx.export(
+                wrapper,
+                args,
+                None,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                input_names=names,
+                output_names=["logits", "probs"],
+            ).model_proto
         else:
-            axes = {"states": {1: "batch", 2: "sequence"}, "mask": {0: "batch", 1: "sequence"}} \
-                if kind == "hidden_states" else {"next_token_logits": {0: "batch"}}
+            axes = (
+                {"states": {1: "batch", 2: "sequence"}, "mask": {0: "batch", 1: "sequence"}}
+                if kind == "hidden_states"
+                else {"next_token_logits": {0: "batch"}}
+            )
             axes.update({"probs": {0: "batch"}})
             if kind == "hidden_states":
                 axes["logits"] = {0: "batch"}
             f = io.BytesIO()
-            torch.onnx.export(wrapper, args, f, dynamo=False, opset_version=opset, input_names=names,
-                              output_names=["logits", "probs"], dynamic_axes=axes)
+            torch.onnx.export(
+                wrapper,
+                args,
+                f,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=["logits", "probs"],
+                dynamic_axes=axes,
+            )
             proto = onnx.load_from_string(f.getvalue())
     got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     if got != names or [o.name for o in proto.graph.output] != ["logits", "probs"]:
@@ -125,8 +147,10 @@ def fuse_probes(graph, stream, probes, hidden_states: str | None) -> None:
         probe = export_probe(p.module, kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
         if kind == "hidden_states":
             if "hidden_states" not in feeds_cache:
-                feeds_cache["hidden_states"] = {"states": hidden_states,
-                                                "mask": surgery.probe_attention_mask(graph, stream)}
+                feeds_cache["hidden_states"] = {
+                    "states": hidden_states,
+                    "mask": surgery.probe_attention_mask(graph, stream),
+                }
             feeds = feeds_cache["hidden_states"]
         else:
             if "logits" not in feeds_cache:

@@ -50,7 +50,8 @@ def _wrapper(model, with_past: bool, with_positions: bool):
                 kw["position_ids"] = position_ids
             if with_past:
                 kw["past_key_values"] = DynamicCache(
-                    ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.m.config)
+                    ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.m.config
+                )
                 kw["use_cache"] = True
             else:
                 kw["use_cache"] = False
@@ -79,8 +80,15 @@ def example_inputs(model, batch=2, seq=3, past=4):
     return ids, mask, pos, kv
 
 
-def export_decoder(model, opset: int = DEFAULT_OPSET, exporter: str = "dynamo", with_past: bool = True,
-                   with_positions: bool = True, quiet: bool = True, cache_key: str | None = None):
+def export_decoder(
+    model,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "dynamo",
+    with_past: bool = True,
+    with_positions: bool = True,
+    quiet: bool = True,
+    cache_key: str | None = None,
+):
     """-> onnx.ModelProto of the decoder (weights inline, in memory).
 
     ``exporter="dynamo"`` is the supported route; ``"legacy"`` (TorchScript) exists to produce
@@ -103,7 +111,7 @@ def export_decoder(model, opset: int = DEFAULT_OPSET, exporter: str = "dynamo", 
     names_out = ["logits"] + (kv_names(L, PRESENT) if with_past else [])
     args = (ids, mask) + ((pos,) if with_positions else ()) + ((kv,) if with_past else ())
     if not with_past:
-        mask = mask[:, -ids.shape[1]:]
+        mask = mask[:, -ids.shape[1] :]
         args = (ids, mask) + args[2:]
     wrapper = _wrapper(model, with_past, with_positions)
     ctx = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
@@ -119,24 +127,43 @@ def export_decoder(model, opset: int = DEFAULT_OPSET, exporter: str = "dynamo", 
                 shapes["position_ids"] = {0: b, 1: s}
             if with_past:
                 shapes["past"] = [{0: b, 2: p}] * (2 * L)
-            prog = torch.onnx.export(wrapper, args, None, dynamo=True, opset_version=opset,
-                                     dynamic_shapes=shapes, input_names=names_in, output_names=names_out,
-                                     verbose=False)
+            prog = torch.onnx.export(
+                wrapper,
+                args,
+                None,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes=shapes,
+                input_names=names_in,
+                output_names=names_out,
+                verbose=False,
+            )
             proto = prog.model_proto
         elif exporter == "legacy":
-            axes = {"input_ids": {0: "batch", 1: "sequence"}, "attention_mask": {0: "batch", 1: "total_sequence"},
-                    "logits": {0: "batch", 1: "sequence"}}
+            axes = {
+                "input_ids": {0: "batch", 1: "sequence"},
+                "attention_mask": {0: "batch", 1: "total_sequence"},
+                "logits": {0: "batch", 1: "sequence"},
+            }
             if with_positions:
                 axes["position_ids"] = {0: "batch", 1: "sequence"}
-            for n in (kv_names(L, PAST) if with_past else []):
+            for n in kv_names(L, PAST) if with_past else []:
                 axes[n] = {0: "batch", 2: "past_sequence"}
-            for n in (kv_names(L, PRESENT) if with_past else []):
+            for n in kv_names(L, PRESENT) if with_past else []:
                 axes[n] = {0: "batch", 2: "total_sequence"}
             if not with_past:
                 axes["attention_mask"] = {0: "batch", 1: "sequence"}
             f = io.BytesIO()
-            torch.onnx.export(wrapper, args, f, dynamo=False, opset_version=opset, input_names=names_in,
-                              output_names=names_out, dynamic_axes=axes)
+            torch.onnx.export(
+                wrapper,
+                args,
+                f,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names_in,
+                output_names=names_out,
+                dynamic_axes=axes,
+            )
             proto = onnx.load_from_string(f.getvalue())
         else:
             raise ValueError(f"exporter must be 'dynamo' or 'legacy', not {exporter!r}")

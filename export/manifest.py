@@ -21,11 +21,22 @@ from pathlib import Path
 # The torch-free half of the contract (constants and ``read``) lives in the runtime, which must
 # not import export/; this module writes what that half reads.
 from singlepass.files import atomic_write_json
-from singlepass.runtime.contract import (FORMAT, GRAPH, GRAPH_DATA, MANIFEST, REQUIRED,  # noqa: F401
-                                         TOKENIZER_FILES, VERSION, FusedProbe, read)
+from singlepass.runtime.contract import (  # noqa: F401
+    FORMAT,
+    GRAPH,
+    GRAPH_DATA,
+    MANIFEST,
+    REQUIRED,
+    TOKENIZER_FILES,
+    VERSION,
+    FusedProbe,
+    read,
+)
 
-POSITION_RULE = ("position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "
-                 "current), last `sequence` columns; prefill: past_sequence = 0 (empty past tensors)")
+POSITION_RULE = (
+    "position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "
+    "current), last `sequence` columns; prefill: past_sequence = 0 (empty past tensors)"
+)
 
 
 def dtype_name(elem_type: int) -> str:
@@ -38,8 +49,11 @@ def value_infos(values) -> list[dict]:
     out = []
     for v in values:
         t = v.type.tensor_type
-        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim] \
-            if t.HasField("shape") else None
+        dims = (
+            [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in t.shape.dim]
+            if t.HasField("shape")
+            else None
+        )
         out.append({"name": v.name, "dtype": dtype_name(t.elem_type), "dims": dims})
     return out
 
@@ -61,15 +75,35 @@ def eos_ids(tokenizer, folder: Path) -> list[int]:
 def fused_probe(name: str, cfg: dict, sha256: str, source: str) -> FusedProbe:
     """The manifest record of a probe fused under ``name`` (config.json of its probe artifact)."""
     return FusedProbe(
-        name=name, probe=cfg["probe"], task=cfg.get("task"), label_names=tuple(cfg["label_names"]),
-        threshold=cfg["threshold"], input=cfg["input"],
+        name=name,
+        probe=cfg["probe"],
+        task=cfg.get("task"),
+        label_names=tuple(cfg["label_names"]),
+        threshold=cfg["threshold"],
+        input=cfg["input"],
         outputs={"logits": f"{name}/logits", "probs": f"{name}/probs"},
-        prompt_format=cfg["prompt_format"], max_length=cfg["max_length"], params=cfg.get("params", {}),
-        sha256=sha256, backbone_sha256=cfg["backbone"].get("sha256"), folder=f"probes/{name}", source=source)
+        prompt_format=cfg["prompt_format"],
+        max_length=cfg["max_length"],
+        params=cfg.get("params", {}),
+        sha256=sha256,
+        backbone_sha256=cfg["backbone"].get("sha256"),
+        folder=f"probes/{name}",
+        source=source,
+    )
 
 
-def build(*, model, stream, backbone, probes: list[FusedProbe], source: str, hidden_states: str | None,
-          last_only: bool, limits: dict, copied_files: list[str]) -> dict:
+def build(
+    *,
+    model,
+    stream,
+    backbone,
+    probes: list[FusedProbe],
+    source: str,
+    hidden_states: str | None,
+    last_only: bool,
+    limits: dict,
+    copied_files: list[str],
+) -> dict:
     """manifest.json for a fused graph. One prompt rule for the artifact: the probes' shared
     prompt format, and ``limits.max_prompt_length`` as the one prompt limit."""
     from singlepass import __version__
@@ -104,7 +138,7 @@ def build(*, model, stream, backbone, probes: list[FusedProbe], source: str, hid
             "position_ids": stream.position_ids,
             "position_ids_rule": POSITION_RULE if stream.position_ids else None,
             "probes_in_decode": "probe outputs are computed in every step over that step's tokens "
-                                "(attention_mask[:, -sequence:]); the prompt's labels are the prefill step's",
+            "(attention_mask[:, -sequence:]); the prompt's labels are the prefill step's",
         },
         "backbone": {
             **backbone.fingerprint,

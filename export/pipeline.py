@@ -1,12 +1,12 @@
 """``singlepass export``: decoder graph + structural surgery + fused probes + manifest, validated.
 
-    1. check the request (probe names, output folder) before any heavy work
-    2. load the backbone and the probes (a probe from another backbone is refused)
-    3. decoder graph: our torch.onnx dynamo export, or the user's ``--onnx`` graph
-    4. the same surgery for both: find the residual stream, stack the hidden states, slice the
-       prefill logits to the last position, fuse every probe, drop the debug output
-    5. write into a temporary sibling folder, validate against PyTorch there, then rename it
-       into place: a failed export never leaves a half-written artifact behind
+1. check the request (probe names, output folder) before any heavy work
+2. load the backbone and the probes (a probe from another backbone is refused)
+3. decoder graph: our torch.onnx dynamo export, or the user's ``--onnx`` graph
+4. the same surgery for both: find the residual stream, stack the hidden states, slice the
+   prefill logits to the last position, fuse every probe, drop the debug output
+5. write into a temporary sibling folder, validate against PyTorch there, then rename it
+   into place: a failed export never leaves a half-written artifact behind
 """
 
 from __future__ import annotations
@@ -41,14 +41,18 @@ def parse_probe_specs(specs: list[str]) -> list[ProbeSpec]:
         p = Path(path).expanduser()
         name = name or p.resolve().name
         if not NAME_RE.match(name) or name in RESERVED or name.startswith("present"):
-            raise SinglepassError(f"probe name {name!r} is not usable (letters, digits, '_', '.', '-'; not "
-                                  f"{', '.join(sorted(RESERVED))}): rename it with --probe {path}:NAME")
+            raise SinglepassError(
+                f"probe name {name!r} is not usable (letters, digits, '_', '.', '-'; not "
+                f"{', '.join(sorted(RESERVED))}): rename it with --probe {path}:NAME"
+            )
         out.append(ProbeSpec(p, name))
     seen = {}
     for spec in out:
         if spec.name in seen:
-            raise SinglepassError(f"two probes are named {spec.name!r} ({seen[spec.name]} and {spec.dir}): give one "
-                                  f"another name with --probe DIR:NAME")
+            raise SinglepassError(
+                f"two probes are named {spec.name!r} ({seen[spec.name]} and {spec.dir}): give one "
+                f"another name with --probe DIR:NAME"
+            )
         seen[spec.name] = spec.dir
     return out
 
@@ -59,8 +63,9 @@ def check_out_dir(out: Path, force: bool) -> None:
     if out.exists() and not out.is_dir():
         raise SinglepassError(f"{out} exists and is not a folder")
     if out.exists() and any(out.iterdir()) and not (out / "manifest.json").is_file():
-        raise SinglepassError(f"{out} is a non-empty folder that is not a singlepass artifact; refusing to replace "
-                              "it even with --force")
+        raise SinglepassError(
+            f"{out} is a non-empty folder that is not a singlepass artifact; refusing to replace it even with --force"
+        )
 
 
 def load_onnx(path: Path):
@@ -74,15 +79,17 @@ def load_onnx(path: Path):
     try:
         model = onnx.load(str(path))
     except (DecodeError, ValueError, RuntimeError, OSError, onnx.onnx_cpp2py_export.checker.ValidationError) as e:
-        raise SinglepassError(f"--onnx {path}: not a readable ONNX model, corrupt or truncated "
-                              f"({type(e).__name__}: {str(e)[:200]})") from None
+        raise SinglepassError(
+            f"--onnx {path}: not a readable ONNX model, corrupt or truncated ({type(e).__name__}: {str(e)[:200]})"
+        ) from None
     if not model.graph.node:
         raise SinglepassError(f"--onnx {path}: the file parses but holds no graph (corrupt or truncated)")
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
-        raise SinglepassError(f"--onnx {path}: the ONNX checker rejects the model ({str(e).splitlines()[0][:300]})") \
-            from None
+        raise SinglepassError(
+            f"--onnx {path}: the ONNX checker rejects the model ({str(e).splitlines()[0][:300]})"
+        ) from None
     return model
 
 
@@ -105,14 +112,18 @@ def load_probes(specs: list[ProbeSpec], backbone) -> list[LoadedProbe]:
         module, cfg = load_probe(s.dir, backbone.fingerprint)
         L1 = backbone.num_layers + 1
         if cfg["num_layers"] != L1 or cfg["hidden_size"] != backbone.hidden_size:
-            raise SinglepassError(f"probe {s.dir}: built for {cfg['num_layers']} states of width {cfg['hidden_size']}, "
-                                  f"the model gives {L1} of width {backbone.hidden_size}")
+            raise SinglepassError(
+                f"probe {s.dir}: built for {cfg['num_layers']} states of width {cfg['hidden_size']}, "
+                f"the model gives {L1} of width {backbone.hidden_size}"
+            )
         spec = fused_probe(s.name, cfg, sha256_file(s.dir / "model.safetensors"), str(s.dir))
         probes.append(LoadedProbe(spec, module, s.dir))
     formats = {p.spec.prompt_format for p in probes}
     if len(formats) > 1:
-        raise SinglepassError(f"the probes were trained on different prompt formats ({', '.join(sorted(formats))}); "
-                              "one graph serves one prompt format: export them separately")
+        raise SinglepassError(
+            f"the probes were trained on different prompt formats ({', '.join(sorted(formats))}); "
+            "one graph serves one prompt format: export them separately"
+        )
     return probes
 
 
@@ -134,8 +145,10 @@ def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: 
     graph = gs.import_onnx(model)
     stream = surgery.find_residual_stream(graph, expected_layers=backbone.num_layers)
     if stream.vocab_size != backbone.model.config.vocab_size or stream.hidden_size != backbone.hidden_size:
-        raise SinglepassError(f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
-                              f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph")
+        raise SinglepassError(
+            f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
+            f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph"
+        )
     hs = surgery.add_stacked_hidden_states(graph, stream)
     if not all_logits:
         surgery.slice_last_position_logits(graph, stream)
@@ -158,8 +171,14 @@ def save_graph(model, folder: Path) -> None:
     for t in model.graph.initializer:  # weights are re-homed in this artifact's own data file
         if t.data_location == onnx.TensorProto.EXTERNAL:
             raise SinglepassError("internal error: an initializer still points to external data")
-    onnx.save_model(model, str(folder / GRAPH), save_as_external_data=True, all_tensors_to_one_file=True,
-                    location=GRAPH_DATA, size_threshold=1024)
+    onnx.save_model(
+        model,
+        str(folder / GRAPH),
+        save_as_external_data=True,
+        all_tensors_to_one_file=True,
+        location=GRAPH_DATA,
+        size_threshold=1024,
+    )
     try:
         onnx.checker.check_model(str(folder / GRAPH))
     except Exception as e:  # noqa: BLE001
@@ -179,8 +198,9 @@ def copy_tokenizer(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def default_limits(backbone, probes: list[LoadedProbe], max_batch: int, max_prompt: int | None,
-                   max_total: int | None) -> dict:
+def default_limits(
+    backbone, probes: list[LoadedProbe], max_batch: int, max_prompt: int | None, max_total: int | None
+) -> dict:
     """The artifact's one prompt limit: ``--max-prompt-length``, else the longest max_length the
     probes were trained with (each probe saw prompts cut there), else 512."""
     lengths = [p.spec.max_length for p in probes if p.spec.max_length]
@@ -192,11 +212,22 @@ def default_limits(backbone, probes: list[LoadedProbe], max_batch: int, max_prom
     return {"max_batch": max_batch, "max_prompt_length": prompt, "max_total_length": total}
 
 
-def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, onnx_path: str | None = None,
-                    force: bool = False, keep_hidden_states: bool = False, all_logits: bool = False,
-                    opset: int = 18, max_batch: int = 8, max_prompt_length: int | None = None,
-                    max_total_length: int | None = None, cache_dir: str | None = None, backbone=None,
-                    log=print) -> dict:
+def export_artifact(
+    out,
+    probe_specs: list[str],
+    model_spec: str | None = None,
+    onnx_path: str | None = None,
+    force: bool = False,
+    keep_hidden_states: bool = False,
+    all_logits: bool = False,
+    opset: int = 18,
+    max_batch: int = 8,
+    max_prompt_length: int | None = None,
+    max_total_length: int | None = None,
+    cache_dir: str | None = None,
+    backbone=None,
+    log=print,
+) -> dict:
     """Write a validated artifact folder; returns a summary (seconds, bytes, validation)."""
     from singlepass.export import manifest as mf
     from singlepass.export.validate import validate
@@ -214,8 +245,12 @@ def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, 
     limits = default_limits(backbone, probes, max_batch, max_prompt_length, max_total_length)
     t0 = time.perf_counter()
     if onnx_path is not None:
-        model, source = foreign, f"graph surgery on {Path(onnx_path).resolve()} (producer {foreign.producer_name} " \
-                                 f"{foreign.producer_version})"
+        model, source = (
+            foreign,
+            f"graph surgery on {Path(onnx_path).resolve()} (producer {foreign.producer_name} "
+            f"{foreign.producer_version})",
+        )
+        del foreign  # build_graph replaces the model: keep one copy of the weights alive
     else:
         from singlepass.export.llm import export_decoder
 
@@ -226,8 +261,10 @@ def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, 
     t0 = time.perf_counter()
     model, stream, hs = build_graph(model, backbone, probes, keep_hidden_states, all_logits)
     t_surgery = time.perf_counter() - t0
-    log(f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(probes)} probe(s) fused, "
-        f"{len(model.graph.node)} nodes")
+    log(
+        f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(probes)} probe(s) fused, "
+        f"{len(model.graph.node)} nodes"
+    )
     with staged_folder(out) as tmp:  # a failed write or validation leaves nothing behind
         t0 = time.perf_counter()
         save_graph(model, tmp)
@@ -240,17 +277,31 @@ def export_artifact(out, probe_specs: list[str], model_spec: str | None = None, 
                 shutil.copy2(p.dir / f, dst / f)
         import onnx
 
-        m = mf.build(model=onnx.load(str(tmp / mf.GRAPH), load_external_data=False), stream=stream,
-                     backbone=backbone, probes=[p.spec for p in probes], source=source, hidden_states=hs,
-                     last_only=not all_logits, limits=limits, copied_files=copied)
+        m = mf.build(
+            model=onnx.load(str(tmp / mf.GRAPH), load_external_data=False),
+            stream=stream,
+            backbone=backbone,
+            probes=[p.spec for p in probes],
+            source=source,
+            hidden_states=hs,
+            last_only=not all_logits,
+            limits=limits,
+            copied_files=copied,
+        )
         mf.write(tmp, m)
         t_write = time.perf_counter() - t0
         log("validating against the PyTorch reference ...")
         report = validate(tmp, backbone=backbone, probes={p.spec.name: p.module for p in probes})
     size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
-    summary = {"artifact": str(out), "bytes": size, "seconds": round(time.perf_counter() - t_start, 1),
-               "export_seconds": round(t_export, 1), "surgery_seconds": round(t_surgery, 1),
-               "write_seconds": round(t_write, 1), "validation_seconds": round(report.seconds, 1),
-               "validation": report.to_dict()["max_abs_diff"], "probes": [p.spec.name for p in probes]}
+    summary = {
+        "artifact": str(out),
+        "bytes": size,
+        "seconds": round(time.perf_counter() - t_start, 1),
+        "export_seconds": round(t_export, 1),
+        "surgery_seconds": round(t_surgery, 1),
+        "write_seconds": round(t_write, 1),
+        "validation_seconds": round(report.seconds, 1),
+        "validation": report.to_dict()["max_abs_diff"],
+        "probes": [p.spec.name for p in probes],
+    }
     return summary
-

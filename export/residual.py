@@ -39,6 +39,7 @@ class SurgeryError(SinglepassError):
 
 # ----------------------------------------------------------------------------- navigation
 
+
 def producer(t: gs.Tensor) -> gs.Node | None:
     """The node computing ``t`` (None for graph inputs and initializers)."""
     return t.inputs[0] if t.inputs else None
@@ -51,6 +52,7 @@ def is_constant(t: gs.Tensor) -> bool:
 
 
 def opset_of(graph: gs.Graph) -> int:
+    """The default-domain (ai.onnx) opset the graph imports."""
     if not any(d.domain in ("", "ai.onnx") for d in graph.import_domains or []):
         raise SurgeryError("the graph imports no default-domain opset: not a standard ONNX model")
     return int(graph.opset)
@@ -93,7 +95,7 @@ def depends_on(t: gs.Tensor, target: gs.Tensor) -> bool:
         x = queue.popleft()
         if x.name == target.name:
             return True
-        for i in (producer(x).inputs if producer(x) is not None else []):
+        for i in producer(x).inputs if producer(x) is not None else []:
             if i.name and i.name not in seen:
                 seen.add(i.name)
                 queue.append(i)
@@ -127,6 +129,7 @@ def ops_between(t: gs.Tensor, stop: gs.Tensor) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- residual stream
+
 
 @dataclass
 class ResidualStream:
@@ -185,13 +188,17 @@ def _find_lm_head(graph: gs.Graph, logits_name: str | None) -> tuple[gs.Node, st
         d, vocab = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
         found.append((node, out.name, vocab, d))
     if not found:
-        raise SurgeryError("no graph output is produced by a MatMul/Gemm with a weight matrix (the lm_head): "
-                           "not a causal-LM decoder graph")
+        raise SurgeryError(
+            "no graph output is produced by a MatMul/Gemm with a weight matrix (the lm_head): "
+            "not a causal-LM decoder graph"
+        )
     if len(found) > 1:
         named = [f for f in found if f[1] == "logits"]
         if len(named) != 1:
-            raise SurgeryError(f"several outputs look like logits ({', '.join(f[1] for f in found)}); "
-                               "name the token logits output 'logits'")
+            raise SurgeryError(
+                f"several outputs look like logits ({', '.join(f[1] for f in found)}); "
+                "name the token logits output 'logits'"
+            )
         found = named
     return found[0]
 
@@ -212,8 +219,10 @@ def _find_embedding(graph: gs.Graph, vocab: int, d: int) -> tuple[gs.Tensor, gs.
         if src.name in inputs and _is_int(src):
             hits.append((w[0][0] == vocab, src, node.outputs[0], w[2]))
     if not hits:
-        raise SurgeryError(f"no token-embedding Gather (a [vocab, {d}] table indexed by an integer graph input) "
-                           "feeds the residual stream")
+        raise SurgeryError(
+            f"no token-embedding Gather (a [vocab, {d}] table indexed by an integer graph input) "
+            "feeds the residual stream"
+        )
     hits.sort(key=lambda h: not h[0])
     return hits[0][1:]
 
@@ -246,14 +255,17 @@ def _residual_adds(x: gs.Tensor, dtype: int) -> list[gs.Tensor]:
         if not cands:
             return residuals
         if len(cands) > 1:
-            raise SurgeryError(f"residual stream is ambiguous after {len(residuals)} residual adds "
-                               f"({len(cands)} candidate Add nodes consume {x.name!r})")
+            raise SurgeryError(
+                f"residual stream is ambiguous after {len(residuals)} residual adds "
+                f"({len(cands)} candidate Add nodes consume {x.name!r})"
+            )
         x = next(iter(cands.values())).outputs[0]
         residuals.append(x)
 
 
-def find_residual_stream(graph: gs.Graph, expected_layers: int | None = None,
-                         logits_name: str | None = None) -> ResidualStream:
+def find_residual_stream(
+    graph: gs.Graph, expected_layers: int | None = None, logits_name: str | None = None
+) -> ResidualStream:
     """Locate embedding, residual adds, final norm and lm_head by structure. Raises SurgeryError.
 
     ``logits_name`` pins the logits output (needed once probe heads add other Gemm outputs).
@@ -264,12 +276,16 @@ def find_residual_stream(graph: gs.Graph, expected_layers: int | None = None,
     lm_head, logits, vocab, d = _find_lm_head(graph, logits_name)
     input_ids, emb, dtype = _find_embedding(graph, vocab, d)
     if dtype != TensorProto.FLOAT:
-        raise SurgeryError(f"the embedding table is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
-                           "decoder in fp32 (reduced precision is applied at engine build time)")
+        raise SurgeryError(
+            f"the embedding table is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
+            "decoder in fp32 (reduced precision is applied at engine build time)"
+        )
     residuals = _residual_adds(emb, dtype)
     if len(residuals) < 2 or len(residuals) % 2:
-        raise SurgeryError(f"found {len(residuals)} residual Add nodes after the embedding; a decoder has two per "
-                           "layer (attention and MLP): the graph is not a recognised Llama-family decoder")
+        raise SurgeryError(
+            f"found {len(residuals)} residual Add nodes after the embedding; a decoder has two per "
+            "layer (attention and MLP): the graph is not a recognised Llama-family decoder"
+        )
     # Hidden state L is the lm_head input before any last-position slice or flattening.
     final, last = lm_head.inputs[0], residuals[-1]
     while producer(final) is not None and producer(final).op in SHAPE_ONLY:
@@ -278,23 +294,35 @@ def find_residual_stream(graph: gs.Graph, expected_layers: int | None = None,
         raise SurgeryError("the lm_head input does not depend on the last residual add: unrecognised decoder")
     between = ops_between(final, last)
     if between & {"MatMul", "Gemm", "Conv", "Einsum", "Attention"}:
-        raise SurgeryError(f"between the last residual add and the lm_head there are {sorted(between)} ops, "
-                           "not just a normalisation: unrecognised decoder")
+        raise SurgeryError(
+            f"between the last residual add and the lm_head there are {sorted(between)} ops, "
+            "not just a normalisation: unrecognised decoder"
+        )
     ins, outs = graph.inputs, graph.outputs
     stream = ResidualStream(
         input_ids=input_ids.name,
         attention_mask=next((i.name for i in ins if "mask" in i.name.lower() and _is_int(i)), None),
         position_ids=next((i.name for i in ins if "position" in i.name.lower()), None),
-        embedding=emb.name, residuals=[r.name for r in residuals], final_norm=final.name,
-        lm_head=lm_head.name or lm_head.outputs[0].name, logits=logits, vocab_size=vocab, hidden_size=d,
+        embedding=emb.name,
+        residuals=[r.name for r in residuals],
+        final_norm=final.name,
+        lm_head=lm_head.name or lm_head.outputs[0].name,
+        logits=logits,
+        vocab_size=vocab,
+        hidden_size=d,
         past=sorted((i.name for i in ins if "past" in i.name.lower()), key=_kv_order),
-        present=sorted((o.name for o in outs if "present" in o.name.lower()), key=_kv_order))
+        present=sorted((o.name for o in outs if "present" in o.name.lower()), key=_kv_order),
+    )
     if expected_layers is not None and stream.num_layers != expected_layers:
-        raise SurgeryError(f"found {stream.num_layers} decoder layers in the graph but the model has "
-                           f"{expected_layers}: the graph does not belong to this model")
+        raise SurgeryError(
+            f"found {stream.num_layers} decoder layers in the graph but the model has "
+            f"{expected_layers}: the graph does not belong to this model"
+        )
     if stream.past and len(stream.past) != 2 * stream.num_layers:
         raise SurgeryError(f"{len(stream.past)} past key/value inputs for {stream.num_layers} layers")
     if stream.attention_mask is None:
-        raise SurgeryError("the graph has no integer attention-mask input (e.g. 'attention_mask'): padded batches "
-                           "and probe masking need one")
+        raise SurgeryError(
+            "the graph has no integer attention-mask input (e.g. 'attention_mask'): padded batches "
+            "and probe masking need one"
+        )
     return stream

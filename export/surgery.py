@@ -79,6 +79,7 @@ def _lm_node(graph: gs.Graph, stream: ResidualStream) -> gs.Node:
 
 # ----------------------------------------------------------------------------- transforms
 
+
 def add_stacked_hidden_states(graph: gs.Graph, stream: ResidualStream, name: str = "hidden_states") -> str:
     """Unsqueeze the L+1 hidden states and Concat them into ``name`` [L+1, batch, seq, d] (not an output)."""
     namer = Namer(graph)
@@ -104,20 +105,26 @@ def slice_last_position_logits(graph: gs.Graph, stream: ResidualStream) -> None:
     """
     lm = _lm_node(graph, stream)
     if lm.op != "MatMul":
-        raise SurgeryError(f"the lm_head is a {lm.op} (2-D); last-position slicing needs a 3-D MatMul: "
-                           "use --all-logits")
+        raise SurgeryError(
+            f"the lm_head is a {lm.op} (2-D); last-position slicing needs a 3-D MatMul: use --all-logits"
+        )
     t = lm.outputs[0]
     while t.name != stream.logits:
         nxt = [n for n in t.outputs if n.op in ("Identity", "Cast")]
         if len(nxt) != 1:
-            raise SurgeryError("the lm_head output is reshaped before it becomes the logits output; last-position "
-                               "slicing is not safe here: use --all-logits")
+            raise SurgeryError(
+                "the lm_head output is reshaped before it becomes the logits output; last-position "
+                "slicing is not safe here: use --all-logits"
+            )
         t = nxt[0].outputs[0]
     namer = Namer(graph)
     hidden = lm.inputs[0]  # [B, T, d]
     sliced = gs.Variable(namer("last_position_hidden"), dtype=hidden.dtype)  # [B, 1, d]
-    node = namer.node("Slice", [hidden, namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]),
-                                namer.i64("axis1", [1])], [sliced])
+    node = namer.node(
+        "Slice",
+        [hidden, namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]), namer.i64("axis1", [1])],
+        [sliced],
+    )
     lm.inputs[0] = sliced
     graph.nodes.insert(next(k for k, n in enumerate(graph.nodes) if n is lm), node)  # keeps the order sorted
     out = t
@@ -138,12 +145,14 @@ def probe_attention_mask(graph: gs.Graph, stream: ResidualStream) -> str:
     neg = gs.Variable(namer("neg_seq_len"), dtype=np.int64)  # [1] = (-T,)
     out = gs.Variable(namer("probe_attention_mask"), dtype=np.int64)  # [B, T]
     idx, ends, axes = namer.i64("index1", [1]), namer.i64("mask_end", [INT64_MAX]), namer.i64("mask_axis1", [1])
-    graph.nodes.extend([
-        namer.node("Shape", [tensors[stream.input_ids]], [shape]),
-        namer.node("Gather", [shape, idx], [t], axis=0),
-        namer.node("Neg", [t], [neg]),
-        namer.node("Slice", [tensors[stream.attention_mask], neg, ends, axes], [out]),
-    ])
+    graph.nodes.extend(
+        [
+            namer.node("Shape", [tensors[stream.input_ids]], [shape]),
+            namer.node("Gather", [shape, idx], [t], axis=0),
+            namer.node("Neg", [t], [neg]),
+            namer.node("Slice", [tensors[stream.attention_mask], neg, ends, axes], [out]),
+        ]
+    )
     return out.name
 
 
@@ -154,8 +163,9 @@ def last_position_logits(graph: gs.Graph, stream: ResidualStream) -> str:
     starts, ends, axes = namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]), namer.i64("axis1", [1])
     sliced = gs.Variable(namer("last_logits_3d"), dtype=np.float32)  # [B, 1, V]
     out = gs.Variable(namer("last_logits"), dtype=np.float32)  # [B, V]
-    graph.nodes.extend([namer.node("Slice", [logits, starts, ends, axes], [sliced]),
-                        namer.node("Squeeze", [sliced, axes], [out])])
+    graph.nodes.extend(
+        [namer.node("Slice", [logits, starts, ends, axes], [sliced]), namer.node("Squeeze", [sliced, axes], [out])]
+    )
     return out.name
 
 
@@ -185,7 +195,7 @@ def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[s
             raise SurgeryError(f"probe {name!r} input tensor {src!r} is not in the graph")
     boundary = []
     for pin in sub.inputs:  # the probe's input tensors, fed by the host from now on
-        src = tensors[feeds[pin.name[len(name) + 1:]]]
+        src = tensors[feeds[pin.name[len(name) + 1 :]]]
         pin.shape = None  # the host's shape (symbolic dims named by the host exporter)
         # An explicit fp32 Cast at the probe boundary (a no-op in an fp32 graph): in a reduced-precision
         # TensorRT engine it is where the probe subgraph returns to fp32.
@@ -197,8 +207,9 @@ def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[s
     have = {(f.domain, f.name) for f in graph.functions}
     graph.functions = list(graph.functions) + [f for f in sub.functions if (f.domain, f.name) not in have]
     domains = {(o.domain or "") for o in graph.import_domains}
-    graph.import_domains = list(graph.import_domains) + [o for o in sub.import_domains
-                                                         if (o.domain or "") not in domains]
+    graph.import_domains = list(graph.import_domains) + [
+        o for o in sub.import_domains if (o.domain or "") not in domains
+    ]
     graph.outputs.extend(sub.outputs)
     return [o.name for o in sub.outputs]
 
@@ -216,30 +227,36 @@ def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, d
 
 # ----------------------------------------------------------------------------- export
 
+
 def to_model(graph: gs.Graph, like: onnx.ModelProto | None = None) -> onnx.ModelProto:
     """``gs.export_onnx`` with ONE copy of the weights.
 
-    gs keeps imported initializers as ``LazyValues`` over the original ``TensorProto`` and its
+    gs keeps an imported initializer as ``LazyValues`` over the original ``TensorProto`` and its
     exporter copies each one twice (``make_graph``, then ``make_model``'s ``CopyFrom``): a 540 MB
-    graph would briefly cost 1.6 GB more. So the initializers of ``like`` (the imported model) above
-    STUB_BYTES are exported as metadata-only stubs and copied in once afterwards. ``like`` also
-    gives the model-level fields gs drops (doc string, metadata). Export after
-    ``graph.cleanup().toposort()``."""
-    originals = {t.name: t for t in like.graph.initializer} if like is not None else {}
-    stubbed = {}
+    graph would briefly cost 1.1 GB more. So the lazy initializers above STUB_BYTES are exported
+    as metadata-only stubs and their ``TensorProto`` copied in once afterwards (values set as
+    numpy arrays are exported by gs as usual). ``like`` (the imported model) gives the model-level
+    fields gs drops: doc string, domain, version, metadata. Export after ``graph.cleanup().toposort()``."""
+    if graph.import_domains is not None:  # gs appends to it: never to the imported model's own list
+        graph.import_domains = list(graph.import_domains)
+    stubbed = []
     for t in graph.tensors().values():
-        src = originals.get(t.name)
-        if isinstance(t, gs.Constant) and src is not None and src.ByteSize() > STUB_BYTES:
-            stub = onnx.TensorProto(name=src.name, data_type=src.data_type, dims=src.dims)
-            t.values, stubbed[t.name] = LazyValues(stub), (t, src)
+        lazy = getattr(t, "_values", None)  # a Constant's values, unloaded (gs's exporter reads it the same way)
+        if isinstance(t, gs.Constant) and type(lazy) is LazyValues and lazy.tensor.ByteSize() > STUB_BYTES:
+            src = lazy.tensor
+            t.values = LazyValues(onnx.TensorProto(name=t.name, data_type=src.data_type, dims=src.dims))
+            stubbed.append((t, lazy))
     try:
         model = gs.export_onnx(graph)
     finally:
-        for t, src in stubbed.values():
-            t.values = LazyValues(src)
+        for t, lazy in stubbed:
+            t.values = lazy
+    weights = {t.name: lazy.tensor for t, lazy in stubbed}
     for init in model.graph.initializer:
-        if init.name in stubbed:
-            init.CopyFrom(stubbed[init.name][1])  # the one copy
+        if init.name in weights:
+            name = init.name
+            init.CopyFrom(weights[name])  # the one copy
+            init.name = name
     if like is not None:
         model.doc_string, model.domain, model.model_version = like.doc_string, like.domain, like.model_version
         model.metadata_props.extend(like.metadata_props)

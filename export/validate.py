@@ -92,21 +92,31 @@ class Report:
         rows = sorted(self.checks, key=lambda c: -c.ratio)[:limit]
         lines = [f"{'case':<34} {'tensor':<24} {'metric':<8} {'max diff':>10} {'tol':>8}  ok"]
         for c in rows:
-            lines.append(f"{c.case:<34} {c.tensor:<24} {c.metric:<8} {c.max_abs_diff:>10.3g} {c.tolerance:>8.0e}  "
-                         f"{'yes' if c.ok else 'NO'}")
+            lines.append(
+                f"{c.case:<34} {c.tensor:<24} {c.metric:<8} {c.max_abs_diff:>10.3g} {c.tolerance:>8.0e}  "
+                f"{'yes' if c.ok else 'NO'}"
+            )
         lines += [f"greedy tokens differ: {m}" for m in self.token_mismatches]
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
         w = self.worst()
-        return {"passed": self.ok, "seconds": round(self.seconds, 2), "worst": asdict(w) if w else None,
-                "max_abs_diff": self.max_by_kind(), "token_mismatches": self.token_mismatches,
-                "decode_tokens": self.tokens, "precision": self.precision,
-                "tolerances": TOLERANCES[self.precision], "path": "runtime prefill + decode_one_token, onnxruntime-cpu",
-                "checks": [asdict(c) | {"ok": c.ok} for c in self.checks]}
+        return {
+            "passed": self.ok,
+            "seconds": round(self.seconds, 2),
+            "worst": asdict(w) if w else None,
+            "max_abs_diff": self.max_by_kind(),
+            "token_mismatches": self.token_mismatches,
+            "decode_tokens": self.tokens,
+            "precision": self.precision,
+            "tolerances": TOLERANCES[self.precision],
+            "path": "runtime prefill + decode_one_token, onnxruntime-cpu",
+            "checks": [asdict(c) | {"ok": c.ok} for c in self.checks],
+        }
 
 
 # ----------------------------------------------------------------------------- the two sides
+
 
 class Parity:
     """An artifact opened for validation: the runtime side (manifest, tokenizer, ONNX Runtime
@@ -135,8 +145,13 @@ class Parity:
         from singlepass.models.probes import probabilities
 
         g = self.m.graph
-        kw = dict(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                  output_hidden_states=True, return_dict=True, use_cache=cache is not None)
+        kw = dict(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            output_hidden_states=True,
+            return_dict=True,
+            use_cache=cache is not None,
+        )
         if g.position_ids:
             kw["position_ids"] = torch.from_numpy(pos)
         if cache is not None:
@@ -144,7 +159,7 @@ class Parity:
         with torch.no_grad():
             out = self.bb.model(**kw)
             hs = torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
-            step_mask = torch.from_numpy(mask[:, -ids.shape[1]:])  # [B, T]: this pass's tokens
+            step_mask = torch.from_numpy(mask[:, -ids.shape[1] :])  # [B, T]: this pass's tokens
             res = {g.logits: (out.logits[:, -1:] if g.logits_last_position_only else out.logits).numpy()}
             for p in self.m.probes:
                 module = self.modules[p.name]
@@ -168,11 +183,12 @@ class Parity:
                 from singlepass.models.extract import relative_error
 
                 keep = mask.astype(bool)
-                report.checks.append(Check(case, name, relative_error(a[:, keep], r[:, keep]),
-                                           self.tol["hidden_states_relative"], "rel"))
+                report.checks.append(
+                    Check(case, name, relative_error(a[:, keep], r[:, keep]), self.tol["hidden_states_relative"], "rel")
+                )
                 continue
             if name == g.logits and not g.logits_last_position_only:
-                keep = mask[:, -a.shape[1]:].astype(bool)
+                keep = mask[:, -a.shape[1] :].astype(bool)
                 a, r = a[keep], r[keep]
             diff = float(np.abs(a.astype(np.float64) - r).max()) if a.size else 0.0
             metric = "max_abs"
@@ -181,8 +197,7 @@ class Parity:
             report.checks.append(Check(case, name, diff if np.isfinite(a).all() else float("inf"), tol, metric))
 
 
-def open_parity(folder, backbone=None, probes: dict | None = None, model: str | None = None,
-                cache_dir=None) -> Parity:
+def open_parity(folder, backbone=None, probes: dict | None = None, model: str | None = None, cache_dir=None) -> Parity:
     """``probes``: {name: torch module} already in memory (the export), else loaded from the
     artifact's probes/ folders after checking their fingerprints."""
     from singlepass.files import sha256_file
@@ -197,7 +212,8 @@ def open_parity(folder, backbone=None, probes: dict | None = None, model: str | 
         raise SinglepassError(
             f"{folder} was exported from backbone {m.backbone.get('name')!r} (sha256 "
             f"{str(m.backbone.get('sha256'))[:12]}) but the reference model is {backbone.fingerprint.get('name')!r} "
-            f"(sha256 {str(backbone.fingerprint.get('sha256'))[:12]}): pass --model with the exporting model")
+            f"(sha256 {str(backbone.fingerprint.get('sha256'))[:12]}): pass --model with the exporting model"
+        )
     modules = {}
     for p in m.probes:
         if probes is not None:
@@ -214,13 +230,18 @@ def open_parity(folder, backbone=None, probes: dict | None = None, model: str | 
 
 # ----------------------------------------------------------------------------- the checks
 
+
 def check_prefill(par: Parity, report: Report) -> None:
     from singlepass.runtime.batching import pad_batch
     from singlepass.runtime.passes import prefill
 
     seqs = par.encode(PROMPTS)
-    cases = [("prefill left B=4", seqs[:4], "left"), ("prefill right B=4", seqs[:4], "right"),
-             ("prefill left B=2", seqs[4:6], "left"), ("prefill B=1", seqs[3:4], "left")]
+    cases = [
+        ("prefill left B=4", seqs[:4], "left"),
+        ("prefill right B=4", seqs[:4], "right"),
+        ("prefill left B=2", seqs[4:6], "left"),
+        ("prefill B=1", seqs[3:4], "left"),
+    ]
     for case, batch, side in cases:
         got, _ = prefill(par.backend, par.m, batch, side=side, extra=par.extra)
         ids, mask, pos = pad_batch(batch, par.m.pad_id, side)  # the same padding for the reference
@@ -242,7 +263,7 @@ def check_decode(par: Parity, report: Report, steps: int = DECODE_STEPS) -> None
     for step in range(steps + 1):
         # the state after this pass holds the pass's own inputs: ids [B, S], mask [B, past + S], pos [B, S]
         ref, cache = par.reference(state.ids, state.mask, state.pos, cache)
-        par.compare(report, f"{case} step {step}", {k: out[k] for k in ref}, ref, state.mask[:, -state.ids.shape[1]:])
+        par.compare(report, f"{case} step {step}", {k: out[k] for k in ref}, ref, state.mask[:, -state.ids.shape[1] :])
         nxt = last_logits(par.m, out).argmax(-1).astype(np.int64)
         want = ref[par.m.graph.logits][:, -1].argmax(-1).astype(np.int64)
         o_tokens.append(nxt)
@@ -267,13 +288,28 @@ def _fold(report: Report, case: str) -> None:
         else:
             keep.append(c)
     for c in worst.values():
-        keep.append(Check(f"{case} (worst {c.case.rsplit(' ', 2)[-2]} {c.case.rsplit(' ', 1)[-1]})", c.tensor,
-                          c.max_abs_diff, c.tolerance, c.metric))
+        keep.append(
+            Check(
+                f"{case} (worst {c.case.rsplit(' ', 2)[-2]} {c.case.rsplit(' ', 1)[-1]})",
+                c.tensor,
+                c.max_abs_diff,
+                c.tolerance,
+                c.metric,
+            )
+        )
     report.checks = keep
 
 
-def validate(folder, backbone=None, probes: dict | None = None, model: str | None = None, cache_dir=None,
-             steps: int = DECODE_STEPS, raise_on_failure: bool = True, write: bool = True) -> Report:
+def validate(
+    folder,
+    backbone=None,
+    probes: dict | None = None,
+    model: str | None = None,
+    cache_dir=None,
+    steps: int = DECODE_STEPS,
+    raise_on_failure: bool = True,
+    write: bool = True,
+) -> Report:
     """Run every parity check on an artifact folder; write validation.json; raise on failure."""
     from singlepass.export import manifest as mf
     from singlepass.files import atomic_write_json
@@ -291,7 +327,8 @@ def validate(folder, backbone=None, probes: dict | None = None, model: str | Non
         mf.write(Path(folder), raw)
     if not report.ok and raise_on_failure:
         w = report.worst()
-        raise ValidationError(f"{folder}: the graph does not match the PyTorch reference (worst: {w.tensor} in "
-                              f"{w.case}, max diff {w.max_abs_diff:.3g} > {w.tolerance:.0e})\n{report.table()}")
+        raise ValidationError(
+            f"{folder}: the graph does not match the PyTorch reference (worst: {w.tensor} in "
+            f"{w.case}, max diff {w.max_abs_diff:.3g} > {w.tolerance:.0e})\n{report.table()}"
+        )
     return report
-

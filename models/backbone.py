@@ -65,16 +65,19 @@ def resolve(spec: str) -> ModelSource:
         package, filename, install = NAMED_MODELS[spec]
         found = importlib.util.find_spec(package)  # locates the wheel without importing it
         if found is None or not found.submodule_search_locations:
-            raise SinglepassError(f"model {spec!r} is not installed: run `{install}` "
-                                  "(inside the project's .venv; `make install` does it)")
+            raise SinglepassError(
+                f"model {spec!r} is not installed: run `{install}` (inside the project's .venv; `make install` does it)"
+            )
         path = Path(list(found.submodule_search_locations)[0]) / filename
         if not path.is_file():
             raise SinglepassError(f"model {spec!r}: {path} is missing; reinstall with `{install}`")
         return ModelSource("gguf", path, spec)
     path = Path(spec).expanduser()
     if not path.exists():
-        raise SinglepassError(f"model {spec!r} not found: give {', '.join(NAMED_MODELS)}, a Hugging Face "
-                              "model folder (config.json + *.safetensors) or a .gguf file (offline only)")
+        raise SinglepassError(
+            f"model {spec!r} not found: give {', '.join(NAMED_MODELS)}, a Hugging Face "
+            "model folder (config.json + *.safetensors) or a .gguf file (offline only)"
+        )
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise SinglepassError(f"{path} is a folder without config.json: not a Hugging Face model folder")
@@ -101,8 +104,10 @@ def source_fingerprint(src: ModelSource, cache: Path) -> str:
 
 def _check_architecture(config, where) -> None:
     if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
-        raise SinglepassError(f"{where}: architecture {getattr(config, 'model_type', '?')!r} is not supported "
-                              f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}-family decoders)")
+        raise SinglepassError(
+            f"{where}: architecture {getattr(config, 'model_type', '?')!r} is not supported "
+            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}-family decoders)"
+        )
 
 
 def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
@@ -113,6 +118,7 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
     hf_logging.set_verbosity_error()
     d, f = str(src.path.parent), src.path.name
     try:
@@ -130,8 +136,9 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     with staged_folder(out) as tmp:  # an interrupted conversion leaves no half folder behind
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
-        (tmp / "singlepass-source.json").write_text(json.dumps(
-            {"gguf": str(src.path), "sha256": sha, "name": src.name}, indent=2))
+        (tmp / "singlepass-source.json").write_text(
+            json.dumps({"gguf": str(src.path), "sha256": sha, "name": src.name}, indent=2)
+        )
     return out
 
 
@@ -155,9 +162,14 @@ class Backbone:
 
 
 def make_fingerprint(config, sha: str, name: str) -> dict:
-    return {"name": name, "sha256": sha, "model_type": config.model_type,
-            "num_hidden_layers": config.num_hidden_layers, "hidden_size": config.hidden_size,
-            "vocab_size": config.vocab_size}
+    return {
+        "name": name,
+        "sha256": sha,
+        "model_type": config.model_type,
+        "num_hidden_layers": config.num_hidden_layers,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+    }
 
 
 def load_backbone(spec: str = DEFAULT_MODEL, cache_dir: str | None = None, dtype: str = "float32") -> Backbone:
@@ -172,14 +184,14 @@ def load_backbone(spec: str = DEFAULT_MODEL, cache_dir: str | None = None, dtype
     folder = convert_gguf(src, cache, sha) if src.kind == "gguf" else src.path
     try:
         from transformers import AutoConfig
+
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (ValueError, OSError) as e:
         raise SinglepassError(f"{folder}: unreadable config.json ({e})") from None
     _check_architecture(config, folder)
     try:
         tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True,
-                                                     dtype=getattr(torch, dtype))
+        model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=getattr(torch, dtype))
     except (ValueError, OSError) as e:
         raise SinglepassError(f"{folder}: cannot load model/tokenizer ({e})") from None
     model.eval().requires_grad_(False)

@@ -35,8 +35,15 @@ class FixedReadoutProbe(nn.Module):
     final norm): its last real token (``readout="last"``) or its masked token mean
     (``readout="mean"``). Trainable: the head only (d + 1 parameters for binary tasks)."""
 
-    def __init__(self, num_layers: int, hidden_size: int, num_classes: int, readout: str = "last",
-                 layer: int = -1, input_norm: str = "rms"):
+    def __init__(
+        self,
+        num_layers: int,
+        hidden_size: int,
+        num_classes: int,
+        readout: str = "last",
+        layer: int = -1,
+        input_norm: str = "rms",
+    ):
         super().__init__()
         if readout not in ("last", "mean"):
             raise ValueError(f"readout must be 'last' or 'mean', not {readout!r}")
@@ -64,10 +71,18 @@ class FixedReadoutProbe(nn.Module):
         return self.head(self.features(states, mask))
 
 
-LAST_TOKEN = Family("last-token", input="hidden_states", head_only=True,
-                    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="last", **p))
-MEAN_FINAL = Family("mean-final", input="hidden_states", head_only=True,
-                    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="mean", **p))
+LAST_TOKEN = Family(
+    "last-token",
+    input="hidden_states",
+    head_only=True,
+    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="last", **p),
+)
+MEAN_FINAL = Family(
+    "mean-final",
+    input="hidden_states",
+    head_only=True,
+    build=lambda L1, d, C, **p: FixedReadoutProbe(L1, d, C, readout="mean", **p),
+)
 
 
 class MuliProbe(nn.Module):
@@ -112,13 +127,27 @@ class MuliProbe(nn.Module):
 
 def fit_muli_standardisation(module: MuliProbe, logits: torch.Tensor) -> None:
     """Standardisation buffers from the training logits [N, V] (in chunks of 256 rows)."""
-    raw = torch.cat([module.transform(logits[i:i + 256]) for i in range(0, len(logits), 256)])  # [N, V]
+    raw = torch.cat([module.transform(logits[i : i + 256]) for i in range(0, len(logits), 256)])  # [N, V]
     module.fit_standardisation(raw)
 
 
 # The official recipe, not searched: SGD lr 5e-4, batch 32, 500 epochs, class-balanced BCE + 1e-3 L1.
-MULI = Family("muli", input="logits", head_only=True,
-              build=lambda L1, d, C, **p: MuliProbe(num_classes=C, **p),
-              recipe={"lr": 5e-4, "batch_size": 32, "weight_decay": 0.0, "epochs": 500, "patience": 0,
-                      "optimizer": "sgd", "l1": 1e-3, "class_weight": "balanced", "eval_every": 10},
-              from_backbone=("vocab_size",), fit_buffers=fit_muli_standardisation)
+MULI = Family(
+    "muli",
+    input="logits",
+    head_only=True,
+    build=lambda L1, d, C, **p: MuliProbe(num_classes=C, **p),
+    recipe={
+        "lr": 5e-4,
+        "batch_size": 32,
+        "weight_decay": 0.0,
+        "epochs": 500,
+        "patience": 0,
+        "optimizer": "sgd",
+        "l1": 1e-3,
+        "class_weight": "balanced",
+        "eval_every": 10,
+    },
+    from_backbone=("vocab_size",),
+    fit_buffers=fit_muli_standardisation,
+)

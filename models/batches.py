@@ -26,8 +26,9 @@ class FeatureData:
         self.X = X  # [N, F]
 
     @classmethod
-    def standardised(cls, Xt: torch.Tensor, Xv: torch.Tensor, min_std: float = 1e-6
-                     ) -> tuple["FeatureData", "FeatureData", tuple[torch.Tensor, torch.Tensor]]:
+    def standardised(
+        cls, Xt: torch.Tensor, Xv: torch.Tensor, min_std: float = 1e-6
+    ) -> tuple["FeatureData", "FeatureData", tuple[torch.Tensor, torch.Tensor]]:
         """Train/validation features scaled to zero mean, unit variance with the *training*
         statistics (as scikit-learn's StandardScaler). -> (train, val, (mean [F], std [F]))."""
         mean, std = Xt.mean(0), Xt.std(0, unbiased=False).clamp_min(min_std)  # [F], [F]
@@ -38,7 +39,7 @@ class FeatureData:
 
     def order(self, batch_size: int, g: torch.Generator) -> list[np.ndarray]:
         perm = torch.randperm(len(self), generator=g).numpy()
-        return [perm[i:i + batch_size] for i in range(0, len(perm), batch_size)]
+        return [perm[i : i + batch_size] for i in range(0, len(perm), batch_size)]
 
     def micro(self, rows: Rows) -> list[Rows]:
         return [rows]
@@ -54,8 +55,9 @@ class StateData:
     tokens B*T stay under ``max_tokens`` and, for attention probes, B*T*T under ``max_attn``.
     """
 
-    def __init__(self, cache: "StateCache", rows: Rows | None = None, max_tokens: int = 4096,
-                 max_attn: int | None = None):
+    def __init__(
+        self, cache: "StateCache", rows: Rows | None = None, max_tokens: int = 4096, max_attn: int | None = None
+    ):
         self.cache = cache
         self.rows = np.arange(len(cache)) if rows is None else np.asarray(rows)  # cache row of each position [N]
         self.max_tokens, self.max_attn = max_tokens, max_attn
@@ -70,9 +72,9 @@ class StateData:
         batches = []
         win = 50 * batch_size
         for s in range(0, len(perm), win):
-            chunk = perm[s:s + win]
+            chunk = perm[s : s + win]
             chunk = chunk[np.argsort(-lens[chunk], kind="stable")]
-            batches += [chunk[i:i + batch_size] for i in range(0, len(chunk), batch_size)]
+            batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
         bperm = torch.randperm(len(batches), generator=g).numpy()
         return [batches[i] for i in bperm]
 
@@ -86,7 +88,8 @@ class StateData:
             n = int(self.cache.lengths[self.rows[i]])
             w = max(width, n)
             fits = (len(cur) + 1) * w <= self.max_tokens and (
-                self.max_attn is None or (len(cur) + 1) * w * w <= self.max_attn)
+                self.max_attn is None or (len(cur) + 1) * w * w <= self.max_attn
+            )
             if cur and not fits:
                 out.append(np.array(cur))
                 cur, w = [], n
@@ -124,8 +127,9 @@ def predict_logits(module: nn.Module, data: Data, batch_rows: int = 256) -> torc
 
 
 @torch.no_grad()
-def compute_features(module: nn.Module, source: "StateCache | torch.Tensor", progress: bool = False,
-                     desc: str = "features") -> torch.Tensor:
+def compute_features(
+    module: nn.Module, source: "StateCache | torch.Tensor", progress: bool = False, desc: str = "features"
+) -> torch.Tensor:
     """Parameter-free part of a head-only module over a whole source -> [N, F] float32.
 
     source: a StateCache (hidden-state modules) or a logits tensor [N, V] (logit-input modules).
@@ -133,8 +137,11 @@ def compute_features(module: nn.Module, source: "StateCache | torch.Tensor", pro
     from tqdm.auto import tqdm
 
     if isinstance(source, torch.Tensor):  # logits [N, V]
-        return torch.cat([module.features(source[i:i + 256]) for i in range(0, len(source), 256)]) \
-            if len(source) else torch.zeros(0, module.vocab_size)
+        return (
+            torch.cat([module.features(source[i : i + 256]) for i in range(0, len(source), 256)])
+            if len(source)
+            else torch.zeros(0, module.vocab_size)
+        )
     data = StateData(source, max_tokens=8192)
     d = module.hidden_size
     X = torch.zeros(len(data), d)  # [N, d]

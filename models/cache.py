@@ -79,25 +79,31 @@ class StateCache:
             self.offsets = np.load(self.folder / "offsets.npy")
             self.labels = np.load(self.folder / "labels.npy")
         except (OSError, ValueError) as e:
-            raise SinglepassError(f"hidden-state cache {self.folder} is unreadable ({e}); "
-                                  "delete it to rebuild") from None
+            raise SinglepassError(
+                f"hidden-state cache {self.folder} is unreadable ({e}); delete it to rebuild"
+            ) from None
         if (self.folder / "progress.json").exists():
             raise SinglepassError(f"hidden-state cache {self.folder} is incomplete; rerun extraction to resume it")
         m = self.meta
         self.num_layers, self.d = m["num_stored_layers"], m["hidden_size"]
         expect = m["n_tokens"] * m["bytes_per_token"]
         if (self.folder / "states.bin").stat().st_size != expect:
-            raise SinglepassError(f"hidden-state cache {self.folder}: states.bin has the wrong size; "
-                                  "delete it to rebuild")
-        self.states = np.memmap(self.folder / "states.bin", dtype=DTYPES[m["dtype"]], mode="r",
-                                shape=(m["n_tokens"], self.num_layers, self.d))
+            raise SinglepassError(
+                f"hidden-state cache {self.folder}: states.bin has the wrong size; delete it to rebuild"
+            )
+        self.states = np.memmap(
+            self.folder / "states.bin",
+            dtype=DTYPES[m["dtype"]],
+            mode="r",
+            shape=(m["n_tokens"], self.num_layers, self.d),
+        )
 
     def __len__(self) -> int:
         return len(self.lengths)
 
     def row(self, i: int) -> np.ndarray:
         o, n = self.offsets[i], self.lengths[i]
-        return self.states[o:o + n]  # [T_i, L', d] view into the memmap
+        return self.states[o : o + n]  # [T_i, L', d] view into the memmap
 
     def batch(self, rows, side: str = "right", layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """-> states [L', B, T, d] float32 (never pooled in fp16), mask [B, T] int64.
@@ -128,12 +134,21 @@ class StateCache:
         """Final-layer state at each row's last stored token [N, d] float32."""
         if not self.has_final_layer():
             raise SinglepassError(f"hidden-state cache {self.folder} does not hold the final layer")
-        return np.stack([np.array(self.states[o + n - 1, -1], dtype=np.float32)
-                         for o, n in zip(self.offsets, self.lengths)]).reshape(len(self), self.d)
+        return np.stack(
+            [np.array(self.states[o + n - 1, -1], dtype=np.float32) for o, n in zip(self.offsets, self.lengths)]
+        ).reshape(len(self), self.d)
 
 
-def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DEFAULT_DTYPE,
-         layers: list[int] | None = None, token_cap: int | None = None, cache_dir: Path | None = None):
+def plan(
+    backbone,
+    dataset,
+    prompt_format: str,
+    max_length: int,
+    dtype: str = DEFAULT_DTYPE,
+    layers: list[int] | None = None,
+    token_cap: int | None = None,
+    cache_dir: Path | None = None,
+):
     """Tokenise, key and size a cache entry without running the model. -> (CachePlan, Encoded)."""
     from singlepass.models.backbone import cache_root
 
@@ -146,10 +161,18 @@ def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DE
     if token_cap is not None and token_cap <= 0:
         raise SinglepassError(f"token cap must be positive, got {token_cap}")
     enc = encode(backbone.tokenizer, dataset.texts, prompt_format, max_length)
-    key_fields = {"version": CACHE_VERSION, "model": backbone.fingerprint["sha256"],
-                  "dataset": dataset.name, "split": dataset.split,
-                  "data": texts_digest(dataset.texts, dataset.labels), "prompt_format": prompt_format,
-                  "max_length": max_length, "dtype": dtype, "layers": layers, "token_cap": token_cap}
+    key_fields = {
+        "version": CACHE_VERSION,
+        "model": backbone.fingerprint["sha256"],
+        "dataset": dataset.name,
+        "split": dataset.split,
+        "data": texts_digest(dataset.texts, dataset.labels),
+        "prompt_format": prompt_format,
+        "max_length": max_length,
+        "dtype": dtype,
+        "layers": layers,
+        "token_cap": token_cap,
+    }
     name = f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
     folder = (cache_dir or cache_root()) / "states" / name
     stored = [min(len(s), token_cap) if token_cap else len(s) for s in enc.ids]
@@ -157,10 +180,20 @@ def plan(backbone, dataset, prompt_format: str, max_length: int, dtype: str = DE
     return CachePlan(folder, key_fields, len(stored), int(sum(stored)), bpt), enc
 
 
-def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512, dtype: str = DEFAULT_DTYPE,
-          layers: list[int] | None = None, token_cap: int | None = None, batch_size: int = 8,
-          cache_dir: Path | None = None, progress: bool = True, log=print,
-          stop_after_batches: int | None = None) -> StateCache:
+def build(
+    backbone,
+    dataset,
+    prompt_format: str = "chat",
+    max_length: int = 512,
+    dtype: str = DEFAULT_DTYPE,
+    layers: list[int] | None = None,
+    token_cap: int | None = None,
+    batch_size: int = 8,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log=print,
+    stop_after_batches: int | None = None,
+) -> StateCache:
     """Extract (or resume, or reuse) the cache entry for one dataset split and return it."""
     p, enc = plan(backbone, dataset, prompt_format, max_length, dtype, layers, token_cap, cache_dir)
     folder, prog = p.folder, p.folder / "progress.json"
@@ -171,19 +204,32 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
     layers = p.key_fields["layers"]
     lengths = np.array([min(len(s), token_cap) if token_cap else len(s) for s in enc.ids], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-    log(f"{dataset.name}/{dataset.split}: {p.n_rows} prompts, {p.n_tokens:,} tokens stored, "
+    log(
+        f"{dataset.name}/{dataset.split}: {p.n_rows} prompts, {p.n_tokens:,} tokens stored, "
         f"{len(layers)} of {L1} layers x d={d} in {dtype}: {p.bytes_per_token:,} bytes/token, "
         f"{p.total_bytes / 2**30:.2f} GiB total; {enc.n_truncated} prompt(s) truncated to {max_length} tokens"
-        + (f"; token cap {token_cap} (last tokens kept)" if token_cap else ""))
+        + (f"; token cap {token_cap} (last tokens kept)" if token_cap else "")
+    )
     free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.home()).free
     if not prog.exists() and p.total_bytes > free:
-        raise SinglepassError(f"the cache needs {p.total_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
-                              "is free: use --layers or --token-cap, or another --cache-dir")
+        raise SinglepassError(
+            f"the cache needs {p.total_bytes / 2**30:.1f} GiB but only {free / 2**30:.1f} GiB "
+            "is free: use --layers or --token-cap, or another --cache-dir"
+        )
     folder.mkdir(parents=True, exist_ok=True)
-    meta = {**p.key_fields, "n_rows": p.n_rows, "n_tokens": p.n_tokens, "num_stored_layers": len(layers),
-            "num_layers_total": L1, "hidden_size": d, "bytes_per_token": p.bytes_per_token,
-            "label_names": list(dataset.label_names), "task": dataset.task,
-            "n_truncated": enc.n_truncated, "backbone": backbone.fingerprint}
+    meta = {
+        **p.key_fields,
+        "n_rows": p.n_rows,
+        "n_tokens": p.n_tokens,
+        "num_stored_layers": len(layers),
+        "num_layers_total": L1,
+        "hidden_size": d,
+        "bytes_per_token": p.bytes_per_token,
+        "label_names": list(dataset.label_names),
+        "task": dataset.task,
+        "n_truncated": enc.n_truncated,
+        "backbone": backbone.fingerprint,
+    }
     done = 0
     if prog.exists():
         done = json.loads(prog.read_text())["batches_done"]
@@ -201,13 +247,14 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
     layer_idx = torch.tensor(layers)
     fd = os.open(folder / "states.bin", os.O_RDWR)
     try:
-        for k, (rows, hs, _) in enumerate(iter_hidden(backbone, enc.ids, padding_side="left", progress=progress,
-                                                      batches=batches[done:])):
+        for k, (rows, hs, _) in enumerate(
+            iter_hidden(backbone, enc.ids, padding_side="left", progress=progress, batches=batches[done:])
+        ):
             hs = hs.index_select(0, layer_idx)  # [L', B, T, d]
             T = hs.shape[2]
             for j, row in enumerate(rows):
                 n = int(lengths[row])
-                block = hs[:, j, T - n:].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
+                block = hs[:, j, T - n :].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
                 os.pwrite(fd, block.tobytes(), int(offsets[row]) * p.bytes_per_token)
             os.fsync(fd)
             atomic_write_json(prog, {"batches_done": done + k + 1}, fsync=True)
@@ -219,8 +266,16 @@ def build(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
     return StateCache(folder)
 
 
-def last_hidden(backbone, dataset, prompt_format: str = "chat", max_length: int = 512,
-                cache_dir: Path | None = None, batch_size: int = 8, progress: bool = True, log=print) -> np.ndarray:
+def last_hidden(
+    backbone,
+    dataset,
+    prompt_format: str = "chat",
+    max_length: int = 512,
+    cache_dir: Path | None = None,
+    batch_size: int = 8,
+    progress: bool = True,
+    log=print,
+) -> np.ndarray:
     """Final-layer state at each prompt's last token, [N, d] float32 rounded through float16.
 
     ``lm_head`` of it gives the first response token's logits (what MULI reads). Read from the

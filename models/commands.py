@@ -6,21 +6,34 @@ import argparse
 
 TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
 DATASET_HELP = "toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path"
-DATA_DIR_HELP = ("datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
-                 "directory or beside a folder above it)")
+DATA_DIR_HELP = (
+    "datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
+    "directory or beside a folder above it)"
+)
 
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     from singlepass.models.backbone import DEFAULT_MODEL
     from singlepass.models.prompts import DEFAULT_MAX_LENGTH, PROMPT_FORMATS
 
-    p.add_argument("--model", default=DEFAULT_MODEL,
-                   help="model name (smollm2-135m), Hugging Face folder or .gguf file (default: %(default)s)")
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name (smollm2-135m), Hugging Face folder or .gguf file (default: %(default)s)",
+    )
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
-    p.add_argument("--prompt-format", choices=PROMPT_FORMATS, default="chat",
-                   help="chat template with generation prompt (serving view) or raw text (default: %(default)s)")
-    p.add_argument("--max-length", type=int, default=DEFAULT_MAX_LENGTH,
-                   help="tokens per prompt; longer prompts are truncated and counted (default: %(default)s)")
+    p.add_argument(
+        "--prompt-format",
+        choices=PROMPT_FORMATS,
+        default="chat",
+        help="chat template with generation prompt (serving view) or raw text (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-length",
+        type=int,
+        default=DEFAULT_MAX_LENGTH,
+        help="tokens per prompt; longer prompts are truncated and counted (default: %(default)s)",
+    )
 
 
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "train") -> None:
@@ -48,39 +61,99 @@ def parse_layers(text: str | None) -> list[int] | None:
     return out
 
 
+def load_backbone_logged(model: str, cache_dir: str | None):
+    """``load_backbone`` with the line ``singlepass extract`` prints."""
+    import time
+
+    from singlepass.models.backbone import load_backbone
+
+    t0 = time.perf_counter()
+    bb = load_backbone(model, cache_dir)
+    print(
+        f"loaded {bb.source.name} ({bb.fingerprint['model_type']}, {bb.num_layers} layers, d={bb.hidden_size}) "
+        f"in {time.perf_counter() - t0:.1f} s"
+    )
+    return bb
+
+
+def extract_cache(
+    bb,
+    ds,
+    prompt_format: str,
+    max_length: int,
+    dtype: str,
+    layers,
+    token_cap,
+    batch_size: int,
+    cache_dir: str | None,
+    progress: bool = True,
+) -> dict:
+    """Fill the hidden-state cache of ``ds``, print what ``singlepass extract`` prints -> its summary."""
+    import time
+    from pathlib import Path
+
+    from singlepass.models import cache as state_cache
+
+    t0 = time.perf_counter()
+    c = state_cache.build(
+        bb,
+        ds,
+        prompt_format,
+        max_length,
+        dtype,
+        layers,
+        token_cap,
+        batch_size,
+        cache_dir=cache_dir and Path(cache_dir),
+        progress=progress,
+    )
+    dt = time.perf_counter() - t0
+    n_tok = int(c.lengths.sum())
+    shape = (c.num_layers, len(c), int(c.lengths.max()), c.d)  # [L+1, B, T, d]
+    size = (c.folder / "states.bin").stat().st_size
+    summary = {
+        "cache": str(c.folder),
+        "stacked_shape": list(shape),
+        "rows": len(c),
+        "tokens": n_tok,
+        "seconds": round(dt, 2),
+        "tokens_per_s": round(n_tok / max(dt, 1e-9), 1),
+        "bytes": size,
+        "bytes_per_token": c.meta["bytes_per_token"],
+        "truncated": c.meta["n_truncated"],
+        "dtype": c.meta["dtype"],
+    }
+    print(f"stacked hidden states [L+1, B, T, d] = {tuple(shape)} (T = longest prompt; rows stored unpadded)")
+    print(
+        f"{n_tok:,} tokens in {dt:.1f} s = {summary['tokens_per_s']:,.0f} tokens/s; cache {size / 2**20:,.1f} MiB "
+        f"({summary['bytes_per_token']:,} bytes/token) at {c.folder}"
+    )
+    return summary
+
+
 def cmd_extract(args) -> int:
     import json
-    import time
 
     import torch
 
-    from singlepass.models import cache as state_cache
-    from singlepass.models.backbone import load_backbone
     from singlepass.models.data import describe, load_dataset
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
     ds = load_dataset(args.dataset, args.split, args.data_dir, limit=args.limit)
     print(describe(ds))
-    t0 = time.perf_counter()
-    bb = load_backbone(args.model, args.cache_dir)
-    print(f"loaded {bb.source.name} ({bb.fingerprint['model_type']}, {bb.num_layers} layers, d={bb.hidden_size}) "
-          f"in {time.perf_counter() - t0:.1f} s")
-    t0 = time.perf_counter()
-    c = state_cache.build(bb, ds, args.prompt_format, args.max_length, args.dtype, parse_layers(args.layers),
-                          args.token_cap, args.batch_size,
-                          cache_dir=args.cache_dir and __import__("pathlib").Path(args.cache_dir),
-                          progress=not args.no_progress)
-    dt = time.perf_counter() - t0
-    n_tok = int(c.lengths.sum())
-    shape = (c.num_layers, len(c), int(c.lengths.max()), c.d)
-    size = (c.folder / "states.bin").stat().st_size
-    summary = {"cache": str(c.folder), "stacked_shape": list(shape), "rows": len(c), "tokens": n_tok,
-               "seconds": round(dt, 2), "tokens_per_s": round(n_tok / max(dt, 1e-9), 1),
-               "bytes": size, "bytes_per_token": c.meta["bytes_per_token"], "truncated": c.meta["n_truncated"],
-               "dtype": c.meta["dtype"]}
-    print(f"stacked hidden states [L+1, B, T, d] = {tuple(shape)} (T = longest prompt; rows stored unpadded)")
-    print(f"{n_tok:,} tokens in {dt:.1f} s = {summary['tokens_per_s']:,.0f} tokens/s; cache {size / 2**20:,.1f} MiB "
-          f"({summary['bytes_per_token']:,} bytes/token) at {c.folder}")
+    bb = load_backbone_logged(args.model, args.cache_dir)
+    summary = extract_cache(
+        bb,
+        ds,
+        args.prompt_format,
+        args.max_length,
+        args.dtype,
+        parse_layers(args.layers),
+        args.token_cap,
+        args.batch_size,
+        args.cache_dir,
+        progress=not args.no_progress,
+    )
     if args.json:
         print(json.dumps(summary))
     return 0
@@ -120,9 +193,9 @@ def _train_val(args):
     tr, va = ds.subset(keep), ds.subset(held)
     tr.split, va.split = "train", "validation"
     if args.limit and args.limit < len(tr):
-        tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[:args.limit]))
+        tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[: args.limit]))
     if args.val_limit and args.val_limit < len(va):
-        va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[:args.val_limit]))
+        va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[: args.val_limit]))
     return tr, va
 
 
@@ -150,34 +223,56 @@ def cmd_train(args) -> int:
         if src["probe"] != args.probe:
             raise SinglepassError(f"--hparams-from {args.hparams_from} is a {src['probe']!r} probe, not {args.probe!r}")
         if args.trials is not None:
-            raise SinglepassError("--hparams-from trains its one configuration; drop --trials "
-                                  "(or drop --hparams-from to search)")
+            raise SinglepassError(
+                "--hparams-from trains its one configuration; drop --trials (or drop --hparams-from to search)"
+            )
         hparams = HParams.from_dict({**src["hparams"], "params": src["params"]})
         if args.epochs is not None:  # the maximum epochs still apply (the cosine schedule spans them)
             hparams.epochs = args.epochs
         if args.set:
             from singlepass.models.search import apply_overrides
+
             hparams = apply_overrides(hparams, parse_sets(args.set))
     tr, va = _train_val(args)
     print(describe(tr))
     print(describe(va))
     bb = load_backbone(args.model, args.cache_dir)
-    module, cfg = train_probe(args.probe, bb, tr, va, prompt_format=args.prompt_format, max_length=args.max_length,
-                              seed=args.seed, trials=TRIALS if args.trials is None else args.trials,
-                              max_epochs=EPOCHS if args.epochs is None else args.epochs,
-                              overrides=parse_sets(args.set), hparams=hparams,
-                              cache_dir=args.cache_dir and Path(args.cache_dir), progress=not args.no_progress)
+    module, cfg = train_probe(
+        args.probe,
+        bb,
+        tr,
+        va,
+        prompt_format=args.prompt_format,
+        max_length=args.max_length,
+        seed=args.seed,
+        trials=TRIALS if args.trials is None else args.trials,
+        max_epochs=EPOCHS if args.epochs is None else args.epochs,
+        overrides=parse_sets(args.set),
+        hparams=hparams,
+        cache_dir=args.cache_dir and Path(args.cache_dir),
+        progress=not args.no_progress,
+    )
     cfg["data"].update({"limit": args.limit, "validation_limit": args.val_limit})
     save_probe(out, module, cfg)
     v = cfg["validation"]
     key = "f1" if cfg["task"] == "safety" else "accuracy"
-    print(f"saved {args.probe} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
-          f"validation {key} {v[key]:.4f}"
-          + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
-          + f"; {cfg['training']['search_seconds']:.1f} s")
+    print(
+        f"saved {args.probe} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
+        f"validation {key} {v[key]:.4f}"
+        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+        + f"; {cfg['training']['search_seconds']:.1f} s"
+    )
     if args.json:
-        print(json.dumps({"out": str(out), "validation": v, "trainable_parameters": cfg["trainable_parameters"],
-                          "training": {k: cfg["training"][k] for k in ("seconds", "search_seconds", "best_epoch")}}))
+        print(
+            json.dumps(
+                {
+                    "out": str(out),
+                    "validation": v,
+                    "trainable_parameters": cfg["trainable_parameters"],
+                    "training": {k: cfg["training"][k] for k in ("seconds", "search_seconds", "best_epoch")},
+                }
+            )
+        )
     return 0
 
 
@@ -188,8 +283,17 @@ def cmd_eval(args) -> int:
     from singlepass.models.evaluate import evaluate, format_report
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # stdout: the JSON only
-    rep = evaluate(args.probe, args.dataset, args.split, args.model, args.cache_dir, args.data_dir, args.limit,
-                   progress=not args.no_progress, log=log)
+    rep = evaluate(
+        args.probe,
+        args.dataset,
+        args.split,
+        args.model,
+        args.cache_dir,
+        args.data_dir,
+        args.limit,
+        progress=not args.no_progress,
+        log=log,
+    )
     print(json.dumps(rep, indent=2) if args.json else format_report(rep))
     return 0
 
@@ -197,8 +301,17 @@ def cmd_eval(args) -> int:
 def cmd_plot_layers(args) -> int:
     from singlepass.models.plots import plot_layers
 
-    res = plot_layers(args.probe, args.dataset, args.split, args.out, args.model, args.cache_dir, args.data_dir,
-                      args.limit, progress=not args.no_progress)
+    res = plot_layers(
+        args.probe,
+        args.dataset,
+        args.split,
+        args.out,
+        args.model,
+        args.cache_dir,
+        args.data_dir,
+        args.limit,
+        progress=not args.no_progress,
+    )
     for g, v in res["groups"].items():
         w = v["mean_weight"]
         print(f"{g:<28} n={v['rows']:<5} heaviest layer {max(range(len(w)), key=w.__getitem__)}")
@@ -227,20 +340,40 @@ def register(sub) -> None:
     add_backbone_args(p)
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
-    p.add_argument("--probe", required=True, choices=_ProbeMethods(), metavar="METHOD",
-                   help="probe family or baseline: %(choices)s")
+    p.add_argument(
+        "--probe",
+        required=True,
+        choices=_ProbeMethods(),
+        metavar="METHOD",
+        help="probe family or baseline: %(choices)s",
+    )
     p.add_argument("--out", required=True, help="artifact folder to write (config.json + model.safetensors)")
     p.add_argument("--seed", type=int, default=0, help="training seed (data subsets always use seed 0)")
-    p.add_argument("--trials", type=int, default=None,
-                   help="hyperparameter search budget: configurations tried, the first being the default "
-                        f"(default: {TRIALS})")
-    p.add_argument("--epochs", type=int, default=None,
-                   help=f"maximum epochs per trial (default: {EPOCHS}; with --hparams-from, the stored value)")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
-                        "or a probe parameter (factor, heads, pool, token_pool, layer_pool, input_norm) in every trial")
-    p.add_argument("--hparams-from", default=None, metavar="DIR",
-                   help="train once with the hyperparameters of an existing artifact (e.g. the searched seed-0 probe)")
+    p.add_argument(
+        "--trials",
+        type=int,
+        default=None,
+        help=f"hyperparameter search budget: configurations tried, the first being the default (default: {TRIALS})",
+    )
+    p.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help=f"maximum epochs per trial (default: {EPOCHS}; with --hparams-from, the stored value)",
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
+        "or a probe parameter (factor, heads, pool, token_pool, layer_pool, input_norm) in every trial",
+    )
+    p.add_argument(
+        "--hparams-from",
+        default=None,
+        metavar="DIR",
+        help="train once with the hyperparameters of an existing artifact (e.g. the searched seed-0 probe)",
+    )
     p.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the train split")
     p.add_argument("--val-limit", type=int, default=None, help="seeded stratified subset of the validation split")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -270,8 +403,9 @@ def register(sub) -> None:
     p = sub.add_parser("extract", help="cache the [L+1, B, T, d] hidden states of a dataset split")
     add_backbone_args(p)
     add_data_args(p, "validation")
-    p.add_argument("--dtype", default="float16", choices=["float16", "float32"],
-                   help="cache dtype (default: %(default)s)")
+    p.add_argument(
+        "--dtype", default="float16", choices=["float16", "float32"], help="cache dtype (default: %(default)s)"
+    )
     p.add_argument("--layers", default=None, help="layer subset to store, e.g. 0,10-20,30 (default: all L+1)")
     p.add_argument("--token-cap", type=int, default=None, help="store only each prompt's last N tokens")
     p.add_argument("--batch-size", type=int, default=8)

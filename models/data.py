@@ -39,8 +39,11 @@ DATASETS: dict[str, DatasetSpec] = {
     "sst2": DatasetSpec("sst2", ("negative", "positive"), ("train", "validation", "test"), "classification"),
     "imdb": DatasetSpec("imdb", ("negative", "positive"), ("train", "test"), "classification"),
     "emotion": DatasetSpec(
-        "emotion", ("sadness", "joy", "love", "anger", "fear", "surprise"),
-        ("train", "validation", "test"), "classification"),
+        "emotion",
+        ("sadness", "joy", "love", "anger", "fear", "surprise"),
+        ("train", "validation", "test"),
+        "classification",
+    ),
 }
 # Pseudo-splits: subsets of an official split selected by a boolean column.
 SUBSET_SPLITS = {"test_human": ("test", "human_annotation")}  # ToxicChat's human-annotated rows
@@ -62,9 +65,16 @@ class Dataset:
 
     def subset(self, idx) -> "Dataset":
         idx = np.asarray(idx, dtype=np.int64)
-        return Dataset(self.name, self.split, [self.texts[i] for i in idx], self.labels[idx],
-                       self.label_names, self.task, self.source,
-                       {k: [v[i] for i in idx] for k, v in self.columns.items()})
+        return Dataset(
+            self.name,
+            self.split,
+            [self.texts[i] for i in idx],
+            self.labels[idx],
+            self.label_names,
+            self.task,
+            self.source,
+            {k: [v[i] for i in idx] for k, v in self.columns.items()},
+        )
 
 
 def find_shared_data(start: str | os.PathLike | None = None) -> Path | None:
@@ -87,9 +97,11 @@ def data_dir(override: str | os.PathLike | None = None) -> Path:
         return Path(os.environ[DATA_ENV])
     found = find_shared_data()
     if found is None:
-        raise SinglepassError(f"no datasets folder: --data-dir is not given, ${DATA_ENV} is not set and no "
-                              f"{SHARED_DATA} folder lies beside {Path.cwd()} or a folder above it; "
-                              f"set ${DATA_ENV} or pass --data-dir with the folder holding {', '.join(DATASETS)}")
+        raise SinglepassError(
+            f"no datasets folder: --data-dir is not given, ${DATA_ENV} is not set and no "
+            f"{SHARED_DATA} folder lies beside {Path.cwd()} or a folder above it; "
+            f"set ${DATA_ENV} or pass --data-dir with the folder holding {', '.join(DATASETS)}"
+        )
     return found
 
 
@@ -113,12 +125,14 @@ def _read_rows(path: Path) -> list[dict]:
                 return rows
     except (OSError, UnicodeDecodeError, EOFError) as e:
         raise SinglepassError(f"{path}: cannot read ({e})") from None
-    raise SinglepassError(f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .csv.gz "
-                          "with 'text' and 'label' columns")
+    raise SinglepassError(
+        f"{path}: unsupported file type; use .jsonl, .jsonl.gz, .csv or .csv.gz with 'text' and 'label' columns"
+    )
 
 
-def _check_rows(rows: list[dict], path: Path, label_names: tuple[str, ...] | None
-                ) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
+def _check_rows(
+    rows: list[dict], path: Path, label_names: tuple[str, ...] | None
+) -> tuple[list[str], np.ndarray, tuple[str, ...]]:
     """Validate text/label columns; map labels (ints or names) to class indices."""
     if not rows:
         raise SinglepassError(f"{path}: no rows")
@@ -126,8 +140,7 @@ def _check_rows(rows: list[dict], path: Path, label_names: tuple[str, ...] | Non
     for i, r in enumerate(rows, 1):
         for col in ("text", "label"):
             if col not in r or r[col] is None:
-                raise SinglepassError(f"{path}: row {i} has no '{col}' column "
-                                      f"(columns: {', '.join(map(str, r))})")
+                raise SinglepassError(f"{path}: row {i} has no '{col}' column (columns: {', '.join(map(str, r))})")
         t = r["text"]
         if not isinstance(t, str):
             raise SinglepassError(f"{path}: row {i}: 'text' is {type(t).__name__}, not a string")
@@ -151,8 +164,7 @@ def _check_rows(rows: list[dict], path: Path, label_names: tuple[str, ...] | Non
         names = label_names or tuple(str(k) for k in range(n))
         for i, v in enumerate(ints, 1):
             if not 0 <= v < n:
-                raise SinglepassError(f"{path}: row {i}: unknown label {v} "
-                                      f"(expected 0..{n - 1}: {', '.join(names)})")
+                raise SinglepassError(f"{path}: row {i}: unknown label {v} (expected 0..{n - 1}: {', '.join(names)})")
         return texts, np.asarray(ints, dtype=np.int64), names
     names = label_names or tuple(sorted({str(v) for v in raw}))
     index = {n: k for k, n in enumerate(names)}
@@ -173,8 +185,9 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(keep), np.sort(held)
 
 
-def load_file(path: str | os.PathLike, label_names: tuple[str, ...] | None = None,
-              name: str | None = None, split: str = "file") -> Dataset:
+def load_file(
+    path: str | os.PathLike, label_names: tuple[str, ...] | None = None, name: str | None = None, split: str = "file"
+) -> Dataset:
     path = Path(path)
     if not path.is_file():
         raise SinglepassError(f"{path}: no such file")
@@ -186,8 +199,9 @@ def load_file(path: str | os.PathLike, label_names: tuple[str, ...] | None = Non
     return Dataset(name or path.name, split, texts, labels, names, task, str(path), extra)
 
 
-def load_dataset(name: str, split: str, data_dir_override: str | None = None, seed: int = 0,
-                 limit: int | None = None) -> Dataset:
+def load_dataset(
+    name: str, split: str, data_dir_override: str | None = None, seed: int = 0, limit: int | None = None
+) -> Dataset:
     """A shipped dataset by name, or a user file by path (``split`` then is just a tag).
 
     Splits: the official ones; ``validation`` where none exists is a stratified
@@ -199,15 +213,19 @@ def load_dataset(name: str, split: str, data_dir_override: str | None = None, se
         if Path(name).suffix in (".jsonl", ".gz", ".csv", ".json") or Path(name).exists():
             ds = load_file(name, split=split)
         else:
-            raise SinglepassError(f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} "
-                                  "or a path to a .jsonl/.csv file with 'text' and 'label' columns")
+            raise SinglepassError(
+                f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} "
+                "or a path to a .jsonl/.csv file with 'text' and 'label' columns"
+            )
     else:
         spec = DATASETS[name]
         root = data_dir(data_dir_override)
         folder = root / spec.folder
         if not folder.is_dir():
-            raise SinglepassError(f"dataset folder {folder} not found: set --data-dir or "
-                                  f"SINGLEPASS_DATA to the folder holding {', '.join(DATASETS)}")
+            raise SinglepassError(
+                f"dataset folder {folder} not found: set --data-dir or "
+                f"SINGLEPASS_DATA to the folder holding {', '.join(DATASETS)}"
+            )
         base, column = SUBSET_SPLITS.get(split, (split, None))
         carve = base in ("train", "validation") and "validation" not in spec.splits
         file_split = "train" if carve else base
@@ -243,4 +261,3 @@ def describe(ds: Dataset) -> str:
     counts = np.bincount(ds.labels, minlength=len(ds.label_names))
     parts = ", ".join(f"{n}={c}" for n, c in zip(ds.label_names, counts))
     return f"{ds.name}/{ds.split}: {len(ds)} rows ({parts})"
-

@@ -21,8 +21,10 @@ def check_labels(cfg: dict, ds) -> str | None:
         return None
     if len(want) == len(have) == 2 and cfg.get("task") == ds.task:
         return f"label sets differ: reading {have[1]!r} as {want[1]!r} and {have[0]!r} as {want[0]!r}"
-    raise SinglepassError(f"the probe predicts {want} but {ds.name}/{ds.split} is labelled {have}: "
-                          "evaluate it on a dataset with the same label set")
+    raise SinglepassError(
+        f"the probe predicts {want} but {ds.name}/{ds.split} is labelled {have}: "
+        "evaluate it on a dataset with the same label set"
+    )
 
 
 def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: bool = True, log=print) -> np.ndarray:
@@ -39,7 +41,7 @@ def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: boo
         if cfg["input"] == "logits":
             h = state_cache.last_hidden(backbone, ds, fmt, max_len, cache_dir, progress=progress, log=log)
             logits = first_token_logits(backbone.model, h)  # [N, V]
-            z = torch.cat([module(logits[i:i + 256]) for i in range(0, len(logits), 256)])
+            z = torch.cat([module(logits[i : i + 256]) for i in range(0, len(logits), 256)])
         else:
             c = state_cache.build(backbone, ds, fmt, max_len, cache_dir=cache_dir, progress=progress, log=log)
             max_attn = get_family(cfg["probe"]).max_attn
@@ -55,25 +57,49 @@ def report_subsets(ds) -> dict[str, np.ndarray]:
     return subsets
 
 
-def evaluate(probe_dir, dataset: str, split: str, model: str | None = None, cache_dir=None, data_dir=None,
-             limit: int | None = None, progress: bool = True, log=print) -> dict:
+def evaluate(
+    probe_dir,
+    dataset: str,
+    split: str,
+    model: str | None = None,
+    cache_dir=None,
+    data_dir=None,
+    limit: int | None = None,
+    progress: bool = True,
+    log=print,
+    backbone=None,
+) -> dict:
+    """Metrics of a saved probe on a dataset split. ``backbone``: an already loaded one (else
+    ``model``, else the one named in the probe's config, is loaded)."""
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
     from singlepass.models.probe_io import load_probe, read_config
 
     cfg = read_config(probe_dir)
-    backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
+    if backbone is None:
+        backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
     module, cfg = load_probe(probe_dir, backbone.fingerprint)
     ds = load_dataset(dataset, split, data_dir, limit=limit)
     note = check_labels(cfg, ds)
     if note:
         log(note)
     probs = predict_proba(module, cfg, backbone, ds, cache_dir and __import__("pathlib").Path(cache_dir), progress, log)
-    results = {name: compute_metrics(ds.labels[idx], probs[idx], cfg["threshold"])
-               for name, idx in report_subsets(ds).items() if len(idx)}
-    return {"probe": str(probe_dir), "method": cfg["probe"], "dataset": ds.name, "split": split,
-            "limit": limit, "label_names": list(ds.label_names), "threshold": cfg["threshold"],
-            "label_note": note, "results": results}
+    results = {
+        name: compute_metrics(ds.labels[idx], probs[idx], cfg["threshold"])
+        for name, idx in report_subsets(ds).items()
+        if len(idx)
+    }
+    return {
+        "probe": str(probe_dir),
+        "method": cfg["probe"],
+        "dataset": ds.name,
+        "split": split,
+        "limit": limit,
+        "label_names": list(ds.label_names),
+        "threshold": cfg["threshold"],
+        "label_note": note,
+        "results": results,
+    }
 
 
 def _cell(v) -> str:
@@ -81,11 +107,22 @@ def _cell(v) -> str:
 
 
 def format_report(rep: dict) -> str:
-    keys = ["rows", "accuracy", "f1", "f1_at_threshold", "macro_f1", "auprc", "roc_auc",
-            "tpr_at_0.01_fpr", "tpr_at_0.001_fpr"]
+    keys = [
+        "rows",
+        "accuracy",
+        "f1",
+        "f1_at_threshold",
+        "macro_f1",
+        "auprc",
+        "roc_auc",
+        "tpr_at_0.01_fpr",
+        "tpr_at_0.001_fpr",
+    ]
     names = list(rep["results"])
-    lines = [f"{rep['method']} probe {rep['probe']} on {rep['dataset']}/{rep['split']}"
-             + (f" (threshold {rep['threshold']:.4f} from validation)" if rep["threshold"] is not None else "")]
+    lines = [
+        f"{rep['method']} probe {rep['probe']} on {rep['dataset']}/{rep['split']}"
+        + (f" (threshold {rep['threshold']:.4f} from validation)" if rep["threshold"] is not None else "")
+    ]
     lines.append(f"{'metric':<18}" + "".join(f"{n:>14}" for n in names))
     for k in keys:
         vals = [rep["results"][n].get(k, "absent") for n in names]

@@ -16,12 +16,19 @@ from singlepass.runtime.batching import pad_batch
 
 
 @torch.no_grad()
-def forward_hidden(model, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                   position_ids: torch.Tensor) -> torch.Tensor:
+def forward_hidden(
+    model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
+) -> torch.Tensor:
     """-> stacked hidden states [L+1, B, T, d] (float32 for a float32 model). No lm_head."""
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = base(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-               output_hidden_states=True, use_cache=False, return_dict=True)
+    out = base(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        output_hidden_states=True,
+        use_cache=False,
+        return_dict=True,
+    )
     return torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
 
 
@@ -48,8 +55,15 @@ def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> 
     return batches
 
 
-def iter_hidden(backbone, ids: list[list[int]], batch_size: int = 8, max_batch_tokens: int = 4096,
-                padding_side: str = "left", progress: bool = False, batches: list[list[int]] | None = None):
+def iter_hidden(
+    backbone,
+    ids: list[list[int]],
+    batch_size: int = 8,
+    max_batch_tokens: int = 4096,
+    padding_side: str = "left",
+    progress: bool = False,
+    batches: list[list[int]] | None = None,
+):
     """Yield (row indices, states [L+1, B, T, d], mask [B, T]) batch by batch.
 
     ``batches`` (lists of row indices) overrides the length-sorted plan, e.g. to resume one.
@@ -69,8 +83,15 @@ def iter_hidden(backbone, ids: list[list[int]], batch_size: int = 8, max_batch_t
     bar.close()
 
 
-def extract(backbone, texts: list[str], prompt_format: str = "chat", max_length: int = DEFAULT_MAX_LENGTH,
-            batch_size: int = 8, padding_side: str = "left", progress: bool = False):
+def extract(
+    backbone,
+    texts: list[str],
+    prompt_format: str = "chat",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    batch_size: int = 8,
+    padding_side: str = "left",
+    progress: bool = False,
+):
     """Hidden states for a list of texts, in their order, as one padded batch.
 
     -> (states [L+1, B, T, d] float32, attention_mask [B, T] int64, Encoded)
@@ -79,8 +100,7 @@ def extract(backbone, texts: list[str], prompt_format: str = "chat", max_length:
     return (*stack_in_order(backbone, enc, batch_size, padding_side, progress), enc)
 
 
-def stack_in_order(backbone, enc: Encoded, batch_size: int = 8, padding_side: str = "left",
-                   progress: bool = False):
+def stack_in_order(backbone, enc: Encoded, batch_size: int = 8, padding_side: str = "left", progress: bool = False):
     T = max(len(s) for s in enc.ids)
     L1, d = backbone.num_layers + 1, backbone.hidden_size
     out = torch.zeros(L1, len(enc.ids), T, d)
@@ -109,4 +129,4 @@ def first_token_logits(model, last_hidden, chunk: int = 512) -> torch.Tensor:
     h = torch.as_tensor(last_hidden, dtype=torch.float32)
     if not len(h):
         return torch.zeros(0, head.weight.shape[0])
-    return torch.cat([head(h[i:i + chunk]).float() for i in range(0, len(h), chunk)])
+    return torch.cat([head(h[i : i + chunk]).float() for i in range(0, len(h), chunk)])

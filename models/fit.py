@@ -44,8 +44,19 @@ def cosine(step_total: int) -> Callable[[int], float]:
     return lambda step: 0.5 * (1 + math.cos(math.pi * min(step, step_total) / max(step_total, 1)))
 
 
-def fit(module: nn.Module, train: Data, y_train: np.ndarray, val: Data, y_val: np.ndarray, hp: HParams, task: str,
-        num_classes: int, seed: int, progress: bool = False, desc: str = "train") -> dict:
+def fit(
+    module: nn.Module,
+    train: Data,
+    y_train: np.ndarray,
+    val: Data,
+    y_val: np.ndarray,
+    hp: HParams,
+    task: str,
+    num_classes: int,
+    seed: int,
+    progress: bool = False,
+    desc: str = "train",
+) -> dict:
     """Train ``module`` in place (best validation epoch kept). -> history dict."""
     if isinstance(train, FeatureData):  # small ops: one thread avoids OpenMP oversubscription stalls
         threads = torch.get_num_threads()
@@ -106,5 +117,10 @@ def _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progre
                 break
     bar.close()
     module.load_state_dict(best_state)
-    return {"best_val": best, "best_epoch": best_epoch, "epochs_run": history[-1]["epoch"],
-            "seconds": time.perf_counter() - t0, "history": history}
+    return {
+        "best_val": best,
+        "best_epoch": best_epoch,
+        "epochs_run": history[-1]["epoch"],
+        "seconds": time.perf_counter() - t0,
+        "history": history,
+    }

@@ -43,14 +43,16 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float | None = 
     if C == 2:
         s = probs[:, 1]
         pred = (s >= 0.5).astype(int)
-        out.update({
-            "positives": int(y.sum()),
-            "f1": float(f1_score(y, pred, zero_division=0)),
-            "precision": float(precision_score(y, pred, zero_division=0)),
-            "recall": float(recall_score(y, pred, zero_division=0)),
-            "auprc": float(average_precision_score(y, s)) if y.sum() else None,
-            "roc_auc": float(roc_auc_score(y, s)) if both else None,
-        })
+        out.update(
+            {
+                "positives": int(y.sum()),
+                "f1": float(f1_score(y, pred, zero_division=0)),
+                "precision": float(precision_score(y, pred, zero_division=0)),
+                "recall": float(recall_score(y, pred, zero_division=0)),
+                "auprc": float(average_precision_score(y, s)) if y.sum() else None,
+                "roc_auc": float(roc_auc_score(y, s)) if both else None,
+            }
+        )
         out["accuracy"] = float(accuracy_score(y, pred))
         for t in FPR_TARGETS:
             out[f"tpr_at_{t:g}_fpr"] = tpr_at_fpr(y, s, t)
@@ -63,8 +65,9 @@ def compute_metrics(y: np.ndarray, probs: np.ndarray, threshold: float | None = 
         present = Y.sum(0) > 0
         out["macro_f1"] = float(f1_score(y, probs.argmax(1), average="macro", labels=list(range(C)), zero_division=0))
         out["auprc"] = float(np.mean([average_precision_score(Y[:, c], probs[:, c]) for c in range(C) if present[c]]))
-        out["roc_auc"] = float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(C)))) \
-            if present.all() else None
+        out["roc_auc"] = (
+            float(roc_auc_score(y, probs, multi_class="ovr", labels=list(range(C)))) if present.all() else None
+        )
     return out
 
 

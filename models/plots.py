@@ -66,8 +66,18 @@ def plot_layer_weights(groups, num_layers: int, title: str, out: Path) -> Path:
     return out
 
 
-def plot_layers(probe_dir, dataset: str, split: str = "test", out: str | None = None, model: str | None = None,
-                cache_dir=None, data_dir=None, limit: int | None = None, progress: bool = True, log=print) -> dict:
+def plot_layers(
+    probe_dir,
+    dataset: str,
+    split: str = "test",
+    out: str | None = None,
+    model: str | None = None,
+    cache_dir=None,
+    data_dir=None,
+    limit: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
     from singlepass.models import cache as state_cache
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
@@ -78,14 +88,23 @@ def plot_layers(probe_dir, dataset: str, split: str = "test", out: str | None = 
     cfg = read_config(probe_dir)
     if not get_family(cfg["probe"]).layer_weights:
         which = " or ".join(f.name for f in FAMILIES.values() if f.layer_weights)
-        raise SinglepassError(f"plot-layers needs a {which} probe (its Stage-2 weights are the figure); "
-                              f"{probe_dir} is a {cfg['probe']!r} probe")
+        raise SinglepassError(
+            f"plot-layers needs a {which} probe (its Stage-2 weights are the figure); "
+            f"{probe_dir} is a {cfg['probe']!r} probe"
+        )
     backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
     module, cfg = load_probe(probe_dir, backbone.fingerprint)
     ds = load_dataset(dataset, split, data_dir, limit=limit)
     check_labels(cfg, ds)
-    c = state_cache.build(backbone, ds, cfg["prompt_format"], cfg["max_length"],
-                          cache_dir=cache_dir and Path(cache_dir), progress=progress, log=log)
+    c = state_cache.build(
+        backbone,
+        ds,
+        cfg["prompt_format"],
+        cfg["max_length"],
+        cache_dir=cache_dir and Path(cache_dir),
+        progress=progress,
+        log=log,
+    )
     W, pred = layer_weights(module, cfg, c)
     groups = group_means(W, ds.labels, pred, cfg["label_names"])
     path = Path(out) if out else Path(probe_dir) / f"layer_weights-{ds.name}-{split}.png"

@@ -18,8 +18,19 @@ from singlepass.files import staged_folder
 
 FORMAT = "singlepass-probe"
 VERSION = 1
-REQUIRED = ("format", "version", "probe", "params", "num_layers", "hidden_size", "label_names",
-            "threshold", "prompt_format", "max_length", "backbone")
+REQUIRED = (
+    "format",
+    "version",
+    "probe",
+    "params",
+    "num_layers",
+    "hidden_size",
+    "label_names",
+    "threshold",
+    "prompt_format",
+    "max_length",
+    "backbone",
+)
 
 
 def with_input(cfg: dict, where: str = "probe") -> dict:
@@ -29,8 +40,10 @@ def with_input(cfg: dict, where: str = "probe") -> dict:
 
         family = FAMILIES.get(cfg["probe"])
         if family is None:
-            raise SinglepassError(f"{where}: config.json has no \"input\" and names an unknown probe type "
-                                  f"{cfg['probe']!r} (known: {', '.join(FAMILIES)})")
+            raise SinglepassError(
+                f'{where}: config.json has no "input" and names an unknown probe type '
+                f"{cfg['probe']!r} (known: {', '.join(FAMILIES)})"
+            )
         cfg["input"] = family.input
     return cfg
 
@@ -83,7 +96,8 @@ def check_backbone(cfg: dict, fingerprint: dict, where: str = "probe") -> None:
             f"{where} was trained on backbone {want.get('name')!r} (sha256 {str(want.get('sha256'))[:12]}, "
             f"{want.get('num_hidden_layers')} layers, d={want.get('hidden_size')}) but the model is "
             f"{have.get('name')!r} (sha256 {str(have.get('sha256'))[:12]}, {have.get('num_hidden_layers')} layers, "
-            f"d={have.get('hidden_size')}): retrain the probe on this model")
+            f"d={have.get('hidden_size')}): retrain the probe on this model"
+        )
 
 
 def load_probe(folder: str | os.PathLike, fingerprint: dict | None = None):

@@ -120,9 +120,13 @@ class PoolingProbe(Probe):
 
 POOLS = ("mean", "max")
 POOLING = Family(
-    "pooling", input="hidden_states", head_only=True, build=PoolingProbe,
+    "pooling",
+    input="hidden_states",
+    head_only=True,
+    build=PoolingProbe,
     default_params=lambda d: {"token_pool": "mean", "layer_pool": "mean"},
-    sample_params=lambda d, rng: {"token_pool": str(rng.choice(POOLS)), "layer_pool": str(rng.choice(POOLS))})
+    sample_params=lambda d, rng: {"token_pool": str(rng.choice(POOLS)), "layer_pool": str(rng.choice(POOLS))},
+)
 
 
 class GateProbe(Probe):
@@ -154,8 +158,14 @@ class GateProbe(Probe):
 
 
 # Standardised inputs are the trainer's default (set_input_statistics); the search varies the optimiser only.
-GATE = Family("gate", input="hidden_states", head_only=False, build=GateProbe,
-              default_params=lambda d: {"input_norm": "standard"}, layer_weights=True)
+GATE = Family(
+    "gate",
+    input="hidden_states",
+    head_only=False,
+    build=GateProbe,
+    default_params=lambda d: {"input_norm": "standard"},
+    layer_weights=True,
+)
 
 
 class MHAProbe(Probe):
@@ -169,8 +179,10 @@ class MHAProbe(Probe):
         super().__init__(num_layers, hidden_size, num_classes, input_norm)
         d_inner = hidden_size // factor
         if d_inner * factor != hidden_size or d_inner % heads:
-            raise ValueError(f"d={hidden_size} / factor={factor} = {hidden_size / factor} must be an integer "
-                             f"divisible by heads={heads}")
+            raise ValueError(
+                f"d={hidden_size} / factor={factor} = {hidden_size / factor} must be an integer "
+                f"divisible by heads={heads}"
+            )
         if pool not in ("mean", "max"):
             raise ValueError("pool must be 'mean' or 'max'")
         self.factor, self.heads, self.pool, self.d_inner = factor, heads, pool, d_inner
@@ -242,8 +254,15 @@ def mha_sample(d: int, rng) -> dict:
 
 
 # max_attn: micro-batches keep B*T*T under 2^20 (the attention scores of one head group).
-MHA = Family("mha", input="hidden_states", head_only=False, build=MHAProbe, default_params=mha_defaults,
-             sample_params=mha_sample, max_attn=2 ** 20)
+MHA = Family(
+    "mha",
+    input="hidden_states",
+    head_only=False,
+    build=MHAProbe,
+    default_params=mha_defaults,
+    sample_params=mha_sample,
+    max_attn=2**20,
+)
 
 PROBE_FAMILIES = {f.name: f for f in (POOLING, GATE, MHA)}
 PROBE_TYPES = tuple(PROBE_FAMILIES)

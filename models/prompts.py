@@ -23,14 +23,14 @@ def render(tokenizer, text: str, prompt_format: str = "chat") -> str:
         raise SinglepassError(f"unknown prompt format {prompt_format!r} (use {' or '.join(PROMPT_FORMATS)})")
     if not getattr(tokenizer, "chat_template", None):
         raise SinglepassError("this tokenizer has no chat template: use --prompt-format raw")
-    return tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=False,
-                                         add_generation_prompt=True)
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def _ids(tokenizer, text: str, prompt_format: str) -> list[int]:
     # The chat template already holds the special tokens; raw text gets the tokenizer's own.
-    return tokenizer(render(tokenizer, text, prompt_format),
-                     add_special_tokens=prompt_format == "raw")["input_ids"]
+    return tokenizer(render(tokenizer, text, prompt_format), add_special_tokens=prompt_format == "raw")["input_ids"]
 
 
 @dataclass
@@ -47,8 +47,9 @@ class Encoded:
         return sum(len(s) for s in self.ids)
 
 
-def encode_one(tokenizer, text: str, prompt_format: str = "chat", max_length: int = DEFAULT_MAX_LENGTH,
-               truncate: bool = True) -> tuple[list[int], bool]:
+def encode_one(
+    tokenizer, text: str, prompt_format: str = "chat", max_length: int = DEFAULT_MAX_LENGTH, truncate: bool = True
+) -> tuple[list[int], bool]:
     if not isinstance(text, str):
         raise SinglepassError(f"prompt must be a string, got {type(text).__name__}")
     if not text.strip():
@@ -70,8 +71,13 @@ def encode_one(tokenizer, text: str, prompt_format: str = "chat", max_length: in
     raise SinglepassError(f"max length {max_length} is too short for the prompt template itself")
 
 
-def encode(tokenizer, texts: list[str], prompt_format: str = "chat", max_length: int = DEFAULT_MAX_LENGTH,
-           truncate: bool = True) -> Encoded:
+def encode(
+    tokenizer,
+    texts: list[str],
+    prompt_format: str = "chat",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    truncate: bool = True,
+) -> Encoded:
     out = Encoded([], [])
     for i, t in enumerate(texts):
         try:

@@ -29,7 +29,7 @@ def get_family(name: str) -> Family:
 
 
 def input_kind(method: str) -> str:
-    """"hidden_states" or "logits": what the family's forward reads."""
+    """ "hidden_states" or "logits": what the family's forward reads."""
     return get_family(method).input
 
 

@@ -38,8 +38,10 @@ class HParams:
         known = {f.name for f in fields(cls)}
         unknown = set(d) - known
         if unknown:
-            raise SinglepassError(f"unknown hyperparameter(s) {', '.join(sorted(unknown))} "
-                                  f"(known: {', '.join(sorted(known))} and probe parameters)")
+            raise SinglepassError(
+                f"unknown hyperparameter(s) {', '.join(sorted(unknown))} "
+                f"(known: {', '.join(sorted(known))} and probe parameters)"
+            )
         return cls(**copy.deepcopy(d))
 
 
@@ -54,8 +56,9 @@ def default_hparams(method: str, hidden_size: int, max_epochs: int = 10, task: s
     return HParams(epochs=max_epochs, class_weight="balanced" if task == "safety" else "none", params=params)
 
 
-def sample_hparams(method: str, hidden_size: int, rng: np.random.Generator, max_epochs: int = 10,
-                   task: str | None = None) -> HParams:
+def sample_hparams(
+    method: str, hidden_size: int, rng: np.random.Generator, max_epochs: int = 10, task: str | None = None
+) -> HParams:
     """One seeded draw from the search space (the draws' order is part of the recipe)."""
     family = get_family(method)
     hp = default_hparams(method, hidden_size, max_epochs, task)
@@ -83,8 +86,15 @@ def apply_overrides(hp: HParams, overrides: dict) -> HParams:
     return hp
 
 
-def trial_plan(method: str, hidden_size: int, trials: int, seed: int, max_epochs: int = 10,
-               overrides: dict | None = None, task: str | None = None) -> list[HParams]:
+def trial_plan(
+    method: str,
+    hidden_size: int,
+    trials: int,
+    seed: int,
+    max_epochs: int = 10,
+    overrides: dict | None = None,
+    task: str | None = None,
+) -> list[HParams]:
     """The default, then ``trials - 1`` draws seeded by ``seed``; ``overrides`` apply to all."""
     if trials < 1:
         raise SinglepassError(f"--trials must be at least 1, got {trials}")

@@ -32,7 +32,7 @@ def input_statistics(cache: "StateCache", max_rows: int = 1000, seed: int = 0) -
         s2 = x.pow(2).sum((1, 2)) if s2 is None else s2 + x.pow(2).sum((1, 2))  # [L+1, d]
         n += int(mask.sum())
     mean = s1 / n  # [L+1, d]
-    return mean.float(), (s2 / n - mean ** 2).clamp_min(0).sqrt().float()
+    return mean.float(), (s2 / n - mean**2).clamp_min(0).sqrt().float()
 
 
 @torch.no_grad()

@@ -50,6 +50,7 @@ RECIPE = 2
 @dataclass
 class Prepared:
     """Train/validation inputs for one family, built once and shared by all trials."""
+
     family: Family
     train_src: "StateCache | torch.Tensor"  # a hidden-state cache, or logits [N, V] for "logits" families
     val_src: "StateCache | torch.Tensor"
@@ -59,9 +60,17 @@ class Prepared:
     input_stats: tuple | None = None  # (mean, std) [L+1, d] for input_norm="standard", computed once
 
 
-def prepare(method: str, backbone: "Backbone", train_ds: "Dataset", val_ds: "Dataset", prompt_format: str,
-            max_length: int, cache_dir: Path | None = None, progress: bool = True,
-            log: Callable[..., None] = print) -> Prepared:
+def prepare(
+    method: str,
+    backbone: "Backbone",
+    train_ds: "Dataset",
+    val_ds: "Dataset",
+    prompt_format: str,
+    max_length: int,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[..., None] = print,
+) -> Prepared:
     from singlepass.models import cache as state_cache
     from singlepass.models.extract import first_token_logits
 
@@ -72,13 +81,16 @@ def prepare(method: str, backbone: "Backbone", train_ds: "Dataset", val_ds: "Dat
             h = state_cache.last_hidden(backbone, ds, prompt_format, max_length, cache_dir, progress=progress, log=log)
             srcs.append(first_token_logits(backbone.model, h))  # [N, V]
         return Prepared(family, srcs[0], srcs[1], train_ds.labels, val_ds.labels)
-    caches = [state_cache.build(backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress,
-                                log=log) for ds in (train_ds, val_ds)]
+    caches = [
+        state_cache.build(backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress, log=log)
+        for ds in (train_ds, val_ds)
+    ]
     return Prepared(family, caches[0], caches[1], train_ds.labels, val_ds.labels)
 
 
-def make_data(prep: Prepared, module: nn.Module, params: dict,
-              progress: bool = False) -> tuple[Data, Data, tuple[torch.Tensor, torch.Tensor] | None]:
+def make_data(
+    prep: Prepared, module: nn.Module, params: dict, progress: bool = False
+) -> tuple[Data, Data, tuple[torch.Tensor, torch.Tensor] | None]:
     """-> (train data, val data, scaling) for this module (features memoised per module parameters).
 
     Head-only probes on hidden states train on standardised features (scaling = (mean, std));
@@ -87,8 +99,11 @@ def make_data(prep: Prepared, module: nn.Module, params: dict,
     standardised logistic regression (0.60 vs 0.67-0.73 accuracy, 200 rows)."""
     family = prep.family
     if not family.head_only:
-        return (StateData(prep.train_src, max_attn=family.max_attn), StateData(prep.val_src, max_attn=family.max_attn),
-                None)
+        return (
+            StateData(prep.train_src, max_attn=family.max_attn),
+            StateData(prep.val_src, max_attn=family.max_attn),
+            None,
+        )
     if not head_only(module):
         raise RuntimeError(f"family {family.name!r} is declared head-only but trains parameters outside .head")
     key = (family.name, tuple(sorted((k, str(v)) for k, v in params.items())))
@@ -96,17 +111,28 @@ def make_data(prep: Prepared, module: nn.Module, params: dict,
         family.fit_buffers(module, prep.train_src)  # buffers: exported with the module
     if key not in prep.feature_memo:
         prep.feature_memo.clear()
-        prep.feature_memo[key] = tuple(compute_features(module, s, progress, f"features ({split})")  # [N, F] each
-                                       for s, split in ((prep.train_src, "train"), (prep.val_src, "validation")))
+        prep.feature_memo[key] = tuple(
+            compute_features(module, s, progress, f"features ({split})")  # [N, F] each
+            for s, split in ((prep.train_src, "train"), (prep.val_src, "validation"))
+        )
     Xt, Xv = prep.feature_memo[key]
     if family.fit_buffers is not None:  # standardised inside the module already (its buffers)
         return FeatureData(Xt), FeatureData(Xv), None
     return FeatureData.standardised(Xt, Xv)
 
 
-def run_trial(prep: Prepared, hp: HParams, num_layers: int, hidden_size: int, num_classes: int, task: str,
-              seed: int, vocab_size: int | None = None, progress: bool = False,
-              desc: str = "train") -> tuple[nn.Module, dict, dict]:
+def run_trial(
+    prep: Prepared,
+    hp: HParams,
+    num_layers: int,
+    hidden_size: int,
+    num_classes: int,
+    task: str,
+    seed: int,
+    vocab_size: int | None = None,
+    progress: bool = False,
+    desc: str = "train",
+) -> tuple[nn.Module, dict, dict]:
     """-> (trained module, its constructor parameters, history)."""
     family = prep.family
     params = dict(hp.params)
@@ -136,11 +162,23 @@ def set_determinism(threads: int | None = None) -> None:
         torch.set_num_threads(threads)
 
 
-def train_probe(method: str, backbone: "Backbone", train_ds: "Dataset", val_ds: "Dataset", *,
-                prompt_format: str = "chat", max_length: int = 512, seed: int = 0, trials: int = 1,
-                max_epochs: int = 10, overrides: dict | None = None, hparams: HParams | None = None,
-                cache_dir: Path | None = None, progress: bool = True,
-                log: Callable[..., None] = print) -> tuple[nn.Module, dict]:
+def train_probe(
+    method: str,
+    backbone: "Backbone",
+    train_ds: "Dataset",
+    val_ds: "Dataset",
+    *,
+    prompt_format: str = "chat",
+    max_length: int = 512,
+    seed: int = 0,
+    trials: int = 1,
+    max_epochs: int = 10,
+    overrides: dict | None = None,
+    hparams: HParams | None = None,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+    log: Callable[..., None] = print,
+) -> tuple[nn.Module, dict]:
     """Search ``trials`` configurations (or train the given ``hparams``) and return the best
     module with its artifact config. -> (module, config dict)."""
     family = get_family(method)
@@ -162,15 +200,24 @@ def train_probe(method: str, backbone: "Backbone", train_ds: "Dataset", val_ds: 
     best = None
     summary = []
     for i, hp in enumerate(plan):
-        module, params, hist = run_trial(prep, hp, L1, d, num_classes, task, seed, vocab, progress,
-                                         desc=f"{method} trial {i + 1}/{len(plan)}")
-        row = {"trial": i, **{k: v for k, v in asdict(hp).items() if k != "params"}, "params": params,
-               "val": hist["best_val"], "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
-               "seconds": round(hist["seconds"], 2)}
+        module, params, hist = run_trial(
+            prep, hp, L1, d, num_classes, task, seed, vocab, progress, desc=f"{method} trial {i + 1}/{len(plan)}"
+        )
+        row = {
+            "trial": i,
+            **{k: v for k, v in asdict(hp).items() if k != "params"},
+            "params": params,
+            "val": hist["best_val"],
+            "best_epoch": hist["best_epoch"],
+            "epochs_run": hist["epochs_run"],
+            "seconds": round(hist["seconds"], 2),
+        }
         summary.append(row)
-        log(f"trial {i + 1}/{len(plan)}: val {'F1' if task == 'safety' else 'accuracy'} {hist['best_val']:.4f} "
+        log(
+            f"trial {i + 1}/{len(plan)}: val {'F1' if task == 'safety' else 'accuracy'} {hist['best_val']:.4f} "
             f"(epoch {hist['best_epoch']}/{hist['epochs_run']}, {hist['seconds']:.1f} s) "
-            f"lr={hp.lr:.2e} bs={hp.batch_size} wd={hp.weight_decay:.3f} {params}")
+            f"lr={hp.lr:.2e} bs={hp.batch_size} wd={hp.weight_decay:.3f} {params}"
+        )
         if best is None or hist["best_val"] > best[3]["best_val"]:
             best = (module, hp, params, hist)
         else:
@@ -182,17 +229,38 @@ def train_probe(method: str, backbone: "Backbone", train_ds: "Dataset", val_ds: 
     val_metrics = compute_metrics(prep.y_val, probs, threshold)
     hp_dict = {k: v for k, v in asdict(hp).items() if k != "params"}
     cfg = {
-        "probe": method, "input": family.input, "params": params,
-        "num_layers": L1, "hidden_size": d, "label_names": list(train_ds.label_names), "task": task,
-        "threshold": threshold, "prompt_format": prompt_format, "max_length": max_length,
-        "backbone": backbone.fingerprint, "seed": seed, "recipe": RECIPE, "hparams": hp_dict,
+        "probe": method,
+        "input": family.input,
+        "params": params,
+        "num_layers": L1,
+        "hidden_size": d,
+        "label_names": list(train_ds.label_names),
+        "task": task,
+        "threshold": threshold,
+        "prompt_format": prompt_format,
+        "max_length": max_length,
+        "backbone": backbone.fingerprint,
+        "seed": seed,
+        "recipe": RECIPE,
+        "hparams": hp_dict,
         "trainable_parameters": count_parameters(module),
-        "data": {"dataset": train_ds.name, "train_split": train_ds.split, "train_rows": len(train_ds),
-                 "validation_split": val_ds.split, "validation_rows": len(val_ds)},
-        "training": {"selection_metric": "f1" if task == "safety" else "accuracy", "best_val": hist["best_val"],
-                     "best_epoch": hist["best_epoch"], "epochs_run": hist["epochs_run"],
-                     "seconds": round(hist["seconds"], 2), "search_seconds": round(time.perf_counter() - t_all, 2),
-                     "trials": summary, "history": hist["history"]},
+        "data": {
+            "dataset": train_ds.name,
+            "train_split": train_ds.split,
+            "train_rows": len(train_ds),
+            "validation_split": val_ds.split,
+            "validation_rows": len(val_ds),
+        },
+        "training": {
+            "selection_metric": "f1" if task == "safety" else "accuracy",
+            "best_val": hist["best_val"],
+            "best_epoch": hist["best_epoch"],
+            "epochs_run": hist["epochs_run"],
+            "seconds": round(hist["seconds"], 2),
+            "search_seconds": round(time.perf_counter() - t_all, 2),
+            "trials": summary,
+            "history": hist["history"],
+        },
         "validation": val_metrics,
     }
     return module, cfg

@@ -15,9 +15,19 @@ a cheap import. ``runtime/api.py`` holds ``Runtime``, ``load`` and the one-call 
 """
 
 _LAZY = {
-    "Runtime": "api", "load": "api", "generate": "api", "Result": "api", "Event": "api",
-    "Label": "passes", "prefill": "passes", "decode_one_token": "passes", "Manifest": "contract",
-    "FusedProbe": "contract", "read_artifact": "contract", "Rule": "policy", "DEFAULT_REFUSAL": "policy",
+    "Runtime": "api",
+    "load": "api",
+    "generate": "api",
+    "Result": "api",
+    "Event": "api",
+    "Label": "passes",
+    "prefill": "passes",
+    "decode_one_token": "passes",
+    "Manifest": "contract",
+    "FusedProbe": "contract",
+    "read_artifact": "contract",
+    "Rule": "policy",
+    "DEFAULT_REFUSAL": "policy",
     "Sampling": "sampling",
 }
 __all__ = sorted(_LAZY)

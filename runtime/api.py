@@ -47,6 +47,7 @@ DEFAULT_MAX_NEW_TOKENS = 64
 
 # ----------------------------------------------------------------------------- results
 
+
 @dataclass
 class Result:
     """One prompt's outcome. ``finish_reason``: eos, max_new_tokens, max_total_length,
@@ -63,16 +64,21 @@ class Result:
     blocked_by: str | None = None
     error: str | None = None
     prefill_seconds: float | None = None  # wall time of this prompt's batch's prefill pass
-    seconds: float | None = None          # wall time of this prompt's batch until this prompt finished
+    seconds: float | None = None  # wall time of this prompt's batch until this prompt finished
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
     def to_dict(self) -> dict:
-        d = {"text": self.text, "token_ids": list(self.token_ids),
-             "labels": {k: v.to_dict() for k, v in self.labels.items()},
-             "finish_reason": self.finish_reason, "prompt_tokens": self.prompt_tokens, "truncated": self.truncated}
+        d = {
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "labels": {k: v.to_dict() for k, v in self.labels.items()},
+            "finish_reason": self.finish_reason,
+            "prompt_tokens": self.prompt_tokens,
+            "truncated": self.truncated,
+        }
         if self.blocked_by:
             d["blocked_by"] = self.blocked_by
         if self.error:
@@ -87,7 +93,7 @@ class Event:
     index: int
     step: int
     token_id: int | None = None
-    text: str = ""                        # the new text (may be "" while a UTF-8 character is incomplete)
+    text: str = ""  # the new text (may be "" while a UTF-8 character is incomplete)
     labels: dict[str, Label] | None = None
     done: bool = False
     finish_reason: str | None = None
@@ -95,7 +101,7 @@ class Event:
     error: str | None = None
     truncated: bool = False
     prompt_tokens: int = 0
-    seconds: float = 0.0                  # since the batch's prefill started
+    seconds: float = 0.0  # since the batch's prefill started
 
     def to_dict(self) -> dict:
         d = {"index": self.index, "step": self.step, "token_id": self.token_id, "text": self.text}
@@ -123,18 +129,26 @@ class _Detok:
         text = self.decode(self.ids)
         if (text.endswith("\ufffd") and not final) or not text.startswith(self.emitted):
             return ""
-        piece, self.emitted = text[len(self.emitted):], text
+        piece, self.emitted = text[len(self.emitted) :], text
         return piece
 
 
 # ----------------------------------------------------------------------------- the runtime
 
+
 class Runtime:
     """An artifact folder opened for serving (see the module docstring)."""
 
-    def __init__(self, artifact: str | os.PathLike | Manifest, backend: str | Backend = "auto",
-                 engine: str | None = None, threads: int | None = None, policy=None,
-                 refusal: str = pol.DEFAULT_REFUSAL, ignore_eos: bool = False):
+    def __init__(
+        self,
+        artifact: str | os.PathLike | Manifest,
+        backend: str | Backend = "auto",
+        engine: str | None = None,
+        threads: int | None = None,
+        policy=None,
+        refusal: str = pol.DEFAULT_REFUSAL,
+        ignore_eos: bool = False,
+    ):
         self.manifest: Manifest = artifact if isinstance(artifact, Manifest) else read_artifact(artifact)
         self.folder: Path = self.manifest.folder
         self.tokenizer = PromptTokenizer(self.folder, self.manifest)
@@ -142,8 +156,9 @@ class Runtime:
         if not isinstance(refusal, str):
             raise SinglepassError(f"the refusal message must be a string, not {type(refusal).__name__}")
         self.refusal = refusal
-        self.backend: Backend = backend if isinstance(backend, Backend) else \
-            select(self.folder, self.manifest, backend, engine, threads)
+        self.backend: Backend = (
+            backend if isinstance(backend, Backend) else select(self.folder, self.manifest, backend, engine, threads)
+        )
         # ignore_eos: every row generates its full token budget (fixed work, for benchmarks)
         self.eos_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(self.manifest.tokenizer.eos_token_ids)
 
@@ -192,21 +207,41 @@ class Runtime:
         for ev in self._events(prompts, max_new_tokens, pieces=False, **kw):
             r = results.get(ev.index)
             if r is None:
-                r = results[ev.index] = Result(ev.index, plist[ev.index], labels=ev.labels or {},
-                                               prompt_tokens=ev.prompt_tokens, truncated=ev.truncated,
-                                               prefill_seconds=ev.seconds if ev.error is None else None)
+                r = results[ev.index] = Result(
+                    ev.index,
+                    plist[ev.index],
+                    labels=ev.labels or {},
+                    prompt_tokens=ev.prompt_tokens,
+                    truncated=ev.truncated,
+                    prefill_seconds=ev.seconds if ev.error is None else None,
+                )
             if ev.token_id is not None:
                 r.token_ids.append(ev.token_id)
             if ev.done:
-                r.finish_reason, r.blocked_by, r.error, r.seconds = ev.finish_reason, ev.blocked_by, ev.error, \
-                    ev.seconds
+                r.finish_reason, r.blocked_by, r.error, r.seconds = (
+                    ev.finish_reason,
+                    ev.blocked_by,
+                    ev.error,
+                    ev.seconds,
+                )
                 r.text = ev.text if ev.blocked_by else (self.tokenizer.decode(r.token_ids) if r.token_ids else "")
         out = [results[i] for i in sorted(results)]
         return out[0] if single else out
 
-    def stream(self, prompts, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, temperature: float = 0.0,
-               top_k: int = 0, top_p: float = 1.0, seed: int | None = None, truncate: bool = False, policy=None,
-               batch_size: int | None = None, on_error: str = "return") -> Iterator[Event]:
+    def stream(
+        self,
+        prompts,
+        max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        *,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        truncate: bool = False,
+        policy=None,
+        batch_size: int | None = None,
+        on_error: str = "return",
+    ) -> Iterator[Event]:
         """Yield an Event per prompt per pass as it is produced: step 0 carries the labels (and
         the first token, the refusal of a blocked prompt, or the error of a bad one).
 
@@ -214,13 +249,34 @@ class Runtime:
         refusing them. ``policy``: overrides the runtime's policy for this call.
         ``batch_size``: prompts per batch (default: all in one batch, which must fit the
         backend's max batch). ``on_error``: "return" or "raise" (see the module docstring)."""
-        return self._events(prompts, max_new_tokens, pieces=True, temperature=temperature, top_k=top_k,
-                            top_p=top_p, seed=seed, truncate=truncate, policy=policy, batch_size=batch_size,
-                            on_error=on_error)
+        return self._events(
+            prompts,
+            max_new_tokens,
+            pieces=True,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            seed=seed,
+            truncate=truncate,
+            policy=policy,
+            batch_size=batch_size,
+            on_error=on_error,
+        )
 
-    def _events(self, prompts, max_new_tokens, pieces: bool, temperature: float = 0.0, top_k: int = 0,
-                top_p: float = 1.0, seed: int | None = None, truncate: bool = False, policy=None,
-                batch_size: int | None = None, on_error: str = "return") -> Iterator[Event]:
+    def _events(
+        self,
+        prompts,
+        max_new_tokens,
+        pieces: bool,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        truncate: bool = False,
+        policy=None,
+        batch_size: int | None = None,
+        on_error: str = "return",
+    ) -> Iterator[Event]:
         # Everything about the call is checked here, eagerly, before the first event.
         single = isinstance(prompts, str)
         if single:
@@ -233,8 +289,9 @@ class Runtime:
             raise SinglepassError(f"max_new_tokens must be an integer >= 0, not {max_new_tokens!r}")
         sampling = Sampling(temperature, top_k, top_p, seed)
         rules = self.policy if policy is None else pol.resolve(policy, self.manifest.probes)
-        if batch_size is not None and (not isinstance(batch_size, int) or isinstance(batch_size, bool)
-                                       or batch_size < 1):
+        if batch_size is not None and (
+            not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1
+        ):
             raise SinglepassError(f"batch_size must be an integer >= 1, not {batch_size!r}")
         good, bad = [], []
         for i, p in enumerate(prompts):
@@ -250,16 +307,18 @@ class Runtime:
         size = batch_size or max(1, len(good))
         if size > self.max_batch:
             what = "TensorRT profile" if self.backend.max_batch else "artifact's recorded limit (limits.max_batch)"
-            raise SinglepassError(f"a batch of {size} prompts is larger than the {what} allows (max batch "
-                                  f"{self.max_batch}): pass batch_size <= {self.max_batch} (--batch-size) or fewer "
-                                  "prompts")
+            raise SinglepassError(
+                f"a batch of {size} prompts is larger than the {what} allows (max batch "
+                f"{self.max_batch}): pass batch_size <= {self.max_batch} (--batch-size) or fewer "
+                "prompts"
+            )
         return self._serve(good, bad, max_new_tokens, sampling, rules, size, pieces)
 
     def _serve(self, good, bad, max_new_tokens, sampling, rules, size, pieces) -> Iterator[Event]:
         for i, e in bad:
             yield Event(i, 0, done=True, finish_reason="error", error=e)
         for start in range(0, len(good), size):
-            yield from self._batch(good[start:start + size], max_new_tokens, sampling, rules, pieces)
+            yield from self._batch(good[start : start + size], max_new_tokens, sampling, rules, pieces)
 
     def _batch(self, items, max_new_tokens: int, sampling: Sampling, rules: dict, pieces: bool) -> Iterator[Event]:
         """One left-padded batch: prefill, policy, then one decode pass per token; finished rows
@@ -276,8 +335,12 @@ class Runtime:
         engine = (self.backend.max_seq - self.dummy - T + 1) if self.backend.max_seq else math.inf
         budget, why = [], []
         for n in plens:
-            b, reason = min((max_new_tokens, "max_new_tokens"), (max(0, total - n), "max_total_length"),
-                            (max(0, engine), "engine_max_seq"), key=lambda x: x[0])
+            b, reason = min(
+                (max_new_tokens, "max_new_tokens"),
+                (max(0, total - n), "max_total_length"),
+                (max(0, engine), "engine_max_seq"),
+                key=lambda x: x[0],
+            )
             budget.append(b)
             why.append(reason)
         rngs = [sampling.generator(i) for i in index]
@@ -292,8 +355,15 @@ class Runtime:
             eos = tok in self.eos_ids
             done[r] = eos or count[r] >= budget[r]
             piece = detok[r].add(tok, final=done[r]) if pieces else ""
-            return Event(index[r], step, token_id=tok, text=piece, done=done[r],
-                         finish_reason=("eos" if eos else why[r]) if done[r] else None, **head)
+            return Event(
+                index[r],
+                step,
+                token_id=tok,
+                text=piece,
+                done=done[r],
+                finish_reason=("eos" if eos else why[r]) if done[r] else None,
+                **head,
+            )
 
         out, state = prefill(self.backend, m, [ids for _, ids, _ in items])
         labels = labels_from(m, out) or [{} for _ in items]
@@ -304,13 +374,20 @@ class Runtime:
             blocker = pol.decide(rules, m.probes, labels[r])
             if blocker:  # the policy acts on the prefill pass, before any token
                 done[r] = True
-                yield Event(i, 0, text=rules[blocker].message or self.refusal, done=True, finish_reason="blocked",
-                            blocked_by=blocker, **head)
+                yield Event(
+                    i,
+                    0,
+                    text=rules[blocker].message or self.refusal,
+                    done=True,
+                    finish_reason="blocked",
+                    blocked_by=blocker,
+                    **head,
+                )
             elif budget[r] == 0:
                 done[r] = True
                 yield Event(i, 0, done=True, finish_reason=why[r], **head)
             else:
-                yield emit(r, 0, logits[r:r + 1], **head)
+                yield emit(r, 0, logits[r : r + 1], **head)
         rows = list(range(B))  # the batch rows present in `state`
         step = 0
         while not all(done):
@@ -324,20 +401,34 @@ class Runtime:
             logits = last_logits(m, out)  # [B_live, V]
             now = time.perf_counter() - t0
             for k, r in enumerate(rows):
-                yield emit(r, step, logits[k:k + 1], seconds=now)
+                yield emit(r, step, logits[k : k + 1], seconds=now)
 
 
-def load(artifact: str | os.PathLike | Manifest, backend: str | Backend = "auto", engine: str | None = None,
-         threads: int | None = None, policy=None, refusal: str = pol.DEFAULT_REFUSAL,
-         ignore_eos: bool = False) -> Runtime:
+def load(
+    artifact: str | os.PathLike | Manifest,
+    backend: str | Backend = "auto",
+    engine: str | None = None,
+    threads: int | None = None,
+    policy=None,
+    refusal: str = pol.DEFAULT_REFUSAL,
+    ignore_eos: bool = False,
+) -> Runtime:
     """Open an artifact folder for serving (checks the folder, the policy and the backend)."""
     return Runtime(artifact, backend, engine, threads, policy, refusal, ignore_eos)
 
 
-def generate(artifact: str | os.PathLike | Runtime, prompts: str | list[str],
-             max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS, *, backend: str = "auto", engine: str | None = None,
-             threads: int | None = None, policy=None, refusal: str = pol.DEFAULT_REFUSAL,
-             **kw) -> Result | list[Result]:
+def generate(
+    artifact: str | os.PathLike | Runtime,
+    prompts: str | list[str],
+    max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+    *,
+    backend: str = "auto",
+    engine: str | None = None,
+    threads: int | None = None,
+    policy=None,
+    refusal: str = pol.DEFAULT_REFUSAL,
+    **kw,
+) -> Result | list[Result]:
     """One call: open ``artifact`` (a folder or a Runtime) and generate (see ``Runtime.stream``)."""
     rt = artifact if isinstance(artifact, Runtime) else load(artifact, backend, engine, threads, policy, refusal)
     return rt.generate(prompts, max_new_tokens, **kw)

@@ -24,8 +24,7 @@ from singlepass.errors import SinglepassError
 from singlepass.runtime.contract import Manifest
 
 BACKENDS = ("auto", "cpu", "cuda", "tensorrt")
-NP_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16,
-             "bool": np.bool_}
+NP_DTYPES = {"int64": np.int64, "int32": np.int32, "float32": np.float32, "float16": np.float16, "bool": np.bool_}
 
 
 class Backend:
@@ -43,15 +42,20 @@ class Backend:
     def check_request(self, batch: int, prompt_len: int) -> None:
         """Raise SinglepassError when a prefill of ``batch`` rows of ``prompt_len`` tokens cannot run."""
         if self.max_batch is not None and batch > self.max_batch:
-            raise SinglepassError(f"a batch of {batch} prompts is larger than the {self.name} backend allows "
-                                  f"(max batch {self.max_batch}): pass batch_size <= {self.max_batch} "
-                                  f"(--batch-size) or fewer prompts")
+            raise SinglepassError(
+                f"a batch of {batch} prompts is larger than the {self.name} backend allows "
+                f"(max batch {self.max_batch}): pass batch_size <= {self.max_batch} "
+                f"(--batch-size) or fewer prompts"
+            )
         if self.max_prompt is not None and prompt_len > self.max_prompt:
-            raise SinglepassError(f"a prompt of {prompt_len} tokens is longer than the {self.name} backend's prefill "
-                                  f"allows ({self.max_prompt})")
+            raise SinglepassError(
+                f"a prompt of {prompt_len} tokens is longer than the {self.name} backend's prefill "
+                f"allows ({self.max_prompt})"
+            )
 
 
 # ----------------------------------------------------------------------------- ONNX Runtime
+
 
 def ort_providers() -> list[str]:
     import onnxruntime as ort
@@ -72,8 +76,10 @@ def ort_session(path, threads: int | None = None, device: str = "cpu", spinning:
     providers = ["CPUExecutionProvider"]
     if device == "cuda":
         if "CUDAExecutionProvider" not in ort_providers():
-            raise SinglepassError("ONNX Runtime's CUDA provider is not available here (it needs the "
-                                  "onnxruntime-gpu package and an NVIDIA GPU): use --backend cpu")
+            raise SinglepassError(
+                "ONNX Runtime's CUDA provider is not available here (it needs the "
+                "onnxruntime-gpu package and an NVIDIA GPU): use --backend cpu"
+            )
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
     so = ort.SessionOptions()
     so.log_severity_level = 3
@@ -84,35 +90,42 @@ def ort_session(path, threads: int | None = None, device: str = "cpu", spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     where = "the graph" if isinstance(path, (bytes, bytearray)) else str(path)
     try:
-        session = ort.InferenceSession(path if isinstance(path, (bytes, bytearray)) else str(path), so,
-                                       providers=providers)
+        session = ort.InferenceSession(
+            path if isinstance(path, (bytes, bytearray)) else str(path), so, providers=providers
+        )
     except Exception as e:  # onnxruntime raises its own exception types (Fail, InvalidGraph, ...)
-        raise SinglepassError(f"{where}: ONNX Runtime cannot load the graph "
-                              f"({str(e).splitlines()[0][:300]})") from None
+        raise SinglepassError(f"{where}: ONNX Runtime cannot load the graph ({str(e).splitlines()[0][:300]})") from None
     if device == "cuda" and session.get_providers()[0] != "CUDAExecutionProvider":
-        raise SinglepassError("ONNX Runtime fell back to the CPU (the CUDA libraries did not load): use "
-                              "--backend cpu or fix the CUDA installation")
+        raise SinglepassError(
+            "ONNX Runtime fell back to the CPU (the CUDA libraries did not load): use "
+            "--backend cpu or fix the CUDA installation"
+        )
     return session
 
 
 class OrtBackend(Backend):
-    def __init__(self, path: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None,
-                 spinning: bool = True):
+    def __init__(
+        self, path: Path, manifest: Manifest, device: str = "cpu", threads: int | None = None, spinning: bool = True
+    ):
         self.session = ort_session(path, threads, device, spinning)
         self.name = f"onnxruntime-{device}"
         self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest.graph.inputs}
 
     def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
-        feed = {k: (v.astype(self.dtypes[k]) if self.dtypes.get(k) and v.dtype != self.dtypes[k] else v)
-                for k, v in feed.items()}
+        feed = {
+            k: (v.astype(self.dtypes[k]) if self.dtypes.get(k) and v.dtype != self.dtypes[k] else v)
+            for k, v in feed.items()
+        }
         names = outputs or [o.name for o in self.session.get_outputs()]
         return dict(zip(names, self.session.run(names, feed)))
 
 
 # ----------------------------------------------------------------------------- selection
 
-def select(folder: Path, manifest: Manifest, backend: str = "auto", engine: str | None = None,
-           threads: int | None = None) -> Backend:
+
+def select(
+    folder: Path, manifest: Manifest, backend: str = "auto", engine: str | None = None, threads: int | None = None
+) -> Backend:
     if backend not in BACKENDS:
         raise SinglepassError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     graph = folder / manifest.graph.file

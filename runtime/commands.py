@@ -14,12 +14,24 @@ def cmd_generate(args) -> int:
     from singlepass.runtime.api import load
     from singlepass.runtime.policy import DEFAULT_REFUSAL, parse_specs
 
-    rt = load(args.artifact, backend=args.backend, engine=args.engine, threads=args.threads,
-              policy=parse_specs(args.policy), refusal=args.refusal or DEFAULT_REFUSAL)
+    rt = load(
+        args.artifact,
+        backend=args.backend,
+        engine=args.engine,
+        threads=args.threads,
+        policy=parse_specs(args.policy),
+        refusal=args.refusal or DEFAULT_REFUSAL,
+    )
     single = len(args.prompts) == 1
-    kw = dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-              truncate=args.truncate, batch_size=args.batch_size,
-              on_error="raise" if single else "return")
+    kw = dict(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        seed=args.seed,
+        truncate=args.truncate,
+        batch_size=args.batch_size,
+        on_error="raise" if single else "return",
+    )
     prompts = args.prompts[0] if single else args.prompts
     failed = 0
     if args.stream:
@@ -67,31 +79,52 @@ def cmd_generate(args) -> int:
 
 
 def register(sub) -> None:
-    p = sub.add_parser("generate", help="text + probe labels from an exported artifact (no torch)",
-                       description="Generate text and every fused probe's label from the same passes. Runs on "
-                                   "numpy + onnxruntime + tokenizers (or a TensorRT engine).")
+    p = sub.add_parser(
+        "generate",
+        help="text + probe labels from an exported artifact (no torch)",
+        description="Generate text and every fused probe's label from the same passes. Runs on "
+        "numpy + onnxruntime + tokenizers (or a TensorRT engine).",
+    )
     p.add_argument("artifact", help="artifact folder written by `singlepass export`")
     p.add_argument("prompts", nargs="+", metavar="PROMPT", help="prompt text (several: one batch)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="(default: %(default)s; 0 = labels only)")
-    p.add_argument("--json", action="store_true",
-                   help='print {"text", "token_ids", "labels": {probe: {"label", "score"}}, ...} per prompt '
-                        "(with --stream: one JSON object per event)")
-    p.add_argument("--stream", action="store_true", help="print the labels from the first pass, then each token as it is produced (several "
-                        "prompts: each text when it is finished)")
-    p.add_argument("--backend", choices=["auto", "cpu", "cuda", "tensorrt"], default="auto",
-                   help="auto: a built TensorRT engine if TensorRT imports, else ONNX Runtime CUDA if available, "
-                        "else CPU (default: %(default)s)")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"text", "token_ids", "labels": {probe: {"label", "score"}}, ...} per prompt '
+        "(with --stream: one JSON object per event)",
+    )
+    p.add_argument(
+        "--stream",
+        action="store_true",
+        help="print the labels from the first pass, then each token as it is produced (several "
+        "prompts: each text when it is finished)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "cpu", "cuda", "tensorrt"],
+        default="auto",
+        help="auto: a built TensorRT engine if TensorRT imports, else ONNX Runtime CUDA if available, "
+        "else CPU (default: %(default)s)",
+    )
     p.add_argument("--engine", default=None, help="TensorRT engine file of the artifact (default: the last built)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens (0 = off)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (1 = off)")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (per prompt: seed + its position)")
-    p.add_argument("--truncate", action="store_true",
-                   help="cut prompts over the artifact's maximum length (reported) instead of refusing them")
-    p.add_argument("--policy", action="append", metavar="PROBE=RULE",
-                   help="label policy (repeatable): PROBE=report (default), PROBE=block (binary: P >= the probe's "
-                        "threshold), PROBE=block:0.8, PROBE=block:LABEL[,LABEL]; a blocked prompt is not generated")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="cut prompts over the artifact's maximum length (reported) instead of refusing them",
+    )
+    p.add_argument(
+        "--policy",
+        action="append",
+        metavar="PROBE=RULE",
+        help="label policy (repeatable): PROBE=report (default), PROBE=block (binary: P >= the probe's "
+        "threshold), PROBE=block:0.8, PROBE=block:LABEL[,LABEL]; a blocked prompt is not generated",
+    )
     p.add_argument("--refusal", default=None, help="text returned for a blocked prompt")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all in one)")
     p.set_defaults(func=cmd_generate)

@@ -32,8 +32,13 @@ VERSION = 1
 MANIFEST = "manifest.json"
 GRAPH = "model.onnx"
 GRAPH_DATA = "model.onnx.data"
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
-                   "generation_config.json")
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 REQUIRED = ("format", "version", "graph", "backbone", "tokenizer", "prompt", "limits", "probes")
 INPUT_KINDS = ("hidden_states", "logits")
 
@@ -48,7 +53,7 @@ class FusedProbe:
     names, ``{"logits": "<name>/logits", "probs": "<name>/probs"}``."""
 
     name: str
-    probe: str                      # the family (pooling, gate, mha, muli, ...)
+    probe: str  # the family (pooling, gate, mha, muli, ...)
     label_names: tuple[str, ...]
     threshold: float | None
     input: str
@@ -57,15 +62,16 @@ class FusedProbe:
     max_length: int | None
     task: str | None = None
     params: dict = field(default_factory=dict)
-    sha256: str | None = None       # of the probe's model.safetensors
+    sha256: str | None = None  # of the probe's model.safetensors
     backbone_sha256: str | None = None
-    folder: str | None = None       # probes/<name>, inside the artifact
-    source: str | None = None       # where the probe was exported from
+    folder: str | None = None  # probes/<name>, inside the artifact
+    source: str | None = None  # where the probe was exported from
 
     def __post_init__(self):
         if self.input not in INPUT_KINDS:
-            raise SinglepassError(f"probe {self.name!r}: input kind {self.input!r} is not fusable "
-                                  f"(supported: {', '.join(INPUT_KINDS)})")
+            raise SinglepassError(
+                f"probe {self.name!r}: input kind {self.input!r} is not fusable (supported: {', '.join(INPUT_KINDS)})"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -93,8 +99,9 @@ class FusedProbe:
         d = asdict(self)
         d["label_names"] = list(self.label_names)
         d["num_classes"] = self.num_classes
-        d["decision"] = ("positive (label_names[1]) when probs[:, 1] >= threshold" if self.num_classes == 2
-                         else "argmax over probs")
+        d["decision"] = (
+            "positive (label_names[1]) when probs[:, 1] >= threshold" if self.num_classes == 2 else "argmax over probs"
+        )
         return d
 
     @classmethod
@@ -139,8 +146,8 @@ class GraphSpec:
 @dataclass(frozen=True)
 class Limits:
     max_batch: int
-    max_prompt_length: int   # the one prompt limit (the longest max_length of the fused probes)
-    max_total_length: int    # prompt + generated tokens
+    max_prompt_length: int  # the one prompt limit (the longest max_length of the fused probes)
+    max_total_length: int  # prompt + generated tokens
 
 
 @dataclass(frozen=True)
@@ -198,7 +205,9 @@ class Manifest:
         for p in self.probes:
             if p.name == name:
                 return p
-        raise SinglepassError(f"{self.folder}: no probe named {name!r} (probes: {', '.join(self.probe_names) or 'none'})")
+        raise SinglepassError(
+            f"{self.folder}: no probe named {name!r} (probes: {', '.join(self.probe_names) or 'none'})"
+        )
 
     @classmethod
     def from_dict(cls, folder: str | os.PathLike, m: dict) -> "Manifest":
@@ -212,16 +221,24 @@ class Manifest:
         lim = m["limits"]
         for k in ("max_batch", "max_prompt_length", "max_total_length"):
             if not isinstance(lim.get(k), int) or isinstance(lim.get(k), bool) or lim[k] < 1:
-                raise SinglepassError(f"{folder}: manifest.json limits.{k} must be a positive integer, "
-                                      f"not {lim.get(k)!r}")
+                raise SinglepassError(
+                    f"{folder}: manifest.json limits.{k} must be a positive integer, not {lim.get(k)!r}"
+                )
         tk = m["tokenizer"]
         try:
             probes = [FusedProbe.from_dict(p) for p in m["probes"]]
         except (KeyError, TypeError) as e:
             raise SinglepassError(f"{folder}: manifest.json has a malformed probe entry ({e})") from None
-        return cls(folder, m, graph, probes, Limits(lim["max_batch"], lim["max_prompt_length"], lim["max_total_length"]),
-                   TokenizerSpec(tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"),
-                                 tk.get("bos_token_id")))
+        return cls(
+            folder,
+            m,
+            graph,
+            probes,
+            Limits(lim["max_batch"], lim["max_prompt_length"], lim["max_total_length"]),
+            TokenizerSpec(
+                tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"), tk.get("bos_token_id")
+            ),
+        )
 
 
 def read(folder: str | os.PathLike) -> dict:
@@ -239,8 +256,10 @@ def read(folder: str | os.PathLike) -> dict:
     if not isinstance(m, dict) or m.get("format") != FORMAT:
         raise SinglepassError(f"{folder}: manifest.json is not a {FORMAT} manifest")
     if m.get("version") != VERSION:
-        raise SinglepassError(f"{folder}: manifest version {m.get('version')} is not supported (want {VERSION}); "
-                              "re-export the artifact with this singlepass version")
+        raise SinglepassError(
+            f"{folder}: manifest version {m.get('version')} is not supported (want {VERSION}); "
+            "re-export the artifact with this singlepass version"
+        )
     missing = [k for k in REQUIRED if k not in m]
     if missing:
         raise SinglepassError(f"{folder}: manifest.json lacks {', '.join(missing)}")
@@ -261,17 +280,23 @@ def read_artifact(folder: str | os.PathLike) -> Manifest:
     if not (folder / "tokenizer.json").is_file():
         missing.append("tokenizer.json")
     if missing:
-        raise SinglepassError(f"{folder}: the artifact is incomplete, missing {', '.join(missing)}; re-export it or "
-                              "copy the whole folder")
+        raise SinglepassError(
+            f"{folder}: the artifact is incomplete, missing {', '.join(missing)}; re-export it or copy the whole folder"
+        )
     if g.kv_cache and len(g.past_names) != len(g.present_names):
-        raise SinglepassError(f"{folder}: manifest.json has {len(g.past_names)} past inputs but "
-                              f"{len(g.present_names)} present outputs")
+        raise SinglepassError(
+            f"{folder}: manifest.json has {len(g.past_names)} past inputs but {len(g.present_names)} present outputs"
+        )
     outputs, inputs = set(g.output_names), set(g.input_names)
     need_out = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in m.probes]
-    need_in = [g.input_ids, g.attention_mask] + ([g.position_ids] if g.position_ids else []) + \
-        (list(g.past_names) if g.kv_cache else [])
+    need_in = (
+        [g.input_ids, g.attention_mask]
+        + ([g.position_ids] if g.position_ids else [])
+        + (list(g.past_names) if g.kv_cache else [])
+    )
     bad = [n for n in need_out if n not in outputs] + [n for n in need_in if n not in inputs]
     if bad:
-        raise SinglepassError(f"{folder}: manifest.json names graph tensors the graph does not list: "
-                              f"{', '.join(bad[:6])}")
+        raise SinglepassError(
+            f"{folder}: manifest.json names graph tensors the graph does not list: {', '.join(bad[:6])}"
+        )
     return m

@@ -22,8 +22,14 @@ def empty_past(manifest: Manifest, batch: int, length: int = 0) -> list[np.ndarr
     return [np.zeros(shape, np.float32) for _ in manifest.graph.past_names]
 
 
-def make_feed(manifest: Manifest, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray | None,
-              past: list[np.ndarray] | None = None, dummy: int = 0) -> dict:
+def make_feed(
+    manifest: Manifest,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    pos: np.ndarray | None,
+    past: list[np.ndarray] | None = None,
+    dummy: int = 0,
+) -> dict:
     """One pass's feed. ``past=None`` means prefill: ``dummy`` masked past slots (0 = empty past),
     whose zero columns are prepended to ``mask``; later passes already carry them in ``mask``."""
     g = manifest.graph
@@ -37,8 +43,14 @@ def make_feed(manifest: Manifest, ids: np.ndarray, mask: np.ndarray, pos: np.nda
     return feed
 
 
-def advance(manifest: Manifest, nxt: np.ndarray, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray,
-            present: list[np.ndarray] | None):
+def advance(
+    manifest: Manifest,
+    nxt: np.ndarray,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    pos: np.ndarray,
+    present: list[np.ndarray] | None,
+):
     """The next decode pass's (ids, mask, pos, past) after tokens ``nxt`` [B] were chosen.
 
     ``mask`` is the whole mask fed last time (dummy slots included); with a KV cache the past is
@@ -48,16 +60,3 @@ def advance(manifest: Manifest, nxt: np.ndarray, ids: np.ndarray, mask: np.ndarr
         return nxt[:, None].astype(np.int64), mask, pos[:, -1:] + 1, present  # ids [B, 1], pos [B, 1]
     ids = np.concatenate([ids, nxt[:, None].astype(np.int64)], 1)  # [B, T + 1]
     return ids, mask, np.clip(np.cumsum(mask, 1) - 1, 0, None), None
-
-
-def pad_id(manifest: Manifest | dict) -> int:
-    """The padding id: the manifest's pad_token_id, else min(eos_token_ids), else 0 (padded
-    positions are masked, so it only has to be a valid token). One rule, ``TokenizerSpec.pad_id``;
-    a manifest still held as the manifest.json dict is read the same way."""
-    from singlepass.runtime.contract import TokenizerSpec
-
-    if isinstance(manifest, Manifest):
-        return manifest.pad_id
-    tk = manifest.get("tokenizer") or {}
-    return TokenizerSpec(tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"),
-                         tk.get("bos_token_id")).pad_id

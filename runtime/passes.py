@@ -47,8 +47,9 @@ class State:
     def keep(self, rows: list[int]) -> "State":
         """Drop finished rows from the batch."""
         take = np.asarray(rows)
-        return State(self.ids[take], self.mask[take], self.pos[take],
-                     None if self.past is None else [p[take] for p in self.past])
+        return State(
+            self.ids[take], self.mask[take], self.pos[take], None if self.past is None else [p[take] for p in self.past]
+        )
 
 
 def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
@@ -58,8 +59,14 @@ def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
     return names + [n for n in extra if n not in names]
 
 
-def prefill(backend: Backend, manifest: Manifest, seqs: list[list[int]], pad_id: int | None = None,
-            side: str = "left", extra: tuple[str, ...] = ()) -> tuple[dict, State]:
+def prefill(
+    backend: Backend,
+    manifest: Manifest,
+    seqs: list[list[int]],
+    pad_id: int | None = None,
+    side: str = "left",
+    extra: tuple[str, ...] = (),
+) -> tuple[dict, State]:
     """First pass over padded prompts -> (outputs, state after it). ``side="right"`` is for
     parity checks only: generation continues from the last column, so it needs left padding."""
     pad = manifest.pad_id if pad_id is None else pad_id
@@ -69,8 +76,9 @@ def prefill(backend: Backend, manifest: Manifest, seqs: list[list[int]], pad_id:
     return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)
 
 
-def decode_one_token(backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray,
-                     extra: tuple[str, ...] = ()) -> tuple[dict, State]:
+def decode_one_token(
+    backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray, extra: tuple[str, ...] = ()
+) -> tuple[dict, State]:
     """Feed the tokens [B] just chosen -> (outputs, state after this pass)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
     out = backend.run(make_feed(manifest, ids, mask, pos, past), output_names(manifest, extra))

@@ -30,9 +30,9 @@ DEFAULT_REFUSAL = "Sorry, I can't help with that request."
 @dataclass(frozen=True)
 class Rule:
     action: str = "report"
-    threshold: float | None = None     # binary probes: block when P(positive) >= threshold
-    labels: tuple[str, ...] = ()        # block when the predicted label is one of these
-    message: str | None = None          # refusal text (default: the runtime's)
+    threshold: float | None = None  # binary probes: block when P(positive) >= threshold
+    labels: tuple[str, ...] = ()  # block when the predicted label is one of these
+    message: str | None = None  # refusal text (default: the runtime's)
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -58,8 +58,9 @@ def parse_specs(specs: list[str] | None) -> dict[str, Rule]:
     for s in specs or []:
         name, eq, rule = s.partition("=")
         if not eq or not name.strip():
-            raise SinglepassError(f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD or "
-                                  "NAME=block:LABEL[,LABEL...]")
+            raise SinglepassError(
+                f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD or NAME=block:LABEL[,LABEL...]"
+            )
         out[name.strip()] = parse_rule(rule)
     return out
 
@@ -73,32 +74,42 @@ def resolve(policy, probes: list[FusedProbe]) -> dict[str, Rule]:
     elif isinstance(policy, (list, tuple)):
         policy = parse_specs(list(policy))
     elif not isinstance(policy, dict):
-        raise SinglepassError(f"policy must be a dict {{probe: rule}} or a list of NAME=RULE strings, not "
-                              f"{type(policy).__name__}")
+        raise SinglepassError(
+            f"policy must be a dict {{probe: rule}} or a list of NAME=RULE strings, not {type(policy).__name__}"
+        )
     by_name = {p.name: p for p in probes}
     rules = {name: Rule() for name in by_name}
     for name, rule in policy.items():
         if name not in by_name:
-            raise SinglepassError(f"policy names probe {name!r}, which this artifact does not have (probes: "
-                                  f"{', '.join(by_name) or 'none'})")
+            raise SinglepassError(
+                f"policy names probe {name!r}, which this artifact does not have (probes: "
+                f"{', '.join(by_name) or 'none'})"
+            )
         if isinstance(rule, str):
             rule = parse_rule(rule)
         if not isinstance(rule, Rule):
-            raise SinglepassError(f"policy for {name!r} must be a Rule or a string like 'block', not "
-                                  f"{type(rule).__name__}")
+            raise SinglepassError(
+                f"policy for {name!r} must be a Rule or a string like 'block', not {type(rule).__name__}"
+            )
         p = by_name[name]
         names = list(p.label_names)
         unknown = [lb for lb in rule.labels if lb not in names]
         if unknown:
-            raise SinglepassError(f"policy for {name!r} names label(s) {', '.join(map(repr, unknown))}; the probe's "
-                                  f"labels are {', '.join(names)}")
+            raise SinglepassError(
+                f"policy for {name!r} names label(s) {', '.join(map(repr, unknown))}; the probe's "
+                f"labels are {', '.join(names)}"
+            )
         if rule.action == "block" and len(names) != 2:
             if rule.threshold is not None:
-                raise SinglepassError(f"policy for {name!r}: a threshold applies to binary probes; this probe has "
-                                      f"{len(names)} classes: name the labels to block, e.g. {name}=block:{names[-1]}")
+                raise SinglepassError(
+                    f"policy for {name!r}: a threshold applies to binary probes; this probe has "
+                    f"{len(names)} classes: name the labels to block, e.g. {name}=block:{names[-1]}"
+                )
             if not rule.labels:
-                raise SinglepassError(f"policy for {name!r}: the probe has {len(names)} classes ({', '.join(names)}); "
-                                      f"name the labels to block, e.g. {name}=block:{names[-1]}")
+                raise SinglepassError(
+                    f"policy for {name!r}: the probe has {len(names)} classes ({', '.join(names)}); "
+                    f"name the labels to block, e.g. {name}=block:{names[-1]}"
+                )
         rules[name] = rule
     return rules
 

@@ -37,7 +37,8 @@ def import_tensorrt(hint: str = SERVE_HINT):
     except ImportError:
         raise SinglepassError(
             "TensorRT is not installed (the `tensorrt` Python package; it needs an NVIDIA GPU, a driver and "
-            f"NVIDIA's package index): {hint}") from None
+            f"NVIDIA's package index): {hint}"
+        ) from None
     return trt
 
 
@@ -49,67 +50,75 @@ def import_cudart():
         try:
             from cuda import cudart  # older cuda-python
         except ImportError:
-            raise SinglepassError("the TensorRT backend needs the cuda-python package for device memory "
-                                  "(pip install cuda-python)") from None
+            raise SinglepassError(
+                "the TensorRT backend needs the cuda-python package for device memory (pip install cuda-python)"
+            ) from None
     return cudart
 
 
-def _typed(manifest: Manifest | dict) -> Manifest:
-    """The typed manifest (callers holding manifest.json as a dict are accepted too)."""
-    return manifest if isinstance(manifest, Manifest) else Manifest.from_dict(Path("."), manifest)
-
-
-# ----------------------------------------------------------------------------- profiles
-
-def profiles(manifest: Manifest | dict, max_batch: int, max_seq: int) -> list[dict]:
+def profiles(manifest: Manifest, max_batch: int, max_seq: int) -> list[dict]:
     """[{name, shapes: {input: (min, opt, max)}}] for prefill and (with a KV cache) decode."""
-    m = _typed(manifest)
+    m = manifest
     g = m.graph
     if max_batch < 1 or max_seq < 2:
         raise SinglepassError("--max-batch must be >= 1 and --max-seq >= 2")
     opt_b, prompt = max(1, max_batch // 2), min(max_seq - 1, m.limits.max_prompt_length)
     heads, head_dim = m.kv_shape
     if not g.kv_cache:
-        shapes = {n: ((1, 1), (opt_b, max_seq // 2), (max_batch, max_seq))  # [B, T]
-                  for n in (g.input_ids, g.attention_mask, g.position_ids) if n}
+        shapes = {
+            n: ((1, 1), (opt_b, max_seq // 2), (max_batch, max_seq))  # [B, T]
+            for n in (g.input_ids, g.attention_mask, g.position_ids)
+            if n
+        }
         return [{"name": "full-sequence", "shapes": shapes}]
     d = DUMMY_PAST
-    pre = {g.input_ids: ((1, 1), (opt_b, max(1, prompt // 2)), (max_batch, prompt)),  # [B, T]
-           g.attention_mask: ((1, d + 1), (opt_b, d + max(1, prompt // 2)), (max_batch, d + prompt))}  # [B, d + T]
-    dec = {g.input_ids: ((1, 1), (opt_b, 1), (max_batch, 1)),  # [B, 1]
-           g.attention_mask: ((1, d + 1), (opt_b, max_seq // 2 + 1), (max_batch, max_seq))}  # [B, past + 1]
+    pre = {
+        g.input_ids: ((1, 1), (opt_b, max(1, prompt // 2)), (max_batch, prompt)),  # [B, T]
+        g.attention_mask: ((1, d + 1), (opt_b, d + max(1, prompt // 2)), (max_batch, d + prompt)),
+    }  # [B, d + T]
+    dec = {
+        g.input_ids: ((1, 1), (opt_b, 1), (max_batch, 1)),  # [B, 1]
+        g.attention_mask: ((1, d + 1), (opt_b, max_seq // 2 + 1), (max_batch, max_seq)),
+    }  # [B, past + 1]
     if g.position_ids:
         pre[g.position_ids] = pre[g.input_ids]
         dec[g.position_ids] = dec[g.input_ids]
     for n in g.past_names:  # [B, kv_heads, past, head_dim]
         pre[n] = tuple((b, heads, d, head_dim) for b in (1, opt_b, max_batch))
-        dec[n] = ((1, heads, d, head_dim), (opt_b, heads, max_seq // 2, head_dim),
-                  (max_batch, heads, max_seq - 1, head_dim))
+        dec[n] = (
+            (1, heads, d, head_dim),
+            (opt_b, heads, max_seq // 2, head_dim),
+            (max_batch, heads, max_seq - 1, head_dim),
+        )
     return [{"name": "prefill", "shapes": pre}, {"name": "decode", "shapes": dec}]
 
 
-def engine_entry(manifest: Manifest | dict, folder: Path, engine: str | None = None) -> dict:
+def engine_entry(manifest: Manifest, folder: Path, engine: str | None = None) -> dict:
     """The manifest's ``engines[]`` entry to serve: the one named, else the last one built."""
-    engines = _typed(manifest).engines
+    engines = manifest.engines
     if not engines:
-        raise SinglepassError(f"{folder}: no TensorRT engine was built for this artifact (run `singlepass "
-                              "build-engine ART`), or use --backend cpu")
+        raise SinglepassError(
+            f"{folder}: no TensorRT engine was built for this artifact (run `singlepass "
+            "build-engine ART`), or use --backend cpu"
+        )
     if engine is None:
         entry = engines[-1]
     else:
         found = [e for e in engines if e.get("file") == Path(engine).name]
         if not found:
-            raise SinglepassError(f"{folder}: no engine {engine!r} in manifest.json (built: "
-                                  f"{', '.join(e.get('file', '?') for e in engines)})")
+            raise SinglepassError(
+                f"{folder}: no engine {engine!r} in manifest.json (built: "
+                f"{', '.join(e.get('file', '?') for e in engines)})"
+            )
         entry = found[0]
     if not (Path(folder) / entry["file"]).is_file():
         raise SinglepassError(f"{folder}: the engine file {entry['file']} named in manifest.json is missing")
     return entry
 
 
-def engine_limits(manifest: Manifest | dict, entry: dict) -> dict:
+def engine_limits(manifest: Manifest, entry: dict) -> dict:
     """What an engine's optimization profiles allow -> {max_batch, max_prompt, max_seq, dummy_past}."""
-    g = _typed(manifest).graph
+    g = manifest.graph
     profs = {p["name"]: p["shapes"] for p in entry["profiles"]}
     first = profs.get("prefill") or profs.get("full-sequence") or next(iter(profs.values()))
     ids_max = first[g.input_ids][2]  # (min, opt, max) -> max [B, T]
@@ -118,11 +127,11 @@ def engine_limits(manifest: Manifest | dict, entry: dict) -> dict:
         dummy = DUMMY_PAST if entry.get("dummy_past_slot", True) else 0
     else:
         mask_max, dummy = first[g.attention_mask][2][1], 0
-    return {"max_batch": int(ids_max[0]), "max_prompt": int(ids_max[1]), "max_seq": int(mask_max),
-            "dummy_past": dummy}
+    return {"max_batch": int(ids_max[0]), "max_prompt": int(ids_max[1]), "max_seq": int(mask_max), "dummy_past": dummy}
 
 
 # ----------------------------------------------------------------------------- serving
+
 
 class TensorRTBackend(Backend):
     """A TensorRT 10 engine: profile 0 = prefill (past length = the dummy slot), 1 = decode.
@@ -132,12 +141,15 @@ class TensorRTBackend(Backend):
     its inputs to the device and its outputs (the presents included) back: simple and correct,
     not the fastest (a device-resident KV cache would avoid the round trip)."""
 
-    def __init__(self, folder: Path, manifest: Manifest | dict, engine: str | None = None):
-        manifest = _typed(manifest)
+    def __init__(self, folder: Path, manifest: Manifest, engine: str | None = None):
         entry = engine_entry(manifest, folder, engine)
         lim = engine_limits(manifest, entry)
         self.max_batch, self.max_prompt, self.max_seq, self.dummy_past = (
-            lim["max_batch"], lim["max_prompt"], lim["max_seq"], lim["dummy_past"])
+            lim["max_batch"],
+            lim["max_prompt"],
+            lim["max_seq"],
+            lim["dummy_past"],
+        )
         self.name = f"tensorrt ({entry['file']})"
         self.manifest, self.entry = manifest, entry
         trt = import_tensorrt()
@@ -148,8 +160,10 @@ class TensorRTBackend(Backend):
         self.runtime = trt.Runtime(logger)
         self.engine = self.runtime.deserialize_cuda_engine((Path(folder) / entry["file"]).read_bytes())
         if self.engine is None:
-            raise SinglepassError(f"{folder}/{entry['file']}: TensorRT cannot deserialize the engine (built with "
-                                  f"TensorRT {entry.get('tensorrt')}, this is {trt.__version__})")
+            raise SinglepassError(
+                f"{folder}/{entry['file']}: TensorRT cannot deserialize the engine (built with "
+                f"TensorRT {entry.get('tensorrt')}, this is {trt.__version__})"
+            )
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
         self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
@@ -200,8 +214,7 @@ class TensorRTBackend(Backend):
         if not ctx.execute_async_v3(int(self.stream)):
             raise SinglepassError("TensorRT failed to run the engine (see the TensorRT log above)")
         for name, host in result.items():
-            self._cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, d2h,
-                                              self.stream))
+            self._cuda(cudart.cudaMemcpyAsync(host.ctypes.data, self.buffers[name][0], host.nbytes, d2h, self.stream))
         self._cuda(cudart.cudaStreamSynchronize(self.stream))
         del keep
         want = outputs or list(result)

@@ -22,8 +22,18 @@ from singlepass.runtime.contract import Manifest
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 # transformers' clean_up_tokenization (applied on decode only where the tokenizer config asks
 # for it, and never for BPE models unless forced, as transformers does)
-CLEANUPS = ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"), (" 'm", "'m"),
-            (" 's", "'s"), (" 've", "'ve"), (" 're", "'re"))
+CLEANUPS = (
+    (" .", "."),
+    (" ?", "?"),
+    (" !", "!"),
+    (" ,", ","),
+    (" ' ", "'"),
+    (" n't", "n't"),
+    (" 'm", "'m"),
+    (" 's", "'s"),
+    (" 've", "'ve"),
+    (" 're", "'re"),
+)
 
 
 def _read_json(path: Path) -> dict:
@@ -67,8 +77,9 @@ def compile_template(source: str):
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
         return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
@@ -113,7 +124,8 @@ class PromptTokenizer:
         self._add_bos, self._add_eos = bool(cfg.get("add_bos_token")), bool(cfg.get("add_eos_token"))
         self._cleanup = bool(cfg.get("clean_up_tokenization_spaces", False)) and (
             type(self.tok.model).__name__ != "BPE"
-            or bool(cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+            or bool(cfg.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output"))
+        )
 
     # -- text -> ids
     def render(self, text: str) -> str:
@@ -122,8 +134,13 @@ class PromptTokenizer:
         import jinja2
 
         try:
-            return self.template.render(messages=[{"role": "user", "content": text}], tools=None, documents=None,
-                                        add_generation_prompt=self.add_generation_prompt, **self.special_tokens)
+            return self.template.render(
+                messages=[{"role": "user", "content": text}],
+                tools=None,
+                documents=None,
+                add_generation_prompt=self.add_generation_prompt,
+                **self.special_tokens,
+            )
         except jinja2.exceptions.TemplateError as e:
             raise SinglepassError(f"the chat template refuses the prompt ({e})") from None
 
@@ -131,8 +148,11 @@ class PromptTokenizer:
         if add_special_tokens and self._rebuild_specials:
             ids = self.tok.encode(text, add_special_tokens=False).ids
             bos, eos = self._special_id("bos_token"), self._special_id("eos_token")
-            return ([bos] if self._add_bos and bos is not None else []) + ids + \
-                ([eos] if self._add_eos and eos is not None else [])
+            return (
+                ([bos] if self._add_bos and bos is not None else [])
+                + ids
+                + ([eos] if self._add_eos and eos is not None else [])
+            )
         return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
 
     def _special_id(self, name: str) -> int | None:
@@ -154,8 +174,10 @@ class PromptTokenizer:
         if len(ids) <= max_length:
             return ids, False
         if not truncate:
-            raise SinglepassError(f"prompt has {len(ids)} tokens, over the artifact's maximum of {max_length} "
-                                  "(shorten it, or pass truncate=True / --truncate to cut the end of the text)")
+            raise SinglepassError(
+                f"prompt has {len(ids)} tokens, over the artifact's maximum of {max_length} "
+                "(shorten it, or pass truncate=True / --truncate to cut the end of the text)"
+            )
         body = self._encode(text, add_special_tokens=False)
         keep = len(body) - (len(ids) - max_length)
         for _ in range(8):  # re-tokenisation at the cut can shift by a token or two

@@ -41,12 +41,26 @@ def real_backbone():
 
 # ----------------------------------------------------------------------------- the real artifact
 
-POSITIVE = ["I loved this film, it was wonderful.", "What a delightful, charming story.", "A brilliant and moving "
-            "performance.", "This is the best meal I have had in years.", "Absolutely fantastic, I would go again.",
-            "The music was beautiful and uplifting.", "A warm, funny and clever movie.", "Great acting and a great plot."]
-NEGATIVE = ["I hated this film, it was awful.", "What a boring, tedious mess.", "A dull and lifeless performance.",
-            "This is the worst meal I have had in years.", "Absolutely terrible, never again.",
-            "The music was grating and annoying.", "A cold, humourless and stupid movie.", "Bad acting and no plot."]
+POSITIVE = [
+    "I loved this film, it was wonderful.",
+    "What a delightful, charming story.",
+    "A brilliant and moving performance.",
+    "This is the best meal I have had in years.",
+    "Absolutely fantastic, I would go again.",
+    "The music was beautiful and uplifting.",
+    "A warm, funny and clever movie.",
+    "Great acting and a great plot.",
+]
+NEGATIVE = [
+    "I hated this film, it was awful.",
+    "What a boring, tedious mess.",
+    "A dull and lifeless performance.",
+    "This is the worst meal I have had in years.",
+    "Absolutely terrible, never again.",
+    "The music was grating and annoying.",
+    "A cold, humourless and stupid movie.",
+    "Bad acting and no plot.",
+]
 
 
 def quick_probe(backbone, folder):
@@ -68,9 +82,19 @@ def quick_probe(backbone, folder):
         loss.backward()
         opt.step()
     acc = float(((probe(states, mask)[:, 0] > 0).float() == y).float().mean())
-    cfg = {"probe": "gate", "input": "hidden_states", "params": {}, "num_layers": backbone.num_layers + 1,
-           "hidden_size": backbone.hidden_size, "label_names": ["negative", "positive"], "threshold": 0.5,
-           "prompt_format": "chat", "max_length": 512, "task": "sentiment", "backbone": backbone.fingerprint}
+    cfg = {
+        "probe": "gate",
+        "input": "hidden_states",
+        "params": {},
+        "num_layers": backbone.num_layers + 1,
+        "hidden_size": backbone.hidden_size,
+        "label_names": ["negative", "positive"],
+        "threshold": 0.5,
+        "prompt_format": "chat",
+        "max_length": 512,
+        "task": "sentiment",
+        "backbone": backbone.fingerprint,
+    }
     return save_probe(folder, probe.eval(), cfg), acc
 
 

@@ -8,8 +8,15 @@ from pathlib import Path
 import numpy as np
 
 
-def make_probe(folder: Path, backbone, method: str = "gate", num_classes: int = 2, seed: int = 0,
-               backbone_fingerprint: dict | None = None, **params) -> Path:
+def make_probe(
+    folder: Path,
+    backbone,
+    method: str = "gate",
+    num_classes: int = 2,
+    seed: int = 0,
+    backbone_fingerprint: dict | None = None,
+    **params,
+) -> Path:
     """A probe artifact with random weights (any --probe method, MULI included)."""
     import torch
 
@@ -27,11 +34,19 @@ def make_probe(folder: Path, backbone, method: str = "gate", num_classes: int = 
         if method == "muli":
             module.inv_std.uniform_(0.5, 1.5)
             module.mean.normal_(0, 1)
-    cfg = {"probe": method, "input": input_kind(method), "params": params, "num_layers": L1, "hidden_size": d,
-           "label_names": ["no", "yes"] if num_classes == 2 else [f"class{i}" for i in range(num_classes)],
-           "threshold": 0.5 if num_classes == 2 else None, "prompt_format": "chat", "max_length": 64,
-           "task": "safety" if num_classes == 2 else "emotion",
-           "backbone": backbone_fingerprint or backbone.fingerprint}
+    cfg = {
+        "probe": method,
+        "input": input_kind(method),
+        "params": params,
+        "num_layers": L1,
+        "hidden_size": d,
+        "label_names": ["no", "yes"] if num_classes == 2 else [f"class{i}" for i in range(num_classes)],
+        "threshold": 0.5 if num_classes == 2 else None,
+        "prompt_format": "chat",
+        "max_length": 64,
+        "task": "safety" if num_classes == 2 else "emotion",
+        "backbone": backbone_fingerprint or backbone.fingerprint,
+    }
     return save_probe(folder, module, cfg)
 
 
@@ -39,19 +54,37 @@ def save_graph(model, path: Path, external: bool = False) -> Path:
     import onnx
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save_model(model, str(path), save_as_external_data=external, all_tensors_to_one_file=True,
-                    location=path.name + ".data" if external else None, size_threshold=0)
+    onnx.save_model(
+        model,
+        str(path),
+        save_as_external_data=external,
+        all_tensors_to_one_file=True,
+        location=path.name + ".data" if external else None,
+        size_threshold=0,
+    )
     return path
 
 
-def foreign_graph(backbone, path: Path, exporter: str, with_past: bool, with_positions: bool = True,
-                  opset: int | None = None, external: bool = False) -> Path:
+def foreign_graph(
+    backbone,
+    path: Path,
+    exporter: str,
+    with_past: bool,
+    with_positions: bool = True,
+    opset: int | None = None,
+    external: bool = False,
+) -> Path:
     """A decoder graph exported the way other tools do it (no singlepass surgery applied)."""
     from singlepass.export.llm import export_decoder
 
-    model = export_decoder(backbone.model, opset=opset or (18 if exporter == "dynamo" else 17), exporter=exporter,
-                           with_past=with_past, with_positions=with_positions,
-                           cache_key=backbone.fingerprint["sha256"])
+    model = export_decoder(
+        backbone.model,
+        opset=opset or (18 if exporter == "dynamo" else 17),
+        exporter=exporter,
+        with_past=with_past,
+        with_positions=with_positions,
+        cache_key=backbone.fingerprint["sha256"],
+    )
     return save_graph(model, path, external)
 
 
@@ -64,10 +97,16 @@ def mlp_graph(path: Path) -> Path:
     w1 = numpy_helper.from_array(rng.normal(size=(8, 16)).astype(np.float32), "w1")
     w2 = numpy_helper.from_array(rng.normal(size=(16, 3)).astype(np.float32), "w2")
     g = helper.make_graph(
-        [helper.make_node("MatMul", ["x", "w1"], ["h"]), helper.make_node("Relu", ["h"], ["r"]),
-         helper.make_node("MatMul", ["r", "w2"], ["logits"])], "mlp",
+        [
+            helper.make_node("MatMul", ["x", "w1"], ["h"]),
+            helper.make_node("Relu", ["h"], ["r"]),
+            helper.make_node("MatMul", ["r", "w2"], ["logits"]),
+        ],
+        "mlp",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 8])],
-        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])], [w1, w2])
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", 3])],
+        [w1, w2],
+    )
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
     onnx.checker.check_model(model)
     return save_graph(model, path)

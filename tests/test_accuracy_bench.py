@@ -4,11 +4,22 @@ from singlepass.benchmarks.accuracy import render, targets
 
 
 def run(dataset, method, seed, **evals):
-    return {"dataset": dataset, "method": method, "seed": seed, "trainable_parameters": 577, "train_seconds": 1.0,
-            "search_seconds": 2.0, "trials": 1, "best_epoch": 1, "params": {}, "machine": "m",
-            "hparams": {"lr": 1e-3, "batch_size": 32, "weight_decay": 0.0, "epochs": 2},
-            "subsets": {"train_rows": 10, "validation_rows": 5}, "command": "cmd",
-            "eval": {k.replace("__", "/"): v for k, v in evals.items()}}
+    return {
+        "dataset": dataset,
+        "method": method,
+        "seed": seed,
+        "trainable_parameters": 577,
+        "train_seconds": 1.0,
+        "search_seconds": 2.0,
+        "trials": 1,
+        "best_epoch": 1,
+        "params": {},
+        "machine": "m",
+        "hparams": {"lr": 1e-3, "batch_size": 32, "weight_decay": 0.0, "epochs": 2},
+        "subsets": {"train_rows": 10, "validation_rows": 5},
+        "command": "cmd",
+        "eval": {k.replace("__", "/"): v for k, v in evals.items()},
+    }
 
 
 def tc(f1):

@@ -96,12 +96,15 @@ def test_user_jsonl_and_csv(tmp_path):
     assert ds.texts == ["hello", "world"] and ds.labels.tolist() == [0, 1]
 
 
-@pytest.mark.parametrize("rows, message", [
-    ([{"text": "ok", "label": 0}, {"txt": "no", "label": 1}], "row 2 has no 'text' column"),
-    ([{"text": "ok", "label": 0}, {"text": 5, "label": 1}], "row 2: 'text' is int, not a string"),
-    ([{"text": "  ", "label": 0}], "row 1: 'text' is empty"),
-    ([{"text": "ok"}], "row 1 has no 'label' column"),
-])
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ([{"text": "ok", "label": 0}, {"txt": "no", "label": 1}], "row 2 has no 'text' column"),
+        ([{"text": "ok", "label": 0}, {"text": 5, "label": 1}], "row 2: 'text' is int, not a string"),
+        ([{"text": "  ", "label": 0}], "row 1: 'text' is empty"),
+        ([{"text": "ok"}], "row 1 has no 'label' column"),
+    ],
+)
 def test_bad_rows_name_file_and_row(tmp_path, rows, message):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(SinglepassError, match=message) as e:

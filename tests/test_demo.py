@@ -15,7 +15,7 @@ def _fake_stages(monkeypatch, calls: list, reuse: bool):
     monkeypatch.setattr(demo, "current_recipe", lambda probe: reuse)
     monkeypatch.setattr(demo, "extract", lambda model, cache_dir, data_dir: calls.append(("extract", model)) or bb)
     monkeypatch.setattr(demo, "train", lambda b, probe, c, d: calls.append(("train", b is bb)))
-    monkeypatch.setattr(demo, "evaluate", lambda probe, c, d: calls.append(("eval", probe.name)))
+    monkeypatch.setattr(demo, "evaluate", lambda b, probe, c, d: calls.append(("eval", b is bb)))
     monkeypatch.setattr(demo, "export", lambda b, probe, art, model, c: calls.append(("export", b is bb)))
     monkeypatch.setattr(demo, "validate", lambda b, art, c: calls.append(("validate", b is bb)))
 
@@ -43,27 +43,39 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     assert demo.cmd_demo(args) == 0
     text = capsys.readouterr().out
     prompts = " ".join(f"'{p}'" for p in demo.DEMO_PROMPTS)
-    train = [] if reuse else [
-        f"$ singlepass train --model smollm2-135m --data-dir /d --dataset toxicchat --probe gate --out {probe} "
-        "--limit 1200 --val-limit 400 --trials 1 --epochs 8"]
-    stage4 = [f"$ singlepass validate {art}"] if reuse else [
-        f"$ singlepass export --model smollm2-135m --probe {probe}:safety --out {art} --force"]
+    train = (
+        []
+        if reuse
+        else [
+            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset toxicchat --probe gate --out {probe} "
+            "--limit 1200 --val-limit 400 --trials 1 --epochs 8"
+        ]
+    )
+    stage4 = (
+        [f"$ singlepass validate {art}"]
+        if reuse
+        else [f"$ singlepass export --model smollm2-135m --probe {probe}:safety --out {art} --force"]
+    )
     assert _commands(text) == [
         "== 1/5 extract: hidden states [L+1, B, T, d] of a ToxicChat training subset",
         "$ singlepass extract --model smollm2-135m --data-dir /d --dataset toxicchat --split train --limit 1200",
-        "== 2/5 train: a quick gate probe (safety)", *train,
+        "== 2/5 train: a quick gate probe (safety)",
+        *train,
         "== 3/5 eval: on ToxicChat human-annotated test rows",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset toxicchat --split test_human --limit 400",
-        "== 4/5 export: one graph for tokens + labels, validated against PyTorch", *stage4,
+        "== 4/5 export: one graph for tokens + labels, validated against PyTorch",
+        *stage4,
         "== 5/5 generate: text and labels from the one fused pass (report-only policy)",
         f"$ singlepass generate {art} {prompts} --max-new-tokens 24",
-        f"$ singlepass generate {art} {prompts} --max-new-tokens 24 --policy safety=block:0.5"]
+        f"$ singlepass generate {art} {prompts} --max-new-tokens 24 --policy safety=block:0.5",
+    ]
     assert (f"reusing {probe}" in text) == reuse and (f"reusing {art}" in text) == reuse
     assert text.count("  (") >= 4 and f"artifact at {art}" in text
     # one backbone from stage 1 for every stage that takes one; one runtime for both generate runs
     assert calls[0] == ("extract", "smollm2-135m")
-    assert [c for c in calls if c[0] in ("train", "export", "validate")] == \
-        ([("validate", True)] if reuse else [("train", True), ("export", True)])
+    assert [c for c in calls if c[0] in ("train", "eval", "export", "validate")] == (
+        [("eval", True), ("validate", True)] if reuse else [("train", True), ("eval", True), ("export", True)]
+    )
     assert calls[-2:] == [("generate", None, False), ("generate", ["safety=block:0.5"], True)]
 
 
@@ -98,20 +110,43 @@ def test_generate_output_is_singlepass_generates(monkeypatch, capsys):
     from singlepass.runtime.commands import cmd_generate
     from singlepass.runtime.passes import Label
 
-    results = [api.Result(0, "a", text="Paris.", labels={"safety": Label("safe", 0.0123, [0.99, 0.01])}),
-               api.Result(1, "b", text="I cannot help.", labels={"safety": Label("unsafe", 0.91, [0.09, 0.91])},
-                          blocked_by="safety", finish_reason="blocked"),
-               api.Result(2, "c", text="cut", truncated=True, prompt_tokens=512),
-               api.Result(3, "", error="prompt is empty", finish_reason="error")]
+    results = [
+        api.Result(0, "a", text="Paris.", labels={"safety": Label("safe", 0.0123, [0.99, 0.01])}),
+        api.Result(
+            1,
+            "b",
+            text="I cannot help.",
+            labels={"safety": Label("unsafe", 0.91, [0.09, 0.91])},
+            blocked_by="safety",
+            finish_reason="blocked",
+        ),
+        api.Result(2, "c", text="cut", truncated=True, prompt_tokens=512),
+        api.Result(3, "", error="prompt is empty", finish_reason="error"),
+    ]
 
     class FakeRuntime:
         def generate(self, prompts, max_new_tokens, **kw):
             return results
 
     monkeypatch.setattr(api, "load", lambda *a, **kw: FakeRuntime())
-    args = Namespace(artifact="art", prompts=["a", "b", "c", ""], backend="auto", engine=None, threads=None,
-                     policy=None, refusal=None, temperature=0.0, top_k=0, top_p=1.0, seed=None, truncate=False,
-                     batch_size=None, stream=False, json=False, max_new_tokens=24)
+    args = Namespace(
+        artifact="art",
+        prompts=["a", "b", "c", ""],
+        backend="auto",
+        engine=None,
+        threads=None,
+        policy=None,
+        refusal=None,
+        temperature=0.0,
+        top_k=0,
+        top_p=1.0,
+        seed=None,
+        truncate=False,
+        batch_size=None,
+        stream=False,
+        json=False,
+        max_new_tokens=24,
+    )
     assert cmd_generate(args) == 2
     cli = capsys.readouterr()
     assert demo.print_results(results) == 1
@@ -156,15 +191,34 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
 
     def train_probe(method, bb, tr, va, **kw):
         seen.append(("train", method, tr, va, kw))
-        return None, {"data": {}, "validation": {"f1": 0.61234}, "task": "safety", "trainable_parameters": 1234,
-                      "threshold": 0.3456, "training": {"search_seconds": 12.34}}
+        return None, {
+            "data": {},
+            "validation": {"f1": 0.61234},
+            "task": "safety",
+            "trainable_parameters": 1234,
+            "threshold": 0.3456,
+            "training": {"search_seconds": 12.34},
+        }
 
     monkeypatch.setattr(train, "train_probe", train_probe)
     monkeypatch.setattr(probe_io, "save_probe", lambda out, module, cfg: seen.append(("save", str(out), cfg["data"])))
 
-    ex = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", dataset="toxicchat", split="train",
-                   limit=demo.TRAIN_LIMIT, prompt_format="chat", max_length=512, dtype="float16", layers=None,
-                   token_cap=None, batch_size=8, no_progress=False, json=False)
+    ex = Namespace(
+        model="smollm2-135m",
+        cache_dir=None,
+        data_dir="/d",
+        dataset="toxicchat",
+        split="train",
+        limit=demo.TRAIN_LIMIT,
+        prompt_format="chat",
+        max_length=512,
+        dtype="float16",
+        layers=None,
+        token_cap=None,
+        batch_size=8,
+        no_progress=False,
+        json=False,
+    )
     assert cmd_extract(ex) == 0
     cli = capsys.readouterr().out
     demo.extract("smollm2-135m", None, "/d")
@@ -172,10 +226,27 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
     assert seen[0] == seen[1]  # the same cache request
 
     probe = tmp_path / "probe"
-    tr = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", dataset="toxicchat", probe="gate",
-                   out=str(probe), seed=0, trials=demo.TRIALS, epochs=demo.EPOCHS, set=None, hparams_from=None,
-                   limit=demo.TRAIN_LIMIT, val_limit=demo.VAL_LIMIT, threads=None, force=False, no_progress=False,
-                   json=False, prompt_format="chat", max_length=512)
+    tr = Namespace(
+        model="smollm2-135m",
+        cache_dir=None,
+        data_dir="/d",
+        dataset="toxicchat",
+        probe="gate",
+        out=str(probe),
+        seed=0,
+        trials=demo.TRIALS,
+        epochs=demo.EPOCHS,
+        set=None,
+        hparams_from=None,
+        limit=demo.TRAIN_LIMIT,
+        val_limit=demo.VAL_LIMIT,
+        threads=None,
+        force=False,
+        no_progress=False,
+        json=False,
+        prompt_format="chat",
+        max_length=512,
+    )
     assert cmd_train(tr) == 0
     cli = capsys.readouterr().out
     demo.train(BB(), probe, None, "/d")

@@ -52,10 +52,19 @@ def test_multiclass_metrics_are_accuracy_and_macro_scores():
 
 def _config(method, L1=3, d=16, labels=("non-toxic", "toxic")):
     params = {"vocab_size": 40} if method == "muli" else {"factor": 4, "heads": 2} if method == "mha" else {}
-    return {"probe": method, "input": "logits" if method == "muli" else "hidden_states", "params": params,
-            "num_layers": L1, "hidden_size": d, "label_names": list(labels), "task": "safety", "threshold": 0.4,
-            "prompt_format": "chat", "max_length": 64,
-            "backbone": {"name": "x", "sha256": "ab" * 32, "num_hidden_layers": 2, "hidden_size": d}}
+    return {
+        "probe": method,
+        "input": "logits" if method == "muli" else "hidden_states",
+        "params": params,
+        "num_layers": L1,
+        "hidden_size": d,
+        "label_names": list(labels),
+        "task": "safety",
+        "threshold": 0.4,
+        "prompt_format": "chat",
+        "max_length": 64,
+        "backbone": {"name": "x", "sha256": "ab" * 32, "num_hidden_layers": 2, "hidden_size": d},
+    }
 
 
 @pytest.mark.parametrize("method", METHODS)
@@ -70,7 +79,9 @@ def test_save_load_round_trip_gives_identical_outputs(method, tmp_path):
         x = (torch.randn(3, 4, 7, 16), torch.tensor([[1] * 7, [0, 0, 1, 1, 1, 1, 1], [1, 1, 0, 0, 0, 0, 0], [1] * 7]))
     save_probe(tmp_path / "p", m, cfg)
     assert not list(tmp_path.glob("*.pkl")) and sorted(f.name for f in (tmp_path / "p").iterdir()) == [
-        "config.json", "model.safetensors"]
+        "config.json",
+        "model.safetensors",
+    ]
     loaded, cfg2 = load_probe(tmp_path / "p", cfg["backbone"])
     assert cfg2["threshold"] == 0.4 and cfg2["input"] == cfg["input"]
     torch.testing.assert_close(loaded(*x), m(*x), rtol=0, atol=0)
@@ -103,12 +114,15 @@ def test_corrupt_or_foreign_artifacts_are_clear_errors(tmp_path):
     cases = {
         "no-weights": lambda p: (p / "model.safetensors").unlink(),
         "truncated-weights": lambda p: (p / "model.safetensors").write_bytes(
-            (p / "model.safetensors").read_bytes()[:50]),
+            (p / "model.safetensors").read_bytes()[:50]
+        ),
         "bad-json": lambda p: (p / "config.json").write_text("{not json"),
-        "unknown-type": lambda p: (p / "config.json").write_text(json.dumps(
-            {**json.loads((p / "config.json").read_text()), "probe": "svm"})),
-        "wrong-shape": lambda p: (p / "config.json").write_text(json.dumps(
-            {**json.loads((p / "config.json").read_text()), "hidden_size": 32})),
+        "unknown-type": lambda p: (p / "config.json").write_text(
+            json.dumps({**json.loads((p / "config.json").read_text()), "probe": "svm"})
+        ),
+        "wrong-shape": lambda p: (p / "config.json").write_text(
+            json.dumps({**json.loads((p / "config.json").read_text()), "hidden_size": 32})
+        ),
     }
     for name, corrupt in cases.items():
         p = tmp_path / name
@@ -132,15 +146,55 @@ def test_label_sets_must_match_or_be_binary_of_the_same_task():
 @pytest.fixture(scope="module")
 def gate_probe(tiny_model_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("probes") / "gate"
-    assert main(["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
-                 "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "gate",
-                 "--out", str(out), "--trials", "1", "--epochs", "2", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(tiny_model_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--dataset",
+                "toxicchat",
+                "--limit",
+                "60",
+                "--val-limit",
+                "40",
+                "--max-length",
+                str(MAX_LEN),
+                "--probe",
+                "gate",
+                "--out",
+                str(out),
+                "--trials",
+                "1",
+                "--epochs",
+                "2",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_eval_cli_reports_toxicchat_full_and_human_test_sets(gate_probe, tiny_model_dir, cache_dir, capsys):
-    args = ["eval", "--probe", str(gate_probe), "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir),
-            "--dataset", "toxicchat", "--split", "test", "--limit", "80", "--no-progress"]
+    args = [
+        "eval",
+        "--probe",
+        str(gate_probe),
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "--dataset",
+        "toxicchat",
+        "--split",
+        "test",
+        "--limit",
+        "80",
+        "--no-progress",
+    ]
     assert main(args + ["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     human = sum(bool(v) for v in load_dataset("toxicchat", "test", limit=80).columns["human_annotation"])
@@ -169,9 +223,29 @@ def test_eval_cli_errors_without_tracebacks(gate_probe, tiny_model_dir, cache_di
 
 def test_plot_layers_writes_the_gate_figure(gate_probe, tiny_model_dir, cache_dir, tmp_path, capsys):
     png = tmp_path / "fig.png"
-    assert main(["plot-layers", "--probe", str(gate_probe), "--model", str(tiny_model_dir), "--cache-dir",
-                 str(cache_dir), "--dataset", "toxicchat", "--split", "test", "--limit", "60", "--out", str(png),
-                 "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "plot-layers",
+                "--probe",
+                str(gate_probe),
+                "--model",
+                str(tiny_model_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--dataset",
+                "toxicchat",
+                "--split",
+                "test",
+                "--limit",
+                "60",
+                "--out",
+                str(png),
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "non-toxic, correct" in capsys.readouterr().out
 
@@ -186,7 +260,7 @@ def test_plot_layer_weights_are_the_gate_stage_2_softmax(gate_probe, tiny_backbo
     W, pred = layer_weights(module, cfg, c)
     assert W.shape == (30, tiny_backbone.num_layers + 1)
     np.testing.assert_allclose(W.sum(1), 1.0, rtol=1e-5)
-    assert W.max() / W.min() <= np.e ** 2 + 1e-6  # tanh-bounded scores: weights differ by at most e^2
+    assert W.max() / W.min() <= np.e**2 + 1e-6  # tanh-bounded scores: weights differ by at most e^2
     groups = group_means(W, ds.labels, pred, cfg["label_names"])
     assert sum(n for _, n, _ in groups) == 30
 

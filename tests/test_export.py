@@ -9,8 +9,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from export_helpers import make_probe, ort_feed, sha256
+
 from singlepass.cli import main
 from singlepass.runtime.batching import pad_batch
 
@@ -21,15 +21,21 @@ PROBES = {  # name -> (method, classes, params): the three families + the baseli
     "muli": ("muli", 2, {}),
     "last": ("last-token", 2, {}),
 }
-TEXTS = ["What is the capital of France?", "I hate this, it is the worst thing ever and I am angry.", "Hi",
-         "The quick brown fox jumps over the lazy dog."]
+TEXTS = [
+    "What is the capital of France?",
+    "I hate this, it is the worst thing ever and I am angry.",
+    "Hi",
+    "The quick brown fox jumps over the lazy dog.",
+]
 
 
 @pytest.fixture(scope="module")
 def probe_dirs(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("probes")
-    return {name: make_probe(root / name, tiny_backbone, method, classes, seed=k, **params)
-            for k, (name, (method, classes, params)) in enumerate(PROBES.items())}
+    return {
+        name: make_probe(root / name, tiny_backbone, method, classes, seed=k, **params)
+        for k, (name, (method, classes, params)) in enumerate(PROBES.items())
+    }
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +58,12 @@ def reference(backbone, probe_dirs, ids, mask, pos):
     from singlepass.models.probes import probabilities
 
     with torch.no_grad():
-        out = backbone.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                             position_ids=torch.from_numpy(pos), output_hidden_states=True)
+        out = backbone.model(
+            input_ids=torch.from_numpy(ids),
+            attention_mask=torch.from_numpy(mask),
+            position_ids=torch.from_numpy(pos),
+            output_hidden_states=True,
+        )
         hs = torch.stack(out.hidden_states)
         probs = {}
         for name, d in probe_dirs.items():
@@ -66,8 +76,16 @@ def reference(backbone, probe_dirs, ids, mask, pos):
 def test_artifact_contract(artifact, tiny_backbone, probe_dirs):
     m = manifest(artifact)
     files = {p.name for p in artifact.iterdir()}
-    assert {"manifest.json", "model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json",
-            "chat_template.jinja", "probes", "validation.json"} <= files
+    assert {
+        "manifest.json",
+        "model.onnx",
+        "model.onnx.data",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "chat_template.jinja",
+        "probes",
+        "validation.json",
+    } <= files
     assert not [f for f in artifact.parent.iterdir() if f.name.startswith(".")]  # no temporary folder left
     g, b = m["graph"], m["backbone"]
     L = tiny_backbone.num_layers
@@ -147,16 +165,38 @@ def test_kv_cache_decoding_matches_generate(artifact, tiny_backbone):
         feed = ort_feed(m, nxt[:, None].astype(np.int64), mask, pos, [out[n] for n in g["present_names"]])
         assert out["tox/probs"].shape == (3, 2)  # probes run (cheaply) in decode steps too
     ref = tiny_backbone.model.generate(
-        input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask[:, :ids.shape[1]]), max_new_tokens=20,
-        do_sample=False, min_new_tokens=20, pad_token_id=tiny_backbone.tokenizer.pad_token_id)
-    np.testing.assert_array_equal(np.stack(tokens, 1), ref[:, ids.shape[1]:].numpy())
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask[:, : ids.shape[1]]),
+        max_new_tokens=20,
+        do_sample=False,
+        min_new_tokens=20,
+        pad_token_id=tiny_backbone.tokenizer.pad_token_id,
+    )
+    np.testing.assert_array_equal(np.stack(tokens, 1), ref[:, ids.shape[1] :].numpy())
 
 
-def test_debug_variant_exposes_hidden_states_and_all_logits(artifact, tiny_model_dir, probe_dirs, cache_dir,
-                                                            tiny_backbone):
+def test_debug_variant_exposes_hidden_states_and_all_logits(
+    artifact, tiny_model_dir, probe_dirs, cache_dir, tiny_backbone
+):
     out = artifact.parent / "debug"
-    assert main(["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--probe", str(probe_dirs["tox"]), "--keep-hidden-states", "--all-logits"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_model_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--probe",
+                str(probe_dirs["tox"]),
+                "--keep-hidden-states",
+                "--all-logits",
+            ]
+        )
+        == 0
+    )
     m = manifest(out)
     outputs = {o["name"]: o["dims"] for o in m["graph"]["outputs"]}
     assert outputs["hidden_states"] == [3, "batch", "sequence", 64]
@@ -185,8 +225,9 @@ def test_existing_output_needs_force(artifact, tiny_model_dir, probe_dirs, cache
     assert not [f for f in artifact.parent.iterdir() if f.name.startswith(".")]
     (artifact.parent / "not-an-artifact").mkdir()
     (artifact.parent / "not-an-artifact" / "precious.txt").write_text("keep me")
-    assert main(base[:-1] + [str(artifact.parent / "not-an-artifact"), "--probe", str(probe_dirs["tox"]),
-                             "--force"]) == 2
+    assert (
+        main(base[:-1] + [str(artifact.parent / "not-an-artifact"), "--probe", str(probe_dirs["tox"]), "--force"]) == 2
+    )
     assert (artifact.parent / "not-an-artifact" / "precious.txt").read_text() == "keep me"
 
 
@@ -197,8 +238,11 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     shutil.copytree(artifact, broken)
     model = onnx.load(str(broken / "model.onnx"))
     for t in model.graph.initializer:  # perturb the emotion probe's weights inside the fused graph
-        if t.name.startswith("emo/") and onnx.helper.tensor_dtype_to_np_dtype(t.data_type) == np.float32 \
-                and np.prod(t.dims) > 100:
+        if (
+            t.name.startswith("emo/")
+            and onnx.helper.tensor_dtype_to_np_dtype(t.data_type) == np.float32
+            and np.prod(t.dims) > 100
+        ):
             arr = onnx.numpy_helper.to_array(t) * 1.5
             t.CopyFrom(onnx.numpy_helper.from_array(arr, t.name))
     onnx.save_model(model, str(broken / "model.onnx"), save_as_external_data=True, location="model.onnx.data")

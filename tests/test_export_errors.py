@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from export_helpers import foreign_graph, leftovers, make_probe, mlp_graph
+
 from singlepass.cli import main
 
 
@@ -19,8 +19,9 @@ def legacy_graph(tmp_path_factory, tiny_backbone):
 
 
 def export(capsys, tiny_model_dir, cache_dir, out, *extra):
-    code = main(["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out),
-                 *map(str, extra)])
+    code = main(
+        ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out), *map(str, extra)]
+    )
     return code, capsys.readouterr().err
 
 
@@ -34,8 +35,9 @@ def test_corrupt_and_truncated_onnx(tmp_path, capsys, tiny_model_dir, cache_dir,
     cut.write_bytes(data[: len(data) // 2])
     code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", cut, "--probe", tox)
     assert code == 2 and "truncated" in err
-    code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", tmp_path / "nope.onnx",
-                       "--probe", tox)
+    code, err = export(
+        capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", tmp_path / "nope.onnx", "--probe", tox
+    )
     assert code == 2 and "no such file" in err
     assert leftovers(tmp_path, "art") == []
 
@@ -52,8 +54,9 @@ def test_two_probes_with_the_same_name(tmp_path, capsys, tiny_backbone, tiny_mod
     twin = make_probe(tmp_path / "b" / "tox", tiny_backbone, "gate")
     code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--probe", tox, "--probe", twin)
     assert code == 2 and "two probes are named 'tox'" in err and "DIR:NAME" in err
-    code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--probe", f"{tox}:x", "--probe",
-                       f"{twin}:x")
+    code, err = export(
+        capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--probe", f"{tox}:x", "--probe", f"{twin}:x"
+    )
     assert code == 2 and "two probes are named 'x'" in err
     code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--probe", f"{tox}:logits")
     assert code == 2 and "not usable" in err
@@ -71,16 +74,18 @@ def test_probes_with_different_prompt_formats(tmp_path, capsys, tiny_backbone, t
 
 
 def test_unrecognisable_graph(tmp_path, capsys, tiny_model_dir, cache_dir, tox):
-    code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", mlp_graph(tmp_path / "mlp.onnx"),
-                       "--probe", tox)
+    code, err = export(
+        capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", mlp_graph(tmp_path / "mlp.onnx"), "--probe", tox
+    )
     assert code == 2 and "no token-embedding Gather" in err
     assert leftovers(tmp_path, "art") == []
 
 
 def test_graph_of_another_model(tmp_path, capsys, tiny_backbone, cache_dir, tox, legacy_graph):
     """The graph has 2 layers; a 3-layer model (with a probe of its own) is not its model."""
-    from singlepass.models.backbone import load_backbone
     from tiny import build_tiny_llama
+
+    from singlepass.models.backbone import load_backbone
 
     other_dir = build_tiny_llama(tmp_path / "three", num_layers=3, seed=1)
     other = load_backbone(str(other_dir), cache_dir=str(cache_dir))
@@ -90,8 +95,7 @@ def test_graph_of_another_model(tmp_path, capsys, tiny_backbone, cache_dir, tox,
     assert leftovers(tmp_path, "art") == []
 
 
-def test_failed_validation_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_model_dir, cache_dir, tox,
-                                          legacy_graph):
+def test_failed_validation_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_model_dir, cache_dir, tox, legacy_graph):
     import singlepass.export.validate as v
 
     monkeypatch.setitem(v.TOLERANCES["fp32"], "logits", 0.0)  # no fp32 graph matches exactly: validation must fail

@@ -13,8 +13,8 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-
 from export_helpers import foreign_graph, make_probe, ort_feed
+
 from singlepass.cli import main
 from singlepass.runtime.batching import pad_batch
 
@@ -27,8 +27,10 @@ GRAPHS = {  # name -> (exporter, with KV cache, position_ids input, opset)
 @pytest.fixture(scope="module")
 def probes(tmp_path_factory, tiny_backbone):
     root = tmp_path_factory.mktemp("fprobes")
-    return {"tox": make_probe(root / "tox", tiny_backbone, "gate"),
-            "muli": make_probe(root / "muli", tiny_backbone, "muli", seed=3)}
+    return {
+        "tox": make_probe(root / "tox", tiny_backbone, "gate"),
+        "muli": make_probe(root / "muli", tiny_backbone, "muli", seed=3),
+    }
 
 
 @pytest.fixture(scope="module", params=list(GRAPHS))
@@ -37,8 +39,26 @@ def exported(request, tmp_path_factory, tiny_backbone, tiny_model_dir, probes, c
     root = tmp_path_factory.mktemp(request.param)
     src = foreign_graph(tiny_backbone, root / "decoder.onnx", exporter, kv, positions, opset, external=kv)
     out = root / "art"
-    assert main(["export", "--onnx", str(src), "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir),
-                 "--probe", str(probes["tox"]), "--probe", str(probes["muli"]), "--out", str(out)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--onnx",
+                str(src),
+                "--model",
+                str(tiny_model_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--probe",
+                str(probes["tox"]),
+                "--probe",
+                str(probes["muli"]),
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     return request.param, src, out
 
 
@@ -69,8 +89,8 @@ def test_surgery_artifact_validates_and_keeps_the_graphs_interface(exported, tin
     original = onnx.load(str(src), load_external_data=False)
     assert [i["name"] for i in g["inputs"]] == [i.name for i in original.graph.input]
     outputs = [o["name"] for o in g["outputs"]]
-    assert outputs[:len(original.graph.output)] == [o.name for o in original.graph.output]
-    assert outputs[len(original.graph.output):] == ["tox/logits", "tox/probs", "muli/logits", "muli/probs"]
+    assert outputs[: len(original.graph.output)] == [o.name for o in original.graph.output]
+    assert outputs[len(original.graph.output) :] == ["tox/logits", "tox/probs", "muli/logits", "muli/probs"]
     assert m["validation"]["passed"] and m["validation"]["max_abs_diff"]["tox/probs"] <= 1e-4
 
 
@@ -85,8 +105,9 @@ def test_surgery_artifact_probe_parity(exported, tiny_backbone, probes):
     res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ort_feed(m, ids, mask, pos))))
     kw = {"position_ids": torch.from_numpy(pos)} if m["graph"]["position_ids"] else {}
     with torch.no_grad():
-        o = tiny_backbone.model(input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask),
-                                output_hidden_states=True, **kw)
+        o = tiny_backbone.model(
+            input_ids=torch.from_numpy(ids), attention_mask=torch.from_numpy(mask), output_hidden_states=True, **kw
+        )
         gate, _ = load_probe(probes["tox"], tiny_backbone.fingerprint)
         muli, _ = load_probe(probes["muli"], tiny_backbone.fingerprint)
         ref_tox = probabilities(gate(torch.stack(o.hidden_states), torch.from_numpy(mask))).numpy()
@@ -108,6 +129,7 @@ def test_runtime_serves_both_foreign_graphs(exported, tiny_backbone):
     for text in ["What is the capital of France?", "Hi"]:
         r = rt.generate(text, 6)
         ids, _ = encode_one(tok, text, "chat", 64)
-        ref = tiny_backbone.model.generate(torch.tensor([ids]), max_new_tokens=6, do_sample=False,
-                                           pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        ref = tiny_backbone.model.generate(
+            torch.tensor([ids]), max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, len(ids) :].tolist()
         assert r.token_ids == ref and set(r.labels) == {"tox", "muli"}

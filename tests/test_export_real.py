@@ -22,8 +22,10 @@ def test_export_validate_and_preflight_smollm2(real_artifact):
     assert 450e6 < summary["bytes"] < 650e6  # fp32 weights, tied embedding stored once
     print(f"\nSmolLM2 export: {real_artifact.seconds:.0f} s, {summary['bytes'] / 2**20:.0f} MiB, {summary}")
     assert main(["validate", str(out)]) == 0
-    assert main(["build-engine", str(out), "--check-only", "--precision", "fp16", "--max-batch", "4",
-                 "--max-seq", "1024"]) == 0
+    assert (
+        main(["build-engine", str(out), "--check-only", "--precision", "fp16", "--max-batch", "4", "--max-seq", "1024"])
+        == 0
+    )
     r = json.loads((out / "tensorrt_preflight.json").read_text())
     fr = r["fp16_range"]
     assert 1e4 < max(fr["hidden_states_max"]) < 65504  # SmolLM2's massive activations (~2.5e4) fit fp16

@@ -10,8 +10,12 @@ from singlepass.models.data import Dataset
 from singlepass.models.extract import batch_tensors, extract, forward_hidden, plan_batches, relative_error
 from singlepass.models.prompts import encode, encode_one, render
 
-TEXTS = ["What is the capital of France?", "This movie was wonderful.",
-         "I hate this, it is the worst thing ever and I am angry about it all day long.", "fox"]
+TEXTS = [
+    "What is the capital of France?",
+    "This movie was wonderful.",
+    "I hate this, it is the worst thing ever and I am angry about it all day long.",
+    "fox",
+]
 
 
 def test_stacked_shape_and_semantics(tiny_backbone):
@@ -91,8 +95,9 @@ def test_cache_roundtrip_reuse_and_key(tiny_backbone, tmp_path):
 def test_cache_resumes_after_interruption_without_duplicates(tiny_backbone, tmp_path):
     ds = dataset(10)
     with pytest.raises(KeyboardInterrupt):
-        state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False,
-                          stop_after_batches=2)
+        state_cache.build(
+            tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False, stop_after_batches=2
+        )
     p = state_cache.plan(tiny_backbone, ds, "chat", 512, cache_dir=tmp_path / "a")[0]
     assert json.loads((p.folder / "progress.json").read_text()) == {"batches_done": 2}
     with pytest.raises(SinglepassError, match="incomplete"):
@@ -127,8 +132,19 @@ def test_extract_cli(tiny_model_dir, tmp_path, capsys):
 
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": t, "label": i % 2}) + "\n" for i, t in enumerate(TEXTS)))
-    rc = main(["extract", "--model", str(tiny_model_dir), "--dataset", str(data), "--cache-dir", str(tmp_path / "c"),
-               "--no-progress", "--json"])
+    rc = main(
+        [
+            "extract",
+            "--model",
+            str(tiny_model_dir),
+            "--dataset",
+            str(data),
+            "--cache-dir",
+            str(tmp_path / "c"),
+            "--no-progress",
+            "--json",
+        ]
+    )
     out = capsys.readouterr().out
     summary = json.loads(out.strip().splitlines()[-1])
     assert rc == 0 and summary["stacked_shape"][:2] == [3, 4] and summary["stacked_shape"][3] == 64

@@ -32,8 +32,10 @@ def test_summary_pools_repeats_and_counts_requests():
 
 def test_alternating_ratios_are_taken_within_each_repeat():
     # repeat 2 ran on a machine twice as slow for everyone: within-repeat ratios stay 1.1
-    runs = {"base": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]],
-            "probe": [[1.1, 1.1, 1.1], [2.2, 2.2, 2.2], [1.1, 1.1, 1.1]]}
+    runs = {
+        "base": [[1.0, 1.0, 1.0], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0]],
+        "probe": [[1.1, 1.1, 1.1], [2.2, 2.2, 2.2], [1.1, 1.1, 1.1]],
+    }
     r = rep.alternating_ratios(runs, [1, 1, 1])
     assert r["base"]["ratio"] == pytest.approx(1.0)
     assert r["probe"]["ratio"] == pytest.approx(1.1)
@@ -74,17 +76,36 @@ def test_formatting_and_table():
 
 
 def _fake():
-    cfgs = [{"name": "base", "label": "base", "short": "base", "kind": "single-pass"},
-            {"name": "pooling", "label": "+pool", "short": "+pool", "kind": "single-pass", "f1_human": "50.0",
-             "f1_full": "40.0"},
-            {"name": "mha", "label": "+mha", "short": "+mha", "kind": "single-pass"},
-            {"name": "guard-classifier", "label": "(a)", "short": "(a)", "kind": "guard"}]
-    st = {"batch": 1, "new_tokens": 1, "batch_sizes": [1, 1],
-          "runs": {"base": [[0.010, 0.010], [0.012, 0.012]], "pooling": [[0.0101, 0.0101], [0.0121, 0.0121]],
-                   "mha": [[0.011, 0.011], [0.013, 0.013]], "guard-classifier": [[0.025, 0.025], [0.03, 0.03]]}}
-    mem = {"base": {"peak_rss_mib": 1500.0, "peak_by_batch_mib": {"1": 1000.0, "8": 1500.0}},
-           "pooling": {"peak_rss_mib": 1001.0}, "mha": {"peak_rss_mib": 1030.0},
-           "guard-classifier": {"peak_rss_mib": 1200.0, "guard_weights_mib": 86.0}}
+    cfgs = [
+        {"name": "base", "label": "base", "short": "base", "kind": "single-pass"},
+        {
+            "name": "pooling",
+            "label": "+pool",
+            "short": "+pool",
+            "kind": "single-pass",
+            "f1_human": "50.0",
+            "f1_full": "40.0",
+        },
+        {"name": "mha", "label": "+mha", "short": "+mha", "kind": "single-pass"},
+        {"name": "guard-classifier", "label": "(a)", "short": "(a)", "kind": "guard"},
+    ]
+    st = {
+        "batch": 1,
+        "new_tokens": 1,
+        "batch_sizes": [1, 1],
+        "runs": {
+            "base": [[0.010, 0.010], [0.012, 0.012]],
+            "pooling": [[0.0101, 0.0101], [0.0121, 0.0121]],
+            "mha": [[0.011, 0.011], [0.013, 0.013]],
+            "guard-classifier": [[0.025, 0.025], [0.03, 0.03]],
+        },
+    }
+    mem = {
+        "base": {"peak_rss_mib": 1500.0, "peak_by_batch_mib": {"1": 1000.0, "8": 1500.0}},
+        "pooling": {"peak_rss_mib": 1001.0},
+        "mha": {"peak_rss_mib": 1030.0},
+        "guard-classifier": {"peak_rss_mib": 1200.0, "guard_weights_mib": 86.0},
+    }
     return {"memory": mem, "latency": {rep.setting_key(1, 1): st}, "title": "t"}, cfgs, st
 
 
@@ -142,8 +163,13 @@ def test_settings_and_artifact_plan():
     s = settings_for(Namespace(n=8, n_batched=48, n_decode=16, batch=[8], new_tokens=[1]))
     assert [(x["batch"], x["new_tokens"], x["n"]) for x in s] == [(8, 1, 8)]
     plan = artifact_plan({m: {"dir": f"/p/{m}"} for m in ("pooling", "gate", "mha")})
-    assert plan == {"base": [], "pooling": ["/p/pooling:pooling"], "gate": ["/p/gate:gate"], "mha": ["/p/mha:mha"],
-                    "gate+mha": ["/p/gate:gate", "/p/mha:mha"]}
+    assert plan == {
+        "base": [],
+        "pooling": ["/p/pooling:pooling"],
+        "gate": ["/p/gate:gate"],
+        "mha": ["/p/mha:mha"],
+        "gate+mha": ["/p/gate:gate", "/p/mha:mha"],
+    }
 
 
 def test_memory_texts_are_the_first_and_the_longest_in_order():
@@ -192,6 +218,7 @@ def test_machine_record_keys():
 
 # --- the serving side on a tiny exported artifact (the runtime's public API only) -------------------
 
+
 @pytest.fixture(scope="module")
 def tiny_art(tmp_path_factory, tiny_backbone):
     """A tiny artifact with one gate probe fused as ``gate`` -> (folder, probe spec)."""
@@ -233,7 +260,13 @@ def test_memory_worker_and_artifact_check_on_a_real_artifact(tiny_art, tiny_back
     assert not artifact_current(folder, [spec.rsplit(":", 1)[0] + ":other"], sha)
     assert not artifact_current(folder, [], sha)
     assert not artifact_current(folder.parent / "missing", [spec], sha)
-    r = run_memory({"config": {"name": "gate", "artifact": str(folder)}, "threads": 1, "texts": ["hi", "hello you"],
-                    "settings": [{"batch": 1, "new_tokens": 2}, {"batch": 2, "new_tokens": 1}]})
+    r = run_memory(
+        {
+            "config": {"name": "gate", "artifact": str(folder)},
+            "threads": 1,
+            "texts": ["hi", "hello you"],
+            "settings": [{"batch": 1, "new_tokens": 2}, {"batch": 2, "new_tokens": 1}],
+        }
+    )
     assert r["name"] == "gate" and r["prompts"] == 2 and set(r["serve_seconds"]) == {"1,2", "2,1"}
     assert set(r["peak_by_batch_mib"]) == {"1", "2"} and r["peak_rss_mib"] >= r["rss_loaded_mib"] > 0

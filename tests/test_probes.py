@@ -58,7 +58,7 @@ def test_padding_never_changes_the_output(method):
     torch.manual_seed(0)
     probe = build_method(method, 4, 16, 2, **PARAMS[method]).eval()
     states, lengths = random_batch()
-    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    ref = torch.cat([probe(*pad(states[:, j : j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
     for side in ("left", "right"):
         for T, garbage in ((9, 1e3), (14, 1e4)):
             out = probe(*pad(states, lengths, T, side, garbage))
@@ -72,7 +72,7 @@ def test_standardised_inputs_are_masked_and_use_the_given_statistics(method):
     mean, std = torch.randn(4, 16), torch.rand(4, 16) + 0.5
     probe.set_input_statistics(mean, std)
     states, lengths = random_batch()
-    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    ref = torch.cat([probe(*pad(states[:, j : j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
     torch.testing.assert_close(probe(*pad(states, lengths, 14, "left", 1e4)), ref, rtol=1e-4, atol=1e-5)
     x, m = probe.prepare(states, torch.ones(3, 9))
     r = states / states.pow(2).mean(-1, keepdim=True).add(1e-6).sqrt()
@@ -88,7 +88,7 @@ def test_max_pooling_variants_are_masked_too(method, pool):
     params = {"pool": pool, "factor": 4, "heads": 2} if method == "mha" else {"token_pool": pool, "layer_pool": "max"}
     probe = build_method(method, 4, 16, 3, **params).eval()
     states, lengths = random_batch()
-    ref = torch.cat([probe(*pad(states[:, j:j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    ref = torch.cat([probe(*pad(states[:, j : j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
     torch.testing.assert_close(probe(*pad(states, lengths, 12, "left", 1e4)), ref, rtol=1e-4, atol=1e-5)
 
 
@@ -170,8 +170,9 @@ def test_family_descriptors_declare_what_their_modules_do():
     rng = np.random.default_rng(0)
     for name, family in FAMILIES.items():
         assert family.name == name and family.input in ("hidden_states", "logits")
-        draws = [family.default_params(64)] + ([family.sample_params(64, rng) for _ in range(4)]
-                                               if family.sample_params else [])
+        draws = [family.default_params(64)] + (
+            [family.sample_params(64, rng) for _ in range(4)] if family.sample_params else []
+        )
         for params in draws:
             params = {**params, **{k: 30 for k in family.from_backbone}}  # vocab_size for MULI
             torch.manual_seed(0)

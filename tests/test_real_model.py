@@ -12,7 +12,7 @@ def test_greedy_answer_is_paris(real_backbone):
 
     ids, _ = encode_one(tok, "What is the capital of France?")
     out = model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, len(ids):], skip_special_tokens=True)
+    answer = tok.decode(out[0, len(ids) :], skip_special_tokens=True)
     assert "Paris" in answer
 
 

@@ -3,8 +3,8 @@ equal the PyTorch reference, batching invariance, streaming, sampling, the label
 input, the TensorRT guard and profile limits, the CLI, and no torch anywhere."""
 
 import copy
-import dataclasses
 import ctypes
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,19 +15,26 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from export_helpers import make_probe
+
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
 from singlepass.runtime import backends as be
+from singlepass.runtime import tensorrt as trt_backend
 from singlepass.runtime.api import Runtime, load
+from singlepass.runtime.contract import read_artifact
 from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 from singlepass.runtime.policy import Rule, parse_specs
 from singlepass.runtime.sampling import Sampling, filter_logits, sample
+from singlepass.runtime.tensorrt import engine_limits
 
 REPO = Path(__file__).resolve().parents[1]
-PROMPTS = ["What is the capital of France?", "Hi", "I hate this, it is the worst thing ever.",
-           "The quick brown fox jumps over the lazy dog."]
+PROMPTS = [
+    "What is the capital of France?",
+    "Hi",
+    "I hate this, it is the worst thing ever.",
+    "The quick brown fox jumps over the lazy dog.",
+]
 MAX_PROMPT = 128
 LONG = "The quick brown fox jumps over the lazy dog. " * 12
 
@@ -36,12 +43,23 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 12
 def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
     """A tiny artifact with a binary, a three-class and a logit-input (MULI) probe."""
     root = tmp_path_factory.mktemp("rt")
-    probes = {"safety": make_probe(root / "safety", tiny_backbone, "gate"),
-              "emotion": make_probe(root / "emotion", tiny_backbone, "mha", 3, seed=1, factor=8, heads=2),
-              "muli": make_probe(root / "muli", tiny_backbone, "muli", seed=2)}
+    probes = {
+        "safety": make_probe(root / "safety", tiny_backbone, "gate"),
+        "emotion": make_probe(root / "emotion", tiny_backbone, "mha", 3, seed=1, factor=8, heads=2),
+        "muli": make_probe(root / "muli", tiny_backbone, "muli", seed=2),
+    }
     out = root / "art"
-    args = ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out),
-            "--max-prompt-length", str(MAX_PROMPT)]
+    args = [
+        "export",
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "--out",
+        str(out),
+        "--max-prompt-length",
+        str(MAX_PROMPT),
+    ]
     for name, d in probes.items():
         args += ["--probe", f"{d}:{name}"]
     assert main(args) == 0
@@ -77,13 +95,16 @@ def torch_labels(backbone, probe_dirs, ids):
 
 # ----------------------------------------------------------------------------- parity with PyTorch
 
+
 def test_tokenization_equals_models_prompts(rt, tiny_backbone, art):
     from singlepass.runtime.tokenize import PromptTokenizer
 
     texts = PROMPTS + [" spaced  out\n\ttext ", "héllo wörld ✓ 日本", "<|im_end|> inside", LONG]
     for t in texts:
-        assert rt.encode(t, truncate=True) == (hf_ids(tiny_backbone, t, truncate=True),
-                                               len(hf_ids(tiny_backbone, t, 10**6)) > MAX_PROMPT)
+        assert rt.encode(t, truncate=True) == (
+            hf_ids(tiny_backbone, t, truncate=True),
+            len(hf_ids(tiny_backbone, t, 10**6)) > MAX_PROMPT,
+        )
     m = copy.deepcopy(rt.manifest)
     m.prompt["format"] = "raw"
     raw = PromptTokenizer(art[0], m)
@@ -100,8 +121,9 @@ def test_greedy_tokens_and_labels_equal_pytorch(rt, tiny_backbone, art):
     for p, r in zip(PROMPTS, results):
         ids = hf_ids(tiny_backbone, p)
         assert r.ok and r.prompt_tokens == len(ids) and not r.truncated
-        ref = tiny_backbone.model.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False,
-                                           pad_token_id=tok.pad_token_id)[0, len(ids):].tolist()
+        ref = tiny_backbone.model.generate(
+            torch.tensor([ids]), max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id
+        )[0, len(ids) :].tolist()
         assert r.token_ids == ref
         assert r.text == tok.decode(ref, skip_special_tokens=True)
         assert r.finish_reason == ("eos" if ref[-1] == tok.eos_token_id else "max_new_tokens")
@@ -124,7 +146,7 @@ def test_kv_cache_decode_logits_equal_pytorch_on_varied_tokens(rt, tiny_backbone
     out, state = prefill(rt.backend, rt.manifest, seqs, rt.pad_id)
     rng = np.random.default_rng(0)
     fed = [list(s) for s in seqs]
-    for step in range(6):
+    for _step in range(6):
         logits = last_logits(rt.manifest, out)
         with torch.no_grad():
             for b, s in enumerate(fed):
@@ -150,6 +172,7 @@ def test_sampled_generation_equals_pytorch_with_the_same_sampler(rt, tiny_backbo
 
 
 # ----------------------------------------------------------------------------- batching and streaming
+
 
 def test_results_do_not_depend_on_the_batch(rt):
     batch = rt.generate(PROMPTS, 10)
@@ -198,11 +221,16 @@ def test_stream_yields_the_same_tokens_and_labels_first(rt):
 
 def test_labels_only_with_zero_new_tokens(rt):
     r = rt.generate(PROMPTS[0], 0)
-    assert r.token_ids == [] and r.text == "" and r.finish_reason == "max_new_tokens" and set(r.labels) == {
-        "safety", "emotion", "muli"}
+    assert (
+        r.token_ids == []
+        and r.text == ""
+        and r.finish_reason == "max_new_tokens"
+        and set(r.labels) == {"safety", "emotion", "muli"}
+    )
 
 
 # ----------------------------------------------------------------------------- sampling
+
 
 def test_sampling_filters_and_validation():
     logits = np.array([3.0, 2.0, 1.0, 0.0, -1.0])
@@ -212,8 +240,13 @@ def test_sampling_filters_and_validation():
     assert np.isfinite(filter_logits(logits, 1.0, top_p=p[0] + 0.01)).sum() == 2
     s = Sampling(temperature=1.0, top_k=1, seed=0)
     assert all(sample(logits, s, s.generator(0)) == 0 for _ in range(5))
-    for bad in (dict(temperature=-1), dict(temperature=1, top_p=0), dict(temperature=1, top_k=-2),
-                dict(top_k=5), dict(temperature=1, seed=-1)):
+    for bad in (
+        dict(temperature=-1),
+        dict(temperature=1, top_p=0),
+        dict(temperature=1, top_k=-2),
+        dict(top_k=5),
+        dict(temperature=1, seed=-1),
+    ):
         with pytest.raises(SinglepassError):
             Sampling(**bad)
 
@@ -230,6 +263,7 @@ def test_seeded_sampling_is_reproducible(rt):
 
 # ----------------------------------------------------------------------------- policy
 
+
 def test_block_policy_refuses_before_any_token(rt):
     free = rt.generate(PROMPTS, 5)
     scores = sorted(r.labels["safety"].score for r in free)
@@ -238,8 +272,7 @@ def test_block_policy_refuses_before_any_token(rt):
     for f, r in zip(free, res):
         assert r.labels["safety"].score == pytest.approx(f.labels["safety"].score)
         if f.labels["safety"].score >= cut:
-            assert (r.text, r.token_ids, r.finish_reason, r.blocked_by) == (
-                rt.refusal, [], "blocked", "safety")
+            assert (r.text, r.token_ids, r.finish_reason, r.blocked_by) == (rt.refusal, [], "blocked", "safety")
         else:
             assert r.token_ids == f.token_ids and r.blocked_by is None
     events = list(rt.stream(PROMPTS, 5, policy=[f"safety=block:{cut}"]))
@@ -271,6 +304,7 @@ def test_policy_errors(rt, art):
 
 
 # ----------------------------------------------------------------------------- bad input
+
 
 def test_bad_prompts_get_clear_errors_and_spare_the_others(rt):
     batch = ["What is the capital of France?", "", 42, LONG, "   ", "Hi"]
@@ -340,17 +374,28 @@ def test_broken_artifacts(art, tmp_path):
 
 # ----------------------------------------------------------------------------- TensorRT
 
+
 def with_engine(src: Path, dst: Path, max_batch=2, max_seq=96) -> Path:
     """A copy of the artifact whose manifest records an engine (the file is a placeholder)."""
-    from singlepass.export.tensorrt import profiles
+    from singlepass.runtime.contract import read_artifact
+    from singlepass.runtime.tensorrt import profiles
 
     shutil.copytree(src, dst)
     m = json.loads((dst / "manifest.json").read_text())
-    profs = profiles(m, max_batch, max_seq)
-    m["engines"] = [{"file": "model.fp32.engine", "precision": "fp32", "max_batch": max_batch, "max_seq": max_seq,
-                     "tensorrt": "10.15.0", "dummy_past_slot": True,
-                     "profiles": [{"name": p["name"], "shapes": {k: [list(s) for s in v] for k, v in
-                                                                  p["shapes"].items()}} for p in profs]}]
+    profs = profiles(read_artifact(dst), max_batch, max_seq)
+    m["engines"] = [
+        {
+            "file": "model.fp32.engine",
+            "precision": "fp32",
+            "max_batch": max_batch,
+            "max_seq": max_seq,
+            "tensorrt": "10.15.0",
+            "dummy_past_slot": True,
+            "profiles": [
+                {"name": p["name"], "shapes": {k: [list(s) for s in v] for k, v in p["shapes"].items()}} for p in profs
+            ],
+        }
+    ]
     (dst / "manifest.json").write_text(json.dumps(m))
     (dst / "model.fp32.engine").write_bytes(b"not a real engine")
     return dst
@@ -367,8 +412,8 @@ def test_tensorrt_guard_and_profile_limits(art, tmp_path, rt):
             with pytest.raises(SinglepassError, match="TensorRT is not installed"):
                 load(d, backend="tensorrt")
             assert load(d).backend.name == "onnxruntime-cpu"  # auto falls back
-    m = json.loads((d / "manifest.json").read_text())
-    lim = be.engine_limits(m, m["engines"][0])
+    m = read_artifact(d)
+    lim = engine_limits(m, m.engines[0])
     assert lim == {"max_batch": 2, "max_prompt": 95, "max_seq": 96, "dummy_past": 1}
 
     class ProfileLimited(be.OrtBackend):
@@ -505,8 +550,13 @@ def fake_tensorrt(folder: Path, manifest: dict):
         def __init__(self, level):
             pass
 
-    trt = types.SimpleNamespace(__version__="10.15.0", Logger=Logger, Runtime=Runtime_, nptype=np.dtype,
-                                TensorIOMode=types.SimpleNamespace(INPUT=0, OUTPUT=1))
+    trt = types.SimpleNamespace(
+        __version__="10.15.0",
+        Logger=Logger,
+        Runtime=Runtime_,
+        nptype=np.dtype,
+        TensorIOMode=types.SimpleNamespace(INPUT=0, OUTPUT=1),
+    )
     return trt, calls
 
 
@@ -517,7 +567,7 @@ def test_tensorrt_runner_against_a_stand_in_of_the_api(art, tmp_path, rt, monkey
     m = json.loads((d / "manifest.json").read_text())
     trt, calls = fake_tensorrt(d, m)
     monkeypatch.setitem(sys.modules, "tensorrt", trt)
-    monkeypatch.setattr(be, "import_cudart", FakeCudart)
+    monkeypatch.setattr(trt_backend, "import_cudart", FakeCudart)
     trt_rt = load(d)  # auto picks the engine when TensorRT imports
     assert trt_rt.backend.name.startswith("tensorrt")
     got = trt_rt.generate(PROMPTS[:2], 5)
@@ -530,14 +580,16 @@ def test_tensorrt_runner_against_a_stand_in_of_the_api(art, tmp_path, rt, monkey
 
 # ----------------------------------------------------------------------------- CLI and imports
 
+
 def test_cli_generate(art, rt, capsys):
     a = str(art[0])
     assert main(["generate", a, PROMPTS[0], "--max-new-tokens", "5", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     ref = rt.generate(PROMPTS[0], 5)
     assert out["text"] == ref.text and out["token_ids"] == ref.token_ids
-    assert out["labels"] == {k: {"label": v.label, "score": pytest.approx(v.score, abs=1e-6)}
-                             for k, v in ref.labels.items()}
+    assert out["labels"] == {
+        k: {"label": v.label, "score": pytest.approx(v.score, abs=1e-6)} for k, v in ref.labels.items()
+    }
     assert main(["generate", a, PROMPTS[0], "--max-new-tokens", "5", "--stream"]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0].startswith("labels: safety=") and lines[1] == ref.text
@@ -565,7 +617,8 @@ def test_runtime_imports_neither_torch_nor_transformers(art):
         "from singlepass.cli import main\n"
         f"rc = main(['generate', {str(art[0])!r}, 'Hi', '--json', '--max-new-tokens', '3'])\n"
         "heavy = sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'onnx', 'tensorrt'})\n"
-        "print(json.dumps({'heavy': heavy, 'rc': rc, 'n': len(r[1].token_ids)}))\n")
+        "print(json.dumps({'heavy': heavy, 'rc': rc, 'n': len(r[1].token_ids)}))\n"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=REPO)
     assert proc.returncode == 0, proc.stderr
     res = json.loads(proc.stdout.strip().splitlines()[-1])

@@ -54,8 +54,11 @@ class Toy:
         self.layers = layers
 
     def t(self, base):
-        return f"{base}_{uuid.uuid4().hex[:6]}" if self.random_names and base not in (
-            "input_ids", "attention_mask", "logits") else base
+        return (
+            f"{base}_{uuid.uuid4().hex[:6]}"
+            if self.random_names and base not in ("input_ids", "attention_mask", "logits")
+            else base
+        )
 
     def c(self, base, values):
         name = self.t(base) + f"_{len(self.inits)}"
@@ -94,9 +97,13 @@ class Toy:
         inputs = [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch", "sequence"])]
         if self.masked is not None:
             inputs.append(helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch", "sequence"]))
-        g = helper.make_graph(nodes, "toy", inputs,
-                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])],
-                              self.inits)
+        g = helper.make_graph(
+            nodes,
+            "toy",
+            inputs,
+            [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["batch", "sequence", V])],
+            self.inits,
+        )
         return helper.make_model(g, opset_imports=[helper.make_opsetid("", self.opset)])
 
     def graph(self, shuffle=False) -> gs.Graph:
@@ -175,16 +182,23 @@ def test_probe_attention_mask_is_the_current_steps_columns():
     got = sess.run([out], f)[0]
     np.testing.assert_array_equal(got, f["attention_mask"][:, -3:])
     # The same subgraph on a longer mask (past + current) keeps only the last T columns.
-    m2 = helper.make_model(helper.make_graph(
-        [n for n in model.graph.node if n.name.startswith(surgery.PREFIX)], "mask",
-        [helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
-         helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"])],
-        [helper.make_tensor_value_info(out, TensorProto.INT64, None)],
-        [i for i in model.graph.initializer if i.name.startswith(surgery.PREFIX)]),
-        opset_imports=[helper.make_opsetid("", 18)])
+    m2 = helper.make_model(
+        helper.make_graph(
+            [n for n in model.graph.node if n.name.startswith(surgery.PREFIX)],
+            "mask",
+            [
+                helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["b", "t"]),
+                helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["b", "s"]),
+            ],
+            [helper.make_tensor_value_info(out, TensorProto.INT64, None)],
+            [i for i in model.graph.initializer if i.name.startswith(surgery.PREFIX)],
+        ),
+        opset_imports=[helper.make_opsetid("", 18)],
+    )
     mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 1]], np.int64)
-    got = ort.InferenceSession(m2.SerializeToString()).run(None, {"input_ids": np.zeros((2, 2), np.int64),
-                                                                  "attention_mask": mask})[0]
+    got = ort.InferenceSession(m2.SerializeToString()).run(
+        None, {"input_ids": np.zeros((2, 2), np.int64), "attention_mask": mask}
+    )[0]
     np.testing.assert_array_equal(got, mask[:, -2:])
 
 
@@ -217,8 +231,9 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
     with pytest.raises(SurgeryError, match="collides"):  # same prefix twice
         surgery.fuse_probe(host, graph, "tox", {"states": hs, "mask": "attention_mask"})
     with pytest.raises(SurgeryError, match="opset"):
-        surgery.fuse_probe(host, export_probe(probe, "hidden_states", 3, D, V, 17), "other",
-                           {"states": hs, "mask": "attention_mask"})
+        surgery.fuse_probe(
+            host, export_probe(probe, "hidden_states", 3, D, V, 17), "other", {"states": hs, "mask": "attention_mask"}
+        )
 
 
 def test_cleanup_and_toposort():

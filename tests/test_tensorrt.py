@@ -12,9 +12,9 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from export_helpers import make_probe
 from onnx import TensorProto, helper
 
-from export_helpers import make_probe
 from singlepass.cli import main
 from singlepass.export import tensorrt as trt_mod
 
@@ -25,14 +25,44 @@ def artifact(tmp_path_factory, tiny_backbone, tiny_model_dir, cache_dir):
     tox = make_probe(root / "tox", tiny_backbone, "gate")
     emo = make_probe(root / "emo", tiny_backbone, "mha", 3, factor=8, heads=2)
     out = root / "art"
-    assert main(["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out),
-                 "--probe", str(tox), "--probe", str(emo)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--model",
+                str(tiny_model_dir),
+                "--cache-dir",
+                str(cache_dir),
+                "--out",
+                str(out),
+                "--probe",
+                str(tox),
+                "--probe",
+                str(emo),
+            ]
+        )
+        == 0
+    )
     return out
 
 
 def test_check_only_preflight_passes(artifact, capsys, tiny_backbone):
-    assert main(["build-engine", str(artifact), "--check-only", "--precision", "fp16", "--max-batch", "4",
-                 "--max-seq", "128"]) == 0
+    assert (
+        main(
+            [
+                "build-engine",
+                str(artifact),
+                "--check-only",
+                "--precision",
+                "fp16",
+                "--max-batch",
+                "4",
+                "--max-seq",
+                "128",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "pre-flight passed" in printed and "[  ok] operators" in printed
     r = json.loads((artifact / "tensorrt_preflight.json").read_text())
@@ -76,9 +106,16 @@ def test_preflight_flags_fp16_overflow(artifact, tmp_path, capsys):
 def test_static_checks_catch_unsupported_ops_and_zero_length_profiles():
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2])
     y = helper.make_tensor_value_info("y", TensorProto.FLOAT, None)
-    g = helper.make_graph([helper.make_node("Unique", ["x"], ["y"]),
-                           helper.make_node("FusedMatMul", ["x", "x"], ["z"], domain="com.microsoft"),
-                           helper.make_node("ReduceMean", ["x", "x_axes"], ["w"])], "g", [x], [y])
+    g = helper.make_graph(
+        [
+            helper.make_node("Unique", ["x"], ["y"]),
+            helper.make_node("FusedMatMul", ["x", "x"], ["z"], domain="com.microsoft"),
+            helper.make_node("ReduceMean", ["x", "x_axes"], ["w"]),
+        ],
+        "g",
+        [x],
+        [y],
+    )
     g.input.append(helper.make_tensor_value_info("x_axes", TensorProto.INT64, [1]))
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18), helper.make_opsetid("com.microsoft", 1)])
     r = trt_mod.check_ops(gs.import_onnx(model))
@@ -90,8 +127,10 @@ def test_static_checks_catch_unsupported_ops_and_zero_length_profiles():
     assert not r["ok"] and "zero-length" in r["detail"][0]
 
 
-@pytest.mark.skipif("tensorrt" in sys.modules or __import__("importlib").util.find_spec("tensorrt") is not None,
-                    reason="TensorRT is installed here")
+@pytest.mark.skipif(
+    "tensorrt" in sys.modules or __import__("importlib").util.find_spec("tensorrt") is not None,
+    reason="TensorRT is installed here",
+)
 def test_build_engine_without_tensorrt_is_a_clear_error(artifact, capsys):
     assert main(["build-engine", str(artifact), "--precision", "fp16"]) == 2
     err = capsys.readouterr().err
@@ -119,8 +158,14 @@ class FakeTensorRT(types.ModuleType):
         rec = self.calls
         fake = self
         self.float32 = DataType.FLOAT
-        self.BuilderFlag = _enum("BuilderFlag", FP16="FP16", BF16="BF16", TF32="TF32",
-                                 OBEY_PRECISION_CONSTRAINTS="OBEY", PREFER_PRECISION_CONSTRAINTS="PREFER")
+        self.BuilderFlag = _enum(
+            "BuilderFlag",
+            FP16="FP16",
+            BF16="BF16",
+            TF32="TF32",
+            OBEY_PRECISION_CONSTRAINTS="OBEY",
+            PREFER_PRECISION_CONSTRAINTS="PREFER",
+        )
         self.MemoryPoolType = _enum("MemoryPoolType", WORKSPACE="WORKSPACE")
         self.NetworkDefinitionCreationFlag = _enum("NetworkDefinitionCreationFlag", EXPLICIT_BATCH=0, STRONGLY_TYPED=1)
         self.ProfilingVerbosity = _enum("ProfilingVerbosity", LAYER_NAMES_ONLY=0, NONE=1, DETAILED=2)

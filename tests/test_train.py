@@ -31,7 +31,7 @@ def numpy_readout(cache, readout: str) -> np.ndarray:
     rows = []
     for i in range(len(cache)):
         r = np.asarray(cache.row(i), dtype=np.float64)[:, -1]  # [T_i, d]
-        r = r / np.sqrt((r ** 2).mean(-1, keepdims=True) + 1e-6)
+        r = r / np.sqrt((r**2).mean(-1, keepdims=True) + 1e-6)
         rows.append(r[-1] if readout == "last-token" else r.mean(0))
     return np.stack(rows)
 
@@ -68,7 +68,7 @@ def test_input_statistics_match_numpy_and_folded_scaling_keeps_the_function(sst2
     _, cache = sst2_cache
     mean, std = input_statistics(cache, max_rows=len(cache))
     toks = np.concatenate([np.asarray(cache.row(i), dtype=np.float64) for i in range(len(cache))])  # [N_tok, L+1, d]
-    toks = toks / np.sqrt((toks ** 2).mean(-1, keepdims=True) + 1e-6)
+    toks = toks / np.sqrt((toks**2).mean(-1, keepdims=True) + 1e-6)
     np.testing.assert_allclose(mean.numpy(), toks.mean(0), rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(std.numpy(), toks.std(0), rtol=1e-3, atol=1e-5)
     sub_mean, _ = input_statistics(cache, max_rows=30)  # a seeded row sample: same every call
@@ -105,8 +105,18 @@ def test_search_plan_is_seeded_bounded_and_starts_from_the_default():
 def _train(method, backbone, cache_dir, seed=0, **kw):
     tr = load_dataset("toxicchat", "train", limit=60)
     va = load_dataset("toxicchat", "validation", limit=40)
-    return train_probe(method, backbone, tr, va, max_length=MAX_LEN, seed=seed, cache_dir=cache_dir,
-                       progress=False, log=lambda *a: None, **kw)
+    return train_probe(
+        method,
+        backbone,
+        tr,
+        va,
+        max_length=MAX_LEN,
+        seed=seed,
+        cache_dir=cache_dir,
+        progress=False,
+        log=lambda *a: None,
+        **kw,
+    )
 
 
 def test_training_is_deterministic_and_leaves_the_backbone_alone(tiny_backbone, cache_dir):
@@ -137,9 +147,31 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
     from singlepass.models.probe_io import REQUIRED, load_probe
 
     out = tmp_path / method
-    argv = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
-            "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", method, "--out", str(out),
-            "--trials", "2", "--epochs", "2", "--no-progress", "--json"]
+    argv = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "--dataset",
+        "toxicchat",
+        "--limit",
+        "60",
+        "--val-limit",
+        "40",
+        "--max-length",
+        str(MAX_LEN),
+        "--probe",
+        method,
+        "--out",
+        str(out),
+        "--trials",
+        "2",
+        "--epochs",
+        "2",
+        "--no-progress",
+        "--json",
+    ]
     if method == "muli":
         argv += ["--set", "epochs=20"]
     assert main(argv) == 0
@@ -158,19 +190,50 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
 def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_model_dir, cache_dir, tmp_path, capsys):
     from singlepass.models.probe_io import read_config
 
-    common = ["train", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--dataset", "toxicchat",
-              "--limit", "60", "--val-limit", "40", "--max-length", str(MAX_LEN), "--probe", "last-token",
-              "--no-progress"]
+    common = [
+        "train",
+        "--model",
+        str(tiny_model_dir),
+        "--cache-dir",
+        str(cache_dir),
+        "--dataset",
+        "toxicchat",
+        "--limit",
+        "60",
+        "--val-limit",
+        "40",
+        "--max-length",
+        str(MAX_LEN),
+        "--probe",
+        "last-token",
+        "--no-progress",
+    ]
     assert main([*common, "--out", str(tmp_path / "searched"), "--trials", "2", "--epochs", "3"]) == 0
     src = read_config(tmp_path / "searched")
-    assert main([*common, "--out", str(tmp_path / "again"), "--hparams-from", str(tmp_path / "searched"),
-                 "--seed", "1", "--epochs", "2"]) == 0
+    assert (
+        main(
+            [
+                *common,
+                "--out",
+                str(tmp_path / "again"),
+                "--hparams-from",
+                str(tmp_path / "searched"),
+                "--seed",
+                "1",
+                "--epochs",
+                "2",
+            ]
+        )
+        == 0
+    )
     cfg = read_config(tmp_path / "again")
     assert len(cfg["training"]["trials"]) == 1 and cfg["seed"] == 1
     assert cfg["hparams"] == {**src["hparams"], "epochs": 2}  # the stored configuration, with the given epochs
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "x"), "--hparams-from", str(tmp_path / "searched"),
-                 "--trials", "3"]) == 2
+    assert (
+        main([*common, "--out", str(tmp_path / "x"), "--hparams-from", str(tmp_path / "searched"), "--trials", "3"])
+        == 2
+    )
     assert "--trials" in capsys.readouterr().err
     assert main([*common, "--out", str(tmp_path / "y"), "--epochs", "0"]) == 2
     assert "--epochs must be at least 1" in capsys.readouterr().err
@@ -187,8 +250,18 @@ def test_short_real_training_run_beats_the_majority_class(real_backbone, cache_d
     te = load_dataset("sst2", "test", limit=120)
     # lr 1e-2: with 40 steps the default 1e-3 stays at chance (measured: 200 rows, 6 epochs, val 0.51 vs
     # 0.68); scikit-learn's logistic regression on these features reaches ~0.7 with 200 rows.
-    module, cfg = train_probe("gate", real_backbone, tr, va, seed=0, max_epochs=8, overrides={"lr": 1e-2},
-                              cache_dir=cache_dir, progress=False, log=lambda *a: None)
+    module, cfg = train_probe(
+        "gate",
+        real_backbone,
+        tr,
+        va,
+        seed=0,
+        max_epochs=8,
+        overrides={"lr": 1e-2},
+        cache_dir=cache_dir,
+        progress=False,
+        log=lambda *a: None,
+    )
     probs = predict_proba(module, cfg, real_backbone, te, cache_dir, progress=False, log=lambda *a: None)
     m = compute_metrics(te.labels, probs, cfg["threshold"])
     majority = np.bincount(te.labels).max() / len(te)

@@ -14,8 +14,22 @@ import zipfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-SKIP = shutil.ignore_patterns(".git", ".venv", "artifacts", "build", "runs", "*.egg-info", "__pycache__",
-                              ".pytest_cache", "tests", "*.onnx", "*.onnx.data", "*.safetensors", "*.png", "*.json")
+SKIP = shutil.ignore_patterns(
+    ".git",
+    ".venv",
+    "artifacts",
+    "build",
+    "runs",
+    "*.egg-info",
+    "__pycache__",
+    ".pytest_cache",
+    "tests",
+    "*.onnx",
+    "*.onnx.data",
+    "*.safetensors",
+    "*.png",
+    "*.json",
+)
 
 
 def subpackages() -> set[str]:
@@ -34,8 +48,12 @@ def test_wheel_has_every_subpackage_and_the_cli_runs_from_a_fresh_venv(tmp_path)
     shutil.copytree(REPO, src, ignore=SKIP)
     shutil.copy2(REPO / "README.md", src / "README.md")
     dist = tmp_path / "dist"
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist),
-                    str(src)], check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(dist), str(src)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (wheel,) = dist.glob("singlepass-*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     packaged = {str(Path(n).parent).replace("/", ".") for n in names if n.endswith("/__init__.py")}
@@ -45,16 +63,29 @@ def test_wheel_has_every_subpackage_and_the_cli_runs_from_a_fresh_venv(tmp_path)
     env = tmp_path / "env"
     venv.create(env, with_pip=False)
     py = env / "bin" / "python"
-    site = subprocess.run([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                          capture_output=True, text=True, check=True).stdout.strip()
+    site = subprocess.run(
+        [str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     deps = next(p for p in sys.path if p.endswith("site-packages") and Path(p).is_dir())
     (Path(site) / "outer-deps.pth").write_text(deps + "\n")
-    subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
-                   check=True, capture_output=True, text=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "--python", str(py), "install", "--no-deps", "-q", str(wheel)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     run = subprocess.run([str(env / "bin" / "singlepass"), "--help"], capture_output=True, text=True, cwd=tmp_path)
     assert run.returncode == 0, run.stderr
     for command in ("extract", "train", "eval", "export", "validate", "generate", "bench", "demo"):
         assert command in run.stdout
-    where = subprocess.run([str(py), "-c", "import singlepass, sys; print(singlepass.__file__)"], capture_output=True,
-                           text=True, cwd=tmp_path, check=True).stdout
+    where = subprocess.run(
+        [str(py), "-c", "import singlepass, sys; print(singlepass.__file__)"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        check=True,
+    ).stdout
     assert str(env) in where  # the installed copy, not the checkout

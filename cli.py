@@ -13,8 +13,14 @@ import sys
 
 from singlepass.errors import SinglepassError
 
-COMMAND_MODULES = ("singlepass.models.commands", "singlepass.export.commands",
-                   "singlepass.runtime.commands", "singlepass.benchmarks.commands", "singlepass.demo")
+COMMAND_MODULES = (
+    "singlepass.models.commands",
+    "singlepass.export.commands",
+    "singlepass.runtime.commands",
+    "singlepass.benchmarks.commands",
+    "singlepass.demo",
+    "singlepass.serve.commands",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,107 @@
+"""CLI for serve/: ``singlepass serve ART`` (FastAPI and uvicorn are imported by the handler only)."""
+
+from __future__ import annotations
+
+import os
+
+from singlepass.errors import SinglepassError
+
+
+def cmd_serve(args) -> int:
+    try:
+        from singlepass.serve.app import Options, serve
+    except ImportError as e:
+        raise SinglepassError(
+            f"the server needs the serve extra ({e.name} is not installed): pip install 'singlepass[serve]'"
+        ) from None
+    from singlepass.runtime.policy import DEFAULT_REFUSAL, parse_specs
+
+    key = args.api_key if args.api_key is not None else os.environ.get("SINGLEPASS_API_KEY") or None
+    opts = Options(
+        host=args.host,
+        port=args.port,
+        api_key=key,
+        max_queue=args.max_queue,
+        max_batch=args.max_batch,
+        timeout=args.timeout,
+        max_body_bytes=args.max_body_bytes,
+        model_name=args.model_name,
+        backend=args.backend,
+        engine=args.engine,
+        threads=args.threads,
+        policy=parse_specs(args.policy),
+        refusal=args.refusal or DEFAULT_REFUSAL,
+    )
+    return serve(args.artifact, opts, log_level=args.log_level)
+
+
+def register(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="OpenAI-compatible HTTP server with continuous batching (labels on every completion)",
+        description="Serve an artifact over HTTP: /v1/chat/completions, /v1/completions (both also "
+        "streamed), /v1/moderations, /v1/models, /health, /metrics. Requests share one "
+        "continuously batched engine; every completion carries each fused probe's label "
+        "in a 'singlepass' field. Needs the serve extra (fastapi, uvicorn).",
+    )
+    p.add_argument("artifact", help="artifact folder written by `singlepass export`")
+    p.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default: %(default)s, this machine "
+        "only; another address needs an API key to be safe)",
+    )
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s; 0 = any free port)")
+    p.add_argument(
+        "--policy",
+        action="append",
+        metavar="PROBE=RULE",
+        help="label policy (repeatable): PROBE=report (default), PROBE=block, PROBE=block:0.8, "
+        "PROBE=block:LABEL[,LABEL]; a blocked prompt gets the refusal with finish_reason "
+        "content_filter",
+    )
+    p.add_argument("--refusal", default=None, help="text returned for a blocked prompt")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="require 'Authorization: Bearer KEY' on every endpoint but /health (default: "
+        "$SINGLEPASS_API_KEY; prefer the variable, a command line is visible to other users)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=int,
+        default=128,
+        help="requests waiting for a batch row; more are refused with 429 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-batch", type=int, default=None, help="rows decoded together (default: the artifact's limits.max_batch)"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        help="seconds a request may take, queue included; then 504 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-body-bytes",
+        type=int,
+        default=1 << 20,
+        help="request body limit; more is refused with 413 (default: %(default)s)",
+    )
+    p.add_argument("--model-name", default=None, help="the model id clients send (default: the artifact folder's name)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "cpu", "cuda", "tensorrt"],
+        default="auto",
+        help="as for `singlepass generate` (default: %(default)s)",
+    )
+    p.add_argument("--engine", default=None, help="TensorRT engine file of the artifact (default: the last built)")
+    p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument(
+        "--log-level",
+        default="info",
+        choices=["critical", "error", "warning", "info", "debug"],
+        help="(default: %(default)s)",
+    )
+    p.set_defaults(func=cmd_serve)

@@ -1,0 +1,442 @@
+"""The one engine loop: continuous (iteration-level) batching over ``runtime/passes.py`` (numpy).
+
+One background thread owns the backend and runs, until stopped::
+
+    admit   waiting jobs (first come, first served) fill the free rows (max batch - running rows);
+            the newcomers are prefilled together in one left-padded batch (``passes.prefill``):
+            their labels are read, the label policy is applied, their first token is chosen;
+    merge   the newcomers' state joins the running batch (``merge``);
+    decode  one ``passes.decode_one_token`` for every running row; a row that is finished (EOS,
+            a stop string, its token budget) or cancelled (client gone, timeout) leaves at once.
+
+Rows of different lengths share one batch by left padding. The state after a pass holds, per row,
+an attention mask and a KV cache ``[B, kv_heads, P, head_dim]`` whose real columns sit on the
+right (``runtime/batching.py`` pads on the left); ``fit`` aligns a state on the right to one width,
+``dummy + the longest row``: it prepends zero columns (mask 0, zero past) or cuts leading columns
+no row uses any more. Position ids are per row ([B, 1], the row's own count), so the graph sees
+what it sees for the row alone: masked columns contribute nothing, and each row draws from its own
+generator, seeded as ``Runtime.generate`` seeds a single prompt. A request therefore gets the
+result it gets alone (greedy: the same tokens and labels).
+
+Jobs come from any thread (``submit``, ``cancel``); each job's events go to its ``sink``, called
+on the engine thread (the server hands them to its event loop). No torch, no web framework here.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+from singlepass.errors import SinglepassError
+from singlepass.runtime import policy as pol
+from singlepass.runtime.passes import Label, State, decode_one_token, labels_from, last_logits, prefill
+from singlepass.runtime.sampling import Sampling, sample
+
+log = logging.getLogger("singlepass.serve")
+
+
+class QueueFull(SinglepassError):
+    """The waiting queue has no room for the job(s): answer 429 at once."""
+
+
+class EngineStopped(SinglepassError):
+    """The engine is not running (shutting down, or its loop failed)."""
+
+
+@dataclass
+class Out:
+    """What one pass produced for one job. Step 0 = the prefill pass (labels, first token)."""
+
+    step: int
+    token_id: int | None = None
+    text: str = ""  # the new text to stream (held back while it may be cut)
+    labels: dict[str, Label] | None = None
+    prompt_tokens: int = 0
+    done: bool = False
+    finish_reason: str | None = None  # eos, stop, max_tokens, max_total_length, engine_max_seq, blocked, error
+    final_text: str | None = None  # on the last event: the whole text (refusal if blocked)
+    blocked_by: str | None = None
+    error: str | None = None
+
+
+@dataclass(eq=False)
+class Job:
+    """One sequence to serve: prompt ids, a token budget (and the finish reason when it is spent),
+    sampling, stop strings; ``policy=False`` reports labels without blocking (moderation)."""
+
+    ids: list[int]
+    budget: int
+    why: str = "max_tokens"
+    sampling: Sampling = field(default_factory=Sampling)
+    stops: tuple[str, ...] = ()
+    policy: bool = True
+    incremental: bool = False  # stream text pieces (else the text is decoded once, at the end)
+    sink: Callable[[Out], None] | None = None
+    arrival: float = field(default_factory=time.perf_counter)
+    cancelled: bool = False
+    finished: bool = False
+
+
+class TextTracker:
+    """A row's text as it grows: after each token the new piece that is safe to stream (an
+    incomplete UTF-8 character, decoded as U+FFFD, and a tail that may begin a stop string are
+    held back) and whether a stop string appeared (the text is cut before it, as OpenAI does)."""
+
+    def __init__(self, decode, stops: tuple[str, ...] = (), incremental: bool = True):
+        self.decode, self.stops = decode, tuple(stops)
+        self.incremental = incremental or bool(self.stops)
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def _held(self, text: str) -> int:
+        longest = max((len(s) for s in self.stops), default=0)
+        for k in range(min(longest - 1, len(text)), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stops):
+                return k
+        return 0
+
+    def add(self, token: int, final: bool) -> tuple[str, bool]:
+        """-> (new text, stopped). With ``final`` (or a stop) everything left is released."""
+        self.ids.append(token)
+        if not self.incremental and not final:
+            return "", False
+        text = self.decode(self.ids)
+        stopped = False
+        if self.stops:
+            cut = min((i for s in self.stops if (i := text.find(s)) >= 0), default=-1)
+            if cut >= 0:
+                text, stopped, final = text[:cut], True, True
+        if final:
+            piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
+            self.emitted = text
+            return piece, stopped
+        if text.endswith("\ufffd"):
+            return "", False
+        safe = text[: len(text) - self._held(text)]
+        if not safe.startswith(self.emitted):  # a later token changed earlier text: wait
+            return "", False
+        piece, self.emitted = safe[len(self.emitted) :], safe
+        return piece, False
+
+
+# ----------------------------------------------------------------------------- batch state
+
+
+def width(state: State, dummy: int) -> int:
+    """The narrowest mask that holds every row: the dummy slots + the longest row's real tokens."""
+    return dummy + int(state.mask.sum(1).max())
+
+
+def fit(state: State, cols: int, pad_id: int, kv: bool) -> State:
+    """Align a state on the right to ``cols`` mask columns: cut leading columns (masked in every
+    row) or prepend masked ones (zero past). With a KV cache only the last ids/position column is
+    kept (the next pass reads only that); without one the ids and positions follow the mask."""
+    ids, mask, pos, past = state.ids, state.mask, state.pos, state.past
+    if kv:
+        ids, pos = ids[:, -1:], pos[:, -1:]
+    cur = mask.shape[1]
+    if cur > cols:
+        cut = cur - cols
+        mask = mask[:, cut:]
+        past = None if past is None else [p[:, :, cut:] for p in past]
+        if not kv:
+            ids, pos = ids[:, cut:], pos[:, cut:]
+    elif cur < cols:
+        n = cols - cur
+        B = mask.shape[0]
+        mask = np.concatenate([np.zeros((B, n), mask.dtype), mask], 1)
+        if past is not None:
+            past = [np.concatenate([np.zeros(p.shape[:2] + (n,) + p.shape[3:], p.dtype), p], 2) for p in past]
+        if not kv:
+            ids = np.concatenate([np.full((B, n), pad_id, ids.dtype), ids], 1)
+            pos = np.concatenate([np.zeros((B, n), pos.dtype), pos], 1)
+    return State(ids, mask, pos, past)
+
+
+def merge(a: State, b: State, dummy: int, pad_id: int, kv: bool) -> State:
+    """One batch of a's rows then b's, aligned to the width both need."""
+    cols = max(width(a, dummy), width(b, dummy))
+    a, b = fit(a, cols, pad_id, kv), fit(b, cols, pad_id, kv)
+    return State(
+        np.concatenate([a.ids, b.ids]),
+        np.concatenate([a.mask, b.mask]),
+        np.concatenate([a.pos, b.pos]),
+        None if a.past is None else [np.concatenate([x, y]) for x, y in zip(a.past, b.past)],
+    )
+
+
+# ----------------------------------------------------------------------------- the engine
+
+
+class Observer:
+    """What the engine reports (the server's Prometheus metrics implement it)."""
+
+    def queue(self, waiting: int, running: int) -> None: ...
+
+    def first(self, job: Job, out: Out, seconds: float) -> None: ...
+
+    def generated(self, n: int) -> None: ...
+
+    def batch(self, rows: int) -> None: ...
+
+
+class _Row:
+    __slots__ = ("job", "rng", "count", "last", "text", "done")
+
+    def __init__(self, job: Job, decode):
+        self.job, self.rng = job, job.sampling.generator(0)  # index 0: as Runtime.generate seeds one prompt
+        self.count, self.last, self.done = 0, 0, False
+        self.text = TextTracker(decode, job.stops, job.incremental)
+
+
+class Engine:
+    """Continuous batching on one runtime (see the module docstring). ``max_batch``: rows decoded
+    together (at most the artifact's/backend's limit); ``max_queue``: jobs waiting for a row."""
+
+    def __init__(self, runtime, max_batch: int | None = None, max_queue: int = 128, observer: Observer | None = None):
+        self.rt = runtime
+        limit = runtime.max_batch
+        if max_batch is not None and not 1 <= max_batch <= limit:
+            raise SinglepassError(f"--max-batch must be between 1 and the artifact's limit {limit}, not {max_batch}")
+        if max_queue < 1:
+            raise SinglepassError(f"--max-queue must be >= 1, not {max_queue}")
+        self.max_batch, self.max_queue = max_batch or limit, max_queue
+        self.observer = observer or Observer()
+        self.kv = bool(runtime.manifest.graph.kv_cache)
+        self.dummy = runtime.dummy
+        self._cv = threading.Condition()
+        self._waiting: deque[Job] = deque()
+        self._rows: list[_Row] = []
+        self._state: State | None = None
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self.error: BaseException | None = None
+        self.stats = {"prefills": 0, "decode_steps": 0, "merges": 0, "max_rows": 0, "admitted": 0}
+
+    # -- limits
+    def token_limit(self, prompt_tokens: int) -> tuple[int, str]:
+        """-> (the most new tokens a prompt of this length may get, the limit's name)."""
+        b = self.rt.backend
+        total = (max(0, self.rt.manifest.limits.max_total_length - prompt_tokens), "max_total_length")
+        engine = (max(0, b.max_seq - self.dummy - prompt_tokens + 1), "engine_max_seq") if b.max_seq else (math.inf,)
+        return total if total[0] <= engine[0] else engine
+
+    # -- lifecycle
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive() and not self._stop
+
+    def start(self) -> "Engine":
+        self._thread = threading.Thread(target=self._run, name="singlepass-engine", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    # -- from any thread
+    def submit(self, jobs: list[Job]) -> None:
+        """Queue jobs (all or none): QueueFull when the queue has no room for them."""
+        with self._cv:
+            if not self.alive:
+                raise EngineStopped("the engine is not running")
+            if len(self._waiting) + len(jobs) > self.max_queue:
+                raise QueueFull(
+                    f"the server is busy: {len(self._waiting)} requests are waiting (--max-queue "
+                    f"{self.max_queue}); retry later"
+                )
+            now = time.perf_counter()
+            for j in jobs:
+                j.arrival = now
+            self._waiting.extend(jobs)
+            self._cv.notify_all()
+            waiting, running = len(self._waiting), len(self._rows)
+        self.observer.queue(waiting, running)
+
+    def cancel(self, job: Job) -> None:
+        """The client is gone or out of time: drop the job, waiting or running (idempotent)."""
+        if job.finished or job.cancelled:
+            return
+        job.cancelled = True
+        with self._cv:
+            try:
+                self._waiting.remove(job)
+            except ValueError:
+                pass  # running: the loop drops it before the next pass
+            self._cv.notify_all()
+
+    def counts(self) -> tuple[int, int]:
+        """-> (waiting, running) jobs."""
+        with self._cv:
+            return len(self._waiting), sum(not r.done and not r.job.cancelled for r in self._rows)
+
+    # -- the loop (engine thread only below)
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cv:
+                    while not self._stop and not self._waiting and not self._rows:
+                        self._cv.wait()
+                    if self._stop:
+                        break
+                    new: list[Job] = []
+                    while self._waiting and len(new) < self.max_batch - len(self._rows):
+                        job = self._waiting.popleft()
+                        if not job.cancelled:
+                            new.append(job)
+                    waiting = len(self._waiting)
+                if new:
+                    self._admit(new)
+                    self.observer.queue(waiting, len(self._rows))
+                if self._rows:
+                    self._step()
+                    self.observer.queue(len(self._waiting), len(self._rows))
+        except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
+            log.exception("the engine loop failed")
+            self.error = e
+        finally:
+            with self._cv:
+                self._stop = True
+                left = list(self._waiting) + [r.job for r in self._rows]
+                self._waiting.clear()
+                self._rows, self._state = [], None
+            for job in left:
+                self._fail(job, "the server is shutting down" if self.error is None else "internal server error")
+            self.observer.queue(0, 0)
+
+    def _send(self, job: Job, out: Out) -> None:
+        if out.done:
+            job.finished = True
+        if job.sink is not None:
+            try:
+                job.sink(out)
+            except Exception:  # noqa: BLE001 - a broken consumer must not stop the others
+                log.exception("delivering an event failed")
+
+    def _fail(self, job: Job, message: str) -> None:
+        if not job.finished:
+            self._send(job, Out(0, done=True, finish_reason="error", error=message))
+
+    def _emit(self, row: _Row, logits: np.ndarray, **head) -> Out:
+        """Choose the row's next token from its logits [V] -> its event (to send)."""
+        job = row.job
+        tok = sample(logits, job.sampling, row.rng)
+        step = row.count
+        row.count += 1
+        row.last = tok
+        eos = tok in self.rt.eos_ids
+        done = eos or row.count >= job.budget
+        piece, stopped = row.text.add(tok, final=done)
+        done = done or stopped
+        reason = ("stop" if stopped else "eos" if eos else job.why) if done else None
+        row.done = done
+        return Out(
+            step,
+            token_id=tok,
+            text=piece,
+            done=done,
+            finish_reason=reason,
+            final_text=row.text.emitted if done else None,
+            **head,
+        )
+
+    def _admit(self, jobs: list[Job]) -> None:
+        """Prefill the newcomers together, apply the policy, first tokens; merge the live rows."""
+        rt, m = self.rt, self.rt.manifest
+        try:
+            rt.backend.check_request(len(jobs), max(len(j.ids) for j in jobs))
+            out, state = prefill(rt.backend, m, [j.ids for j in jobs])
+        except Exception:  # noqa: BLE001 - the clients get an error, the log the trace
+            log.exception("prefill failed")
+            for job in jobs:
+                self._fail(job, "internal server error (see the server log)")
+            return
+        self.stats["prefills"] += 1
+        self.stats["admitted"] += len(jobs)
+        labels = labels_from(m, out) or [{} for _ in jobs]
+        logits = last_logits(m, out)  # [B, V]
+        now = time.perf_counter()
+        rows, keep, tokens = [], [], 0
+        for r, job in enumerate(jobs):
+            if job.cancelled:
+                continue
+            head = dict(labels=labels[r], prompt_tokens=len(job.ids))
+            blocker = pol.decide(rt.policy, m.probes, labels[r]) if job.policy else None
+            if blocker:  # the policy acts on the prefill pass, before any token
+                text = rt.policy[blocker].message or rt.refusal
+                first = Out(
+                    0, text=text, done=True, finish_reason="blocked", final_text=text, blocked_by=blocker, **head
+                )
+            elif job.budget <= 0:
+                first = Out(0, done=True, finish_reason=job.why, final_text="", **head)
+            else:
+                first = None
+            if first is not None:
+                self.observer.first(job, first, now - job.arrival)
+                self._send(job, first)
+                continue
+            row = _Row(job, rt.tokenizer.decode)
+            first = self._emit(row, logits[r], **head)
+            tokens += 1
+            self.observer.first(job, first, now - job.arrival)
+            self._send(job, first)
+            if not row.done:
+                rows.append(row)
+                keep.append(r)
+        self.observer.generated(tokens)
+        if not keep:
+            return
+        state = state.keep(keep) if len(keep) < len(jobs) else state
+        if self._state is None:
+            self._state, self._rows = fit(state, width(state, self.dummy), rt.pad_id, self.kv), rows
+        else:
+            self._state = merge(self._state, state, self.dummy, rt.pad_id, self.kv)
+            self._rows = self._rows + rows
+            self.stats["merges"] += 1
+        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
+
+    def _drop(self) -> None:
+        """Finished and cancelled rows leave; columns no remaining row uses are cut."""
+        keep = [k for k, r in enumerate(self._rows) if not r.done and not r.job.cancelled]
+        if len(keep) == len(self._rows):
+            return
+        self._rows = [self._rows[k] for k in keep]
+        if not keep:
+            self._state = None
+            return
+        state = self._state.keep(keep)
+        self._state = fit(state, width(state, self.dummy), self.rt.pad_id, self.kv)
+
+    def _step(self) -> None:
+        """One decode pass for every running row."""
+        self._drop()
+        if not self._rows:
+            return
+        tokens = np.array([r.last for r in self._rows], np.int64)  # [B]
+        try:
+            out, state = decode_one_token(self.rt.backend, self.rt.manifest, self._state, tokens)
+        except Exception:  # noqa: BLE001
+            log.exception("decode pass failed")
+            for r in self._rows:
+                self._fail(r.job, "internal server error (see the server log)")
+            self._rows, self._state = [], None
+            return
+        self.stats["decode_steps"] += 1
+        self.observer.batch(len(self._rows))
+        logits = last_logits(self.rt.manifest, out)  # [B, V]
+        self._state = state
+        for k, row in enumerate(self._rows):
+            self._send(row.job, self._emit(row, logits[k]))
+        self.observer.generated(len(self._rows))
+        self._drop()

@@ -106,8 +106,8 @@ def extract(model: str, cache_dir: str | None, data_dir: str | None) -> "Backbon
 
 def train(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | None) -> None:
     """``singlepass train --probe gate``: a quick safety probe saved to ``probe``."""
+    from singlepass.models.commands import save_trained
     from singlepass.models.data import describe, load_dataset
-    from singlepass.models.probe_io import save_probe
     from singlepass.models.prompts import DEFAULT_MAX_LENGTH
     from singlepass.models.train import train_probe
 
@@ -132,16 +132,7 @@ def train(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | No
         cache_dir=cache_dir and Path(cache_dir),
         progress=True,
     )
-    cfg["data"].update({"limit": TRAIN_LIMIT, "validation_limit": VAL_LIMIT})
-    save_probe(probe, module, cfg)
-    v = cfg["validation"]
-    key = "f1" if cfg["task"] == "safety" else "accuracy"
-    print(
-        f"saved gate probe ({cfg['trainable_parameters']:,} trainable parameters) to {probe}: "
-        f"validation {key} {v[key]:.4f}"
-        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
-        + f"; {cfg['training']['search_seconds']:.1f} s"
-    )
+    save_trained(probe, module, cfg, TRAIN_LIMIT, VAL_LIMIT)
 
 
 def evaluate(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | None) -> None:

@@ -199,6 +199,23 @@ def _train_val(args):
     return tr, va
 
 
+def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | None) -> dict:
+    """Save a trained probe and print what ``singlepass train`` prints -> its validation metrics."""
+    from singlepass.models.probe_io import save_probe
+
+    cfg["data"].update({"limit": limit, "validation_limit": val_limit})
+    save_probe(out, module, cfg)
+    v = cfg["validation"]
+    key = "f1" if cfg["task"] == "safety" else "accuracy"
+    print(
+        f"saved {cfg['probe']} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
+        f"validation {key} {v[key]:.4f}"
+        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+        + f"; {cfg['training']['search_seconds']:.1f} s"
+    )
+    return v
+
+
 def cmd_train(args) -> int:
     import json
     from pathlib import Path
@@ -208,7 +225,7 @@ def cmd_train(args) -> int:
     from singlepass.errors import SinglepassError
     from singlepass.models.backbone import load_backbone
     from singlepass.models.data import describe
-    from singlepass.models.probe_io import read_config, save_probe
+    from singlepass.models.probe_io import read_config
     from singlepass.models.search import HParams
     from singlepass.models.train import train_probe
 
@@ -252,16 +269,7 @@ def cmd_train(args) -> int:
         cache_dir=args.cache_dir and Path(args.cache_dir),
         progress=not args.no_progress,
     )
-    cfg["data"].update({"limit": args.limit, "validation_limit": args.val_limit})
-    save_probe(out, module, cfg)
-    v = cfg["validation"]
-    key = "f1" if cfg["task"] == "safety" else "accuracy"
-    print(
-        f"saved {args.probe} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
-        f"validation {key} {v[key]:.4f}"
-        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
-        + f"; {cfg['training']['search_seconds']:.1f} s"
-    )
+    v = save_trained(out, module, cfg, args.limit, args.val_limit)
     if args.json:
         print(
             json.dumps(

@@ -71,14 +71,10 @@ def evaluate(
 ) -> dict:
     """Metrics of a saved probe on a dataset split. ``backbone``: an already loaded one (else
     ``model``, else the one named in the probe's config, is loaded)."""
-    from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
-    from singlepass.models.probe_io import load_probe, read_config
+    from singlepass.models.probe_io import load_probe_and_backbone
 
-    cfg = read_config(probe_dir)
-    if backbone is None:
-        backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
-    module, cfg = load_probe(probe_dir, backbone.fingerprint)
+    module, cfg, backbone = load_probe_and_backbone(probe_dir, model, cache_dir, backbone)
     ds = load_dataset(dataset, split, data_dir, limit=limit)
     note = check_labels(cfg, ds)
     if note:

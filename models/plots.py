@@ -79,10 +79,9 @@ def plot_layers(
     log=print,
 ) -> dict:
     from singlepass.models import cache as state_cache
-    from singlepass.models.backbone import load_backbone
     from singlepass.models.data import load_dataset
     from singlepass.models.evaluate import check_labels
-    from singlepass.models.probe_io import load_probe, read_config
+    from singlepass.models.probe_io import load_probe_and_backbone, read_config
     from singlepass.models.registry import FAMILIES, get_family
 
     cfg = read_config(probe_dir)
@@ -92,8 +91,7 @@ def plot_layers(
             f"plot-layers needs a {which} probe (its Stage-2 weights are the figure); "
             f"{probe_dir} is a {cfg['probe']!r} probe"
         )
-    backbone = load_backbone(model or cfg["backbone"].get("name") or "smollm2-135m", cache_dir)
-    module, cfg = load_probe(probe_dir, backbone.fingerprint)
+    module, cfg, backbone = load_probe_and_backbone(probe_dir, model, cache_dir)
     ds = load_dataset(dataset, split, data_dir, limit=limit)
     check_labels(cfg, ds)
     c = state_cache.build(

@@ -126,3 +126,15 @@ def load_probe(folder: str | os.PathLike, fingerprint: dict | None = None):
     except RuntimeError as e:
         raise SinglepassError(f"probe {folder}: weights do not match config.json ({str(e).splitlines()[0]})") from None
     return module.eval(), cfg
+
+
+def load_probe_and_backbone(folder: str | os.PathLike, model: str | None = None, cache_dir=None, backbone=None):
+    """-> (module, config, backbone) for running a saved probe: ``backbone`` if given, else
+    ``model``, else the backbone named in the probe's config (the default model if it names none)."""
+    from singlepass.models.backbone import DEFAULT_MODEL, load_backbone
+
+    if backbone is None:
+        cfg = read_config(folder)
+        backbone = load_backbone(model or cfg["backbone"].get("name") or DEFAULT_MODEL, cache_dir)
+    module, cfg = load_probe(folder, backbone.fingerprint)
+    return module, cfg, backbone

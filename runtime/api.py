@@ -204,7 +204,7 @@ class Runtime:
         single = isinstance(prompts, str)
         results: dict[int, Result] = {}
         plist = [prompts] if single else prompts
-        for ev in self._events(prompts, max_new_tokens, pieces=False, **kw):
+        for ev in self.stream(prompts, max_new_tokens, pieces=False, **kw):
             r = results.get(ev.index)
             if r is None:
                 r = results[ev.index] = Result(
@@ -241,6 +241,7 @@ class Runtime:
         policy=None,
         batch_size: int | None = None,
         on_error: str = "return",
+        pieces: bool = True,
     ) -> Iterator[Event]:
         """Yield an Event per prompt per pass as it is produced: step 0 carries the labels (and
         the first token, the refusal of a blocked prompt, or the error of a bad one).
@@ -248,35 +249,8 @@ class Runtime:
         ``truncate``: cut prompts over the maximum (reported as ``truncated``) instead of
         refusing them. ``policy``: overrides the runtime's policy for this call.
         ``batch_size``: prompts per batch (default: all in one batch, which must fit the
-        backend's max batch). ``on_error``: "return" or "raise" (see the module docstring)."""
-        return self._events(
-            prompts,
-            max_new_tokens,
-            pieces=True,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
-            seed=seed,
-            truncate=truncate,
-            policy=policy,
-            batch_size=batch_size,
-            on_error=on_error,
-        )
-
-    def _events(
-        self,
-        prompts,
-        max_new_tokens,
-        pieces: bool,
-        temperature: float = 0.0,
-        top_k: int = 0,
-        top_p: float = 1.0,
-        seed: int | None = None,
-        truncate: bool = False,
-        policy=None,
-        batch_size: int | None = None,
-        on_error: str = "return",
-    ) -> Iterator[Event]:
+        backend's max batch). ``on_error``: "return" or "raise" (see the module docstring).
+        ``pieces``: each event's new text (``generate`` passes False and decodes once at the end)."""
         # Everything about the call is checked here, eagerly, before the first event.
         single = isinstance(prompts, str)
         if single:

@@ -721,28 +721,21 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
         ctoks = tokens if plan.token_ids else None
         text = last.final_text or ""
         if chat:
-            return _json(
-                S.ChatCompletion(
-                    id=rid,
-                    created=created,
-                    model=st.name,
-                    usage=usage,
-                    singlepass=ext,
-                    prompt_token_ids=ptoks,
-                    choices=[
-                        S.ChatChoice(message=S.AssistantMessage(content=text), finish_reason=reason, token_ids=ctoks)
-                    ],
-                )
+            shape, choice = (
+                S.ChatCompletion,
+                S.ChatChoice(message=S.AssistantMessage(content=text), finish_reason=reason, token_ids=ctoks),
             )
+        else:
+            shape, choice = S.Completion, S.CompletionChoice(text=text, finish_reason=reason, token_ids=ctoks)
         return _json(
-            S.Completion(
+            shape(
                 id=rid,
                 created=created,
                 model=st.name,
                 usage=usage,
                 singlepass=ext,
                 prompt_token_ids=ptoks,
-                choices=[S.CompletionChoice(text=text, finish_reason=reason, token_ids=ctoks)],
+                choices=[choice],
             )
         )
     finally:
@@ -785,27 +778,17 @@ async def _stream(
     count = 0
 
     def chunk(text: str | None, reason: str | None = None, head: bool = False, tokens=None, usage=None):
-        if chat:
-            delta = S.Delta(role="assistant", content="") if head else S.Delta(content=text)
-            choices = (
-                []
-                if usage
-                else [S.ChunkChoice(delta=delta if not reason else S.Delta(), finish_reason=reason, token_ids=tokens)]
-            )
-            return _sse(
-                S.ChatCompletionChunk(
-                    id=rid,
-                    created=created,
-                    model=st.name,
-                    choices=choices,
-                    usage=usage,
-                    singlepass=ext if head else None,
-                    prompt_token_ids=ptoks if head else None,
-                )
-            )
-        choices = [] if usage else [S.CompletionChoice(text=text or "", finish_reason=reason, token_ids=tokens)]
+        """One SSE event: a chat chunk or a completion, the extension fields on the head chunk only."""
+        if usage:
+            choices = []
+        elif chat:
+            delta = S.Delta() if reason else S.Delta(role="assistant", content="") if head else S.Delta(content=text)
+            choices = [S.ChunkChoice(delta=delta, finish_reason=reason, token_ids=tokens)]
+        else:
+            choices = [S.CompletionChoice(text=text or "", finish_reason=reason, token_ids=tokens)]
+        shape = S.ChatCompletionChunk if chat else S.Completion
         return _sse(
-            S.Completion(
+            shape(
                 id=rid,
                 created=created,
                 model=st.name,

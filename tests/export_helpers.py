@@ -131,3 +131,22 @@ def ort_feed(manifest: dict, ids, mask, pos, past=None) -> dict:
 def leftovers(parent: Path, name: str) -> list[str]:
     """Anything an interrupted export could leave next to ``parent/name``."""
     return sorted(p.name for p in Path(parent).iterdir() if p.name == name or p.name.startswith(f".{name}"))
+
+
+def serving_artifact(root: Path, name: str, backbone, model_dir, cache_dir, max_prompt: int, muli: bool = True):
+    """Export the tiny model with a binary (``safety``, gate), a three-class (``emotion``, MHA) and,
+    with ``muli``, a logit-input (``muli``) probe into ``root/name`` -> (artifact folder, probe folders)."""
+    from cli_args import export_argv
+
+    from singlepass.cli import main
+
+    probes = {
+        "safety": make_probe(root / "safety", backbone, "gate"),
+        "emotion": make_probe(root / "emotion", backbone, "mha", 3, seed=1, factor=8, heads=2),
+    }
+    if muli:
+        probes["muli"] = make_probe(root / "muli", backbone, "muli", seed=2)
+    out = root / name
+    specs = [f"{d}:{n}" for n, d in probes.items()]
+    assert main(export_argv(model_dir, cache_dir, out, *specs, extra=["--max-prompt-length", max_prompt])) == 0
+    return out, probes

@@ -192,6 +192,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
     def train_probe(method, bb, tr, va, **kw):
         seen.append(("train", method, tr, va, kw))
         return None, {
+            "probe": method,
             "data": {},
             "validation": {"f1": 0.61234},
             "task": "safety",

@@ -6,6 +6,7 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from cli_args import probe_argv, train_argv
 
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
@@ -146,55 +147,13 @@ def test_label_sets_must_match_or_be_binary_of_the_same_task():
 @pytest.fixture(scope="module")
 def gate_probe(tiny_model_dir, cache_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("probes") / "gate"
-    assert (
-        main(
-            [
-                "train",
-                "--model",
-                str(tiny_model_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--dataset",
-                "toxicchat",
-                "--limit",
-                "60",
-                "--val-limit",
-                "40",
-                "--max-length",
-                str(MAX_LEN),
-                "--probe",
-                "gate",
-                "--out",
-                str(out),
-                "--trials",
-                "1",
-                "--epochs",
-                "2",
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    argv = train_argv(tiny_model_dir, cache_dir, "gate", MAX_LEN, "--out", out, "--trials", 1, "--epochs", 2)
+    assert main(argv) == 0
     return out
 
 
 def test_eval_cli_reports_toxicchat_full_and_human_test_sets(gate_probe, tiny_model_dir, cache_dir, capsys):
-    args = [
-        "eval",
-        "--probe",
-        str(gate_probe),
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(cache_dir),
-        "--dataset",
-        "toxicchat",
-        "--split",
-        "test",
-        "--limit",
-        "80",
-        "--no-progress",
-    ]
+    args = probe_argv("eval", gate_probe, tiny_model_dir, cache_dir, 80)
     assert main(args + ["--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
     human = sum(bool(v) for v in load_dataset("toxicchat", "test", limit=80).columns["human_annotation"])
@@ -223,29 +182,7 @@ def test_eval_cli_errors_without_tracebacks(gate_probe, tiny_model_dir, cache_di
 
 def test_plot_layers_writes_the_gate_figure(gate_probe, tiny_model_dir, cache_dir, tmp_path, capsys):
     png = tmp_path / "fig.png"
-    assert (
-        main(
-            [
-                "plot-layers",
-                "--probe",
-                str(gate_probe),
-                "--model",
-                str(tiny_model_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--dataset",
-                "toxicchat",
-                "--split",
-                "test",
-                "--limit",
-                "60",
-                "--out",
-                str(png),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    assert main(probe_argv("plot-layers", gate_probe, tiny_model_dir, cache_dir, 60, "--out", png)) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
     assert "non-toxic, correct" in capsys.readouterr().out
 

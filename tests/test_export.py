@@ -9,6 +9,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_args import export_argv
 from export_helpers import make_probe, ort_feed, sha256
 
 from singlepass.cli import main
@@ -41,10 +42,8 @@ def probe_dirs(tmp_path_factory, tiny_backbone):
 @pytest.fixture(scope="module")
 def artifact(tmp_path_factory, tiny_model_dir, probe_dirs, cache_dir):
     out = tmp_path_factory.mktemp("art") / "tiny"
-    args = ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out)]
-    for name, d in probe_dirs.items():
-        args += ["--probe", str(d) if name != "last" else f"{d}:last"]
-    assert main(args) == 0
+    specs = [d if name != "last" else f"{d}:last" for name, d in probe_dirs.items()]
+    assert main(export_argv(tiny_model_dir, cache_dir, out, *specs)) == 0
     return out
 
 
@@ -179,24 +178,10 @@ def test_debug_variant_exposes_hidden_states_and_all_logits(
     artifact, tiny_model_dir, probe_dirs, cache_dir, tiny_backbone
 ):
     out = artifact.parent / "debug"
-    assert (
-        main(
-            [
-                "export",
-                "--model",
-                str(tiny_model_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--out",
-                str(out),
-                "--probe",
-                str(probe_dirs["tox"]),
-                "--keep-hidden-states",
-                "--all-logits",
-            ]
-        )
-        == 0
+    argv = export_argv(
+        tiny_model_dir, cache_dir, out, probe_dirs["tox"], extra=["--keep-hidden-states", "--all-logits"]
     )
+    assert main(argv) == 0
     m = manifest(out)
     outputs = {o["name"]: o["dims"] for o in m["graph"]["outputs"]}
     assert outputs["hidden_states"] == [3, "batch", "sequence", 64]
@@ -212,7 +197,7 @@ def test_debug_variant_exposes_hidden_states_and_all_logits(
 
 def test_existing_output_needs_force(artifact, tiny_model_dir, probe_dirs, cache_dir, capsys):
     out = artifact.parent / "replace-me"
-    base = ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out)]
+    base = export_argv(tiny_model_dir, cache_dir, out)
     assert main(base + ["--probe", str(probe_dirs["tox"])]) == 0
     before = (out / "manifest.json").read_text()
     assert main(base + ["--probe", str(probe_dirs["sent"])]) == 2

@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from cli_args import export_argv
 from export_helpers import foreign_graph, leftovers, make_probe, mlp_graph
 
 from singlepass.cli import main
@@ -19,9 +20,7 @@ def legacy_graph(tmp_path_factory, tiny_backbone):
 
 
 def export(capsys, tiny_model_dir, cache_dir, out, *extra):
-    code = main(
-        ["export", "--model", str(tiny_model_dir), "--cache-dir", str(cache_dir), "--out", str(out), *map(str, extra)]
-    )
+    code = main(export_argv(tiny_model_dir, cache_dir, out, extra=extra))
     return code, capsys.readouterr().err
 
 

@@ -13,6 +13,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+from cli_args import export_argv
 from export_helpers import foreign_graph, make_probe, ort_feed
 
 from singlepass.cli import main
@@ -39,26 +40,7 @@ def exported(request, tmp_path_factory, tiny_backbone, tiny_model_dir, probes, c
     root = tmp_path_factory.mktemp(request.param)
     src = foreign_graph(tiny_backbone, root / "decoder.onnx", exporter, kv, positions, opset, external=kv)
     out = root / "art"
-    assert (
-        main(
-            [
-                "export",
-                "--onnx",
-                str(src),
-                "--model",
-                str(tiny_model_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--probe",
-                str(probes["tox"]),
-                "--probe",
-                str(probes["muli"]),
-                "--out",
-                str(out),
-            ]
-        )
-        == 0
-    )
+    assert main(export_argv(tiny_model_dir, cache_dir, out, probes["tox"], probes["muli"], extra=["--onnx", src])) == 0
     return request.param, src, out
 
 

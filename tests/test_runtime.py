@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from export_helpers import make_probe
+from export_helpers import serving_artifact
 
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
@@ -43,27 +43,7 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 12
 def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
     """A tiny artifact with a binary, a three-class and a logit-input (MULI) probe."""
     root = tmp_path_factory.mktemp("rt")
-    probes = {
-        "safety": make_probe(root / "safety", tiny_backbone, "gate"),
-        "emotion": make_probe(root / "emotion", tiny_backbone, "mha", 3, seed=1, factor=8, heads=2),
-        "muli": make_probe(root / "muli", tiny_backbone, "muli", seed=2),
-    }
-    out = root / "art"
-    args = [
-        "export",
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(cache_dir),
-        "--out",
-        str(out),
-        "--max-prompt-length",
-        str(MAX_PROMPT),
-    ]
-    for name, d in probes.items():
-        args += ["--probe", f"{d}:{name}"]
-    assert main(args) == 0
-    return out, probes
+    return serving_artifact(root, "art", tiny_backbone, tiny_model_dir, cache_dir, MAX_PROMPT)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,10 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import openai  # the serve extra and the openai client are dev dependencies: a missing one fails, never skips
 import pytest
+from export_helpers import serving_artifact
 
-pytest.importorskip("fastapi")
-pytest.importorskip("uvicorn")
-openai = pytest.importorskip("openai")
-
-from export_helpers import make_probe  # noqa: E402
-
-from singlepass.cli import main  # noqa: E402
 from singlepass.runtime.api import Runtime, load  # noqa: E402
 from singlepass.runtime.backends import Backend  # noqa: E402
 from singlepass.runtime.passes import State  # noqa: E402
@@ -53,26 +48,7 @@ MODEL = "art"
 def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
     """A tiny artifact with a binary (``safety``) and a three-class (``emotion``) probe."""
     root = tmp_path_factory.mktemp("serve")
-    probes = {
-        "safety": make_probe(root / "safety", tiny_backbone, "gate"),
-        "emotion": make_probe(root / "emotion", tiny_backbone, "mha", 3, seed=1, factor=8, heads=2),
-    }
-    out = root / MODEL
-    args = [
-        "export",
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(cache_dir),
-        "--out",
-        str(out),
-        "--max-prompt-length",
-        "96",
-    ]
-    for name, d in probes.items():
-        args += ["--probe", f"{d}:{name}"]
-    assert main(args) == 0
-    return out
+    return serving_artifact(root, MODEL, tiny_backbone, tiny_model_dir, cache_dir, 96, muli=False)[0]
 
 
 @pytest.fixture(scope="module")

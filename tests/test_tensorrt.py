@@ -12,6 +12,7 @@ import numpy as np
 import onnx
 import onnx_graphsurgeon as gs
 import pytest
+from cli_args import export_argv
 from export_helpers import make_probe
 from onnx import TensorProto, helper
 
@@ -25,24 +26,7 @@ def artifact(tmp_path_factory, tiny_backbone, tiny_model_dir, cache_dir):
     tox = make_probe(root / "tox", tiny_backbone, "gate")
     emo = make_probe(root / "emo", tiny_backbone, "mha", 3, factor=8, heads=2)
     out = root / "art"
-    assert (
-        main(
-            [
-                "export",
-                "--model",
-                str(tiny_model_dir),
-                "--cache-dir",
-                str(cache_dir),
-                "--out",
-                str(out),
-                "--probe",
-                str(tox),
-                "--probe",
-                str(emo),
-            ]
-        )
-        == 0
-    )
+    assert main(export_argv(tiny_model_dir, cache_dir, out, tox, emo)) == 0
     return out
 
 

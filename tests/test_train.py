@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_args import train_argv
 
 from singlepass.cli import main
 from singlepass.errors import SinglepassError
@@ -147,31 +148,7 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
     from singlepass.models.probe_io import REQUIRED, load_probe
 
     out = tmp_path / method
-    argv = [
-        "train",
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(cache_dir),
-        "--dataset",
-        "toxicchat",
-        "--limit",
-        "60",
-        "--val-limit",
-        "40",
-        "--max-length",
-        str(MAX_LEN),
-        "--probe",
-        method,
-        "--out",
-        str(out),
-        "--trials",
-        "2",
-        "--epochs",
-        "2",
-        "--no-progress",
-        "--json",
-    ]
+    argv = train_argv(tiny_model_dir, cache_dir, method, MAX_LEN, "--out", out, "--trials", 2, "--epochs", 2, "--json")
     if method == "muli":
         argv += ["--set", "epochs=20"]
     assert main(argv) == 0
@@ -190,24 +167,7 @@ def test_train_cli_writes_a_loadable_artifact(method, tiny_model_dir, cache_dir,
 def test_train_cli_hparams_from_keeps_the_configuration_and_honours_epochs(tiny_model_dir, cache_dir, tmp_path, capsys):
     from singlepass.models.probe_io import read_config
 
-    common = [
-        "train",
-        "--model",
-        str(tiny_model_dir),
-        "--cache-dir",
-        str(cache_dir),
-        "--dataset",
-        "toxicchat",
-        "--limit",
-        "60",
-        "--val-limit",
-        "40",
-        "--max-length",
-        str(MAX_LEN),
-        "--probe",
-        "last-token",
-        "--no-progress",
-    ]
+    common = train_argv(tiny_model_dir, cache_dir, "last-token", MAX_LEN)
     assert main([*common, "--out", str(tmp_path / "searched"), "--trials", "2", "--epochs", "3"]) == 0
     src = read_config(tmp_path / "searched")
     assert (

@@ -1,5 +1,6 @@
-"""CLI for benchmarks/: ``singlepass bench accuracy`` and ``singlepass bench latency`` (same flags as
-``python -m singlepass.benchmarks.accuracy`` / ``python -m singlepass.benchmarks.latency``)."""
+"""CLI for benchmarks/: ``singlepass bench accuracy``, ``singlepass bench latency`` and ``singlepass
+bench serve`` (same flags as ``python -m singlepass.benchmarks.accuracy`` / ``.latency`` /
+``.serve_bench``)."""
 
 from __future__ import annotations
 
@@ -27,11 +28,19 @@ def cmd_latency(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_serve(args: argparse.Namespace) -> int:
+    from singlepass.benchmarks.serve_bench import run
+
+    args.command = _command("serve")
+    return run(args)
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (writes ./benchmarks/results/*.md, or --out DIR)")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
     from singlepass.benchmarks.accuracy import build_parser
     from singlepass.benchmarks.latency import build_parser as latency_parser
+    from singlepass.benchmarks.serve_bench import build_parser as serve_parser
 
     a = benches.add_parser("accuracy", help="probes vs MULI and fixed-readout baselines: accuracy table")
     build_parser(a)
@@ -39,3 +48,8 @@ def register(sub) -> None:
     lp = benches.add_parser("latency", help="single pass with fused probes vs guard-then-serve: latency and memory")
     latency_parser(lp)
     lp.set_defaults(func=cmd_latency)
+    sp = benches.add_parser(
+        "serve", help="the OpenAI-compatible server under concurrent streams: batching, guard-then-serve, soak"
+    )
+    serve_parser(sp)
+    sp.set_defaults(func=cmd_serve)

@@ -1,6 +1,7 @@
 """An OpenAI-compatible HTTP server over an exported artifact, with continuous batching.
 
     singlepass serve ART [--host 127.0.0.1] [--port 8000] [--policy NAME=RULE ...] [--api-key KEY]
+                         [--guard DIR] [--ignore-eos]
 
 Endpoints: ``POST /v1/chat/completions`` and ``POST /v1/completions`` (both also as server-sent
 events with ``stream: true``), ``POST /v1/moderations``, ``GET /v1/models``, ``GET /health`` and
@@ -10,7 +11,9 @@ events with ``stream: true``), ``POST /v1/moderations``, ``GET /v1/models``, ``G
 The parts: ``engine.py`` (the one engine loop: continuous, iteration-level batching over
 ``runtime/passes.py``; numpy only), ``schemas.py`` (the OpenAI request/response shapes as pydantic
 models and the checks of unsupported fields), ``app.py`` (the FastAPI application, auth, limits,
-errors, the uvicorn runner), ``metrics.py`` (the Prometheus metrics). FastAPI, uvicorn, pydantic
-and prometheus-client are the ``serve`` extra (``pip install singlepass[serve]``); none of them
-is imported by ``import singlepass`` or ``singlepass --help``, only by the ``serve`` command.
+errors, the uvicorn runner), ``metrics.py`` (the Prometheus metrics), ``guard.py`` (``--guard
+DIR``: guard-then-serve, a separate classifier in front of the engine, to compare with a fused
+probe as ``singlepass bench serve`` does). FastAPI, uvicorn, pydantic and prometheus-client are
+the ``serve`` extra (``pip install singlepass[serve]``); none of them is imported by ``import
+singlepass`` or ``singlepass --help``, only by the ``serve`` command.
 """

@@ -26,7 +26,12 @@ Sampling follows OpenAI's defaults: temperature 1, top_p 1 (``temperature: 0`` i
 and top_k change nothing then). ``max_tokens`` defaults to 16 for completions and to the
 artifact's limit for chat; a value over the limit (``limits.max_total_length`` - prompt tokens)
 is a 400. A finish reason is ``stop`` (EOS or a stop string), ``length`` (the budget or the
-artifact's limit) or ``content_filter`` (the label policy blocked the prompt: the refusal text).
+artifact's limit) or ``content_filter`` (the label policy, or the ``--guard`` classifier, blocked
+the prompt: the refusal text).
+
+Two serving options exist for benchmarks: ``--guard DIR`` (guard-then-serve: a separate classifier
+scores each completion prompt before the engine sees it, ``guard.py``) and ``--ignore-eos``
+(every request generates its whole ``max_tokens`` budget: fixed work per request).
 
 Errors are OpenAI's ``{"error": {"message", "type", "param", "code"}}``: 400 bad or unsupported
 fields (named) and invalid JSON, 401 without the API key, 404 unknown model, 413 body too large,
@@ -54,6 +59,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
+from singlepass.runtime.passes import Label
 from singlepass.runtime.sampling import Sampling
 from singlepass.serve import schemas as S
 from singlepass.serve.engine import EngineStopped, Job, Out, QueueFull
@@ -112,6 +118,9 @@ class Options:
     threads: int | None = None
     policy: dict | list | None = None
     refusal: str = pol.DEFAULT_REFUSAL
+    ignore_eos: bool = False  # every request generates its whole budget (fixed work, for benchmarks)
+    guard: str | None = None  # a ClassifierGuard folder: guard-then-serve (guard.py)
+    guard_threads: int | None = None  # its ONNX Runtime threads (default: --threads)
 
 
 class ApiError(Exception):
@@ -174,6 +183,7 @@ class _Plan:
     stream: bool
     usage: bool
     token_ids: bool
+    text: str | None = None  # the user's text, for the guard (before the prompt format)
 
 
 @dataclass
@@ -188,6 +198,8 @@ class ServerState:
     ready: bool = False
     load_error: str | None = None
     on_load_error: object = None
+    scorer: object = None  # a guard given as an object (tests); else loaded from options.guard
+    guard: object = None  # the GuardStage, when there is a guard
 
     # -- loading (a thread: /health answers 503 meanwhile)
     def load(self) -> None:
@@ -200,15 +212,24 @@ class ServerState:
                 self.artifact, backend=o.backend, engine=o.engine, threads=o.threads, policy=o.policy, refusal=o.refusal
             )
             self.runtime = rt
-            self.engine = Engine(rt, o.max_batch, o.max_queue, self.metrics).start()
+            if self.scorer is not None or o.guard:
+                from singlepass.serve.guard import KEY, GuardStage, load_scorer
+
+                if KEY in rt.probe_names:
+                    raise SinglepassError(f"--guard: the artifact has a probe named {KEY!r}; the guard needs that name")
+                scorer = self.scorer or load_scorer(o.guard, o.guard_threads or o.threads)
+                self.guard = GuardStage(scorer, max_batch=o.max_queue).start()
+            self.engine = Engine(rt, o.max_batch, o.max_queue, self.metrics, ignore_eos=o.ignore_eos).start()
             self.ready = True
             log.info(
-                "serving %s (%s, probes: %s; max batch %d, max queue %d)",
+                "serving %s (%s, probes: %s; max batch %d, max queue %d%s%s)",
                 self.name,
                 rt.backend.name,
                 ", ".join(rt.probe_names) or "none",
                 self.engine.max_batch,
                 self.engine.max_queue,
+                f"; guard {self.guard.name}" if self.guard else "",
+                "; EOS ignored" if o.ignore_eos else "",
             )
         except Exception as e:  # noqa: BLE001 - reported by /health and the CLI
             self.load_error = str(e) if isinstance(e, SinglepassError) else f"{type(e).__name__}: {e}"
@@ -291,6 +312,32 @@ class ServerState:
         if req.stream_options is not None and not req.stream:
             raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
         return _Plan(ids, budget, why, sampling, stops, bool(req.stream), usage, bool(req.return_token_ids))
+
+    async def screen(self, plan: _Plan, job: Job, sink: "_Sink") -> Label | None:
+        """With a guard: its label for the prompt; a flagged prompt gets the refusal (in ``sink``)
+        and never reaches the engine. Without one: None."""
+        if self.guard is None or plan.text is None:
+            return None
+        from singlepass.serve.guard import KEY
+
+        verdict = await self.guard.check(plan.text)
+        self.metrics.guarded(verdict.label.label, verdict.seconds, verdict.flagged)
+        if verdict.flagged:
+            text = self.runtime.refusal
+            job.finished = True
+            sink(
+                Out(
+                    0,
+                    text=text,
+                    done=True,
+                    finish_reason="blocked",
+                    final_text=text,
+                    blocked_by=KEY,
+                    labels={KEY: verdict.label},
+                    prompt_tokens=len(plan.ids),
+                )
+            )
+        return verdict.label
 
     def submit(self, jobs: list[Job]) -> None:
         try:
@@ -455,14 +502,15 @@ def _sse(model) -> str:
 # ----------------------------------------------------------------------------- the app
 
 
-def create_app(artifact=None, runtime=None, options: Options | None = None) -> FastAPI:
-    """The application for an artifact folder (loaded in a thread at startup) or a loaded Runtime."""
+def create_app(artifact=None, runtime=None, options: Options | None = None, guard=None) -> FastAPI:
+    """The application for an artifact folder (loaded in a thread at startup) or a loaded Runtime.
+    ``guard``: a scorer object (``guard.Scorer``) instead of ``options.guard``'s folder."""
     from contextlib import asynccontextmanager
 
     if (artifact is None) == (runtime is None):
         raise SinglepassError("create_app needs an artifact folder or a Runtime (one of them)")
     o = options or Options()
-    st = ServerState(o, artifact=artifact, runtime=runtime)
+    st = ServerState(o, artifact=artifact, runtime=runtime, scorer=guard)
     folder = runtime.folder if runtime is not None else getattr(artifact, "folder", artifact)
     st.name = o.model_name or Path(folder).resolve().name
 
@@ -472,6 +520,8 @@ def create_app(artifact=None, runtime=None, options: Options | None = None) -> F
         try:
             yield
         finally:
+            if st.guard is not None:
+                await asyncio.get_running_loop().run_in_executor(None, st.guard.stop)
             if st.engine is not None:
                 await asyncio.get_running_loop().run_in_executor(None, st.engine.stop)
 
@@ -555,6 +605,7 @@ def create_app(artifact=None, runtime=None, options: Options | None = None) -> F
             raise ApiError(400, "max_tokens and max_completion_tokens differ: give one of them", param="max_tokens")
         mx = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         plan = st.plan(req, await st.encode(text, "messages[0].content"), mx, None)
+        plan.text = text
         return await _complete(st, request, plan, chat=True)
 
     @app.post("/v1/completions", response_model=S.Completion, tags=["openai"], responses=documented)
@@ -572,6 +623,7 @@ def create_app(artifact=None, runtime=None, options: Options | None = None) -> F
                 )
             prompt = prompt[0]
         plan = st.plan(req, await st.encode(prompt, "prompt"), req.max_tokens, COMPLETIONS_DEFAULT_MAX_TOKENS)
+        plan.text = prompt
         return await _complete(st, request, plan, chat=False)
 
     @app.post("/v1/moderations", response_model=S.Moderation, tags=["openai"], responses=documented)
@@ -623,6 +675,7 @@ def _card(st: ServerState) -> S.ModelCard:
                 "max_batch": st.engine.max_batch,
             },
             "backend": rt.backend.name,
+            **({"guard": {"name": st.guard.name, "threshold": st.guard.threshold}} if st.guard else {}),
         },
     )
 
@@ -680,7 +733,12 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
     sink = _Sink(loop)
     job = Job(plan.ids, plan.budget, plan.why, plan.sampling, plan.stops, incremental=plan.stream, sink=sink)
     deadline = time.monotonic() + st.options.timeout
-    st.submit([job])
+    try:  # the guard's time counts against the request's --timeout
+        guard_label = await asyncio.wait_for(st.screen(plan, job, sink), max(0.0, deadline - time.monotonic()))
+    except asyncio.TimeoutError:
+        raise _timeout_error(st, request) from None
+    if not job.finished:
+        st.submit([job])
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
     created = int(time.time())
     handed_over = False
@@ -694,6 +752,10 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
             return Response(status_code=408)
         if first.error:
             raise _engine_error(st, first.error)
+        if guard_label is not None:
+            from singlepass.serve.guard import KEY
+
+            first.labels = {**(first.labels or {}), KEY: guard_label}
         if plan.stream:
             handed_over = True
             return _SSE(
@@ -933,6 +995,10 @@ def serve(artifact, options: Options, log_level: str = "info") -> int:
         )
     if options.max_queue < 1 or options.timeout <= 0 or options.max_body_bytes < 1:
         raise SinglepassError("--max-queue, --timeout and --max-body-bytes must be positive")
+    if options.guard:
+        from singlepass.serve.guard import check_folder
+
+        check_folder(options.guard)
     if not _is_loopback(options.host) and not options.api_key:
         log.warning(
             "listening on %s without an API key: anyone who can reach it can use it (set --api-key or "

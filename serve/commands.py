@@ -31,6 +31,9 @@ def cmd_serve(args) -> int:
         threads=args.threads,
         policy=parse_specs(args.policy),
         refusal=args.refusal or DEFAULT_REFUSAL,
+        ignore_eos=args.ignore_eos,
+        guard=args.guard,
+        guard_threads=args.guard_threads,
     )
     return serve(args.artifact, opts, log_level=args.log_level)
 
@@ -98,6 +101,24 @@ def register(sub) -> None:
     )
     p.add_argument("--engine", default=None, help="TensorRT engine file of the artifact (default: the last built)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument(
+        "--guard",
+        default=None,
+        metavar="DIR",
+        help="guard-then-serve: a separate classifier folder (config.json, model.onnx, tokenizer.json; "
+        "benchmarks/guards.py's ClassifierGuard) scores each completion prompt before it reaches the "
+        "engine; a flagged prompt gets the refusal with finish_reason content_filter and blocked_by "
+        "'guard' (for comparing a fused probe with a guard; serve a base artifact)",
+    )
+    p.add_argument(
+        "--guard-threads", type=int, default=None, help="the guard's ONNX Runtime threads (default: --threads)"
+    )
+    p.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="for benchmarks: every request generates its whole max_tokens budget (EOS does not end it), "
+        "so each request is the same work",
+    )
     p.add_argument(
         "--log-level",
         default="info",

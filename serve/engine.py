@@ -198,9 +198,17 @@ class _Row:
 
 class Engine:
     """Continuous batching on one runtime (see the module docstring). ``max_batch``: rows decoded
-    together (at most the artifact's/backend's limit); ``max_queue``: jobs waiting for a row."""
+    together (at most the artifact's/backend's limit); ``max_queue``: jobs waiting for a row;
+    ``ignore_eos``: every row generates its whole token budget (fixed work, for benchmarks)."""
 
-    def __init__(self, runtime, max_batch: int | None = None, max_queue: int = 128, observer: Observer | None = None):
+    def __init__(
+        self,
+        runtime,
+        max_batch: int | None = None,
+        max_queue: int = 128,
+        observer: Observer | None = None,
+        ignore_eos: bool = False,
+    ):
         self.rt = runtime
         limit = runtime.max_batch
         if max_batch is not None and not 1 <= max_batch <= limit:
@@ -211,6 +219,7 @@ class Engine:
         self.observer = observer or Observer()
         self.kv = bool(runtime.manifest.graph.kv_cache)
         self.dummy = runtime.dummy
+        self.eos_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(runtime.eos_ids)
         self._cv = threading.Condition()
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
@@ -335,7 +344,7 @@ class Engine:
         step = row.count
         row.count += 1
         row.last = tok
-        eos = tok in self.rt.eos_ids
+        eos = tok in self.eos_ids
         done = eos or row.count >= job.budget
         piece, stopped = row.text.add(tok, final=done)
         done = done or stopped

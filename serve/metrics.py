@@ -9,7 +9,9 @@ singlepass_time_to_first_token_seconds            arrival -> first token (or ref
 singlepass_request_latency_seconds{endpoint}      arrival -> response complete
 singlepass_prompt_tokens_total / singlepass_generated_tokens_total
 singlepass_labels_total{probe, label}             each served prompt's label per probe
-singlepass_blocks_total{probe}                    prompts refused by the label policy
+singlepass_blocks_total{probe}                    prompts refused by the label policy (probe
+                                                  "guard": by the --guard classifier)
+singlepass_guard_seconds                          --guard: queued + scored, per prompt
 singlepass_decode_batch_rows                      rows per decode pass
 """
 
@@ -47,6 +49,9 @@ class Metrics(Observer):
         self.generated_tokens = Counter("singlepass_generated_tokens", "tokens generated", registry=r)
         self.labels = Counter("singlepass_labels", "labels given to served prompts", ["probe", "label"], registry=r)
         self.blocks = Counter("singlepass_blocks", "prompts refused by the label policy", ["probe"], registry=r)
+        self.guard_seconds = Histogram(
+            "singlepass_guard_seconds", "--guard: a prompt queued and scored", buckets=LATENCY_BUCKETS, registry=r
+        )
         self.batch_rows = Histogram(
             "singlepass_decode_batch_rows", "rows per decode pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
         )
@@ -70,6 +75,13 @@ class Metrics(Observer):
 
     def batch(self, rows: int) -> None:
         self.batch_rows.observe(rows)
+
+    # -- the --guard stage
+    def guarded(self, label: str, seconds: float, flagged: bool) -> None:
+        self.guard_seconds.observe(seconds)
+        self.labels.labels("guard", label).inc()
+        if flagged:
+            self.blocks.labels("guard").inc()
 
     # -- HTTP
     def request(self, endpoint: str, outcome: str, seconds: float | None) -> None:

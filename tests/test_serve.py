@@ -1,8 +1,9 @@
 """`singlepass serve`: the real server (uvicorn on a free loopback port) over a tiny exported
 artifact, driven by the official openai client and by plain HTTP: results and labels equal
 ``Runtime.generate`` for the same prompt, continuous batching of 32 concurrent clients, streaming,
-moderations, the policy, queue-full 429, disconnects and timeouts freeing their rows, auth, bad
-input, health before loading, metrics, the CLI, and a short schemathesis run (no 5xx)."""
+moderations, the policy, guard-then-serve (``--guard``: a tiny ONNX classifier folder, and a
+stand-in scorer), ``--ignore-eos``, queue-full 429, disconnects and timeouts freeing their rows,
+auth, bad input, health before loading, metrics, the CLI, and a short schemathesis run (no 5xx)."""
 
 from __future__ import annotations
 
@@ -25,12 +26,15 @@ import openai  # the serve extra and the openai client are dev dependencies: a m
 import pytest
 from export_helpers import serving_artifact
 
+from singlepass.errors import SinglepassError  # noqa: E402
 from singlepass.runtime.api import Runtime, load  # noqa: E402
 from singlepass.runtime.backends import Backend  # noqa: E402
 from singlepass.runtime.passes import State  # noqa: E402
+from singlepass.runtime.policy import DEFAULT_REFUSAL  # noqa: E402
 from singlepass.runtime.sampling import Sampling  # noqa: E402
 from singlepass.serve.app import Options, bind, create_app  # noqa: E402
 from singlepass.serve.engine import Engine, Job, TextTracker, fit, merge  # noqa: E402
+from singlepass.serve.guard import check_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = [
@@ -414,6 +418,174 @@ def test_block_policy_content_filter(art, rt):
         assert [m.flagged for m in mod.results] == [True, False]
         assert metric(s.url, "singlepass_blocks_total", probe="safety") == 2
         assert metric(s.url, "singlepass_requests_total", endpoint="/v1/chat/completions", outcome="blocked") == 2
+
+
+# ----------------------------------------------------------------------------- guard-then-serve
+
+
+def tiny_guard(folder: Path, tokenizer_json: Path, flag: str, safe: list[str]) -> Path:
+    """A tiny classifier folder as ``benchmarks/guards.py``'s ClassifierGuard reads it (config.json,
+    model.onnx, tokenizer.json): P(unsafe) = sigmoid(the largest per-token weight over the prompt),
+    +6 for the tokens of ``flag`` that no ``safe`` text has, -6 for every other token."""
+    import shutil
+
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    tok.no_padding()
+    bad = set(tok.encode(flag).ids) - {i for t in safe for i in tok.encode(t).ids}
+    assert bad, "the flag word shares all its tokens with the safe texts"
+    w = np.full((tok.get_vocab_size(), 1), -6.0, np.float32)
+    w[sorted(bad)] = 6.0
+    nodes = [
+        helper.make_node("Gather", ["w", "input_ids"], ["g"]),  # [B, T, 1]
+        helper.make_node("Squeeze", ["g", "axis"], ["s"]),  # [B, T]
+        helper.make_node("Cast", ["attention_mask"], ["m"], to=TensorProto.FLOAT),
+        helper.make_node("Sub", ["m", "one"], ["off"]),  # 0 on tokens, -1 on padding
+        helper.make_node("Mul", ["off", "big"], ["pen"]),
+        helper.make_node("Add", ["s", "pen"], ["x"]),
+        helper.make_node("ReduceMax", ["x"], ["top"], axes=[1], keepdims=0),  # [B]
+        helper.make_node("Sigmoid", ["top"], ["prob"]),
+    ]
+    inits = [
+        numpy_helper.from_array(w, "w"),
+        numpy_helper.from_array(np.array([2], np.int64), "axis"),
+        numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        numpy_helper.from_array(np.array(100.0, np.float32), "big"),
+    ]
+    ids = [helper.make_tensor_value_info(n, TensorProto.INT64, ["B", "T"]) for n in ("input_ids", "attention_mask")]
+    prob = helper.make_tensor_value_info("prob", TensorProto.FLOAT, ["B"])
+    model = helper.make_model(
+        helper.make_graph(nodes, "tiny_guard", ids, [prob], inits), opset_imports=[helper.make_opsetid("", 17)]
+    )
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"))
+    shutil.copy2(tokenizer_json, folder / "tokenizer.json")
+    cfg = {"format": "singlepass-guard", "version": 1, "kind": "classifier", "name": "tiny", "threshold": 0.5}
+    (folder / "config.json").write_text(
+        json.dumps({**cfg, "max_length": 64, "inputs": ["input_ids", "attention_mask"]})
+    )
+    return folder
+
+
+def test_guard_then_serve_refuses_before_the_engine(rt, tiny_model_dir, tmp_path):
+    """``--guard DIR``: the classifier scores the user's text first; a flagged prompt gets the
+    refusal (content_filter, blocked_by guard) and never reaches the engine; the others are served
+    as without a guard, the guard's label beside the probes'."""
+    from singlepass.benchmarks.guards import ClassifierGuard
+
+    bad, safe = PROMPTS[4], [p for p in PROMPTS if p != PROMPTS[4]]
+    folder = tiny_guard(tmp_path / "guard", tiny_model_dir / "tokenizer.json", "dangerous", safe)
+    assert ClassifierGuard(folder, threads=1)([bad, *safe]).tolist() == [True] + [False] * len(safe)
+    with server(runtime=rt, guard=str(folder), guard_threads=1) as s:
+        c = client(s.url)
+        out = c.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": bad}], max_tokens=5)
+        ch, ext = out.choices[0], out.model_extra["singlepass"]
+        assert ch.finish_reason == "content_filter" and ch.message.content == DEFAULT_REFUSAL
+        assert ext["blocked_by"] == "guard" and out.usage.completion_tokens == 0
+        assert list(ext["labels"]) == ["guard"] and ext["labels"]["guard"]["label"] == "unsafe"
+        assert ext["labels"]["guard"]["score"] > 0.99
+        chunks = list(
+            c.chat.completions.create(
+                model=MODEL, messages=[{"role": "user", "content": bad}], max_tokens=5, stream=True
+            )
+        )
+        assert chunks[0].model_extra["singlepass"]["blocked_by"] == "guard"
+        assert "".join(x.choices[0].delta.content or "" for x in chunks) == DEFAULT_REFUSAL
+        assert chunks[-1].choices[0].finish_reason == "content_filter"
+        comp = c.completions.create(model=MODEL, prompt=bad, max_tokens=5)
+        assert comp.choices[0].finish_reason == "content_filter" and comp.choices[0].text == DEFAULT_REFUSAL
+        r = rt.generate(safe[0], 3)
+        ok = c.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": safe[0]}], max_tokens=3, temperature=0
+        )
+        ext = ok.model_extra["singlepass"]
+        assert ok.choices[0].message.content == r.text and ok.choices[0].finish_reason == "length"
+        assert "blocked_by" not in ext and set(ext["labels"]) == {"safety", "emotion", "guard"}
+        assert ext["labels"]["guard"]["label"] == "safe" and ext["labels"]["guard"]["score"] < 0.01
+        assert ext["labels"]["safety"]["label"] == r.labels["safety"].label
+        assert s.st.engine.stats["admitted"] == 1  # the refused prompts never reached the engine
+        assert s.st.guard.stats["scored"] == 4 and s.st.guard.stats["flagged"] == 3
+        assert c.models.list().data[0].model_extra["singlepass"]["guard"]["threshold"] == 0.5
+        mod = c.moderations.create(input=bad)  # moderations report the probes only
+        assert set(mod.results[0].categories.to_dict()) == {"safety", "emotion"}
+        assert metric(s.url, "singlepass_blocks_total", probe="guard") == 3
+        assert metric(s.url, "singlepass_guard_seconds_count") == 4
+        assert metric(s.url, "singlepass_requests_total", endpoint="/v1/chat/completions", outcome="blocked") == 2
+    bad_dir = tmp_path / "empty"
+    bad_dir.mkdir()
+    with pytest.raises(SinglepassError, match="not a guard folder"):
+        check_folder(bad_dir)
+
+
+class StandIn:
+    """A guard without a model: P(unsafe) 1 for "dangerous", 0 else; "boom" fails; the first call
+    waits for ``gate`` (so the test can queue prompts behind it)."""
+
+    threshold = 0.5
+
+    def __init__(self):
+        self.batches: list[list[str]] = []
+        self.gate, self.entered = threading.Event(), threading.Event()
+
+    def score(self, texts):
+        self.batches.append(list(texts))
+        self.entered.set()
+        assert self.gate.wait(30), "the test never opened the gate"
+        if any("boom" in t for t in texts):
+            raise RuntimeError("secret guard detail")
+        return np.array([float("dangerous" in t) for t in texts])
+
+
+def test_guard_stage_batches_waiting_prompts_and_survives_a_failure(rt):
+    guard = StandIn()
+    with server(runtime=rt, hook=lambda st: setattr(st, "scorer", guard)) as s:
+        results = {}
+
+        def call(i, prompt):
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": 2, "temperature": 0}
+            results[i] = request(s.url, "POST", "/v1/completions", body)
+
+        prompts = PROMPTS[:6]
+        threads = [threading.Thread(target=call, args=(0, prompts[0]))]
+        threads[0].start()
+        assert guard.entered.wait(10)  # the first prompt holds the guard
+        threads += [threading.Thread(target=call, args=(i, p)) for i, p in enumerate(prompts) if i]
+        for t in threads[1:]:
+            t.start()
+        wait_until(lambda: len(s.st.guard._waiting) == 5)
+        guard.gate.set()
+        for t in threads:
+            t.join(30)
+        assert [len(b) for b in guard.batches] == [1, 5]  # the five waiting ones in one guard pass
+        for i, p in enumerate(prompts):
+            status, _, body = results[i]
+            assert status == 200, body
+            want = "content_filter" if "dangerous" in p else "length"
+            assert body["choices"][0]["finish_reason"] == want, p
+        assert s.st.engine.stats["admitted"] == 5
+        status, _, err = request(s.url, "POST", "/v1/completions", {"model": MODEL, "prompt": "boom", "max_tokens": 2})
+        assert status == 500 and "secret" not in json.dumps(err)
+        status, _, body = request(s.url, "POST", "/v1/completions", {"model": MODEL, "prompt": "Hi", "max_tokens": 2})
+        assert status == 200 and body["usage"]["completion_tokens"] == 2
+
+
+def test_ignore_eos_generates_the_whole_budget(art):
+    """``--ignore-eos``: EOS does not end a request (fixed work); the tokens are the runtime's with
+    ``ignore_eos=True``."""
+    ref = load(art, backend="cpu", threads=1, ignore_eos=True).generate(PROMPTS[3], 12)
+    rt2 = load(art, backend="cpu", threads=1)
+    rt2.eos_ids = frozenset({ref.token_ids[4]})  # an EOS the greedy continuation meets early
+    with server(runtime=rt2, ignore_eos=True) as s:
+        out = client(s.url).completions.create(
+            model=MODEL, prompt=PROMPTS[3], max_tokens=12, temperature=0, extra_body={"return_token_ids": True}
+        )
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 12
+    assert out.choices[0].model_extra["token_ids"] == ref.token_ids
 
 
 # ----------------------------------------------------------------------------- continuous batching

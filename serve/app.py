@@ -745,12 +745,8 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
     created = int(time.time())
     handed_over = False
     try:
-        try:
-            first = await sink.next(deadline, request)
-        except _Timeout:
-            raise _timeout_error(st, request) from None
-        except _Gone:
-            _set_outcome(request, "cancelled")
+        first = await _next_output(st, sink, deadline, request)
+        if first is None:
             return Response(status_code=408)
         if first.error:
             raise _engine_error(st, first.error)
@@ -766,13 +762,10 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
             )
         outs = [first]
         while not outs[-1].done:
-            try:
-                outs.append(await sink.next(deadline, request))
-            except _Timeout:
-                raise _timeout_error(st, request) from None
-            except _Gone:
-                _set_outcome(request, "cancelled")
+            out = await _next_output(st, sink, deadline, request)
+            if out is None:
                 return Response(status_code=408)
+            outs.append(out)
         last = outs[-1]
         if last.error:
             raise _engine_error(st, last.error)
@@ -812,6 +805,18 @@ def _engine_error(st: ServerState, message: str) -> ApiError:
     if not st.engine.alive:
         return ApiError(503, f"{message}; retry later")
     return ApiError(500, message, type="server_error")
+
+
+async def _next_output(st: ServerState, sink, deadline: float, request: Request):
+    """The sink's next engine output; past the deadline the API's timeout error; None when the
+    client has gone (the request's outcome is then "cancelled")."""
+    try:
+        return await sink.next(deadline, request)
+    except _Timeout:
+        raise _timeout_error(st, request) from None
+    except _Gone:
+        _set_outcome(request, "cancelled")
+        return None
 
 
 def _timeout_error(st: ServerState, request: Request) -> ApiError:
@@ -915,13 +920,10 @@ async def _moderate(st: ServerState, request: Request, ids: list[list[int]]):
     try:
         outs = []
         for s in sinks:
-            try:
-                outs.append(await s.next(deadline, request))
-            except _Timeout:
-                raise _timeout_error(st, request) from None
-            except _Gone:
-                _set_outcome(request, "cancelled")
+            out = await _next_output(st, s, deadline, request)
+            if out is None:
                 return Response(status_code=408)
+            outs.append(out)
     finally:
         for j in jobs:
             st.engine.cancel(j)

@@ -196,10 +196,31 @@ class _Row:
         self.text = TextTracker(decode, job.stops, job.incremental)
 
 
-class Engine:
+class WorkerThread:
+    """A daemon thread running ``self._run``; ``stop`` sets ``self._stop`` and wakes it through
+    ``self._cv`` (subclasses create both). Shared by the engine loop and the guard stage."""
+
+    thread_name = "singlepass-worker"
+
+    def start(self):
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 10.0) -> None:
+        with self._cv:
+            self._stop = True
+            self._cv.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+
+class Engine(WorkerThread):
     """Continuous batching on one runtime (see the module docstring). ``max_batch``: rows decoded
     together (at most the artifact's/backend's limit); ``max_queue``: jobs waiting for a row;
     ``ignore_eos``: every row generates its whole token budget (fixed work, for benchmarks)."""
+
+    thread_name = "singlepass-engine"
 
     def __init__(
         self,
@@ -241,18 +262,6 @@ class Engine:
     @property
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stop
-
-    def start(self) -> "Engine":
-        self._thread = threading.Thread(target=self._run, name="singlepass-engine", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     # -- from any thread
     def submit(self, jobs: list[Job]) -> None:

@@ -35,6 +35,7 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime.passes import Label
+from singlepass.serve.engine import WorkerThread
 
 log = logging.getLogger("singlepass.serve")
 
@@ -81,8 +82,10 @@ def load_scorer(folder: str | os.PathLike, threads: int | None = None) -> Scorer
     return guard
 
 
-class GuardStage:
+class GuardStage(WorkerThread):
     """Scores prompts on its own thread, batching whatever is waiting (see the module docstring)."""
+
+    thread_name = "singlepass-guard"
 
     def __init__(self, scorer: Scorer, max_batch: int = 64):
         self.scorer, self.max_batch = scorer, max(1, int(max_batch))
@@ -93,18 +96,6 @@ class GuardStage:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.stats = {"batches": 0, "scored": 0, "flagged": 0}
-
-    def start(self) -> "GuardStage":
-        self._thread = threading.Thread(target=self._run, name="singlepass-guard", daemon=True)
-        self._thread.start()
-        return self
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cv:
-            self._stop = True
-            self._cv.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     async def check(self, text: str) -> Verdict:
         """The guard's verdict on one prompt (awaits its batch)."""

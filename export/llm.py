@@ -98,6 +98,8 @@ def export_decoder(
     import onnx
     import torch
 
+    from singlepass.export.attention import exporting_attention
+
     key = (cache_key, opset, exporter, with_past, with_positions)
     if cache_key and key in _CACHE:
         return onnx.load_from_string(_CACHE[key])
@@ -115,7 +117,7 @@ def export_decoder(
         args = (ids, mask) + args[2:]
     wrapper = _wrapper(model, with_past, with_positions)
     ctx = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
-    with warnings.catch_warnings(), ctx:
+    with warnings.catch_warnings(), ctx, exporting_attention(model):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             from torch.export import Dim

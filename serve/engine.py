@@ -2,12 +2,17 @@
 
 One background thread owns the backend and runs, until stopped::
 
-    admit   waiting jobs (first come, first served) fill the free rows (max batch - running rows);
-            the newcomers are prefilled together in one left-padded batch (``passes.prefill``):
+    admit   waiting jobs (first come, first served) fill the free rows (max batch - live rows),
+            up to ``prefill_tokens`` prompt tokens per iteration (the rest waits one decode step,
+            so running streams never stall behind a burst of prompts: vLLM's token budget);
+            they are prefilled in left-padded batches of similar length (``prefill_groups``):
             their labels are read, the label policy is applied, their first token is chosen;
-    merge   the newcomers' state joins the running batch (``merge``);
-    decode  one ``passes.decode_one_token`` for every running row; a row that is finished (EOS,
-            a stop string, its token budget) or cancelled (client gone, timeout) leaves at once.
+    join    the newcomers take the slots of finished rows, written in place (``put``), or join
+            by one merge (``merge``, a copy of the batch);
+    decode  one ``passes.decode_one_token`` for every row; a row that is finished (EOS, a stop
+            string, its token budget) or cancelled (client gone, timeout) stops at once. Its slot
+            rides along (masked work, no copy) while jobs wait to take it; otherwise, or when
+            the batch carries many columns no live row needs, the batch is compacted (``_tidy``).
 
 Rows of different lengths share one batch by left padding. The state after a pass holds, per row,
 an attention mask and a KV cache ``[B, kv_heads, P, head_dim]`` whose real columns sit on the
@@ -40,6 +45,10 @@ from singlepass.runtime.passes import Label, State, decode_one_token, labels_fro
 from singlepass.runtime.sampling import Sampling, sample
 
 log = logging.getLogger("singlepass.serve")
+
+LINGER = 8  # decode steps a finished row's slot waits for a newcomer before the batch is compacted
+LINGER_S = 0.5  # seconds an idle engine keeps its batch (every slot free) for the next requests
+SLACK = 64  # spare columns (at least; half the new width for long rows) a batch gets when widened
 
 
 class QueueFull(SinglepassError):
@@ -134,42 +143,86 @@ def width(state: State, dummy: int) -> int:
     return dummy + int(state.mask.sum(1).max())
 
 
-def fit(state: State, cols: int, pad_id: int, kv: bool) -> State:
-    """Align a state on the right to ``cols`` mask columns: cut leading columns (masked in every
-    row) or prepend masked ones (zero past). With a KV cache only the last ids/position column is
-    kept (the next pass reads only that); without one the ids and positions follow the mask."""
-    ids, mask, pos, past = state.ids, state.mask, state.pos, state.past
+def _align(parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: int, fill) -> np.ndarray:
+    """Stack the parts' rows (all, or those listed) along axis 0, each aligned on the right to
+    ``cols`` along ``axis``: its leading columns cut, or ``fill`` columns prepended. One
+    allocation and one copy (fresh memory is what costs on a CPU: no temporaries)."""
+    first = parts[0][0]
+    shape = list(first.shape)
+    shape[0] = sum(a.shape[0] if rows is None else len(rows) for a, rows in parts)
+    shape[axis] = cols
+    out = np.empty(shape, first.dtype)
+
+    def span(start, stop):
+        return (slice(None),) * axis + (slice(start, stop),)
+
+    at = 0
+    for a, rows in parts:
+        c, b = a.shape[axis], a.shape[0] if rows is None else len(rows)
+        n = min(c, cols)
+        dst = out[at : at + b]
+        dst[span(0, cols - n)] = fill
+        if rows is None:
+            dst[span(cols - n, cols)] = a[span(c - n, c)]
+        else:
+            np.take(a[span(c - n, c)], rows, axis=0, out=dst[span(cols - n, cols)], mode="clip")
+        at += b
+    return out
+
+
+def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, kv: bool) -> State:
+    """One batch of the parts' rows (all, or those listed), aligned on the right to ``cols``
+    mask columns: leading columns (masked in every row) cut, or masked ones prepended (zero
+    past). With a KV cache only the last ids/position column is kept (the next pass reads only
+    that); without one the ids and positions follow the mask."""
+    mask = _align([(s.mask, r) for s, r in parts], cols, 1, 0)
     if kv:
-        ids, pos = ids[:, -1:], pos[:, -1:]
-    cur = mask.shape[1]
-    if cur > cols:
-        cut = cur - cols
-        mask = mask[:, cut:]
-        past = None if past is None else [p[:, :, cut:] for p in past]
-        if not kv:
-            ids, pos = ids[:, cut:], pos[:, cut:]
-    elif cur < cols:
-        n = cols - cur
-        B = mask.shape[0]
-        mask = np.concatenate([np.zeros((B, n), mask.dtype), mask], 1)
-        if past is not None:
-            past = [np.concatenate([np.zeros(p.shape[:2] + (n,) + p.shape[3:], p.dtype), p], 2) for p in past]
-        if not kv:
-            ids = np.concatenate([np.full((B, n), pad_id, ids.dtype), ids], 1)
-            pos = np.concatenate([np.zeros((B, n), pos.dtype), pos], 1)
+        ids = _align([(s.ids[:, -1:], r) for s, r in parts], 1, 1, pad_id)
+        pos = _align([(s.pos[:, -1:], r) for s, r in parts], 1, 1, 0)
+    else:
+        ids = _align([(s.ids, r) for s, r in parts], cols, 1, pad_id)
+        pos = _align([(s.pos, r) for s, r in parts], cols, 1, 0)
+    past = parts[0][0].past
+    if past is not None:
+        past = [_align([(s.past[i], r) for s, r in parts], cols, 2, 0) for i in range(len(past))]
     return State(ids, mask, pos, past)
 
 
-def merge(a: State, b: State, dummy: int, pad_id: int, kv: bool) -> State:
-    """One batch of a's rows then b's, aligned to the width both need."""
-    cols = max(width(a, dummy), width(b, dummy))
-    a, b = fit(a, cols, pad_id, kv), fit(b, cols, pad_id, kv)
-    return State(
-        np.concatenate([a.ids, b.ids]),
-        np.concatenate([a.mask, b.mask]),
-        np.concatenate([a.pos, b.pos]),
-        None if a.past is None else [np.concatenate([x, y]) for x, y in zip(a.past, b.past)],
-    )
+def fit(state: State, cols: int, pad_id: int, kv: bool) -> State:
+    """A state aligned on the right to ``cols`` mask columns (``stack`` of one part)."""
+    return stack([(state, None)], cols, pad_id, kv)
+
+
+def merge(a: State, b: State, dummy: int, pad_id: int, kv: bool, cols: int | None = None) -> State:
+    """One batch of a's rows then b's, aligned to ``cols`` columns (at least the width both need)."""
+    cols = max(width(a, dummy), width(b, dummy), cols or 0)
+    return stack([(a, None), (b, None)], cols, pad_id, kv)
+
+
+def put(dst: State, slots: list[int], src: State) -> None:
+    """Write ``src``'s rows over ``dst``'s rows ``slots``, in place (both at one width): a
+    newcomer takes a finished row's place without copying the batch."""
+    at = np.asarray(slots)
+    dst.ids[at], dst.mask[at], dst.pos[at] = src.ids, src.mask, src.pos
+    for d, s in zip(dst.past or [], src.past or []):
+        d[at] = s
+
+
+def prefill_groups(jobs: list[Job], waste: float = 0.25) -> list[list[Job]]:
+    """Newcomers in prefill batches of similar length, shortest first: left padding to the
+    longest prompt of a batch costs compute, so a batch grows only while its padded size stays
+    within ``1 + waste`` of its real tokens."""
+    groups: list[list[Job]] = []
+    real = 0
+    for job in sorted(jobs, key=lambda j: len(j.ids)):
+        n = len(job.ids)  # the longest so far: the batch's padded width
+        if groups and (len(groups[-1]) + 1) * n <= (1 + waste) * (real + n):
+            groups[-1].append(job)
+            real += n
+        else:
+            groups.append([job])
+            real = n
+    return groups
 
 
 # ----------------------------------------------------------------------------- the engine
@@ -188,12 +241,17 @@ class Observer:
 
 
 class _Row:
-    __slots__ = ("job", "rng", "count", "last", "text", "done")
+    __slots__ = ("job", "rng", "count", "last", "text", "done", "ended")
 
     def __init__(self, job: Job, decode):
         self.job, self.rng = job, job.sampling.generator(0)  # index 0: as Runtime.generate seeds one prompt
         self.count, self.last, self.done = 0, 0, False
+        self.ended: int | None = None  # the decode step at which the row was seen finished
         self.text = TextTracker(decode, job.stops, job.incremental)
+
+    @property
+    def live(self) -> bool:
+        return not self.done and not self.job.cancelled
 
 
 class WorkerThread:
@@ -229,6 +287,7 @@ class Engine(WorkerThread):
         max_queue: int = 128,
         observer: Observer | None = None,
         ignore_eos: bool = False,
+        prefill_tokens: int = 512,
     ):
         self.rt = runtime
         limit = runtime.max_batch
@@ -236,7 +295,9 @@ class Engine(WorkerThread):
             raise SinglepassError(f"--max-batch must be between 1 and the artifact's limit {limit}, not {max_batch}")
         if max_queue < 1:
             raise SinglepassError(f"--max-queue must be >= 1, not {max_queue}")
-        self.max_batch, self.max_queue = max_batch or limit, max_queue
+        if prefill_tokens < 1:
+            raise SinglepassError(f"--prefill-tokens must be >= 1, not {prefill_tokens}")
+        self.max_batch, self.max_queue, self.prefill_tokens = max_batch or limit, max_queue, prefill_tokens
         self.observer = observer or Observer()
         self.kv = bool(runtime.manifest.graph.kv_cache)
         self.dummy = runtime.dummy
@@ -245,10 +306,20 @@ class Engine(WorkerThread):
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
         self._state: State | None = None
+        self._idle = 0.0  # when the last live row finished
         self._stop = False
         self._thread: threading.Thread | None = None
         self.error: BaseException | None = None
-        self.stats = {"prefills": 0, "decode_steps": 0, "merges": 0, "max_rows": 0, "admitted": 0}
+        self.stats = {
+            "prefills": 0,
+            "decode_steps": 0,
+            "merges": 0,
+            "reused": 0,
+            "widened": 0,
+            "compactions": 0,
+            "max_rows": 0,
+        }
+        self.stats["admitted"] = 0
 
     # -- limits
     def token_limit(self, prompt_tokens: int) -> tuple[int, str]:
@@ -279,7 +350,7 @@ class Engine(WorkerThread):
                 j.arrival = now
             self._waiting.extend(jobs)
             self._cv.notify_all()
-            waiting, running = len(self._waiting), len(self._rows)
+            waiting, running = len(self._waiting), self._live()
         self.observer.queue(waiting, running)
 
     def cancel(self, job: Job) -> None:
@@ -297,29 +368,36 @@ class Engine(WorkerThread):
     def counts(self) -> tuple[int, int]:
         """-> (waiting, running) jobs."""
         with self._cv:
-            return len(self._waiting), sum(not r.done and not r.job.cancelled for r in self._rows)
+            return len(self._waiting), self._live()
 
     # -- the loop (engine thread only below)
     def _run(self) -> None:
         try:
             while True:
                 with self._cv:
-                    while not self._stop and not self._waiting and not self._rows:
-                        self._cv.wait()
+                    while not self._stop and not self._waiting and not self._live():
+                        if self._state is not None and time.perf_counter() - self._idle >= LINGER_S:
+                            self._rows, self._state = [], None  # idle: the free slots go
+                        self._cv.wait(LINGER_S if self._state is not None else None)
                     if self._stop:
                         break
                     new: list[Job] = []
-                    while self._waiting and len(new) < self.max_batch - len(self._rows):
-                        job = self._waiting.popleft()
+                    free, tokens = self.max_batch - sum(r.live for r in self._rows), 0
+                    while self._waiting and len(new) < free:
+                        job = self._waiting[0]
+                        if new and tokens + len(job.ids) > self.prefill_tokens:
+                            break  # the rest waits for the next iteration, after a decode step
+                        self._waiting.popleft()
                         if not job.cancelled:
                             new.append(job)
+                            tokens += len(job.ids)
                     waiting = len(self._waiting)
                 if new:
                     self._admit(new)
-                    self.observer.queue(waiting, len(self._rows))
-                if self._rows:
+                    self.observer.queue(waiting, self._live())
+                if self._live():
                     self._step()
-                    self.observer.queue(len(self._waiting), len(self._rows))
+                    self.observer.queue(len(self._waiting), self._live())
         except BaseException as e:  # noqa: BLE001 - the loop must report, not vanish
             log.exception("the engine loop failed")
             self.error = e
@@ -332,6 +410,9 @@ class Engine(WorkerThread):
             for job in left:
                 self._fail(job, "the server is shutting down" if self.error is None else "internal server error")
             self.observer.queue(0, 0)
+
+    def _live(self) -> int:
+        return sum(r.live for r in self._rows)
 
     def _send(self, job: Job, out: Out) -> None:
         if out.done:
@@ -370,7 +451,12 @@ class Engine(WorkerThread):
         )
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the newcomers together, apply the policy, first tokens; merge the live rows."""
+        """Prefill the newcomers in batches of similar length (``prefill_groups``)."""
+        for group in prefill_groups(jobs):
+            self._prefill(group)
+
+    def _prefill(self, jobs: list[Job]) -> None:
+        """Prefill jobs together, apply the policy, first tokens; the live rows join the batch."""
         rt, m = self.rt, self.rt.manifest
         try:
             rt.backend.check_request(len(jobs), max(len(j.ids) for j in jobs))
@@ -415,31 +501,73 @@ class Engine(WorkerThread):
         self.observer.generated(tokens)
         if not keep:
             return
-        state = state.keep(keep) if len(keep) < len(jobs) else state
-        if self._state is None:
-            self._state, self._rows = fit(state, width(state, self.dummy), rt.pad_id, self.kv), rows
-        else:
-            self._state = merge(self._state, state, self.dummy, rt.pad_id, self.kv)
-            self._rows = self._rows + rows
-            self.stats["merges"] += 1
-        self.stats["max_rows"] = max(self.stats["max_rows"], len(self._rows))
+        self._join(state.keep(keep) if len(keep) < len(jobs) else state, rows)
+        self.stats["max_rows"] = max(self.stats["max_rows"], sum(r.live for r in self._rows))
 
-    def _drop(self) -> None:
-        """Finished and cancelled rows leave; columns no remaining row uses are cut."""
-        keep = [k for k, r in enumerate(self._rows) if not r.done and not r.job.cancelled]
-        if len(keep) == len(self._rows):
+    def _join(self, new: State, rows: list[_Row]) -> None:
+        """The newcomers join the running batch: into the slots of finished rows, written in place
+        (no copy of the batch; a batch too narrow for them is widened first, one copy), the rest
+        appended (one copy)."""
+        pad, kv, dummy = self.rt.pad_id, self.kv, self.dummy
+        w = width(new, dummy)
+        if self._state is None:
+            self._state, self._rows = fit(new, self._wider(w), pad, kv), rows
             return
-        self._rows = [self._rows[k] for k in keep]
-        if not keep:
-            self._state = None
+        free = [k for k, r in enumerate(self._rows) if not r.live]
+        cols = self._state.mask.shape[1]
+        if w > cols:
+            cols = self._wider(w)
+            self._state = fit(self._state, cols, pad, kv)
+            self.stats["widened"] += 1
+        n = min(len(free), len(rows))
+        if n:
+            put(self._state, free[:n], stack([(new, list(range(n)))], cols, pad, kv))
+            for k, row in zip(free, rows[:n]):
+                self._rows[k] = row
+            self.stats["reused"] += n
+        if n < len(rows):
+            self._state = stack([(self._state, None), (new, list(range(n, len(rows))))], cols, pad, kv)
+            self._rows = self._rows + rows[n:]
+            self.stats["merges"] += 1
+
+    def _wider(self, w: int) -> int:
+        """The width of a batch widened for a row of width ``w``, with spare columns so that the
+        next newcomers fit in place (within the backend's longest sequence): a masked column
+        costs a decode step far less than a copy of the batch costs once."""
+        spare = w + max(SLACK, w // 2)
+        max_seq = self.rt.backend.max_seq
+        return max(w, min(spare, max_seq - 1)) if max_seq else spare
+
+    def _tidy(self) -> None:
+        """Finished and cancelled rows stop. Their slots stay (masked work, no copy) for newcomers
+        to take (``_join``) while jobs wait or for ``LINGER`` decode steps (a client's next request
+        is usually on its way); then, or when the batch carries many more columns than its live
+        rows need (the longest row left), the batch is compacted: live rows only, at the width
+        they need (one copy)."""
+        live = [k for k, r in enumerate(self._rows) if r.live]
+        if not live:  # every slot free: kept for LINGER_S seconds of idleness (``_run``)
+            self._idle = time.perf_counter()
             return
-        state = self._state.keep(keep)
-        self._state = fit(state, width(state, self.dummy), self.rt.pad_id, self.kv)
+        step = self.stats["decode_steps"]
+        for r in self._rows:
+            if not r.live and r.ended is None:
+                r.ended = step
+        stale = not self._waiting and any(not r.live and step - r.ended >= LINGER for r in self._rows)
+        cols = self._state.mask.shape[1]
+        need = self.dummy + int(self._state.mask[live].sum(1).max())
+        max_seq = self.rt.backend.max_seq
+        wide = cols - need > max(2 * SLACK, cols // 2) or (max_seq is not None and cols >= max_seq)
+        if not (stale or wide):
+            return
+        rows = live if len(live) < len(self._rows) else None
+        self._state = stack([(self._state, rows)], need, self.rt.pad_id, self.kv)
+        self._rows = [self._rows[k] for k in live]
+        self.stats["compactions"] += 1
 
     def _step(self) -> None:
-        """One decode pass for every running row."""
-        self._drop()
-        if not self._rows:
+        """One decode pass for every row (free slots ride along until reused or compacted)."""
+        self._tidy()
+        if not self._live():
             return
         tokens = np.array([r.last for r in self._rows], np.int64)  # [B]
         try:
@@ -447,14 +575,17 @@ class Engine(WorkerThread):
         except Exception:  # noqa: BLE001
             log.exception("decode pass failed")
             for r in self._rows:
-                self._fail(r.job, "internal server error (see the server log)")
+                if r.live:
+                    self._fail(r.job, "internal server error (see the server log)")
             self._rows, self._state = [], None
             return
         self.stats["decode_steps"] += 1
-        self.observer.batch(len(self._rows))
+        live = [k for k, r in enumerate(self._rows) if r.live]
+        self.observer.batch(len(live))
         logits = last_logits(self.rt.manifest, out)  # [B, V]
         self._state = state
-        for k, row in enumerate(self._rows):
+        for k in live:
+            row = self._rows[k]
             self._send(row.job, self._emit(row, logits[k]))
-        self.observer.generated(len(self._rows))
-        self._drop()
+        self.observer.generated(len(live))
+        self._tidy()

@@ -234,3 +234,30 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     assert main(["validate", str(broken)]) == 2  # a ValidationError, printed without a traceback
     err = capsys.readouterr().err
     assert "does not match the PyTorch reference (worst: emo/" in err and "NO" in err
+
+
+def test_exported_attention_equals_transformers_eager_with_left_padding(tiny_backbone):
+    """The grouped-query attention singlepass exports (no repeat_kv) against the oracle,
+    transformers' eager attention: same logits and cache for a left-padded batch with a past."""
+    import torch
+
+    from singlepass.export.attention import exporting_attention
+    from singlepass.export.llm import _wrapper, example_inputs
+
+    model = tiny_backbone.model
+    cfg = model.config
+    assert cfg.num_attention_heads > cfg.num_key_value_heads  # the grouped case
+    wrapper = _wrapper(model, with_past=True, with_positions=True)
+    ids, mask, pos, kv = example_inputs(model, batch=3, seq=4, past=5)
+    before = cfg._attn_implementation
+    cfg._attn_implementation = "eager"
+    try:
+        with torch.no_grad():
+            ref = wrapper(ids, mask, pos, kv)
+            with exporting_attention(model) as used:
+                got = wrapper(ids, mask, pos, kv)
+                assert used and cfg._attn_implementation == "singlepass_gqa"
+    finally:
+        cfg._attn_implementation = before
+    for r, g in zip(ref, got):
+        torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)

@@ -33,7 +33,7 @@ from singlepass.runtime.passes import State  # noqa: E402
 from singlepass.runtime.policy import DEFAULT_REFUSAL  # noqa: E402
 from singlepass.runtime.sampling import Sampling  # noqa: E402
 from singlepass.serve.app import Options, bind, create_app  # noqa: E402
-from singlepass.serve.engine import Engine, Job, TextTracker, fit, merge  # noqa: E402
+from singlepass.serve.engine import Engine, Job, TextTracker, fit, merge, prefill_groups, put  # noqa: E402
 from singlepass.serve.guard import check_folder  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -213,6 +213,21 @@ def test_merge_and_fit_align_rows_on_the_right():
     # without a KV cache the ids and positions follow the mask
     s = fit(State(np.array([[3, 4]]), np.array([[1, 1]]), np.array([[0, 1]]), None), 4, 9, kv=False)
     assert s.ids.tolist() == [[9, 9, 3, 4]] and s.mask.tolist() == [[0, 0, 1, 1]] and s.pos.tolist() == [[0, 0, 0, 1]]
+    # a newcomer takes row 0's slot in place: its row is replaced, the other row untouched
+    keep1 = m.past[0][1].copy()
+    put(m, [0], fit(b, 4, 0, kv=True))
+    assert m.mask.tolist()[:2] == [[1, 1, 1, 1], [0, 1, 1, 1]] and m.ids[0, 0] == 4 and m.pos[0, 0] == 3
+    np.testing.assert_array_equal(m.past[0][0], np.ones((1, 4, 2)))
+    np.testing.assert_array_equal(m.past[0][1], keep1)
+
+
+def test_prefill_groups_bound_the_padding():
+    jobs = [Job([1] * n, 4) for n in (40, 3, 400, 4, 38, 5, 44)]
+    groups = [[len(j.ids) for j in g] for g in prefill_groups(jobs)]
+    assert groups == [[3, 4, 5], [38, 40, 44], [400]]  # shortest first; a long prompt alone
+    for g in groups:  # padded to the longest, within 25% of the real tokens
+        assert len(g) * max(g) <= 1.25 * sum(g)
+    assert sorted(n for g in groups for n in g) == sorted(len(j.ids) for j in jobs)
 
 
 def test_text_tracker_holds_back_stop_prefixes():
@@ -245,7 +260,8 @@ def test_engine_rows_joining_and_leaving_give_what_each_gets_alone(rt):
         wait_until(lambda: all(g and g[-1].done for g in got.values()), 30)
     finally:
         eng.stop()
-    assert eng.stats["merges"] > 0 and eng.stats["max_rows"] > 1
+    s = eng.stats  # rows joined by merge, by taking a finished row's slot, and the batch compacted
+    assert s["merges"] > 0 and s["reused"] > 0 and s["compactions"] > 0 and s["max_rows"] > 1, s
     for i, (p, b) in enumerate(zip(prompts, budgets)):
         kw = dict(temperature=sampled[i], seed=5) if i in sampled else {}
         r = rt.generate(p, b, **kw)

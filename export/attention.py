@@ -1,0 +1,74 @@
+"""The attention singlepass exports: grouped-query attention without ``repeat_kv``.
+
+transformers' eager and SDPA attention (as ``torch.onnx`` traces them, for any query length)
+repeat every key/value head for its query heads (``repeat_kv``), and the SDPA decomposition
+then scales and transposes the repeated keys: per layer and per decode step the graph copies
+the whole past several times over ([B, heads, P, head_dim] instead of [B, kv_heads, P, head_dim]).
+On a CPU that copying, not the arithmetic, dominates a decode step once the batch holds long
+rows (``benchmarks/results/serve.md``).
+
+Here a key/value head's query heads are stacked along the query axis instead, so the matmuls
+read the cache as it is (the same arithmetic; what transformers' ``pack_gqa`` does for one
+query token, for any length)::
+
+    query [B, H, T, D] -> [B, kv, g*T, D]        g = H / kv; head h = k*g + j reads kv head k
+    scores = q @ key^T: [B, kv, g*T, P] -> [B, H, T, P]  + the additive mask [B, 1, T, P]
+    out = softmax(scores) [B, kv, g*T, P] @ value [B, kv, P, D] -> [B, H, T, D] -> [B, T, H, D]
+
+``exporting_attention(model)`` switches a model to it for the duration of an export (the mask
+is transformers' eager float mask); models whose attention adds more than this (logit
+soft-capping, sinks) keep their own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+NAME = "singlepass_gqa"
+
+
+def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """transformers' attention-function interface -> (output [B, T, H, D], None)."""
+    import torch
+
+    B, H, T, D = query.shape  # query [B, H, T, D]
+    kv, P = key.shape[1], key.shape[2]  # key, value [B, kv, P, D]
+    g = H // kv
+    q = (query * scaling).reshape(B, kv, g * T, D)
+    w = torch.matmul(q, key.transpose(2, 3)).reshape(B, H, T, P)  # [B, H, T, P]
+    if attention_mask is not None:
+        w = w + attention_mask[:, :, :, :P]  # [B, 1, T, P], 0 or the dtype's minimum
+    w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
+    out = torch.matmul(w.reshape(B, kv, g * T, P), value).reshape(B, H, T, D)  # [B, H, T, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
+
+    if NAME not in AttentionInterface._global_mapping:
+        AttentionInterface.register(NAME, gqa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)
+
+
+def supports(config) -> bool:
+    """Plain scaled-dot-product attention, which ``gqa_attention`` computes exactly."""
+    extras = ("attn_logit_softcapping", "sliding_window", "use_sliding_window")
+    return not any(getattr(config, k, None) for k in extras) and not getattr(config, "sinks", None)
+
+
+@contextlib.contextmanager
+def exporting_attention(model):
+    """Within the block the model runs ``gqa_attention`` (if ``supports`` its config)."""
+    cfg = model.config
+    if not supports(cfg):
+        yield False
+        return
+    _register()
+    before = cfg._attn_implementation
+    cfg._attn_implementation = NAME
+    try:
+        yield True
+    finally:
+        cfg._attn_implementation = before

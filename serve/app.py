@@ -110,6 +110,7 @@ class Options:
     api_key: str | None = None
     max_queue: int = 128
     max_batch: int | None = None
+    prefill_tokens: int = 512  # prompt tokens prefilled per engine iteration while rows decode
     timeout: float = 300.0  # seconds per request, arrival to the last token
     max_body_bytes: int = 1 << 20
     model_name: str | None = None  # default: the artifact folder's name
@@ -219,7 +220,9 @@ class ServerState:
                     raise SinglepassError(f"--guard: the artifact has a probe named {KEY!r}; the guard needs that name")
                 scorer = self.scorer or load_scorer(o.guard, o.guard_threads or o.threads)
                 self.guard = GuardStage(scorer, max_batch=o.max_queue).start()
-            self.engine = Engine(rt, o.max_batch, o.max_queue, self.metrics, ignore_eos=o.ignore_eos).start()
+            self.engine = Engine(
+                rt, o.max_batch, o.max_queue, self.metrics, ignore_eos=o.ignore_eos, prefill_tokens=o.prefill_tokens
+            ).start()
             self.ready = True
             log.info(
                 "serving %s (%s, probes: %s; max batch %d, max queue %d%s%s)",

@@ -23,6 +23,7 @@ def cmd_serve(args) -> int:
         api_key=key,
         max_queue=args.max_queue,
         max_batch=args.max_batch,
+        prefill_tokens=args.prefill_tokens,
         timeout=args.timeout,
         max_body_bytes=args.max_body_bytes,
         model_name=args.model_name,
@@ -79,6 +80,13 @@ def register(sub) -> None:
     )
     p.add_argument(
         "--max-batch", type=int, default=None, help="rows decoded together (default: the artifact's limits.max_batch)"
+    )
+    p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=512,
+        help="prompt tokens prefilled per engine iteration while other rows decode (more: newcomers "
+        "start sooner, running streams stall longer; default: %(default)s)",
     )
     p.add_argument(
         "--timeout",

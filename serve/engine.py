@@ -3,8 +3,9 @@
 One background thread owns the backend and runs, until stopped::
 
     admit   waiting jobs (first come, first served) fill the free rows (max batch - live rows),
-            up to ``prefill_tokens`` prompt tokens per iteration (the rest waits one decode step,
-            so running streams never stall behind a burst of prompts: vLLM's token budget);
+            up to ``prefill_tokens`` prompt tokens per iteration while rows decode (the rest
+            waits one decode step, so running streams never stall long behind a burst of
+            prompts: vLLM's token budget; with no row decoding, all that fit at once);
             they are prefilled in left-padded batches of similar length (``prefill_groups``):
             their labels are read, the label policy is applied, their first token is chosen;
     join    the newcomers take the slots of finished rows, written in place (``put``), or join
@@ -318,8 +319,9 @@ class Engine(WorkerThread):
             "widened": 0,
             "compactions": 0,
             "max_rows": 0,
+            "admitted": 0,  # jobs prefilled
+            "admissions": 0,  # iterations that admitted jobs
         }
-        self.stats["admitted"] = 0
 
     # -- limits
     def token_limit(self, prompt_tokens: int) -> tuple[int, str]:
@@ -382,10 +384,14 @@ class Engine(WorkerThread):
                     if self._stop:
                         break
                     new: list[Job] = []
-                    free, tokens = self.max_batch - sum(r.live for r in self._rows), 0
+                    live = self._live()
+                    free, tokens = self.max_batch - live, 0
+                    # the token budget bounds how long running rows stall; with none running,
+                    # every waiting job that fits is prefilled now (nobody would gain by its wait)
+                    budget = self.prefill_tokens if live else None
                     while self._waiting and len(new) < free:
                         job = self._waiting[0]
-                        if new and tokens + len(job.ids) > self.prefill_tokens:
+                        if new and budget is not None and tokens + len(job.ids) > budget:
                             break  # the rest waits for the next iteration, after a decode step
                         self._waiting.popleft()
                         if not job.cancelled:
@@ -393,6 +399,7 @@ class Engine(WorkerThread):
                             tokens += len(job.ids)
                     waiting = len(self._waiting)
                 if new:
+                    self.stats["admissions"] += 1
                     self._admit(new)
                     self.observer.queue(waiting, self._live())
                 if self._live():

@@ -272,6 +272,25 @@ def test_engine_rows_joining_and_leaving_give_what_each_gets_alone(rt):
         assert {k: v.label for k, v in outs[0].labels.items()} == labels_of(r)
 
 
+def test_engine_prefill_budget_applies_only_while_rows_decode(rt):
+    """With no row decoding, every waiting job is prefilled at once; while rows decode, at most
+    ``prefill_tokens`` prompt tokens join per iteration (one job at least)."""
+    ids = [rt.encode(p)[0] for p in ("the quick brown fox", "what is the capital", "i hate this")]
+    eng = Engine(runtime_on(rt, 0.002), max_batch=8, prefill_tokens=1).start()
+    first, later = [[] for _ in ids], [[] for _ in ids]
+    try:
+        eng.submit([Job(list(x), 60, sink=g.append) for x, g in zip(ids, first)])
+        wait_until(lambda: all(first), 10)
+        assert eng.stats["admissions"] == 1 and eng.stats["admitted"] == 3, eng.stats
+        eng.submit([Job(list(x), 2, sink=g.append) for x, g in zip(ids, later)])
+        wait_until(lambda: all(g and g[-1].done for g in later), 10)
+        assert not any(g[-1].done for g in first), "the first jobs ended before the budget was tested"
+        assert eng.stats["admissions"] == 4 and eng.stats["admitted"] == 6, eng.stats  # one per iteration
+        wait_until(lambda: all(g[-1].done for g in first), 30)
+    finally:
+        eng.stop()
+
+
 # ----------------------------------------------------------------------------- the OpenAI API
 
 

@@ -176,6 +176,7 @@ class Outcome:
     ttft: float | None = None
     latency: float | None = None
     tokens: int = 0  # completion tokens (the usage chunk)
+    prompt_tokens: int | None = None  # the usage chunk's
     finish: str | None = None
     status: int | None = None
     error: str | None = None
@@ -231,6 +232,7 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
         out.error = "incomplete stream (no finish reason, usage chunk or [DONE])"
     if out.error is None:
         out.ok, out.tokens = True, int(usage["completion_tokens"])
+        out.prompt_tokens = usage.get("prompt_tokens")
     return out
 
 
@@ -280,6 +282,22 @@ def pctl(xs: list[float], q: float) -> float | None:
     return float(np.percentile(xs, q)) if xs else None
 
 
+PROMPT_BINS = (64, 128)  # TTFT by prompt length: <= 64, 65-128, > 128 prompt tokens
+
+
+def ttft_by_prompt(served: list[Outcome]) -> list[dict]:
+    """TTFT percentiles (ms) of the served requests binned by prompt tokens (``PROMPT_BINS``):
+    what part of the TTFT spread is the prompts' own prefill work rather than waiting."""
+    edges = (0, *PROMPT_BINS, None)
+    out = []
+    for lo, hi in zip(edges, edges[1:]):
+        xs = [1000 * o.ttft for o in served if o.prompt_tokens is not None and lo < o.prompt_tokens <= (hi or 1 << 62)]
+        out.append(
+            {"tokens": f"{lo + 1}-{hi}" if hi else f">{lo}", "n": len(xs), "p50": pctl(xs, 50), "p99": pctl(xs, 99)}
+        )
+    return out
+
+
 def summarize(outcomes: list[Outcome], wall: float, sent: int, concurrency: int) -> dict:
     """Counts, throughput and TTFT/latency percentiles (ms) of one run. The times are those of
     the requests the LLM served: a refused (``content_filter``) one never reached it."""
@@ -306,6 +324,7 @@ def summarize(outcomes: list[Outcome], wall: float, sent: int, concurrency: int)
         "latency_p50_ms": pctl(lat, 50),
         "latency_p99_ms": pctl(lat, 99),
         "stream_decode_tokens_per_s_p50": pctl(decode, 50),
+        "ttft_by_prompt": ttft_by_prompt(served),
     }
 
 

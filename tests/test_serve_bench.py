@@ -48,6 +48,9 @@ def test_load_generator_accounting_against_the_real_server(art):
                 assert o["ok"] and o["status"] == 200 and o["finish"] in ("length", "content_filter")
                 assert o["ttft"] is not None and o["ttft"] <= o["latency"]
             assert res["ttft_p50_ms"] <= res["ttft_p99_ms"] and res["latency_p50_ms"] <= res["latency_p99_ms"]
+            # every served request lands in exactly one prompt-length bin, with its own token count
+            assert sum(b["n"] for b in res["ttft_by_prompt"]) == served
+            assert all(o["prompt_tokens"] and o["prompt_tokens"] > 0 for o in res["outcomes"])
         # every failure is counted: sent == answered + errors
         bad = asyncio.run(run_load(s.url, "no-such-model", prompts, 2, 4, 5, duration=300))
         assert bad["sent"] == bad["errors"] == 4 and bad["answered"] == 0 and bad["tokens"] == 0

@@ -1,4 +1,7 @@
-"""The OpenAI-compatible FastAPI application over one artifact, and its uvicorn runner.
+"""The OpenAI-compatible FastAPI application over one artifact: its routes (``create_app``); the
+state they share lives in ``state.py``, the API key / size limit / metrics layer in ``asgi.py``,
+the uvicorn runner of ``singlepass serve`` in ``runner.py`` (another host, e.g. Ray Serve, can
+mount the same app).
 
 Requests become engine jobs (``engine.py``): the handler encodes the prompt, checks the limits,
 queues the job (429 at once when the queue is full) and awaits its events, which the engine
@@ -42,464 +45,41 @@ error" (the traceback goes to the server log).
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
-import socket
-import sys
 import threading
 import time
 import uuid
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
-from singlepass.runtime.passes import Label
-from singlepass.runtime.sampling import Sampling
 from singlepass.serve import schemas as S
-from singlepass.serve.engine import EngineStopped, Job, Out, QueueFull
-from singlepass.serve.metrics import Metrics
+from singlepass.serve.asgi import Guard, SSEResponse, sse_event
+from singlepass.serve.engine import Job, Out
+from singlepass.serve.state import (
+    COMPLETIONS_DEFAULT_MAX_TOKENS,
+    ERROR_TYPES,
+    FINISH,
+    ApiError,
+    ClientGone,
+    Options,
+    Plan,
+    RequestTimeout,
+    ServerState,
+    Sink,
+    error_response,
+    json_response,
+    labels_of,
+    set_outcome,
+    usage_of,
+)
 
 log = logging.getLogger("singlepass.serve")
-
-ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/moderations", "/v1/models", "/health", "/metrics")
-FINISH = {
-    "eos": "stop",
-    "stop": "stop",
-    "blocked": "content_filter",
-    "max_tokens": "length",
-    "max_total_length": "length",
-    "engine_max_seq": "length",
-}
-OUTCOMES = {
-    400: "invalid",
-    401: "unauthorized",
-    404: "not_found",
-    405: "invalid",
-    408: "cancelled",
-    413: "too_large",
-    422: "invalid",
-    429: "queue_full",
-    503: "unavailable",
-    504: "timeout",
-}
-ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    404: "not_found_error",
-    405: "invalid_request_error",
-    413: "invalid_request_error",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    503: "service_unavailable",
-    504: "timeout_error",
-}
-MAX_STOPS = 4
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
-
-
-@dataclass
-class Options:
-    host: str = "127.0.0.1"
-    port: int = 8000
-    api_key: str | None = None
-    max_queue: int = 128
-    max_batch: int | None = None
-    prefill_tokens: int = 512  # prompt tokens prefilled per engine iteration while rows decode
-    timeout: float = 300.0  # seconds per request, arrival to the last token
-    max_body_bytes: int = 1 << 20
-    model_name: str | None = None  # default: the artifact folder's name
-    backend: str = "auto"
-    engine: str | None = None
-    threads: int | None = None
-    policy: dict | list | None = None
-    refusal: str = pol.DEFAULT_REFUSAL
-    ignore_eos: bool = False  # every request generates its whole budget (fixed work, for benchmarks)
-    guard: str | None = None  # a ClassifierGuard folder: guard-then-serve (guard.py)
-    guard_threads: int | None = None  # its ONNX Runtime threads (default: --threads)
-
-
-class ApiError(Exception):
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        param: str | None = None,
-        code: str | None = None,
-        type: str | None = None,
-        headers: dict | None = None,
-    ):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
-        self.type = type or ERROR_TYPES.get(status, "server_error")
-
-
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    type: str | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = S.ErrorResponse(
-        error=S.ErrorBody(message=message, type=type or ERROR_TYPES.get(status, "server_error"), param=param, code=code)
-    )
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
-
-
-def _json(model) -> Response:
-    return Response(model.model_dump_json(), media_type="application/json")
-
-
-def _set_outcome(request: Request, outcome: str) -> None:
-    request.scope["singlepass.outcome"] = outcome
-
-
-class _Timeout(Exception):
-    pass
-
-
-class _Gone(Exception):
-    pass
-
-
-# ----------------------------------------------------------------------------- server state
-
-
-@dataclass
-class _Plan:
-    """One request, checked: what the engine job and the response need."""
-
-    ids: list[int]
-    budget: int
-    why: str
-    sampling: Sampling
-    stops: tuple[str, ...]
-    stream: bool
-    usage: bool
-    token_ids: bool
-    text: str | None = None  # the user's text, for the guard (before the prompt format)
-
-
-@dataclass
-class ServerState:
-    options: Options
-    artifact: object = None
-    runtime: object = None
-    engine: object = None
-    name: str = "singlepass"
-    created: int = field(default_factory=lambda: int(time.time()))
-    metrics: Metrics = field(default_factory=Metrics)
-    ready: bool = False
-    load_error: str | None = None
-    on_load_error: object = None
-    scorer: object = None  # a guard given as an object (tests); else loaded from options.guard
-    guard: object = None  # the GuardStage, when there is a guard
-
-    # -- loading (a thread: /health answers 503 meanwhile)
-    def load(self) -> None:
-        from singlepass.runtime.api import load
-        from singlepass.serve.engine import Engine
-
-        o = self.options
-        try:
-            rt = self.runtime or load(
-                self.artifact, backend=o.backend, engine=o.engine, threads=o.threads, policy=o.policy, refusal=o.refusal
-            )
-            self.runtime = rt
-            if self.scorer is not None or o.guard:
-                from singlepass.serve.guard import KEY, GuardStage, load_scorer
-
-                if KEY in rt.probe_names:
-                    raise SinglepassError(f"--guard: the artifact has a probe named {KEY!r}; the guard needs that name")
-                scorer = self.scorer or load_scorer(o.guard, o.guard_threads or o.threads)
-                self.guard = GuardStage(scorer, max_batch=o.max_queue).start()
-            self.engine = Engine(
-                rt, o.max_batch, o.max_queue, self.metrics, ignore_eos=o.ignore_eos, prefill_tokens=o.prefill_tokens
-            ).start()
-            self.ready = True
-            log.info(
-                "serving %s (%s, probes: %s; max batch %d, max queue %d%s%s)",
-                self.name,
-                rt.backend.name,
-                ", ".join(rt.probe_names) or "none",
-                self.engine.max_batch,
-                self.engine.max_queue,
-                f"; guard {self.guard.name}" if self.guard else "",
-                "; EOS ignored" if o.ignore_eos else "",
-            )
-        except Exception as e:  # noqa: BLE001 - reported by /health and the CLI
-            self.load_error = str(e) if isinstance(e, SinglepassError) else f"{type(e).__name__}: {e}"
-            log.error("cannot load the artifact: %s", self.load_error, exc_info=not isinstance(e, SinglepassError))
-            if self.on_load_error:
-                self.on_load_error(e)
-
-    def require_ready(self) -> None:
-        if self.load_error:
-            raise ApiError(503, f"the artifact could not be loaded: {self.load_error}")
-        if not self.ready:
-            raise ApiError(503, "the model is still loading; retry when GET /health answers 200")
-        if not self.engine.alive:
-            raise ApiError(503, "the engine is not running (the server is shutting down or failed; see its log)")
-
-    def check_model(self, model: str | None, required: bool = True) -> None:
-        if model is None and not required:
-            return
-        if model != self.name:
-            raise ApiError(
-                404,
-                f"the model {model!r} does not exist; this server serves {self.name!r} (GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
-
-    # -- requests -> jobs
-    async def encode(self, text: str, param: str) -> list[int]:
-        """The prompt's token ids through the artifact's prompt format (in a worker thread: a long
-        text must not hold the event loop); 400 naming the limit."""
-        return await asyncio.to_thread(self._encode, text, param)
-
-    def _encode(self, text: str, param: str) -> list[int]:
-        rt = self.runtime
-        try:
-            ids, _ = rt.tokenizer.encode(text, sys.maxsize)
-        except SinglepassError as e:
-            raise ApiError(400, f"{param}: {e}", param=param) from None
-        if len(ids) > rt.max_prompt_length:
-            raise ApiError(
-                400,
-                f"{param}: the prompt is {len(ids)} tokens (after the prompt format); this "
-                f"artifact's limit is {rt.max_prompt_length} tokens: shorten it",
-                param=param,
-                code="context_length_exceeded",
-            )
-        return ids
-
-    def plan(self, req: S._Sampled, ids: list[int], max_tokens: int | None, default_max: int | None) -> _Plan:
-        limit, lim_name = self.engine.token_limit(len(ids))
-        if max_tokens is None:
-            want = limit if default_max is None else default_max
-            budget, why = (want, "max_tokens") if want <= limit else (limit, lim_name)
-        elif max_tokens > limit:
-            raise ApiError(
-                400,
-                f"max_tokens={max_tokens} is over this artifact's limit for this prompt: at most "
-                f"{limit} new tokens (limits.max_total_length "
-                f"{self.runtime.manifest.limits.max_total_length} - {len(ids)} prompt tokens)"
-                if lim_name == "max_total_length"
-                else f"max_tokens={max_tokens} is over the engine's limit for this prompt: at most {limit} new tokens",
-                param="max_tokens",
-                code="context_length_exceeded",
-            )
-        else:
-            budget, why = max_tokens, "max_tokens"
-        t = 1.0 if req.temperature is None else req.temperature
-        top_p, top_k = (1.0, 0) if t == 0 else (1.0 if req.top_p is None else req.top_p, req.top_k or 0)
-        try:
-            sampling = Sampling(float(t), int(top_k), float(top_p), req.seed)
-        except SinglepassError as e:
-            raise ApiError(400, str(e)) from None
-        stops = req.stop
-        stops = () if stops is None else (stops,) if isinstance(stops, str) else tuple(stops)
-        if len(stops) > MAX_STOPS:
-            raise ApiError(400, f"stop: at most {MAX_STOPS} stop strings, not {len(stops)}", param="stop")
-        if any(not s for s in stops):
-            raise ApiError(400, "stop: a stop string must not be empty", param="stop")
-        usage = bool(req.stream_options and req.stream_options.include_usage)
-        if req.stream_options is not None and not req.stream:
-            raise ApiError(400, "stream_options is only allowed with stream: true", param="stream_options")
-        return _Plan(ids, budget, why, sampling, stops, bool(req.stream), usage, bool(req.return_token_ids))
-
-    async def screen(self, plan: _Plan, job: Job, sink: "_Sink") -> Label | None:
-        """With a guard: its label for the prompt; a flagged prompt gets the refusal (in ``sink``)
-        and never reaches the engine. Without one: None."""
-        if self.guard is None or plan.text is None:
-            return None
-        from singlepass.serve.guard import KEY
-
-        verdict = await self.guard.check(plan.text)
-        self.metrics.guarded(verdict.label.label, verdict.seconds, verdict.flagged)
-        if verdict.flagged:
-            text = self.runtime.refusal
-            job.finished = True
-            sink(
-                Out(
-                    0,
-                    text=text,
-                    done=True,
-                    finish_reason="blocked",
-                    final_text=text,
-                    blocked_by=KEY,
-                    labels={KEY: verdict.label},
-                    prompt_tokens=len(plan.ids),
-                )
-            )
-        return verdict.label
-
-    def submit(self, jobs: list[Job]) -> None:
-        try:
-            self.engine.submit(jobs)
-        except QueueFull as e:
-            raise ApiError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from None
-        except EngineStopped as e:
-            raise ApiError(503, f"{e}; retry later") from None
-
-
-class _Sink:
-    """Hands a job's events from the engine thread to the request's event loop."""
-
-    POLL = 0.25  # seconds between checks that the client is still there
-
-    def __init__(self, loop: asyncio.AbstractEventLoop):
-        self.loop, self.queue = loop, asyncio.Queue()
-        self.checked = time.monotonic()
-
-    def __call__(self, out: Out) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, out)
-        except RuntimeError:  # the loop is closed: nobody is waiting any more
-            pass
-
-    async def next(self, deadline: float, request: Request | None = None) -> Out:
-        """The next event; _Timeout past the deadline; with ``request``, _Gone once the client left."""
-        while True:
-            now = time.monotonic()
-            if now >= deadline:
-                raise _Timeout()
-            if request is not None and now - self.checked >= self.POLL:  # events may keep coming: check anyway
-                self.checked = now
-                if await request.is_disconnected():
-                    raise _Gone()
-            wait = deadline - now if request is None else min(deadline - now, self.POLL)
-            try:
-                return await asyncio.wait_for(self.queue.get(), wait)
-            except asyncio.TimeoutError:
-                pass
-
-
-def _labels(out: Out) -> S.Singlepass:
-    return S.Singlepass(
-        labels={k: S.LabelOut(label=v.label, score=v.score) for k, v in (out.labels or {}).items()},
-        blocked_by=out.blocked_by,
-    )
-
-
-def _usage(prompt: int, completion: int) -> S.Usage:
-    return S.Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
-
-
-# ----------------------------------------------------------------------------- the ASGI guard
-
-
-class Guard:
-    """Outermost: the API key (all but /health), the body size limit, the request metrics."""
-
-    def __init__(self, app, state: ServerState):
-        self.app, self.st = app, state
-        key = state.options.api_key
-        self.expected = f"Bearer {key}".encode() if key else None
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        t0 = time.perf_counter()
-        path = scope.get("path", "")
-        endpoint = path if path in ENDPOINTS else "other"
-        status = {}
-
-        async def send_status(message):
-            if message["type"] == "http.response.start":
-                status["code"] = message["status"]
-            await send(message)
-
-        try:
-            headers = dict(scope.get("headers") or [])
-            if self.expected is not None and path != "/health":
-                given = headers.get(b"authorization", b"")
-                if not hmac.compare_digest(given, self.expected):
-                    msg = (
-                        "missing API key: send the header 'Authorization: Bearer <key>'"
-                        if not given
-                        else "invalid API key"
-                    )
-                    await error_response(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(
-                        scope, receive, send_status
-                    )
-                    return
-            if scope.get("method") in ("POST", "PUT", "PATCH"):
-                limit = self.st.options.max_body_bytes
-                too_big = error_response(
-                    413,
-                    f"the request body is over the limit of {limit} bytes (--max-body-bytes)",
-                    code="request_too_large",
-                )
-                try:
-                    declared = int(headers.get(b"content-length", b"0") or 0)
-                except ValueError:
-                    declared = 0
-                if declared > limit:
-                    await too_big(scope, receive, send_status)
-                    return
-                chunks, size = [], 0
-                while True:
-                    message = await receive()
-                    if message["type"] != "http.request":  # the client left while sending
-                        scope["singlepass.outcome"] = "cancelled"
-                        return
-                    chunks.append(message.get("body", b""))
-                    size += len(chunks[-1])
-                    if size > limit:
-                        await too_big(scope, receive, send_status)
-                        return
-                    if not message.get("more_body"):
-                        break
-                body, replayed = b"".join(chunks), False
-
-                async def replay():
-                    nonlocal replayed
-                    if not replayed:
-                        replayed = True
-                        return {"type": "http.request", "body": body, "more_body": False}
-                    return await receive()
-
-                await self.app(scope, replay, send_status)
-            else:
-                await self.app(scope, receive, send_status)
-        except BaseException:
-            status.setdefault("code", 500)
-            raise
-        finally:
-            code = status.get("code", 500)
-            outcome = scope.get("singlepass.outcome") or (
-                "ok" if code < 400 else OUTCOMES.get(code, "error" if code >= 500 else "invalid")
-            )
-            self.st.metrics.request(endpoint, outcome, time.perf_counter() - t0 if endpoint != "other" else None)
-
-
-class _SSE(StreamingResponse):
-    """A server-sent event stream that always runs ``on_close`` (the client may leave mid-stream)."""
-
-    def __init__(self, content, on_close):
-        super().__init__(
-            content, media_type="text/event-stream", headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-        )
-        self.on_close = on_close
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.on_close()
-
-
-def _sse(model) -> str:
-    return f"data: {model.model_dump_json()}\n\n"
 
 
 # ----------------------------------------------------------------------------- the app
@@ -585,13 +165,13 @@ def create_app(artifact=None, runtime=None, options: Options | None = None, guar
     @app.get("/v1/models", response_model=S.ModelList, tags=["openai"], responses=documented)
     async def models():
         st.require_ready()
-        return _json(S.ModelList(data=[_card(st)]))
+        return json_response(S.ModelList(data=[_card(st)]))
 
     @app.get("/v1/models/{model_id}", response_model=S.ModelCard, tags=["openai"], responses=documented)
     async def model(model_id: str):
         st.require_ready()
         st.check_model(model_id)
-        return _json(_card(st))
+        return json_response(_card(st))
 
     # -- completions
     @app.post("/v1/chat/completions", response_model=S.ChatCompletion, tags=["openai"], responses=documented)
@@ -730,10 +310,10 @@ def _chat_text(req: S.ChatCompletionRequest) -> str:
     return m.content or ""
 
 
-async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
+async def _complete(st: ServerState, request: Request, plan: Plan, chat: bool):
     """Run one completion job; a JSON response, or a stream once the first event is in."""
     loop = asyncio.get_running_loop()
-    sink = _Sink(loop)
+    sink = Sink(loop)
     job = Job(plan.ids, plan.budget, plan.why, plan.sampling, plan.stops, incremental=plan.stream, sink=sink)
     deadline = time.monotonic() + st.options.timeout
     guard_label = None
@@ -759,7 +339,7 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
             first.labels = {**(first.labels or {}), KEY: guard_label}
         if plan.stream:
             handed_over = True
-            return _SSE(
+            return SSEResponse(
                 _stream(st, request, plan, job, sink, first, rid, created, deadline, chat),
                 lambda: _stream_closed(st, request, job),
             )
@@ -773,10 +353,10 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
         if last.error:
             raise _engine_error(st, last.error)
         tokens = [o.token_id for o in outs if o.token_id is not None]
-        _set_outcome(request, "blocked" if last.blocked_by else "ok")
-        ext = _labels(first)
+        set_outcome(request, "blocked" if last.blocked_by else "ok")
+        ext = labels_of(first)
         reason = FINISH.get(last.finish_reason, last.finish_reason)
-        usage = _usage(len(plan.ids), len(tokens))
+        usage = usage_of(len(plan.ids), len(tokens))
         ptoks = plan.ids if plan.token_ids else None
         ctoks = tokens if plan.token_ids else None
         text = last.final_text or ""
@@ -787,7 +367,7 @@ async def _complete(st: ServerState, request: Request, plan: _Plan, chat: bool):
             )
         else:
             shape, choice = S.Completion, S.CompletionChoice(text=text, finish_reason=reason, token_ids=ctoks)
-        return _json(
+        return json_response(
             shape(
                 id=rid,
                 created=created,
@@ -815,15 +395,15 @@ async def _next_output(st: ServerState, sink, deadline: float, request: Request)
     client has gone (the request's outcome is then "cancelled")."""
     try:
         return await sink.next(deadline, request)
-    except _Timeout:
+    except RequestTimeout:
         raise _timeout_error(st, request) from None
-    except _Gone:
-        _set_outcome(request, "cancelled")
+    except ClientGone:
+        set_outcome(request, "cancelled")
         return None
 
 
 def _timeout_error(st: ServerState, request: Request) -> ApiError:
-    _set_outcome(request, "timeout")
+    set_outcome(request, "timeout")
     return ApiError(504, f"the request did not finish within {st.options.timeout:g} s (--timeout)", code="timeout")
 
 
@@ -836,9 +416,9 @@ def _stream_closed(st: ServerState, request: Request, job: Job) -> None:
 async def _stream(
     st: ServerState,
     request: Request,
-    plan: _Plan,
+    plan: Plan,
     job: Job,
-    sink: _Sink,
+    sink: Sink,
     first: Out,
     rid: str,
     created: int,
@@ -846,7 +426,7 @@ async def _stream(
     chat: bool,
 ):
     """The server-sent events of one completion: labels first, then the text, then [DONE]."""
-    ext, ptoks = _labels(first), (plan.ids if plan.token_ids else None)
+    ext, ptoks = labels_of(first), (plan.ids if plan.token_ids else None)
     count = 0
 
     def chunk(text: str | None, reason: str | None = None, head: bool = False, tokens=None, usage=None):
@@ -859,7 +439,7 @@ async def _stream(
         else:
             choices = [S.CompletionChoice(text=text or "", finish_reason=reason, token_ids=tokens)]
         shape = S.ChatCompletionChunk if chat else S.Completion
-        return _sse(
+        return sse_event(
             shape(
                 id=rid,
                 created=created,
@@ -886,12 +466,12 @@ async def _stream(
             if out.done:
                 yield chunk(None, FINISH.get(out.finish_reason, out.finish_reason))
                 if plan.usage:
-                    yield chunk(None, usage=_usage(len(plan.ids), count))
+                    yield chunk(None, usage=usage_of(len(plan.ids), count))
                 request.scope["singlepass.outcome"] = "blocked" if out.blocked_by else "ok"
                 break
             try:
                 out = await sink.next(deadline)
-            except _Timeout:
+            except RequestTimeout:
                 st.engine.cancel(job)
                 request.scope["singlepass.outcome"] = "timeout"
                 yield f"data: {_error_json(504, _timeout_error(st, request).message, 'timeout')}\n\n"
@@ -916,7 +496,7 @@ def _error_json(status: int, message: str, code: str | None = None) -> str:
 async def _moderate(st: ServerState, request: Request, ids: list[list[int]]):
     """Prefill-only jobs (no token, no blocking) -> OpenAI's moderation shape, keyed by probe."""
     loop = asyncio.get_running_loop()
-    sinks = [_Sink(loop) for _ in ids]
+    sinks = [Sink(loop) for _ in ids]
     jobs = [Job(x, 0, "max_tokens", policy=False, sink=s) for x, s in zip(ids, sinks)]
     deadline = time.monotonic() + st.options.timeout
     st.submit(jobs)
@@ -950,84 +530,8 @@ async def _moderate(st: ServerState, request: Request, ids: list[list[int]]):
                 categories=cats,
                 category_scores=scores,
                 category_applied_input_types={k: ["text"] for k in cats},
-                singlepass=_labels(out),
+                singlepass=labels_of(out),
             )
         )
-    _set_outcome(request, "ok")
-    return _json(S.Moderation(id=f"modr-{uuid.uuid4().hex}", model=st.name, results=results))
-
-
-# ----------------------------------------------------------------------------- the runner
-
-
-def _is_loopback(host: str) -> bool:
-    return host in ("127.0.0.1", "::1", "localhost") or host.startswith("127.")
-
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket (bound here, so a taken port is one clear error and port 0 works)."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-    except socket.gaierror as e:
-        raise SinglepassError(f"--host {host!r}: cannot resolve it ({e})") from None
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind(addr)
-    except OSError as e:
-        sock.close()
-        raise SinglepassError(
-            f"cannot listen on {host}:{port} ({e.strerror or e}); is another server using the port? pass --port"
-        ) from None
-    sock.listen(2048)  # connections wait in the backlog until uvicorn accepts them (never refused)
-    sock.set_inheritable(True)
-    return sock
-
-
-def serve(artifact, options: Options, log_level: str = "info") -> int:
-    """``singlepass serve``: check the artifact, listen, load it in the background, serve."""
-    import uvicorn
-
-    from singlepass.runtime.contract import read_artifact
-
-    if not logging.getLogger().handlers and not log.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    manifest = read_artifact(artifact)  # fail fast on a bad folder or policy, before listening
-    pol.resolve(options.policy, manifest.probes)
-    if options.max_batch is not None and not 1 <= options.max_batch <= manifest.limits.max_batch:
-        raise SinglepassError(
-            f"--max-batch must be between 1 and the artifact's limit {manifest.limits.max_batch}, "
-            f"not {options.max_batch}"
-        )
-    if options.max_queue < 1 or options.timeout <= 0 or options.max_body_bytes < 1:
-        raise SinglepassError("--max-queue, --timeout and --max-body-bytes must be positive")
-    if options.guard:
-        from singlepass.serve.guard import check_folder
-
-        check_folder(options.guard)
-    if not _is_loopback(options.host) and not options.api_key:
-        log.warning(
-            "listening on %s without an API key: anyone who can reach it can use it (set --api-key or "
-            "$SINGLEPASS_API_KEY)",
-            options.host,
-        )
-    sock = bind(options.host, options.port)
-    app = create_app(artifact=manifest, options=options)
-    st: ServerState = app.state.singlepass
-    server = uvicorn.Server(uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5))
-    st.on_load_error = lambda e: setattr(server, "should_exit", True)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"singlepass serve: {st.name} on http://{shown}:{port}/v1 (loading; GET /health answers 200 when ready)",
-        file=sys.stderr,
-        flush=True,
-    )
-    try:
-        server.run(sockets=[sock])
-    finally:
-        sock.close()
-    if st.load_error:
-        raise SinglepassError(f"cannot serve {artifact}: {st.load_error}")
-    return 0
+    set_outcome(request, "ok")
+    return json_response(S.Moderation(id=f"modr-{uuid.uuid4().hex}", model=st.name, results=results))

@@ -9,7 +9,8 @@ from singlepass.errors import SinglepassError
 
 def cmd_serve(args) -> int:
     try:
-        from singlepass.serve.app import Options, serve
+        from singlepass.serve.runner import serve
+        from singlepass.serve.state import Options
     except ImportError as e:
         raise SinglepassError(
             f"the server needs the serve extra ({e.name} is not installed): pip install 'singlepass[serve]'"

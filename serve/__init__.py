@@ -12,9 +12,9 @@ The parts: ``engine.py`` (the one engine loop: continuous, iteration-level batch
 ``runtime/passes.py``; numpy only), ``schemas.py`` (the OpenAI request/response shapes as pydantic
 models and the checks of unsupported fields), ``app.py`` (the FastAPI routes), ``state.py`` (their
 shared state: options, errors, a request's plan), ``asgi.py`` (auth, body limit, request metrics,
-the SSE response), ``runner.py`` (the uvicorn runner of ``singlepass serve``), ``metrics.py`` (the Prometheus metrics), ``guard.py`` (``--guard
-DIR``: guard-then-serve, a separate classifier in front of the engine, to compare with a fused
-probe as ``singlepass bench serve`` does). FastAPI, uvicorn, pydantic and prometheus-client are
-the ``serve`` extra (``pip install singlepass[serve]``); none of them is imported by ``import
-singlepass`` or ``singlepass --help``, only by the ``serve`` command.
+the SSE response), ``runner.py`` (the uvicorn runner of ``singlepass serve``), ``metrics.py`` (the
+Prometheus metrics), ``guard.py`` (``--guard DIR``: guard-then-serve, a separate classifier in front
+of the engine, to compare with a fused probe as ``singlepass bench serve`` does). FastAPI, uvicorn,
+pydantic and prometheus-client are the ``serve`` extra (``pip install singlepass[serve]``); none of
+them is imported by ``import singlepass`` or ``singlepass --help``, only by the ``serve`` command.
 """

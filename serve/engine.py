@@ -388,10 +388,10 @@ class Engine(WorkerThread):
                     free, tokens = self.max_batch - live, 0
                     # the token budget bounds how long running rows stall; with none running,
                     # every waiting job that fits is prefilled now (nobody would gain by its wait)
-                    budget = self.prefill_tokens if live else None
+                    budget = self.prefill_tokens if live else math.inf
                     while self._waiting and len(new) < free:
                         job = self._waiting[0]
-                        if new and budget is not None and tokens + len(job.ids) > budget:
+                        if new and tokens + len(job.ids) > budget:
                             break  # the rest waits for the next iteration, after a decode step
                         self._waiting.popleft()
                         if not job.cancelled:

@@ -72,7 +72,6 @@ from singlepass.serve.state import (
     RequestTimeout,
     ServerState,
     Sink,
-    error_response,
     json_response,
     labels_of,
     set_outcome,
@@ -121,32 +120,32 @@ def create_app(artifact=None, runtime=None, options: Options | None = None, guar
     # -- errors: OpenAI's shape, never a traceback
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, e: ApiError):
-        return error_response(e.status, e.message, e.param, e.code, e.type, e.headers)
+        return e.response()
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, e: RequestValidationError):
         errors = e.errors()
         if any(err.get("type") == "json_invalid" for err in errors):
             where = next((err.get("ctx", {}).get("error") for err in errors if err.get("type") == "json_invalid"), "")
-            return error_response(
+            return ApiError(
                 400, f"the request body is not valid JSON ({where})".replace(" ()", ""), code="invalid_json"
-            )
+            ).response()
         parts, first = [], None
         for err in errors[:5]:
             loc = [str(x) for x in err.get("loc", ()) if x != "body"]
             name = ".".join(loc) or "body"
             first = first or name
             parts.append(f"{name}: {err.get('msg', 'invalid')}")
-        return error_response(422, "; ".join(parts), param=first, code="invalid_value")
+        return ApiError(422, "; ".join(parts), param=first, code="invalid_value").response()
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, e: StarletteHTTPException):
-        return error_response(e.status_code, str(e.detail), headers=getattr(e, "headers", None))
+        return ApiError(e.status_code, str(e.detail), headers=getattr(e, "headers", None)).response()
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, e: Exception):
         log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=e)
-        return error_response(500, "internal server error (see the server log)")
+        return ApiError(500, "internal server error (see the server log)").response()
 
     # -- service endpoints
     @app.get("/health", tags=["service"], responses={503: {"description": "not loaded (yet)"}})

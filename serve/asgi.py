@@ -8,7 +8,7 @@ import time
 
 from fastapi.responses import StreamingResponse
 
-from singlepass.serve.state import ENDPOINTS, OUTCOMES, ServerState, error_response
+from singlepass.serve.state import ENDPOINTS, OUTCOMES, ApiError, ServerState
 
 
 class Guard:
@@ -42,17 +42,17 @@ class Guard:
                         if not given
                         else "invalid API key"
                     )
-                    await error_response(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})(
+                    await ApiError(401, msg, code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}).response()(
                         scope, receive, send_status
                     )
                     return
             if scope.get("method") in ("POST", "PUT", "PATCH"):
                 limit = self.st.options.max_body_bytes
-                too_big = error_response(
+                too_big = ApiError(
                     413,
                     f"the request body is over the limit of {limit} bytes (--max-body-bytes)",
                     code="request_too_large",
-                )
+                ).response()
                 try:
                     declared = int(headers.get(b"content-length", b"0") or 0)
                 except ValueError:

@@ -94,19 +94,12 @@ class ApiError(Exception):
         self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
         self.type = type or ERROR_TYPES.get(status, "server_error")
 
-
-def error_response(
-    status: int,
-    message: str,
-    param: str | None = None,
-    code: str | None = None,
-    type: str | None = None,
-    headers: dict | None = None,
-) -> JSONResponse:
-    body = S.ErrorResponse(
-        error=S.ErrorBody(message=message, type=type or ERROR_TYPES.get(status, "server_error"), param=param, code=code)
-    )
-    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+    def response(self) -> JSONResponse:
+        """OpenAI's error shape: {"error": {"message", "type", "param", "code"}}."""
+        body = S.ErrorResponse(
+            error=S.ErrorBody(message=self.message, type=self.type, param=self.param, code=self.code)
+        )
+        return JSONResponse(body.model_dump(), status_code=self.status, headers=self.headers)
 
 
 def json_response(model) -> Response:

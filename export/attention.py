@@ -16,8 +16,10 @@ query token, for any length)::
     out = softmax(scores) [B, kv, g*T, P] @ value [B, kv, P, D] -> [B, H, T, D] -> [B, T, H, D]
 
 ``exporting_attention(model)`` switches a model to it for the duration of an export (the mask
-is transformers' eager float mask); models whose attention adds more than this (logit
-soft-capping, sinks) keep their own.
+is transformers' eager float mask, which already holds a sliding window where a layer has one);
+attention-logit soft-capping (Gemma 2: ``tanh(scores / c) * c`` before the mask) is applied as
+transformers' eager attention applies it. Models whose attention adds more than this (sinks)
+keep their own.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import contextlib
 NAME = "singlepass_gqa"
 
 
-def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
     """transformers' attention-function interface -> (output [B, T, H, D], None)."""
     import torch
 
@@ -36,6 +38,8 @@ def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     g = H // kv
     q = (query * scaling).reshape(B, kv, g * T, D)
     w = torch.matmul(q, key.transpose(2, 3)).reshape(B, H, T, P)  # [B, H, T, P]
+    if softcap is not None:
+        w = torch.tanh(w / softcap) * softcap
     if attention_mask is not None:
         w = w + attention_mask[:, :, :, :P]  # [B, 1, T, P], 0 or the dtype's minimum
     w = torch.softmax(w, dim=-1, dtype=torch.float32).to(query.dtype)
@@ -53,9 +57,9 @@ def _register() -> None:
 
 
 def supports(config) -> bool:
-    """Plain scaled-dot-product attention, which ``gqa_attention`` computes exactly."""
-    extras = ("attn_logit_softcapping", "sliding_window", "use_sliding_window")
-    return not any(getattr(config, k, None) for k in extras) and not getattr(config, "sinks", None)
+    """Scaled-dot-product attention (with an optional logit soft-cap and the mask's sliding
+    window), which ``gqa_attention`` computes exactly; attention sinks are not."""
+    return not getattr(config, "sinks", None)
 
 
 @contextlib.contextmanager

@@ -103,7 +103,9 @@ def register(sub) -> None:
         metavar="DIR[:NAME]",
         help="probe artifact folder to fuse (repeatable); NAME renames it (default: the folder name)",
     )
-    p.add_argument("--onnx", default=None, help="an existing Llama-family decoder ONNX graph to add the probes to")
+    p.add_argument(
+        "--onnx", default=None, help="an existing decoder ONNX graph (a supported architecture) to add the probes to"
+    )
     p.add_argument("--out", required=True, help="artifact folder to write")
     p.add_argument("--force", action="store_true", help="replace an existing artifact folder")
     p.add_argument(

@@ -49,9 +49,10 @@ def _wrapper(model, with_past: bool, with_positions: bool):
             if with_positions:
                 kw["position_ids"] = position_ids
             if with_past:
-                kw["past_key_values"] = DynamicCache(
-                    ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)], config=self.m.config
-                )
+                # No config: every layer keeps its whole past (present = past + sequence, the graph's
+                # contract) even where a sliding-window layer's own cache would drop the oldest
+                # entries; the window is in the attention mask either way.
+                kw["past_key_values"] = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
                 kw["use_cache"] = True
             else:
                 kw["use_cache"] = False

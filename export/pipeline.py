@@ -127,6 +127,18 @@ def load_probes(specs: list[ProbeSpec], backbone) -> list[LoadedProbe]:
     return probes
 
 
+def find_stream(graph, backbone):
+    """The residual stream of the backbone's graph; an unrecognised graph is an error naming the
+    architecture and the structure that did not match."""
+    from singlepass.export import surgery
+
+    try:
+        return surgery.find_residual_stream(graph, expected_layers=backbone.num_layers)
+    except surgery.SurgeryError as e:
+        arch = backbone.model.config.model_type
+        raise surgery.SurgeryError(f"cannot recognise the {arch} decoder graph: {e}") from None
+
+
 def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: bool, all_logits: bool):
     """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
     output name or None).
@@ -143,7 +155,7 @@ def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: 
     from singlepass.export.tensorrt import name_nodes
 
     graph = gs.import_onnx(model)
-    stream = surgery.find_residual_stream(graph, expected_layers=backbone.num_layers)
+    stream = find_stream(graph, backbone)
     if stream.vocab_size != backbone.model.config.vocab_size or stream.hidden_size != backbone.hidden_size:
         raise SinglepassError(
             f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "

@@ -1,15 +1,22 @@
-"""Find a Llama-family decoder's residual stream in an ONNX graph by its structure (onnx-graphsurgeon).
+"""Find a pre-norm decoder's residual stream in an ONNX graph by its structure (onnx-graphsurgeon).
 
 It works on graphs singlepass did not export: the stream is found from the graph's
 *structure*, never from one exporter's node names. The decoder signature searched for:
 
-    input_ids --Gather(embedding table)--> x0                      (hidden state 0)
-    x_{k+1} = Add(x_k, f(x_k))   for k = 0 .. 2L-1                (two residual adds per layer)
-    x_{2L} --final norm--> n --MatMul|Gemm(lm_head)--> logits      (hidden state L = n)
+    input_ids --Gather(embedding table)--> [* scale] --> x0                 (hidden state 0)
+    x_{k+1} = Add(x_k, f(x_k))   for k = 0 .. 2L-1                         (two residual adds per layer)
+    x_{2L} --final norm--> n --MatMul|Gemm(lm_head)--> [soft-cap] --> logits (hidden state L = n)
 
 so hidden state i (1 <= i < L) is x_{2i}, exactly transformers' ``output_hidden_states``
 (the last entry is the final-norm output). ``f(x_k)`` must depend on ``x_k`` (attention or
-MLP branch); Casts to the same type and Identities on the stream are looked through.
+MLP branch, whatever it holds: biases, q/k norms, fused projections, Gemma's post-norms before
+the add); Casts to the same type and Identities on the stream are looked through. The
+architectures differ at the two ends, and both are matched by structure too:
+
+* the stream may start at a multiplication of the embedding by a constant scalar (Gemma:
+  ``embedding * sqrt(d)``), the one consumer of the Gather; hidden state 0 is then the product;
+* the lm_head output may pass through element-wise ops with constant scalars and unary ops
+  (Gemma 2's final-logit soft-capping ``tanh(logits / c) * c``) before it is the logits output.
 
 Navigation is gs's: ``tensor.inputs`` are its producer, ``tensor.outputs`` its consumers;
 weights are read for their shape and dtype only (gs loads values lazily, these never do).
@@ -30,6 +37,8 @@ from singlepass.errors import SinglepassError
 
 PASS_THROUGH = {"Identity", "Cast"}  # ops that leave the residual value unchanged (same-type Cast)
 SHAPE_ONLY = {"Identity", "Slice", "Gather", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+SCALAR_OPS = {"Mul", "Div", "Add", "Sub"}  # element-wise with a constant scalar: embedding scale, soft-capping
+UNARY_OPS = {"Tanh", "Identity", "Cast"}  # element-wise, one input: soft-capping's tanh
 MIN_OPSET = 13
 
 
@@ -86,6 +95,26 @@ def weight_shape(t: gs.Tensor) -> tuple[list[int], bool, int] | None:
         if inner is not None and len(inner[0]) == 2:
             return inner[0], not inner[1], inner[2]
     return None
+
+
+def scalar_constant(t: gs.Tensor) -> bool:
+    """A constant with one element (a scalar or [1]), possibly through Casts / Identities."""
+    hops = 0
+    while producer(t) is not None and producer(t).op in PASS_THROUGH and hops < 4:
+        t, hops = producer(t).inputs[0], hops + 1
+    w = _weight(t)
+    return w is not None and int(np.prod(w.shape, dtype=np.int64)) == 1
+
+
+def scalar_step(node: gs.Node, t: gs.Tensor) -> bool:
+    """Whether ``node`` maps ``t`` element-wise to its output without mixing in anything else:
+    a unary op, or a Mul/Div/Add/Sub of ``t`` with a constant scalar."""
+    if node.op in UNARY_OPS:
+        return len(node.inputs) == 1 and node.inputs[0].name == t.name
+    if node.op not in SCALAR_OPS or len(node.inputs) != 2:
+        return False
+    others = [i for i in node.inputs if i.name != t.name]
+    return len(others) == 1 and scalar_constant(others[0])
 
 
 def depends_on(t: gs.Tensor, target: gs.Tensor) -> bool:
@@ -174,8 +203,17 @@ def _find_lm_head(graph: gs.Graph, logits_name: str | None) -> tuple[gs.Node, st
     outs = [o for o in graph.outputs if logits_name is None or o.name == logits_name]
     for out in outs:
         t, hops = out, 0
-        while producer(t) is not None and producer(t).op in SHAPE_ONLY | {"Cast"} and hops < 8:
-            t, hops = producer(t).inputs[0], hops + 1
+        while producer(t) is not None and hops < 8:
+            p = producer(t)
+            if p.op in SHAPE_ONLY:
+                t = p.inputs[0]
+            elif p.op in SCALAR_OPS | UNARY_OPS and p.inputs and scalar_step(p, p.inputs[0]):
+                t = p.inputs[0]
+            elif p.op in SCALAR_OPS and len(p.inputs) == 2 and scalar_step(p, p.inputs[1]):
+                t = p.inputs[1]
+            else:
+                break
+            hops += 1
         node = producer(t)
         if node is None or node.op not in ("MatMul", "Gemm"):
             continue
@@ -227,6 +265,16 @@ def _find_embedding(graph: gs.Graph, vocab: int, d: int) -> tuple[gs.Tensor, gs.
     return hits[0][1:]
 
 
+def _stream_start(x: gs.Tensor) -> gs.Tensor:
+    """Hidden state 0: the Gather output, or its scaled copy when the Gather's one consumer
+    multiplies it by a constant scalar (Gemma's ``embedding * sqrt(d)``)."""
+    for _ in range(4):
+        if len(x.outputs) != 1 or x.outputs[0].op not in ("Mul", "Div") or not scalar_step(x.outputs[0], x):
+            return x
+        x = x.outputs[0].outputs[0]
+    return x
+
+
 def _aliases(x: gs.Tensor, dtype: int) -> dict[str, gs.Tensor]:
     """x plus tensors equal to it: Identity and same-type Cast chains."""
     out, queue = {x.name: x}, [x]
@@ -275,6 +323,7 @@ def find_residual_stream(
         raise SurgeryError(f"opset {opset} is too old: re-export the decoder with opset >= {MIN_OPSET}")
     lm_head, logits, vocab, d = _find_lm_head(graph, logits_name)
     input_ids, emb, dtype = _find_embedding(graph, vocab, d)
+    emb = _stream_start(emb)
     if dtype != TensorProto.FLOAT:
         raise SurgeryError(
             f"the embedding table is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
@@ -284,7 +333,7 @@ def find_residual_stream(
     if len(residuals) < 2 or len(residuals) % 2:
         raise SurgeryError(
             f"found {len(residuals)} residual Add nodes after the embedding; a decoder has two per "
-            "layer (attention and MLP): the graph is not a recognised Llama-family decoder"
+            "layer (attention and MLP): the graph is not a recognised pre-norm decoder"
         )
     # Hidden state L is the lm_head input before any last-position slice or flattening.
     final, last = lm_head.inputs[0], residuals[-1]

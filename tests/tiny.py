@@ -1,4 +1,12 @@
-"""Tiny random-weight Llama models built locally (no hub): what most tests run on."""
+"""Tiny random-weight decoders built locally (no hub): what most tests run on.
+
+``build_tiny_llama`` is the default test model; ``build_tiny(arch, folder)`` builds one of the other
+supported architectures (``ARCHITECTURES``) with the features that make it differ from Llama switched
+on at a tiny size: Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's sliding window (4 tokens, so
+every test prompt is longer than the window), Gemma 2's scaled embedding, four norms per layer,
+attention and final-logit soft-capping and alternating sliding/global layers, Gemma 3's q/k norms
+and local/global RoPE, Phi-3's fused projections and partial rotary (half of each head).
+"""
 
 from __future__ import annotations
 
@@ -18,9 +26,10 @@ CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
     "system user assistant you are a tiny test model",
 ] * 20
+WINDOW = 4  # sliding window of the tiny Mistral / Gemma models: shorter than every test prompt
 
 
-def build_tokenizer(folder: Path):
+def build_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,9 +49,25 @@ def build_tokenizer(folder: Path):
         eos_token="<|im_end|>",
         pad_token="<|im_end|>",
     )
-    fast.chat_template = CHAT_TEMPLATE
+    fast.chat_template = chat_template
     fast.save_pretrained(folder)
     return fast
+
+
+def _randomise(model, seed: int, std: float = 0.08) -> None:
+    """Larger weights than init so layers differ visibly and logits are peaked (norm weights too,
+    so a (1 + weight) RMSNorm differs from a plain one)."""
+    import torch
+
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() > 1:
+                p.normal_(0, std)
+            elif "norm" in name:
+                p.normal_(0 if "gemma" in model.config.model_type else 1, 0.1)
+            else:  # biases
+                p.normal_(0, 0.1)
 
 
 def build_tiny_llama(folder: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
@@ -73,5 +98,70 @@ def build_tiny_llama(folder: Path, num_layers: int = 2, hidden: int = 64, seed: 
         for p in model.parameters():
             if p.dim() > 1:
                 p.normal_(0, 0.08)
+    model.save_pretrained(folder)
+    return folder
+
+
+# arch -> (config class, model class, what differs from Llama, set at tiny size); every config also gets
+# the common sizes of ``_common``. ``gguf=True`` keeps only what a GGUF file can express (its loader
+# fills the rest with the config class's defaults), for the GGUF round trip.
+def _arch_kwargs(arch: str, gguf: bool) -> dict:
+    if arch == "qwen2":
+        return {}  # q/k/v biases are built in
+    if arch == "qwen3":
+        return {"head_dim": 16}  # q/k RMSNorms are built in
+    if arch == "mistral":
+        return {"head_dim": 16, "sliding_window": WINDOW}
+    if arch == "gemma2":
+        extra = {} if gguf else {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
+        return {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16, **extra}
+    if arch == "gemma3":
+        layer_types = None if gguf else ["sliding_attention", "full_attention"]
+        return {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16, "layer_types": layer_types}
+    if arch == "phi3":
+        return {} if gguf else {"partial_rotary_factor": 0.5}
+    raise ValueError(arch)
+
+
+ARCHITECTURES = ("qwen2", "qwen3", "mistral", "gemma2", "gemma3", "phi3")
+
+
+def _classes(arch: str):
+    import transformers as tf
+
+    return {
+        "qwen2": (tf.Qwen2Config, tf.Qwen2ForCausalLM),
+        "qwen3": (tf.Qwen3Config, tf.Qwen3ForCausalLM),
+        "mistral": (tf.MistralConfig, tf.MistralForCausalLM),
+        "gemma2": (tf.Gemma2Config, tf.Gemma2ForCausalLM),
+        "gemma3": (tf.Gemma3TextConfig, tf.Gemma3ForCausalLM),
+        "phi3": (tf.Phi3Config, tf.Phi3ForCausalLM),
+    }[arch]
+
+
+def build_tiny(arch: str, folder: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0, gguf: bool = False):
+    """A random decoder of architecture ``arch`` (one of ``ARCHITECTURES``) + tokenizer, saved as an
+    HF folder -> the folder. ``gguf``: only settings a GGUF file carries (see ``_arch_kwargs``)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tok = build_tokenizer(folder)
+    config_cls, model_cls = _classes(arch)
+    cfg = config_cls(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=arch != "phi3",  # Phi-3 has its own lm_head
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **_arch_kwargs(arch, gguf),
+    )
+    model = model_cls(cfg).eval()
+    _randomise(model, seed)
     model.save_pretrained(folder)
     return folder

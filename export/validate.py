@@ -10,7 +10,8 @@ ids, padding and position ids. Checked every time an artifact is written, and on
 * prefill on padded batches, left and right padding, several lengths: every probe's ``probs``
   and ``logits`` (scaled by max(1, max |ref|)), the next-token logits at real tokens (a
   right-padded row's last position is padding: with a sliding window it attends to nothing, and
-  its logits are never read), the exposed hidden states if any (relative error);
+  its logits are never read; so probes reading the last position's logits, MULI, are compared on
+  the rows whose last position is real), the exposed hidden states if any (relative error);
 * 20 greedy decode steps (KV cache present -> past, or full recompute for a graph without a
   cache): identical tokens, per-step logits and probe outputs within the same tolerances.
 
@@ -174,8 +175,12 @@ class Parity:
     def compare(self, report: Report, case: str, got: dict, ref: dict, mask: np.ndarray) -> None:
         """``mask`` [B, T]: the real tokens of this pass."""
         g = self.m.graph
+        last_real = mask[:, -1].astype(bool)  # [B]: rows whose last position is a real token
+        reads_last = {n for p in self.m.probes if p.input == "logits" for n in (p.logits, p.probs)}
         for name, r in ref.items():
             a = got[name]
+            if name in reads_last:  # a logit-input probe reads the last position: padding in a right-padded row
+                a, r = a[last_real], r[last_real]
             tol = self.tol["probs"] if name.endswith("/probs") else self.tol["logits"]
             if a.shape != r.shape:
                 report.checks.append(Check(case, name, float("inf"), tol, "shape"))

@@ -158,8 +158,9 @@ def test_sliding_window_is_in_the_graph(arch):
 
 
 def test_runtime_generation_equals_transformers_generate(arch):
-    """`singlepass generate`'s path (a left-padded batch, KV cache) against transformers'
-    ``generate``: the same 20 greedy tokens per prompt (past the sliding window too)."""
+    """`singlepass generate`'s path (its own chat-template rendering and tokenizer, a left-padded
+    batch, KV cache) against transformers' ``apply_chat_template`` and ``generate``: the same
+    prompt ids and the same 20 greedy tokens per prompt (past the sliding window too)."""
     from singlepass.models.prompts import encode
     from singlepass.runtime.api import load
 
@@ -168,6 +169,7 @@ def test_runtime_generation_equals_transformers_generate(arch):
     results = rt.generate(TEXTS, 20)
     tok = backbone.tokenizer
     enc = encode(tok, TEXTS, "chat", 128)
+    assert [rt.encode(t)[0] for t in TEXTS] == enc.ids  # the family's chat template, rendered without transformers
     ids, mask, _ = pad_batch(enc.ids, tok.pad_token_id, "left")
     with torch.no_grad():
         ref = backbone.model.generate(

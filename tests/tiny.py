@@ -1,11 +1,12 @@
 """Tiny random-weight decoders built locally (no hub): what most tests run on.
 
 ``build_tiny_llama`` is the default test model; ``build_tiny(arch, folder)`` builds one of the other
-supported architectures (``ARCHITECTURES``) with the features that make it differ from Llama switched
-on at a tiny size: Qwen2's q/k/v biases, Qwen3's q/k norms, Mistral's sliding window (4 tokens, so
-every test prompt is longer than the window), Gemma 2's scaled embedding, four norms per layer,
-attention and final-logit soft-capping and alternating sliding/global layers, Gemma 3's q/k norms
-and local/global RoPE, Phi-3's fused projections and partial rotary (half of each head).
+supported architectures (``ARCHITECTURES``), with its family's chat-template style, and the features
+that make it differ from Llama switched on at a tiny size: Qwen2's q/k/v biases, Qwen3's q/k norms,
+Mistral's sliding window (4 tokens, so every test prompt is longer than the window), Gemma 2's scaled
+embedding, four norms per layer, attention and final-logit soft-capping and alternating
+sliding/global layers, Gemma 3's q/k norms and local/global RoPE, Phi-3's fused projections and
+partial rotary (half of each head).
 """
 
 from __future__ import annotations
@@ -28,8 +29,68 @@ CORPUS = [
 ] * 20
 WINDOW = 4  # sliding window of the tiny Mistral / Gemma models: shorter than every test prompt
 
+# Each family's chat-template style (structure and features of the published templates, shortened):
+# the runtime renders them without transformers, so its prompts must equal apply_chat_template's.
+QWEN2_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{{- '<|im_start|>system\n' + messages[0]['content'] + '<|im_end|>\n' }}"
+    "{%- else %}{{- '<|im_start|>system\nYou are Qwen, a helpful assistant.<|im_end|>\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if (message.role == 'user') or (message.role == 'system' and not loop.first)"
+    " or (message.role == 'assistant' and not message.tool_calls) %}"
+    "{{- '<|im_start|>' + message.role + '\n' + message.content + '<|im_end|>' + '\n' }}{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}"
+)
+QWEN3_TEMPLATE = (
+    "{%- set ns = namespace(multi_step_tool=true, last_query_index=messages|length - 1) %}"
+    "{%- for message in messages[::-1] %}{%- set index = (messages|length - 1) - loop.index0 %}"
+    "{%- if ns.multi_step_tool and message.role == 'user' and message.content is string"
+    " and not(message.content.startswith('<tool_response>')) %}"
+    "{%- set ns.multi_step_tool = false %}{%- set ns.last_query_index = index %}{%- endif %}{%- endfor %}"
+    "{%- for message in messages %}{%- if message.content is string %}{%- set content = message.content %}"
+    "{%- else %}{%- set content = '' %}{%- endif %}"
+    "{{- '<|im_start|>' + message.role + '\n' + content + '<|im_end|>' + '\n' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}"
+    "{%- if enable_thinking is defined and enable_thinking is false %}{{- '<think>\n\n</think>\n\n' }}{%- endif %}"
+    "{%- endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+    "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+    "{{- bos_token }}{%- for message in loop_messages %}"
+    "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{- raise_exception('After the optional system message, conversation roles must alternate') }}{%- endif %}"
+    "{%- if message['role'] == 'user' %}{%- if loop.last and system_message is defined %}"
+    "{{- '[INST] ' + system_message + '\n\n' + message['content'] + '[/INST]' }}"
+    "{%- else %}{{- '[INST] ' + message['content'] + '[/INST]' }}{%- endif %}"
+    "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+    "{%- else %}{{- raise_exception('Only user and assistant roles are supported') }}{%- endif %}{%- endfor %}"
+)
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}{{ raise_exception('System role not supported') }}"
+    "{% endif %}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if (message['role'] == 'assistant') %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}"
+    "{% endif %}{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+PHI3_TEMPLATE = (
+    "{% for message in messages %}{% if message['role'] == 'system' %}"
+    "{{'<|system|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'user' %}"
+    "{{'<|user|>\n' + message['content'] + '<|end|>\n'}}{% elif message['role'] == 'assistant' %}"
+    "{{'<|assistant|>\n' + message['content'] + '<|end|>\n'}}{% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% else %}{{ eos_token }}{% endif %}"
+)
+# arch -> (chat template, the special tokens it writes)
+FAMILY_TEMPLATES = {
+    "qwen2": (QWEN2_TEMPLATE, ()),
+    "qwen3": (QWEN3_TEMPLATE, ()),
+    "mistral": (MISTRAL_TEMPLATE, ("[INST]", "[/INST]")),
+    "gemma2": (GEMMA_TEMPLATE, ("<start_of_turn>", "<end_of_turn>")),
+    "gemma3": (GEMMA_TEMPLATE, ("<start_of_turn>", "<end_of_turn>")),
+    "phi3": (PHI3_TEMPLATE, ("<|user|>", "<|assistant|>", "<|end|>", "<|system|>")),
+}
 
-def build_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
+
+def build_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE, specials: tuple[str, ...] = ()):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -38,7 +99,7 @@ def build_tokenizer(folder: Path, chat_template: str = CHAT_TEMPLATE):
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=300,
-        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>"],
+        special_tokens=["<unk>", "<|im_start|>", "<|im_end|>", *specials],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS, trainer)
@@ -108,18 +169,19 @@ def build_tiny_llama(folder: Path, num_layers: int = 2, hidden: int = 64, seed: 
 def _arch_kwargs(arch: str, gguf: bool) -> dict:
     if arch == "qwen2":
         return {}  # q/k/v biases are built in
-    if arch == "qwen3":
-        return {"head_dim": 16}  # q/k RMSNorms are built in
-    if arch == "mistral":
-        return {"head_dim": 16, "sliding_window": WINDOW}
+    if arch == "qwen3":  # q/k RMSNorms are built in; a Qwen3 GGUF does not state head_dim (default 128)
+        return {} if gguf else {"head_dim": 16}
+    if arch == "mistral":  # a Mistral GGUF does not state the window (default 4096)
+        return {} if gguf else {"head_dim": 16, "sliding_window": WINDOW}
+    gemma = {"head_dim": 16, "sliding_window": WINDOW}
+    if gguf:  # soft-caps, query scale and layer pattern: the GGUF loader's defaults
+        return gemma if arch in ("gemma2", "gemma3") else {}
     if arch == "gemma2":
-        extra = {} if gguf else {"attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
-        return {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16, **extra}
+        return {**gemma, "query_pre_attn_scalar": 16, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0}
     if arch == "gemma3":
-        layer_types = None if gguf else ["sliding_attention", "full_attention"]
-        return {"head_dim": 16, "sliding_window": WINDOW, "query_pre_attn_scalar": 16, "layer_types": layer_types}
+        return {**gemma, "query_pre_attn_scalar": 16, "layer_types": ["sliding_attention", "full_attention"]}
     if arch == "phi3":
-        return {} if gguf else {"partial_rotary_factor": 0.5}
+        return {"partial_rotary_factor": 0.5}
     raise ValueError(arch)
 
 
@@ -144,7 +206,7 @@ def build_tiny(arch: str, folder: Path, num_layers: int = 2, hidden: int = 64, s
     HF folder -> the folder. ``gguf``: only settings a GGUF file carries (see ``_arch_kwargs``)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    tok = build_tokenizer(folder)
+    tok = build_tokenizer(folder, *FAMILY_TEMPLATES[arch])
     config_cls, model_cls = _classes(arch)
     cfg = config_cls(
         vocab_size=len(tok),

@@ -1,7 +1,8 @@
 """Every stage on the architectures beyond Llama (tests/tiny.py: tiny random Qwen2, Qwen3, Mistral,
 Gemma 2, Gemma 3 and Phi-3 decoders built locally, each with what makes it differ switched on).
 
-Per architecture, one `singlepass export` (gate + MULI probes), which validates itself against
+Per architecture, `singlepass train` (a gate probe, one short trial on ToxicChat rows) and one
+`singlepass export` (that probe, a random gate and a random MULI probe), which validates itself against
 PyTorch through the runtime's passes (prefill under left and right padding, probe probabilities
 <= 1e-4, logits <= 1e-3, 20 greedy decode steps with identical tokens); then hidden states from the
 graph against transformers' ``output_hidden_states``, the runtime's generation against
@@ -15,7 +16,7 @@ import onnx_graphsurgeon as gs
 import onnxruntime as ort
 import pytest
 import torch
-from cli_args import export_argv
+from cli_args import export_argv, train_argv
 from export_helpers import make_probe, mlp_graph, ort_feed
 from tiny import ARCHITECTURES, WINDOW, build_tiny
 
@@ -43,8 +44,12 @@ def arch(request, tmp_path_factory, cache_dir):
     backbone = load_backbone(str(folder), cache_dir=str(cache_dir))
     tox = make_probe(root / "tox", backbone, "gate")
     muli = make_probe(root / "muli", backbone, "muli", seed=1)
+    # a probe trained by `singlepass train` (extraction through the hidden-state cache, 1 short trial)
+    argv = train_argv(folder, cache_dir, "gate", 96, "--out", root / "trained", "--trials", 1, "--epochs", 1)
+    assert main(argv) == 0
     out = root / "art"
-    assert main(export_argv(folder, cache_dir, out, tox, muli, extra=["--max-prompt-length", 128])) == 0
+    probes = (tox, muli, f"{root / 'trained'}:trained")
+    assert main(export_argv(folder, cache_dir, out, *probes, extra=["--max-prompt-length", 128])) == 0
     return name, folder, backbone, out
 
 
@@ -74,7 +79,7 @@ def test_export_validates_against_pytorch(arch):
     assert len(v["decode_tokens"]["onnxruntime"][0]) == 21  # prefill + 20 greedy steps
     assert v["decode_tokens"]["onnxruntime"] == v["decode_tokens"]["pytorch"]
     diffs = v["max_abs_diff"]
-    assert diffs["tox/probs"] <= 1e-4 and diffs["muli/probs"] <= 1e-4 and diffs["logits"] <= 1e-3
+    assert max(diffs[f"{p}/probs"] for p in ("tox", "muli", "trained")) <= 1e-4 and diffs["logits"] <= 1e-3
 
 
 def test_graph_hidden_states_follow_transformers(arch, tmp_path, cache_dir):
@@ -182,7 +187,7 @@ def test_runtime_generation_equals_transformers_generate(arch):
         )[:, ids.shape[1] :]
     for r, want in zip(results, ref.tolist()):
         assert r.error is None, r.error
-        assert r.token_ids == want and set(r.labels) == {"tox", "muli"}
+        assert r.token_ids == want and set(r.labels) == {"tox", "muli", "trained"}
 
 
 def test_unrecognised_graph_names_architecture_and_structure(arch, tmp_path):

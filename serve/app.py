@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 import uuid
@@ -98,7 +99,8 @@ def create_app(artifact=None, runtime=None, options: Options | None = None, guar
 
     @asynccontextmanager
     async def lifespan(app):
-        threading.Thread(target=st.load, name="singlepass-load", daemon=True).start()
+        if not (st.ready or st.load_error):  # a host may have loaded it already (Ray: ``ray_app.py``)
+            threading.Thread(target=st.load, name="singlepass-load", daemon=True).start()
         try:
             yield
         finally:
@@ -152,7 +154,8 @@ def create_app(artifact=None, runtime=None, options: Options | None = None, guar
     async def health():
         if st.ready and st.engine.alive:
             waiting, running = st.engine.counts()
-            return {"status": "ok", "model": st.name, "waiting": waiting, "running": running}
+            replica = {"replica": st.replica, "pid": os.getpid()} if st.replica else {}  # Ray Serve
+            return {"status": "ok", "model": st.name, "waiting": waiting, "running": running, **replica}
         status = "error" if st.load_error or st.ready else "loading"
         return JSONResponse({"status": status, "model": st.name, "error": st.load_error}, status_code=503)
 

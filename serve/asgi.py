@@ -10,6 +10,8 @@ from fastapi.responses import StreamingResponse
 
 from singlepass.serve.state import ENDPOINTS, OUTCOMES, ApiError, ServerState
 
+REPLICA_HEADER = b"x-singlepass-replica"
+
 
 class Guard:
     """Outermost: the API key (all but /health), the body size limit, the request metrics."""
@@ -23,13 +25,20 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         t0 = time.perf_counter()
-        path = scope.get("path", "")
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # mounted under a prefix (e.g. a Ray Serve route_prefix)
+            path = path[len(root) :] or "/"
         endpoint = path if path in ENDPOINTS else "other"
         status = {}
 
         async def send_status(message):
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                if self.st.replica:  # which replica answered (Ray Serve)
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (REPLICA_HEADER, self.st.replica.encode())],
+                    }
             await send(message)
 
         try:

@@ -37,7 +37,25 @@ def cmd_serve(args) -> int:
         guard=args.guard,
         guard_threads=args.guard_threads,
     )
-    return serve(args.artifact, opts, log_level=args.log_level)
+    if not args.ray:
+        if args.replicas is not None or args.autoscale or args.ray_address or args.ray_metrics_port:
+            raise SinglepassError("--replicas, --autoscale, --ray-address and --ray-metrics-port need --ray")
+        return serve(args.artifact, opts, log_level=args.log_level)
+    try:
+        from singlepass.serve import ray_app
+    except ImportError as e:
+        raise SinglepassError(
+            f"--ray needs the ray extra ({e.name} is not installed): pip install 'singlepass[ray]'"
+        ) from None
+    if args.replicas is not None and args.autoscale:
+        raise SinglepassError("give --replicas N or --autoscale MIN:MAX, not both")
+    scaling = ray_app.Scaling(
+        replicas=args.replicas or 1,
+        autoscale=ray_app.parse_autoscale(args.autoscale) if args.autoscale else None,
+        max_ongoing_requests=args.max_ongoing_requests,
+        num_cpus=args.replica_cpus,
+    )
+    return ray_app.run(args.artifact, opts, scaling, address=args.ray_address, metrics_port=args.ray_metrics_port)
 
 
 def register(sub) -> None:
@@ -127,6 +145,33 @@ def register(sub) -> None:
         action="store_true",
         help="for benchmarks: every request generates its whole max_tokens budget (EOS does not end it), "
         "so each request is the same work",
+    )
+    ray = p.add_argument_group(
+        "Ray Serve", "--ray: replicas behind one endpoint on a Ray cluster (the ray extra; see serve/ray_app.py)"
+    )
+    ray.add_argument("--ray", action="store_true", help="serve on Ray Serve (a local cluster unless --ray-address)")
+    ray.add_argument("--replicas", type=int, default=None, help="replicas, each with its own engine (default: 1)")
+    ray.add_argument("--autoscale", default=None, metavar="MIN:MAX", help="autoscale between MIN and MAX replicas")
+    ray.add_argument(
+        "--max-ongoing-requests",
+        type=int,
+        default=None,
+        help="requests a replica takes at once; Ray queues the rest (default: 2 x the max batch)",
+    )
+    ray.add_argument(
+        "--replica-cpus",
+        type=float,
+        default=1.0,
+        help="CPUs reserved per replica; also its ONNX Runtime threads unless --threads (default: %(default)s)",
+    )
+    ray.add_argument(
+        "--ray-metrics-port",
+        type=int,
+        default=None,
+        help="the local cluster's Prometheus port for Ray's metrics (every replica's, tagged; default: Ray's choice)",
+    )
+    ray.add_argument(
+        "--ray-address", default=None, help="a running Ray cluster ('auto', or HOST:PORT); default: start a local one"
     )
     p.add_argument(
         "--log-level",

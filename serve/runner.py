@@ -39,15 +39,12 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(artifact, options: Options, log_level: str = "info") -> int:
-    """``singlepass serve``: check the artifact, listen, load it in the background, serve."""
-    import uvicorn
-
+def check_options(artifact, options: Options):
+    """The artifact folder and the options, checked before anything listens -> the Manifest
+    (one clear error for a bad folder, policy, limit or guard folder)."""
     from singlepass.runtime.contract import read_artifact
 
-    if not logging.getLogger().handlers and not log.handlers:
-        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
-    manifest = read_artifact(artifact)  # fail fast on a bad folder or policy, before listening
+    manifest = read_artifact(artifact)
     pol.resolve(options.policy, manifest.probes)
     if options.max_batch is not None and not 1 <= options.max_batch <= manifest.limits.max_batch:
         raise SinglepassError(
@@ -60,12 +57,30 @@ def serve(artifact, options: Options, log_level: str = "info") -> int:
         from singlepass.serve.guard import check_folder
 
         check_folder(options.guard)
+    return manifest
+
+
+def log_to_stderr() -> None:
+    if not logging.getLogger().handlers and not log.handlers:
+        logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+
+
+def warn_if_open(options: Options) -> None:
     if not is_loopback(options.host) and not options.api_key:
         log.warning(
             "listening on %s without an API key: anyone who can reach it can use it (set --api-key or "
             "$SINGLEPASS_API_KEY)",
             options.host,
         )
+
+
+def serve(artifact, options: Options, log_level: str = "info") -> int:
+    """``singlepass serve``: check the artifact, listen, load it in the background, serve."""
+    import uvicorn
+
+    log_to_stderr()
+    manifest = check_options(artifact, options)  # fail fast, before listening
+    warn_if_open(options)
     sock = bind(options.host, options.port)
     app = create_app(artifact=manifest, options=options)
     st: ServerState = app.state.singlepass

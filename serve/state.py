@@ -150,6 +150,7 @@ class ServerState:
     on_load_error: object = None
     scorer: object = None  # a guard given as an object (tests); else loaded from options.guard
     guard: object = None  # the GuardStage, when there is a guard
+    replica: str | None = None  # under Ray Serve: this replica's id (a response header, /health)
 
     # -- loading (a thread: /health answers 503 meanwhile)
     def load(self) -> None:

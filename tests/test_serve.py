@@ -677,18 +677,30 @@ def test_32_concurrent_clients_each_get_their_sequential_result(rt):
 
         got = asyncio.run(everyone())
         stats = s.st.engine.stats
-        assert metric(s.url, "singlepass_queue_depth") == 0 and metric(s.url, "singlepass_running_sequences") == 0
-        ok = sum(
-            metric(s.url, "singlepass_requests_total", endpoint=e, outcome="ok")
-            for e in ("/v1/chat/completions", "/v1/completions")
+
+        def ok() -> float:
+            return sum(
+                metric(s.url, "singlepass_requests_total", endpoint=e, outcome="ok")
+                for e in ("/v1/chat/completions", "/v1/completions")
+            )
+
+        # the server records a request after its last byte is sent, the engine its gauges after the
+        # pass that sent the last token: a client can see its answer a moment before either
+        wait_until(lambda: ok() >= 32)
+        wait_until(
+            lambda: metric(s.url, "singlepass_queue_depth") == metric(s.url, "singlepass_running_sequences") == 0
         )
+        count = ok()
         _, _, text = request(s.url, "GET", "/metrics")
-    assert len(got) == 32 and len({g[0] for g in got}) == 32 and ok == 32  # each answered exactly once
+    assert len(got) == 32 and len({g[0] for g in got}) == 32 and count == 32  # each answered exactly once
     assert not re.search(r'outcome="(error|timeout|unavailable)"', text)
     for (prompt, *_), r, (_, out_text, ids, ext, finish) in zip(jobs, want, got):
         assert ids == r.token_ids and out_text == r.text and finish == reason(r), prompt
         assert_labels(ext, r)
-    assert stats["merges"] > 0 and 1 < stats["max_rows"] <= 8 and stats["admitted"] == 32
+    # 32 jobs over 8 rows: newcomers joined a batch in flight (into freed slots or appended), in
+    # several admissions (how many of each depends on when the requests arrive)
+    assert stats["reused"] + stats["merges"] > 0 and stats["admissions"] > 1
+    assert 1 < stats["max_rows"] <= 8 and stats["admitted"] == 32
 
 
 def test_queue_full_is_429_at_once(rt):
@@ -1071,7 +1083,7 @@ def test_schemathesis_finds_no_server_error(srv, tmp_path):
 
     schema = schemathesis.openapi.from_dict(srv.app.openapi())
     failures, statuses = [], []
-    deadline = time.monotonic() + 8  # a bounded run: the rest of the examples return at once
+    deadline = time.monotonic() + 60  # a bound (a hang), not a budget: the examples take a few seconds
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/moderations", "/v1/models/{model_id}"):
         for method in schema[path]:
             strategy = schema[path][method].as_strategy()

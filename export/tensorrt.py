@@ -85,6 +85,7 @@ CONSTANT_INPUTS = {  # op -> input index that TensorRT needs as a build-time con
         )
     },
 }
+NORM_REDUCTIONS = {"ReduceMean", "RMSNormalization", "SimplifiedLayerNormalization", "LayerNormalization"}
 UNSUPPORTED_TYPES = {"float64": "DOUBLE is cast down to FLOAT by TensorRT", "string": "no string tensors"}
 NORM_OPS = {
     "Pow",
@@ -125,10 +126,37 @@ def name_nodes(graph: gs.Graph) -> int:
     return renamed
 
 
+def _branch_norms(graph: gs.Graph, stream: ResidualStream, seen: set[str]) -> list[str]:
+    """Norms a layer applies to its branch output just before the residual add (Gemma's post-attention
+    and post-feed-forward norms): the elementwise/reduce chain feeding the add's branch input, back to
+    the branch's last MatMul."""
+    from singlepass.export.surgery import producer
+
+    tensors = graph.tensors()
+    stream_tensors = {stream.embedding, *stream.residuals}
+    prev = [stream.embedding] + stream.residuals[:-1]
+    out = []
+    for x, r in zip(prev, stream.residuals):
+        add = producer(tensors[r])
+        queue = deque(i for i in add.inputs if i.name != x and producer(i) is not None)
+        chain: list[gs.Node] = []
+        while queue:
+            n = producer(queue.popleft())
+            if n is None or n.op not in NORM_OPS or n.name in seen or n in chain:
+                continue
+            chain.append(n)
+            queue.extend(i for i in n.inputs if i.name and i.name not in stream_tensors)
+        if any(n.op in NORM_REDUCTIONS for n in chain):  # a norm, not e.g. a masking Mul
+            seen.update(n.name for n in chain)
+            out += [n.name for n in chain]
+    return out
+
+
 def normalisation_nodes(graph: gs.Graph, stream: ResidualStream) -> list[str]:
-    """Names of the nodes computing the RMS norms that read the residual stream (each layer's two
-    input norms and the final norm): elementwise/reduce chains from a residual tensor that stop at
-    the next MatMul, residual Add or stacking op. These stay fp32 in reduced-precision engines."""
+    """Names of the nodes computing the RMS norms of the residual stream (each layer's input norms,
+    Gemma's post-norms before the residual adds, and the final norm): elementwise/reduce chains from
+    a residual tensor that stop at the next MatMul, residual Add or stacking op, and the chains
+    feeding a residual add back to its branch's MatMul. These stay fp32 in reduced-precision engines."""
     from singlepass.export.surgery import PREFIX, producer
 
     tensors = graph.tensors()
@@ -146,7 +174,7 @@ def normalisation_nodes(graph: gs.Graph, stream: ResidualStream) -> list[str]:
                 seen.add(n.name)
                 out.append(n.name)
                 queue.extend(o for o in n.outputs if o.name)
-    return out
+    return out + _branch_norms(graph, stream, seen)
 
 
 def precision_plan(graph: gs.Graph, manifest: Manifest) -> dict:

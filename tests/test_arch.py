@@ -122,9 +122,11 @@ def test_graph_hidden_states_follow_transformers(arch, tmp_path, cache_dir):
 
 def test_stream_ends_are_found_by_structure(arch):
     """Gemma: the stream starts at the Mul scaling the embedding; Gemma 2: the logits are the
-    soft-capped lm_head output. The others: the Gather output and the lm_head output."""
+    soft-capped lm_head output. The others: the Gather output and the lm_head output. And the
+    stream's norms that TensorRT engines pin to fp32."""
     from singlepass.export import surgery
     from singlepass.export.llm import export_decoder
+    from singlepass.export.tensorrt import name_nodes, normalisation_nodes
 
     name, _, backbone, _ = arch
     graph = gs.import_onnx(export_decoder(backbone.model, cache_key=backbone.fingerprint["sha256"]))
@@ -138,6 +140,12 @@ def test_stream_ends_are_found_by_structure(arch):
         tail.append(surgery.producer(t).op)
         t = surgery.producer(t).inputs[0]
     assert ("Tanh" in tail) == (name == "gemma2")
+    # the norms a reduced-precision engine keeps in fp32: two per layer + the final one; Gemma's
+    # post-attention and post-feed-forward norms (before the residual adds) too
+    name_nodes(graph)
+    pinned = set(normalisation_nodes(graph, s))
+    reductions = sum(n.op == "ReduceMean" for n in graph.nodes if n.name in pinned)
+    assert reductions == (4 if name.startswith("gemma") else 2) * backbone.num_layers + 1
 
 
 @pytest.mark.parametrize("arch", SLIDING, indirect=True)

@@ -264,3 +264,13 @@ def test_gguf_round_trip(name, tmp_path, cache_dir):
         )
     real = mask.bool()
     assert relative_error(states[:, real], torch.stack(out.hidden_states)[:, real]) <= 1e-4
+
+
+def test_multimodal_gemma3_is_a_clear_error(tmp_path, cache_dir):
+    """A Gemma 3 checkpoint with its vision tower (model_type gemma3) is refused, pointing at the text decoder."""
+    from singlepass.models.backbone import load_backbone
+
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "gemma3"}))
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(SinglepassError, match="architecture 'gemma3' is not supported.*gemma3_text"):
+        load_backbone(str(tmp_path), cache_dir=str(cache_dir))

@@ -67,7 +67,7 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         prog="python -m singlepass.benchmarks.serve_bench", description=__doc__.split("\n")[0]
     )
     p.add_argument(
-        "--levels", type=int, nargs="+", default=[1, 4, 16, 64], help="concurrent streams (default: %(default)s)"
+        "--levels", type=int, nargs="+", default=None, help="concurrent streams (default: 1 4 16 64; --ray: 16 64)"
     )
     p.add_argument("--max-tokens", type=int, default=32, help="tokens per request, EOS ignored (default: %(default)s)")
     p.add_argument("--repeats", type=int, default=3, help="alternating repeats (default: %(default)s)")
@@ -98,6 +98,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--data-dir", default=None)
     add_out_arg(p)
     p.add_argument("--table-only", action="store_true", help="only rewrite serve.md and serve.png from serve.json")
+    from singlepass.benchmarks.serve_ray import add_args
+
+    add_args(p)
     return p
 
 
@@ -326,6 +329,11 @@ def run(args: argparse.Namespace) -> int:
     from singlepass.benchmarks.machine import ort_machine
     from singlepass.files import atomic_write
 
+    if args.ray:  # 1 vs 2 Ray Serve replicas and a replica kill: serve_ray.md
+        from singlepass.benchmarks.serve_ray import run as run_ray
+
+        return run_ray(args)
+    args.levels = args.levels or [1, 4, 16, 64]
     out_dir = results_dir(args.out)
     if args.table_only:
         res = json.loads((out_dir / "serve.json").read_text())

@@ -180,6 +180,7 @@ class Outcome:
     finish: str | None = None
     status: int | None = None
     error: str | None = None
+    replica: str | None = None  # the replica that answered (x-singlepass-replica, under Ray Serve)
 
 
 async def one_request(client, url: str, model: str, prompt: str, max_tokens: int, t_run: float) -> Outcome:
@@ -199,7 +200,7 @@ async def one_request(client, url: str, model: str, prompt: str, max_tokens: int
     done, usage = False, None
     try:
         async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-            out.status = r.status_code
+            out.status, out.replica = r.status_code, r.headers.get("x-singlepass-replica")
             if r.status_code != 200:
                 text = (await r.aread()).decode(errors="replace")
                 try:

@@ -14,7 +14,11 @@ models and the checks of unsupported fields), ``app.py`` (the FastAPI routes), `
 shared state: options, errors, a request's plan), ``asgi.py`` (auth, body limit, request metrics,
 the SSE response), ``runner.py`` (the uvicorn runner of ``singlepass serve``), ``metrics.py`` (the
 Prometheus metrics), ``guard.py`` (``--guard DIR``: guard-then-serve, a separate classifier in front
-of the engine, to compare with a fused probe as ``singlepass bench serve`` does). FastAPI, uvicorn,
+of the engine, to compare with a fused probe as ``singlepass bench serve`` does); ``ray_app.py``
+(``singlepass serve --ray``: the same app as a Ray Serve deployment, replicas and autoscaling) with
+``ray_proxy.py`` (the proxy middleware that ends a dead replica's requests explicitly) and
+``ray_config.yaml`` (a ``serve run``/``serve deploy`` config). FastAPI, uvicorn,
 pydantic and prometheus-client are the ``serve`` extra (``pip install singlepass[serve]``); none of
-them is imported by ``import singlepass`` or ``singlepass --help``, only by the ``serve`` command.
+them (nor Ray, the ``ray`` extra) is imported by ``import singlepass`` or ``singlepass --help``, only by
+the ``serve`` command.
 """

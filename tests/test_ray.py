@@ -320,3 +320,30 @@ def test_killing_a_replica_under_load_loses_nothing(real_artifact):
         wait_until(replaced, 90)
         after = one_request(s.url, 0, 8)
         assert outcome(after, 8) == "ok", after
+
+
+# ----------------------------------------------------------------------------- the benchmark
+
+
+def test_bench_serve_ray_end_to_end(art, tmp_path):
+    """``singlepass bench serve --ray`` on the tiny artifact: the plain server, ray-1 and ray-2
+    measured in alternation, then a replica of ray-2 killed under load. Counts, never timings."""
+    from singlepass.cli import main
+
+    out = tmp_path / "results"
+    argv = ["bench", "serve", "--ray", "--artifact", str(art), "--levels", "2", "--requests", "4", "--repeats", "1"]
+    argv += ["--max-tokens", "4", "--warmup", "2", "--threads", "1", "--prompts", "80", "--out", str(out)]
+    argv += ["--failover-concurrency", "4", "--failover-seconds", "10", "--kill-at", "2"]
+    assert main(argv) == 0
+    res = json.loads((out / "serve_ray.json").read_text())
+    assert sorted({r["config"] for r in res["runs"]}) == ["plain", "ray-1", "ray-2"]
+    assert all(r["answered"] == r["sent"] == 4 and r["errors"] == 0 for r in res["runs"])
+    fo = res["failover"]
+    assert fo["sent"] == fo["answered"] + fo["failed_explicit"] + fo["lost"] and fo["answered"] > 0
+    assert fo["lost"] == 0, fo["failure_kinds"]  # every failure explicit
+    assert fo["victim"] in fo["replicas_before"]  # (the replacement's timing: test_killing_a_replica_...)
+    text = (out / "serve_ray.md").read_text()
+    assert "## Failover" in text and "ray-2 / ray-1" in text
+    md = text
+    assert main(["bench", "serve", "--ray", "--table-only", "--out", str(out)]) == 0
+    assert (out / "serve_ray.md").read_text() == md  # re-rendered from the JSON, byte for byte

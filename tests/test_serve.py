@@ -1042,7 +1042,7 @@ def test_cli_serve_subprocess(art, tmp_path):
         "import sys, singlepass, singlepass.cli as c\n"
         "try:\n    c.main(['--help'])\nexcept SystemExit:\n    pass\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'fastapi', 'uvicorn', 'starlette', "
-        "'prometheus_client', 'torch'}))"
+        "'prometheus_client', 'torch', 'ray'}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert out.returncode == 0 and out.stdout.strip().splitlines()[-1] == "[]", out.stderr

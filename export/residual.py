@@ -197,24 +197,29 @@ def _kv_order(name: str) -> tuple:
     return (nums[-1] if nums else 0, kind, name)
 
 
+def _before_logit_tail(t: gs.Tensor, limit: int = 8) -> gs.Tensor:
+    """Walk back from the logits output through shape-only ops and element-wise ops with constant
+    scalars (Casts, Gemma 2's soft-cap ``tanh(x / c) * c``) to the tensor the lm_head computes."""
+    for _ in range(limit):
+        p = producer(t)
+        if p is None or not p.inputs:
+            return t
+        if p.op in SHAPE_ONLY:
+            t = p.inputs[0]
+            continue
+        src = next((i for i in p.inputs if scalar_step(p, i)), None)
+        if src is None:
+            return t
+        t = src
+    return t
+
+
 def _find_lm_head(graph: gs.Graph, logits_name: str | None) -> tuple[gs.Node, str, int, int]:
     """-> (lm_head node, logits output name, vocab size, hidden size)."""
     found = []
     outs = [o for o in graph.outputs if logits_name is None or o.name == logits_name]
     for out in outs:
-        t, hops = out, 0
-        while producer(t) is not None and hops < 8:
-            p = producer(t)
-            if p.op in SHAPE_ONLY:
-                t = p.inputs[0]
-            elif p.op in SCALAR_OPS | UNARY_OPS and p.inputs and scalar_step(p, p.inputs[0]):
-                t = p.inputs[0]
-            elif p.op in SCALAR_OPS and len(p.inputs) == 2 and scalar_step(p, p.inputs[1]):
-                t = p.inputs[1]
-            else:
-                break
-            hops += 1
-        node = producer(t)
+        node = producer(_before_logit_tail(out))
         if node is None or node.op not in ("MatMul", "Gemm"):
             continue
         w = weight_shape(node.inputs[1])

@@ -26,7 +26,18 @@ V, D = 20, 8
 class Toy:
     """Builds the graph and a numpy reference of its hidden states."""
 
-    def __init__(self, layers=3, random_names=False, cast_alias=False, extra_adds=0, opset=18, mask=True, seed=0):
+    def __init__(
+        self,
+        layers=3,
+        random_names=False,
+        cast_alias=False,
+        extra_adds=0,
+        opset=18,
+        mask=True,
+        seed=0,
+        embed_scale=False,
+        softcap=False,
+    ):
         self.rng = np.random.default_rng(seed)
         self.random_names = random_names
         self.nodes, self.inits, self.weights = [], [], {}
@@ -34,6 +45,8 @@ class Toy:
         x = self.t("input_ids")
         emb = self.w("embed", (V, D))
         h = self.node("Gather", [emb, x])
+        if embed_scale:  # Gemma: the stream starts at embedding * sqrt(d)
+            h = self.node("Mul", [h, self.f32("scale", np.sqrt(D))])
         self.hidden = [h]
         mask_f = None
         if mask:
@@ -50,7 +63,12 @@ class Toy:
             h = self.node("Add", [src, t])
             self.hidden.append(h)
         self.final = self.norm(h)
-        self.node("MatMul", [self.final, self.w("lm_head", (D, V))], out="logits")
+        if softcap:  # Gemma 2: logits = tanh(lm_head / c) * c
+            lm = self.node("MatMul", [self.final, self.w("lm_head", (D, V))])
+            cap = self.f32("cap", 2.0)
+            self.node("Mul", [self.node("Tanh", [self.node("Div", [lm, cap])]), cap], out="logits")
+        else:
+            self.node("MatMul", [self.final, self.w("lm_head", (D, V))], out="logits")
         self.layers = layers
 
     def t(self, base):
@@ -63,6 +81,11 @@ class Toy:
     def c(self, base, values):
         name = self.t(base) + f"_{len(self.inits)}"
         self.inits.append(numpy_helper.from_array(np.asarray(values, dtype=np.int64), name))
+        return name
+
+    def f32(self, base, value):
+        name = self.t(base) + f"_{len(self.inits)}"
+        self.inits.append(numpy_helper.from_array(np.array(value, np.float32), name))
         return name
 
     def w(self, base, shape):
@@ -131,6 +154,22 @@ def test_finds_residual_stream_by_structure(random_names, cast_alias):
     assert s.num_layers == 3
     assert s.hidden_states == [toy.hidden[0], toy.hidden[2], toy.hidden[4], toy.final]
     assert (s.vocab_size, s.hidden_size, s.logits, s.attention_mask) == (V, D, "logits", "attention_mask")
+
+
+@pytest.mark.parametrize("random_names", [False, True])
+def test_scaled_embedding_and_soft_capped_logits_by_structure(random_names):
+    """Gemma's ends: hidden state 0 is the scaled embedding (the Gather's one consumer, a Mul by a
+    constant scalar) and the lm_head is found through the soft-cap; last-position slicing keeps it."""
+    toy = Toy(layers=2, random_names=random_names, embed_scale=True, softcap=True)
+    full = run(toy.model(), feeds())["logits"]
+    graph = toy.graph()
+    s = surgery.find_residual_stream(graph)
+    assert s.hidden_states == [toy.hidden[0], toy.hidden[2], toy.final] and s.num_layers == 2
+    assert surgery.producer(graph.tensors()[s.embedding]).op == "Mul"
+    surgery.slice_last_position_logits(graph, s)
+    out = run(graph, feeds())
+    assert out["logits"].shape == (2, 1, V) and np.abs(full).max() < 2.0  # tanh-capped
+    np.testing.assert_allclose(out["logits"], full[:, -1:], rtol=0, atol=1e-6)
 
 
 def test_stacked_hidden_states_are_the_residual_stream():

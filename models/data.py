@@ -23,6 +23,8 @@ from singlepass.errors import SinglepassError
 DATA_ENV = "SINGLEPASS_DATA"
 SHARED_DATA = Path("shared") / "data"  # looked for beside the working directory and its parents
 VALIDATION_FRACTION = 0.1  # carved from train, stratified, where no official split exists
+ONE_FILE_PARTITION = (("train", 0.7), ("validation", 0.1), ("test", 0.2))  # sets shipped as one file
+PARTITION_SEED = 20261204
 
 
 @dataclass(frozen=True)
@@ -31,11 +33,25 @@ class DatasetSpec:
     label_names: tuple[str, ...]
     splits: tuple[str, ...]  # official splits on disk
     task: str  # "safety" (F1 of the positive class) or "classification" (accuracy)
+    # Named splits carved from one file on disk (``partition_of``): {split: fraction}, seeded and
+    # stratified by label (and ``stratify_by``, a boolean column) so the parts are disjoint.
+    partition: dict[str, float] = field(default_factory=dict)
+    partition_of: str = "test"
+    stratify_by: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
     "toxicchat": DatasetSpec("toxicchat", ("non-toxic", "toxic"), ("train", "test"), "safety"),
-    "wildguardmix": DatasetSpec("wildguardmix", ("unharmful", "harmful"), ("test",), "safety"),
+    # WildGuardTest: a validation part for model selection and an untouched part that is only
+    # ever tested on (stratified by label x adversarial); "test" stays the whole official file.
+    "wildguardmix": DatasetSpec(
+        "wildguardmix",
+        ("unharmful", "harmful"),
+        ("test",),
+        "safety",
+        {"validation": 0.3, "test_untouched": 0.7},
+        stratify_by="adversarial",
+    ),
     "sst2": DatasetSpec("sst2", ("negative", "positive"), ("train", "validation", "test"), "classification"),
     "imdb": DatasetSpec("imdb", ("negative", "positive"), ("train", "test"), "classification"),
     "emotion": DatasetSpec(
@@ -44,7 +60,14 @@ DATASETS: dict[str, DatasetSpec] = {
         ("train", "validation", "test"),
         "classification",
     ),
+    # One-sided prompt sets (all harmful or all benign) shipped as one file: carved 70/10/20.
+    "advbench": DatasetSpec("advbench", ("safe", "unsafe"), ("test",), "safety", dict(ONE_FILE_PARTITION)),
+    "harmbench": DatasetSpec("harmbench", ("safe", "unsafe"), ("train", "test"), "safety"),
+    "strongreject": DatasetSpec("strongreject", ("safe", "unsafe"), ("test",), "safety", dict(ONE_FILE_PARTITION)),
+    "alpaca_noinput": DatasetSpec("alpaca_noinput", ("safe", "unsafe"), ("test",), "safety", dict(ONE_FILE_PARTITION)),
 }
+# Splits no training path may read (models/train.py and models/mixture.py refuse them).
+PROTECTED_SPLITS = frozenset({"test_untouched"})
 # Pseudo-splits: subsets of an official split selected by a boolean column.
 SUBSET_SPLITS = {"test_human": ("test", "human_annotation")}  # ToxicChat's human-annotated rows
 
@@ -185,6 +208,43 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return np.sort(keep), np.sort(held)
 
 
+def partition_rows(strata: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
+    """Disjoint, seeded row indices per named part, stratified: each stratum's rows are shuffled
+    and cut at the cumulative fractions (rounded), so every part keeps the strata's proportions."""
+    names, cuts = list(fractions), np.cumsum(list(fractions.values()))
+    if any(f <= 0 for f in fractions.values()) or abs(cuts[-1] - 1.0) > 1e-9:
+        raise ValueError(f"partition fractions must be positive and sum to 1, not {fractions}")
+    rng = np.random.default_rng(seed)
+    parts: dict[str, list[int]] = {n: [] for n in names}
+    for value in np.unique(strata):
+        rows = rng.permutation(np.flatnonzero(strata == value))
+        bounds = [0, *np.round(cuts * len(rows)).astype(int)]
+        for n, a, b in zip(names, bounds[:-1], bounds[1:]):
+            parts[n].extend(rows[a:b].tolist())
+    return {n: np.sort(np.asarray(v, dtype=np.int64)) for n, v in parts.items()}
+
+
+def available_splits(name: str) -> list[str]:
+    """Every split ``load_dataset`` accepts for a shipped dataset."""
+    spec = DATASETS[name]
+    out = set(spec.splits) | set(spec.partition)
+    if "train" in spec.splits:
+        out.add("validation")
+    out |= {sub for sub, (base, _) in SUBSET_SPLITS.items() if name == "toxicchat" and base in out}
+    return sorted(out)
+
+
+def load_partition(spec: DatasetSpec, folder: Path, name: str, split: str) -> "Dataset":
+    """One named part of ``spec.partition`` (see DatasetSpec)."""
+    ds = load_file(folder / f"{spec.partition_of}.jsonl.gz", spec.label_names, name, split)
+    strata = ds.labels.copy()
+    if spec.stratify_by is not None:
+        strata = strata * 2 + np.asarray([bool(v) for v in ds.columns[spec.stratify_by]], dtype=np.int64)
+    ds = ds.subset(partition_rows(strata, spec.partition, PARTITION_SEED)[split])
+    ds.split = split
+    return ds
+
+
 def load_file(
     path: str | os.PathLike, label_names: tuple[str, ...] | None = None, name: str | None = None, split: str = "file"
 ) -> Dataset:
@@ -206,8 +266,10 @@ def load_dataset(
 
     Splits: the official ones; ``validation`` where none exists is a stratified
     VALIDATION_FRACTION of train (seeded) and ``train`` is then the rest; ToxicChat also
-    has ``test_human`` (the human-annotated test rows the paper reports). ``limit`` takes
-    a seeded stratified subset.
+    has ``test_human`` (the human-annotated test rows the paper reports). Sets shipped as one
+    file are carved by ``DatasetSpec.partition`` (advbench, strongreject, alpaca_noinput:
+    train/validation/test 70/10/20; wildguardmix: validation 30% / test_untouched 70%, besides
+    its whole official ``test``). ``limit`` takes a seeded stratified subset.
     """
     if name not in DATASETS:
         if Path(name).suffix in (".jsonl", ".gz", ".csv", ".json") or Path(name).exists():
@@ -226,14 +288,16 @@ def load_dataset(
                 f"dataset folder {folder} not found: set --data-dir or "
                 f"SINGLEPASS_DATA to the folder holding {', '.join(DATASETS)}"
             )
+        if split not in available_splits(name):
+            raise SinglepassError(
+                f"dataset {name!r} has no split {split!r} (available: {', '.join(available_splits(name))})"
+            )
         base, column = SUBSET_SPLITS.get(split, (split, None))
-        carve = base in ("train", "validation") and "validation" not in spec.splits
-        file_split = "train" if carve else base
-        if file_split not in spec.splits:
-            known = sorted(set(spec.splits) | {"validation"} | ({"test_human"} if name == "toxicchat" else set()))
-            raise SinglepassError(f"dataset {name!r} has no split {split!r} (available: {', '.join(known)})")
-        path = folder / f"{file_split}.jsonl.gz"
-        ds = load_file(path, spec.label_names, name, split)
+        carve = base in ("train", "validation") and "validation" not in spec.splits and split not in spec.partition
+        if split in spec.partition:
+            ds = load_partition(spec, folder, name, split)
+        else:
+            ds = load_file(folder / f"{'train' if carve else base}.jsonl.gz", spec.label_names, name, split)
         ds.task = spec.task
         if carve:
             keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)

@@ -5,7 +5,11 @@ from __future__ import annotations
 import argparse
 
 TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
-DATASET_HELP = "toxicchat, wildguardmix, sst2, imdb, emotion or a .jsonl/.csv path"
+DATASET_HELP = (
+    "toxicchat, wildguardmix, sst2, imdb, emotion, advbench, harmbench, strongreject, alpaca_noinput or a "
+    ".jsonl/.csv path; train and eval also take a safety mixture: comma-separated sources, each with an "
+    "optional weight, e.g. toxicchat:2,advbench,alpaca_noinput:0.5"
+)
 DATA_DIR_HELP = (
     "datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
     "directory or beside a folder above it)"
@@ -179,15 +183,22 @@ def parse_sets(items: list[str] | None) -> dict:
 
 
 def _train_val(args):
-    """Train and validation datasets: official/carved splits, or a user file split 90/10."""
+    """Train and validation datasets: official/carved splits, a mixture of safety sources
+    (models/mixture.py), or a user file split 90/10. -> (train, validation, mixture report or None)."""
     import numpy as np
 
     from singlepass.models.data import DATASETS, VALIDATION_FRACTION, load_dataset, stratified_split
+    from singlepass.models.mixture import describe_mixture, is_mixture, load_mixture
 
+    if is_mixture(args.dataset):
+        m = load_mixture(args.dataset, args.data_dir, args.limit, args.val_limit)
+        print(f"mixture of {len(m.sources)} sources, labels safe/unsafe; overlaps removed on normalised text:")
+        print("\n".join(describe_mixture(m)))
+        return m.train, m.validation, m.report
     if args.dataset in DATASETS:
         tr = load_dataset(args.dataset, "train", args.data_dir, limit=args.limit)
         va = load_dataset(args.dataset, "validation", args.data_dir, limit=args.val_limit)
-        return tr, va
+        return tr, va, None
     ds = load_dataset(args.dataset, "file", args.data_dir)
     keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
     tr, va = ds.subset(keep), ds.subset(held)
@@ -196,7 +207,7 @@ def _train_val(args):
         tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[: args.limit]))
     if args.val_limit and args.val_limit < len(va):
         va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[: args.val_limit]))
-    return tr, va
+    return tr, va, None
 
 
 def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | None) -> dict:
@@ -210,10 +221,25 @@ def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | Non
     print(
         f"saved {cfg['probe']} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
         f"validation {key} {v[key]:.4f}"
-        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+        + (f", threshold {cfg['threshold']:.4f} ({cfg['operating_point']})" if cfg["threshold"] is not None else "")
         + f"; {cfg['training']['search_seconds']:.1f} s"
     )
+    for name, p in (cfg.get("operating_points") or {}).items():
+        print(
+            f"  operating point {name}: threshold {p['threshold']:.4f}, "
+            f"validation FPR {_rate(p['fpr'])}, TPR {_rate(p['tpr'])}"
+        )
+    for src, m in (cfg.get("validation_by_source") or {}).items():
+        print(
+            f"  validation {src:<15} rows {m['rows']:>5}  f1 {_rate(m.get('f1_at_threshold'))}  "
+            f"fpr {_rate(m.get('fpr_at_threshold'))}  tpr {_rate(m.get('tpr_at_threshold'))}  "
+            f"auprc {_rate(m.get('auprc'))}"
+        )
     return v
+
+
+def _rate(v) -> str:
+    return "—" if v is None else f"{v:.4f}"
 
 
 def cmd_train(args) -> int:
@@ -250,7 +276,7 @@ def cmd_train(args) -> int:
             from singlepass.models.search import apply_overrides
 
             hparams = apply_overrides(hparams, parse_sets(args.set))
-    tr, va = _train_val(args)
+    tr, va, mixture = _train_val(args)
     print(describe(tr))
     print(describe(va))
     bb = load_backbone(args.model, args.cache_dir)
@@ -268,7 +294,10 @@ def cmd_train(args) -> int:
         hparams=hparams,
         cache_dir=args.cache_dir and Path(args.cache_dir),
         progress=not args.no_progress,
+        threshold_fpr=args.threshold_at_fpr,
     )
+    if mixture is not None:
+        cfg["data"]["mixture"] = mixture
     v = save_trained(out, module, cfg, args.limit, args.val_limit)
     if args.json:
         print(
@@ -288,10 +317,12 @@ def cmd_eval(args) -> int:
     import json
     import sys
 
-    from singlepass.models.evaluate import evaluate, format_report
+    from singlepass.models.evaluate import evaluate, evaluate_sources, format_report, format_sources
+    from singlepass.models.mixture import is_mixture
 
     log = (lambda *a: print(*a, file=sys.stderr)) if args.json else print  # stdout: the JSON only
-    rep = evaluate(
+    mixture = is_mixture(args.dataset)
+    rep = (evaluate_sources if mixture else evaluate)(
         args.probe,
         args.dataset,
         args.split,
@@ -302,7 +333,7 @@ def cmd_eval(args) -> int:
         progress=not args.no_progress,
         log=log,
     )
-    print(json.dumps(rep, indent=2) if args.json else format_report(rep))
+    print(json.dumps(rep, indent=2) if args.json else (format_sources if mixture else format_report)(rep))
     return 0
 
 
@@ -382,8 +413,23 @@ def register(sub) -> None:
         metavar="DIR",
         help="train once with the hyperparameters of an existing artifact (e.g. the searched seed-0 probe)",
     )
-    p.add_argument("--limit", type=int, default=None, help="seeded stratified subset of the train split")
-    p.add_argument("--val-limit", type=int, default=None, help="seeded stratified subset of the validation split")
+    p.add_argument(
+        "--limit", type=int, default=None, help="seeded stratified subset of the train split (a mixture: per source)"
+    )
+    p.add_argument(
+        "--val-limit",
+        type=int,
+        default=None,
+        help="seeded stratified subset of the validation split (a mixture: per source)",
+    )
+    p.add_argument(
+        "--threshold-at-fpr",
+        type=float,
+        default=None,
+        metavar="RATE",
+        help="make the active threshold the one giving this false-positive rate on validation, e.g. 0.01 "
+        "(binary probes; the F1-optimal threshold is stored beside it)",
+    )
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--no-progress", action="store_true")

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from singlepass.errors import SinglepassError
-from singlepass.models.metrics import compute_metrics
+from singlepass.models.metrics import compute_metrics, rates_at
 
 
 def check_labels(cfg: dict, ds) -> str | None:
@@ -81,7 +81,7 @@ def evaluate(
         log(note)
     probs = predict_proba(module, cfg, backbone, ds, cache_dir and __import__("pathlib").Path(cache_dir), progress, log)
     results = {
-        name: compute_metrics(ds.labels[idx], probs[idx], cfg["threshold"])
+        name: with_operating_points(compute_metrics(ds.labels[idx], probs[idx], cfg["threshold"]), cfg, ds, probs, idx)
         for name, idx in report_subsets(ds).items()
         if len(idx)
     }
@@ -93,9 +93,49 @@ def evaluate(
         "limit": limit,
         "label_names": list(ds.label_names),
         "threshold": cfg["threshold"],
+        "operating_point": cfg.get("operating_point"),
         "label_note": note,
         "results": results,
     }
+
+
+def with_operating_points(metrics: dict, cfg: dict, ds, probs: np.ndarray, idx: np.ndarray) -> dict:
+    """``metrics`` plus the FPR and TPR each stored operating point actually gives on these rows."""
+    points = cfg.get("operating_points") or {}
+    if points and probs.shape[1] == 2:
+        y, p = ds.labels[idx], probs[idx, 1]
+        metrics["operating_points"] = {name: rates_at(y, p, pt["threshold"]) for name, pt in points.items()}
+    return metrics
+
+
+def evaluate_sources(
+    probe_dir,
+    dataset: str,
+    split: str,
+    model: str | None = None,
+    cache_dir=None,
+    data_dir=None,
+    limit: int | None = None,
+    progress: bool = True,
+    log=print,
+) -> dict:
+    """``evaluate`` on every source of a mixture (``--dataset a,b:2,...``; weights are ignored):
+    ``split`` "test" is each source's held-out test part (wildguardmix: ``test_untouched``)."""
+    from singlepass.models.mixture import held_out_split, parse_sources
+    from singlepass.models.probe_io import load_probe_and_backbone
+
+    _, _, backbone = load_probe_and_backbone(probe_dir, model, cache_dir)
+    reports = {}
+    for src in parse_sources(dataset):
+        src_split = held_out_split(src.name) if split == "test" else split
+        reports[src.name] = evaluate(
+            probe_dir, src.name, src_split, model, cache_dir, data_dir, limit, progress, log, backbone
+        )
+    return {"probe": str(probe_dir), "dataset": dataset, "split": split, "sources": reports}
+
+
+def format_sources(rep: dict) -> str:
+    return "\n\n".join(format_report(r) for r in rep["sources"].values())
 
 
 def _cell(v) -> str:
@@ -113,11 +153,18 @@ def format_report(rep: dict) -> str:
         "roc_auc",
         "tpr_at_0.01_fpr",
         "tpr_at_0.001_fpr",
+        "fpr_at_threshold",
+        "tpr_at_threshold",
     ]
     names = list(rep["results"])
     lines = [
         f"{rep['method']} probe {rep['probe']} on {rep['dataset']}/{rep['split']}"
-        + (f" (threshold {rep['threshold']:.4f} from validation)" if rep["threshold"] is not None else "")
+        + (
+            f" (threshold {rep['threshold']:.4f} from validation"
+            + (f", operating point {rep['operating_point']})" if rep.get("operating_point") else ")")
+            if rep["threshold"] is not None
+            else ""
+        )
     ]
     lines.append(f"{'metric':<18}" + "".join(f"{n:>14}" for n in names))
     for k in keys:
@@ -125,4 +172,9 @@ def format_report(rep: dict) -> str:
         if all(v == "absent" for v in vals):
             continue
         lines.append(f"{k:<18}" + "".join(f"{_cell(v):>14}" for v in vals))
+    points = rep["results"][names[0]].get("operating_points") if names else None
+    for point in points or {}:
+        for rate in ("fpr", "tpr"):
+            vals = [rep["results"][n]["operating_points"][point][rate] for n in names]
+            lines.append(f"{rate + ' @ ' + point:<18}" + "".join(f"{_cell(v):>14}" for v in vals))
     return "\n".join(lines)

@@ -24,20 +24,34 @@ from singlepass.models.search import HParams
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def make_loss(num_classes: int, labels: np.ndarray, class_weight: str) -> LossFn:
-    """-> fn(logits [b, C'], y [b]) returning the *sum* of per-row losses."""
-    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)  # [C]
+def make_loss(
+    num_classes: int, labels: np.ndarray, class_weight: str, sample_weight: np.ndarray | None = None
+) -> LossFn:
+    """-> fn(logits [b, C'], y [b], w [b] or None) returning the *sum* of per-row losses.
+
+    ``sample_weight`` [N] (a mixture's per-source weights) multiplies each row's loss, and
+    ``balanced`` then balances the weighted class totals (the plain counts when it is None)."""
+    if sample_weight is None:
+        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)  # [C]
+    else:
+        counts = np.bincount(labels, weights=np.asarray(sample_weight, np.float64), minlength=num_classes)  # [C]
     if class_weight not in ("none", "balanced"):
         raise SinglepassError(f"class_weight must be 'none' or 'balanced', not {class_weight!r}")
     if num_classes == 2:
         pw = torch.tensor(counts[0] / max(counts[1], 1.0), dtype=torch.float32) if class_weight == "balanced" else None
-        bce = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="sum")
-        return lambda z, y: bce(z[:, 0], y.float())
-    w = None
+        if sample_weight is None:
+            bce = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="sum")
+            return lambda z, y, w=None: bce(z[:, 0], y.float())
+        bce_rows = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="none")
+        return lambda z, y, w: (bce_rows(z[:, 0], y.float()) * w).sum()
+    cw = None
     if class_weight == "balanced":
-        w = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1.0)), dtype=torch.float32)  # [C]
-    ce = nn.CrossEntropyLoss(weight=w, reduction="sum")  # sum_i w_{y_i} * CE_i; the caller divides by batch rows
-    return lambda z, y: ce(z, y)
+        cw = torch.tensor(counts.sum() / (num_classes * np.maximum(counts, 1.0)), dtype=torch.float32)  # [C]
+    if sample_weight is None:
+        ce = nn.CrossEntropyLoss(weight=cw, reduction="sum")  # sum_i w_{y_i} * CE_i; the caller divides by batch rows
+        return lambda z, y, w=None: ce(z, y)
+    ce_rows = nn.CrossEntropyLoss(weight=cw, reduction="none")
+    return lambda z, y, w: (ce_rows(z, y) * w).sum()
 
 
 def cosine(step_total: int) -> Callable[[int], float]:
@@ -56,19 +70,27 @@ def fit(
     seed: int,
     progress: bool = False,
     desc: str = "train",
+    sample_weight: np.ndarray | None = None,
+    val_groups: np.ndarray | None = None,
 ) -> dict:
-    """Train ``module`` in place (best validation epoch kept). -> history dict."""
+    """Train ``module`` in place (best validation epoch kept). -> history dict.
+
+    ``sample_weight`` [N_train]: per-row loss weights (make_loss); ``val_groups`` [N_val]: the
+    source of each validation row, selection then scores the mean over sources (selection_metric)."""
+    extra = (sample_weight, val_groups)
     if isinstance(train, FeatureData):  # small ops: one thread avoids OpenMP oversubscription stalls
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc)
+            return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, *extra)
         finally:
             torch.set_num_threads(threads)
-    return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc)
+    return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, *extra)
 
 
-def _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc) -> dict:
+def _fit(
+    module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, sample_weight=None, val_groups=None
+) -> dict:
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -82,8 +104,9 @@ def _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progre
         raise SinglepassError(f"optimizer must be 'adamw' or 'sgd', not {hp.optimizer!r}")
     n_batches = math.ceil(len(train) / hp.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(hp.epochs * n_batches))
-    loss_fn = make_loss(num_classes, y_train, hp.class_weight)
+    loss_fn = make_loss(num_classes, y_train, hp.class_weight, sample_weight)
     y_t = torch.as_tensor(y_train)  # [N]
+    w_t = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight), dtype=torch.float32)  # [N]
     head_w = module.head.weight  # [C', F]
     best, best_state, best_epoch, bad, history = -1.0, None, 0, 0, []
     t0 = time.perf_counter()
@@ -94,7 +117,8 @@ def _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progre
         for rows in train.order(hp.batch_size, g):
             opt.zero_grad(set_to_none=True)
             for mb in train.micro(rows):
-                loss = loss_fn(train.logits(module, mb), y_t[torch.as_tensor(mb)]) / len(rows)
+                at = torch.as_tensor(mb)
+                loss = loss_fn(train.logits(module, mb), y_t[at], None if w_t is None else w_t[at]) / len(rows)
                 loss.backward()
                 total += float(loss.detach()) * len(rows)
             if hp.l1 or hp.l2:
@@ -105,7 +129,7 @@ def _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progre
             bar.update(1)
         if epoch % hp.eval_every and epoch != hp.epochs:
             continue
-        score = selection_metric(task, y_val, predict_logits(module, val))
+        score = selection_metric(task, y_val, predict_logits(module, val), val_groups)
         history.append({"epoch": epoch, "train_loss": total / len(train), "val": score})
         bar.set_postfix(epoch=epoch, val=f"{score:.4f}")
         if score > best:

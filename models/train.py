@@ -28,9 +28,10 @@ from torch import nn
 
 from singlepass.errors import SinglepassError
 from singlepass.models.batches import Data, FeatureData, StateData, compute_features, predict_logits
+from singlepass.models.data import PROTECTED_SPLITS
 from singlepass.models.family import Family
 from singlepass.models.fit import fit
-from singlepass.models.metrics import choose_threshold, compute_metrics
+from singlepass.models.metrics import choose_threshold, compute_metrics, rates_at, threshold_at_fpr
 from singlepass.models.probes import count_parameters, probabilities
 from singlepass.models.registry import get_family, head_only
 from singlepass.models.search import HParams, trial_plan
@@ -58,6 +59,8 @@ class Prepared:
     y_val: np.ndarray
     feature_memo: dict = field(default_factory=dict)
     input_stats: tuple | None = None  # (mean, std) [L+1, d] for input_norm="standard", computed once
+    sample_weight: np.ndarray | None = None  # [N] per-row loss weights (a mixture's source weights)
+    val_groups: np.ndarray | None = None  # [N_val] source of each validation row (a mixture)
 
 
 def prepare(
@@ -80,12 +83,21 @@ def prepare(
         for ds in (train_ds, val_ds):
             h = state_cache.last_hidden(backbone, ds, prompt_format, max_length, cache_dir, progress=progress, log=log)
             srcs.append(first_token_logits(backbone.model, h))  # [N, V]
-        return Prepared(family, srcs[0], srcs[1], train_ds.labels, val_ds.labels)
-    caches = [
-        state_cache.build(backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress, log=log)
-        for ds in (train_ds, val_ds)
-    ]
-    return Prepared(family, caches[0], caches[1], train_ds.labels, val_ds.labels)
+        srcs = tuple(srcs)
+    else:
+        srcs = tuple(
+            state_cache.build(backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress, log=log)
+            for ds in (train_ds, val_ds)
+        )
+    weight, groups = train_ds.columns.get("mixture_weight"), val_ds.columns.get("mixture_source")
+    return Prepared(
+        family,
+        *srcs,
+        train_ds.labels,
+        val_ds.labels,
+        sample_weight=None if weight is None else np.asarray(weight, dtype=np.float64),
+        val_groups=None if groups is None else np.asarray(groups),
+    )
 
 
 def make_data(
@@ -149,11 +161,52 @@ def run_trial(
             prep.input_stats = input_statistics(prep.train_src)
         module.set_input_statistics(*prep.input_stats)
     train, val, scaling = make_data(prep, module, params, progress)
-    hist = fit(module, train, prep.y_train, val, prep.y_val, hp, task, num_classes, seed, progress, desc)
+    hist = fit(
+        module,
+        train,
+        prep.y_train,
+        val,
+        prep.y_val,
+        hp,
+        task,
+        num_classes,
+        seed,
+        progress,
+        desc,
+        sample_weight=prep.sample_weight,
+        val_groups=prep.val_groups,
+    )
     hist["val_logits"] = predict_logits(module, val)  # [N_val, C']
     if scaling is not None:
         fold_scaling(module.head, *scaling)
     return module, params, hist
+
+
+def check_trainable(ds: "Dataset") -> None:
+    """No training path reads a held-out split (wildguardmix's ``test_untouched``)."""
+    splits = {ds.split, *(ds.columns.get("mixture_split") or [])}
+    held = sorted(splits & PROTECTED_SPLITS)
+    if held:
+        raise SinglepassError(f"{ds.name}: split {', '.join(held)} is held out for testing and is never trained on")
+
+
+def operating_points(y: np.ndarray, p: np.ndarray, fpr_target: float | None, log: Callable[..., None] = print) -> dict:
+    """Validation thresholds on P(positive): ``f1`` (F1-optimal) and, with ``fpr_target``,
+    ``fpr@<target>`` (the lowest threshold whose validation FPR is <= target), each with the FPR
+    and TPR it gives on validation. -> {"active": name, "points": {name: {...}}}."""
+    points = {"f1": {"threshold": choose_threshold(y, p), **rates_at(y, p, choose_threshold(y, p))}}
+    active = "f1"
+    if fpr_target is not None:
+        t = threshold_at_fpr(y, p, fpr_target)
+        active = f"fpr@{fpr_target:g}"
+        points[active] = {"threshold": t, "target_fpr": fpr_target, **rates_at(y, p, t)}
+        negatives = int((np.asarray(y) == 0).sum())
+        if negatives * fpr_target < 1:
+            log(
+                f"note: {negatives} validation negatives cannot resolve an FPR of {fpr_target:g} "
+                f"(one false positive is {1 / max(negatives, 1):.2%}); the threshold admits none"
+            )
+    return {"active": active, "points": points}
 
 
 def set_determinism(threads: int | None = None) -> None:
@@ -178,10 +231,19 @@ def train_probe(
     cache_dir: Path | None = None,
     progress: bool = True,
     log: Callable[..., None] = print,
+    threshold_fpr: float | None = None,
 ) -> tuple[nn.Module, dict]:
     """Search ``trials`` configurations (or train the given ``hparams``) and return the best
-    module with its artifact config. -> (module, config dict)."""
+    module with its artifact config. -> (module, config dict).
+
+    ``threshold_fpr``: make the active threshold the one that gives this false-positive rate on
+    validation (binary probes; the F1-optimal one is stored beside it). A mixture (rows with a
+    ``source`` column) is selected on the mean over sources and its validation metrics are
+    stored per source."""
     family = get_family(method)
+    check_trainable(train_ds)
+    if threshold_fpr is not None and len(train_ds.label_names) != 2:
+        raise SinglepassError("--threshold-at-fpr applies to binary probes only")
     if tuple(train_ds.label_names) != tuple(val_ds.label_names):
         raise SinglepassError("train and validation label sets differ")
     for ds in (train_ds, val_ds):
@@ -225,8 +287,15 @@ def train_probe(
     module, hp, params, hist = best
     module.eval()
     probs = probabilities(hist["val_logits"]).numpy()  # [N_val, C]
-    threshold = choose_threshold(prep.y_val, probs[:, 1]) if num_classes == 2 else None
+    ops = operating_points(prep.y_val, probs[:, 1], threshold_fpr, log) if num_classes == 2 else None
+    threshold = ops["points"][ops["active"]]["threshold"] if ops else None
     val_metrics = compute_metrics(prep.y_val, probs, threshold)
+    by_source = None
+    if prep.val_groups is not None:
+        by_source = {
+            str(g): compute_metrics(prep.y_val[prep.val_groups == g], probs[prep.val_groups == g], threshold)
+            for g in dict.fromkeys(prep.val_groups.tolist())
+        }
     hp_dict = {k: v for k, v in asdict(hp).items() if k != "params"}
     cfg = {
         "probe": method,
@@ -236,7 +305,9 @@ def train_probe(
         "hidden_size": d,
         "label_names": list(train_ds.label_names),
         "task": task,
-        "threshold": threshold,
+        "threshold": threshold,  # the active operating point's (what export and the runtime use)
+        "operating_point": ops["active"] if ops else None,
+        "operating_points": ops["points"] if ops else None,
         "prompt_format": prompt_format,
         "max_length": max_length,
         "backbone": backbone.fingerprint,
@@ -252,7 +323,8 @@ def train_probe(
             "validation_rows": len(val_ds),
         },
         "training": {
-            "selection_metric": "f1" if task == "safety" else "accuracy",
+            "selection_metric": ("f1" if task == "safety" else "accuracy")
+            + (" (mean over sources; accuracy for one-sided sources)" if prep.val_groups is not None else ""),
             "best_val": hist["best_val"],
             "best_epoch": hist["best_epoch"],
             "epochs_run": hist["epochs_run"],
@@ -262,5 +334,6 @@ def train_probe(
             "history": hist["history"],
         },
         "validation": val_metrics,
+        "validation_by_source": by_source,
     }
     return module, cfg

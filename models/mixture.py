@@ -1,0 +1,234 @@
+"""Safety training on a mixture of sources: one label space, per-source weights, no overlaps.
+
+``--dataset toxicchat:2,advbench,harmbench,strongreject,alpaca_noinput`` names the sources, each
+with an optional weight (default 1). Every source is a shipped binary safety set whose class 1
+is the harmful one; its labels are mapped onto ``LABELS`` (safe / unsafe), so the one-sided sets
+(advbench, harmbench, strongreject: all unsafe; alpaca_noinput: all safe) join the mixed ones
+(toxicchat, wildguardmix).
+
+Each source contributes its ``train``, ``validation`` and test parts (``parts``): WildGuardTest
+has no training part (its ``validation`` 30% is used for selection, its ``test_untouched`` 70%
+only for testing). Overlaps are removed on normalised text (``normalise``: NFKC, whitespace
+collapsed, case-folded): a training row whose text is in any source's validation or test part is
+dropped, a validation row whose text is in any test part is dropped, and repeats inside the
+training (or validation) rows are kept once, the first in the order the sources are named.
+The same text labelled safe in one place and unsafe in another is an error naming both.
+
+Weights: a source's weight multiplies the loss of each of its training rows (so ``toxicchat:2``
+counts as if every ToxicChat row were sampled twice as often; 1 keeps the natural proportions);
+the weights are stored per row (``columns["mixture_weight"]``, mean 1) and the class balancing of the loss
+(``class_weight=balanced``) balances the *weighted* class totals (models/fit.py).
+"""
+
+from __future__ import annotations
+
+import re
+import unicodedata
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from singlepass.errors import SinglepassError
+from singlepass.models.data import DATASETS, PROTECTED_SPLITS, Dataset, available_splits, load_dataset
+
+LABELS = ("safe", "unsafe")
+_WEIGHTED = re.compile(r"^[A-Za-z0-9_]+:[^/\\]+$")
+
+
+@dataclass(frozen=True)
+class Source:
+    name: str
+    weight: float = 1.0
+
+
+@dataclass
+class Mixture:
+    sources: list[Source]
+    train: Dataset
+    validation: Dataset
+    report: dict = field(default_factory=dict)  # per source: rows kept and dropped, weight
+
+
+def is_mixture(text: str) -> bool:
+    """A comma-separated list of sources, or one source with a weight (``name:2``)."""
+    return "," in text or bool(_WEIGHTED.match(text.strip()))
+
+
+def safety_sources() -> list[str]:
+    return [n for n, s in DATASETS.items() if s.task == "safety" and len(s.label_names) == 2]
+
+
+def parse_sources(text: str) -> list[Source]:
+    """``a:2,b,c:0.5`` -> [Source("a", 2.0), Source("b", 1.0), Source("c", 0.5)]."""
+    out: list[Source] = []
+    for item in text.split(","):
+        name, _, weight = item.strip().partition(":")
+        name = name.strip()
+        if name not in safety_sources():
+            raise SinglepassError(
+                f"unknown mixture source {name!r} in --dataset {text!r}: use safety sets from "
+                f"{', '.join(safety_sources())}, each optionally with a weight (name:2)"
+            )
+        try:
+            w = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise SinglepassError(f"mixture source {name!r}: weight {weight!r} is not a number") from None
+        if not np.isfinite(w) or w <= 0:
+            raise SinglepassError(f"mixture source {name!r}: weight must be a positive number, not {weight!r}")
+        if any(s.name == name for s in out):
+            raise SinglepassError(f"mixture source {name!r} is named twice in --dataset {text!r}")
+        out.append(Source(name, w))
+    return out
+
+
+def normalise(text: str) -> str:
+    """The key overlaps are found on: NFKC, whitespace runs collapsed, stripped, case-folded."""
+    return re.sub(r"\s+", " ", unicodedata.normalize("NFKC", text)).strip().casefold()
+
+
+def held_out_split(name: str) -> str:
+    """A source's held-out test part: ``test_untouched`` where one exists, else ``test``."""
+    splits = available_splits(name)
+    return next((s for s in splits if s in PROTECTED_SPLITS), "test")
+
+
+def parts(name: str) -> dict[str, str | None]:
+    """{part: split} of a source in a mixture (``train`` is None where it has none)."""
+    splits = available_splits(name)
+    return {"train": "train" if "train" in splits else None, "validation": "validation", "test": held_out_split(name)}
+
+
+def to_safety(ds: Dataset) -> Dataset:
+    """The same rows under LABELS (class 1 of every shipped safety set is the harmful one)."""
+    if ds.task != "safety" or len(ds.label_names) != 2:
+        raise SinglepassError(f"{ds.name} is not a binary safety set (labels {', '.join(ds.label_names)})")
+    out = ds.subset(np.arange(len(ds)))
+    out.label_names = LABELS
+    out.columns["mixture_source"] = [ds.name] * len(ds)
+    out.columns["mixture_split"] = [ds.split] * len(ds)
+    return out
+
+
+def check_conflicts(datasets: list[Dataset]) -> None:
+    """The same normalised text may not be safe in one row and unsafe in another."""
+    seen: dict[str, tuple[int, str]] = {}
+    for ds in datasets:
+        for text, label in zip(ds.texts, ds.labels.tolist()):
+            key = normalise(text)
+            where = f"{ds.name}/{ds.split}"
+            if key in seen and seen[key][0] != label:
+                first_label, first_where = seen[key]
+                raise SinglepassError(
+                    f"conflicting labels for the same text: {first_where} has it as {LABELS[first_label]}, "
+                    f"{where} as {LABELS[label]} ({text[:80]!r}); drop one of the sources or fix the labels"
+                )
+            seen.setdefault(key, (label, where))
+
+
+def keep_new(ds: Dataset, excluded: set[str], seen: set[str]) -> tuple[Dataset, int, int]:
+    """Rows of ``ds`` whose text is neither in ``excluded`` nor already ``seen`` (``seen`` grows).
+    -> (kept rows, dropped as held out elsewhere, dropped as repeats)."""
+    keep, held, repeats = [], 0, 0
+    for i, text in enumerate(ds.texts):
+        key = normalise(text)
+        if key in excluded:
+            held += 1
+        elif key in seen:
+            repeats += 1
+        else:
+            seen.add(key)
+            keep.append(i)
+    return ds.subset(keep), held, repeats
+
+
+def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
+    cols = ("mixture_source", "mixture_split", "row", "mixture_weight")
+    return Dataset(
+        name,
+        split,
+        [t for ds in datasets for t in ds.texts],
+        np.concatenate([ds.labels for ds in datasets]).astype(np.int64),
+        LABELS,
+        "safety",
+        name,
+        {c: [v for ds in datasets for v in ds.columns.get(c, [None] * len(ds))] for c in cols},
+    )
+
+
+def cap(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded stratified subset of at most ``limit`` rows (as ``load_dataset(limit=...)``)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise SinglepassError(f"--limit must be positive, got {limit}")
+    rng = np.random.default_rng(seed)
+    idx = []
+    for c in np.unique(ds.labels):
+        rows = np.flatnonzero(ds.labels == c)
+        idx.extend(rng.permutation(rows)[: int(round(limit * len(rows) / len(ds)))].tolist())
+    return ds.subset(np.sort(np.asarray(idx[:limit], dtype=np.int64)))
+
+
+def load_mixture(
+    text: str,
+    data_dir: str | None = None,
+    limit: int | None = None,
+    val_limit: int | None = None,
+    seed: int = 0,
+) -> Mixture:
+    """Train and validation sets of a mixture (see the module docstring). ``limit`` /
+    ``val_limit`` cap each source's rows (seeded, stratified) after the overlaps are removed."""
+    sources = parse_sources(text)
+    loaded = {
+        s.name: {
+            part: to_safety(load_dataset(s.name, split, data_dir)) for part, split in parts(s.name).items() if split
+        }
+        for s in sources
+    }
+    check_conflicts([ds for by_part in loaded.values() for ds in by_part.values()])
+    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts}
+    vals = {normalise(t) for by_part in loaded.values() for t in by_part["validation"].texts}
+    seen_train: set[str] = set()
+    seen_val: set[str] = set()
+    train_parts, val_parts, report = [], [], {}
+    for s in sources:
+        by_part = loaded[s.name]
+        val, val_held, val_rep = keep_new(by_part["validation"], tests, seen_val)
+        val = cap(val, val_limit, seed)
+        val_parts.append(val)
+        entry = {"weight": s.weight, "validation_rows": len(val), "validation_dropped": val_held + val_rep}
+        if "train" in by_part:
+            if by_part["train"].split in PROTECTED_SPLITS:  # parts() never does this; kept as a guard
+                raise SinglepassError(f"{s.name}/{by_part['train'].split} is a held-out split and is never trained on")
+            tr, held, rep = keep_new(by_part["train"], tests | vals, seen_train)
+            tr = cap(tr, limit, seed)
+            tr.columns["mixture_weight"] = [s.weight] * len(tr)
+            train_parts.append(tr)
+            entry.update({"train_rows": len(tr), "train_dropped_held_out": held, "train_dropped_repeats": rep})
+        else:
+            entry["train_rows"] = 0
+        entry["test_split"] = by_part["test"].split
+        report[s.name] = entry
+    if not train_parts or not sum(len(t) for t in train_parts):
+        raise SinglepassError(f"--dataset {text!r}: no source has training rows (wildguardmix is validation/test only)")
+    name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
+    train = concat(train_parts, name, "train")
+    w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)
+    train.columns["mixture_weight"] = (w / w.mean()).tolist()  # mean 1: the loss scale of an unweighted set
+    return Mixture(sources, train, concat(val_parts, name, "validation"), report)
+
+
+def describe_mixture(m: Mixture) -> list[str]:
+    """One line per source: weight, rows used and rows dropped as overlaps."""
+    lines = []
+    for name, r in m.report.items():
+        lines.append(
+            f"  {name} (weight {r['weight']:g}): train {r['train_rows']} rows"
+            + (
+                f" ({r['train_dropped_held_out']} dropped as held out elsewhere, {r['train_dropped_repeats']} repeats)"
+                if "train_dropped_held_out" in r
+                else " (validation and test only)"
+            )
+            + f", validation {r['validation_rows']} ({r['validation_dropped']} dropped), test split {r['test_split']}"
+        )
+    return lines

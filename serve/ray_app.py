@@ -173,7 +173,8 @@ class SinglepassReplica:
     def check_health(self) -> None:
         st = self.st
         if not (st.ready and st.engine is not None and st.engine.alive):
-            raise RuntimeError(f"replica {st.replica}: the engine loop is not running ({st.engine.error!r})")
+            why = getattr(st.engine, "error", None) or st.load_error or "stopped"
+            raise RuntimeError(f"replica {st.replica}: the engine loop is not running ({why})")
 
 
 # ----------------------------------------------------------------------------- building the application

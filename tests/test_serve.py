@@ -24,7 +24,6 @@ from types import SimpleNamespace
 import numpy as np
 import openai  # the serve extra and the openai client are dev dependencies: a missing one fails, never skips
 import pytest
-from export_helpers import serving_artifact
 
 from singlepass.errors import SinglepassError  # noqa: E402
 from singlepass.runtime.api import Runtime, load  # noqa: E402
@@ -51,10 +50,9 @@ MODEL = "art"
 
 
 @pytest.fixture(scope="module")
-def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
+def art(serve_art):
     """A tiny artifact with a binary (``safety``) and a three-class (``emotion``) probe."""
-    root = tmp_path_factory.mktemp("serve")
-    return serving_artifact(root, MODEL, tiny_backbone, tiny_model_dir, cache_dir, 96, muli=False)[0]
+    return serve_art
 
 
 @pytest.fixture(scope="module")

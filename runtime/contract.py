@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -66,6 +66,10 @@ class FusedProbe:
     backbone_sha256: str | None = None
     folder: str | None = None  # probes/<name>, inside the artifact
     source: str | None = None  # where the probe was exported from
+    # Validation thresholds by name ("f1", "fpr@0.01": {"threshold": ..., "fpr": ..., "tpr": ...});
+    # ``threshold`` is the active one's, named by ``operating_point`` (models/train.py).
+    operating_point: str | None = None
+    operating_points: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if self.input not in INPUT_KINDS:
@@ -94,6 +98,15 @@ class FusedProbe:
             return (self.label_names[1] if score >= (0.5 if thr is None else thr) else self.label_names[0]), score
         k = int(np.argmax(probs))
         return self.label_names[k], float(probs[k])
+
+    def point_threshold(self, point: str) -> float:
+        """The threshold of a stored operating point (a policy's ``block:fpr@0.01``)."""
+        if point not in self.operating_points:
+            raise SinglepassError(
+                f"probe {self.name!r} has no operating point {point!r} (stored: "
+                f"{', '.join(self.operating_points) or 'none; retrain it with --threshold-at-fpr'})"
+            )
+        return float(self.operating_points[point]["threshold"])
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -226,7 +239,7 @@ class Manifest:
                 )
         tk = m["tokenizer"]
         try:
-            probes = [FusedProbe.from_dict(p) for p in m["probes"]]
+            probes = [with_operating_points(folder, FusedProbe.from_dict(p)) for p in m["probes"]]
         except (KeyError, TypeError) as e:
             raise SinglepassError(f"{folder}: manifest.json has a malformed probe entry ({e})") from None
         return cls(
@@ -239,6 +252,25 @@ class Manifest:
                 tuple(int(e) for e in tk.get("eos_token_ids") or []), tk.get("pad_token_id"), tk.get("bos_token_id")
             ),
         )
+
+
+def with_operating_points(folder: Path, probe: FusedProbe) -> FusedProbe:
+    """``probe`` with its operating points: from the manifest entry, else from the probe's own
+    config.json inside the artifact (probes/<name>/, copied by export), whose ``threshold`` is the
+    same active threshold the manifest carries."""
+    if probe.operating_points or not probe.folder:
+        return probe
+    path = folder / probe.folder / "config.json"
+    try:
+        cfg = json.loads(path.read_text())
+    except FileNotFoundError:
+        return probe
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise SinglepassError(f"{folder}: {probe.folder}/config.json is corrupt ({e})") from None
+    points = cfg.get("operating_points") if isinstance(cfg, dict) else None
+    if not points:
+        return probe
+    return replace(probe, operating_points=dict(points), operating_point=cfg.get("operating_point"))
 
 
 def read(folder: str | os.PathLike) -> dict:

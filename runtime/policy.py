@@ -11,14 +11,19 @@ Per probe, one rule:
   ``P(label_names[1]) >= threshold`` (the probe's own threshold unless one is given), or, when
   labels are named, the predicted label is one of them (the only form for a multi-class probe).
 
+The probe's own threshold is its active operating point (``singlepass train
+--threshold-at-fpr 0.01`` makes it the validation threshold for 1% FPR; the F1-optimal one is
+stored beside it). ``block:f1`` or ``block:fpr@0.01`` picks a stored operating point by name.
+
 CLI spelling (``--policy``, repeatable): ``NAME=report``, ``NAME=block``, ``NAME=block:0.8``
-(threshold), ``NAME=block:LABEL[,LABEL...]``. In Python: ``{"safety": "block"}``,
-``{"safety": "block:0.8"}`` or ``{"safety": Rule("block", threshold=0.8, message="...")}``.
+(threshold), ``NAME=block:f1`` / ``NAME=block:fpr@0.01`` (a stored operating point),
+``NAME=block:LABEL[,LABEL...]``. In Python: ``{"safety": "block"}``, ``{"safety": "block:0.8"}``
+or ``{"safety": Rule("block", threshold=0.8, message="...")}``.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime.contract import FusedProbe
@@ -33,6 +38,7 @@ class Rule:
     threshold: float | None = None  # binary probes: block when P(positive) >= threshold
     labels: tuple[str, ...] = ()  # block when the predicted label is one of these
     message: str | None = None  # refusal text (default: the runtime's)
+    point: str | None = None  # a stored operating point ("f1", "fpr@0.01"), resolved to its threshold
 
     def __post_init__(self):
         if self.action not in ACTIONS:
@@ -46,6 +52,8 @@ def parse_rule(spec: str) -> Rule:
     action, _, arg = spec.strip().partition(":")
     if not arg:
         return Rule(action.strip())
+    if arg.strip() == "f1" or arg.strip().startswith("fpr@"):
+        return Rule(action.strip(), point=arg.strip())
     try:
         return Rule(action.strip(), threshold=float(arg))
     except ValueError:
@@ -59,7 +67,8 @@ def parse_specs(specs: list[str] | None) -> dict[str, Rule]:
         name, eq, rule = s.partition("=")
         if not eq or not name.strip():
             raise SinglepassError(
-                f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD or NAME=block:LABEL[,LABEL...]"
+                f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD, NAME=block:fpr@RATE "
+                "or NAME=block:LABEL[,LABEL...]"
             )
         out[name.strip()] = parse_rule(rule)
     return out
@@ -92,6 +101,8 @@ def resolve(policy, probes: list[FusedProbe]) -> dict[str, Rule]:
                 f"policy for {name!r} must be a Rule or a string like 'block', not {type(rule).__name__}"
             )
         p = by_name[name]
+        if rule.point is not None:
+            rule = replace(rule, threshold=p.point_threshold(rule.point))
         names = list(p.label_names)
         unknown = [lb for lb in rule.labels if lb not in names]
         if unknown:

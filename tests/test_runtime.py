@@ -283,6 +283,35 @@ def test_policy_errors(rt, art):
         load(art[0], backend="cpu", policy={"toxicity": "block"})
 
 
+def test_policy_blocks_at_a_stored_operating_point(rt, art, tmp_path):
+    """A probe trained with --threshold-at-fpr carries its operating points in its config.json,
+    which export copies into the artifact; the manifest's threshold is the active point's.
+    ``block:f1`` / ``block:fpr@0.01`` pick a point by name."""
+    free = rt.generate(PROMPTS, 1)
+    scores = sorted(r.labels["safety"].score for r in free)
+    cut = (scores[1] + scores[2]) / 2  # "f1" point: blocks the two highest-scoring prompts
+    copy = tmp_path / "art"
+    shutil.copytree(art[0], copy)
+    cfg_path = copy / "probes" / "safety" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    active = rt.manifest.probe("safety").threshold
+    cfg["operating_point"] = "fpr@0.01"
+    cfg["operating_points"] = {"f1": {"threshold": cut}, "fpr@0.01": {"threshold": active, "target_fpr": 0.01}}
+    cfg_path.write_text(json.dumps(cfg))
+    rt2 = load(copy, backend="cpu")
+    probe = rt2.manifest.probe("safety")
+    assert probe.operating_point == "fpr@0.01" and probe.point_threshold("f1") == cut
+    assert rt.manifest.probe("safety").operating_points == {}  # the original carries none
+    res = rt2.generate(PROMPTS, 1, policy={"safety": "block:f1"})
+    assert [r.blocked_by for r in res] == ["safety" if f.labels["safety"].score >= cut else None for f in free]
+    res = rt2.generate(PROMPTS, 1, policy=["safety=block:fpr@0.01"])
+    assert [r.blocked_by for r in res] == ["safety" if f.labels["safety"].score >= active else None for f in free]
+    with pytest.raises(SinglepassError, match="no operating point 'fpr@0.5'.*f1, fpr@0.01"):
+        rt2.generate("hi", 1, policy={"safety": "block:fpr@0.5"})
+    with pytest.raises(SinglepassError, match="retrain it with --threshold-at-fpr"):
+        rt.generate("hi", 1, policy={"safety": "block:fpr@0.01"})
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

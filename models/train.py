@@ -194,7 +194,8 @@ def operating_points(y: np.ndarray, p: np.ndarray, fpr_target: float | None, log
     """Validation thresholds on P(positive): ``f1`` (F1-optimal) and, with ``fpr_target``,
     ``fpr@<target>`` (the lowest threshold whose validation FPR is <= target), each with the FPR
     and TPR it gives on validation. -> {"active": name, "points": {name: {...}}}."""
-    points = {"f1": {"threshold": choose_threshold(y, p), **rates_at(y, p, choose_threshold(y, p))}}
+    t_f1 = choose_threshold(y, p)
+    points = {"f1": {"threshold": t_f1, **rates_at(y, p, t_f1)}}
     active = "f1"
     if fpr_target is not None:
         t = threshold_at_fpr(y, p, fpr_target)
@@ -276,7 +277,8 @@ def train_probe(
         }
         summary.append(row)
         log(
-            f"trial {i + 1}/{len(plan)}: val {'F1' if task == 'safety' else 'accuracy'} {hist['best_val']:.4f} "
+            f"trial {i + 1}/{len(plan)}: val {'F1' if task == 'safety' else 'accuracy'}"
+            f"{' (mean over sources)' if prep.val_groups is not None else ''} {hist['best_val']:.4f} "
             f"(epoch {hist['best_epoch']}/{hist['epochs_run']}, {hist['seconds']:.1f} s) "
             f"lr={hp.lr:.2e} bs={hp.batch_size} wd={hp.weight_decay:.3f} {params}"
         )

@@ -308,17 +308,23 @@ def load_dataset(
                 raise SinglepassError(f"dataset {name!r} has no {column!r} column for split {split!r}")
             ds = ds.subset([i for i, v in enumerate(ds.columns[column]) if v])
             ds.split = split
-    if limit is not None and limit < len(ds):
-        if limit <= 0:
-            raise SinglepassError(f"--limit must be positive, got {limit}")
-        counts = np.bincount(ds.labels)
-        if limit >= len(counts) and counts[counts > 0].min() >= 2:
-            _, idx = stratified_split(ds.labels, limit / len(ds), seed)
-            idx = idx[:limit]
-        else:
-            idx = np.sort(np.random.default_rng(seed).choice(len(ds), limit, replace=False))
-        ds = ds.subset(idx)
-    return ds
+    return limit_rows(ds, limit, seed)
+
+
+def limit_rows(ds: Dataset, limit: int | None, seed: int) -> Dataset:
+    """A seeded, stratified subset of at most ``limit`` rows (``ds`` itself when it is no larger)."""
+    if limit is None or limit >= len(ds):
+        return ds
+    if limit <= 0:
+        raise SinglepassError(f"--limit must be positive, got {limit}")
+    counts = np.bincount(ds.labels)
+    classes = int((counts > 0).sum())
+    if min(limit, len(ds) - limit) >= classes and counts[counts > 0].min() >= 2:  # sklearn's stratified split
+        _, idx = stratified_split(ds.labels, limit / len(ds), seed)
+        idx = idx[:limit]
+    else:
+        idx = np.sort(np.random.default_rng(seed).choice(len(ds), limit, replace=False))
+    return ds.subset(idx)
 
 
 def describe(ds: Dataset) -> str:

@@ -9,7 +9,8 @@ is the harmful one; its labels are mapped onto ``LABELS`` (safe / unsafe), so th
 Each source contributes its ``train``, ``validation`` and test parts (``parts``): WildGuardTest
 has no training part (its ``validation`` 30% is used for selection, its ``test_untouched`` 70%
 only for testing). Overlaps are removed on normalised text (``normalise``: NFKC, whitespace
-collapsed, case-folded): a training row whose text is in any source's validation or test part is
+collapsed, case-folded): a training row whose text is in any source's validation or test part
+(or in WildGuardTest's ``test_untouched``, even when wildguardmix is not in the mixture) is
 dropped, a validation row whose text is in any test part is dropped, and repeats inside the
 training (or validation) rows are kept once, the first in the order the sources are named.
 The same text labelled safe in one place and unsafe in another is an error naming both.
@@ -25,11 +26,19 @@ from __future__ import annotations
 import re
 import unicodedata
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 
 from singlepass.errors import SinglepassError
-from singlepass.models.data import DATASETS, PROTECTED_SPLITS, Dataset, available_splits, load_dataset
+from singlepass.models.data import (
+    DATASETS,
+    PROTECTED_SPLITS,
+    Dataset,
+    available_splits,
+    limit_rows,
+    load_dataset,
+)
 
 LABELS = ("safe", "unsafe")
 _WEIGHTED = re.compile(r"^[A-Za-z0-9_]+:[^/\\]+$")
@@ -50,7 +59,10 @@ class Mixture:
 
 
 def is_mixture(text: str) -> bool:
-    """A comma-separated list of sources, or one source with a weight (``name:2``)."""
+    """A comma-separated list of sources, or one source with a weight (``name:2``); never an
+    existing file."""
+    if Path(text).exists():
+        return False
     return "," in text or bool(_WEIGHTED.match(text.strip()))
 
 
@@ -125,6 +137,21 @@ def check_conflicts(datasets: list[Dataset]) -> None:
             seen.setdefault(key, (label, where))
 
 
+def protected_texts(data_dir: str | None) -> set[str]:
+    """Normalised texts of every held-out split (PROTECTED_SPLITS) of the shipped safety sets
+    present in the data folder, whether or not the set is in the mixture: they never train."""
+    from singlepass.models.data import data_dir as folder_of
+
+    root = folder_of(data_dir)
+    out: set[str] = set()
+    for name in safety_sources():
+        if not (root / DATASETS[name].folder).is_dir():
+            continue
+        for split in set(available_splits(name)) & PROTECTED_SPLITS:
+            out |= {normalise(t) for t in load_dataset(name, split, data_dir).texts}
+    return out
+
+
 def keep_new(ds: Dataset, excluded: set[str], seen: set[str]) -> tuple[Dataset, int, int]:
     """Rows of ``ds`` whose text is neither in ``excluded`` nor already ``seen`` (``seen`` grows).
     -> (kept rows, dropped as held out elsewhere, dropped as repeats)."""
@@ -155,20 +182,6 @@ def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
     )
 
 
-def cap(ds: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded stratified subset of at most ``limit`` rows (as ``load_dataset(limit=...)``)."""
-    if limit is None or limit >= len(ds):
-        return ds
-    if limit <= 0:
-        raise SinglepassError(f"--limit must be positive, got {limit}")
-    rng = np.random.default_rng(seed)
-    idx = []
-    for c in np.unique(ds.labels):
-        rows = np.flatnonzero(ds.labels == c)
-        idx.extend(rng.permutation(rows)[: int(round(limit * len(rows) / len(ds)))].tolist())
-    return ds.subset(np.sort(np.asarray(idx[:limit], dtype=np.int64)))
-
-
 def load_mixture(
     text: str,
     data_dir: str | None = None,
@@ -186,7 +199,7 @@ def load_mixture(
         for s in sources
     }
     check_conflicts([ds for by_part in loaded.values() for ds in by_part.values()])
-    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts}
+    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts} | protected_texts(data_dir)
     vals = {normalise(t) for by_part in loaded.values() for t in by_part["validation"].texts}
     seen_train: set[str] = set()
     seen_val: set[str] = set()
@@ -194,14 +207,14 @@ def load_mixture(
     for s in sources:
         by_part = loaded[s.name]
         val, val_held, val_rep = keep_new(by_part["validation"], tests, seen_val)
-        val = cap(val, val_limit, seed)
+        val = limit_rows(val, val_limit, seed)
         val_parts.append(val)
         entry = {"weight": s.weight, "validation_rows": len(val), "validation_dropped": val_held + val_rep}
         if "train" in by_part:
             if by_part["train"].split in PROTECTED_SPLITS:  # parts() never does this; kept as a guard
                 raise SinglepassError(f"{s.name}/{by_part['train'].split} is a held-out split and is never trained on")
             tr, held, rep = keep_new(by_part["train"], tests | vals, seen_train)
-            tr = cap(tr, limit, seed)
+            tr = limit_rows(tr, limit, seed)
             tr.columns["mixture_weight"] = [s.weight] * len(tr)
             train_parts.append(tr)
             entry.update({"train_rows": len(tr), "train_dropped_held_out": held, "train_dropped_repeats": rep})

@@ -151,6 +151,12 @@ def test_wildguard_untouched_split_is_disjoint_stratified_and_never_trained_on(d
     assert load_dataset("wildguardmix", "test_untouched").texts == untouched.texts
     with pytest.raises(SinglepassError, match="no source has training rows"):
         load_mixture("wildguardmix")
+    # WildGuardTest prompts that another source also holds never train, even without wildguardmix
+    copies = rows("wg safe", 10, 0)
+    write(data / "toxicchat", "train", rows("chat hello", 30, 0) + rows("chat insult", 10, 1) + copies)
+    train = {normalise(t) for t in load_mixture("toxicchat,advbench").train.texts}
+    held = {normalise(t) for t in untouched.texts} & {normalise(r["text"]) for r in copies}
+    assert held and not train & held
     with pytest.raises(SinglepassError, match="test_untouched is held out"):
         train_probe("gate", tiny_backbone, untouched, val, max_length=MAX_LEN, progress=False)
 

@@ -127,3 +127,24 @@ def test_missing_file_and_bad_json(tmp_path):
     (tmp_path / "x.jsonl").write_text('{"text": "a", "label": 0}\n{broken\n')
     with pytest.raises(SinglepassError, match="row 2 is not valid JSON"):
         load_file(tmp_path / "x.jsonl")
+
+
+@pytest.mark.parametrize("name, total", [("advbench", 520), ("strongreject", 313), ("wildguardmix", 1699)])
+def test_one_file_sets_are_carved_into_disjoint_seeded_parts(name, total):
+    """advbench / strongreject: train, validation, test = 70/10/20% of the one file;
+    wildguardmix: validation 30% + test_untouched 70% of the official test file."""
+    from singlepass.models.data import DATASETS
+
+    parts = {split: load_dataset(name, split) for split in DATASETS[name].partition}
+    rows = [set(ds.columns["row"]) for ds in parts.values()]
+    assert sum(map(len, rows)) == total == len(set().union(*rows))  # disjoint and complete
+    for split, ds in parts.items():
+        assert abs(len(ds) - DATASETS[name].partition[split] * total) <= 2
+        assert load_dataset(name, split).texts == ds.texts  # the same split every time
+    if name == "wildguardmix":
+        assert len(load_dataset(name, "test")) == total  # the official file stays whole
+        for ds in parts.values():  # stratified by label and adversarial: within a point of the file's rates
+            assert abs(ds.labels.mean() - 754 / 1699) < 0.01
+            assert abs(np.mean([bool(a) for a in ds.columns["adversarial"]]) - 796 / 1699) < 0.01
+    with pytest.raises(SinglepassError, match="no split 'test_untouched'"):
+        load_dataset("toxicchat", "test_untouched")

@@ -307,6 +307,9 @@ def cmd_train(args) -> int:
                     "validation": v,
                     "trainable_parameters": cfg["trainable_parameters"],
                     "training": {k: cfg["training"][k] for k in ("seconds", "search_seconds", "best_epoch")},
+                    "operating_point": cfg["operating_point"],
+                    "operating_points": cfg["operating_points"],
+                    "validation_by_source": cfg["validation_by_source"],
                 }
             )
         )

@@ -226,11 +226,14 @@ def test_train_and_eval_a_mixture_with_a_calibrated_threshold(data, tiny_model_d
     out = tmp_path / "mix"
     argv = ["train", *on_model(tiny_model_dir, cache_dir), "--max-length", str(MAX_LEN), "--probe", "pooling"]
     argv += ["--dataset", "toxicchat,advbench:2,alpaca_noinput,wildguardmix", "--out", str(out)]
-    argv += ["--trials", "1", "--epochs", "2", "--threshold-at-fpr", "0.05", "--no-progress"]
+    argv += ["--trials", "1", "--epochs", "2", "--threshold-at-fpr", "0.05", "--no-progress", "--json"]
     assert main(argv) == 0
     printed = capsys.readouterr().out
     assert "validation wildguardmix" in printed and "operating point fpr@0.05" in printed
     cfg = read_config(out)
+    summary = json.loads(printed.strip().splitlines()[-1])
+    assert summary["operating_points"] == cfg["operating_points"]
+    assert summary["validation_by_source"] == cfg["validation_by_source"]
     assert cfg["label_names"] == list(LABELS) and cfg["operating_point"] == "fpr@0.05"
     points = cfg["operating_points"]
     assert set(points) == {"f1", "fpr@0.05"} and cfg["threshold"] == points["fpr@0.05"]["threshold"]

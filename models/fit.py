@@ -21,7 +21,7 @@ from singlepass.models.batches import Data, FeatureData, predict_logits
 from singlepass.models.metrics import selection_metric
 from singlepass.models.search import HParams
 
-LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (logits, y, row weights)
 
 
 def make_loss(
@@ -77,15 +77,15 @@ def fit(
 
     ``sample_weight`` [N_train]: per-row loss weights (make_loss); ``val_groups`` [N_val]: the
     source of each validation row, selection then scores the mean over sources (selection_metric)."""
-    extra = (sample_weight, val_groups)
+    weights = {"sample_weight": sample_weight, "val_groups": val_groups}
     if isinstance(train, FeatureData):  # small ops: one thread avoids OpenMP oversubscription stalls
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, *extra)
+            return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, **weights)
         finally:
             torch.set_num_threads(threads)
-    return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, *extra)
+    return _fit(module, train, y_train, val, y_val, hp, task, num_classes, seed, progress, desc, **weights)
 
 
 def _fit(

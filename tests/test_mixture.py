@@ -218,7 +218,9 @@ def test_threshold_at_fpr_is_the_roc_curve_point_with_the_most_tpr_under_the_tar
         threshold_at_fpr(y, p, 1.5)
 
 
-def test_train_and_eval_a_mixture_with_a_calibrated_threshold(data, tiny_model_dir, cache_dir, tmp_path, capsys):
+def test_train_and_eval_a_mixture_with_a_calibrated_threshold(
+    data, tiny_model_dir, tiny_backbone, cache_dir, tmp_path, capsys
+):
     from cli_args import on_model
 
     from singlepass.models.probe_io import read_config
@@ -242,6 +244,16 @@ def test_train_and_eval_a_mixture_with_a_calibrated_threshold(data, tiny_model_d
     assert cfg["validation_by_source"]["alpaca_noinput"]["tpr_at_threshold"] is None  # no positives there
     assert "mean over sources" in cfg["training"]["selection_metric"]
     assert cfg["data"]["mixture"]["advbench"]["weight"] == 2.0
+    # the weights reach the loss: the same rows with every weight 1 train another probe
+    from singlepass.models.probe_io import load_probe
+    from singlepass.models.train import train_probe
+
+    m = load_mixture("toxicchat,advbench:2,alpaca_noinput,wildguardmix")
+    m.train.columns["mixture_weight"] = [1.0] * len(m.train)
+    kw = dict(max_length=MAX_LEN, trials=1, max_epochs=2, cache_dir=cache_dir, progress=False, log=lambda *a: None)
+    unweighted, _ = train_probe("pooling", tiny_backbone, m.train, m.validation, **kw)
+    saved, _ = load_probe(out)
+    assert not torch.allclose(unweighted.head.weight, saved.head.weight)
 
     evaluate = ["eval", *on_model(tiny_model_dir, cache_dir), "--probe", str(out), "--json", "--no-progress"]
     assert main([*evaluate, "--dataset", "toxicchat,wildguardmix"]) == 0

@@ -197,6 +197,21 @@ def test_runtime_generation_equals_transformers_generate(arch):
         assert r.token_ids == want and set(r.labels) == {"tox", "muli", "trained"}
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3"], indirect=True)
+def test_foreign_torchscript_graph_is_recognised(arch, tmp_path, cache_dir):
+    """`singlepass export --onnx` on the graph torch.onnx's legacy TorchScript exporter writes (opset
+    17, scope names, Constant nodes): the same structure is found and the artifact validates."""
+    from export_helpers import foreign_graph
+
+    _, folder, backbone, art = arch
+    src = foreign_graph(backbone, tmp_path / "decoder.onnx", "legacy", with_past=True, opset=17)
+    out = tmp_path / "art"
+    assert main(export_argv(folder, cache_dir, out, art / "probes" / "tox", extra=["--onnx", src])) == 0
+    m = manifest(out)
+    assert m["graph"]["opset"] == 17 and m["graph"]["kv_cache"] and m["validation"]["passed"]
+    assert m["validation"]["max_abs_diff"]["tox/probs"] <= 1e-4
+
+
 def test_unrecognised_graph_names_architecture_and_structure(arch, tmp_path):
     """A graph whose structure does not match is an error naming the architecture and what is missing."""
     from singlepass.export.pipeline import export_artifact

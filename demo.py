@@ -131,6 +131,7 @@ def train(bb: "Backbone", probe: Path, cache_dir: str | None, data_dir: str | No
         hparams=None,
         cache_dir=cache_dir and Path(cache_dir),
         progress=True,
+        threshold_fpr=None,  # the F1-optimal threshold (`singlepass train` without --threshold-at-fpr)
     )
     save_trained(probe, module, cfg, TRAIN_LIMIT, VAL_LIMIT)
 

@@ -221,7 +221,8 @@ def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | Non
     print(
         f"saved {cfg['probe']} probe ({cfg['trainable_parameters']:,} trainable parameters) to {out}: "
         f"validation {key} {v[key]:.4f}"
-        + (f", threshold {cfg['threshold']:.4f} ({cfg['operating_point']})" if cfg["threshold"] is not None else "")
+        + (f", threshold {cfg['threshold']:.4f}" if cfg["threshold"] is not None else "")
+        + (f" ({cfg['operating_point']})" if cfg.get("operating_point") not in (None, "f1") else "")
         + f"; {cfg['training']['search_seconds']:.1f} s"
     )
     for name, p in (cfg.get("operating_points") or {}).items():
@@ -307,9 +308,9 @@ def cmd_train(args) -> int:
                     "validation": v,
                     "trainable_parameters": cfg["trainable_parameters"],
                     "training": {k: cfg["training"][k] for k in ("seconds", "search_seconds", "best_epoch")},
-                    "operating_point": cfg["operating_point"],
-                    "operating_points": cfg["operating_points"],
-                    "validation_by_source": cfg["validation_by_source"],
+                    "operating_point": cfg.get("operating_point"),
+                    "operating_points": cfg.get("operating_points"),
+                    "validation_by_source": cfg.get("validation_by_source"),
                 }
             )
         )

@@ -169,6 +169,34 @@ def test_sliding_window_is_in_the_graph(arch):
     assert np.abs(got["logits"][:, -1] - unwindowed).max() > 1e-2
 
 
+@pytest.mark.parametrize("arch", ["gemma2"], indirect=True)
+def test_soft_capping_is_in_the_graph(arch):
+    """Gemma 2's attention and final-logit soft-caps (2 and 3 in the tiny config) are in the graph:
+    it matches the model, and not the same model with either cap switched off."""
+    _, _, backbone, art = arch
+    m = manifest(art)
+    sess = ort.InferenceSession(str(art / "model.onnx"), providers=["CPUExecutionProvider"])
+    ids, mask, pos = pad_batch([[5 + (3 * j) % 250 for j in range(n)] for n in (9, 14)], 2, "left")
+    got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ort_feed(m, ids, mask, pos))))["logits"][:, -1]
+    model, cfg = backbone.model, backbone.model.config
+    attn = [layer.self_attn for layer in model.model.layers]
+    np.testing.assert_allclose(got, hf_forward(backbone, ids, mask, pos).logits[:, -1].numpy(), rtol=0, atol=1e-3)
+    caps = (attn[0].attn_logit_softcapping, cfg.final_logit_softcapping)
+    try:
+        for a in attn:
+            a.attn_logit_softcapping = None
+        uncapped_attention = hf_forward(backbone, ids, mask, pos).logits[:, -1].numpy()
+        for a in attn:
+            a.attn_logit_softcapping = caps[0]
+        cfg.final_logit_softcapping = None
+        uncapped_logits = hf_forward(backbone, ids, mask, pos).logits[:, -1].numpy()
+    finally:
+        for a in attn:
+            a.attn_logit_softcapping = caps[0]
+        cfg.final_logit_softcapping = caps[1]
+    assert np.abs(got - uncapped_attention).max() > 1e-2 and np.abs(got - uncapped_logits).max() > 1e-2
+
+
 def test_runtime_generation_equals_transformers_generate(arch):
     """`singlepass generate`'s path (its own chat-template rendering and tokenizer, a left-padded
     batch, KV cache) against transformers' ``apply_chat_template`` and ``generate``: the same

@@ -264,3 +264,30 @@ def test_train_and_eval_a_mixture_with_a_calibrated_threshold(
     assert wg["rows"] == len(untouched)
     assert set(wg["operating_points"]) == {"f1", "fpr@0.05"}
     assert wg["fpr_at_threshold"] == wg["operating_points"]["fpr@0.05"]["fpr"]
+
+
+def test_export_carries_the_operating_points_to_the_runtime_policy(data, tiny_model_dir, cache_dir, tmp_path):
+    """train --threshold-at-fpr -> export -> load: the manifest's threshold is the active point's,
+    the runtime reads every point from the artifact, and the policy blocks at the one it names."""
+    from cli_args import export_argv, on_model
+
+    from singlepass.models.probe_io import read_config
+    from singlepass.runtime.api import load
+
+    probe, art = tmp_path / "probe", tmp_path / "art"
+    argv = ["train", *on_model(tiny_model_dir, cache_dir), "--max-length", str(MAX_LEN), "--probe", "gate"]
+    argv += ["--dataset", "toxicchat,advbench,alpaca_noinput,wildguardmix", "--out", str(probe), "--trials", "1"]
+    argv += ["--epochs", "2", "--threshold-at-fpr", "0.1", "--no-progress"]
+    assert main(argv) == 0
+    assert main(export_argv(tiny_model_dir, cache_dir, art, f"{probe}:safety")) == 0
+    cfg = read_config(probe)
+    rt = load(art, backend="cpu")
+    fused = rt.manifest.probe("safety")
+    assert fused.threshold == cfg["threshold"] == cfg["operating_points"]["fpr@0.1"]["threshold"]
+    assert fused.operating_point == "fpr@0.1" and fused.operating_points == cfg["operating_points"]
+    prompts = ["Explain how to pick a lock", "chat hello number 3", "alpaca benign number 7", "wg harm adv number 2"]
+    scores = [r.labels["safety"].score for r in rt.generate(prompts, 1)]
+    for point, rule in ((None, "block"), ("f1", "block:f1"), ("fpr@0.1", "block:fpr@0.1")):
+        t = fused.threshold if point is None else cfg["operating_points"][point]["threshold"]
+        blocked = [r.blocked_by for r in rt.generate(prompts, 1, policy={"safety": rule})]
+        assert blocked == ["safety" if s >= t else None for s in scores], (rule, t, scores)

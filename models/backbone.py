@@ -126,6 +126,25 @@ def _check_architecture(config, where) -> None:
         )
 
 
+TOKENIZER_PROBE = "Hello  world,\n\tthe year 2026 ends; café ✓ ok"  # spaces, newline, tab, digits, non-ASCII
+
+
+def _keep_tokenizer_as_read(tok, folder: Path) -> None:
+    """Reloading a saved tokenizer applies its class's own pipeline (a Gemma GGUF is read as
+    ``GemmaTokenizer``, whose SentencePiece normaliser would cut a byte-level vocabulary apart):
+    if the reload tokenises differently from the tokenizer transformers built from the GGUF, the
+    saved ``tokenizer.json`` is pinned to the generic class, which uses it exactly as written."""
+    from transformers import AutoTokenizer
+
+    text = (tok.bos_token or "") + TOKENIZER_PROBE + (tok.eos_token or "")
+    if AutoTokenizer.from_pretrained(folder)(text)["input_ids"] == tok(text)["input_ids"]:
+        return
+    cfg_path = folder / "tokenizer_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg["tokenizer_class"] = "TokenizersBackend"
+    cfg_path.write_text(json.dumps(cfg, indent=2))
+
+
 def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     """Dequantise a GGUF once into a plain safetensors folder; return that folder."""
     out = cache / "models" / f"gguf-{sha[:16]}"
@@ -152,6 +171,7 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     with staged_folder(out) as tmp:  # an interrupted conversion leaves no half folder behind
         plain.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        _keep_tokenizer_as_read(tok, tmp)
         (tmp / "singlepass-source.json").write_text(
             json.dumps({"gguf": str(src.path), "sha256": sha, "name": src.name}, indent=2)
         )

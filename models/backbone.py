@@ -31,7 +31,7 @@ SUPPORTED_ARCHITECTURES = {
     "qwen2": "Qwen2/2.5",
     "qwen3": "Qwen3",
     "gemma2": "Gemma 2",
-    "gemma3_text": "Gemma 3 (text)",
+    "gemma3_text": "Gemma 3 text",
     "phi3": "Phi-3",
 }
 GGUF_MAGIC = b"GGUF"
@@ -122,7 +122,7 @@ def _check_architecture(config, where) -> None:
         )
         raise SinglepassError(
             f"{where}: architecture {kind or '?'!r} is not supported{hint} "
-            f"(supported model types: {', '.join(SUPPORTED_ARCHITECTURES)})"
+            f"(supported model types: {', '.join(f'{k} ({v})' for k, v in SUPPORTED_ARCHITECTURES.items())})"
         )
 
 

@@ -104,6 +104,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     return p
 
 
+def levels(args: argparse.Namespace) -> list[int]:
+    """The concurrency levels: ``--levels``, else 1 4 16 64 (``--ray``: 16 64)."""
+    return args.levels or ([16, 64] if getattr(args, "ray", False) else [1, 4, 16, 64])
+
+
 def requests_for(args: argparse.Namespace, level: int) -> int:
     return args.requests or max(16, 4 * level)
 
@@ -120,7 +125,7 @@ def prepare(args: argparse.Namespace, out_dir: Path) -> dict:
         from singlepass.models.backbone import cache_root, load_backbone
 
         args.cache_root = cache_root(args.cache_dir)
-        rows = max(args.levels + [args.soak_concurrency])
+        rows = max(levels(args) + [args.soak_concurrency])
         args.batch = [rows]  # ensure_artifacts exports with max_batch = max(8, max(batch))
         bb = load_backbone(args.model, args.cache_dir)
         probes = ensure_probes(args, bb, out_dir / "accuracy" / "toxicchat")
@@ -199,7 +204,7 @@ def server_configs(args: argparse.Namespace, arts: dict) -> list[dict]:
     from singlepass.runtime.contract import read_artifact
 
     common = ["--threads", str(args.threads), "--ignore-eos", "--timeout", str(args.request_timeout)]
-    common += ["--max-queue", str(max(128, 2 * max(args.levels + [args.soak_concurrency])))]
+    common += ["--max-queue", str(max(128, 2 * max(levels(args) + [args.soak_concurrency])))]
     batch = ["--max-batch", str(args.max_batch)] if args.max_batch else []
     fused = read_artifact(arts["fused"])
     policy = []
@@ -333,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         from singlepass.benchmarks.serve_ray import run as run_ray
 
         return run_ray(args)
-    args.levels = args.levels or [1, 4, 16, 64]
+    args.levels = levels(args)
     out_dir = results_dir(args.out)
     if args.table_only:
         res = json.loads((out_dir / "serve.json").read_text())

@@ -48,7 +48,6 @@ CONFIGS = {
     "ray-1": "Ray Serve, 1 replica x 1 CPU",
     "ray-2": "Ray Serve, 2 replicas x 1 CPU",
 }
-DEFAULT_LEVELS = [16, 64]
 
 
 def log(msg: str) -> None:
@@ -195,7 +194,7 @@ async def failover(args, url: str, model: str, prompts: list[str]) -> dict:
 def run(args) -> int:
     from singlepass.benchmarks.machine import ort_machine
     from singlepass.benchmarks.outputs import results_dir
-    from singlepass.benchmarks.serve_bench import load_prompts, prepare, rotated, server_configs
+    from singlepass.benchmarks.serve_bench import levels, load_prompts, prepare, rotated, server_configs
     from singlepass.benchmarks.serve_load import ServerProcess, run_load
 
     out_dir = results_dir(args.out)
@@ -205,7 +204,7 @@ def run(args) -> int:
         return 0
     if not 0 < args.kill_at < args.failover_seconds:
         raise SinglepassError("--kill-at must be between 0 and --failover-seconds")
-    args.levels = args.levels or DEFAULT_LEVELS
+    args.levels = levels(args)
     args.configs = ["batched"]  # prepare() and server_configs(): the fused artifact only
     command = getattr(args, "command", None) or "python -m singlepass.benchmarks.serve_bench " + " ".join(sys.argv[1:])
     m = ort_machine()

@@ -7,8 +7,9 @@ killed under load.
 Configurations, all started first, then measured in alternation (the order rotates per repeat and
 level), the same closed-loop streaming load as ``bench serve`` (``serve_load.run_load``):
 
-* ``plain``: ``singlepass serve`` (one process, ONNX Runtime on ``--threads`` threads): the
-  reference without Ray;
+* ``plain`` (``--with-plain``): ``singlepass serve`` (one process, ONNX Runtime on ``--threads``
+  threads): the reference without Ray (a fourth model process: at 64 streams ONNX Runtime's arenas
+  of the four outgrew this 24 GiB machine and Ray's memory monitor killed a replica);
 * ``ray-1``: the Ray Serve application (``serve/ray_app.py``), 1 replica reserving 1 CPU (so 1
   ONNX Runtime thread);
 * ``ray-2``: the same application with 2 replicas of 1 CPU each.
@@ -66,6 +67,11 @@ def add_args(p) -> None:
     g.add_argument("--failover-concurrency", type=int, default=16, help="streams during the kill (default: 16)")
     g.add_argument("--failover-seconds", type=float, default=60.0, help="length of the failover run (default: 60)")
     g.add_argument("--kill-at", type=float, default=15.0, help="seconds into it a replica is killed (default: 15)")
+    g.add_argument(
+        "--with-plain",
+        action="store_true",
+        help="also measure the plain server (a 4th model process: at 64 streams the four outgrew 24 GiB here)",
+    )
 
 
 # --- the servers ---------------------------------------------------------------------------------
@@ -211,7 +217,7 @@ def run(args) -> int:
     log(f"machine: {m['cpu']}, os.cpu_count() = {m['cpu_count']}, {m['memory_gib']} GiB, load {m['loadavg']}")
     arts = prepare(args, out_dir)
     prompts, pstats = load_prompts(args, arts["fused"])
-    plain = server_configs(args, arts)[0]
+    plain = server_configs(args, arts)[0] if args.with_plain else None
     from singlepass.runtime.contract import read_artifact
     from singlepass.runtime.policy import parse_specs
 
@@ -224,11 +230,12 @@ def run(args) -> int:
     runs, server = [], None
     t1 = time.perf_counter()
     try:
-        log(f"starting plain: singlepass serve {plain['artifact']} {' '.join(plain['flags'])}")
-        server = ServerProcess(plain["artifact"], "plain", plain["flags"]).start()
+        if plain:
+            log(f"starting plain: singlepass serve {plain['artifact']} {' '.join(plain['flags'])}")
+            server = ServerProcess(plain["artifact"], "plain", plain["flags"]).start()
         log("starting a local Ray cluster with ray-1 and ray-2 ...")
         proxy = start_ray(args, arts["fused"], policy)
-        urls = {"plain": server.url, "ray-1": f"{proxy}/ray-1", "ray-2": f"{proxy}/ray-2"}
+        urls = {"ray-1": f"{proxy}/ray-1", "ray-2": f"{proxy}/ray-2", **({"plain": server.url} if plain else {})}
         cfgs = list(urls)
         for name in cfgs:
             if args.warmup:
@@ -293,7 +300,7 @@ def run(args) -> int:
             "prompts": pstats,
             "failover": {"concurrency": args.failover_concurrency, "seconds": args.failover_seconds},
         },
-        "configs": {k: v.format(threads=args.threads) for k, v in CONFIGS.items()},
+        "configs": {k: v.format(threads=args.threads) for k, v in CONFIGS.items() if k in urls},
         "artifact": arts["fused"],
         "runs": runs,
         "failover": fo,
@@ -328,9 +335,10 @@ def write_report(res: dict, out_dir: Path) -> str:
                 ]
             )
     ratios = []
+    pairs = [("ray-2", "ray-1")] + ([("ray-2", "plain"), ("ray-1", "plain")] if "plain" in res["configs"] else [])
     for level in p["levels"]:
         cells = [str(level)]
-        for a, b in (("ray-2", "ray-1"), ("ray-2", "plain"), ("ray-1", "plain")):
+        for a, b in pairs:
             cells.append(ranged(paired(res, (a, level), (b, level), "tokens_per_s"), 2))
         ratios.append(cells)
     fo = res["failover"]
@@ -357,7 +365,7 @@ def write_report(res: dict, out_dir: Path) -> str:
         "",
         "Tokens/s ratios within a repeat (median [range]):",
         "",
-        table(["streams", "ray-2 / ray-1", "ray-2 / plain", "ray-1 / plain"], ratios),
+        table(["streams", *(f"{a} / {b}" for a, b in pairs)], ratios),
         "",
         f"## Failover: a replica of ray-2 killed (SIGKILL) {fo['kill_at_s']:.1f} s into a "
         f"{p['failover']['seconds']:g} s run at {p['failover']['concurrency']} streams",

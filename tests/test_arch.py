@@ -225,6 +225,42 @@ def test_runtime_generation_equals_transformers_generate(arch):
         assert r.token_ids == want and set(r.labels) == {"tox", "muli", "trained"}
 
 
+def test_server_serves_what_the_runtime_generates(arch):
+    """`singlepass serve` (the real server on a loopback port, continuous batching) with the openai
+    client: 4 concurrent chat requests of different lengths, each with the tokens and labels the
+    runtime gives the same prompt alone."""
+    import asyncio
+
+    import openai
+    from test_serve import server
+
+    from singlepass.runtime.api import load
+
+    rt = load(arch[3], backend="cpu", threads=1)
+    want = [rt.generate(t, 12) for t in TEXTS]
+    with server(runtime=rt) as s:
+
+        async def one(ac, text):
+            out = await ac.chat.completions.create(
+                model=s.st.name,
+                messages=[{"role": "user", "content": text}],
+                max_tokens=12,
+                temperature=0,
+                extra_body={"return_token_ids": True},
+            )
+            return out.choices[0].model_extra["token_ids"], out.model_extra["singlepass"]["labels"]
+
+        async def everyone():
+            async with openai.AsyncOpenAI(base_url=s.url + "/v1", api_key="none", max_retries=0, timeout=60) as ac:
+                return await asyncio.gather(*(one(ac, t) for t in TEXTS))
+
+        got = asyncio.run(everyone())
+    for (ids, labels), w in zip(got, want):
+        assert ids == w.token_ids
+        assert {k: v["label"] for k, v in labels.items()} == {k: v.label for k, v in w.labels.items()}
+        assert all(labels[k]["score"] == pytest.approx(v.score, abs=1e-5) for k, v in w.labels.items())
+
+
 @pytest.mark.parametrize("arch", ["gemma2", "gemma3", "phi3"], indirect=True)
 def test_foreign_torchscript_graph_is_recognised(arch, tmp_path, cache_dir):
     """`singlepass export --onnx` on the graph torch.onnx's legacy TorchScript exporter writes (opset

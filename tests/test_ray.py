@@ -328,8 +328,9 @@ def test_bench_serve_ray_end_to_end(art, tmp_path):
     from singlepass.cli import main
 
     out = tmp_path / "results"
-    argv = ["bench", "serve", "--ray", "--artifact", str(art), "--levels", "2", "--requests", "4", "--repeats", "1"]
-    argv += ["--max-tokens", "4", "--warmup", "2", "--threads", "1", "--prompts", "80", "--out", str(out)]
+    argv = ["bench", "serve", "--ray", "--with-plain", "--artifact", str(art), "--levels", "2", "--requests", "4"]
+    argv += ["--repeats", "1", "--max-tokens", "4", "--warmup", "2", "--threads", "1", "--prompts", "80"]
+    argv += ["--out", str(out)]
     argv += ["--failover-concurrency", "4", "--failover-seconds", "10", "--kill-at", "2"]
     assert main(argv) == 0
     res = json.loads((out / "serve_ray.json").read_text())

@@ -40,6 +40,7 @@ import time
 from pathlib import Path
 
 from singlepass.benchmarks.latency_report import fmt, table
+from singlepass.benchmarks.serve_bench import log
 from singlepass.benchmarks.serve_report import paired, ranged, stat
 from singlepass.errors import SinglepassError
 from singlepass.files import atomic_write
@@ -49,10 +50,6 @@ CONFIGS = {
     "ray-1": "Ray Serve, 1 replica x 1 CPU",
     "ray-2": "Ray Serve, 2 replicas x 1 CPU",
 }
-
-
-def log(msg: str) -> None:
-    print(msg, flush=True)
 
 
 def free_port() -> int:

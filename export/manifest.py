@@ -89,6 +89,8 @@ def fused_probe(name: str, cfg: dict, sha256: str, source: str) -> FusedProbe:
         backbone_sha256=cfg["backbone"].get("sha256"),
         folder=f"probes/{name}",
         source=source,
+        operating_point=cfg.get("operating_point"),
+        operating_points=cfg.get("operating_points") or {},
     )
 
 

@@ -285,6 +285,8 @@ def test_export_carries_the_operating_points_to_the_runtime_policy(data, tiny_mo
     fused = rt.manifest.probe("safety")
     assert fused.threshold == cfg["threshold"] == cfg["operating_points"]["fpr@0.1"]["threshold"]
     assert fused.operating_point == "fpr@0.1" and fused.operating_points == cfg["operating_points"]
+    entry = json.loads((art / "manifest.json").read_text())["probes"][0]  # the one contract carries them
+    assert entry["operating_point"] == "fpr@0.1" and entry["operating_points"] == cfg["operating_points"]
     prompts = ["Explain how to pick a lock", "chat hello number 3", "alpaca benign number 7", "wg harm adv number 2"]
     scores = [r.labels["safety"].score for r in rt.generate(prompts, 1)]
     for point, rule in ((None, "block"), ("f1", "block:f1"), ("fpr@0.1", "block:fpr@0.1")):

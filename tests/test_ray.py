@@ -240,8 +240,9 @@ def test_cli_checks_before_starting_ray(art, tmp_path):
 # ----------------------------------------------------------------------------- a replica killed under load
 
 
-def one_request(url: str, i: int, tokens: int) -> dict:
-    """A completion (streamed for odd i) read to its end with the stdlib: a cut raises."""
+def one_request(url: str, i: int, tokens: int, started=None) -> dict:
+    """A completion (streamed for odd i) read to its end with the stdlib: a cut raises.
+    ``started(replica, stream)`` is called once the response has begun."""
     import http.client
 
     body = {"model": "smollm2", "prompt": f"Count to ten, number {i}.", "max_tokens": tokens, "temperature": 0}
@@ -252,6 +253,8 @@ def one_request(url: str, i: int, tokens: int) -> dict:
         conn.request("POST", "/v1/completions", json.dumps(body), {"Content-Type": "application/json"})
         r = conn.getresponse()
         replica = r.getheader("x-singlepass-replica")
+        if started is not None:
+            started(replica, body["stream"])
         text = r.read().decode()  # IncompleteRead on a cut chunked body
         return {"i": i, "status": r.status, "replica": replica, "text": text, "stream": body["stream"]}
     except Exception as e:  # noqa: BLE001 - recorded: the test fails on any
@@ -282,27 +285,36 @@ def outcome(r: dict, tokens: int) -> str:
 
 @pytest.mark.real
 def test_killing_a_replica_under_load_loses_nothing(real_artifact):
-    """SmolLM2 (slow enough to kill a replica mid-stream): 12 concurrent requests of 48 tokens,
-    one replica SIGKILLed once its streams are under way; then Ray's replacement serves."""
-    tokens = 48
+    """SmolLM2 (slow enough to kill a replica mid-stream): 12 concurrent requests of 64 tokens;
+    the replica of the first stream to begin is SIGKILLed at once (its streams have sent their
+    labels and first token, 63 tokens are still to come); then Ray's replacement serves."""
+    tokens = 64
     args = ["--replicas", "2", "--replica-cpus", "1", "--model-name", "smollm2", "--ignore-eos"]
     with ray_server(real_artifact.path, *args) as s:
         before = replicas(s.url)
         assert len(before) == 2
         results: list[dict] = []
+        first: list[str] = []
+        streaming = threading.Event()
+
+        def started(replica, stream):
+            if stream and replica in before and not streaming.is_set():
+                first.append(replica)
+                streaming.set()
+
         threads = [
-            threading.Thread(target=lambda i=i: results.append(one_request(s.url, i, tokens))) for i in range(12)
+            threading.Thread(target=lambda i=i: results.append(one_request(s.url, i, tokens, started)))
+            for i in range(12)
         ]
         for t in threads:
             t.start()
-        time.sleep(2.0)  # prefills done, streams under way (a decode step takes tens of ms)
-        victim, pid = next(iter(before.items()))
-        os.kill(pid, signal.SIGKILL)
+        assert streaming.wait(120), "no stream began"
+        victim = first[0]
+        os.kill(before[victim], signal.SIGKILL)
         for t in threads:
             t.join(150)
         assert not any(t.is_alive() for t in threads), "a request hung"
         got = sorted((outcome(r, tokens), r.get("replica") or "-", r.get("status"), r["i"]) for r in results)
-        print(victim, got)
         assert len(got) == 12 and all(o in ("ok", "failed") for o, *_ in got), got
         assert any(o == "failed" for o, *_ in got), f"no request was on the killed replica {victim}: {got}"
         # the other replica's requests all finish (a response without the header: nothing was sent)

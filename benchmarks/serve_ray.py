@@ -76,16 +76,13 @@ def add_args(p) -> None:
 
 def start_ray(args, artifact: str, policy: dict) -> str:
     """One local Ray cluster with the ray-1 and ray-2 applications -> the proxy's URL."""
-    import ray
     from ray import serve
 
-    from singlepass.serve.ray_app import Scaling, application
-    from singlepass.serve.ray_proxy import CALLBACK, CALLBACK_ENV
+    from singlepass.serve.ray_app import Scaling, application, init_local
     from singlepass.serve.state import Options
 
-    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False)
+    init_local(num_cpus=3)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     for name, n in (("ray-1", 1), ("ray-2", 2)):

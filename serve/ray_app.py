@@ -193,10 +193,13 @@ class Scaling:
     health_check_period_s: float = 5.0
     health_check_timeout_s: float = 30.0
 
+    def ongoing(self, max_batch: int) -> int:
+        """Requests one replica takes at once (``max_ongoing_requests``; default 2 x its max batch)."""
+        return self.max_ongoing_requests or 2 * max_batch
+
     def deployment_options(self, max_batch: int) -> dict:
-        ongoing = self.max_ongoing_requests or 2 * max_batch
         opts = dict(
-            max_ongoing_requests=ongoing,
+            max_ongoing_requests=self.ongoing(max_batch),
             max_queued_requests=self.max_queued_requests,
             ray_actor_options={"num_cpus": self.num_cpus},
             health_check_period_s=self.health_check_period_s,
@@ -239,7 +242,7 @@ def application(artifact: str | os.PathLike, options, scaling: Scaling | None = 
     manifest = check_options(folder, options)
     max_batch = options.max_batch or manifest.limits.max_batch
     # every replica's engine takes what Ray lets through: Ray queues the rest
-    opts = replace(options, max_queue=max(options.max_queue, scaling.max_ongoing_requests or 2 * max_batch))
+    opts = replace(options, max_queue=max(options.max_queue, scaling.ongoing(max_batch)))
     return SinglepassReplica.options(**scaling.deployment_options(max_batch)).bind(
         folder, opts, artifact_digest(folder)
     )
@@ -310,6 +313,17 @@ def parse_autoscale(text: str) -> tuple[int, int]:
 # ----------------------------------------------------------------------------- singlepass serve --ray
 
 
+def init_local(**ray_init) -> None:
+    """Start a local Ray cluster whose HTTP proxy has ``ray_proxy``'s middleware (the proxy, a
+    process the cluster starts, inherits the variable)."""
+    import ray
+
+    from singlepass.serve.ray_proxy import CALLBACK, CALLBACK_ENV
+
+    os.environ.setdefault(CALLBACK_ENV, CALLBACK)
+    ray.init(include_dashboard=False, log_to_driver=False, **ray_init)
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -341,16 +355,16 @@ def run(artifact, options, scaling: Scaling, address: str | None = None, metrics
     app = application(artifact, options, scaling)  # every check before Ray starts
     warn_if_open(options)
     if address is None:
-        os.environ.setdefault(CALLBACK_ENV, CALLBACK)  # the local cluster's proxy inherits it
-    elif os.environ.get(CALLBACK_ENV) != CALLBACK:
-        log.warning(
-            "connecting to a running Ray cluster: its nodes need %s=%s in their environment (ray start) for "
-            "requests of a failed replica to end with an error instead of a cut",
-            CALLBACK_ENV,
-            CALLBACK,
-        )
-    local = {} if address is not None or metrics_port is None else {"_metrics_export_port": metrics_port}
-    ray.init(address=address, include_dashboard=False, log_to_driver=False, **local)
+        init_local(**({} if metrics_port is None else {"_metrics_export_port": metrics_port}))
+    else:
+        if os.environ.get(CALLBACK_ENV) != CALLBACK:
+            log.warning(
+                "connecting to a running Ray cluster: its nodes need %s=%s in their environment (ray start) "
+                "for requests of a failed replica to end with an error instead of a cut",
+                CALLBACK_ENV,
+                CALLBACK,
+            )
+        ray.init(address=address, include_dashboard=False, log_to_driver=False)
     signal.signal(signal.SIGTERM, _interrupt)  # a graceful stop, as on Ctrl-C
     try:
         serve.start(http_options={"host": options.host, "port": options.port})

@@ -13,12 +13,11 @@ terms instead:
 Ray reads proxy middlewares from the function named by ``RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH``
 in the proxy's environment (``middlewares`` below): ``singlepass serve --ray`` sets it for the
 cluster it starts; for a cluster started with ``ray start``, set it on every node (the README's
-multi-node section). Starlette only; no Ray import.
+multi-node section). Starlette and the server's pydantic schemas only; no Ray import.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
 log = logging.getLogger("singlepass.serve")
@@ -29,10 +28,11 @@ LOST = "the replica serving this request stopped before it finished (it failed o
 
 
 def error_body(message: str = LOST) -> bytes:
-    """OpenAI's error shape (``state.ApiError``'s, without importing the server stack)."""
-    return json.dumps(
-        {"error": {"message": message, "type": "service_unavailable", "param": None, "code": "replica_lost"}}
-    ).encode()
+    """OpenAI's error shape, from the server's own schema (pydantic only: no server stack here)."""
+    from singlepass.serve.schemas import ErrorBody, ErrorResponse
+
+    err = ErrorBody(message=message, type="service_unavailable", code="replica_lost")
+    return ErrorResponse(error=err).model_dump_json().encode()
 
 
 class ReplicaLost:

@@ -29,6 +29,7 @@ import pytest
 import yaml
 from test_serve import MODEL, PROMPTS, assert_labels, client, reason, request, wait_until
 
+from singlepass.benchmarks.serve_ray import health_replicas
 from singlepass.errors import SinglepassError
 from singlepass.runtime.api import load
 
@@ -70,16 +71,6 @@ def ray_server(artifact, *extra: str):
             proc.wait(10)
             subprocess.run([sys.executable, "-m", "ray.scripts.scripts", "stop", "--force"], capture_output=True)
         drain.join(5)
-
-
-def replicas(url: str, tries: int = 40) -> dict[str, int]:
-    """{replica id: pid} seen on /health (Ray routes each call to a replica)."""
-    seen = {}
-    for _ in range(tries):
-        status, _, body = request(url, "GET", "/health")
-        if status == 200:
-            seen[body["replica"]] = body["pid"]
-    return seen
 
 
 # ----------------------------------------------------------------------------- a tiny artifact, two replicas
@@ -155,7 +146,7 @@ def test_errors_health_and_metrics(cluster):
     assert status == 400 and body["error"]["param"] == "n"  # the app's own errors, through the proxy
     with pytest.raises(openai.NotFoundError):
         client(cluster.url).completions.create(model="nope", prompt="Hi", max_tokens=2)
-    seen = replicas(cluster.url)
+    seen = health_replicas(cluster.url)
     assert len(seen) == 2 and len(set(seen.values())) == 2  # two processes
     # one replica's own Prometheus page, through the ingress
     status, _, text = request(cluster.url, "GET", "/metrics")
@@ -291,7 +282,7 @@ def test_killing_a_replica_under_load_loses_nothing(real_artifact):
     tokens = 64
     args = ["--replicas", "2", "--replica-cpus", "1", "--model-name", "smollm2", "--ignore-eos"]
     with ray_server(real_artifact.path, *args) as s:
-        before = replicas(s.url)
+        before = health_replicas(s.url)
         assert len(before) == 2
         results: list[dict] = []
         first: list[str] = []
@@ -323,7 +314,7 @@ def test_killing_a_replica_under_load_loses_nothing(real_artifact):
 
         # Ray replaces the replica; new requests are served meanwhile and after
         def replaced() -> bool:
-            now = replicas(s.url, 10)
+            now = health_replicas(s.url, 10)
             return len(now) == 2 and victim not in now
 
         wait_until(replaced, 90)

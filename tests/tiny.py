@@ -131,6 +131,23 @@ def _randomise(model, seed: int, std: float = 0.08) -> None:
                 p.normal_(0, 0.1)
 
 
+def _common(tok, hidden: int, num_layers: int) -> dict:
+    """The sizes and special tokens every tiny decoder shares (GQA: 4 query, 2 KV heads)."""
+    return dict(
+        vocab_size=len(tok),
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        rms_norm_eps=1e-5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+
+
 def build_tiny_llama(folder: Path, num_layers: int = 2, hidden: int = 64, seed: int = 0) -> Path:
     """A random Llama (GQA, tied embeddings like SmolLM2) + tokenizer, saved as an HF folder."""
     import torch
@@ -139,20 +156,7 @@ def build_tiny_llama(folder: Path, num_layers: int = 2, hidden: int = 64, seed: 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tok = build_tokenizer(folder)
-    cfg = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=True,
-        rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-    )
+    cfg = LlamaConfig(**_common(tok, hidden, num_layers), tie_word_embeddings=True)
     torch.manual_seed(seed)
     model = LlamaForCausalLM(cfg).eval()
     with torch.no_grad():  # larger weights than init so layers differ visibly and logits are peaked
@@ -209,18 +213,8 @@ def build_tiny(arch: str, folder: Path, num_layers: int = 2, hidden: int = 64, s
     tok = build_tokenizer(folder, *FAMILY_TEMPLATES[arch])
     config_cls, model_cls = _classes(arch)
     cfg = config_cls(
-        vocab_size=len(tok),
-        hidden_size=hidden,
-        intermediate_size=2 * hidden,
-        num_hidden_layers=num_layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
+        **_common(tok, hidden, num_layers),
         tie_word_embeddings=arch != "phi3",  # Phi-3 has its own lm_head
-        rms_norm_eps=1e-5,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
         **_arch_kwargs(arch, gguf),
     )
     model = model_cls(cfg).eval()

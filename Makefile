@@ -20,6 +20,14 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/singlepass demo
 
+# The peers of `singlepass bench peers` (never needed by `make test` or `make demo`): llama.cpp
+# built from source (~6 min) without -march=native (its AMX kernels crash on these VMs), and
+# onnxruntime-genai (also in the dev extra).
+peers: $(STAMP)
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON" \
+		$(PY) -m pip install -q --disable-pip-version-check llama-cpp-python==0.3.36
+	$(PY) -m pip install -q --disable-pip-version-check 'onnxruntime-genai>=0.18'
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -33,4 +41,4 @@ test: lint
 editor: $(STAMP)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps -e . --config-settings editable_mode=strict
 
-.PHONY: install demo lint test editor
+.PHONY: install demo lint test editor peers

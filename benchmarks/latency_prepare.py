@@ -140,18 +140,22 @@ def artifact_plan(probes: dict) -> dict[str, list[str]]:
     return plan
 
 
-def artifact_current(folder: Path, specs: list[str], backbone_sha: str) -> bool:
+def artifact_current(folder: Path, specs: list[str], backbone_sha: str, weights: str | None = None) -> bool:
     """Whether ``folder`` is an artifact of this backbone fusing exactly ``specs`` (same names,
-    same probe weights)."""
+    same probe weights) with decoder weights ``weights`` (fp32 / int8 / int4)."""
     from singlepass.errors import SinglepassError
+    from singlepass.export.manifest import read
+    from singlepass.export.quantize import DEFAULT_WEIGHTS
     from singlepass.files import sha256_file
     from singlepass.runtime.contract import read_artifact
 
+    weights = weights or DEFAULT_WEIGHTS
     try:
         m = read_artifact(folder)
+        precision = (read(folder)["graph"].get("weights") or {}).get("weights", "fp32")
     except SinglepassError:  # missing, incomplete or of another manifest version
         return False
-    if m.backbone.get("sha256") != backbone_sha or len(m.probes) != len(specs):
+    if m.backbone.get("sha256") != backbone_sha or len(m.probes) != len(specs) or precision != weights:
         return False
     for p, s in zip(m.probes, specs):
         d, name = s.rsplit(":", 1)
@@ -160,18 +164,29 @@ def artifact_current(folder: Path, specs: list[str], backbone_sha: str) -> bool:
     return (folder / "model.onnx").is_file()
 
 
-def ensure_artifacts(args: argparse.Namespace, bb: "Backbone", probes: dict) -> dict[str, Path]:
-    """configuration name -> its exported artifact folder (exported only when not current)."""
+def ensure_artifacts(
+    args: argparse.Namespace, bb: "Backbone", probes: dict, plan: dict | None = None, weights: str | None = None
+) -> dict[str, Path]:
+    """configuration name -> its exported artifact folder (exported only when not current).
+    ``plan``: name -> probe specs (default ``artifact_plan``); ``weights``: default the export's."""
     from singlepass.export.pipeline import export_artifact
+    from singlepass.export.quantize import DEFAULT_WEIGHTS
 
-    root = args.cache_root / "bench-artifacts"
+    weights = weights or DEFAULT_WEIGHTS
+    root = args.cache_root / "bench-artifacts" / weights
     out = {}
-    for name, specs in artifact_plan(probes).items():
+    for name, specs in (plan or artifact_plan(probes)).items():
         folder = root / name
-        if not artifact_current(folder, specs, bb.fingerprint["sha256"]):
-            log(f"exporting artifact {name!r} -> {folder} ...")
+        if not artifact_current(folder, specs, bb.fingerprint["sha256"], weights):
+            log(f"exporting artifact {name!r} ({weights} weights) -> {folder} ...")
             s = export_artifact(
-                folder, specs, backbone=bb, force=True, max_batch=max(8, max(args.batch)), log=lambda m: None
+                folder,
+                specs,
+                backbone=bb,
+                force=True,
+                weights=weights,
+                max_batch=max(8, *getattr(args, "batch", [8])),
+                log=lambda m: None,
             )
             log(
                 f"  {name}: {s['seconds']} s, {s['bytes'] / 2**20:,.0f} MiB, validated (max |diff| "

@@ -21,6 +21,7 @@ def cmd_export(args) -> int:
         keep_hidden_states=args.keep_hidden_states,
         all_logits=args.all_logits,
         opset=args.opset,
+        weights=args.weights,
         max_batch=args.max_batch,
         max_prompt_length=args.max_prompt_length,
         max_total_length=args.max_total_length,
@@ -32,7 +33,7 @@ def cmd_export(args) -> int:
         f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
         f"{s['validation_seconds']} s)"
     )
-    print(f"validation passed; max |diff| vs PyTorch: {worst}")
+    print(f"validation passed ({s['weights']} weights); max |diff| vs PyTorch: {worst}")
     if args.json:
         print(json.dumps(s))
     return 0
@@ -44,8 +45,8 @@ def cmd_validate(args) -> int:
     r = validate(args.artifact, model=args.model, cache_dir=args.cache_dir, steps=args.steps)
     print(r.table())
     print(
-        f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, greedy tokens identical for "
-        f"{args.steps} decode steps)"
+        f"validation passed in {r.seconds:.1f} s ({len(r.checks)} checks, {r.precision} weights, greedy tokens "
+        f"agreeing on {r.token_agreement:.0%} of {args.steps} decode steps x 3 rows)"
     )
     if args.json:
         print(json.dumps({k: v for k, v in r.to_dict().items() if k != "checks"}))
@@ -89,6 +90,8 @@ def cmd_build_engine(args) -> int:
 
 
 def register(sub) -> None:
+    from singlepass.export.quantize import DEFAULT_WEIGHTS, WEIGHTS
+
     p = sub.add_parser("export", help="one ONNX graph: next-token logits + KV cache + fused probe labels")
     p.add_argument(
         "--model",
@@ -119,6 +122,13 @@ def register(sub) -> None:
         help="return logits for every position (default: prefill computes the last position only)",
     )
     p.add_argument("--opset", type=int, default=18, help="ONNX opset of singlepass's own export (default: 18)")
+    p.add_argument(
+        "--weights",
+        choices=WEIGHTS,
+        default=DEFAULT_WEIGHTS,
+        help="decoder MatMul weights: int4 (layers 4-bit, lm_head 8-bit, blocks of 32: a CPU decode streams "
+        "~5x fewer bytes per token than fp32), int8, or fp32 (default: %(default)s)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="recorded serving limit (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: the probes' max_length")
     p.add_argument(

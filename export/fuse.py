@@ -7,6 +7,10 @@ models/; carried into the manifest as ``FusedProbe.input``):
     "logits"                   forward(logits [B, V] float32)                            -> logits [B, C']
                                (MULI: the next-token logits at the last prompt position)
 
+A hidden-states probe is exported in its per-layer form, ``forward_layers(layers, mask)`` (the
+same function; models/probes.py), with L+1 inputs ``state_0 .. state_L`` [B, T, d] and ``mask``:
+fused, each input reads its layer's residual-stream tensor where it is, so the graph never
+stacks a [L+1, B, T, d] copy for the probes (only ``--keep-hidden-states`` builds one, as an output).
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens), so in a
@@ -39,8 +43,9 @@ def _wrapper(module, kind: str):
             return logits, probabilities(logits)
 
     class HiddenStatesProbe(WithProbs):
-        def forward(self, states, mask):  # noqa: D102 - named parameters for the exporter
-            return super().forward(states, mask)
+        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: the per-layer form
+            logits = self.p.forward_layers(list(inputs[:-1]), inputs[-1])
+            return logits, probabilities(logits)
 
     class LastLogitsProbe(WithProbs):
         def forward(self, logits):  # noqa: D102
@@ -49,10 +54,17 @@ def _wrapper(module, kind: str):
     return (HiddenStatesProbe if kind == "hidden_states" else LastLogitsProbe)().eval()
 
 
+def state_names(num_states: int) -> list[str]:
+    """The per-layer inputs of an exported hidden-states probe: hidden state i is ``state_i``."""
+    return [f"state_{i}" for i in range(num_states)]
+
+
 def export_probe(
     module, kind: str, num_states: int, hidden_size: int, vocab_size: int, opset: int, exporter: str = "torchscript"
 ):
-    """-> onnx.ModelProto with inputs (states, mask) or (logits,) and outputs (logits, probs).
+    """-> onnx.ModelProto with inputs (state_0 .. state_L, mask) or (next_token_logits,) and outputs
+    (logits, probs). A state input the probe does not read (a fixed-readout probe reads one layer)
+    may be left out by the exporter.
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
     writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
@@ -64,15 +76,26 @@ def export_probe(
     import onnx
     import torch
 
+    from singlepass.errors import SinglepassError
+
+    if kind == "hidden_states" and not hasattr(module, "forward_layers"):
+        raise SinglepassError(
+            f"{type(module).__name__} has no per-layer form forward_layers(layers, mask): it cannot be fused"
+        )
     state = module.state_dict()
     if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
         exporter = "dynamo"
     if exporter == "dynamo" and opset < 18:
-        from singlepass.errors import SinglepassError
-
         raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
+    # The module's plain settings (token_pool, top_k, pool, heads, ...) shape the graph as much as its
+    # weights do: two probes with equal weights and another top_k are two graphs.
+    settings = sorted(
+        (k, v)
+        for k, v in vars(module).items()
+        if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
+    )
     h = hashlib.sha256(
-        repr((type(module).__name__, kind, num_states, hidden_size, vocab_size, opset, exporter)).encode()
+        repr((type(module).__name__, settings, kind, num_states, hidden_size, vocab_size, opset, exporter)).encode()
     )
     for k in sorted(state):
         h.update(k.encode())
@@ -82,8 +105,9 @@ def export_probe(
         return onnx.load_from_string(_CACHE[key])
     wrapper = _wrapper(module.eval(), kind)
     if kind == "hidden_states":
-        args = (torch.randn(num_states, 2, 5, hidden_size), torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]))
-        names = ["states", "mask"]
+        args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
+        args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
+        names = state_names(num_states) + ["mask"]
     else:
         args = (torch.randn(2, vocab_size),)
         names = ["next_token_logits"]
@@ -94,7 +118,7 @@ def export_probe(
 
             b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
             shapes = (
-                {"states": {1: b, 2: t}, "mask": {0: b, 1: t}} if kind == "hidden_states" else {"logits": {0: b}}
+                {"inputs": ({0: b, 1: t},) * len(args)} if kind == "hidden_states" else {"logits": {0: b}}
             )  # keyed by the forward() parameter name
             proto = torch.onnx.export(
                 wrapper,
@@ -108,7 +132,7 @@ def export_probe(
             ).model_proto
         else:
             axes = (
-                {"states": {1: "batch", 2: "sequence"}, "mask": {0: "batch", 1: "sequence"}}
+                {n: {0: "batch", 1: "sequence"} for n in names}
                 if kind == "hidden_states"
                 else {"next_token_logits": {0: "batch"}}
             )
@@ -128,34 +152,40 @@ def export_probe(
             )
             proto = onnx.load_from_string(f.getvalue())
     got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    if got != names or [o.name for o in proto.graph.output] != ["logits", "probs"]:
+    if got != [n for n in names if n in got] or not got or [o.name for o in proto.graph.output] != ["logits", "probs"]:
         raise RuntimeError(f"probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}")
     _CACHE[key] = proto.SerializeToString()
     return proto
 
 
-def fuse_probes(graph, stream, probes, hidden_states: str | None) -> None:
+def fuse_probes(graph, stream, probes) -> None:
     """Export and fuse each probe (``export.pipeline.LoadedProbe``: its FusedProbe record and
-    torch module) into ``graph`` (a ``gs.Graph``, edited in place); ``hidden_states`` is the stacked
-    tensor made by ``surgery.add_stacked_hidden_states``. The fused outputs are the record's ``outputs``."""
+    torch module) into ``graph`` (a ``gs.Graph``, edited in place). A hidden-states probe's input
+    ``state_i`` reads hidden state i of the residual stream (``stream.hidden_states``) directly.
+    The fused outputs are the record's ``outputs``."""
     from singlepass.export import surgery
 
     opset = surgery.opset_of(graph)
-    feeds_cache = {}
+    sources = {}  # probe input kind -> {probe input name: host tensor}, built once
     for p in probes:
         kind = p.spec.input
         probe = export_probe(p.module, kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
-        if kind == "hidden_states":
-            if "hidden_states" not in feeds_cache:
-                feeds_cache["hidden_states"] = {
-                    "states": hidden_states,
-                    "mask": surgery.probe_attention_mask(graph, stream),
-                }
-            feeds = feeds_cache["hidden_states"]
-        else:
-            if "logits" not in feeds_cache:
-                feeds_cache["logits"] = {"next_token_logits": surgery.last_position_logits(graph, stream)}
-            feeds = feeds_cache["logits"]
+        if kind not in sources:
+            sources[kind] = host_feeds(graph, stream, kind)
+        inits = {t.name for t in probe.graph.initializer}
+        wanted = [i.name for i in probe.graph.input if i.name not in inits]
+        feeds = {k: v for k, v in sources[kind].items() if k in wanted}  # fuse_probe names any input left unfed
         outs = surgery.fuse_probe(graph, probe, p.spec.name, feeds)
         if sorted(outs) != sorted(p.spec.outputs.values()):
             raise RuntimeError(f"probe {p.spec.name!r} fused as {outs}, the manifest says {p.spec.outputs}")
+
+
+def host_feeds(graph, stream, kind: str) -> dict[str, str]:
+    """The host tensors behind a probe's inputs: hidden state i for ``state_i`` and the current step's
+    mask, or the last position's logits."""
+    from singlepass.export import surgery
+
+    if kind == "hidden_states":
+        feeds = dict(zip(state_names(stream.num_layers + 1), stream.hidden_states))
+        return feeds | {"mask": surgery.probe_attention_mask(graph, stream)}
+    return {"next_token_logits": surgery.last_position_logits(graph, stream)}

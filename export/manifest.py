@@ -105,6 +105,7 @@ def build(
     last_only: bool,
     limits: dict,
     copied_files: list[str],
+    weights: dict | None = None,
 ) -> dict:
     """manifest.json for a fused graph. One prompt rule for the artifact: the probes' shared
     prompt format, and ``limits.max_prompt_length`` as the one prompt limit."""
@@ -126,6 +127,7 @@ def build(
             "ir_version": model.ir_version,
             "source": source,
             "num_nodes": len(model.graph.node),
+            "weights": weights or {"weights": "fp32"},
             "inputs": value_infos(model.graph.input),
             "outputs": value_infos(model.graph.output),
             "logits": stream.logits,

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from singlepass.errors import SinglepassError
+from singlepass.export.quantize import DEFAULT_WEIGHTS, WEIGHTS
 from singlepass.files import staged_folder
 from singlepass.runtime.contract import FusedProbe
 
@@ -84,6 +85,9 @@ def load_onnx(path: Path):
         ) from None
     if not model.graph.node:
         raise SinglepassError(f"--onnx {path}: the file parses but holds no graph (corrupt or truncated)")
+    from singlepass.export.ort_ops import register_onnxruntime_ops
+
+    register_onnxruntime_ops(model)  # ONNX Runtime's default-domain ops (SimplifiedLayerNormalization)
     try:
         onnx.checker.check_model(model)
     except Exception as e:  # noqa: BLE001 - onnx raises several types
@@ -139,9 +143,11 @@ def find_stream(graph, backbone):
         raise surgery.SurgeryError(f"cannot recognise the {arch} decoder graph: {e}") from None
 
 
-def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: bool, all_logits: bool):
+def build_graph(
+    model, backbone, probes: list[LoadedProbe], keep_hidden_states: bool, all_logits: bool, weights: str = "fp32"
+):
     """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
-    output name or None).
+    output name or None, QuantSummary).
 
     The weights are never read: gs keeps them as the original ``TensorProto``s and ``to_model``
     copies each once into the returned model. The caller should drop ``model`` (the original)
@@ -152,10 +158,13 @@ def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: 
 
     from singlepass.export import surgery
     from singlepass.export.fuse import fuse_probes
+    from singlepass.export.optimize import rmsnorm_as_div
+    from singlepass.export.quantize import parameter_digests, quantize_weights
     from singlepass.export.tensorrt import name_nodes
 
     graph = gs.import_onnx(model)
     stream = find_stream(graph, backbone)
+    decoder = list(graph.nodes)  # the nodes weights may be quantised in (never a probe's)
     if stream.vocab_size != backbone.model.config.vocab_size or stream.hidden_size != backbone.hidden_size:
         raise SinglepassError(
             f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
@@ -164,15 +173,18 @@ def build_graph(model, backbone, probes: list[LoadedProbe], keep_hidden_states: 
     hs = surgery.add_stacked_hidden_states(graph, stream)
     if not all_logits:
         surgery.slice_last_position_logits(graph, stream)
-    fuse_probes(graph, stream, probes, hs)
+    fuse_probes(graph, stream, probes)  # probes read the layer tensors: the stack is only ever an output
     if keep_hidden_states:
         surgery.add_output(graph, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
+    names = parameter_digests(backbone.model) if weights != "fp32" else None
+    quant = quantize_weights(graph, weights, decoder, stream.lm_head, names)
+    rmsnorm_as_div(graph, decoder)  # ONNX Runtime then fuses each RMSNorm into one kernel
     graph.cleanup().toposort()  # drops what no output reads (unused initializers, an unread stacking)
     name_nodes(graph)  # unique node names: TensorRT layer names and fp32 pinning rely on them
     out = surgery.to_model(graph, like=model)
     del graph
     gc.collect()  # gs graphs are reference cycles; collect them so they stop pinning the original weights
-    return out, stream, (hs if keep_hidden_states else None)
+    return out, stream, (hs if keep_hidden_states else None), quant
 
 
 def save_graph(model, folder: Path) -> None:
@@ -191,6 +203,9 @@ def save_graph(model, folder: Path) -> None:
         location=GRAPH_DATA,
         size_threshold=1024,
     )
+    from singlepass.export.ort_ops import register_onnxruntime_ops
+
+    register_onnxruntime_ops(model)
     try:
         onnx.checker.check_model(str(folder / GRAPH))
     except Exception as e:  # noqa: BLE001
@@ -233,6 +248,7 @@ def export_artifact(
     keep_hidden_states: bool = False,
     all_logits: bool = False,
     opset: int = 18,
+    weights: str = DEFAULT_WEIGHTS,
     max_batch: int = 8,
     max_prompt_length: int | None = None,
     max_total_length: int | None = None,
@@ -249,6 +265,8 @@ def export_artifact(
     out = Path(out)
     specs = parse_probe_specs(probe_specs)
     check_out_dir(out, force)
+    if weights not in WEIGHTS:
+        raise SinglepassError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
     if onnx_path is not None:
         foreign = load_onnx(Path(onnx_path))
     if backbone is None:
@@ -271,7 +289,7 @@ def export_artifact(
         source = f"torch.onnx.export(dynamo=True, opset={opset}) of {backbone.source.name}"
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, stream, hs = build_graph(model, backbone, probes, keep_hidden_states, all_logits)
+    model, stream, hs, quant = build_graph(model, backbone, probes, keep_hidden_states, all_logits, weights)
     t_surgery = time.perf_counter() - t0
     log(
         f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(probes)} probe(s) fused, "
@@ -299,7 +317,11 @@ def export_artifact(
             last_only=not all_logits,
             limits=limits,
             copied_files=copied,
+            weights=quant.to_dict(),
         )
+        from singlepass.export.genai import write_genai_config
+
+        write_genai_config(tmp, m)  # onnxruntime-genai reads the artifact too (manifest "genai")
         mf.write(tmp, m)
         t_write = time.perf_counter() - t0
         log("validating against the PyTorch reference ...")
@@ -315,5 +337,6 @@ def export_artifact(
         "validation_seconds": round(report.seconds, 1),
         "validation": report.to_dict()["max_abs_diff"],
         "probes": [p.spec.name for p in probes],
+        "weights": weights,
     }
     return summary

@@ -18,6 +18,22 @@ architectures differ at the two ends, and both are matched by structure too:
 * the lm_head output may pass through element-wise ops with constant scalars and unary ops
   (Gemma 2's final-logit soft-capping ``tanh(logits / c) * c``) before it is the logits output.
 
+ONNX Runtime's fused CPU ops (the graphs of onnxruntime-genai's model builder and of ORT's
+transformer optimizer) are matched by the same rules, each a named function below:
+
+* a residual step may be a ``com.microsoft`` ``SkipLayerNormalization`` /
+  ``SkipSimplifiedLayerNormalization`` (input, skip[, gamma, bias]) whose ``input`` or ``skip`` is
+  x_k and whose other operand depends on x_k: x_{k+1} is its output 3 ``input_skip_bias_sum``
+  (``_skip_norm_step``). Where the node does not expose that output (the builder's final norm fuses
+  the last residual add), ``_skip_norm_sum`` adds it: a legal optional output, under a
+  ``singlepass/`` name. Its output 0 (the norm of x_{k+1}) may then be the final norm;
+* the embedding may be a ``Gather`` of a transposed ``[d, V]`` matrix (a tied lm_head weight) or a
+  ``com.microsoft`` ``GatherBlockQuantized`` of a block-quantised table (``_embedding_table``);
+* the lm_head may be a ``com.microsoft`` ``MatMulNBits`` (block-quantised weight, attributes
+  ``K`` = d and ``N`` = vocab) (``_lm_head_dims``);
+* attention and MLP branches are looked through whatever they hold (``GroupQueryAttention``,
+  ``RotaryEmbedding``, ``MatMulNBits``, ...): they only need to depend on x_k.
+
 Navigation is gs's: ``tensor.inputs`` are its producer, ``tensor.outputs`` its consumers;
 weights are read for their shape and dtype only (gs loads values lazily, these never do).
 The transforms that use the stream are in ``export/surgery.py``.
@@ -38,8 +54,21 @@ from singlepass.errors import SinglepassError
 PASS_THROUGH = {"Identity", "Cast"}  # ops that leave the residual value unchanged (same-type Cast)
 SHAPE_ONLY = {"Identity", "Slice", "Gather", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 SCALAR_OPS = {"Mul", "Div", "Add", "Sub"}  # element-wise with a constant scalar: embedding scale, soft-capping
+SKIP_NORM_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}  # ORT: norm(input + skip [+ bias])
+SKIP_SUM_OUTPUT = 3  # a Skip*Normalization's optional output ``input_skip_bias_sum``: the residual sum
 UNARY_OPS = {"Tanh", "Identity", "Cast"}  # element-wise, one input: soft-capping's tanh
 MIN_OPSET = 13
+# ops that cannot sit between the last residual add and the lm_head (only the final norm may)
+NOT_A_NORM = {
+    "MatMul",
+    "Gemm",
+    "Conv",
+    "Einsum",
+    "Attention",
+    "MatMulNBits",
+    "GroupQueryAttention",
+    "MultiHeadAttention",
+}
 
 
 class SurgeryError(SinglepassError):
@@ -168,7 +197,7 @@ class ResidualStream:
     attention_mask: str | None
     position_ids: str | None
     embedding: str  # hidden state 0 (embedding output)
-    residuals: list[str]  # the 2L residual-add outputs, in order
+    residuals: list[str]  # the 2L residual sums (Add outputs, Skip*Normalization output 3), in order
     final_norm: str  # hidden state L: the final-norm output, before any last-position slice
     lm_head: str  # name of the node computing the logits
     logits: str  # graph output name
@@ -214,25 +243,46 @@ def _before_logit_tail(t: gs.Tensor, limit: int = 8) -> gs.Tensor:
     return t
 
 
+def _matmul_dims(node: gs.Node) -> tuple[int, int] | None:
+    """A MatMul / Gemm by a weight matrix -> (vocab, d): the matrix's output and input widths."""
+    if node.op not in ("MatMul", "Gemm") or len(node.inputs) < 2:
+        return None
+    w = weight_shape(node.inputs[1])
+    if w is None or len(w[0]) != 2:
+        return None
+    dims, transposed, _ = w
+    if node.op == "Gemm" and node.attrs.get("transB", 0) == 1:
+        transposed = not transposed
+    d, vocab = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
+    return vocab, d
+
+
+def _matmul_nbits_dims(node: gs.Node) -> tuple[int, int] | None:
+    """ONNX Runtime's block-quantised ``MatMulNBits`` (constant packed weight) -> (vocab, d) = (N, K)."""
+    if node.op != "MatMulNBits" or len(node.inputs) < 3 or _weight(node.inputs[1]) is None:
+        return None
+    k, n = node.attrs.get("K"), node.attrs.get("N")
+    return (int(n), int(k)) if k and n else None
+
+
+def _lm_head_dims(node: gs.Node) -> tuple[int, int] | None:
+    """(vocab, d) if ``node`` multiplies its input by a constant weight matrix: a plain MatMul / Gemm
+    or ONNX Runtime's MatMulNBits; None otherwise."""
+    return _matmul_dims(node) or _matmul_nbits_dims(node)
+
+
 def _find_lm_head(graph: gs.Graph, logits_name: str | None) -> tuple[gs.Node, str, int, int]:
     """-> (lm_head node, logits output name, vocab size, hidden size)."""
     found = []
     outs = [o for o in graph.outputs if logits_name is None or o.name == logits_name]
     for out in outs:
         node = producer(_before_logit_tail(out))
-        if node is None or node.op not in ("MatMul", "Gemm"):
-            continue
-        w = weight_shape(node.inputs[1])
-        if w is None or len(w[0]) != 2:
-            continue
-        dims, transposed, _ = w
-        if node.op == "Gemm" and node.attrs.get("transB", 0) == 1:
-            transposed = not transposed
-        d, vocab = (dims[1], dims[0]) if transposed else (dims[0], dims[1])
-        found.append((node, out.name, vocab, d))
+        dims = _lm_head_dims(node) if node is not None else None
+        if dims is not None:
+            found.append((node, out.name, *dims))
     if not found:
         raise SurgeryError(
-            "no graph output is produced by a MatMul/Gemm with a weight matrix (the lm_head): "
+            "no graph output is produced by a MatMul/Gemm/MatMulNBits with a weight matrix (the lm_head): "
             "not a causal-LM decoder graph"
         )
     if len(found) > 1:
@@ -246,25 +296,56 @@ def _find_lm_head(graph: gs.Graph, logits_name: str | None) -> tuple[gs.Node, st
     return found[0]
 
 
+def _gather_table(node: gs.Node, d: int) -> tuple[int, int] | None:
+    """A Gather of rows of a constant [rows, d] table, or of a Transpose of a [d, rows] matrix (a tied
+    lm_head weight) -> (rows, table dtype)."""
+    if node.op != "Gather" or len(node.inputs) < 2 or node.attrs.get("axis", 0) != 0:
+        return None
+    w = weight_shape(node.inputs[0])
+    if w is None or len(w[0]) != 2:
+        return None
+    rows, cols = reversed(w[0]) if w[1] else w[0]
+    return (rows, w[2]) if cols == d else None
+
+
+def _block_quantized_table(node: gs.Node, d: int) -> tuple[int, int] | None:
+    """ONNX Runtime's ``GatherBlockQuantized`` (data, indices, scales[, zero_points]) of rows of a table
+    quantised in blocks along its width -> (rows, dtype of the gathered rows = the scales' dtype).
+    The packed data may be reshaped; the constant scales [rows, ceil(d / block_size)] give the shape."""
+    if node.op != "GatherBlockQuantized" or len(node.inputs) < 3:
+        return None
+    if node.attrs.get("gather_axis", 0) != 0 or node.attrs.get("quantize_axis", 1) not in (1, -1):
+        return None
+    scales = _weight(node.inputs[2])
+    block = int(node.attrs.get("block_size", 128))
+    if scales is None or len(scales.shape) != 2 or scales.shape[1] != -(-d // block):
+        return None
+    return scales.shape[0], onnx_dtype(scales.dtype)
+
+
+def _embedding_table(node: gs.Node, d: int) -> tuple[int, int] | None:
+    """(rows, dtype of the rows) if ``node`` looks up rows of width ``d`` of a constant table by its
+    second input (the token ids): a plain Gather or ONNX Runtime's GatherBlockQuantized."""
+    return _gather_table(node, d) or _block_quantized_table(node, d)
+
+
 def _find_embedding(graph: gs.Graph, vocab: int, d: int) -> tuple[gs.Tensor, gs.Tensor, int]:
-    """-> (input_ids graph input, embedding output tensor, table dtype)."""
+    """-> (input_ids graph input, embedding output tensor, dtype of the embedding output)."""
     inputs = {i.name for i in graph.inputs}
     hits = []
     for node in graph.nodes:
-        if node.op != "Gather" or len(node.inputs) < 2:
-            continue
-        w = weight_shape(node.inputs[0])
-        if w is None or len(w[0]) != 2 or w[1] or w[0][1] != d:
+        table = _embedding_table(node, d)
+        if table is None:
             continue
         src, hops = node.inputs[1], 0
         while producer(src) is not None and producer(src).op in PASS_THROUGH and hops < 4:
             src, hops = producer(src).inputs[0], hops + 1
         if src.name in inputs and _is_int(src):
-            hits.append((w[0][0] == vocab, src, node.outputs[0], w[2]))
+            hits.append((table[0] == vocab, src, node.outputs[0], table[1]))
     if not hits:
         raise SurgeryError(
-            f"no token-embedding Gather (a [vocab, {d}] table indexed by an integer graph input) "
-            "feeds the residual stream"
+            f"no token-embedding Gather (a [vocab, {d}] table, plain or GatherBlockQuantized, indexed by an "
+            "integer graph input) feeds the residual stream"
         )
     hits.sort(key=lambda h: not h[0])
     return hits[0][1:]
@@ -292,34 +373,102 @@ def _aliases(x: gs.Tensor, dtype: int) -> dict[str, gs.Tensor]:
     return out
 
 
-def _residual_adds(x: gs.Tensor, dtype: int) -> list[gs.Tensor]:
-    """Walk the stream from the embedding: each step is the one Add(x, f(x)) with f depending on x."""
+def _computed_from(x: gs.Tensor) -> list[gs.Tensor]:
+    """x, and where x is a Skip*Normalization's residual sum (output 3), the node's output 0: the
+    norm of x, a sibling output that the graph computes from the node's inputs, not from x."""
+    p = producer(x)
+    if p is not None and p.op in SKIP_NORM_OPS and x is not p.outputs[0] and p.outputs[0].name:
+        return [x, p.outputs[0]]
+    return [x]
+
+
+def _branch_of(operands: list[gs.Tensor], a: gs.Tensor, al: dict[str, gs.Tensor], x: gs.Tensor) -> bool:
+    """Whether ``operands`` are the stream tensor ``a`` (an alias of ``x``) and a branch f(x): one
+    other operand that is no alias of x and depends on x (or on the norm a fused node computes with it)."""
+    if len(operands) != 2 or a.name not in (operands[0].name, operands[1].name):
+        return False
+    other = operands[1] if operands[0].name == a.name else operands[0]
+    return other.name not in al and any(depends_on(other, s) for s in _computed_from(x))
+
+
+def _add_step(n: gs.Node, a: gs.Tensor, al: dict[str, gs.Tensor], x: gs.Tensor) -> bool:
+    """A residual ``Add(x, f(x))``."""
+    return n.op == "Add" and len(n.inputs) == 2 and _branch_of(list(n.inputs), a, al, x)
+
+
+def _skip_norm_step(n: gs.Node, a: gs.Tensor, al: dict[str, gs.Tensor], x: gs.Tensor) -> bool:
+    """ONNX Runtime's fused residual add + norm: ``Skip[Simplified]LayerNormalization(x, f(x), gamma
+    [, beta][, bias])`` (or with ``input`` and ``skip`` swapped); its output 3 is the residual sum."""
+    return n.op in SKIP_NORM_OPS and len(n.inputs) >= 3 and _branch_of(list(n.inputs[:2]), a, al, x)
+
+
+def _residual_step(n: gs.Node, a: gs.Tensor, al: dict[str, gs.Tensor], x: gs.Tensor) -> bool:
+    """Whether ``n`` (a consumer of ``a``, an alias of the stream tensor ``x``) is a residual step."""
+    return _add_step(n, a, al, x) or _skip_norm_step(n, a, al, x)
+
+
+def _skip_norm_sum(graph: gs.Graph, node: gs.Node, dtype: int) -> gs.Tensor:
+    """A Skip*Normalization's residual sum, output 3 ``input_skip_bias_sum``; added to the node (an
+    optional output, legal) under a fresh ``singlepass/`` name when the graph does not expose it."""
+    if len(node.outputs) > SKIP_SUM_OUTPUT and node.outputs[SKIP_SUM_OUTPUT].name:
+        return node.outputs[SKIP_SUM_OUTPUT]
+    taken = set(graph.tensors())
+    base = f"singlepass/{(node.name or node.outputs[0].name).lstrip('/')}/input_skip_bias_sum"
+    name, k = base, 1
+    while name in taken:
+        k += 1
+        name = f"{base}_{k}"
+    out = gs.Variable(name, dtype=helper.tensor_dtype_to_np_dtype(dtype), shape=node.outputs[0].shape)
+    outputs = list(node.outputs[:SKIP_SUM_OUTPUT])
+    outputs += [gs.Variable.empty() for _ in range(SKIP_SUM_OUTPUT - len(outputs))]
+    node.outputs = outputs + [out]
+    return out
+
+
+def _residual_sum(graph: gs.Graph, node: gs.Node, dtype: int) -> gs.Tensor:
+    """x_{k+1}: the residual step's sum (an Add's output, a Skip*Normalization's output 3)."""
+    return _skip_norm_sum(graph, node, dtype) if node.op in SKIP_NORM_OPS else node.outputs[0]
+
+
+def _residual_adds(graph: gs.Graph, x: gs.Tensor, dtype: int) -> list[gs.Tensor]:
+    """Walk the stream from the embedding: each step is the one residual step consuming x (an
+    ``Add(x, f(x))`` or a fused Skip*Normalization) with f depending on x."""
     residuals = []
     while True:
         al = _aliases(x, dtype)
         cands = {}
         for a in al.values():
             for n in a.outputs:
-                if n.op != "Add" or len(n.inputs) != 2 or id(n) in cands:
-                    continue
-                other = n.inputs[1] if n.inputs[0].name == a.name else n.inputs[0]
-                if other.name not in al and depends_on(other, x):
+                if id(n) not in cands and _residual_step(n, a, al, x):
                     cands[id(n)] = n
         if not cands:
             return residuals
         if len(cands) > 1:
+            ops = sorted({n.op for n in cands.values()})
             raise SurgeryError(
                 f"residual stream is ambiguous after {len(residuals)} residual adds "
-                f"({len(cands)} candidate Add nodes consume {x.name!r})"
+                f"({len(cands)} candidate {'/'.join(ops)} nodes consume {x.name!r})"
             )
-        x = next(iter(cands.values())).outputs[0]
+        x = _residual_sum(graph, next(iter(cands.values())), dtype)
         residuals.append(x)
+
+
+def _norms_last_residual(final: gs.Tensor, last: gs.Tensor) -> bool:
+    """Whether the final norm ``final`` reads the last residual sum ``last``: it is computed from it,
+    or it is output 0 (the norm) of the Skip*Normalization whose output 3 is that sum."""
+    p = producer(final)
+    if p is not None and p.op in SKIP_NORM_OPS and p is producer(last) and p.outputs[0] is final:
+        return True
+    return depends_on(final, last)
 
 
 def find_residual_stream(
     graph: gs.Graph, expected_layers: int | None = None, logits_name: str | None = None
 ) -> ResidualStream:
     """Locate embedding, residual adds, final norm and lm_head by structure. Raises SurgeryError.
+
+    Edits the graph in one case only: a residual sum fused into a Skip*Normalization that does not
+    expose it gets its output 3 (``_skip_norm_sum``), so every residual sum is a tensor.
 
     ``logits_name`` pins the logits output (needed once probe heads add other Gemm outputs).
     """
@@ -331,23 +480,23 @@ def find_residual_stream(
     emb = _stream_start(emb)
     if dtype != TensorProto.FLOAT:
         raise SurgeryError(
-            f"the embedding table is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
+            f"the token embedding is {TensorProto.DataType.Name(dtype)}, not FLOAT: export the "
             "decoder in fp32 (reduced precision is applied at engine build time)"
         )
-    residuals = _residual_adds(emb, dtype)
+    residuals = _residual_adds(graph, emb, dtype)
     if len(residuals) < 2 or len(residuals) % 2:
         raise SurgeryError(
-            f"found {len(residuals)} residual Add nodes after the embedding; a decoder has two per "
-            "layer (attention and MLP): the graph is not a recognised pre-norm decoder"
+            f"found {len(residuals)} residual adds (Add or Skip*Normalization nodes) after the embedding; a decoder "
+            "has two per layer (attention and MLP): the graph is not a recognised pre-norm decoder"
         )
     # Hidden state L is the lm_head input before any last-position slice or flattening.
     final, last = lm_head.inputs[0], residuals[-1]
     while producer(final) is not None and producer(final).op in SHAPE_ONLY:
         final = producer(final).inputs[0]
-    if not depends_on(final, last):
+    if not _norms_last_residual(final, last):
         raise SurgeryError("the lm_head input does not depend on the last residual add: unrecognised decoder")
     between = ops_between(final, last)
-    if between & {"MatMul", "Gemm", "Conv", "Einsum", "Attention"}:
+    if between & NOT_A_NORM:
         raise SurgeryError(
             f"between the last residual add and the lm_head there are {sorted(between)} ops, "
             "not just a normalisation: unrecognised decoder"

@@ -82,7 +82,10 @@ def _lm_node(graph: gs.Graph, stream: ResidualStream) -> gs.Node:
 
 
 def add_stacked_hidden_states(graph: gs.Graph, stream: ResidualStream, name: str = "hidden_states") -> str:
-    """Unsqueeze the L+1 hidden states and Concat them into ``name`` [L+1, batch, seq, d] (not an output)."""
+    """Unsqueeze the L+1 hidden states and Concat them into ``name`` [L+1, batch, seq, d] (not an output).
+
+    A copy of every hidden state: the ``--keep-hidden-states`` debug output. Fused probes read the layer
+    tensors themselves (``export/fuse.py``), so cleanup drops the stack when nothing else reads it."""
     namer = Namer(graph)
     if name in namer.taken:
         raise SurgeryError(f"the graph already has a tensor named {name!r}")
@@ -105,7 +108,7 @@ def slice_last_position_logits(graph: gs.Graph, stream: ResidualStream) -> None:
     Hidden state L keeps every position (the stacked tensor reads ``stream.final_norm``).
     """
     lm = _lm_node(graph, stream)
-    if lm.op != "MatMul":
+    if lm.op not in ("MatMul", "MatMulNBits"):  # both take a [B, T, d] input
         raise SurgeryError(
             f"the lm_head is a {lm.op} (2-D); last-position slicing needs a 3-D MatMul: use --all-logits"
         )

@@ -15,8 +15,14 @@ ids, padding and position ids. Checked every time an artifact is written, and on
 * 20 greedy decode steps (KV cache present -> past, or full recompute for a graph without a
   cache): identical tokens, per-step logits and probe outputs within the same tolerances.
 
-Tolerances are per weight precision (``TOLERANCES``; the fp32 graph today). A failure raises
-``ValidationError`` with a table whose first row is the worst tensor.
+Tolerances are per weight precision (``TOLERANCES``). A quantised graph (``--weights int8|int4``)
+is compared with a reference holding *the graph's own* weights (dequantised from its MatMulNBits
+initializers, ``export/quantize.py``), so what is checked is the export, not the quantisation
+error; what remains is ONNX Runtime's int8 activations in those MatMuls (accuracy level 4), hence
+wider tolerances, and greedy decoding continues teacher-forced on the reference's token when the
+two pick different tokens (a near tie), with a minimum share of agreeing steps. The quantisation
+error itself (against the fp32 weights) is measured by ``singlepass bench peers``' quality table.
+A failure raises ``ValidationError`` with a table whose first row is the worst tensor.
 """
 
 from __future__ import annotations
@@ -31,7 +37,14 @@ from singlepass.errors import SinglepassError
 
 # max |diff| per tensor kind and weight precision: probe probabilities, logits (next-token
 # logits absolute, probe logits scaled by max(1, max |ref|)), hidden states relative.
-TOLERANCES = {"fp32": {"probs": 1e-4, "logits": 1e-3, "hidden_states_relative": 1e-4}}
+# token_agreement: the share of greedy decode steps (rows x steps) whose tokens must agree.
+TOLERANCES = {
+    "fp32": {"probs": 1e-4, "logits": 1e-3, "hidden_states_relative": 1e-4, "token_agreement": 1.0},
+    # quantised: measured on SmolLM2-135M int4 (gate probe) probs 0.013, logits 1.84 (logits reach ~30), tokens
+    # 63/63; on the tiny test model int8 probs 0.024 (a decode step's one-token probe), logits 0.06
+    "int8": {"probs": 5e-2, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
+    "int4": {"probs": 5e-2, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
+}
 DECODE_STEPS = 20
 PROMPTS = [
     "What is the capital of France?",
@@ -75,11 +88,12 @@ class Report:
     checks: list[Check] = field(default_factory=list)
     token_mismatches: list[str] = field(default_factory=list)
     tokens: dict = field(default_factory=dict)
+    token_agreement: float = 1.0  # share of (row, step) greedy tokens that agree
     seconds: float = 0.0
 
     @property
     def ok(self) -> bool:
-        return all(c.ok for c in self.checks) and not self.token_mismatches
+        return all(c.ok for c in self.checks) and self.token_agreement >= TOLERANCES[self.precision]["token_agreement"]
 
     def worst(self) -> Check | None:
         return max(self.checks, key=lambda c: c.ratio, default=None)
@@ -99,6 +113,9 @@ class Report:
                 f"{'yes' if c.ok else 'NO'}"
             )
         lines += [f"greedy tokens differ: {m}" for m in self.token_mismatches]
+        if self.token_mismatches:
+            need = TOLERANCES[self.precision]["token_agreement"]
+            lines.append(f"greedy token agreement {self.token_agreement:.3f} (needed >= {need})")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -109,6 +126,7 @@ class Report:
             "worst": asdict(w) if w else None,
             "max_abs_diff": self.max_by_kind(),
             "token_mismatches": self.token_mismatches,
+            "token_agreement": round(self.token_agreement, 4),
             "decode_tokens": self.tokens,
             "precision": self.precision,
             "tolerances": TOLERANCES[self.precision],
@@ -129,6 +147,12 @@ class Parity:
         from singlepass.runtime.tokenize import PromptTokenizer
 
         self.m, self.bb, self.modules = manifest, backbone, modules
+        self.precision = precision
+        self.model = backbone.model  # the reference: the graph's own weights (see the module docstring)
+        if precision != "fp32":
+            from singlepass.export.quantize import graph_weights, with_weights
+
+            self.model = with_weights(backbone.model, graph_weights(manifest.folder)).eval()
         g = manifest.graph
         self.backend = OrtBackend(manifest.folder / g.file, manifest, "cpu")
         self.tokenizer = PromptTokenizer(manifest.folder, manifest)
@@ -159,7 +183,7 @@ class Parity:
         if cache is not None:
             kw["past_key_values"] = cache
         with torch.no_grad():
-            out = self.bb.model(**kw)
+            out = self.model(**kw)
             hs = torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
             step_mask = torch.from_numpy(mask[:, -ids.shape[1] :])  # [B, T]: this pass's tokens
             res = {g.logits: (out.logits[:, -1:] if g.logits_last_position_only else out.logits).numpy()}
@@ -231,7 +255,14 @@ def open_parity(folder, backbone=None, probes: dict | None = None, model: str | 
         if sha256_file(weights) != p.sha256:
             raise SinglepassError(f"{folder}: probe {p.name!r} weights do not match the manifest fingerprint")
         modules[p.name] = load_probe(weights.parent, backbone.fingerprint)[0].eval()
-    return Parity(m, backbone, modules)
+    from singlepass.export import manifest as mf
+
+    precision = (mf.read(folder)["graph"].get("weights") or {}).get("weights", "fp32")
+    if precision not in TOLERANCES:
+        raise SinglepassError(
+            f"{folder}: the manifest's weight precision {precision!r} is not one of {list(TOLERANCES)}"
+        )
+    return Parity(m, backbone, modules, precision)
 
 
 # ----------------------------------------------------------------------------- the checks
@@ -257,7 +288,8 @@ def check_prefill(par: Parity, report: Report) -> None:
 
 def check_decode(par: Parity, report: Report, steps: int = DECODE_STEPS) -> None:
     """Greedy decoding in lockstep: the runtime's passes and PyTorch (its own KV cache) fed the
-    same state; the chosen tokens must agree at every step."""
+    same state; the chosen tokens must agree at every step (fp32). A quantised graph continues on
+    the reference's tokens after a disagreement and must agree on a share of the steps."""
     from transformers import DynamicCache
 
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
@@ -276,10 +308,13 @@ def check_decode(par: Parity, report: Report, steps: int = DECODE_STEPS) -> None
         r_tokens.append(want)
         if not np.array_equal(nxt, want):
             report.token_mismatches.append(f"step {step}: onnxruntime {nxt.tolist()} vs pytorch {want.tolist()}")
-            break
+            if par.precision == "fp32":
+                break
+            nxt = want  # teacher-forced: both sides continue from the reference's tokens
         if step < steps:
             out, state = decode_one_token(par.backend, par.m, state, nxt, extra=par.extra)
     report.tokens = {"onnxruntime": np.stack(o_tokens, 1).tolist(), "pytorch": np.stack(r_tokens, 1).tolist()}
+    report.token_agreement = float(np.mean(np.stack(o_tokens) == np.stack(r_tokens)))
     _fold(report, case)
 
 
@@ -322,7 +357,7 @@ def validate(
 
     t0 = time.perf_counter()
     par = open_parity(folder, backbone, probes, model, cache_dir)
-    report = Report()
+    report = Report(precision=par.precision)
     check_prefill(par, report)
     check_decode(par, report, steps)
     report.seconds = time.perf_counter() - t0

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from singlepass.models.family import Family
-from singlepass.models.probes import out_dim, rms_normalise
+from singlepass.models.probes import fp32, out_dim, rms_normalise
 
 
 def last_token_onehot(mask: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class FixedReadoutProbe(nn.Module):
 
     def read_layer(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """x = the chosen layer [B, T, d] -> v [B, d]."""
-        x = x.float()
+        x = fp32(x)
         if self.input_norm == "rms":
             x = rms_normalise(x)
         m = mask.to(torch.float32)  # [B, T]
@@ -69,6 +69,12 @@ class FixedReadoutProbe(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(states, mask))
+
+    def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d]: reads its one layer."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        return self.head(self.read_layer(layers[self.layer], mask))
 
 
 LAST_TOKEN = Family(

@@ -139,6 +139,44 @@ class StateCache:
         ).reshape(len(self), self.d)
 
 
+class StateView(StateCache):
+    """Rows of several complete caches read as one cache (same read interface as StateCache):
+    ``segments`` [(cache, rows)] in order. A dataset assembled from parts that are cached already
+    (a leave-one-source-out fold of a mixture) trains without a second copy of their states."""
+
+    def __init__(self, segments: list[tuple[StateCache, np.ndarray]]):
+        if not segments:
+            raise SinglepassError("a state view needs at least one cache")
+        first = segments[0][0]
+        for c, _ in segments:
+            if (c.num_layers, c.d, c.meta["layers"], c.meta["dtype"]) != (
+                first.num_layers,
+                first.d,
+                first.meta["layers"],
+                first.meta["dtype"],
+            ):
+                raise SinglepassError(f"hidden-state caches {first.folder} and {c.folder} store different layers")
+        self.caches = [c for c, _ in segments]
+        self.folder = first.folder
+        self.meta = {**first.meta, "view_of": [str(c.folder) for c in self.caches]}
+        self.num_layers, self.d = first.num_layers, first.d
+        rows = [np.asarray(r, dtype=np.int64) for _, r in segments]
+        self.segment = np.concatenate([np.full(len(r), k, dtype=np.int64) for k, r in enumerate(rows)])  # [N]
+        self.local = np.concatenate(rows)  # [N] row in its cache
+        self.lengths = np.concatenate([c.lengths[r] for c, r in zip(self.caches, rows)])
+        self.labels = np.concatenate([c.labels[r] for c, r in zip(self.caches, rows)])
+
+    def row(self, i: int) -> np.ndarray:
+        return self.caches[self.segment[i]].row(int(self.local[i]))
+
+    def has_final_layer(self) -> bool:
+        return self.caches[0].has_final_layer()
+
+    def last_token_final(self) -> np.ndarray:
+        finals = [c.last_token_final() for c in self.caches]
+        return np.stack([finals[s][r] for s, r in zip(self.segment, self.local)]).reshape(len(self), self.d)
+
+
 def plan(
     backbone,
     dataset,

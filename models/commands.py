@@ -7,8 +7,8 @@ import argparse
 TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
 DATASET_HELP = (
     "toxicchat, wildguardmix, sst2, imdb, emotion, advbench, harmbench, strongreject, alpaca_noinput or a "
-    ".jsonl/.csv path; train and eval also take a safety mixture: comma-separated sources, each with an "
-    "optional weight, e.g. toxicchat:2,advbench,alpaca_noinput:0.5"
+    ".jsonl/.csv path; train, eval and extract (its train or validation rows) also take a safety mixture: "
+    "comma-separated sources, each with an optional weight, e.g. toxicchat:2,advbench,alpaca_noinput:0.5"
 )
 DATA_DIR_HELP = (
     "datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
@@ -135,15 +135,33 @@ def extract_cache(
     return summary
 
 
+def extract_dataset(dataset: str, split: str, data_dir: str | None, limit: int | None):
+    """The rows ``singlepass extract`` caches: a split of one dataset, or of a safety mixture its
+    ``train`` or ``validation`` rows exactly as ``singlepass train --dataset MIXTURE --limit N``
+    (or ``--val-limit N``) reads them, so train finds them cached."""
+    from singlepass.errors import SinglepassError
+    from singlepass.models.data import load_dataset
+    from singlepass.models.mixture import is_mixture, load_mixture
+
+    if not is_mixture(dataset):
+        return load_dataset(dataset, split, data_dir, limit=limit)
+    if split not in ("train", "validation"):
+        raise SinglepassError(
+            f"a mixture has train and validation rows (each source's test part is its own); not {split!r}"
+        )
+    m = load_mixture(dataset, data_dir, limit if split == "train" else None, limit if split == "validation" else None)
+    return m.train if split == "train" else m.validation
+
+
 def cmd_extract(args) -> int:
     import json
 
     import torch
 
-    from singlepass.models.data import describe, load_dataset
+    from singlepass.models.data import describe
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ds = load_dataset(args.dataset, args.split, args.data_dir, limit=args.limit)
+    ds = extract_dataset(args.dataset, args.split, args.data_dir, args.limit)
     print(describe(ds))
     bb = load_backbone_logged(args.model, args.cache_dir)
     summary = extract_cache(
@@ -409,7 +427,8 @@ def register(sub) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
-        "or a probe parameter (factor, heads, pool, token_pool, layer_pool, input_norm) in every trial",
+        "or a probe parameter (factor, heads, pool, token_pool (mean, max, topk), top_k, layer_pool, input_norm) "
+        "in every trial",
     )
     p.add_argument(
         "--hparams-from",

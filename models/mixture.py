@@ -168,6 +168,14 @@ def keep_new(ds: Dataset, excluded: set[str], seen: set[str]) -> tuple[Dataset, 
     return ds.subset(keep), held, repeats
 
 
+def drop_excluded(ds: Dataset, excluded: set[str]) -> tuple[Dataset, int]:
+    """Rows of ``ds`` whose normalised text is not in ``excluded`` -> (kept, how many dropped)."""
+    if not excluded:
+        return ds, 0
+    keep = [i for i, t in enumerate(ds.texts) if normalise(t) not in excluded]
+    return ds.subset(keep), len(ds) - len(keep)
+
+
 def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
     cols = ("mixture_source", "mixture_split", "row", "mixture_weight")
     return Dataset(
@@ -182,23 +190,47 @@ def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
     )
 
 
+def source_parts(name: str, data_dir: str | None = None, caps: dict | None = None, seed: int = 0) -> dict:
+    """{part: Dataset under LABELS} of one source (``parts``); ``caps`` {source: (train cap,
+    validation cap)} subsamples its train / validation parts (seeded, stratified) *before* any
+    overlap is removed, so every row a mixture keeps is a row of these capped parts (the LOSO
+    benchmark caches hidden states per part and reads folds out of them). Test parts are never capped here."""
+    train_cap, val_cap = (caps or {}).get(name, (None, None))
+    cap = {"train": train_cap, "validation": val_cap}
+    return {
+        part: to_safety(load_dataset(name, split, data_dir, seed=seed, limit=cap.get(part)))
+        for part, split in parts(name).items()
+        if split
+    }
+
+
+def source_texts(name: str, data_dir: str | None = None) -> set[str]:
+    """Normalised texts of every part of a source (train, validation and test, uncapped)."""
+    return {normalise(t) for ds in source_parts(name, data_dir).values() for t in ds.texts}
+
+
 def load_mixture(
     text: str,
     data_dir: str | None = None,
     limit: int | None = None,
     val_limit: int | None = None,
     seed: int = 0,
+    caps: dict | None = None,
+    exclude: tuple[str, ...] = (),
 ) -> Mixture:
     """Train and validation sets of a mixture (see the module docstring). ``limit`` /
-    ``val_limit`` cap each source's rows (seeded, stratified) after the overlaps are removed."""
+    ``val_limit`` cap each source's rows (seeded, stratified) after the overlaps are removed;
+    ``caps`` ({source: (train cap, validation cap)}) before (``source_parts``).
+
+    ``exclude``: safety sources held out entirely (leave-one-source-out): no text of any of their
+    parts reaches the training or validation rows, wherever it comes from (e.g. the prompts
+    AdvBench shares with StrongREJECT); each source reports those drops as ``*_dropped_excluded``."""
     sources = parse_sources(text)
-    loaded = {
-        s.name: {
-            part: to_safety(load_dataset(s.name, split, data_dir)) for part, split in parts(s.name).items() if split
-        }
-        for s in sources
-    }
+    if any(s.name in exclude for s in sources):
+        raise SinglepassError(f"--dataset {text!r} names a source it also excludes ({', '.join(exclude)})")
+    loaded = {s.name: source_parts(s.name, data_dir, caps, seed) for s in sources}
     check_conflicts([ds for by_part in loaded.values() for ds in by_part.values()])
+    excluded = set().union(*(source_texts(name, data_dir) for name in exclude)) if exclude else set()
     tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts} | protected_texts(data_dir)
     vals = {normalise(t) for by_part in loaded.values() for t in by_part["validation"].texts}
     seen_train: set[str] = set()
@@ -206,18 +238,24 @@ def load_mixture(
     train_parts, val_parts, report = [], [], {}
     for s in sources:
         by_part = loaded[s.name]
-        val, val_held, val_rep = keep_new(by_part["validation"], tests, seen_val)
+        val, val_out = drop_excluded(by_part["validation"], excluded)
+        val, val_held, val_rep = keep_new(val, tests, seen_val)
         val = limit_rows(val, val_limit, seed)
         val_parts.append(val)
-        entry = {"weight": s.weight, "validation_rows": len(val), "validation_dropped": val_held + val_rep}
+        entry = {"weight": s.weight, "validation_rows": len(val), "validation_dropped": val_held + val_rep + val_out}
+        if exclude:
+            entry["validation_dropped_excluded"] = val_out
         if "train" in by_part:
             if by_part["train"].split in PROTECTED_SPLITS:  # parts() never does this; kept as a guard
                 raise SinglepassError(f"{s.name}/{by_part['train'].split} is a held-out split and is never trained on")
-            tr, held, rep = keep_new(by_part["train"], tests | vals, seen_train)
+            tr, out = drop_excluded(by_part["train"], excluded)
+            tr, held, rep = keep_new(tr, tests | vals, seen_train)
             tr = limit_rows(tr, limit, seed)
             tr.columns["mixture_weight"] = [s.weight] * len(tr)
             train_parts.append(tr)
             entry.update({"train_rows": len(tr), "train_dropped_held_out": held, "train_dropped_repeats": rep})
+            if exclude:
+                entry["train_dropped_excluded"] = out
         else:
             entry["train_rows"] = 0
         entry["test_split"] = by_part["test"].split
@@ -243,5 +281,11 @@ def describe_mixture(m: Mixture) -> list[str]:
                 else " (validation and test only)"
             )
             + f", validation {r['validation_rows']} ({r['validation_dropped']} dropped), test split {r['test_split']}"
+            + (
+                f"; held-out sources' texts dropped: {r.get('train_dropped_excluded', 0)} train, "
+                f"{r['validation_dropped_excluded']} validation"
+                if "validation_dropped_excluded" in r
+                else ""
+            )
         )
     return lines

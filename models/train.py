@@ -73,12 +73,24 @@ def prepare(
     cache_dir: Path | None = None,
     progress: bool = True,
     log: Callable[..., None] = print,
+    sources: tuple | None = None,
 ) -> Prepared:
+    """``sources``: the (train, validation) hidden-state caches already built for these rows
+    (e.g. ``cache.StateView``s over per-source caches); logit families then read their
+    last-token final states from them instead of running the model."""
     from singlepass.models import cache as state_cache
     from singlepass.models.extract import first_token_logits
 
     family = get_family(method)
-    if family.input == "logits":
+    if sources is not None:
+        for src, ds in zip(sources, (train_ds, val_ds)):
+            if len(src) != len(ds) or not np.array_equal(src.labels, ds.labels):
+                raise SinglepassError(f"{ds.name}/{ds.split}: the given hidden-state rows do not match the dataset")
+        if family.input == "logits":
+            h = [torch.from_numpy(src.last_token_final()) for src in sources]  # [N, d] each
+            sources = tuple(first_token_logits(backbone.model, x) for x in h)  # [N, V] each
+        srcs = tuple(sources)
+    elif family.input == "logits":
         srcs = []
         for ds in (train_ds, val_ds):
             h = state_cache.last_hidden(backbone, ds, prompt_format, max_length, cache_dir, progress=progress, log=log)
@@ -233,6 +245,7 @@ def train_probe(
     progress: bool = True,
     log: Callable[..., None] = print,
     threshold_fpr: float | None = None,
+    sources: tuple | None = None,
 ) -> tuple[nn.Module, dict]:
     """Search ``trials`` configurations (or train the given ``hparams``) and return the best
     module with its artifact config. -> (module, config dict).
@@ -240,7 +253,8 @@ def train_probe(
     ``threshold_fpr``: make the active threshold the one that gives this false-positive rate on
     validation (binary probes; the F1-optimal one is stored beside it). A mixture (rows with a
     ``source`` column) is selected on the mean over sources and its validation metrics are
-    stored per source."""
+    stored per source. ``sources``: prebuilt (train, validation) hidden-state caches of these
+    rows (``prepare``)."""
     family = get_family(method)
     check_trainable(train_ds)
     if threshold_fpr is not None and len(train_ds.label_names) != 2:
@@ -258,7 +272,7 @@ def train_probe(
     for hp in plan:  # --epochs, --set epochs=N or a stored configuration
         if hp.epochs < 1:
             raise SinglepassError(f"--epochs must be at least 1, got {hp.epochs}")
-    prep = prepare(method, backbone, train_ds, val_ds, prompt_format, max_length, cache_dir, progress, log)
+    prep = prepare(method, backbone, train_ds, val_ds, prompt_format, max_length, cache_dir, progress, log, sources)
     t_all = time.perf_counter()
     best = None
     summary = []

@@ -8,11 +8,15 @@ def on_model(model_dir, cache_dir) -> list[str]:
 
 
 def export_argv(model_dir, cache_dir, out, *probes, extra=()) -> list[str]:
-    """`singlepass export` of the model with ``probes`` (each DIR or DIR:NAME) into ``out``."""
-    argv = ["export", *on_model(model_dir, cache_dir), "--out", str(out)]
+    """`singlepass export` of the model with ``probes`` (each DIR or DIR:NAME) into ``out``, with fp32
+    weights unless ``extra`` names others: the surgery's parity checks are exact at fp32 (the int4
+    default and its tolerances are tested in test_quantize.py)."""
+    extra = [str(x) for x in extra]
+    weights = [] if "--weights" in extra else ["--weights", "fp32"]
+    argv = ["export", *on_model(model_dir, cache_dir), *weights, "--out", str(out)]
     for p in probes:
         argv += ["--probe", str(p)]
-    return argv + [str(x) for x in extra]
+    return argv + extra
 
 
 def train_argv(model_dir, cache_dir, probe: str, max_length: int, *extra) -> list[str]:

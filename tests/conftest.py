@@ -108,21 +108,34 @@ def quick_probe(backbone, folder):
     return save_probe(folder, probe.eval(), cfg), acc
 
 
-@pytest.fixture(scope="session")
-def real_artifact(real_backbone, tmp_path_factory):
-    """SmolLM2-135M exported once per session (``singlepass export``, ~3-4 min on 2 cores) with a
-    quickly trained sentiment probe fused as ``sentiment``: shared by the export and runtime tests.
-    -> namespace(path, probe (the probe folder), summary (export --json), seconds, train_acc)."""
+def export_real(probe: Path, out: Path, weights: str) -> SimpleNamespace:
+    """``singlepass export --weights WEIGHTS`` of SmolLM2-135M with ``probe`` fused as ``sentiment``."""
     from singlepass.cli import main
 
-    root = tmp_path_factory.mktemp("smollm2")
-    probe, train_acc = quick_probe(real_backbone, root / "sst2-gate")
-    out = root / "smollm2"
     t0 = time.perf_counter()
     printed = io.StringIO()
+    argv = ["export", "--model", "smollm2-135m", "--probe", f"{probe}:sentiment", "--out", str(out), "--json"]
     with contextlib.redirect_stdout(printed):
-        rc = main(["export", "--model", "smollm2-135m", "--probe", f"{probe}:sentiment", "--out", str(out), "--json"])
+        rc = main(argv + ["--weights", weights])
     assert rc == 0, printed.getvalue()
-    seconds = time.perf_counter() - t0
     summary = json.loads(printed.getvalue().strip().splitlines()[-1])
-    return SimpleNamespace(path=out, probe=probe, summary=summary, seconds=seconds, train_acc=train_acc)
+    return SimpleNamespace(path=out, probe=probe, summary=summary, seconds=time.perf_counter() - t0)
+
+
+@pytest.fixture(scope="session")
+def real_artifact(real_backbone, tmp_path_factory):
+    """SmolLM2-135M exported once per session with fp32 weights (exact parity with transformers;
+    ~3 min on 2 cores) and a quickly trained sentiment probe fused as ``sentiment``: shared by the
+    export, runtime and Ray tests. -> namespace(path, probe (the probe folder), summary (export
+    --json), seconds, train_acc)."""
+    root = tmp_path_factory.mktemp("smollm2")
+    probe, train_acc = quick_probe(real_backbone, root / "sst2-gate")
+    art = export_real(probe, root / "smollm2", "fp32")
+    art.train_acc = train_acc
+    return art
+
+
+@pytest.fixture(scope="session")
+def real_int4_artifact(real_artifact, tmp_path_factory):
+    """The same probe on the default export (``--weights int4``)."""
+    return export_real(real_artifact.probe, tmp_path_factory.mktemp("smollm2-int4") / "smollm2-int4", "int4")

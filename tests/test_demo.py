@@ -15,7 +15,7 @@ def _fake_stages(monkeypatch, calls: list, reuse: bool):
     monkeypatch.setattr(demo, "current_recipe", lambda probe: reuse)
     monkeypatch.setattr(demo, "extract", lambda model, cache_dir, data_dir: calls.append(("extract", model)) or bb)
     monkeypatch.setattr(demo, "train", lambda b, probe, c, d: calls.append(("train", b is bb)))
-    monkeypatch.setattr(demo, "evaluate", lambda b, probe, c, d: calls.append(("eval", b is bb)))
+    monkeypatch.setattr(demo, "evaluate", lambda b, probe, c, d, *where: calls.append(("eval", b is bb)))
     monkeypatch.setattr(demo, "export", lambda b, probe, art, model, c: calls.append(("export", b is bb)))
     monkeypatch.setattr(demo, "validate", lambda b, art, c: calls.append(("validate", b is bb)))
 
@@ -35,7 +35,7 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     calls = []
     _fake_stages(monkeypatch, calls, reuse)
     out = tmp_path / "demo"
-    probe, art = out / "probe-toxicchat-gate", out / "artifact"
+    probe, art = out / "probe-mixture-gate", out / "artifact"
     if reuse:
         art.mkdir(parents=True)
         (art / "manifest.json").write_text("{}")
@@ -47,8 +47,8 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
         []
         if reuse
         else [
-            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset toxicchat --probe gate --out {probe} "
-            "--limit 1200 --val-limit 400 --trials 1 --epochs 8"
+            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {demo.MIXTURE} --probe gate "
+            f"--out {probe} --limit 800 --val-limit 200 --trials 1 --epochs 8"
         ]
     )
     stage4 = (
@@ -57,12 +57,13 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
         else [f"$ singlepass export --model smollm2-135m --probe {probe}:safety --out {art} --force"]
     )
     assert _commands(text) == [
-        "== 1/5 extract: hidden states [L+1, B, T, d] of a ToxicChat training subset",
-        "$ singlepass extract --model smollm2-135m --data-dir /d --dataset toxicchat --split train --limit 1200",
-        "== 2/5 train: a quick gate probe (safety)",
+        "== 1/5 extract: hidden states [L+1, B, T, d] of a safety mixture's training rows",
+        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {demo.MIXTURE} --split train --limit 800",
+        "== 2/5 train: a quick gate probe (safety), trained on the mixture",
         *train,
-        "== 3/5 eval: on ToxicChat human-annotated test rows",
+        "== 3/5 eval: on ToxicChat human-annotated test rows and WildGuardTest's untouched part",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset toxicchat --split test_human --limit 400",
+        f"$ singlepass eval --probe {probe} --data-dir /d --dataset wildguardmix --split test_untouched --limit 200",
         "== 4/5 export: one graph for tokens + labels, validated against PyTorch",
         *stage4,
         "== 5/5 generate: text and labels from the one fused pass (report-only policy)",
@@ -74,7 +75,9 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     # one backbone from stage 1 for every stage that takes one; one runtime for both generate runs
     assert calls[0] == ("extract", "smollm2-135m")
     assert [c for c in calls if c[0] in ("train", "eval", "export", "validate")] == (
-        [("eval", True), ("validate", True)] if reuse else [("train", True), ("eval", True), ("export", True)]
+        [("eval", True), ("eval", True), ("validate", True)]
+        if reuse
+        else [("train", True), ("eval", True), ("eval", True), ("export", True)]
     )
     assert calls[-2:] == [("generate", None, False), ("generate", ["safety=block:0.5"], True)]
 
@@ -166,7 +169,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
     pytest.importorskip("torch")
     import numpy as np
 
-    from singlepass.models import backbone, cache, data, probe_io, train
+    from singlepass.models import backbone, cache, data, mixture, probe_io, train
     from singlepass.models.commands import cmd_extract, cmd_train
 
     class Src:
@@ -186,6 +189,15 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
     seen = []
     monkeypatch.setattr(data, "load_dataset", lambda name, split, d=None, limit=None, **kw: (name, split, limit))
     monkeypatch.setattr(data, "describe", lambda ds: f"{ds[0]}/{ds[1]}: {ds[2]} rows")
+
+    class Mixture:  # the demo's mixture: its train / validation rows named by (spec, part, limit)
+        def __init__(self, text, d=None, limit=None, val_limit=None, **kw):
+            self.sources = text.split(",")
+            self.train, self.validation = (text, "train", limit), (text, "validation", val_limit)
+            self.report = {"toxicchat": {"weight": 1.0, "train_rows": limit, "validation_rows": val_limit}}
+
+    monkeypatch.setattr(mixture, "load_mixture", Mixture)
+    monkeypatch.setattr(mixture, "describe_mixture", lambda m: [f"  {n}: {r}" for n, r in m.report.items()])
     monkeypatch.setattr(backbone, "load_backbone", lambda *a, **kw: BB())
     monkeypatch.setattr(cache, "build", lambda bb, ds, *a, **kw: seen.append(("build", ds, a, kw)) or Cache())
 
@@ -208,7 +220,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         model="smollm2-135m",
         cache_dir=None,
         data_dir="/d",
-        dataset="toxicchat",
+        dataset=demo.MIXTURE,
         split="train",
         limit=demo.TRAIN_LIMIT,
         prompt_format="chat",
@@ -231,7 +243,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         model="smollm2-135m",
         cache_dir=None,
         data_dir="/d",
-        dataset="toxicchat",
+        dataset=demo.MIXTURE,
         probe="gate",
         out=str(probe),
         seed=0,

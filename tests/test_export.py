@@ -261,3 +261,83 @@ def test_exported_attention_equals_transformers_eager_with_left_padding(tiny_bac
         cfg._attn_implementation = before
     for r, g in zip(ref, got):
         torch.testing.assert_close(g, r, atol=1e-5, rtol=1e-4)
+
+
+# Every hidden-state family and option in one graph: each probe's per-layer form fused on the stream.
+ALL_OPTIONS = {
+    **{
+        f"pool-{t}-{lp}": ("pooling", {"token_pool": t, "layer_pool": lp})
+        for t in ("mean", "max")
+        for lp in ("mean", "max")
+    },
+    **{f"gate-{n}": ("gate", {"input_norm": n}) for n in ("standard", "rms", "none")},
+    **{f"mha-{p}": ("mha", {"factor": 8, "heads": 2, "pool": p, "input_norm": "standard"}) for p in ("mean", "max")},
+    "last": ("last-token", {}),
+}
+STACKING = {"Unsqueeze", "Reshape", "Identity", "Cast", "Squeeze", "Flatten"}  # shape-only or no-op steps
+
+
+def stacked_copies(model, tensors: list[str]) -> int:
+    """Concat nodes reached from the given [B, T, d] tensors through shape-only steps: a copy of them."""
+    readers = {}
+    for n in model.graph.node:
+        for i in n.input:
+            readers.setdefault(i, []).append(n)
+    found, todo, seen = set(), list(tensors), set()
+    while todo:
+        for n in readers.get(todo.pop(), []):
+            if n.op_type == "Concat":
+                found.add(n.name)
+            elif n.op_type in STACKING and n.name not in seen:
+                seen.add(n.name)
+                todo.extend(n.output)
+    return len(found)
+
+
+def test_fused_probes_read_each_layer_where_it_is(tmp_path, tiny_backbone):
+    """The fused probes' inputs are the residual-stream tensors themselves (one fp32 boundary Cast each),
+    the graph stacks no [L+1, B, T, d] copy unless --keep-hidden-states asks for it, and every family and
+    option still equals the torch probe on the stacked states."""
+    from singlepass.export.llm import export_decoder
+    from singlepass.export.pipeline import build_graph, load_probes, parse_probe_specs
+    from singlepass.models.probe_io import load_probe, read_config, save_probe
+    from singlepass.models.prompts import encode
+
+    dirs = {}
+    for k, (name, (method, params)) in enumerate(ALL_OPTIONS.items()):
+        dirs[name] = make_probe(tmp_path / name, tiny_backbone, method, 3 if "mha" in name else 2, seed=k, **params)
+        if params.get("input_norm") == "standard":  # non-trivial per-layer statistics
+            module, _ = load_probe(dirs[name])
+            L1, d = module.num_layers, module.hidden_size
+            module.set_input_statistics(torch.randn(L1, d), torch.rand(L1, d) + 0.5)
+            save_probe(dirs[name], module, read_config(dirs[name]))
+    probes = load_probes(parse_probe_specs([f"{d}:{n}" for n, d in dirs.items()]), tiny_backbone)
+    decoder = export_decoder(tiny_backbone.model, opset=18, cache_key=tiny_backbone.fingerprint["sha256"])
+    model, stream = build_graph(decoder, tiny_backbone, probes, False, False)[:2]
+    producers = {o: n for n in model.graph.node for o in n.output}
+    for name in ALL_OPTIONS:
+        for i, h in enumerate(stream.hidden_states):
+            node = producers.get(f"{name}/state_{i}")
+            if name == "last" and i < len(stream.hidden_states) - 1:
+                assert node is None  # a fixed readout reads its one layer only
+                continue
+            assert (node.op_type, list(node.input)) == ("Cast", [h]), (name, i)
+    assert stacked_copies(model, stream.hidden_states) == 0
+    assert "hidden_states" not in {t for n in model.graph.node for t in n.output}
+    debug = build_graph(decoder, tiny_backbone, probes[:1], True, False)[0]
+    assert stacked_copies(debug, stream.hidden_states) == 1  # the stack exists as the debug output only
+    assert "hidden_states" in {o.name for o in debug.graph.output}
+
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    inputs = {i.name: i for i in sess.get_inputs()}
+    enc = encode(tiny_backbone.tokenizer, TEXTS, "chat", 256)
+    for side in ("left", "right"):
+        ids, mask, pos = pad_batch(enc.ids, tiny_backbone.tokenizer.pad_token_id, side)
+        feed = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
+        for n, i in inputs.items():
+            if n.startswith("past_key_values"):
+                feed[n] = np.zeros((len(ids), i.shape[1], 0, i.shape[3]), np.float32)
+        out = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, feed)))
+        _, _, probs = reference(tiny_backbone, dirs, ids, mask, pos)
+        for name in ALL_OPTIONS:
+            np.testing.assert_allclose(out[f"{name}/probs"], probs[name], rtol=0, atol=1e-5, err_msg=name)

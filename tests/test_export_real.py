@@ -30,3 +30,26 @@ def test_export_validate_and_preflight_smollm2(real_artifact):
     fr = r["fp16_range"]
     assert 1e4 < max(fr["hidden_states_max"]) < 65504  # SmolLM2's massive activations (~2.5e4) fit fp16
     assert r["ok"]
+
+
+def test_int4_export_of_smollm2(real_int4_artifact, real_artifact):
+    """The default export: 4-bit layers, 8-bit lm_head (the GGUF's Q4_1 / Q8_0 blocks carried over),
+    validated against the reference holding the same weights; it generates what the fp32 artifact
+    generates, with the same labels; TensorRT refuses it with the way out."""
+    from singlepass.runtime.api import load
+
+    out, summary = real_int4_artifact.path, real_int4_artifact.summary
+    m = json.loads((out / "manifest.json").read_text())
+    w, v = m["graph"]["weights"], m["validation"]
+    assert summary["weights"] == "int4" and w["matmuls"] == 211  # 30 layers x 7 projections + the lm_head
+    assert w["params"]["lm_head.weight"] == 8 and w["bytes_after"] < w["bytes_before"] / 5
+    assert v["passed"] and v["precision"] == "int4" and v["token_agreement"] >= 0.9
+    assert 150e6 < summary["bytes"] < 300e6  # int4 layers + the fp32 embedding table of the Gather
+    print(f"\nSmolLM2 int4 export: {real_int4_artifact.seconds:.0f} s, {summary['bytes'] / 2**20:.0f} MiB, {summary}")
+    prompts = ["What is the capital of France?", "I loved this film, it was wonderful.", "A dull, boring mess."]
+    q, f = load(out).generate(prompts, 12), load(real_artifact.path).generate(prompts, 12)
+    assert "Paris" in q[0].text
+    for a, b in zip(q, f):
+        assert a.labels["sentiment"].label == b.labels["sentiment"].label
+        assert abs(a.labels["sentiment"].score - b.labels["sentiment"].score) < 0.2  # a 16-sentence probe
+    assert main(["build-engine", str(out), "--check-only"]) == 2

@@ -82,6 +82,59 @@ def test_standardised_inputs_are_masked_and_use_the_given_statistics(method):
     assert count_parameters(probe) == count_parameters(build_method(method, 4, 16, 2, **PARAMS[method]))
 
 
+def test_topk_token_pooling_is_the_mean_of_each_dimensions_strongest_real_tokens():
+    """MultiMax-style pooling: per layer and dimension, the mean of the top_k largest values over the
+    real tokens (all of them when a row is shorter); top_k=1 is max pooling; padding never counts."""
+    torch.manual_seed(0)
+    states, lengths = random_batch()
+    for k in (1, 3, 20):
+        probe = build_method("pooling", 4, 16, 2, token_pool="topk", top_k=k, input_norm="none").eval()
+        x, mask = pad(states, lengths, 12, "left", 1e4)
+        got = probe.tokens(x, mask.float()[None, :, :, None], slice(0, 4))  # [L+1, B, d]
+        for j, n in enumerate(lengths):
+            top = states[:, j, :n].sort(dim=1, descending=True).values[:, : min(k, n)]  # [L+1, k', d]
+            torch.testing.assert_close(got[:, j], top.mean(1))
+    mx = build_method("pooling", 4, 16, 2, token_pool="max").eval()
+    one = build_method("pooling", 4, 16, 2, token_pool="topk", top_k=1).eval()
+    one.load_state_dict(mx.state_dict())
+    torch.testing.assert_close(
+        one(*pad(states, lengths, 12, "right", 1e4)), mx(*pad(states, lengths, 12, "right", 1e4))
+    )
+    for bad in (0, 2.5, "4"):
+        with pytest.raises(ValueError, match="top_k"):
+            build_method("pooling", 4, 16, 2, token_pool="topk", top_k=bad)
+    with pytest.raises(ValueError, match="token_pool"):
+        build_method("pooling", 4, 16, 2, token_pool="multi")
+
+
+@pytest.mark.parametrize("top_k", [2, 64])  # 64: more than two of the three prompts hold
+def test_topk_pooling_exports_to_onnx_equal_to_both_torch_forms(tiny_backbone, top_k):
+    """The tiny model's real hidden states: forward (stacked), forward_layers (the exported form) and
+    the exported ONNX probe graph agree on padded batches of other sizes than the trace's, prompts
+    shorter than top_k included (the graph's TopK takes any sequence length)."""
+    import onnxruntime as ort
+
+    from singlepass.export.fuse import export_probe, state_names
+    from singlepass.models.extract import extract
+
+    texts = ["hi", "a longer prompt about foxes and dogs and cats", "what is the capital of France?"]
+    states, mask, _ = extract(tiny_backbone, texts)  # [L+1, B, T, d], [B, T]
+    L1, d = states.shape[0], states.shape[-1]
+    torch.manual_seed(0)
+    probe = build_method("pooling", L1, d, 2, token_pool="topk", top_k=top_k, input_norm="standard").eval()
+    probe.set_input_statistics(torch.randn(L1, d) * 0.1, torch.rand(L1, d) + 0.5)
+    with torch.no_grad():
+        probe.head.weight.normal_(0, 0.5)
+    graph = export_probe(probe, "hidden_states", L1, d, tiny_backbone.model.config.vocab_size, 18)
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        ref = probe(states, mask)
+        torch.testing.assert_close(probe.forward_layers(list(states), mask), ref, rtol=1e-5, atol=1e-6)
+    feed = {n: states[i].numpy() for i, n in enumerate(state_names(L1))} | {"mask": mask.numpy()}
+    logits = sess.run(["logits"], {k: v for k, v in feed.items() if k in {i.name for i in sess.get_inputs()}})[0]
+    np.testing.assert_allclose(logits, ref.numpy(), rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["mha", "pooling"])
 @pytest.mark.parametrize("pool", ["max"])
 def test_max_pooling_variants_are_masked_too(method, pool):
@@ -186,3 +239,29 @@ def test_family_descriptors_declare_what_their_modules_do():
             assert out.shape == (4, 1), name
         assert family.fit_buffers is None or family.head_only  # self-standardising features are precomputed
         assert family.recipe is None or family.sample_params is None  # a fixed recipe is never searched
+
+
+PER_LAYER_CASES = (
+    [("pooling", {"token_pool": t, "layer_pool": lp}) for t in ("mean", "max") for lp in ("mean", "max")]
+    + [("pooling", {"token_pool": "topk", "top_k": k, "input_norm": "standard"}) for k in (1, 3, 20)]
+    + [("gate", {"input_norm": n}) for n in ("standard", "rms", "none")]
+    + [("mha", {"factor": 4, "heads": 2, "pool": p, "input_norm": "standard"}) for p in ("mean", "max")]
+    + [("mha", {"factor": 8, "heads": 1, "pool": "mean", "input_norm": "none"})]
+    + [("last-token", {}), ("mean-final", {})]
+)
+
+
+@pytest.mark.parametrize("method,params", PER_LAYER_CASES, ids=lambda c: str(c))
+def test_per_layer_form_equals_the_stacked_form(method, params):
+    """forward_layers (the exported form: stage 1 one layer at a time) is forward on the stacked states."""
+    torch.manual_seed(0)
+    probe = build_method(method, 4, 16, 3, **params).eval()
+    if params.get("input_norm") == "standard":
+        probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    states, lengths = random_batch()
+    for side in ("left", "right"):
+        x, mask = pad(states, lengths, 12, side, 1e4)
+        ref = probe(x, mask)
+        torch.testing.assert_close(probe.forward_layers(list(x), mask), ref, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="reads 4 layers"):
+        probe.forward_layers(list(x[:3]), mask)

@@ -242,9 +242,11 @@ def test_probe_attention_mask_is_the_current_steps_columns():
 
 
 def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
+    """The probe's per-layer inputs read the residual-stream tensors where they are; its outputs equal
+    the torch probe on the stacked states (exposed here as a debug output)."""
     import torch
 
-    from singlepass.export.fuse import export_probe
+    from singlepass.export.fuse import export_probe, state_names
     from singlepass.models.probes import build_probe, probabilities
 
     toy = Toy(layers=2)
@@ -255,24 +257,30 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
     torch.manual_seed(0)
     probe = build_probe("gate", 3, D, 2).eval()
     graph = export_probe(probe, "hidden_states", 3, D, V, 18)
-    outs = surgery.fuse_probe(host, graph, "tox", {"states": hs, "mask": surgery.probe_attention_mask(host, s)})
+    layers = dict(zip(state_names(3), s.hidden_states))
+    outs = surgery.fuse_probe(host, graph, "tox", layers | {"mask": surgery.probe_attention_mask(host, s)})
     assert outs == ["tox/logits", "tox/probs"]
     host.cleanup().toposort()
     model = surgery.to_model(host)
     onnx.checker.check_model(model)
-    # the explicit fp32 Cast at the probe boundary stays
-    assert [n.op_type for n in model.graph.node if list(n.output) == ["tox/states"]] == ["Cast"]
+    # the explicit fp32 Cast at the probe boundary stays, one per layer, on the stream tensor itself
+    for name, src in layers.items():
+        assert [(n.op_type, list(n.input)) for n in model.graph.node if list(n.output) == [f"tox/{name}"]] == [
+            ("Cast", [src])
+        ]
     f = feeds()
     out = run(model, f)
     with torch.no_grad():
         ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
     np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6)
     with pytest.raises(SurgeryError, match="collides"):  # same prefix twice
-        surgery.fuse_probe(host, graph, "tox", {"states": hs, "mask": "attention_mask"})
+        surgery.fuse_probe(host, graph, "tox", layers | {"mask": "attention_mask"})
     with pytest.raises(SurgeryError, match="opset"):
         surgery.fuse_probe(
-            host, export_probe(probe, "hidden_states", 3, D, V, 17), "other", {"states": hs, "mask": "attention_mask"}
+            host, export_probe(probe, "hidden_states", 3, D, V, 17), "other", layers | {"mask": "attention_mask"}
         )
+    with pytest.raises(SurgeryError, match="takes inputs"):  # a layer left unfed
+        surgery.fuse_probe(host, graph, "third", {"state_0": layers["state_0"], "mask": "attention_mask"})
 
 
 def test_cleanup_and_toposort():

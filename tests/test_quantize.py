@@ -1,0 +1,145 @@
+"""--weights int4/int8: the block quantisers, the MatMulNBits transformation on a tiny generated
+graph (ONNX Runtime against numpy), and a quantised export of the tiny model validated end to end."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import onnx_graphsurgeon as gs
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from singlepass.errors import SinglepassError
+from singlepass.export import quantize as Q
+
+
+def q4_1_weights(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """Weights [N, K] laid out as GGUF Q4_1 blocks: d * q + m, q in 0..15 (both ends used)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.01, 0.05, (n, k // 32, 1)).astype(np.float32)
+    z = rng.integers(2, 14, (n, k // 32, 1)).astype(np.float32)
+    return (d * (q - z)).reshape(n, k)  # m = -z * d: an offset the integer zero point holds exactly
+
+
+def test_4bit_carries_q4_1_blocks_exactly_when_the_offset_is_a_multiple_of_the_scale():
+    w = q4_1_weights(8, 64)
+    packed, scales, zp, deq = Q.quantize_4bit(w)
+    assert packed.shape == (8, 2, 16) and scales.shape == (8, 2) and zp.shape == (8, 1)
+    np.testing.assert_allclose(deq.reshape(8, 64), w, atol=1e-6)
+    np.testing.assert_array_equal(Q.dequantize(packed, scales, zp, 4, 64), deq.reshape(8, 64))
+
+
+def test_4bit_error_is_within_half_a_step_for_any_weights():
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((16, 96)).astype(np.float32) * 0.1  # K = 96: three blocks
+    w[0, :32] = np.linspace(0.5, 0.6, 32)  # a block far from zero: its range is widened to include 0
+    packed, scales, zp, deq = Q.quantize_4bit(w)
+    step = scales[..., None]  # [N, nb, 1]
+    x = w.reshape(16, 3, 32)
+    assert (np.abs(deq - x) <= step + 1e-6).all()  # half a step from rounding q, half from rounding the offset
+    assert np.abs(deq - x).max() < 0.1
+    np.testing.assert_array_equal(Q.dequantize(packed, scales, zp, 4, 96), deq.reshape(16, 96))
+
+
+def test_8bit_carries_q8_0_blocks_exactly():
+    rng = np.random.default_rng(2)
+    d = rng.uniform(0.001, 0.01, (4, 2, 1)).astype(np.float32)
+    q = rng.integers(-127, 128, (4, 2, 32)).astype(np.float32)
+    q[..., 0] = 127
+    w = (d * q).reshape(4, 64)
+    packed, scales, zp, deq = Q.quantize_8bit(w)
+    assert zp is None and packed.dtype == np.uint8
+    np.testing.assert_array_equal(deq.reshape(4, 64), w)
+    np.testing.assert_array_equal(Q.dequantize(packed, scales, None, 8, 64), w)
+
+
+def _matmul_graph(w_kn: np.ndarray, tied: np.ndarray) -> onnx.ModelProto:
+    """x [B, T, K] -> MatMul(x, W [K, N]) -> MatMul(., Transpose(E [V, N])) (a tied head) -> y."""
+    nodes = [
+        helper.make_node("MatMul", ["x", "W"], ["h"], name="proj"),
+        helper.make_node("Transpose", ["E"], ["Et"], perm=[1, 0]),
+        helper.make_node("MatMul", ["h", "Et"], ["y"], name="head"),
+    ]
+    k, n = w_kn.shape
+    g = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["B", "T", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["B", "T", tied.shape[0]])],
+        [numpy_helper.from_array(w_kn, "W"), numpy_helper.from_array(tied, "E")],
+    )
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+
+
+@pytest.mark.parametrize("weights", ["int4", "int8"])
+def test_matmulnbits_layout_matches_numpy(monkeypatch, weights):
+    """The packed blobs, scales and zero points mean what ONNX Runtime computes: with float
+    activations (accuracy level 0) the graph equals x @ dequantised weights."""
+    monkeypatch.setattr(Q, "ACCURACY_LEVEL", 0)
+    rng = np.random.default_rng(3)
+    w_kn = rng.standard_normal((64, 96)).astype(np.float32) * 0.1  # K=64, N=96
+    emb = rng.standard_normal((40, 96)).astype(np.float32) * 0.1  # tied head: V=40, width 96 (K of the head)
+    graph = gs.import_onnx(_matmul_graph(w_kn, emb))
+    s = Q.quantize_weights(graph, weights, list(graph.nodes), lm_head="head")
+    graph.cleanup().toposort()
+    model = gs.export_onnx(graph)
+    ops = [n.op_type for n in model.graph.node]
+    assert ops == ["MatMulNBits", "MatMulNBits"] and s.matmuls == 2
+    bits = {n.name: next(a.i for a in n.attribute if a.name == "bits") for n in model.graph.node}
+    assert bits == ({"proj": 4, "head": 8} if weights == "int4" else {"proj": 8, "head": 8})
+    x = rng.standard_normal((2, 3, 64)).astype(np.float32)
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    qw = {n.name: n for n in model.graph.node}
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+
+    def deq(node) -> np.ndarray:  # [N, K]
+        a = {x.name: x.i for x in node.attribute}
+        zp = inits[node.input[3]] if len(node.input) > 3 else None
+        return Q.dequantize(inits[node.input[1]], inits[node.input[2]], zp, a["bits"], a["K"])
+
+    want = (x @ deq(qw["proj"]).T) @ deq(qw["head"]).T
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+    exact = (x @ w_kn) @ emb.T
+    assert np.abs(want - exact).max() < 0.15 * np.abs(exact).max()  # and close to the fp32 function
+
+
+def test_fp32_leaves_the_graph_alone_and_bad_precision_is_refused():
+    graph = gs.import_onnx(_matmul_graph(np.ones((64, 32), np.float32), np.ones((8, 32), np.float32)))
+    assert Q.quantize_weights(graph, "fp32", list(graph.nodes), "head").matmuls == 0
+    assert [n.op for n in graph.nodes] == ["MatMul", "Transpose", "MatMul"]
+    with pytest.raises(SinglepassError, match="int3"):
+        Q.quantize_weights(graph, "int3", list(graph.nodes), "head")
+
+
+def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
+    """The whole path: quantised graph, weights named after their parameters, validation against
+    the reference holding the same weights, the runtime generating from it."""
+    from export_helpers import make_probe
+
+    from singlepass.export.pipeline import export_artifact
+    from singlepass.runtime.api import generate
+
+    probe = make_probe(tmp_path / "p", tiny_backbone, "gate")
+    art = tmp_path / "art"
+    s = export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, weights="int4", log=lambda m: None)
+    assert s["weights"] == "int4"
+    m = json.loads((art / "manifest.json").read_text())
+    w = m["graph"]["weights"]
+    linear = sum(1 for n, mod in tiny_backbone.model.named_modules() if type(mod).__name__ == "Linear")
+    assert w["weights"] == "int4" and w["matmuls"] == linear and len(w["params"]) == linear
+    assert w["params"]["lm_head.weight"] == 8 and set(w["params"].values()) == {4, 8}
+    assert w["bytes_after"] < w["bytes_before"] / 3
+    assert m["validation"]["passed"] and m["validation"]["precision"] == "int4"
+    ref = Q.graph_weights(art)
+    assert set(ref) == set(w["params"])
+    q = tiny_backbone.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().numpy()
+    assert 0 < np.abs(ref["model.layers.0.mlp.down_proj.weight"] - q).max() < 0.1
+    out = generate(str(art), "hello there", max_new_tokens=4)
+    assert 1 <= len(out.token_ids) <= 4 and "safety" in out.labels
+    with pytest.raises(SinglepassError, match="weights must be one of"):
+        export_artifact(tmp_path / "bad", [f"{probe}:safety"], backbone=tiny_backbone, weights="int3")

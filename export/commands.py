@@ -90,6 +90,7 @@ def cmd_build_engine(args) -> int:
 
 
 def register(sub) -> None:
+    from singlepass.export.llm import DEFAULT_OPSET
     from singlepass.export.quantize import DEFAULT_WEIGHTS, WEIGHTS
 
     p = sub.add_parser("export", help="one ONNX graph: next-token logits + KV cache + fused probe labels")
@@ -121,7 +122,13 @@ def register(sub) -> None:
         action="store_true",
         help="return logits for every position (default: prefill computes the last position only)",
     )
-    p.add_argument("--opset", type=int, default=18, help="ONNX opset of singlepass's own export (default: 18)")
+    p.add_argument(
+        "--opset",
+        type=int,
+        default=DEFAULT_OPSET,
+        help="ONNX opset of singlepass's own export (default: %(default)s: fused Attention, RotaryEmbedding and "
+        "RMSNormalization; 18 for runtimes without them, e.g. TensorRT)",
+    )
     p.add_argument(
         "--weights",
         choices=WEIGHTS,

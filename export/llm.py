@@ -22,7 +22,7 @@ import contextlib
 import io
 import warnings
 
-DEFAULT_OPSET = 18
+DEFAULT_OPSET = 23  # ONNX's Attention, RotaryEmbedding and RMSNormalization (export/attention.py)
 CACHE_MAX_PARAMS = 20_000_000  # small decoders (tests) keep their exported graph for the process
 _CACHE: dict[tuple, bytes] = {}
 PAST = "past_key_values.{i}.{kind}"
@@ -118,7 +118,7 @@ def export_decoder(
         args = (ids, mask) + args[2:]
     wrapper = _wrapper(model, with_past, with_positions)
     ctx = contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext()
-    with warnings.catch_warnings(), ctx, exporting_attention(model):
+    with warnings.catch_warnings(), ctx, exporting_attention(model, opset):
         warnings.simplefilter("ignore")
         if exporter == "dynamo":
             from torch.export import Dim

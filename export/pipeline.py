@@ -247,7 +247,7 @@ def export_artifact(
     force: bool = False,
     keep_hidden_states: bool = False,
     all_logits: bool = False,
-    opset: int = 18,
+    opset: int | None = None,
     weights: str = DEFAULT_WEIGHTS,
     max_batch: int = 8,
     max_prompt_length: int | None = None,
@@ -267,6 +267,9 @@ def export_artifact(
     check_out_dir(out, force)
     if weights not in WEIGHTS:
         raise SinglepassError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    from singlepass.export.llm import DEFAULT_OPSET
+
+    opset = opset or DEFAULT_OPSET
     if onnx_path is not None:
         foreign = load_onnx(Path(onnx_path))
     if backbone is None:

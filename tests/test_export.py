@@ -88,7 +88,7 @@ def test_artifact_contract(artifact, tiny_backbone, probe_dirs):
     assert not [f for f in artifact.parent.iterdir() if f.name.startswith(".")]  # no temporary folder left
     g, b = m["graph"], m["backbone"]
     L = tiny_backbone.num_layers
-    assert (m["format"], m["version"], g["opset"]) == ("singlepass-artifact", 1, 18)
+    assert (m["format"], m["version"], g["opset"]) == ("singlepass-artifact", 1, 23)
     assert b["sha256"] == tiny_backbone.fingerprint["sha256"]
     assert (b["num_layers"], b["num_kv_heads"], b["head_dim"], b["hidden_size"], b["vocab_size"]) == (L, 2, 16, 64, 300)
     inputs = {i["name"]: i for i in g["inputs"]}
@@ -236,9 +236,11 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     assert "does not match the PyTorch reference (worst: emo/" in err and "NO" in err
 
 
-def test_exported_attention_equals_transformers_eager_with_left_padding(tiny_backbone):
-    """The grouped-query attention singlepass exports (no repeat_kv) against the oracle,
-    transformers' eager attention: same logits and cache for a left-padded batch with a past."""
+@pytest.mark.parametrize("opset,name", [(18, "singlepass_gqa"), (23, "singlepass_gqa_onnx")])
+def test_exported_attention_equals_transformers_eager_with_left_padding(tiny_backbone, opset, name):
+    """The grouped-query attention singlepass exports (no repeat_kv; from opset 23 ONNX's Attention
+    through torch.onnx.ops.attention) against the oracle, transformers' eager attention: same
+    logits and cache for a left-padded batch with a past."""
     import torch
 
     from singlepass.export.attention import exporting_attention
@@ -254,9 +256,9 @@ def test_exported_attention_equals_transformers_eager_with_left_padding(tiny_bac
     try:
         with torch.no_grad():
             ref = wrapper(ids, mask, pos, kv)
-            with exporting_attention(model) as used:
+            with exporting_attention(model, opset) as used:
                 got = wrapper(ids, mask, pos, kv)
-                assert used and cfg._attn_implementation == "singlepass_gqa"
+                assert used and cfg._attn_implementation == name
     finally:
         cfg._attn_implementation = before
     for r, g in zip(ref, got):

@@ -66,8 +66,13 @@ class LlamaCppRunner:
             verbose=False,
         )
 
+    def logits(self) -> np.ndarray:
+        """[V] logits of the last token evaluated (with ``logits_all=False`` llama-cpp-python 0.3
+        no longer copies them into ``Llama.scores``: they are read from the context)."""
+        return np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.llm.n_vocab(),))
+
     def _next(self) -> int:
-        return int(np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
+        return int(np.argmax(self.logits()))
 
     def prefill(self, ids: list[int]) -> int:
         self.llm.reset()

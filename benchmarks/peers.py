@@ -60,6 +60,9 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--data-dir", default=None)
     add_out_arg(p)
     p.add_argument("--table-only", action="store_true", help="rewrite peers.md/png from peers.json")
+    p.add_argument(
+        "--quality-only", action="store_true", help="rerun only the quality table into the stored peers.json"
+    )
     return p
 
 
@@ -382,6 +385,15 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     args.cache_root = cache_root(args.cache_dir)
+    if args.quality_only:
+        res = json.loads((out / "peers.json").read_text())
+        prep = prepare(args)
+        res["quality"] = quality(args, prep["quality"], prep["gguf"])
+        res["quality_command"] = command
+        atomic_write_json(out / "peers.json", res)
+        write_report(res, out)
+        print((out / "peers.md").read_text())
+        return 0
     machine = ort_machine()
     log(f"machine: {machine['cpu']}, {machine['cpu_count']} cores, load average {machine['loadavg']}")
     t0 = time.perf_counter()

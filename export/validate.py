@@ -40,10 +40,11 @@ from singlepass.errors import SinglepassError
 # token_agreement: the share of greedy decode steps (rows x steps) whose tokens must agree.
 TOLERANCES = {
     "fp32": {"probs": 1e-4, "logits": 1e-3, "hidden_states_relative": 1e-4, "token_agreement": 1.0},
-    # quantised: measured on SmolLM2-135M int4 (gate probe) probs 0.013, logits 1.84 (logits reach ~30), tokens
-    # 63/63; on the tiny test model int8 probs 0.024 (a decode step's one-token probe), logits 0.06
-    "int8": {"probs": 5e-2, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
-    "int4": {"probs": 5e-2, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
+    # quantised: measured on SmolLM2-135M int4, pooling + gate + MHA probes: probs 0.064 (pooling, over one
+    # decode-step token; 0.014 in prefill), logits 1.93 (logits reach ~30), tokens 62/63; tiny model int8: probs
+    # 0.024, logits 0.06. What differs is ONNX Runtime's int8 activations inside MatMulNBits (accuracy level 4).
+    "int8": {"probs": 0.1, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
+    "int4": {"probs": 0.1, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
 }
 DECODE_STEPS = 20
 PROMPTS = [

@@ -1,0 +1,107 @@
+"""``singlepass bench peers``: the measuring worker on real (tiny) artifacts, and the ratios and
+target marks of its report from a known result. The peers themselves (llama.cpp,
+onnxruntime-genai's builder output) are measured by the benchmark, not here."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from singlepass.benchmarks import peers
+
+
+@pytest.fixture(scope="module")
+def tiny_arts(tmp_path_factory, tiny_backbone):
+    from export_helpers import make_probe
+
+    from singlepass.export.pipeline import export_artifact
+
+    root = tmp_path_factory.mktemp("peers")
+    probe = make_probe(root / "p", tiny_backbone, "gate")
+    base = export_artifact(root / "base", [], backbone=tiny_backbone, log=lambda m: None)["artifact"]
+    gate = export_artifact(root / "gate", [f"{probe}:gate"], backbone=tiny_backbone, log=lambda m: None)["artifact"]
+    return {"base": base, "gate": gate}
+
+
+def test_timing_and_memory_workers_run_every_engine_on_every_prompt(tiny_arts):
+    engines = {n: {"kind": "singlepass", "path": p} for n, p in tiny_arts.items()}
+    prompts = [[1, 5, 7, 9], [3, 4], [8, 8, 8, 8, 8, 8]]
+    spec = {
+        "mode": "timing",
+        "threads": 1,
+        "engines": engines,
+        "prefill": prompts[:2],
+        "decode": prompts[2:],
+        "new_tokens": 3,
+        "repeats": 2,
+    }
+    raw = peers.worker(spec)
+    assert set(raw) == {"base", "gate"}
+    for r in raw.values():
+        assert [len(rep) for rep in r["prefill"]] == [2, 2] and [len(rep) for rep in r["decode"]] == [1, 1]
+        assert all(t > 0 for rep in r["prefill"] for t in rep)
+    s = peers.summarise(raw, prompts[:2], 3)
+    assert s["base"]["prefill_tok_s"] > 0 and s["gate"]["decode_tok_s"] > 0
+    mem = peers.worker({"mode": "memory", "threads": 1, "engine": engines["gate"], "prompts": prompts, "new_tokens": 2})
+    assert mem["peak_rss_mib"] >= mem["loaded_rss_mib"] > 0
+
+
+def test_unknown_engine_is_a_clear_error(tiny_arts):
+    from singlepass.benchmarks.peer_runners import make_runner
+    from singlepass.errors import SinglepassError
+
+    with pytest.raises(SinglepassError, match="unknown engine 'vllm'"):
+        make_runner({"kind": "vllm", "path": tiny_arts["base"]}, 1)
+
+
+def _engine(prefill_s: list[float], decode_s: list[float]) -> dict:
+    return {
+        "prefill_tok_s": 100 / prefill_s[0],
+        "decode_tok_s": 10 / decode_s[0],
+        "ttft_ms": 1.0,
+        "prefill_s_per_repeat": prefill_s,
+        "decode_s_per_repeat": decode_s,
+    }
+
+
+def test_ratios_pair_repeats_and_mark_targets(tmp_path):
+    """Ratios are medians of same-repeat ratios; a missed target says so."""
+    speed = {
+        "singlepass fp32": _engine([1.0, 1.0, 1.0], [4.0, 4.0, 4.0]),
+        "singlepass int4": _engine([0.5, 0.6, 0.5], [1.0, 1.2, 1.0]),
+        "singlepass int4 + pooling": _engine([0.5, 0.6, 0.5], [1.0, 1.2, 1.0]),
+        "singlepass int4 + gate": _engine([0.51, 0.612, 0.51], [1.0, 1.2, 1.0]),
+        "singlepass int4 + mha": _engine([0.55, 0.66, 0.55], [1.1, 1.32, 1.1]),
+        "llama.cpp": _engine([1.5, 1.8, 1.5], [1.5, 1.8, 1.5]),  # decode: int4 + gate is 1.5x faster
+        "onnxruntime-genai int4": _engine([0.4, 0.48, 0.4], [0.5, 0.6, 0.5]),
+    }
+    mem = {n: {"peak_rss_mib": 100.0} for n in speed}
+    mem["singlepass int4 + mha"] = {"peak_rss_mib": 110.0}
+    res = {"speed": {"2": speed}, "memory": mem}
+    d = peers.derived(res)
+    assert d["decode_vs_llama_cpp"]["singlepass int4 + gate"] == pytest.approx(1.5)
+    assert d["prefill_vs_llama_cpp"]["singlepass int4 + gate"] == pytest.approx(1.5 / 0.51)
+    assert d["overhead_prefill"]["gate"] == pytest.approx(0.02)
+    assert d["overhead_prefill"]["pooling"] == pytest.approx(0.0)
+    assert d["overhead_decode"]["mha"] == pytest.approx(0.1)
+    assert d["memory_over_base"]["mha"] == pytest.approx(0.1)
+    assert d["decode_vs_genai"] == pytest.approx(0.5)
+    res.update(
+        command="singlepass bench peers",
+        machine={"cpu": "test", "cpu_count": 2, "loadavg": [0, 0, 0]},
+        versions={"onnxruntime": "x", "onnxruntime_genai": "y", "llama_cpp": "z"},
+        n_prefill=24,
+        prefill_tokens=2400,
+        n_decode=8,
+        new_tokens=64,
+        repeats=3,
+        seconds=1.0,
+    )
+    peers.write_report(res, tmp_path)
+    md = (tmp_path / "peers.md").read_text()
+    assert "| decode tok/s, singlepass int4 + gate / llama.cpp | 1.50x | >= 1.2x | met |" in md
+    assert "| gate probe: prefill time over the int4 base (batch 1) | +2.0% | <= 1% | **missed** |" in md
+    assert "| mha probe: peak RSS over the int4 base | +10.0% | <= 5% | **missed** |" in md
+    assert (tmp_path / "peers.png").stat().st_size > 0
+    json.dumps(res)  # the stored result is plain JSON

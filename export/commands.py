@@ -127,7 +127,7 @@ def register(sub) -> None:
         type=int,
         default=DEFAULT_OPSET,
         help="ONNX opset of singlepass's own export (default: %(default)s: fused Attention, RotaryEmbedding and "
-        "RMSNormalization; 18 for runtimes without them, e.g. TensorRT)",
+        "RMSNormalization; 18: the decomposed graph, for runtimes without those ops)",
     )
     p.add_argument(
         "--weights",

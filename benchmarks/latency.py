@@ -54,16 +54,15 @@ from singlepass.benchmarks.outputs import add_out_arg, results_dir
 FULL_N = 2000
 
 
-def worker(spec: dict, timeout: float | None = None) -> dict:
-    """Run one measuring process (a fresh interpreter) and return its JSON result. The spec and
-    the result travel through a scratch folder that is deleted afterwards."""
-    with tempfile.TemporaryDirectory(prefix="singlepass-latency-") as tmp:
+def worker(spec: dict, timeout: float | None = None, module: str = "singlepass.benchmarks.latency_worker") -> dict:
+    """Run one measuring process (a fresh interpreter: ``python -m MODULE SPEC.json OUT.json``) and
+    return its JSON result. The spec and the result travel through a scratch folder that is deleted
+    afterwards."""
+    with tempfile.TemporaryDirectory(prefix="singlepass-bench-") as tmp:
         sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
         sp.write_text(json.dumps(spec, default=str))
         env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-        r = subprocess.run(
-            [sys.executable, "-m", "singlepass.benchmarks.latency_worker", str(sp), str(op)], env=env, timeout=timeout
-        )
+        r = subprocess.run([sys.executable, "-m", module, str(sp), str(op)], env=env, timeout=timeout)
         if r.returncode != 0:
             from singlepass.errors import SinglepassError
 

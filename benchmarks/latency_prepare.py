@@ -144,7 +144,6 @@ def artifact_current(folder: Path, specs: list[str], backbone_sha: str, weights:
     """Whether ``folder`` is an artifact of this backbone fusing exactly ``specs`` (same names,
     same probe weights) with decoder weights ``weights`` (fp32 / int8 / int4)."""
     from singlepass.errors import SinglepassError
-    from singlepass.export.manifest import read
     from singlepass.export.quantize import DEFAULT_WEIGHTS
     from singlepass.files import sha256_file
     from singlepass.runtime.contract import read_artifact
@@ -152,10 +151,9 @@ def artifact_current(folder: Path, specs: list[str], backbone_sha: str, weights:
     weights = weights or DEFAULT_WEIGHTS
     try:
         m = read_artifact(folder)
-        precision = (read(folder)["graph"].get("weights") or {}).get("weights", "fp32")
     except SinglepassError:  # missing, incomplete or of another manifest version
         return False
-    if m.backbone.get("sha256") != backbone_sha or len(m.probes) != len(specs) or precision != weights:
+    if m.backbone.get("sha256") != backbone_sha or len(m.probes) != len(specs) or m.graph.precision != weights:
         return False
     for p, s in zip(m.probes, specs):
         d, name = s.rsplit(":", 1)

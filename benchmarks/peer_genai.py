@@ -1,7 +1,6 @@
 """onnxruntime-genai as a peer of ``singlepass bench peers``: its own int4 CPU model of the backbone.
 
     out = build_genai_int4(backbone, cache / "genai" / "smollm2-int4")     # once (a stamp file)
-    r = measure_genai(out, [ids_1, ids_2], threads=2, new_tokens=32)
 
 ``build_genai_int4`` saves the backbone as a Hugging Face folder (the transformers model, which
 for a GGUF source is already dequantised, plus its tokenizer files) and runs onnxruntime-genai's
@@ -9,10 +8,7 @@ model builder on it (``python -m onnxruntime_genai.models.builder -i HF -o OUT -
 with the Hugging Face hub switched off. Its defaults are kept: int4 RTN weights (block 32,
 ``accuracy_level`` 4 on CPU), GroupQueryAttention, full-sequence prefill logits.
 
-``measure_genai`` runs the built folder with og: batch 1, greedy, ``intra_op_num_threads`` set
-through og's config overlay (``model.decoder.session_options``), and times each prompt's
-prefill (``append_tokens`` runs the prompt; the first ``generate_next_token`` picks the first
-token: together the time to the first token) and the decode of the remaining tokens.
+The benchmark runs the built folder with ``peer_runners.GenaiRunner`` (as any og model folder).
 """
 
 from __future__ import annotations
@@ -33,7 +29,7 @@ PRECISIONS = ("int4", "int8", "fp16", "fp32")
 BUILD_TIMEOUT_S = 3600
 
 
-def _og():
+def import_og():
     try:
         import onnxruntime_genai as og
     except ImportError:
@@ -59,7 +55,7 @@ def save_hf_folder(backbone, folder: Path) -> Path:
 
 
 def _stamp(backbone, precision: str) -> dict:
-    og = _og()
+    og = import_og()
     return {
         "backbone_sha256": backbone.fingerprint.get("sha256"),
         "precision": precision,
@@ -103,49 +99,3 @@ def build_genai_int4(backbone, out_dir, precision: str = "int4", cache_dir: str 
             )
         atomic_write_json(tmp / STAMP, {**want, "build_seconds": round(time.perf_counter() - t0, 1)})
     return out
-
-
-def _load(model_dir: Path, threads: int):
-    og = _og()
-    if not (Path(model_dir) / "genai_config.json").is_file():
-        raise SinglepassError(f"{model_dir}: no genai_config.json (not an onnxruntime-genai model folder)")
-    config = og.Config(str(model_dir))
-    options = {"intra_op_num_threads": int(threads)}
-    config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
-    return og, og.Model(config)
-
-
-def _one(og, model, ids: list[int], new_tokens: int) -> tuple[float, float, int]:
-    """Greedy generation of up to ``new_tokens`` -> (prefill s, decode s, tokens generated)."""
-    params = og.GeneratorParams(model)
-    params.set_search_options(do_sample=False, max_length=len(ids) + new_tokens)
-    gen = og.Generator(model, params)
-    t0 = time.perf_counter()
-    gen.append_tokens([list(ids)])  # runs the prompt
-    gen.generate_next_token()  # picks the first token from the prefill logits
-    t1 = time.perf_counter()
-    count = 1
-    while count < new_tokens and not gen.is_done():
-        gen.generate_next_token()
-        count += 1
-    return t1 - t0, time.perf_counter() - t1, count
-
-
-def measure_genai(model_dir, prompt_ids: list[list[int]], threads: int, new_tokens: int) -> dict:
-    """Run each prompt alone (batch 1, greedy) -> {"prefill_s": [...], "decode_s": [...],
-    "tokens": [...] (generated per prompt, the first included), "threads", "new_tokens"}.
-    Generation stops early at the model's end-of-sequence token, as og does by default."""
-    if not isinstance(threads, int) or threads < 1:
-        raise SinglepassError(f"threads must be an integer >= 1, not {threads!r}")
-    if not isinstance(new_tokens, int) or new_tokens < 1:
-        raise SinglepassError(f"new_tokens must be an integer >= 1, not {new_tokens!r}")
-    if not prompt_ids or any(not ids for ids in prompt_ids):
-        raise SinglepassError("measure_genai needs at least one prompt and no empty prompt")
-    og, model = _load(Path(model_dir), threads)
-    prefill, decode, tokens = [], [], []
-    for ids in prompt_ids:
-        p, d, n = _one(og, model, ids, new_tokens)
-        prefill.append(p)
-        decode.append(d)
-        tokens.append(n)
-    return {"prefill_s": prefill, "decode_s": decode, "tokens": tokens, "threads": threads, "new_tokens": new_tokens}

@@ -86,10 +86,9 @@ class LlamaCppRunner:
 
 class GenaiRunner:
     def __init__(self, path: str, threads: int):
-        try:
-            import onnxruntime_genai as og
-        except ImportError:
-            raise SinglepassError("onnxruntime-genai is not installed: pip install 'onnxruntime-genai>=0.18'") from None
+        from singlepass.benchmarks.peer_genai import import_og
+
+        og = import_og()
         if not (Path(path) / "genai_config.json").is_file():
             raise SinglepassError(f"{path}: no genai_config.json (not an onnxruntime-genai model folder)")
         self.og = og
@@ -97,11 +96,13 @@ class GenaiRunner:
         options = {"intra_op_num_threads": int(threads)}  # og 0.18's config has no spinning switch
         config.overlay(json.dumps({"model": {"decoder": {"session_options": options}}}))
         self.model = og.Model(config)
+        self.context = json.loads((Path(path) / "genai_config.json").read_text())["model"]["context_length"]
         self.gen = None
 
     def prefill(self, ids: list[int]) -> int:
         params = self.og.GeneratorParams(self.model)
-        n = len(ids) + 4096  # decode until told otherwise; min_length: never stop at end-of-sequence
+        # decode until told otherwise (within the model's context); min_length: never stop at end-of-sequence
+        n = min(len(ids) + 4096, self.context)
         params.set_search_options(do_sample=False, max_length=n, min_length=n)
         self.gen = self.og.Generator(self.model, params)
         self.gen.append_tokens([list(ids)])  # runs the prompt

@@ -22,11 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -120,18 +117,11 @@ def prompt_ids(args: argparse.Namespace, artifact: str) -> tuple[list[list[int]]
     return pre, dec, dec + longest
 
 
-def worker(spec: dict, timeout: float | None = None) -> dict:
+def worker(spec: dict) -> dict:
     """One measuring process (``peers_worker``) -> its JSON result."""
-    from singlepass.errors import SinglepassError
+    from singlepass.benchmarks.latency import worker as run_worker
 
-    with tempfile.TemporaryDirectory(prefix="singlepass-peers-") as tmp:
-        sp, op = Path(tmp) / "spec.json", Path(tmp) / "out.json"
-        sp.write_text(json.dumps(spec))
-        env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
-        r = subprocess.run([sys.executable, "-m", "singlepass.benchmarks.peers_worker", str(sp), str(op)], env=env)
-        if r.returncode != 0:
-            raise SinglepassError(f"the {spec['mode']} worker failed (exit {r.returncode}); see its output above")
-        return json.loads(op.read_text())
+    return run_worker(spec, module="singlepass.benchmarks.peers_worker")
 
 
 # --- measurement ---------------------------------------------------------------------------------
@@ -217,7 +207,6 @@ def derived(res: dict) -> dict:
     """Ratios and target checks at the largest thread count measured."""
     t = str(max(int(k) for k in res["speed"]))
     s = res["speed"][t]
-    best = min((f"singlepass int4 + {m}" for m in PROBES), key=lambda n: s[n]["decode_tok_s"])  # the slowest probe
     cpp, og, base = s["llama.cpp"], s["onnxruntime-genai int4"], s["singlepass int4"]
     d = {
         "threads": int(t),
@@ -241,7 +230,6 @@ def derived(res: dict) -> dict:
             m: ratio(s[f"singlepass int4 + {m}"]["decode_s_per_repeat"], base["decode_s_per_repeat"]) - 1
             for m in PROBES
         },
-        "slowest_probe": best,
     }
     mem = res.get("memory", {})
     if mem:

@@ -170,21 +170,22 @@ def build_graph(
             f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
             f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph"
         )
-    hs = surgery.add_stacked_hidden_states(graph, stream)
     if not all_logits:
         surgery.slice_last_position_logits(graph, stream)
-    fuse_probes(graph, stream, probes)  # probes read the layer tensors: the stack is only ever an output
-    if keep_hidden_states:
+    fuse_probes(graph, stream, probes)  # probes read the layer tensors where they are
+    hs = None
+    if keep_hidden_states:  # the stacked copy [L+1, B, T, d] exists only as this debug output
+        hs = surgery.add_stacked_hidden_states(graph, stream)
         surgery.add_output(graph, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
     names = parameter_digests(backbone.model) if weights != "fp32" else None
     quant = quantize_weights(graph, weights, decoder, stream.lm_head, names)
     rmsnorm_as_div(graph, decoder)  # ONNX Runtime then fuses each RMSNorm into one kernel
-    graph.cleanup().toposort()  # drops what no output reads (unused initializers, an unread stacking)
+    graph.cleanup().toposort()  # drops what no output reads (the replaced weights, the Reciprocals)
     name_nodes(graph)  # unique node names: TensorRT layer names and fp32 pinning rely on them
     out = surgery.to_model(graph, like=model)
     del graph
     gc.collect()  # gs graphs are reference cycles; collect them so they stop pinning the original weights
-    return out, stream, (hs if keep_hidden_states else None), quant
+    return out, stream, hs, quant
 
 
 def save_graph(model, folder: Path) -> None:

@@ -59,19 +59,19 @@ class QuantSummary:
 # ----------------------------------------------------------------------------- block quantisers
 
 
-def _blocks(w_nk: np.ndarray) -> tuple[np.ndarray, int]:
-    """[N, K] -> [N, K/B, B] (K zero-padded to a multiple of B), and the padding length."""
+def _blocks(w_nk: np.ndarray) -> np.ndarray:
+    """[N, K] -> [N, K/B, B] (K zero-padded to a multiple of B)."""
     n, k = w_nk.shape
     pad = (-k) % BLOCK
     if pad:
         w_nk = np.pad(w_nk, ((0, 0), (0, pad)))
-    return w_nk.reshape(n, -1, BLOCK), pad
+    return w_nk.reshape(n, -1, BLOCK)
 
 
 def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """[N, K] float32 -> (packed [N, K/32, 16] uint8, scales [N, K/32] f32, zero points
     [N, ceil(K/64)] uint8, dequantised [N, K/32, 32] f32 (for the error report))."""
-    x, _ = _blocks(w_nk.astype(np.float32))  # [N, nb, 32]
+    x = _blocks(w_nk.astype(np.float32))  # [N, nb, 32]
     lo, hi = x.min(-1), x.max(-1)  # [N, nb]
     d = (hi - lo) / 15  # Q4_1's scale, recovered
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -95,7 +95,7 @@ def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
 
 def quantize_8bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, None, np.ndarray]:
     """[N, K] -> (q + 128 [N, K/32, 32] uint8, scales [N, K/32], None (zero point 128), dequantised)."""
-    x, _ = _blocks(w_nk.astype(np.float32))
+    x = _blocks(w_nk.astype(np.float32))
     d = np.abs(x).max(-1) / 127  # Q8_0's scale, recovered
     d = np.where(d == 0, 1.0, d).astype(np.float32)
     q = np.clip(np.rint(x / d[..., None]), -127, 127)
@@ -106,20 +106,20 @@ def quantize_8bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, None, np.nd
 # ----------------------------------------------------------------------------- the transformation
 
 
-def _constant_weight(t) -> tuple[np.ndarray, bool] | None:
+def _constant_weight(t) -> np.ndarray | None:
     """``t``: a gs.Tensor. The MatMul's B as a float32 [N, K] array: a 2-D initializer ([K, N], transposed here) or a
-    Transpose(perm=[1, 0]) of one (a tied lm_head: the embedding table [V, d] itself). -> (w_nk, via_transpose)."""
+    Transpose(perm=[1, 0]) of one (a tied lm_head: the embedding table [V, d] itself); None for anything else."""
     import onnx_graphsurgeon as gs
 
     if isinstance(t, gs.Constant):
         if len(t.shape) == 2 and np.dtype(t.dtype) == np.float32:
-            return np.ascontiguousarray(t.values.T), False
+            return np.ascontiguousarray(t.values.T)
         return None
     p = t.inputs[0] if t.inputs else None
     if p is not None and p.op == "Transpose" and list(p.attrs.get("perm", [1, 0])) == [1, 0]:
         src = p.inputs[0]
         if isinstance(src, gs.Constant) and len(src.shape) == 2 and np.dtype(src.dtype) == np.float32:
-            return np.asarray(src.values), True
+            return np.asarray(src.values)
     return None
 
 
@@ -172,14 +172,13 @@ def quantize_weights(
     for k, node in enumerate(nodes):
         if node.op != "MatMul":
             continue
-        got = _constant_weight(node.inputs[1])
-        if got is None:
+        w_nk = _constant_weight(node.inputs[1])  # [N, K]
+        if w_nk is None:
             continue
-        w_nk, _ = got  # [N, K]
         n, kdim = w_nk.shape
         bits = 8 if weights == "int8" or (node.name or node.outputs[0].name) == lm_head else 4
         packed, scales, zp, deq = (quantize_4bit if bits == 4 else quantize_8bit)(w_nk)
-        x, _ = _blocks(w_nk)
+        x = _blocks(w_nk)
         err = np.abs(deq - x)
         summary.matmuls += 1
         summary.bytes_before += w_nk.nbytes

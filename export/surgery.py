@@ -84,8 +84,8 @@ def _lm_node(graph: gs.Graph, stream: ResidualStream) -> gs.Node:
 def add_stacked_hidden_states(graph: gs.Graph, stream: ResidualStream, name: str = "hidden_states") -> str:
     """Unsqueeze the L+1 hidden states and Concat them into ``name`` [L+1, batch, seq, d] (not an output).
 
-    A copy of every hidden state: the ``--keep-hidden-states`` debug output. Fused probes read the layer
-    tensors themselves (``export/fuse.py``), so cleanup drops the stack when nothing else reads it."""
+    A copy of every hidden state, built only for the ``--keep-hidden-states`` debug output: fused probes
+    read the layer tensors themselves (``export/fuse.py``)."""
     namer = Namer(graph)
     if name in namer.taken:
         raise SurgeryError(f"the graph already has a tensor named {name!r}")

@@ -295,16 +295,13 @@ def check_model(path: Path) -> tuple[dict, onnx.ModelProto | None]:
 # ----------------------------------------------------------------------------- entry points
 
 
-def require_fp32_weights(folder: Path) -> None:
+def require_fp32_weights(m: Manifest) -> None:
     """TensorRT builds from an fp32-weight graph (its own fp16/bf16 precisions): ONNX Runtime's
     MatMulNBits (``--weights int4|int8``) is not a TensorRT layer."""
-    from singlepass.export import manifest as mf
-
-    weights = (mf.read(folder)["graph"].get("weights") or {}).get("weights", "fp32")
-    if weights != "fp32":
+    if m.graph.precision != "fp32":
         raise SinglepassError(
-            f"{folder} has {weights} weights (ONNX Runtime's MatMulNBits), which TensorRT cannot build: "
-            "export the artifact with --weights fp32 for a TensorRT engine"
+            f"{m.folder} has {m.graph.precision} weights (ONNX Runtime's MatMulNBits), which TensorRT cannot "
+            "build: export the artifact with --weights fp32 for a TensorRT engine"
         )
 
 
@@ -328,7 +325,7 @@ def preflight(
     t0 = time.perf_counter()
     folder = Path(folder)
     m = read_artifact(folder)
-    require_fp32_weights(folder)
+    require_fp32_weights(m)
     max_seq = max_seq or m.limits.max_total_length
     report = {"tensorrt_target": TARGET_TENSORRT, "precision": precision, "max_batch": max_batch, "max_seq": max_seq}
     report["onnx"], inferred = check_model(folder / m.graph.file)
@@ -386,13 +383,13 @@ def build_engine(
 
     if precision not in PRECISIONS:
         raise SinglepassError(f"--precision must be one of {', '.join(PRECISIONS)}")
-    require_fp32_weights(Path(folder))
+    folder = Path(folder)
+    m = read_artifact(folder)
+    require_fp32_weights(m)
     trt = import_tensorrt(BUILD_HINT)
     from polygraphy.backend import trt as poly  # the loaders; TensorRT itself is imported lazily by them
     from polygraphy.exception import PolygraphyException
 
-    folder = Path(folder)
-    m = read_artifact(folder)
     max_seq = max_seq or m.limits.max_total_length
     engine_path = folder / f"model.{precision}.b{max_batch}.s{max_seq}.engine"
     if engine_path.exists() and not force:

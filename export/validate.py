@@ -256,14 +256,11 @@ def open_parity(folder, backbone=None, probes: dict | None = None, model: str | 
         if sha256_file(weights) != p.sha256:
             raise SinglepassError(f"{folder}: probe {p.name!r} weights do not match the manifest fingerprint")
         modules[p.name] = load_probe(weights.parent, backbone.fingerprint)[0].eval()
-    from singlepass.export import manifest as mf
-
-    precision = (mf.read(folder)["graph"].get("weights") or {}).get("weights", "fp32")
-    if precision not in TOLERANCES:
+    if m.graph.precision not in TOLERANCES:
         raise SinglepassError(
-            f"{folder}: the manifest's weight precision {precision!r} is not one of {list(TOLERANCES)}"
+            f"{folder}: the manifest's weight precision {m.graph.precision!r} is not one of {list(TOLERANCES)}"
         )
-    return Parity(m, backbone, modules, precision)
+    return Parity(m, backbone, modules, m.graph.precision)
 
 
 # ----------------------------------------------------------------------------- the checks

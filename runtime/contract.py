@@ -143,6 +143,12 @@ class GraphSpec:
     hidden_states: str | None = None
     external_data: str | None = None
     opset: int | None = None
+    weights: dict | None = None  # export/quantize.py's QuantSummary; absent in artifacts older than --weights
+
+    @property
+    def precision(self) -> str:
+        """The decoder's weight precision: fp32, int8 or int4."""
+        return (self.weights or {}).get("weights", "fp32")
 
     @property
     def input_names(self) -> list[str]:

@@ -310,6 +310,11 @@ def write_report(res: dict, out: Path) -> None:
         lines += [
             f"## Quality: int4 artifact vs fp32 artifact ({q['n']} ToxicChat test prompts)",
             "",
+            *(
+                [f"Measured by `{res['quality_command']}` (the speed tables above by the command at the top).", ""]
+                if res.get("quality_command")
+                else []
+            ),
             "| probe | label agreement | F1 fp32 | F1 int4 | max |Δ P(toxic)| | |",
             "|---|---:|---:|---:|---:|---|",
         ]

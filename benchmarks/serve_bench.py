@@ -242,7 +242,7 @@ def card(url: str, model: str) -> dict:
 
 def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> tuple[list[dict], dict | None]:
     """Start every server, warm up, alternate the runs, then soak -> (runs, soak)."""
-    from singlepass.benchmarks.serve_load import ServerProcess, run_load, soak
+    from singlepass.benchmarks.serve_load import ServerProcess, counters_delta, run_load, soak
 
     servers: dict[str, ServerProcess] = {}
     runs: list[dict] = []
@@ -268,6 +268,7 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
             for li, level in enumerate(args.levels):
                 for c in rotated(cfgs, r + li):
                     s = servers[c["name"]]
+                    before = s.engine_counters()
                     res = asyncio.run(
                         run_load(
                             s.url,
@@ -281,12 +282,13 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
                         )
                     )
                     res.update(config=c["name"], repeat=r, rss_mib=s.rss_mib(), loadavg=os.getloadavg())
+                    res["engine"] = counters_delta(before, s.engine_counters())
                     runs.append(res)
                     log(
                         f"repeat {r + 1}/{args.repeats} c={level:<3} {c['name']:<14} {res['answered']}/{res['sent']} "
                         f"answered, {res['errors']} errors, {res['requests_per_s']:.2f} req/s, "
                         f"{res['tokens_per_s']:.1f} tok/s, TTFT p50 {_ms(res['ttft_p50_ms'])} "
-                        f"p99 {_ms(res['ttft_p99_ms'])}"
+                        f"p99 {_ms(res['ttft_p99_ms'])}; engine {engine_line(res['engine'])}"
                     )
         target = "batched" if "batched" in servers else next(iter(servers), None)
         for name, s in servers.items():
@@ -321,6 +323,13 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
             c = next(c for c in cfgs if c["name"] == name)
             c.setdefault("exit_status", code)
     return runs, soak_res
+
+
+def engine_line(e: dict[str, float]) -> str:
+    """Where the engine spent a run: seconds by phase, and tokens/s inside decode passes."""
+    secs = {k.split(":", 1)[1]: v for k, v in e.items() if k.startswith("seconds:")}
+    dec = e.get("tokens:decode", 0.0) / secs["decode"] if secs.get("decode") else float("nan")
+    return ", ".join(f"{k} {v:.1f} s" for k, v in sorted(secs.items())) + f"; decode passes {dec:.0f} tok/s"
 
 
 def _ms(x: float | None) -> str:

@@ -134,6 +134,11 @@ class ServerProcess:
     def rss_mib(self) -> float | None:
         return rss_mib(self.pid) if self.proc is not None and self.proc.poll() is None else None
 
+    def engine_counters(self) -> dict[str, float]:
+        """The engine's time and tokens by phase so far (``/metrics``), keyed ``seconds:PHASE`` and
+        ``tokens:PHASE``: a run's difference says where the engine spent it."""
+        return engine_counters(http_module().get(self.url + "/metrics", timeout=30, trust_env=False).text)
+
     def stop(self, grace: float = 30.0) -> int | None:
         if self.proc is None:
             return None
@@ -153,6 +158,23 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+def engine_counters(text: str) -> dict[str, float]:
+    """``singlepass_engine_{seconds,tokens}_total{phase}`` from a Prometheus text page."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, float] = {}
+    for fam in text_string_to_metric_families(text):
+        if fam.name in ("singlepass_engine_seconds", "singlepass_engine_tokens"):
+            for smp in fam.samples:
+                if smp.name.endswith("_total"):
+                    out[f"{fam.name.rsplit('_', 1)[1]}:{smp.labels['phase']}"] = smp.value
+    return out
+
+
+def counters_delta(before: dict[str, float], after: dict[str, float]) -> dict[str, float]:
+    return {k: v - before.get(k, 0.0) for k, v in after.items()}
 
 
 def rss_mib(pid: int) -> float | None:

@@ -16,6 +16,10 @@ fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens), so in a
 decode step it pools the one new token: cheap, shape-valid, and not the prompt's label (read
 labels from the prefill step).
+
+``export_stream_probe`` exports a probe's streaming form instead (models/probes.py, ``stream_*``):
+the same inputs plus the carried state ``past_<name>``, and the outputs ``present_<name>`` next to
+``logits`` and ``probs``, so every decode pass reads the label of the response so far.
 """
 
 from __future__ import annotations
@@ -158,17 +162,121 @@ def export_probe(
     return proto
 
 
+def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, exporter: str = "torchscript"):
+    """The streaming form of a hidden-states probe (models/probes.py: ``stream_update``, then
+    ``stream_logits``) -> onnx.ModelProto with inputs (state_0 .. state_L [B, T, d] float32, mask [B, T]
+    int64, past_<name> ...) and outputs (logits, probs, present_<name> ...), B and T dynamic. The state
+    tensors are ``module.stream_state_shapes(B)`` (float32, the batch on axis 1). Feed each pass's
+    presents back as the next pass's pasts (``stream_init(B)`` before the first): its logits are the
+    probe over every token folded in so far. Exporters as in ``export_probe`` (TorchScript first);
+    the export is checked against PyTorch on a two-pass run."""
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import torch
+
+    from singlepass.errors import SinglepassError
+    from singlepass.models.probes import check_streamable, probabilities
+
+    check_streamable(module)  # ValueError naming the family / option
+    module = module.eval()
+    state = [name for name, _ in module.stream_state_shapes(1)]
+
+    class StreamingProbe(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.p = module
+
+        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T], past state
+            layers, mask, past = list(inputs[:num_states]), inputs[num_states], list(inputs[num_states + 1 :])
+            present = self.p.stream_update(past, layers, mask)
+            logits = self.p.stream_logits(present)
+            return (logits, probabilities(logits), *present)
+
+    if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
+        exporter = "dynamo"
+    if exporter == "dynamo" and opset < 18:
+        raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
+    names = state_names(num_states) + ["mask"] + [f"past_{n}" for n in state]
+    outputs = ["logits", "probs"] + [f"present_{n}" for n in state]
+
+    def feeds(seed: int, past: list[torch.Tensor]) -> tuple:  # B = 2, T = 3; row 1 skips its first token
+        g = torch.Generator().manual_seed(seed)
+        layers = tuple(torch.randn(2, 3, hidden_size, generator=g) for _ in range(num_states))  # [B, T, d] each
+        return (*layers, torch.tensor([[1, 1, 1], [0, 1, 1]]), *past)
+
+    args = feeds(0, module.stream_init(2))
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
+            shapes = [{0: b, 1: t}] * (num_states + 1) + [{1: b}] * len(state)
+            proto = torch.onnx.export(
+                StreamingProbe().eval(),
+                args,
+                None,
+                dynamo=True,
+                opset_version=opset,
+                dynamic_shapes={"inputs": tuple(shapes)},
+                input_names=names,
+                output_names=outputs,
+            ).model_proto
+        else:
+            axes = {n: {0: "batch", 1: "sequence"} for n in names[: num_states + 1]}
+            axes |= {n: {1: "batch"} for n in names[num_states + 1 :] + outputs[2:]}
+            axes |= {"logits": {0: "batch"}, "probs": {0: "batch"}}
+            f = io.BytesIO()
+            torch.onnx.export(
+                StreamingProbe().eval(),
+                args,
+                f,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes=axes,
+            )
+            proto = onnx.load_from_string(f.getvalue())
+    got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    if got != names or [o.name for o in proto.graph.output] != outputs:
+        raise RuntimeError(
+            f"stream probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}"
+        )
+    # Two passes against PyTorch, the presents fed back as pasts (the tracing is exact; checked anyway).
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    past = module.stream_init(2)
+    for seed in (0, 1):
+        inputs = feeds(seed, past)
+        got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
+        with torch.no_grad():
+            want = module.stream_logits(module.stream_update(past, list(inputs[:num_states]), inputs[num_states]))
+        if not np.allclose(got[0], want.numpy(), rtol=1e-4, atol=1e-4):
+            raise RuntimeError(f"the exported stream probe is off PyTorch by {np.abs(got[0] - want.numpy()).max()}")
+        past = [torch.from_numpy(x) for x in got[2:]]
+    return proto
+
+
 def fuse_probes(graph, stream, probes) -> None:
     """Export and fuse each probe (``export.pipeline.LoadedProbe``: its FusedProbe record and
     torch module) into ``graph`` (a ``gs.Graph``, edited in place). A hidden-states probe's input
     ``state_i`` reads hidden state i of the residual stream (``stream.hidden_states``) directly.
     The fused outputs are the record's ``outputs``."""
     from singlepass.export import surgery
+    from singlepass.export.stream import fuse_response_probe
 
     opset = surgery.opset_of(graph)
     sources = {}  # probe input kind -> {probe input name: host tensor}, built once
     for p in probes:
         kind = p.spec.input
+        if p.spec.reads == "response":  # the streaming form, its state carried like the KV cache
+            probe = export_stream_probe(p.module, stream.num_layers + 1, stream.hidden_size, opset)
+            outs = fuse_response_probe(graph, stream, p, probe)
+            want = list(p.spec.outputs.values()) + [s["present"] for s in p.spec.state]
+            if sorted(outs) != sorted(want):
+                raise RuntimeError(f"response probe {p.spec.name!r} fused as {outs}, the manifest says {want}")
+            continue
         probe = export_probe(p.module, kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
         if kind not in sources:
             sources[kind] = host_feeds(graph, stream, kind)

@@ -27,6 +27,7 @@ from singlepass.runtime.contract import (  # noqa: F401
     GRAPH_DATA,
     MANIFEST,
     REQUIRED,
+    RESPONSE_MASK,
     TOKENIZER_FILES,
     VERSION,
     FusedProbe,
@@ -72,8 +73,9 @@ def eos_ids(tokenizer, folder: Path) -> list[int]:
     return sorted(ids)
 
 
-def fused_probe(name: str, cfg: dict, sha256: str, source: str) -> FusedProbe:
-    """The manifest record of a probe fused under ``name`` (config.json of its probe artifact)."""
+def fused_probe(name: str, cfg: dict, sha256: str, source: str, state: list | None = None) -> FusedProbe:
+    """The manifest record of a probe fused under ``name`` (config.json of its probe artifact);
+    ``state``: a response probe's streaming state (``export.stream.state_records``)."""
     return FusedProbe(
         name=name,
         probe=cfg["probe"],
@@ -91,6 +93,8 @@ def fused_probe(name: str, cfg: dict, sha256: str, source: str) -> FusedProbe:
         source=source,
         operating_point=cfg.get("operating_point"),
         operating_points=cfg.get("operating_points") or {},
+        reads=cfg.get("reads", "prompt"),
+        state=state or [],
     )
 
 
@@ -143,6 +147,7 @@ def build(
             "position_ids_rule": POSITION_RULE if stream.position_ids else None,
             "probes_in_decode": "probe outputs are computed in every step over that step's tokens "
             "(attention_mask[:, -sequence:]); the prompt's labels are the prefill step's",
+            "response_mask": RESPONSE_MASK if any(p.reads == "response" for p in probes) else None,
         },
         "backbone": {
             **backbone.fingerprint,

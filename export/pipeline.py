@@ -108,6 +108,7 @@ class LoadedProbe:
 
 def load_probes(specs: list[ProbeSpec], backbone) -> list[LoadedProbe]:
     from singlepass.export.manifest import fused_probe
+    from singlepass.export.stream import state_records
     from singlepass.files import sha256_file
     from singlepass.models.probe_io import load_probe
 
@@ -120,7 +121,8 @@ def load_probes(specs: list[ProbeSpec], backbone) -> list[LoadedProbe]:
                 f"probe {s.dir}: built for {cfg['num_layers']} states of width {cfg['hidden_size']}, "
                 f"the model gives {L1} of width {backbone.hidden_size}"
             )
-        spec = fused_probe(s.name, cfg, sha256_file(s.dir / "model.safetensors"), str(s.dir))
+        state = state_records(s.name, module) if cfg.get("reads") == "response" else None
+        spec = fused_probe(s.name, cfg, sha256_file(s.dir / "model.safetensors"), str(s.dir), state)
         probes.append(LoadedProbe(spec, module, s.dir))
     formats = {p.spec.prompt_format for p in probes}
     if len(formats) > 1:

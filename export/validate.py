@@ -164,9 +164,16 @@ class Parity:
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(t, self.m.limits.max_prompt_length, truncate=True)[0] for t in texts]
 
-    def reference(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache=None) -> tuple[dict, object]:
+    def reference(
+        self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray, cache=None, response: list | None = None
+    ) -> tuple[dict, object]:
         """-> (outputs named like the graph's, new cache). ``mask`` [B, past + T]; ``cache``:
-        a DynamicCache or None (no KV cache: ``ids`` is the whole sequence)."""
+        a DynamicCache or None (no KV cache: ``ids`` is the whole sequence).
+
+        ``response``: in a decode pass, the list of the response tokens' hidden states so far
+        ([L+1, B, 1, d] per pass), to which this pass's are appended: the response probes'
+        reference is the probe run over that whole prefix at once (their streaming form must
+        equal it). Without it the response probes have no reference (a prompt pass)."""
         import torch
 
         from singlepass.models.probes import probabilities
@@ -188,8 +195,17 @@ class Parity:
             hs = torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
             step_mask = torch.from_numpy(mask[:, -ids.shape[1] :])  # [B, T]: this pass's tokens
             res = {g.logits: (out.logits[:, -1:] if g.logits_last_position_only else out.logits).numpy()}
+            if response is not None:
+                response.append(hs)
+                seen = torch.cat(response, 2)  # [L+1, B, k, d]: the response tokens 1..k
             for p in self.m.probes:
                 module = self.modules[p.name]
+                if p.reads == "response":
+                    if response is None:
+                        continue
+                    lg = module(seen, torch.ones(seen.shape[1:3], dtype=torch.int64))
+                    res[p.logits], res[p.probs] = lg.numpy(), probabilities(lg).numpy()
+                    continue
                 lg = module(hs, step_mask) if p.input == "hidden_states" else module(out.logits[:, -1])
                 res[p.logits] = lg.numpy()
                 res[p.probs] = probabilities(lg).numpy()
@@ -296,9 +312,10 @@ def check_decode(par: Parity, report: Report, steps: int = DECODE_STEPS) -> None
     cache = DynamicCache(config=par.bb.model.config) if par.m.graph.kv_cache else None
     out, state = prefill(par.backend, par.m, par.encode(PROMPTS[:3]), extra=par.extra)
     o_tokens, r_tokens = [], []
+    response: list = []  # the generated tokens' hidden states, for the response probes' reference
     for step in range(steps + 1):
         # the state after this pass holds the pass's own inputs: ids [B, S], mask [B, past + S], pos [B, S]
-        ref, cache = par.reference(state.ids, state.mask, state.pos, cache)
+        ref, cache = par.reference(state.ids, state.mask, state.pos, cache, response if step else None)
         par.compare(report, f"{case} step {step}", {k: out[k] for k in ref}, ref, state.mask[:, -state.ids.shape[1] :])
         nxt = last_logits(par.m, out).argmax(-1).astype(np.int64)
         want = ref[par.m.graph.logits][:, -1].argmax(-1).astype(np.int64)

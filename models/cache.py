@@ -3,7 +3,7 @@
 Layout of one entry (a folder named by the hash of everything that changes its content):
 
     meta.json      key fields, shapes, dtype, layer subset, token cap, byte counts
-    lengths.npy    int64 [N]  stored tokens per row (after the token cap)
+    lengths.npy    int64 [N]  stored tokens per row (the last ones; after the token cap)
     offsets.npy    int64 [N]  first token of each row in states.bin
     labels.npy     int64 [N]
     states.bin     dtype [n_tokens, L', d], token-major (one row's tokens are contiguous)
@@ -13,6 +13,10 @@ Rows are written at fixed offsets in a preallocated file, batch by batch in a de
 order, and progress is committed (fsync, then an atomic rename) after each batch: an
 interrupted run resumes at the first uncommitted batch, with no corrupt or duplicated rows.
 Reading never loads the file into RAM: ``np.memmap`` pages in only the rows a batch needs.
+
+A row stores the last tokens of its sequence: every token of a prompt, or, for a response set
+(``Dataset.reads == "response"``), only the response tokens that end the prompt + response
+sequence (``Encoded.stored``); the prompt's tokens condition them but are not stored.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ import torch
 from singlepass.errors import SinglepassError
 from singlepass.files import atomic_write, atomic_write_json
 from singlepass.models.extract import iter_hidden, plan_batches
-from singlepass.models.prompts import encode
+from singlepass.models.prompts import DEFAULT_MAX_RESPONSE_TOKENS, Encoded, encode, encode_responses
 
 CACHE_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -177,6 +181,21 @@ class StateView(StateCache):
         return np.stack([finals[s][r] for s, r in zip(self.segment, self.local)]).reshape(len(self), self.d)
 
 
+def encode_rows(
+    tokenizer, dataset, prompt_format: str, max_length: int, max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS
+) -> Encoded:
+    """The token ids of ``dataset``'s rows: its prompts, or (a response set) prompt + response."""
+    if getattr(dataset, "reads", "prompt") == "response":
+        c = dataset.columns
+        return encode_responses(tokenizer, c["prompt"], c["response"], prompt_format, max_length, max_response_tokens)
+    return encode(tokenizer, dataset.texts, prompt_format, max_length)
+
+
+def stored_lengths(enc: Encoded, token_cap: int | None) -> list[int]:
+    """Tokens stored per row: the last ``enc.keep[i]`` (the response, or all), at most ``token_cap``."""
+    return [min(n, token_cap) if token_cap else n for n in enc.keep]
+
+
 def plan(
     backbone,
     dataset,
@@ -186,8 +205,10 @@ def plan(
     layers: list[int] | None = None,
     token_cap: int | None = None,
     cache_dir: Path | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ):
-    """Tokenise, key and size a cache entry without running the model. -> (CachePlan, Encoded)."""
+    """Tokenise, key and size a cache entry without running the model. -> (CachePlan, Encoded).
+    ``max_response_tokens`` applies to response sets only (and keys only their entries)."""
     from singlepass.models.backbone import cache_root
 
     if dtype not in DTYPES:
@@ -198,22 +219,26 @@ def plan(
         raise SinglepassError(f"layer subset must be within 0..{L1 - 1}, got {layers}")
     if token_cap is not None and token_cap <= 0:
         raise SinglepassError(f"token cap must be positive, got {token_cap}")
-    enc = encode(backbone.tokenizer, dataset.texts, prompt_format, max_length)
+    response = getattr(dataset, "reads", "prompt") == "response"
+    enc = encode_rows(backbone.tokenizer, dataset, prompt_format, max_length, max_response_tokens)
+    digested = [*dataset.columns["prompt"], *dataset.columns["response"]] if response else dataset.texts
     key_fields = {
         "version": CACHE_VERSION,
         "model": backbone.fingerprint["sha256"],
         "dataset": dataset.name,
         "split": dataset.split,
-        "data": texts_digest(dataset.texts, dataset.labels),
+        "data": texts_digest(digested, dataset.labels),
         "prompt_format": prompt_format,
         "max_length": max_length,
         "dtype": dtype,
         "layers": layers,
         "token_cap": token_cap,
     }
+    if response:  # prompt entries keep their keys (and so their existing caches)
+        key_fields.update({"reads": "response", "max_response_tokens": max_response_tokens})
     name = f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
     folder = (cache_dir or cache_root()) / "states" / name
-    stored = [min(len(s), token_cap) if token_cap else len(s) for s in enc.ids]
+    stored = stored_lengths(enc, token_cap)
     bpt = len(layers) * backbone.hidden_size * np.dtype(DTYPES[dtype]).itemsize
     return CachePlan(folder, key_fields, len(stored), int(sum(stored)), bpt), enc
 
@@ -231,21 +256,32 @@ def build(
     progress: bool = True,
     log=print,
     stop_after_batches: int | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ) -> StateCache:
     """Extract (or resume, or reuse) the cache entry for one dataset split and return it."""
-    p, enc = plan(backbone, dataset, prompt_format, max_length, dtype, layers, token_cap, cache_dir)
+    p, enc = plan(
+        backbone, dataset, prompt_format, max_length, dtype, layers, token_cap, cache_dir, max_response_tokens
+    )
     folder, prog = p.folder, p.folder / "progress.json"
     if (folder / "meta.json").exists() and not prog.exists():
         log(f"cache hit: {folder}")
         return StateCache(folder)
     L1, d = backbone.num_layers + 1, backbone.hidden_size
     layers = p.key_fields["layers"]
-    lengths = np.array([min(len(s), token_cap) if token_cap else len(s) for s in enc.ids], dtype=np.int64)
-    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
+    lengths = np.array(stored_lengths(enc, token_cap), dtype=np.int64)  # [N]
+    offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)  # [N]
+    response = enc.stored is not None
     log(
-        f"{dataset.name}/{dataset.split}: {p.n_rows} prompts, {p.n_tokens:,} tokens stored, "
+        f"{dataset.name}/{dataset.split}: {p.n_rows} {'responses' if response else 'prompts'}, "
+        f"{p.n_tokens:,} tokens stored, "
         f"{len(layers)} of {L1} layers x d={d} in {dtype}: {p.bytes_per_token:,} bytes/token, "
         f"{p.total_bytes / 2**30:.2f} GiB total; {enc.n_truncated} prompt(s) truncated to {max_length} tokens"
+        + (
+            f"; {enc.n_response_truncated} response(s) cut to their first {max_response_tokens} tokens "
+            f"({sum(enc.response_cut):,} tokens dropped); prompt tokens run but not stored"
+            if response
+            else ""
+        )
         + (f"; token cap {token_cap} (last tokens kept)" if token_cap else "")
     )
     free = shutil.disk_usage(folder.parent if folder.parent.exists() else Path.home()).free
@@ -268,6 +304,8 @@ def build(
         "n_truncated": enc.n_truncated,
         "backbone": backbone.fingerprint,
     }
+    if response:
+        meta.update({"n_response_truncated": enc.n_response_truncated, "response_tokens_cut": sum(enc.response_cut)})
     done = 0
     if prog.exists():
         done = json.loads(prog.read_text())["batches_done"]
@@ -291,7 +329,7 @@ def build(
             hs = hs.index_select(0, layer_idx)  # [L', B, T, d]
             T = hs.shape[2]
             for j, row in enumerate(rows):
-                n = int(lengths[row])
+                n = int(lengths[row])  # left padding: a row's last n tokens (its response) end at T
                 block = hs[:, j, T - n :].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
                 os.pwrite(fd, block.tobytes(), int(offsets[row]) * p.bytes_per_token)
             os.fsync(fd)
@@ -313,8 +351,10 @@ def last_hidden(
     batch_size: int = 8,
     progress: bool = True,
     log=print,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ) -> np.ndarray:
-    """Final-layer state at each prompt's last token, [N, d] float32 rounded through float16.
+    """Final-layer state at each prompt's last token (a response set: the response's last
+    token), [N, d] float32 rounded through float16.
 
     ``lm_head`` of it gives the first response token's logits (what MULI reads). Read from the
     full hidden-state cache when that exists (fp16), else computed with the model and rounded to
@@ -323,7 +363,9 @@ def last_hidden(
     """
     from singlepass.models.backbone import cache_root
 
-    p, enc = plan(backbone, dataset, prompt_format, max_length, cache_dir=cache_dir)
+    p, enc = plan(
+        backbone, dataset, prompt_format, max_length, cache_dir=cache_dir, max_response_tokens=max_response_tokens
+    )
     key = {**p.key_fields, "kind": "last-hidden"}
     name = f"{p.folder.name.rsplit('-', 1)[0]}-{content_key(key)[:16]}.npy"
     path = (cache_dir or cache_root()) / "last_hidden" / name

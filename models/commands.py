@@ -7,8 +7,10 @@ import argparse
 TRIALS, EPOCHS = 4, 10  # train's search budget and maximum epochs per trial
 DATASET_HELP = (
     "toxicchat, wildguardmix, sst2, imdb, emotion, advbench, harmbench, strongreject, alpaca_noinput or a "
-    ".jsonl/.csv path; train, eval and extract (its train or validation rows) also take a safety mixture: "
-    "comma-separated sources, each with an optional weight, e.g. toxicchat:2,advbench,alpaca_noinput:0.5"
+    ".jsonl/.csv path; or a response set (a probe reading the response after the prompt): beavertails, "
+    "gptfuzz, saferlhf, wildguardmix_response; train, eval and extract (its train or validation rows) also "
+    "take a safety mixture of one kind: comma-separated sources, each with an optional weight, e.g. "
+    "toxicchat:2,advbench,alpaca_noinput:0.5 or beavertails,gptfuzz"
 )
 DATA_DIR_HELP = (
     "datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
@@ -18,7 +20,7 @@ DATA_DIR_HELP = (
 
 def add_backbone_args(p: argparse.ArgumentParser) -> None:
     from singlepass.models.backbone import DEFAULT_MODEL
-    from singlepass.models.prompts import DEFAULT_MAX_LENGTH, PROMPT_FORMATS
+    from singlepass.models.prompts import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_TOKENS, PROMPT_FORMATS
 
     p.add_argument(
         "--model",
@@ -37,6 +39,13 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
         type=int,
         default=DEFAULT_MAX_LENGTH,
         help="tokens per prompt; longer prompts are truncated and counted (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-response-tokens",
+        type=int,
+        default=DEFAULT_MAX_RESPONSE_TOKENS,
+        help="response sets: the first N response tokens a response probe reads; longer responses are "
+        "cut and counted (default: %(default)s)",
     )
 
 
@@ -91,6 +100,7 @@ def extract_cache(
     batch_size: int,
     cache_dir: str | None,
     progress: bool = True,
+    max_response_tokens: int | None = None,
 ) -> dict:
     """Fill the hidden-state cache of ``ds``, print what ``singlepass extract`` prints -> its summary."""
     import time
@@ -110,6 +120,7 @@ def extract_cache(
         batch_size,
         cache_dir=cache_dir and Path(cache_dir),
         progress=progress,
+        **({} if max_response_tokens is None else {"max_response_tokens": max_response_tokens}),
     )
     dt = time.perf_counter() - t0
     n_tok = int(c.lengths.sum())
@@ -127,7 +138,10 @@ def extract_cache(
         "truncated": c.meta["n_truncated"],
         "dtype": c.meta["dtype"],
     }
-    print(f"stacked hidden states [L+1, B, T, d] = {tuple(shape)} (T = longest prompt; rows stored unpadded)")
+    if "n_response_truncated" in c.meta:
+        summary["responses_truncated"] = c.meta["n_response_truncated"]
+    longest = "response" if "n_response_truncated" in c.meta else "prompt"
+    print(f"stacked hidden states [L+1, B, T, d] = {tuple(shape)} (T = longest {longest}; rows stored unpadded)")
     print(
         f"{n_tok:,} tokens in {dt:.1f} s = {summary['tokens_per_s']:,.0f} tokens/s; cache {size / 2**20:,.1f} MiB "
         f"({summary['bytes_per_token']:,} bytes/token) at {c.folder}"
@@ -175,6 +189,7 @@ def cmd_extract(args) -> int:
         args.batch_size,
         args.cache_dir,
         progress=not args.no_progress,
+        max_response_tokens=args.max_response_tokens,
     )
     if args.json:
         print(json.dumps(summary))
@@ -314,6 +329,7 @@ def cmd_train(args) -> int:
         cache_dir=args.cache_dir and Path(args.cache_dir),
         progress=not args.no_progress,
         threshold_fpr=args.threshold_at_fpr,
+        max_response_tokens=args.max_response_tokens,
     )
     if mixture is not None:
         cfg["data"]["mixture"] = mixture

@@ -5,6 +5,13 @@ The shipped sets live outside the repository. Their folder is ``--data-dir`` if 
 beside one of its parents (a checkout at /work/main reads /work/shared/data); it never depends
 on where the package is installed. Every row is checked: a missing column, non-string or empty
 text, or an unknown label is an error naming the file and row.
+
+Response sets (``DatasetSpec.reads == "response"``: beavertails, gptfuzz, saferlhf,
+wildguardmix_response) label a model's *response* to a prompt: each row carries ``prompt`` and
+``response`` in ``columns`` (both checked like ``text``: a missing, non-string or empty one is
+an error naming the file and row), ``texts`` is their "User: ...\nAssistant: ..." join (the key
+mixtures find overlaps on and the cache digests), and ``reads`` is "response", so the cache
+encodes the serving view of the pair (models/prompts.py ``encode_responses``).
 """
 
 from __future__ import annotations
@@ -38,6 +45,12 @@ class DatasetSpec:
     partition: dict[str, float] = field(default_factory=dict)
     partition_of: str = "test"
     stratify_by: str | None = None
+    # "prompt": a probe reads the prompt; "response": it reads the response tokens after the prompt.
+    reads: str = "prompt"
+    # Response sets: the column holding the prompt ("text" is the file's text) and the one holding
+    # the response label (None: the file's "label"; rows where it is null are not in the set).
+    prompt_column: str = "prompt"
+    label_column: str | None = None
 
 
 DATASETS: dict[str, DatasetSpec] = {
@@ -65,6 +78,28 @@ DATASETS: dict[str, DatasetSpec] = {
     "harmbench": DatasetSpec("harmbench", ("safe", "unsafe"), ("train", "test"), "safety"),
     "strongreject": DatasetSpec("strongreject", ("safe", "unsafe"), ("test",), "safety", dict(ONE_FILE_PARTITION)),
     "alpaca_noinput": DatasetSpec("alpaca_noinput", ("safe", "unsafe"), ("test",), "safety", dict(ONE_FILE_PARTITION)),
+    # Response sets (label 1 = harmful response). BeaverTails' three files are a seeded 70/10/20
+    # split of 30k_test; GPTFuzz's validation is carved from train; SafeRLHF is test only (its
+    # pairs shared with BeaverTails removed, an out-of-distribution test for it).
+    "beavertails": DatasetSpec(
+        "beavertails", ("safe", "unsafe"), ("train", "validation", "test"), "safety", reads="response"
+    ),
+    "gptfuzz": DatasetSpec("gptfuzz", ("safe", "unsafe"), ("train", "test"), "safety", reads="response"),
+    "saferlhf": DatasetSpec("saferlhf", ("safe", "unsafe"), ("test",), "safety", reads="response"),
+    # WildGuardTest's rows with a response_harm_label (1,689 of 1,699; 282 harmful). Its validation
+    # and test_untouched are wildguardmix's own parts (cut on the whole file, as there) restricted
+    # to these rows, so the prompt and response views share one held-out part.
+    "wildguardmix_response": DatasetSpec(
+        "wildguardmix",
+        ("unharmful", "harmful"),
+        ("test",),
+        "safety",
+        {"validation": 0.3, "test_untouched": 0.7},
+        stratify_by="adversarial",
+        reads="response",
+        prompt_column="text",
+        label_column="response_harm_label",
+    ),
 }
 # Splits no training path may read (models/train.py and models/mixture.py refuse them).
 PROTECTED_SPLITS = frozenset({"test_untouched"})
@@ -82,6 +117,7 @@ class Dataset:
     task: str = "classification"
     source: str = ""
     columns: dict[str, list] = field(default_factory=dict)  # extra columns, row-aligned
+    reads: str = "prompt"  # "response": rows are (columns["prompt"], columns["response"]) pairs
 
     def __len__(self) -> int:
         return len(self.texts)
@@ -97,6 +133,7 @@ class Dataset:
             self.task,
             self.source,
             {k: [v[i] for i in idx] for k, v in self.columns.items()},
+            self.reads,
         )
 
 
@@ -245,6 +282,40 @@ def load_partition(spec: DatasetSpec, folder: Path, name: str, split: str) -> "D
     return ds
 
 
+def response_view(ds: Dataset, spec: DatasetSpec, path: Path) -> Dataset:
+    """The rows of ``ds`` (loaded from ``path``) as a response set: labels from
+    ``spec.label_column`` (rows where it is null dropped), prompt and response checked and kept
+    in ``columns``, ``texts`` their "User: ...\nAssistant: ..." join."""
+    if spec.label_column is not None:
+        if spec.label_column not in ds.columns:
+            raise SinglepassError(f"{path}: row 1 has no '{spec.label_column}' column (the response label)")
+        ds = ds.subset([i for i, v in enumerate(ds.columns[spec.label_column]) if v is not None])
+        index = {n: k for k, n in enumerate(spec.label_names)}
+        labels = []
+        for v, row in zip(ds.columns[spec.label_column], ds.columns["row"]):
+            if str(v) not in index:
+                raise SinglepassError(
+                    f"{path}: row {row + 1}: unknown {spec.label_column} {v!r} (expected one of: {', '.join(index)})"
+                )
+            labels.append(index[str(v)])
+        ds.labels = np.asarray(labels, dtype=np.int64)
+    pairs = {}
+    for col, name in ((spec.prompt_column, "prompt"), ("response", "response")):
+        values = ds.texts if col == "text" else ds.columns.get(col, [None] * len(ds))
+        for v, row in zip(values, ds.columns["row"]):
+            if not isinstance(v, str) or not v.strip():
+                what = "is missing" if v is None else "is empty" if isinstance(v, str) else f"is {type(v).__name__}"
+                role = "" if col == name else f" (the {name})"
+                raise SinglepassError(
+                    f"{path}: row {row + 1}: '{col}'{role} {what}; a response set needs a prompt and a response"
+                )
+        pairs[name] = list(values)
+    ds.columns.update(pairs)
+    ds.texts = [f"User: {p}\nAssistant: {r}" for p, r in zip(pairs["prompt"], pairs["response"])]
+    ds.reads = "response"
+    return ds
+
+
 def load_file(
     path: str | os.PathLike, label_names: tuple[str, ...] | None = None, name: str | None = None, split: str = "file"
 ) -> Dataset:
@@ -294,10 +365,13 @@ def load_dataset(
             )
         base, column = SUBSET_SPLITS.get(split, (split, None))
         carve = base in ("train", "validation") and "validation" not in spec.splits and split not in spec.partition
+        path = folder / f"{spec.partition_of if split in spec.partition else 'train' if carve else base}.jsonl.gz"
         if split in spec.partition:
             ds = load_partition(spec, folder, name, split)
         else:
-            ds = load_file(folder / f"{'train' if carve else base}.jsonl.gz", spec.label_names, name, split)
+            ds = load_file(path, spec.label_names, name, split)
+        if spec.reads == "response":
+            ds = response_view(ds, spec, path)
         ds.task = spec.task
         if carve:
             keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)

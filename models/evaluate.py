@@ -27,6 +27,19 @@ def check_labels(cfg: dict, ds) -> str | None:
     )
 
 
+def view_args(cfg: dict, ds) -> dict:
+    """The cache arguments of the view the probe reads (a response probe: its
+    ``max_response_tokens``); a response probe reads response sets only, a prompt probe prompt sets."""
+    from singlepass.models.probe_io import reads_of
+
+    reads = reads_of(cfg)
+    if reads != ds.reads:
+        raise SinglepassError(
+            f"the probe reads the {reads} but {ds.name}/{ds.split} is a {ds.reads} set: evaluate it on a {reads} set"
+        )
+    return {"max_response_tokens": cfg["max_response_tokens"]} if reads == "response" else {}
+
+
 def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: bool = True, log=print) -> np.ndarray:
     """Class probabilities [N, C] for every row of ``ds`` (states or logits from the cache).
     ``cfg`` as load_probe returns it (``"input"`` always set)."""
@@ -37,13 +50,16 @@ def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: boo
     from singlepass.models.registry import get_family
 
     fmt, max_len = cfg["prompt_format"], cfg["max_length"]
+    response = view_args(cfg, ds)
     with torch.no_grad():
         if cfg["input"] == "logits":
-            h = state_cache.last_hidden(backbone, ds, fmt, max_len, cache_dir, progress=progress, log=log)
+            h = state_cache.last_hidden(backbone, ds, fmt, max_len, cache_dir, progress=progress, log=log, **response)
             logits = first_token_logits(backbone.model, h)  # [N, V]
             z = torch.cat([module(logits[i : i + 256]) for i in range(0, len(logits), 256)])
         else:
-            c = state_cache.build(backbone, ds, fmt, max_len, cache_dir=cache_dir, progress=progress, log=log)
+            c = state_cache.build(
+                backbone, ds, fmt, max_len, cache_dir=cache_dir, progress=progress, log=log, **response
+            )
             max_attn = get_family(cfg["probe"]).max_attn
             z = predict_logits(module, StateData(c, max_tokens=8192, max_attn=max_attn))  # [N, C']
     return probabilities(z).numpy()

@@ -19,6 +19,11 @@ Weights: a source's weight multiplies the loss of each of its training rows (so 
 counts as if every ToxicChat row were sampled twice as often; 1 keeps the natural proportions);
 the weights are stored per row (``columns["mixture_weight"]``, mean 1) and the class balancing of the loss
 (``class_weight=balanced``) balances the *weighted* class totals (models/fit.py).
+
+Response sets (beavertails, gptfuzz, saferlhf, wildguardmix_response) mix the same way, with each
+other only (a prompt set and a response set in one mixture is an error): overlaps are found on
+the normalised (prompt, response) pair, and a set with no validation part (saferlhf) is a
+test-only source.
 """
 
 from __future__ import annotations
@@ -90,6 +95,13 @@ def parse_sources(text: str) -> list[Source]:
         if any(s.name == name for s in out):
             raise SinglepassError(f"mixture source {name!r} is named twice in --dataset {text!r}")
         out.append(Source(name, w))
+    reads = {DATASETS[s.name].reads for s in out}
+    if len(reads) > 1:
+        by = {r: [s.name for s in out if DATASETS[s.name].reads == r] for r in sorted(reads)}
+        raise SinglepassError(
+            f"--dataset {text!r} mixes prompt sets ({', '.join(by['prompt'])}) with response sets "
+            f"({', '.join(by['response'])}): a probe reads either the prompt or the response; mix one kind"
+        )
     return out
 
 
@@ -105,9 +117,13 @@ def held_out_split(name: str) -> str:
 
 
 def parts(name: str) -> dict[str, str | None]:
-    """{part: split} of a source in a mixture (``train`` is None where it has none)."""
+    """{part: split} of a source in a mixture (``train`` / ``validation`` None where it has none)."""
     splits = available_splits(name)
-    return {"train": "train" if "train" in splits else None, "validation": "validation", "test": held_out_split(name)}
+    return {
+        "train": "train" if "train" in splits else None,
+        "validation": "validation" if "validation" in splits else None,
+        "test": held_out_split(name),
+    }
 
 
 def to_safety(ds: Dataset) -> Dataset:
@@ -137,15 +153,16 @@ def check_conflicts(datasets: list[Dataset]) -> None:
             seen.setdefault(key, (label, where))
 
 
-def protected_texts(data_dir: str | None) -> set[str]:
+def protected_texts(data_dir: str | None, reads: str = "prompt") -> set[str]:
     """Normalised texts of every held-out split (PROTECTED_SPLITS) of the shipped safety sets
-    present in the data folder, whether or not the set is in the mixture: they never train."""
+    that read ``reads``, present in the data folder, whether or not the set is in the mixture:
+    they never train."""
     from singlepass.models.data import data_dir as folder_of
 
     root = folder_of(data_dir)
     out: set[str] = set()
     for name in safety_sources():
-        if not (root / DATASETS[name].folder).is_dir():
+        if DATASETS[name].reads != reads or not (root / DATASETS[name].folder).is_dir():
             continue
         for split in set(available_splits(name)) & PROTECTED_SPLITS:
             out |= {normalise(t) for t in load_dataset(name, split, data_dir).texts}
@@ -176,8 +193,10 @@ def drop_excluded(ds: Dataset, excluded: set[str]) -> tuple[Dataset, int]:
     return ds.subset(keep), len(ds) - len(keep)
 
 
-def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
+def concat(datasets: list[Dataset], name: str, split: str, reads: str = "prompt") -> Dataset:
     cols = ("mixture_source", "mixture_split", "row", "mixture_weight")
+    if reads == "response":
+        cols += ("prompt", "response")
     return Dataset(
         name,
         split,
@@ -187,6 +206,7 @@ def concat(datasets: list[Dataset], name: str, split: str) -> Dataset:
         "safety",
         name,
         {c: [v for ds in datasets for v in ds.columns.get(c, [None] * len(ds))] for c in cols},
+        reads,
     )
 
 
@@ -231,14 +251,16 @@ def load_mixture(
     loaded = {s.name: source_parts(s.name, data_dir, caps, seed) for s in sources}
     check_conflicts([ds for by_part in loaded.values() for ds in by_part.values()])
     excluded = set().union(*(source_texts(name, data_dir) for name in exclude)) if exclude else set()
-    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts} | protected_texts(data_dir)
-    vals = {normalise(t) for by_part in loaded.values() for t in by_part["validation"].texts}
+    reads = DATASETS[sources[0].name].reads
+    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts}
+    tests |= protected_texts(data_dir, reads)
+    vals = {normalise(t) for by_part in loaded.values() for t in by_part.get("validation", empty()).texts}
     seen_train: set[str] = set()
     seen_val: set[str] = set()
     train_parts, val_parts, report = [], [], {}
     for s in sources:
         by_part = loaded[s.name]
-        val, val_out = drop_excluded(by_part["validation"], excluded)
+        val, val_out = drop_excluded(by_part.get("validation", empty()), excluded)
         val, val_held, val_rep = keep_new(val, tests, seen_val)
         val = limit_rows(val, val_limit, seed)
         val_parts.append(val)
@@ -263,10 +285,15 @@ def load_mixture(
     if not train_parts or not sum(len(t) for t in train_parts):
         raise SinglepassError(f"--dataset {text!r}: no source has training rows (wildguardmix is validation/test only)")
     name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
-    train = concat(train_parts, name, "train")
+    train = concat(train_parts, name, "train", reads)
     w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)
     train.columns["mixture_weight"] = (w / w.mean()).tolist()  # mean 1: the loss scale of an unweighted set
-    return Mixture(sources, train, concat(val_parts, name, "validation"), report)
+    return Mixture(sources, train, concat(val_parts, name, "validation", reads), report)
+
+
+def empty() -> Dataset:
+    """No rows: the validation part of a source that has none (a test-only source)."""
+    return Dataset("", "validation", [], np.zeros(0, dtype=np.int64), LABELS, "safety")
 
 
 def describe_mixture(m: Mixture) -> list[str]:

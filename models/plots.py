@@ -80,7 +80,7 @@ def plot_layers(
 ) -> dict:
     from singlepass.models import cache as state_cache
     from singlepass.models.data import load_dataset
-    from singlepass.models.evaluate import check_labels
+    from singlepass.models.evaluate import check_labels, view_args
     from singlepass.models.probe_io import load_probe_and_backbone, read_config
     from singlepass.models.registry import FAMILIES, get_family
 
@@ -102,6 +102,7 @@ def plot_layers(
         cache_dir=cache_dir and Path(cache_dir),
         progress=progress,
         log=log,
+        **view_args(cfg, ds),
     )
     W, pred = layer_weights(module, cfg, c)
     groups = group_means(W, ds.labels, pred, cfg["label_names"])

@@ -5,6 +5,10 @@ parameters, what it reads (``"input"``: "hidden_states" or "logits"), label name
 threshold, prompt format and max length, the task, and the fingerprint of the backbone it was
 trained on (loading it onto another backbone is an error). Folders written before ``"input"``
 was recorded get it from the probe family's descriptor when read.
+
+A response probe (trained on a response set) also records ``"reads": "response"`` and
+``max_response_tokens`` (the response tokens it reads after the prompt); a config without
+``"reads"`` is a prompt probe (``reads_of``).
 """
 
 from __future__ import annotations
@@ -48,6 +52,23 @@ def with_input(cfg: dict, where: str = "probe") -> dict:
     return cfg
 
 
+READS = ("prompt", "response")
+
+
+def reads_of(cfg: dict) -> str:
+    """What a probe reads: "prompt" (also every config written before response probes) or "response"."""
+    return cfg.get("reads", "prompt")
+
+
+def check_reads(cfg: dict, where: str = "probe") -> None:
+    reads = reads_of(cfg)
+    if reads not in READS:
+        raise SinglepassError(f"{where}: config.json reads {reads!r} (known: {', '.join(READS)})")
+    n = cfg.get("max_response_tokens")
+    if reads == "response" and (not isinstance(n, int) or isinstance(n, bool) or n <= 0):
+        raise SinglepassError(f"{where}: a response probe's config.json needs a positive max_response_tokens")
+
+
 def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool = True) -> Path:
     """Write atomically: a half-written folder is never left behind."""
     from safetensors.torch import save_file
@@ -60,6 +81,7 @@ def save_probe(folder: str | os.PathLike, module, config: dict, overwrite: bool 
     if missing:
         raise ValueError(f"probe config lacks {missing}")
     with_input(cfg, f"probe {folder}")
+    check_reads(cfg, f"probe {folder}")
     with staged_folder(folder) as tmp:
         state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
         save_file(state, str(tmp / "model.safetensors"))
@@ -85,6 +107,7 @@ def read_config(folder: str | os.PathLike) -> dict:
     missing = [k for k in REQUIRED if k not in cfg]
     if missing:
         raise SinglepassError(f"probe {folder}: config.json lacks {', '.join(missing)}")
+    check_reads(cfg, f"probe {folder}")
     return with_input(cfg, f"probe {folder}")
 
 

@@ -22,6 +22,13 @@ set from training tokens by ``set_input_statistics``; the trainer's default for 
 ``input_norm="none"`` is the paper's unnormalised variant. Per-layer parameters are stacked tensors
 used through einsum, so L+1 "modules" cost a handful of graph nodes rather than L+1 copies.
 
+Streaming (recurrent) form, for moderating a response while it is generated: ``stream_init``,
+``stream_update`` and ``stream_logits`` carry stage 1's aggregate over the tokens folded in so far
+as a small float32 state (like a KV cache; every state tensor has the batch on axis 1), so each
+decode pass folds in its new token at O(1) cost and reads the label of the response so far, equal
+(within rounding) to ``forward`` over the whole prefix. Pooling with token_pool mean|max and the
+gate stream; ``check_streamable`` names any other family or option.
+
 Each family ends with its descriptor (``POOLING``, ``GATE``, ``MHA``: models/family.py): input
 kind, what trains, its search space and defaults.
 """
@@ -137,15 +144,19 @@ class Probe(nn.Module):
         """The summary v [B, d] the head reads (what a head-only probe is trained on)."""
         return self.aggregate(*self.prepare(states, mask))
 
-    def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """``features(torch.stack(layers), mask)``, stage 1 one layer at a time: layers L+1 x [B, T, d]."""
+    def each_layer(self, layers: list[torch.Tensor]):
+        """The L+1 layer tensors [B, T, d] one at a time: (slice i:i+1, normalised x [1, B, T, d]),
+        so no [L+1, B, T, d] copy is ever built."""
         if len(layers) != self.num_layers:
             raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
-        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        v = []
         for i, x in enumerate(layers):
             one = slice(i, i + 1)
-            v.append(self.tokens(self.normalise(x[None], one), m, one))  # [1, B, d]
+            yield one, self.normalise(x[None], one)
+
+    def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``features(torch.stack(layers), mask)``, stage 1 one layer at a time: layers L+1 x [B, T, d]."""
+        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
+        v = [self.tokens(x, m, one) for one, x in self.each_layer(layers)]  # L+1 x [1, B, d]
         return self.combine(torch.cat(v))  # [L+1, B, d] -> [B, d]
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -154,6 +165,45 @@ class Probe(nn.Module):
     def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
         return self.head(self.features_layers(layers, mask))
+
+    # --- streaming form: stage 1 as a recurrent state over the tokens folded in so far ---------------
+    # A family streams by setting ``streamable`` and defining three hooks: ``state_shapes(batch)``,
+    # ``fold(state, layers, m)`` (this pass's tokens into the state) and ``summaries(state)`` (the
+    # stage-1 summaries v [L+1, B, d]); stage 2 and the head are recomputed from those every pass.
+
+    streamable = False
+
+    def check_streamable(self) -> None:
+        check_streamable(self)
+
+    def stream_state_shapes(self, batch: int) -> list[tuple[str, tuple]]:
+        """The state's (name, shape) pairs, layer-first, the batch on axis 1 of every tensor."""
+        self.check_streamable()
+        return self.state_shapes(batch)
+
+    def stream_init(self, batch: int) -> list[torch.Tensor]:
+        """The empty state (no token seen): running maxima at NEG, sums and counts at 0. Its summaries are 0
+        (logits: stage 2 and the head on zeros), finite but meaningless; the label means something from
+        the first folded-in token on."""
+        device = self.head.weight.device
+        return [
+            torch.full(shape, NEG if name in ("max", "m") else 0.0, dtype=torch.float32, device=device)
+            for name, shape in self.stream_state_shapes(batch)
+        ]
+
+    def stream_update(self, state: list[torch.Tensor], layers: list[torch.Tensor], mask: torch.Tensor):
+        """Fold this pass's tokens into the state: layers L+1 x [B, T, d], mask [B, T] (1 = a response token
+        to fold in; 0 = ignore it: prompt, padding, a finished row). A row masked out entirely keeps its
+        state unchanged. -> the new state (the old one is not modified)."""
+        self.check_streamable()
+        if len(state) != len(self.state_shapes(1)):
+            raise ValueError(f"the state holds {len(self.state_shapes(1))} tensors, got {len(state)}")
+        return self.fold(state, self.each_layer(layers), mask.to(torch.float32)[None, :, :, None])  # m [1, B, T, 1]
+
+    def stream_logits(self, state: list[torch.Tensor]) -> torch.Tensor:
+        """[B, C'] of the tokens folded in so far: ``forward`` over the whole prefix, from the state."""
+        self.check_streamable()
+        return self.head(self.combine(self.summaries(state)))
 
 
 class PoolingProbe(Probe):
@@ -192,6 +242,30 @@ class PoolingProbe(Probe):
     def combine(self, v):
         return v.mean(0) if self.layer_pool == "mean" else v.amax(0)  # [B, d]
 
+    @property
+    def streamable(self):
+        return self.token_pool in POOLS
+
+    def state_shapes(self, batch):
+        L1, d = self.num_layers, self.hidden_size
+        if self.token_pool == "max":
+            return [("max", (L1, batch, d))]  # running masked max
+        return [("sum", (L1, batch, d)), ("count", (1, batch, 1))]  # running masked sum, tokens folded in
+
+    def fold(self, state, layers, m):
+        if self.token_pool == "max":
+            (run,) = state  # [L+1, B, d]
+            return [torch.cat([torch.maximum(run[one], masked_max(x, m, dim=2)) for one, x in layers])]
+        total, count = state  # [L+1, B, d], [1, B, 1]
+        return [torch.cat([total[one] + (x * m).sum(2) for one, x in layers]), count + m.sum(2)]
+
+    def summaries(self, state):
+        if self.token_pool == "max":
+            run = state[0]  # [L+1, B, d]
+            return torch.where(run > NEG / 2, run, torch.zeros_like(run))  # no token yet: 0, not NEG
+        total, count = state
+        return total / count.clamp_min(1.0)  # [L+1, B, d]; no token yet: 0
+
 
 POOLS = ("mean", "max")
 # "topk" is a constructor choice (--set token_pool=topk [top_k=N]), not a search draw: adding it to
@@ -218,10 +292,38 @@ class GateProbe(Probe):
         self.token_gates = nn.Parameter(torch.randn(num_layers, hidden_size) / math.sqrt(hidden_size))  # [L+1, d]
         self.layer_gate = nn.Parameter(torch.randn(hidden_size) / math.sqrt(hidden_size))  # [d]
 
-    def tokens(self, x, m, layers):
+    def scores(self, x, m, layers):
+        """x [G, B, T, d], m [1, B, T, 1] -> the masked token scores tanh(w . x) [G, B, T] (NEG: padding)."""
         scores = torch.tanh(torch.einsum("gbtd,gd->gbt", x, self.token_gates[layers]))  # [G, B, T]
-        alpha = torch.softmax(scores.masked_fill(m[..., 0] == 0, NEG), dim=-1)  # [G, B, T]
+        return scores.masked_fill(m[..., 0] == 0, NEG)
+
+    def tokens(self, x, m, layers):
+        alpha = torch.softmax(self.scores(x, m, layers), dim=-1)  # [G, B, T]
         return (alpha.unsqueeze(-2) @ x).squeeze(-2)  # [G, B, d] (bmm: no permuted copy)
+
+    streamable = True
+
+    def state_shapes(self, batch):
+        L1, d = self.num_layers, self.hidden_size
+        # per-layer online softmax: running max score, denominator sum exp(s - m), numerator sum exp(s - m) x
+        return [("m", (L1, batch)), ("l", (L1, batch)), ("acc", (L1, batch, d))]
+
+    def fold(self, state, layers, m):
+        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, d]
+        out = []
+        for one, x in layers:
+            s = self.scores(x, m, one)  # [1, B, T]
+            new_max = torch.maximum(run_max[one], s.amax(-1))  # [1, B]
+            scale = torch.exp(run_max[one] - new_max)  # [1, B]: rescales what was folded in before
+            p = torch.exp(s - new_max[..., None]) * m[..., 0]  # [1, B, T]: the new tokens' weights
+            x_sum = (p.unsqueeze(-2) @ x).squeeze(-2)  # [1, B, d]
+            out.append((new_max, denom[one] * scale + p.sum(-1), acc[one] * scale[..., None] + x_sum))
+        return [torch.cat(t) for t in zip(*out)]
+
+    def summaries(self, state):
+        _, denom, acc = state
+        # l >= 1 once a token is seen (the max-scoring token weighs exp(0)); no token yet: 0
+        return acc / denom.clamp_min(1.0)[..., None]  # [L+1, B, d]
 
     def beta(self, v):
         """Stage-2 weights of the layer summaries v [L+1, B, d] -> [L+1, B]."""
@@ -361,6 +463,16 @@ def build_probe(kind: str, num_layers: int, hidden_size: int, num_classes: int, 
     if kind not in PROBE_FAMILIES:
         raise ValueError(f"unknown probe type {kind!r} (use one of {', '.join(PROBE_TYPES)})")
     return PROBE_FAMILIES[kind].build(num_layers, hidden_size, num_classes, **params)
+
+
+def check_streamable(module: nn.Module) -> None:
+    """Raise ValueError unless ``module`` has a streaming form (``Probe.stream_*``)."""
+    if getattr(module, "streamable", False):
+        return
+    what = type(module).__name__
+    if isinstance(module, PoolingProbe):
+        what += f" with token_pool={module.token_pool!r}"
+    raise ValueError(f"{what} has no streaming form (pooling with token_pool 'mean' or 'max' and gate probes stream)")
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -4,6 +4,11 @@
 exactly what the deployed model receives before it answers. ``raw`` tokenises the text as is.
 Prompts over ``max_length`` tokens are truncated by cutting the end of the *user text*, so
 the template and generation prompt stay intact; every truncation is counted and reported.
+
+A *response* (``encode_responses``) is read in the serving view of generation: the prompt's ids
+exactly as above, then the response's own tokens as the assistant's answer, with no end-of-turn
+token after them (the probe folds in each generated token as it is decoded). Only the response
+tokens are stored for the probe: they are the last ``Encoded.stored[i]`` ids of each sequence.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ from singlepass.errors import SinglepassError
 
 PROMPT_FORMATS = ("chat", "raw")
 DEFAULT_MAX_LENGTH = 512
+DEFAULT_MAX_RESPONSE_TOKENS = 128  # response tokens a response probe reads (the first ones)
 
 
 def render(tokenizer, text: str, prompt_format: str = "chat") -> str:
@@ -36,11 +42,24 @@ def _ids(tokenizer, text: str, prompt_format: str) -> list[int]:
 @dataclass
 class Encoded:
     ids: list[list[int]]
-    truncated: list[bool]
+    truncated: list[bool]  # the prompt was cut to max_length
+    # Response views: the response tokens at the end of each sequence (what is stored), and how
+    # many tokens each response lost to max_response_tokens. None: a prompt view (store them all).
+    stored: list[int] | None = None
+    response_cut: list[int] | None = None
 
     @property
     def n_truncated(self) -> int:
         return sum(self.truncated)
+
+    @property
+    def keep(self) -> list[int]:
+        """Tokens per row to store: the last ``keep[i]`` of ``ids[i]``."""
+        return [len(s) for s in self.ids] if self.stored is None else list(self.stored)
+
+    @property
+    def n_response_truncated(self) -> int:
+        return sum(c > 0 for c in self.response_cut or [])
 
     @property
     def n_tokens(self) -> int:
@@ -86,4 +105,39 @@ def encode(
             raise SinglepassError(f"prompt {i}: {e}") from None
         out.ids.append(ids)
         out.truncated.append(cut)
+    return out
+
+
+def encode_responses(
+    tokenizer,
+    prompts: list[str],
+    responses: list[str],
+    prompt_format: str = "chat",
+    max_length: int = DEFAULT_MAX_LENGTH,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
+) -> Encoded:
+    """Each (prompt, response) as the model sees it while generating the response: the prompt's
+    ids as ``encode_one`` gives them (user text cut to fit ``max_length``), then the first
+    ``max_response_tokens`` of ``tokenizer(response, add_special_tokens=False)``, no end-of-turn
+    token. ``stored[i]`` is that response token count, ``response_cut[i]`` the tokens cut off."""
+    if max_response_tokens <= 0:
+        raise SinglepassError(f"max response tokens must be positive, got {max_response_tokens}")
+    if len(prompts) != len(responses):
+        raise SinglepassError(f"{len(prompts)} prompts but {len(responses)} responses")
+    out = Encoded([], [], [], [])
+    for i, (prompt, response) in enumerate(zip(prompts, responses)):
+        try:
+            ids, cut = encode_one(tokenizer, prompt, prompt_format, max_length)
+            if not isinstance(response, str) or not response.strip():
+                raise SinglepassError("response is empty" if isinstance(response, str) else "response is not a string")
+            reply = tokenizer(response, add_special_tokens=False)["input_ids"]
+            if not reply:
+                raise SinglepassError("response has no tokens")
+        except SinglepassError as e:
+            raise SinglepassError(f"row {i}: {e}") from None
+        kept = reply[:max_response_tokens]
+        out.ids.append(ids + kept)
+        out.truncated.append(cut)
+        out.stored.append(len(kept))
+        out.response_cut.append(len(reply) - len(kept))
     return out

@@ -33,6 +33,7 @@ from singlepass.models.family import Family
 from singlepass.models.fit import fit
 from singlepass.models.metrics import choose_threshold, compute_metrics, rates_at, threshold_at_fpr
 from singlepass.models.probes import count_parameters, probabilities
+from singlepass.models.prompts import DEFAULT_MAX_RESPONSE_TOKENS
 from singlepass.models.registry import get_family, head_only
 from singlepass.models.search import HParams, trial_plan
 from singlepass.models.stats import fold_scaling, input_statistics
@@ -74,14 +75,17 @@ def prepare(
     progress: bool = True,
     log: Callable[..., None] = print,
     sources: tuple | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ) -> Prepared:
     """``sources``: the (train, validation) hidden-state caches already built for these rows
     (e.g. ``cache.StateView``s over per-source caches); logit families then read their
-    last-token final states from them instead of running the model."""
+    last-token final states from them instead of running the model. ``max_response_tokens``:
+    the response tokens read per row of a response set (Dataset.reads)."""
     from singlepass.models import cache as state_cache
     from singlepass.models.extract import first_token_logits
 
     family = get_family(method)
+    response = {"max_response_tokens": max_response_tokens}
     if sources is not None:
         for src, ds in zip(sources, (train_ds, val_ds)):
             if len(src) != len(ds) or not np.array_equal(src.labels, ds.labels):
@@ -93,12 +97,16 @@ def prepare(
     elif family.input == "logits":
         srcs = []
         for ds in (train_ds, val_ds):
-            h = state_cache.last_hidden(backbone, ds, prompt_format, max_length, cache_dir, progress=progress, log=log)
+            h = state_cache.last_hidden(
+                backbone, ds, prompt_format, max_length, cache_dir, progress=progress, log=log, **response
+            )
             srcs.append(first_token_logits(backbone.model, h))  # [N, V]
         srcs = tuple(srcs)
     else:
         srcs = tuple(
-            state_cache.build(backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress, log=log)
+            state_cache.build(
+                backbone, ds, prompt_format, max_length, cache_dir=cache_dir, progress=progress, log=log, **response
+            )
             for ds in (train_ds, val_ds)
         )
     weight, groups = train_ds.columns.get("mixture_weight"), val_ds.columns.get("mixture_source")
@@ -246,6 +254,7 @@ def train_probe(
     log: Callable[..., None] = print,
     threshold_fpr: float | None = None,
     sources: tuple | None = None,
+    max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,
 ) -> tuple[nn.Module, dict]:
     """Search ``trials`` configurations (or train the given ``hparams``) and return the best
     module with its artifact config. -> (module, config dict).
@@ -254,9 +263,20 @@ def train_probe(
     validation (binary probes; the F1-optimal one is stored beside it). A mixture (rows with a
     ``source`` column) is selected on the mean over sources and its validation metrics are
     stored per source. ``sources``: prebuilt (train, validation) hidden-state caches of these
-    rows (``prepare``)."""
+    rows (``prepare``).
+
+    A response set (``Dataset.reads == "response"``) trains a response probe: its sequence is the
+    first ``max_response_tokens`` response tokens, read after the prompt (models/prompts.py);
+    the config then records ``"reads": "response"`` and ``max_response_tokens`` (a prompt probe's
+    config records neither: a missing ``reads`` means "prompt")."""
     family = get_family(method)
     check_trainable(train_ds)
+    reads = train_ds.reads
+    if val_ds.reads != reads:
+        raise SinglepassError(
+            f"{train_ds.name}/{train_ds.split} is a {reads} set but "
+            f"{val_ds.name}/{val_ds.split} is a {val_ds.reads} set"
+        )
     if threshold_fpr is not None and len(train_ds.label_names) != 2:
         raise SinglepassError("--threshold-at-fpr applies to binary probes only")
     if tuple(train_ds.label_names) != tuple(val_ds.label_names):
@@ -272,7 +292,19 @@ def train_probe(
     for hp in plan:  # --epochs, --set epochs=N or a stored configuration
         if hp.epochs < 1:
             raise SinglepassError(f"--epochs must be at least 1, got {hp.epochs}")
-    prep = prepare(method, backbone, train_ds, val_ds, prompt_format, max_length, cache_dir, progress, log, sources)
+    prep = prepare(
+        method,
+        backbone,
+        train_ds,
+        val_ds,
+        prompt_format,
+        max_length,
+        cache_dir,
+        progress,
+        log,
+        sources,
+        max_response_tokens,
+    )
     t_all = time.perf_counter()
     best = None
     summary = []
@@ -326,6 +358,7 @@ def train_probe(
         "operating_points": ops["points"] if ops else None,
         "prompt_format": prompt_format,
         "max_length": max_length,
+        **({"reads": "response", "max_response_tokens": max_response_tokens} if reads == "response" else {}),
         "backbone": backbone.fingerprint,
         "seed": seed,
         "recipe": RECIPE,

@@ -65,6 +65,10 @@ class Result:
     error: str | None = None
     prefill_seconds: float | None = None  # wall time of this prompt's batch's prefill pass
     seconds: float | None = None  # wall time of this prompt's batch until this prompt finished
+    # Response probes: the label of the response so far after the last decode pass, and each
+    # probe's score after every pass (pass k folds in generated tokens 1..k).
+    response_labels: dict[str, Label] = field(default_factory=dict)
+    response_scores: dict[str, list[float]] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -83,6 +87,9 @@ class Result:
             d["blocked_by"] = self.blocked_by
         if self.error:
             d["error"] = self.error
+        if self.response_labels:
+            d["response_labels"] = {k: v.to_dict() for k, v in self.response_labels.items()}
+            d["response_scores"] = self.response_scores
         return d
 
 
@@ -102,11 +109,14 @@ class Event:
     truncated: bool = False
     prompt_tokens: int = 0
     seconds: float = 0.0  # since the batch's prefill started
+    response: dict[str, Label] | None = None  # decode passes: the response probes' labels so far
 
     def to_dict(self) -> dict:
         d = {"index": self.index, "step": self.step, "token_id": self.token_id, "text": self.text}
         if self.labels is not None:
             d["labels"] = {k: v.to_dict() for k, v in self.labels.items()}
+        if self.response is not None:
+            d["response_labels"] = {k: v.to_dict() for k, v in self.response.items()}
         if self.done:
             d["finish_reason"] = self.finish_reason
         for k in ("blocked_by", "error"):
@@ -217,6 +227,10 @@ class Runtime:
                 )
             if ev.token_id is not None:
                 r.token_ids.append(ev.token_id)
+            if ev.response:
+                r.response_labels = ev.response
+                for k, v in ev.response.items():
+                    r.response_scores.setdefault(k, []).append(v.score)
             if ev.done:
                 r.finish_reason, r.blocked_by, r.error, r.seconds = (
                     ev.finish_reason,
@@ -224,7 +238,9 @@ class Runtime:
                     ev.error,
                     ev.seconds,
                 )
-                r.text = ev.text if ev.blocked_by else (self.tokenizer.decode(r.token_ids) if r.token_ids else "")
+                text = self.tokenizer.decode(r.token_ids) if r.token_ids else ""
+                # blocked on the prompt: the refusal; stopped mid-response: the text so far + the notice
+                r.text = (ev.text if ev.step == 0 else text + ev.text) if ev.blocked_by else text
         out = [results[i] for i in sorted(results)]
         return out[0] if single else out
 
@@ -318,6 +334,7 @@ class Runtime:
             budget.append(b)
             why.append(reason)
         rngs = [sampling.generator(i) for i in index]
+        watch = [pol.Streaks(rules, m.probes) for _ in items]
         detok = [_Detok(self.tokenizer.decode) if pieces else None for _ in items]
         count, last, done = [0] * B, [0] * B, [False] * B
 
@@ -373,9 +390,26 @@ class Runtime:
             tokens = np.array([last[r] for r in rows], np.int64)  # [B_live]
             out, state = decode_one_token(self.backend, m, state, tokens)
             logits = last_logits(m, out)  # [B_live, V]
+            response = labels_from(m, out, "response")  # [] without response probes
             now = time.perf_counter() - t0
             for k, r in enumerate(rows):
-                yield emit(r, step, logits[k : k + 1], seconds=now)
+                seen = response[k] if response else None  # the response's tokens 1..step
+                fired = watch[r].update(seen) if seen else None
+                if fired:  # stopped before the next token: the text so far stands, plus the notice
+                    done[r] = True
+                    text = pol.stop_notice(rules, fired)
+                    yield Event(
+                        index[r],
+                        step,
+                        text=text,
+                        done=True,
+                        finish_reason="blocked",
+                        blocked_by=fired,
+                        seconds=now,
+                        response=seen,
+                    )
+                else:
+                    yield emit(r, step, logits[k : k + 1], seconds=now, response=seen)
 
 
 def load(

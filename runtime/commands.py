@@ -72,8 +72,11 @@ def cmd_generate(args) -> int:
         tag = "" if single else f"[{r.index}] "
         note = f" (prompt truncated to {r.prompt_tokens} tokens)" if r.truncated else ""
         print(f"{tag}labels: {_labels_line(r.labels)}{note}")
+        if r.response_labels:
+            print(f"{tag}response labels: {_labels_line(r.response_labels)}")
         if r.blocked_by:
-            print(f"{tag}blocked by {r.blocked_by}")
+            stopped = r.token_ids and r.blocked_by in r.response_labels
+            print(f"{tag}{'response stopped' if stopped else 'blocked'} by {r.blocked_by}")
         print(f"{tag}{r.text}")
     return 2 if failed else 0
 
@@ -123,7 +126,9 @@ def register(sub) -> None:
         action="append",
         metavar="PROBE=RULE",
         help="label policy (repeatable): PROBE=report (default), PROBE=block (binary: P >= the probe's "
-        "threshold), PROBE=block:0.8, PROBE=block:LABEL[,LABEL]; a blocked prompt is not generated",
+        "threshold), PROBE=block:0.8, PROBE=block:LABEL[,LABEL]; a blocked prompt is not generated. "
+        "A response probe: PROBE=stop[:THRESHOLD] stops generating once the response so far is "
+        "flagged on 2 passes in a row (the text so far + a notice, finish_reason blocked)",
     )
     p.add_argument("--refusal", default=None, help="text returned for a blocked prompt")
     p.add_argument("--batch-size", type=int, default=None, help="prompts per batch (default: all in one)")

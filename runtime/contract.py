@@ -41,6 +41,8 @@ TOKENIZER_FILES = (
 )
 REQUIRED = ("format", "version", "graph", "backbone", "tokenizer", "prompt", "limits", "probes")
 INPUT_KINDS = ("hidden_states", "logits")
+READS = ("prompt", "response")  # what a probe labels: the prompt (prefill pass) or the response so far
+RESPONSE_MASK = "response_mask"  # graph input [B, T]: 1 = a response token the response probes fold in
 
 
 @dataclass(frozen=True)
@@ -70,12 +72,22 @@ class FusedProbe:
     # ``threshold`` is the active one's, named by ``operating_point`` (models/train.py).
     operating_point: str | None = None
     operating_points: dict = field(default_factory=dict)
+    # "prompt": labelled on the prefill pass. "response": a streaming probe whose running aggregate
+    # over the generated tokens is carried between passes like the KV cache; ``state`` lists its
+    # tensors: {"name", "past" (graph input), "present" (graph output), "fill" (the empty state's
+    # value), "batch_axis", "shape" (with "batch" at batch_axis)}.
+    reads: str = "prompt"
+    state: list = field(default_factory=list)
 
     def __post_init__(self):
         if self.input not in INPUT_KINDS:
             raise SinglepassError(
                 f"probe {self.name!r}: input kind {self.input!r} is not fusable (supported: {', '.join(INPUT_KINDS)})"
             )
+        if self.reads not in READS:
+            raise SinglepassError(f"probe {self.name!r}: reads {self.reads!r} (supported: {', '.join(READS)})")
+        if self.reads == "response" and not self.state:
+            raise SinglepassError(f"probe {self.name!r}: a response probe needs its streaming state in the manifest")
 
     @property
     def num_classes(self) -> int:
@@ -144,6 +156,7 @@ class GraphSpec:
     external_data: str | None = None
     opset: int | None = None
     weights: dict | None = None  # export/quantize.py's QuantSummary; absent in artifacts older than --weights
+    response_mask: str | None = None  # RESPONSE_MASK when a response probe is fused
 
     @property
     def precision(self) -> str:
@@ -210,6 +223,15 @@ class Manifest:
     @property
     def probe_names(self) -> list[str]:
         return [p.name for p in self.probes]
+
+    def reading(self, what: str) -> list[FusedProbe]:
+        """The probes that label the prompt (``"prompt"``) or the response (``"response"``)."""
+        return [p for p in self.probes if p.reads == what]
+
+    @property
+    def stream_states(self) -> list[dict]:
+        """Every response probe's state tensors, in the order passes carry them."""
+        return [s for p in self.reading("response") for s in p.state]
 
     @property
     def pad_id(self) -> int:
@@ -326,11 +348,21 @@ def read_artifact(folder: str | os.PathLike) -> Manifest:
             f"{folder}: manifest.json has {len(g.past_names)} past inputs but {len(g.present_names)} present outputs"
         )
     outputs, inputs = set(g.output_names), set(g.input_names)
-    need_out = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in m.probes]
+    states = m.stream_states
+    if states and not (g.kv_cache and g.response_mask):
+        raise SinglepassError(f"{folder}: response probes need a KV-cache graph with a {RESPONSE_MASK} input")
+    need_out = (
+        [g.logits]
+        + (list(g.present_names) if g.kv_cache else [])
+        + [p.probs for p in m.probes]
+        + [s["present"] for s in states]
+    )
     need_in = (
         [g.input_ids, g.attention_mask]
         + ([g.position_ids] if g.position_ids else [])
         + (list(g.past_names) if g.kv_cache else [])
+        + ([g.response_mask] if states else [])
+        + [s["past"] for s in states]
     )
     bad = [n for n in need_out if n not in outputs] + [n for n in need_in if n not in inputs]
     if bad:

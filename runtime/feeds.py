@@ -22,6 +22,16 @@ def empty_past(manifest: Manifest, batch: int, length: int = 0) -> list[np.ndarr
     return [np.zeros(shape, np.float32) for _ in manifest.graph.past_names]
 
 
+def empty_stream(manifest: Manifest, batch: int) -> list[np.ndarray]:
+    """The response probes' state before any response token (``FusedProbe.state``): each tensor
+    at its recorded shape with ``batch`` rows, filled with its empty value (0 for sums and counts,
+    a very negative number for running maxima)."""
+    return [
+        np.full([batch if d == "batch" else int(d) for d in s["shape"]], s["fill"], np.float32)
+        for s in manifest.stream_states
+    ]
+
+
 def make_feed(
     manifest: Manifest,
     ids: np.ndarray,
@@ -29,10 +39,23 @@ def make_feed(
     pos: np.ndarray | None,
     past: list[np.ndarray] | None = None,
     dummy: int = 0,
+    stream: list[np.ndarray] | None = None,
+    response: np.ndarray | None = None,
 ) -> dict:
     """One pass's feed. ``past=None`` means prefill: ``dummy`` masked past slots (0 = empty past),
-    whose zero columns are prepended to ``mask``; later passes already carry them in ``mask``."""
+    whose zero columns are prepended to ``mask``; later passes already carry them in ``mask``.
+
+    Response probes (``graph.response_mask``): ``stream`` is their state from the last pass (None:
+    empty) and ``response`` [B, T] marks this pass's tokens they fold in (None: none, as for a
+    prompt's prefill)."""
     g = manifest.graph
+    if g.response_mask:
+        B, T = ids.shape
+        feed_r = {g.response_mask: np.zeros((B, T), np.int64) if response is None else response.astype(np.int64)}
+        states = empty_stream(manifest, B) if stream is None else stream
+        feed_r.update(zip((s["past"] for s in manifest.stream_states), states))
+    else:
+        feed_r = {}
     if g.kv_cache and past is None and dummy:
         mask = np.concatenate([np.zeros((mask.shape[0], dummy), np.int64), mask], 1)  # [B, dummy + T]
     feed = {g.input_ids: ids, g.attention_mask: mask}
@@ -40,7 +63,7 @@ def make_feed(
         feed[g.position_ids] = pos
     if g.kv_cache:
         feed.update(zip(g.past_names, past if past is not None else empty_past(manifest, ids.shape[0], dummy)))
-    return feed
+    return feed | feed_r
 
 
 def advance(

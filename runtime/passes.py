@@ -6,7 +6,12 @@ two functions, so what is validated is what is served.
     out, state = prefill(backend, manifest, seqs)              # left-padded prompts
     out, state = decode_one_token(backend, manifest, state, tokens)   # tokens [B] just chosen
     last_logits(manifest, out)   -> [B, V]
-    labels_from(manifest, out)   -> per row {probe: Label}
+    labels_from(manifest, out)   -> per row {probe: Label}: the prompt probes (prefill pass)
+    labels_from(manifest, out, "response")  -> the response probes: the response so far
+
+A response probe folds each token it is fed after the prompt into a running state carried in
+``State.stream`` like the KV cache (the prefill pass leaves it empty), so the decode pass that
+feeds generated token k returns the label of tokens 1..k.
 
 Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
 ``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any).
@@ -14,7 +19,7 @@ Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -37,18 +42,26 @@ class Label:
 @dataclass
 class State:
     """What the next pass needs. ids [B, S] (S = 1 with a KV cache), mask [B, dummy + total],
-    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input."""
+    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input; stream:
+    the response probes' state tensors, each with its batch axis at ``axes[i]``."""
 
     ids: np.ndarray
     mask: np.ndarray
     pos: np.ndarray
     past: list[np.ndarray] | None
+    stream: list[np.ndarray] = field(default_factory=list)
+    axes: tuple[int, ...] = ()
 
     def keep(self, rows: list[int]) -> "State":
         """Drop finished rows from the batch."""
         take = np.asarray(rows)
         return State(
-            self.ids[take], self.mask[take], self.pos[take], None if self.past is None else [p[take] for p in self.past]
+            self.ids[take],
+            self.mask[take],
+            self.pos[take],
+            None if self.past is None else [p[take] for p in self.past],
+            [np.take(s, take, axis=a) for s, a in zip(self.stream, self.axes)],
+            self.axes,
         )
 
 
@@ -56,6 +69,7 @@ def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
     """What a pass fetches: the logits, the presents, every probe's probs (and ``extra``)."""
     g = manifest.graph
     names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in manifest.probes]
+    names += [s["present"] for s in manifest.stream_states]
     return names + [n for n in extra if n not in names]
 
 
@@ -79,15 +93,26 @@ def prefill(
 def decode_one_token(
     backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray, extra: tuple[str, ...] = ()
 ) -> tuple[dict, State]:
-    """Feed the tokens [B] just chosen -> (outputs, state after this pass)."""
+    """Feed the tokens [B] just chosen -> (outputs, state after this pass). Every fed token is a
+    response token (the response probes fold it in)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
-    out = backend.run(make_feed(manifest, ids, mask, pos, past), output_names(manifest, extra))
+    response = np.ones(ids.shape, np.int64) if manifest.graph.response_mask else None  # [B, 1]
+    feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
+    out = backend.run(feed, output_names(manifest, extra))
     return out, _after(manifest, out, ids, mask, pos)
 
 
 def _after(manifest: Manifest, out: dict, ids, mask, pos) -> State:
     g = manifest.graph
-    return State(ids, mask, pos, [out[n] for n in g.present_names] if g.kv_cache else None)
+    states = manifest.stream_states
+    return State(
+        ids,
+        mask,
+        pos,
+        [out[n] for n in g.present_names] if g.kv_cache else None,
+        [out[s["present"]] for s in states],
+        tuple(int(s["batch_axis"]) for s in states),
+    )
 
 
 def last_logits(manifest: Manifest, out: dict) -> np.ndarray:
@@ -95,10 +120,11 @@ def last_logits(manifest: Manifest, out: dict) -> np.ndarray:
     return out[manifest.graph.logits][:, -1]
 
 
-def labels_from(manifest: Manifest, out: dict) -> list[dict[str, Label]]:
-    """Every probe's label and score per row of a pass (the prompt's labels: the prefill pass)."""
+def labels_from(manifest: Manifest, out: dict, reads: str = "prompt") -> list[dict[str, Label]]:
+    """The label and score per row of a pass of the probes that read ``reads``: the prompt probes
+    (read them from the prefill pass) or the response probes (the response so far)."""
     rows: list[dict[str, Label]] | None = None
-    for p in manifest.probes:
+    for p in manifest.reading(reads):
         probs = np.asarray(out[p.probs], np.float64)  # [B, C]
         rows = rows or [{} for _ in range(probs.shape[0])]
         for b, pr in enumerate(probs):

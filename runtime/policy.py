@@ -15,10 +15,18 @@ The probe's own threshold is its active operating point (``singlepass train
 --threshold-at-fpr 0.01`` makes it the validation threshold for 1% FPR; the F1-optimal one is
 stored beside it). ``block:f1`` or ``block:fpr@0.01`` picks a stored operating point by name.
 
+A response probe (``reads: response``) labels the response so far on every decode pass; its rule:
+
+* ``stop``: generation stops once the response is flagged on ``consecutive`` passes in a row
+  (default 2: one token's score is noisy; Qwen3Guard-Stream flags token i only when i and i-1
+  are both unsafe). The result keeps the text streamed so far plus a notice, with
+  ``finish_reason = "blocked"`` (the server's ``content_filter``) and ``blocked_by``.
+
 CLI spelling (``--policy``, repeatable): ``NAME=report``, ``NAME=block``, ``NAME=block:0.8``
 (threshold), ``NAME=block:f1`` / ``NAME=block:fpr@0.01`` (a stored operating point),
-``NAME=block:LABEL[,LABEL...]``. In Python: ``{"safety": "block"}``, ``{"safety": "block:0.8"}``
-or ``{"safety": Rule("block", threshold=0.8, message="...")}``.
+``NAME=block:LABEL[,LABEL...]``; ``NAME=stop``, ``NAME=stop:0.8`` for a response probe. In
+Python: ``{"safety": "block"}``, ``{"safety": "block:0.8"}`` or ``{"safety": Rule("block",
+threshold=0.8, message="...")}``.
 """
 
 from __future__ import annotations
@@ -28,8 +36,9 @@ from dataclasses import dataclass, replace
 from singlepass.errors import SinglepassError
 from singlepass.runtime.contract import FusedProbe
 
-ACTIONS = ("report", "block")
+ACTIONS = ("report", "block", "stop")
 DEFAULT_REFUSAL = "Sorry, I can't help with that request."
+DEFAULT_STOP_NOTICE = "\n\n[The response was stopped: it was flagged by '{probe}'.]"
 
 
 @dataclass(frozen=True)
@@ -37,12 +46,15 @@ class Rule:
     action: str = "report"
     threshold: float | None = None  # binary probes: block when P(positive) >= threshold
     labels: tuple[str, ...] = ()  # block when the predicted label is one of these
-    message: str | None = None  # refusal text (default: the runtime's)
+    message: str | None = None  # refusal text, or the stop notice (default: the runtime's)
     point: str | None = None  # a stored operating point ("f1", "fpr@0.01"), resolved to its threshold
+    consecutive: int = 2  # stop: passes in a row the response must be flagged on
 
     def __post_init__(self):
         if self.action not in ACTIONS:
             raise SinglepassError(f"policy action must be one of {', '.join(ACTIONS)}, not {self.action!r}")
+        if not isinstance(self.consecutive, int) or isinstance(self.consecutive, bool) or self.consecutive < 1:
+            raise SinglepassError(f"policy consecutive must be an integer >= 1, not {self.consecutive!r}")
         if self.threshold is not None and not 0.0 <= self.threshold <= 1.0:
             raise SinglepassError(f"policy threshold must be in [0, 1], not {self.threshold!r}")
 
@@ -110,7 +122,16 @@ def resolve(policy, probes: list[FusedProbe]) -> dict[str, Rule]:
                 f"policy for {name!r} names label(s) {', '.join(map(repr, unknown))}; the probe's "
                 f"labels are {', '.join(names)}"
             )
-        if rule.action == "block" and len(names) != 2:
+        if rule.action == "block" and p.reads == "response":
+            raise SinglepassError(
+                f"policy for {name!r}: the probe labels the response while it is generated; use "
+                f"{name}=stop[:THRESHOLD] (block acts on prompt probes)"
+            )
+        if rule.action == "stop" and p.reads != "response":
+            raise SinglepassError(
+                f"policy for {name!r}: stop acts on response probes; {name!r} labels the prompt (use {name}=block)"
+            )
+        if rule.action in ("block", "stop") and len(names) != 2:
             if rule.threshold is not None:
                 raise SinglepassError(
                     f"policy for {name!r}: a threshold applies to binary probes; this probe has "
@@ -126,8 +147,8 @@ def resolve(policy, probes: list[FusedProbe]) -> dict[str, Rule]:
 
 
 def flagged(rule: Rule, probe: FusedProbe, label: str, score: float) -> bool:
-    """Does this prompt's label trigger a ``block`` rule?"""
-    if rule.action != "block":
+    """Does this label trigger the rule (``block`` on a prompt, ``stop`` on a response)?"""
+    if rule.action == "report":
         return False
     if rule.labels:
         return label in rule.labels
@@ -137,10 +158,38 @@ def flagged(rule: Rule, probe: FusedProbe, label: str, score: float) -> bool:
 
 
 def decide(rules: dict[str, Rule], probes: list[FusedProbe], labels: dict) -> str | None:
-    """-> the name of the first probe (manifest order) whose rule blocks, or None.
-    ``labels``: {name: Label} for one prompt."""
+    """-> the name of the first prompt probe (manifest order) whose rule blocks, or None.
+    ``labels``: {name: Label} of one prompt's prompt probes."""
     for p in probes:
-        lb = labels[p.name]
-        if flagged(rules[p.name], p, lb.label, lb.score):
+        lb = labels.get(p.name)
+        if lb is not None and flagged(rules[p.name], p, lb.label, lb.score):
             return p.name
     return None
+
+
+class Streaks:
+    """One row's response watch: ``update`` with each decode pass's response labels -> the name of
+    the first response probe whose ``stop`` rule fires (flagged on ``consecutive`` passes in a
+    row), or None."""
+
+    def __init__(self, rules: dict[str, Rule], probes: list[FusedProbe]):
+        self.watch = [
+            (p, rule)
+            for p in probes
+            if p.reads == "response" and (rule := rules.get(p.name)) is not None and rule.action == "stop"
+        ]
+        self.run = {p.name: 0 for p, _ in self.watch}
+
+    def update(self, labels: dict) -> str | None:
+        fired = None
+        for p, rule in self.watch:
+            lb = labels[p.name]
+            self.run[p.name] = self.run[p.name] + 1 if flagged(rule, p, lb.label, lb.score) else 0
+            if fired is None and self.run[p.name] >= rule.consecutive:
+                fired = p.name
+        return fired
+
+
+def stop_notice(rules: dict[str, Rule], probe: str) -> str:
+    """The text appended to a stopped response."""
+    return rules[probe].message or DEFAULT_STOP_NOTICE.format(probe=probe)

@@ -75,6 +75,7 @@ from singlepass.serve.state import (
     Sink,
     json_response,
     labels_of,
+    response_labels_of,
     set_outcome,
     usage_of,
 )
@@ -356,7 +357,7 @@ async def _complete(st: ServerState, request: Request, plan: Plan, chat: bool):
             raise _engine_error(st, last.error)
         tokens = [o.token_id for o in outs if o.token_id is not None]
         set_outcome(request, "blocked" if last.blocked_by else "ok")
-        ext = labels_of(first)
+        ext = labels_of(first, last)
         reason = FINISH.get(last.finish_reason, last.finish_reason)
         usage = usage_of(len(plan.ids), len(tokens))
         ptoks = plan.ids if plan.token_ids else None
@@ -431,8 +432,9 @@ async def _stream(
     ext, ptoks = labels_of(first), (plan.ids if plan.token_ids else None)
     count = 0
 
-    def chunk(text: str | None, reason: str | None = None, head: bool = False, tokens=None, usage=None):
-        """One SSE event: a chat chunk or a completion, the extension fields on the head chunk only."""
+    def chunk(text: str | None, reason: str | None = None, head: bool = False, tokens=None, usage=None, ext_=None):
+        """One SSE event: a chat chunk or a completion; the prompt's labels on the head chunk, the
+        response's (``ext_``) on the chunks of the passes that labelled it."""
         if usage:
             choices = []
         elif chat:
@@ -448,7 +450,7 @@ async def _stream(
                 model=st.name,
                 choices=choices,
                 usage=usage,
-                singlepass=ext if head else None,
+                singlepass=ext if head else ext_,
                 prompt_token_ids=ptoks if head else None,
             )
         )
@@ -463,8 +465,10 @@ async def _stream(
                 break
             if out.token_id is not None:
                 count += 1
-            if out.text or (plan.token_ids and out.token_id is not None):
-                yield chunk(out.text, tokens=[out.token_id] if plan.token_ids and out.token_id is not None else None)
+            said = response_labels_of(out)
+            if out.text or said or (plan.token_ids and out.token_id is not None):
+                tokens = [out.token_id] if plan.token_ids and out.token_id is not None else None
+                yield chunk(out.text, tokens=tokens, ext_=said)
             if out.done:
                 yield chunk(None, FINISH.get(out.finish_reason, out.finish_reason))
                 if plan.usage:
@@ -518,7 +522,7 @@ async def _moderate(st: ServerState, request: Request, ids: list[list[int]]):
         if out.error:
             raise _engine_error(st, out.error)
         cats, scores = {}, {}
-        for p in rt.manifest.probes:
+        for p in rt.manifest.reading("prompt"):  # a text to moderate is a prompt
             lb = out.labels[p.name]
             rule = rt.policy[p.name]
             if rule.action == "block":

@@ -74,6 +74,7 @@ class Out:
     final_text: str | None = None  # on the last event: the whole text (refusal if blocked)
     blocked_by: str | None = None
     error: str | None = None
+    response: dict[str, Label] | None = None  # decode passes: the response probes' labels so far
 
 
 @dataclass(eq=False)
@@ -186,7 +187,12 @@ def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, k
     past = parts[0][0].past
     if past is not None:
         past = [_align([(s.past[i], r) for s, r in parts], cols, 2, 0) for i in range(len(past))]
-    return State(ids, mask, pos, past)
+    axes = parts[0][0].axes  # the response probes' state: rows along each tensor's batch axis
+    stream = [
+        np.concatenate([s.stream[i] if r is None else np.take(s.stream[i], r, axis=ax) for s, r in parts], axis=ax)
+        for i, ax in enumerate(axes)
+    ]
+    return State(ids, mask, pos, past, stream, axes)
 
 
 def fit(state: State, cols: int, pad_id: int, kv: bool) -> State:
@@ -207,6 +213,8 @@ def put(dst: State, slots: list[int], src: State) -> None:
     dst.ids[at], dst.mask[at], dst.pos[at] = src.ids, src.mask, src.pos
     for d, s in zip(dst.past or [], src.past or []):
         d[at] = s
+    for d, s, ax in zip(dst.stream, src.stream, dst.axes):
+        np.moveaxis(d, ax, 0)[at] = np.moveaxis(s, ax, 0)  # a view: written in place
 
 
 def prefill_groups(jobs: list[Job], waste: float = 0.25) -> list[list[Job]]:
@@ -240,15 +248,24 @@ class Observer:
 
     def batch(self, rows: int) -> None: ...
 
+    def stopped(self, job: Job, probe: str) -> None:
+        """A response probe's ``stop`` rule ended the job's generation."""
+
+    def phase(self, name: str, seconds: float, tokens: int = 0) -> None:
+        """Engine time by phase: ``prefill`` (passes over newcomers' prompts; tokens = their
+        real prompt tokens), ``join`` (newcomers written into the batch), ``decode`` (one pass
+        for every row; tokens = the live rows' new tokens), ``tidy`` (compaction)."""
+
 
 class _Row:
-    __slots__ = ("job", "rng", "count", "last", "text", "done", "ended")
+    __slots__ = ("job", "rng", "count", "last", "text", "done", "ended", "watch")
 
-    def __init__(self, job: Job, decode):
+    def __init__(self, job: Job, decode, watch: pol.Streaks):
         self.job, self.rng = job, job.sampling.generator(0)  # index 0: as Runtime.generate seeds one prompt
         self.count, self.last, self.done = 0, 0, False
         self.ended: int | None = None  # the decode step at which the row was seen finished
         self.text = TextTracker(decode, job.stops, job.incremental)
+        self.watch = watch  # the response probes' stop rules on this row
 
     @property
     def live(self) -> bool:
@@ -465,6 +482,7 @@ class Engine(WorkerThread):
     def _prefill(self, jobs: list[Job]) -> None:
         """Prefill jobs together, apply the policy, first tokens; the live rows join the batch."""
         rt, m = self.rt, self.rt.manifest
+        t0 = time.perf_counter()
         try:
             rt.backend.check_request(len(jobs), max(len(j.ids) for j in jobs))
             out, state = prefill(rt.backend, m, [j.ids for j in jobs])
@@ -475,6 +493,7 @@ class Engine(WorkerThread):
             return
         self.stats["prefills"] += 1
         self.stats["admitted"] += len(jobs)
+        self.observer.phase("prefill", time.perf_counter() - t0, sum(len(j.ids) for j in jobs))
         labels = labels_from(m, out) or [{} for _ in jobs]
         logits = last_logits(m, out)  # [B, V]
         now = time.perf_counter()
@@ -497,7 +516,7 @@ class Engine(WorkerThread):
                 self.observer.first(job, first, now - job.arrival)
                 self._send(job, first)
                 continue
-            row = _Row(job, rt.tokenizer.decode)
+            row = _Row(job, rt.tokenizer.decode, pol.Streaks(rt.policy if job.policy else {}, m.probes))
             first = self._emit(row, logits[r], **head)
             tokens += 1
             self.observer.first(job, first, now - job.arrival)
@@ -508,7 +527,9 @@ class Engine(WorkerThread):
         self.observer.generated(tokens)
         if not keep:
             return
+        t0 = time.perf_counter()
         self._join(state.keep(keep) if len(keep) < len(jobs) else state, rows)
+        self.observer.phase("join", time.perf_counter() - t0)
         self.stats["max_rows"] = max(self.stats["max_rows"], sum(r.live for r in self._rows))
 
     def _join(self, new: State, rows: list[_Row]) -> None:
@@ -566,10 +587,12 @@ class Engine(WorkerThread):
         wide = cols - need > max(2 * SLACK, cols // 2) or (max_seq is not None and cols >= max_seq)
         if not (stale or wide):
             return
+        t0 = time.perf_counter()
         rows = live if len(live) < len(self._rows) else None
         self._state = stack([(self._state, rows)], need, self.rt.pad_id, self.kv)
         self._rows = [self._rows[k] for k in live]
         self.stats["compactions"] += 1
+        self.observer.phase("tidy", time.perf_counter() - t0)
 
     def _step(self) -> None:
         """One decode pass for every row (free slots ride along until reused or compacted)."""
@@ -577,6 +600,7 @@ class Engine(WorkerThread):
         if not self._live():
             return
         tokens = np.array([r.last for r in self._rows], np.int64)  # [B]
+        t0 = time.perf_counter()
         try:
             out, state = decode_one_token(self.rt.backend, self.rt.manifest, self._state, tokens)
         except Exception:  # noqa: BLE001
@@ -590,9 +614,33 @@ class Engine(WorkerThread):
         live = [k for k, r in enumerate(self._rows) if r.live]
         self.observer.batch(len(live))
         logits = last_logits(self.rt.manifest, out)  # [B, V]
+        response = labels_from(self.rt.manifest, out, "response")  # [] without response probes
         self._state = state
+        made = 0
         for k in live:
             row = self._rows[k]
-            self._send(row.job, self._emit(row, logits[k]))
-        self.observer.generated(len(live))
+            seen = response[k] if response else None  # the response so far (its tokens 1..count)
+            fired = row.watch.update(seen) if seen else None
+            if fired:  # stop before the next token: the text streamed so far stands, plus the notice
+                row.done = True
+                notice = pol.stop_notice(self.rt.policy, fired)
+                text = row.text.emitted + notice
+                self.observer.stopped(row.job, fired)
+                self._send(
+                    row.job,
+                    Out(
+                        row.count,
+                        text=notice,
+                        done=True,
+                        finish_reason="blocked",
+                        final_text=text,
+                        blocked_by=fired,
+                        response=seen,
+                    ),
+                )
+                continue
+            made += 1
+            self._send(row.job, self._emit(row, logits[k], response=seen))
+        self.observer.generated(made)
+        self.observer.phase("decode", time.perf_counter() - t0, len(live))
         self._tidy()

@@ -11,8 +11,11 @@ singlepass_prompt_tokens_total / singlepass_generated_tokens_total
 singlepass_labels_total{probe, label}             each served prompt's label per probe
 singlepass_blocks_total{probe}                    prompts refused by the label policy (probe
                                                   "guard": by the --guard classifier)
+singlepass_response_stops_total{probe}            responses stopped by a response probe's rule
 singlepass_guard_seconds                          --guard: queued + scored, per prompt
 singlepass_decode_batch_rows                      rows per decode pass
+singlepass_engine_seconds_total{phase}            engine loop time: prefill, join, decode, tidy
+singlepass_engine_tokens_total{phase}             prompt tokens prefilled / tokens decoded
 """
 
 from __future__ import annotations
@@ -49,8 +52,15 @@ class Metrics(Observer):
         self.generated_tokens = Counter("singlepass_generated_tokens", "tokens generated", registry=r)
         self.labels = Counter("singlepass_labels", "labels given to served prompts", ["probe", "label"], registry=r)
         self.blocks = Counter("singlepass_blocks", "prompts refused by the label policy", ["probe"], registry=r)
+        self.stops = Counter(
+            "singlepass_response_stops", "responses stopped by a response probe's rule", ["probe"], registry=r
+        )
         self.guard_seconds = Histogram(
             "singlepass_guard_seconds", "--guard: a prompt queued and scored", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.engine_seconds = Counter("singlepass_engine_seconds", "engine loop time by phase", ["phase"], registry=r)
+        self.engine_tokens = Counter(
+            "singlepass_engine_tokens", "tokens by engine phase (prefill: prompt, decode: new)", ["phase"], registry=r
         )
         self.batch_rows = Histogram(
             "singlepass_decode_batch_rows", "rows per decode pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128), registry=r
@@ -75,6 +85,14 @@ class Metrics(Observer):
 
     def batch(self, rows: int) -> None:
         self.batch_rows.observe(rows)
+
+    def stopped(self, job: Job, probe: str) -> None:
+        self.stops.labels(probe).inc()
+
+    def phase(self, name: str, seconds: float, tokens: int = 0) -> None:
+        self.engine_seconds.labels(name).inc(seconds)
+        if tokens:
+            self.engine_tokens.labels(name).inc(tokens)
 
     # -- the --guard stage
     def guarded(self, label: str, seconds: float, flagged: bool) -> None:

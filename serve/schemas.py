@@ -11,7 +11,8 @@ Extensions beside the standard fields, vLLM style:
 * request ``top_k`` (0 = off) and ``return_token_ids`` (adds ``prompt_token_ids`` to the response
   and ``token_ids`` to each choice);
 * response ``singlepass``: ``{"labels": {probe: {"label", "score"}}, "blocked_by": probe}`` (on a
-  stream: on the first chunk).
+  stream: on the first chunk), with ``"response_labels"`` (the response probes' label of the
+  response so far) on the response and on every stream chunk that carries a token.
 """
 
 from __future__ import annotations
@@ -162,10 +163,12 @@ class LabelOut(BaseModel):
 
 
 class Singlepass(BaseModel):
-    """The extension beside the standard fields: every fused probe's label on the prompt."""
+    """The extension beside the standard fields: every prompt probe's label on the prompt, and the
+    response probes' label of the response so far."""
 
-    labels: dict[str, LabelOut]
-    blocked_by: str | None = Ext(description="the probe whose policy blocked the prompt")
+    labels: dict[str, LabelOut] | None = Ext(description="the prompt probes' labels (prefill pass)")
+    blocked_by: str | None = Ext(description="the probe whose policy blocked the prompt or stopped the response")
+    response_labels: dict[str, LabelOut] | None = Ext(description="the response probes' labels of the response so far")
 
 
 class Usage(BaseModel):

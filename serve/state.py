@@ -333,11 +333,25 @@ class Sink:
                 pass
 
 
-def labels_of(out: Out) -> S.Singlepass:
+def _label_outs(labels: dict) -> dict[str, S.LabelOut]:
+    return {k: S.LabelOut(label=v.label, score=v.score) for k, v in labels.items()}
+
+
+def labels_of(out: Out, last: Out | None = None) -> S.Singlepass:
+    """The extension of a response (``last``: its final event) or of a stream's head chunk."""
+    end = last or out
     return S.Singlepass(
-        labels={k: S.LabelOut(label=v.label, score=v.score) for k, v in (out.labels or {}).items()},
-        blocked_by=out.blocked_by,
+        labels=_label_outs(out.labels or {}),
+        blocked_by=end.blocked_by or out.blocked_by,
+        response_labels=_label_outs(end.response) if end.response else None,
     )
+
+
+def response_labels_of(out: Out) -> S.Singlepass | None:
+    """A stream chunk's extension: the response so far (and the probe that stopped it)."""
+    if not out.response:
+        return None
+    return S.Singlepass(response_labels=_label_outs(out.response), blocked_by=out.blocked_by)
 
 
 def usage_of(prompt: int, completion: int) -> S.Usage:

@@ -15,9 +15,11 @@ def make_probe(
     num_classes: int = 2,
     seed: int = 0,
     backbone_fingerprint: dict | None = None,
+    reads: str | None = None,
     **params,
 ) -> Path:
-    """A probe artifact with random weights (any --probe method, MULI included)."""
+    """A probe artifact with random weights (any --probe method, MULI included); ``reads="response"``
+    makes it a response probe (fused in its streaming form)."""
     import torch
 
     from singlepass.models.probe_io import save_probe
@@ -47,6 +49,10 @@ def make_probe(
         "task": "safety" if num_classes == 2 else "emotion",
         "backbone": backbone_fingerprint or backbone.fingerprint,
     }
+    if reads:
+        cfg["reads"] = reads
+        if reads == "response":
+            cfg["max_response_tokens"] = 128
     return save_probe(folder, module, cfg)
 
 

@@ -1,0 +1,170 @@
+"""The probes' streaming form (Probe.stream_*): the state carried between decode passes gives, at every
+pass, the probe over the whole prefix folded in so far; in PyTorch and exported to ONNX."""
+
+import numpy as np
+import pytest
+import torch
+
+from singlepass.models.baselines import FixedReadoutProbe, MuliProbe
+from singlepass.models.probes import build_probe, check_streamable
+
+L1, D, T = 4, 16, 11  # L+1 stacked states, width, prefix length
+STREAMING = [
+    ("pooling", {"token_pool": "mean", "layer_pool": "mean"}),
+    ("pooling", {"token_pool": "mean", "layer_pool": "max"}),
+    ("pooling", {"token_pool": "max", "layer_pool": "mean"}),
+    ("pooling", {"token_pool": "max", "layer_pool": "max"}),
+    ("gate", {}),
+]
+ID = [f"{k}-{'-'.join(p.values())}" if p else k for k, p in STREAMING]
+CHUNKINGS = [[1] * T, [2] * 5 + [1], [3, 1, 4, 2, 1], [T]]
+
+
+def make_probe(kind, params, input_norm, classes, seed=0):
+    torch.manual_seed(seed)
+    probe = build_probe(kind, L1, D, classes, input_norm=input_norm, **params).eval()
+    if input_norm == "standard":
+        probe.set_input_statistics(torch.randn(L1, D) * 0.3, torch.rand(L1, D) + 0.5)
+    with torch.no_grad():
+        probe.head.weight.normal_(0, 0.5)  # logits well away from 0: differences show
+        if kind == "gate":
+            probe.token_gates.mul_(3.0)  # peaked token weights: the online softmax rescales for real
+    return probe
+
+
+def random_states(B, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    states = torch.randn(L1, B, T, D, generator=g) * 3  # [L+1, B, T, d]
+    states[:, :, 0] *= 50  # a "massive activation" on the first token
+    return states
+
+
+def stream(probe, states, mask, chunks):
+    """Fold states [L+1, B, T, d] in chunk by chunk -> [(t, state before, state after)] per pass."""
+    state, t, out = probe.stream_init(states.shape[1]), 0, []
+    for c in chunks:
+        new = probe.stream_update(state, list(states[:, :, t : t + c]), mask[:, t : t + c])
+        t += c
+        out.append((t, state, new))
+        state = new
+    return out
+
+
+@pytest.mark.parametrize("classes", [2, 3])
+@pytest.mark.parametrize("input_norm", ["rms", "standard"])
+@pytest.mark.parametrize("kind,params", STREAMING, ids=ID)
+@torch.no_grad()
+def test_streaming_equals_the_probe_over_the_whole_prefix_at_every_pass(kind, params, input_norm, classes):
+    probe = make_probe(kind, params, input_norm, classes)
+    states, mask = random_states(2), torch.ones(2, T, dtype=torch.int64)
+    for chunks in CHUNKINGS:
+        for t, _, state in stream(probe, states, mask, chunks):
+            ref = probe(states[:, :, :t], mask[:, :t])
+            torch.testing.assert_close(probe.stream_logits(state), ref, rtol=1e-5, atol=1e-5)
+    shapes = probe.stream_state_shapes(2)
+    assert [tuple(s.shape) for s in state] == [s for _, s in shapes]
+    assert all(s.dtype == torch.float32 and s.shape[0] in (1, L1) and s.shape[1] == 2 for s in state)
+    empty = probe.stream_logits(probe.stream_init(2))  # defined (meaningless) before the first token
+    torch.testing.assert_close(empty, probe.head(probe.combine(torch.zeros(L1, 2, D))))
+
+
+@pytest.mark.parametrize("input_norm", ["rms", "standard"])
+@pytest.mark.parametrize("kind,params", STREAMING, ids=ID)
+@torch.no_grad()
+def test_each_row_streams_its_own_tokens_and_masked_rows_keep_their_state(kind, params, input_norm):
+    """Rows of one batch: a prompt masked out before the response, a row finishing early, one masked
+    out at some passes, one never fed. Each equals the probe over its own tokens; a pass that gives a
+    row no token leaves its state bit for bit."""
+    probe = make_probe(kind, params, input_norm, 3)
+    states = random_states(5)
+    mask = torch.ones(5, T, dtype=torch.int64)
+    mask[1, :4] = 0  # the prompt
+    mask[2, 5:] = 0  # finished after 5 tokens
+    mask[3, [1, 2, 6, 7, 8]] = 0  # masked out at some passes
+    mask[4] = 0  # never a token
+    for chunks in ([1] * T, [3, 1, 4, 2, 1]):
+        t0 = 0
+        for t, before, after in stream(probe, states, mask, chunks):
+            got = probe.stream_logits(after)
+            assert torch.isfinite(got).all()
+            for j in range(5):
+                seen = mask[j, :t].bool()  # the row's tokens so far
+                if seen.any():
+                    ref = probe(states[:, j : j + 1, :t][:, :, seen], torch.ones(1, int(seen.sum())))
+                    torch.testing.assert_close(got[j : j + 1], ref, rtol=1e-5, atol=1e-5)
+                if not mask[j, t0:t].any():  # no token this pass: the state's row is untouched, bit for bit
+                    assert all(torch.equal(b[:, j], a[:, j]) for b, a in zip(before, after)), (t, j)
+            t0 = t
+        assert all(torch.equal(s[:, 4], i[:, 4]) for s, i in zip(after, probe.stream_init(5)))  # never fed
+
+
+@pytest.mark.parametrize(
+    "module,what",
+    [
+        (lambda: build_probe("pooling", L1, D, 2, token_pool="topk"), "PoolingProbe with token_pool='topk'"),
+        (lambda: build_probe("mha", L1, D, 2, factor=4, heads=4), "MHAProbe"),
+        (lambda: FixedReadoutProbe(L1, D, 2, readout="last"), "FixedReadoutProbe"),
+        (lambda: MuliProbe(vocab_size=50, num_classes=2), "MuliProbe"),
+    ],
+)
+def test_other_families_and_options_have_no_streaming_form(module, what):
+    from singlepass.export.fuse import export_stream_probe
+
+    module = module()
+    msg = f"{what} has no streaming form"
+    with pytest.raises(ValueError, match=msg):
+        check_streamable(module)
+    with pytest.raises(ValueError, match=msg):
+        export_stream_probe(module, L1, D, 18)
+    if hasattr(module, "stream_init"):  # a Probe: every entry point runs the same check
+        assert not module.streamable
+        x = [torch.randn(1, 2, D)] * L1
+        for call in (
+            lambda: module.stream_state_shapes(1),
+            lambda: module.stream_init(1),
+            lambda: module.stream_update([], x, torch.ones(1, 2)),
+            lambda: module.stream_logits([]),
+        ):
+            with pytest.raises(ValueError, match=msg):
+                call()
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize(
+    "kind,params,classes",
+    [("pooling", {"token_pool": "mean"}, 2), ("pooling", {"token_pool": "max"}, 3), ("gate", {}, 2)],
+    ids=["pooling-mean", "pooling-max", "gate"],
+)
+@torch.no_grad()
+def test_exported_stream_probe_fed_its_presents_back_equals_torch_at_every_pass(kind, params, classes, opset):
+    import onnxruntime as ort
+
+    from singlepass.export.fuse import export_stream_probe, state_names
+    from singlepass.models.probes import probabilities
+
+    probe = make_probe(kind, params, "standard", classes)
+    proto = export_stream_probe(probe, L1, D, opset)
+    sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    names = [n for n, _ in probe.stream_state_shapes(1)]
+    assert [i.name for i in sess.get_inputs()] == state_names(L1) + ["mask"] + [f"past_{n}" for n in names]
+    assert [o.name for o in sess.get_outputs()] == ["logits", "probs"] + [f"present_{n}" for n in names]
+    states = random_states(3)  # a batch size other than the trace's
+    mask = torch.ones(3, T, dtype=torch.int64)
+    mask[1, :4] = 0  # a prompt before the response
+    mask[2, 6:] = 0  # finished early
+    t, torch_state = 0, probe.stream_init(3)
+    past = [s.numpy() for s in torch_state]
+    for c in [4, 1, 1, 3, 2]:  # a prefill chunk, then decode passes of other lengths
+        layers, m = list(states[:, :, t : t + c]), mask[:, t : t + c]
+        t += c
+        feed = {n: x.numpy() for n, x in zip(state_names(L1), layers)} | {"mask": m.numpy()}
+        logits, probs, *past = sess.run(None, feed | {f"past_{n}": p for n, p in zip(names, past)})
+        torch_state = probe.stream_update(torch_state, layers, m)
+        want = probe.stream_logits(torch_state)
+        np.testing.assert_allclose(logits, want.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(probs, probabilities(want).numpy(), rtol=1e-4, atol=1e-4)
+        for got, ref in zip(past, torch_state):
+            np.testing.assert_allclose(got, ref.numpy(), rtol=1e-4, atol=1e-4)
+        fed = mask[:, :t].any(1).numpy()  # rows with a token so far: the probe over the whole prefix
+        ref = probe(states[:, :, :t], mask[:, :t]).numpy()
+        np.testing.assert_allclose(logits[fed], ref[fed], rtol=1e-4, atol=1e-4)

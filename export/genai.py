@@ -80,6 +80,12 @@ def _io_names(graph: dict) -> tuple[dict, dict] | str:
 def genai_config(manifest: dict) -> dict | str:
     """genai_config.json for an artifact's manifest, or the reason onnxruntime-genai cannot run it."""
     g, b, t, lim = manifest["graph"], manifest["backbone"], manifest["tokenizer"], manifest["limits"]
+    if g.get("response_mask"):
+        return (
+            "a response probe is fused: its state inputs (response_mask, <probe>/past_*) are carried by "
+            "singlepass's runtime, which onnxruntime-genai's generator does not feed (export it without the "
+            "response probe for onnxruntime-genai)"
+        )
     io = _io_names(g)
     if isinstance(io, str):
         return io

@@ -443,7 +443,8 @@ def register(sub) -> None:
         action="append",
         metavar="KEY=VALUE",
         help="fix a hyperparameter (lr, batch_size, weight_decay, epochs, patience, class_weight, ...) "
-        "or a probe parameter (factor, heads, pool, token_pool (mean, max, topk), top_k, layer_pool, input_norm) "
+        "or a probe parameter (factor, heads, pool, query (tokens, learned: an MHA that streams), "
+        "token_pool (mean, max, topk), top_k, layer_pool, input_norm) "
         "in every trial",
     )
     p.add_argument(

@@ -26,8 +26,9 @@ Streaming (recurrent) form, for moderating a response while it is generated: ``s
 ``stream_update`` and ``stream_logits`` carry stage 1's aggregate over the tokens folded in so far
 as a small float32 state (like a KV cache; every state tensor has the batch on axis 1), so each
 decode pass folds in its new token at O(1) cost and reads the label of the response so far, equal
-(within rounding) to ``forward`` over the whole prefix. Pooling with token_pool mean|max and the
-gate stream; ``check_streamable`` names any other family or option.
+(within rounding) to ``forward`` over the whole prefix. Pooling with token_pool mean|max, the gate
+and MHA with query="learned" (attention pooling with learned queries) stream; ``check_streamable``
+names any other family or option.
 
 Each family ends with its descriptor (``POOLING``, ``GATE``, ``MHA``: models/family.py): input
 kind, what trains, its search space and defaults.
@@ -350,13 +351,38 @@ GATE = Family(
 
 
 class MHAProbe(Probe):
-    """C. Downcast multi-head self-attention: d -> d/factor, H heads, out-proj d_inner -> d,
-    masked mean|max pooling. L+1 such modules over each layer's tokens + 1 over the summaries.
+    """C. Downcast multi-head attention: d -> d_inner = d/factor, H heads of width dh = d_inner/H,
+    out-proj d_inner -> d. L+1 stage-1 modules over each layer's tokens + 1 stage-2 module over the
+    layer summaries. ``query`` picks stage 1:
 
-    Weights (L+2) * 4 * d * d_inner; biases (L+2) * (3 * d_inner + d); plus the head.
+    ``query="tokens"`` (the paper's, the default): self-attention, every token attends to every other,
+    then masked mean|max pooling (``pool``) over the tokens; stage 2 likewise over the L+1 summaries.
+    No streaming form (a new token changes every other token's output). Parameters: w_qkv [L+2, d,
+    3*d_inner], b_qkv [L+2, 3*d_inner], w_o [L+2, d_inner, d], b_o [L+2, d]:
+    weights (L+2) * 4 * d * d_inner; biases (L+2) * (3 * d_inner + d); plus the head.
+
+    ``query="learned"``: stage 1 is multi-head attention POOLING with one learned query per head per
+    layer: head h of layer l weighs token t by softmax_t(q_lh . k_t / sqrt(dh)) with k_t, v_t = x_t W_k,
+    x_t W_v (per head), so a token's score does not depend on the other tokens; the head's output is the
+    softmax-weighted average of its values, then the output projection (+ b_o) gives v(l) [B, d]. No
+    token pooling in stage 1 (the attention pools); ``pool`` applies to stage 2 only, which stays the
+    self-attention above over the L+1 summaries (recomputed from them every pass). It streams: per layer
+    and head an online softmax (``stream_*``: running max score m [L+1, B, H], denominator l [L+1, B, H],
+    weighted value sum acc [L+1, B, H, dh]). Parameters: queries [L+1, H, dh] and w_kv [L+1, d, 2*d_inner]
+    (k then v, each split into H heads of dh like w_qkv; no k, v biases: a key bias shifts every score
+    of a head alike, softmax ignores it, and a value bias passes through the average and the output
+    projection into b_o); stage 2's w_qkv [1, d, 3*d_inner], b_qkv [1, 3*d_inner]; w_o [L+2, d_inner, d],
+    b_o [L+2, d] (index L+1: stage 2) as above:
+    weights (L+1) * 3 * d * d_inner + 4 * d * d_inner; queries (L+1) * d_inner; biases 3 * d_inner
+    + (L+2) * d; plus the head: (L+1) * (d + 2) * d_inner fewer than "tokens" (no query projections, and
+    (L+1) * d_inner queries in place of (L+1) * 3 * d_inner stage-1 q, k, v biases).
+
+    ``query`` is a constructor choice (``--set query=learned``), not a search draw (see TOKEN_POOLS).
     """
 
-    def __init__(self, num_layers, hidden_size, num_classes, factor=32, heads=8, pool="mean", input_norm="rms"):
+    def __init__(
+        self, num_layers, hidden_size, num_classes, factor=32, heads=8, pool="mean", input_norm="rms", query="tokens"
+    ):
         super().__init__(num_layers, hidden_size, num_classes, input_norm)
         d_inner = hidden_size // factor
         if d_inner * factor != hidden_size or d_inner % heads:
@@ -366,22 +392,37 @@ class MHAProbe(Probe):
             )
         if pool not in ("mean", "max"):
             raise ValueError("pool must be 'mean' or 'max'")
-        self.factor, self.heads, self.pool, self.d_inner = factor, heads, pool, d_inner
+        if query not in MHA_QUERIES:
+            raise ValueError(f"query must be one of {', '.join(MHA_QUERIES)}, not {query!r}")
+        self.factor, self.heads, self.pool, self.d_inner, self.query = factor, heads, pool, d_inner, query
         n = num_layers + 1  # L+1 stage-1 modules + 1 stage-2 module, stacked on dim 0
         std = 1 / math.sqrt(hidden_size)
-        self.w_qkv = nn.Parameter(torch.randn(n, hidden_size, 3 * d_inner) * std)  # [L+2, d, 3*d_inner]
-        self.b_qkv = nn.Parameter(torch.zeros(n, 3 * d_inner))
+        if query == "learned":
+            dh = d_inner // heads
+            # q . k / sqrt(dh) starts at unit scale, like a token query x W_q of a normalised token
+            self.queries = nn.Parameter(torch.randn(num_layers, heads, dh))  # [L+1, H, dh]
+            self.w_kv = nn.Parameter(torch.randn(num_layers, hidden_size, 2 * d_inner) * std)  # [L+1, d, 2*d_inner]
+            n_qkv = 1  # stage 2 only
+        else:
+            n_qkv = n
+        self.w_qkv = nn.Parameter(torch.randn(n_qkv, hidden_size, 3 * d_inner) * std)  # [L+2 | 1, d, 3*d_inner]
+        self.b_qkv = nn.Parameter(torch.zeros(n_qkv, 3 * d_inner))
         self.w_o = nn.Parameter(torch.randn(n, d_inner, hidden_size) / math.sqrt(d_inner))  # [L+2, d_inner, d]
         self.b_o = nn.Parameter(torch.zeros(n, hidden_size))
 
+    def count(self, modules: slice) -> int:
+        """How many of the L+2 stacked modules ``modules`` names (a Python int: no shape arithmetic in an export)."""
+        return len(range(self.num_layers + 1)[modules])
+
     def attend(self, x, m, modules: slice):
-        """x [G, B, T, d], m [1, B, T, 1] -> pooled [G, B, d]: the G stacked modules ``modules``, each over its
-        own tokens. Weights are reshaped per head (constants in an export, so one module's graph has no shape
-        arithmetic); G = 1 (a layer of the per-layer form, or stage 2) attends in 4-D directly."""
-        G = len(range(self.num_layers + 1)[modules])  # how many modules
+        """Self-attention: x [G, B, T, d], m [1, B, T, 1] -> pooled [G, B, d]: the G stacked modules ``modules``,
+        each over its own tokens. Weights are reshaped per head (constants in an export, so one module's graph
+        has no shape arithmetic); G = 1 (a layer of the per-layer form, or stage 2) attends in 4-D directly."""
+        G = self.count(modules)
         H, dh, d = self.heads, self.d_inner // self.heads, self.hidden_size
-        w_qkv = self.w_qkv[modules].reshape(G, d, 3, H, dh)  # q, k, v per head
-        b_qkv = self.b_qkv[modules].reshape(G, 3, H, dh).transpose(0, 1)[:, :, None, :, None]  # [3, G, 1, H, 1, dh]
+        qkv = modules if self.query == "tokens" else slice(0, 1)  # "learned": only stage 2 self-attends
+        w_qkv = self.w_qkv[qkv].reshape(G, d, 3, H, dh)  # q, k, v per head
+        b_qkv = self.b_qkv[qkv].reshape(G, 3, H, dh).transpose(0, 1)[:, :, None, :, None]  # [3, G, 1, H, 1, dh]
         q, k, v = (torch.einsum("gbtd,gdkhe->kgbhte", x, w_qkv) + b_qkv).unbind(0)  # 3 x [G, B, H, T, dh]
         keys = (m[..., 0] > 0)[:, :, None, None]  # [1, B, 1, 1, T]: True = a real key
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
@@ -401,16 +442,75 @@ class MHAProbe(Probe):
         o = torch.einsum("gbhte,ghed->gbtd", o, w_o) + self.b_o[modules, None, None]  # [G, B, T, d]
         return masked_max(o, m, dim=2)  # [G, B, d]
 
-    def tokens(self, x, m, layers):  # the stage-1 modules of these layers, attending over each layer's tokens
-        return self.attend(x, m, layers)
+    # --- query="learned": attention pooling with a learned query per head and layer ---------------------
+    # q . k_t = q . (x_t W_k) = x_t . (W_k q): the scores read x through one d-vector per head (like the
+    # gate's), and the weighted average of the values is the weighted average of x projected by W_v, so
+    # no [B, T, d_inner] keys or values are ever built.
+
+    def scores(self, x, m, layers):
+        """x [G, B, T, d], m [1, B, T, 1] -> the masked scores q . k_t / sqrt(dh) [G, B, H, T] (NEG: padding)."""
+        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
+        w_k = self.w_kv[layers, :, : self.d_inner].reshape(G, d, H, dh)  # [G, d, H, dh]
+        u = torch.einsum("gdhe,ghe->gdh", w_k, self.queries[layers]) * dh**-0.5  # [G, d, H]
+        s = torch.einsum("gbtd,gdh->gbht", x, u)  # [G, B, H, T]
+        return s.masked_fill(m[..., 0][:, :, None] == 0, NEG)
+
+    def values(self, xs, layers):
+        """xs [G, B, H, d] (per head, a weighted sum of tokens x) -> the same sum of values [G, B, H, dh]."""
+        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
+        w_v = self.w_kv[layers, :, self.d_inner :].reshape(G, d, H, dh)  # [G, d, H, dh]
+        return torch.einsum("gbhd,gdhe->gbhe", xs, w_v)
+
+    def project(self, o, layers):
+        """The heads' outputs o [G, B, H, dh] -> v [G, B, d] (output projection + bias)."""
+        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
+        w_o = self.w_o[layers].reshape(G, H, dh, d)  # [G, H, dh, d]
+        return torch.einsum("gbhe,ghed->gbd", o, w_o) + self.b_o[layers, None]
+
+    def tokens(self, x, m, layers):  # the stage-1 modules of these layers, each over its layer's tokens
+        if self.query == "tokens":
+            return self.attend(x, m, layers)
+        alpha = torch.softmax(self.scores(x, m, layers), dim=-1)  # [G, B, H, T]
+        return self.project(self.values(alpha @ x, layers), layers)  # alpha @ x: [G, B, H, d]
 
     def combine(self, v):
         s = v.transpose(0, 1)[None]  # [1, B, L+1, d]: stage 2 attends over layer summaries
         ones = torch.ones_like(s[..., :1])  # [1, B, L+1, 1]
         return self.attend(s, ones, slice(self.num_layers, self.num_layers + 1))[0]
 
+    @property
+    def streamable(self):
+        return self.query == "learned"
+
+    def state_shapes(self, batch):
+        L1, H = self.num_layers, self.heads
+        # per layer and head an online softmax: running max score, denominator, weighted value sum
+        return [("m", (L1, batch, H)), ("l", (L1, batch, H)), ("acc", (L1, batch, H, self.d_inner // H))]
+
+    def fold(self, state, layers, m):
+        run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
+        out = []
+        for one, x in layers:
+            s = self.scores(x, m, one)  # [1, B, H, T]
+            new_max = torch.maximum(run_max[one], s.amax(-1))  # [1, B, H]
+            scale = torch.exp(run_max[one] - new_max)  # [1, B, H]: rescales what was folded in before
+            p = torch.exp(s - new_max[..., None]) * m[..., 0][:, :, None]  # [1, B, H, T]: the new tokens' weights
+            v_sum = self.values(p @ x, one)  # [1, B, H, dh]
+            out.append((new_max, denom[one] * scale + p.sum(-1), acc[one] * scale[..., None] + v_sum))
+        return [torch.cat(t) for t in zip(*out)]
+
+    def summaries(self, state):
+        _, denom, acc = state
+        # l >= 1 once a token is seen (the max-scoring token weighs exp(0)); no token yet: 0 (not b_o)
+        v = self.project(acc / denom.clamp_min(1.0)[..., None], slice(0, self.num_layers))  # [L+1, B, d]
+        return torch.where(denom[..., :1] > 0, v, torch.zeros_like(v))
+
 
 # --- MHA's search space: the paper's downcast factors and head counts -------------------------------
+
+# "learned" (attention pooling, streams) is a constructor choice (--set query=learned), not a search
+# draw: like pooling's token_pool=topk, drawing it would change every seeded MHA search.
+MHA_QUERIES = ("tokens", "learned")
 
 MHA_FACTORS = (4, 8, 16, 32, 64)
 MHA_HEADS = (4, 8, 16)
@@ -472,7 +572,12 @@ def check_streamable(module: nn.Module) -> None:
     what = type(module).__name__
     if isinstance(module, PoolingProbe):
         what += f" with token_pool={module.token_pool!r}"
-    raise ValueError(f"{what} has no streaming form (pooling with token_pool 'mean' or 'max' and gate probes stream)")
+    elif isinstance(module, MHAProbe):
+        what += f" with query={module.query!r}"
+    raise ValueError(
+        f"{what} has no streaming form (pooling with token_pool 'mean' or 'max', gate, and MHA with "
+        "query 'learned' stream)"
+    )
 
 
 def count_parameters(module: nn.Module) -> int:

@@ -69,16 +69,22 @@ def cmd_generate(args) -> int:
         if args.json:
             print(json.dumps(r.to_dict()))
             continue
-        tag = "" if single else f"[{r.index}] "
-        note = f" (prompt truncated to {r.prompt_tokens} tokens)" if r.truncated else ""
-        print(f"{tag}labels: {_labels_line(r.labels)}{note}")
-        if r.response_labels:
-            print(f"{tag}response labels: {_labels_line(r.response_labels)}")
-        if r.blocked_by:
-            stopped = r.token_ids and r.blocked_by in r.response_labels
-            print(f"{tag}{'response stopped' if stopped else 'blocked'} by {r.blocked_by}")
-        print(f"{tag}{r.text}")
+        print("\n".join(result_lines(r, "" if single else f"[{r.index}] ")))
     return 2 if failed else 0
+
+
+def result_lines(r, tag: str = "") -> list[str]:
+    """What ``singlepass generate`` prints for one Result: the prompt's labels, the response's
+    (the last pass's, after how many generated tokens), who blocked or stopped it, the text."""
+    note = f" (prompt truncated to {r.prompt_tokens} tokens)" if r.truncated else ""
+    lines = [f"{tag}labels: {_labels_line(r.labels)}{note}"]
+    if r.response_labels:
+        n = len(next(iter(r.response_scores.values())))
+        lines.append(f"{tag}response labels after {n} tokens: {_labels_line(r.response_labels)}")
+    if r.blocked_by:
+        stopped = bool(r.token_ids) and r.blocked_by in r.response_labels
+        lines.append(f"{tag}{'response stopped' if stopped else 'blocked'} by {r.blocked_by}")
+    return lines + [f"{tag}{r.text}"]
 
 
 def register(sub) -> None:

@@ -12,11 +12,15 @@ from singlepass.errors import SinglepassError
 
 def _fake_stages(monkeypatch, calls: list, reuse: bool):
     bb, rt = object(), object()
-    monkeypatch.setattr(demo, "current_recipe", lambda probe: reuse)
-    monkeypatch.setattr(demo, "extract", lambda model, cache_dir, data_dir: calls.append(("extract", model)) or bb)
-    monkeypatch.setattr(demo, "train", lambda b, probe, c, d: calls.append(("train", b is bb)))
+    monkeypatch.setattr(demo, "current_recipe", lambda probe, q: reuse)
+    monkeypatch.setattr(
+        demo,
+        "extract",
+        lambda model, cache_dir, data_dir, q, b=None: calls.append(("extract", model, q.name, b is bb)) or bb,
+    )
+    monkeypatch.setattr(demo, "train", lambda b, q, probe, c, d: calls.append(("train", b is bb, q.name)))
     monkeypatch.setattr(demo, "evaluate", lambda b, probe, c, d, *where: calls.append(("eval", b is bb)))
-    monkeypatch.setattr(demo, "export", lambda b, probe, art, model, c: calls.append(("export", b is bb)))
+    monkeypatch.setattr(demo, "export", lambda b, probes, art, model, c: calls.append(("export", b is bb, probes)))
     monkeypatch.setattr(demo, "validate", lambda b, art, c: calls.append(("validate", b is bb)))
 
     def generate(art, policy=None, runtime=None):
@@ -35,7 +39,7 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     calls = []
     _fake_stages(monkeypatch, calls, reuse)
     out = tmp_path / "demo"
-    probe, art = out / "probe-mixture-gate", out / "artifact"
+    probe, rprobe, art = out / "probe-mixture-gate", out / "probe-response-gate", out / "artifact"
     if reuse:
         art.mkdir(parents=True)
         (art / "manifest.json").write_text("{}")
@@ -43,43 +47,60 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     assert demo.cmd_demo(args) == 0
     text = capsys.readouterr().out
     prompts = " ".join(f"'{p}'" for p in demo.DEMO_PROMPTS)
+    m, r = demo.MIXTURE, demo.RESPONSE.dataset
     train = (
         []
         if reuse
         else [
-            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {demo.MIXTURE} --probe gate "
-            f"--out {probe} --limit 800 --val-limit 200 --trials 1 --epochs 8"
+            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {m} --probe gate "
+            f"--out {probe} --limit 800 --val-limit 200 --trials 1 --epochs 8",
+            f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {r} --probe gate "
+            f"--out {rprobe} --limit 500 --val-limit 150 --max-response-tokens 64 --trials 1 --epochs 8",
         ]
     )
     stage4 = (
         [f"$ singlepass validate {art}"]
         if reuse
-        else [f"$ singlepass export --model smollm2-135m --probe {probe}:safety --out {art} --force"]
+        else [
+            f"$ singlepass export --model smollm2-135m --probe {probe}:safety --probe {rprobe}:safety_response "
+            f"--out {art} --force"
+        ]
     )
+    gen = f"$ singlepass generate {art} {prompts} --max-new-tokens 32"
     assert _commands(text) == [
-        "== 1/5 extract: hidden states [L+1, B, T, d] of a safety mixture's training rows",
-        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {demo.MIXTURE} --split train --limit 800",
-        "== 2/5 train: a quick gate probe (safety), trained on the mixture",
+        "== 1/5 extract: hidden states [L+1, B, T, d] of each probe's training rows",
+        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {m} --split train --limit 800",
+        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {r} --split train --limit 500 "
+        "--max-response-tokens 64",
+        "== 2/5 train: two quick gate probes, one on prompts, one on responses",
         *train,
-        "== 3/5 eval: on ToxicChat human-annotated test rows and WildGuardTest's untouched part",
+        "== 3/5 eval: each probe on held-out test rows, one set out of distribution",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset toxicchat --split test_human --limit 400",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset wildguardmix --split test_untouched --limit 200",
-        "== 4/5 export: one graph for tokens + labels, validated against PyTorch",
+        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset beavertails --split test --limit 200",
+        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset saferlhf --split test --limit 200",
+        "== 4/5 export: one graph for tokens + prompt labels + response labels, validated against PyTorch",
         *stage4,
-        "== 5/5 generate: text and labels from the one fused pass (report-only policy)",
-        f"$ singlepass generate {art} {prompts} --max-new-tokens 24",
-        f"$ singlepass generate {art} {prompts} --max-new-tokens 24 --policy safety=block:0.5",
+        "== 5/5 generate: text and labels from the same passes (report-only policy)",
+        gen,
+        gen + " --policy safety=block --policy safety_response=stop",
     ]
     assert (f"reusing {probe}" in text) == reuse and (f"reusing {art}" in text) == reuse
     assert text.count("  (") >= 4 and f"artifact at {art}" in text
     # one backbone from stage 1 for every stage that takes one; one runtime for both generate runs
-    assert calls[0] == ("extract", "smollm2-135m")
+    assert calls[:2] == [
+        ("extract", "smollm2-135m", "safety", False),
+        ("extract", "smollm2-135m", "safety_response", True),
+    ]
+    specs = [f"{probe}:safety", f"{rprobe}:safety_response"]
     assert [c for c in calls if c[0] in ("train", "eval", "export", "validate")] == (
-        [("eval", True), ("eval", True), ("validate", True)]
+        [("eval", True)] * 4 + [("validate", True)]
         if reuse
-        else [("train", True), ("eval", True), ("eval", True), ("export", True)]
+        else [("train", True, "safety"), ("train", True, "safety_response")]
+        + [("eval", True)] * 4
+        + [("export", True, specs)]
     )
-    assert calls[-2:] == [("generate", None, False), ("generate", ["safety=block:0.5"], True)]
+    assert calls[-2:] == [("generate", None, False), ("generate", demo.POLICY, True)]
 
 
 def test_a_failing_stage_is_reported_as_its_command(tmp_path, monkeypatch, capsys):
@@ -94,7 +115,7 @@ def test_a_failing_stage_is_reported_as_its_command(tmp_path, monkeypatch, capsy
     with pytest.raises(SinglepassError, match=r"stage `singlepass train` failed \(exit 2\)"):
         demo.cmd_demo(args)
     assert "singlepass train: error: no data" in capsys.readouterr().err
-    assert [c[0] for c in calls] == ["extract"]  # nothing after the failed stage
+    assert [c[0] for c in calls] == ["extract", "extract"]  # nothing after the failed stage
 
 
 def test_run_stage_exit_codes(capsys):
@@ -222,7 +243,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         data_dir="/d",
         dataset=demo.MIXTURE,
         split="train",
-        limit=demo.TRAIN_LIMIT,
+        limit=demo.PROMPT.limit,
         prompt_format="chat",
         max_length=512,
         dtype="float16",
@@ -231,10 +252,11 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         batch_size=8,
         no_progress=False,
         json=False,
+        max_response_tokens=128,
     )
     assert cmd_extract(ex) == 0
     cli = capsys.readouterr().out
-    demo.extract("smollm2-135m", None, "/d")
+    demo.extract("smollm2-135m", None, "/d", demo.PROMPT)
     assert _normalise(capsys.readouterr().out) == _normalise(cli)
     assert seen[0] == seen[1]  # the same cache request
 
@@ -251,8 +273,8 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         epochs=demo.EPOCHS,
         set=None,
         hparams_from=None,
-        limit=demo.TRAIN_LIMIT,
-        val_limit=demo.VAL_LIMIT,
+        limit=demo.PROMPT.limit,
+        val_limit=demo.PROMPT.val_limit,
         threshold_at_fpr=None,
         threads=None,
         force=False,
@@ -260,10 +282,11 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         json=False,
         prompt_format="chat",
         max_length=512,
+        max_response_tokens=128,
     )
     assert cmd_train(tr) == 0
     cli = capsys.readouterr().out
-    demo.train(BB(), probe, None, "/d")
+    demo.train(BB(), demo.PROMPT, probe, None, "/d")
     assert capsys.readouterr().out == cli
     (_, *a), (_, *b) = [s for s in seen if s[0] == "train"]
     assert a == b  # the same training call

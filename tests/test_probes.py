@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from singlepass.models.baselines import FixedReadoutProbe, MuliProbe, last_token_onehot
-from singlepass.models.probes import count_parameters
+from singlepass.models.probes import POOLS, count_parameters
 from singlepass.models.registry import FAMILIES, METHODS, build_any, build_method, head_only
 
 STATE_METHODS = [m for m in METHODS if m != "muli"]
@@ -21,6 +21,7 @@ def test_parameter_counts_match_the_paper_for_llama_3_2_3b():
         last = build_method("last-token", L + 1, d, 2)
         muli = build_method("muli", L + 1, d, 2, vocab_size=128256)
         gate6 = build_method("gate", L + 1, d, 6)
+        mha_learned = build_method("mha", L + 1, d, 2, factor=32, heads=8, query="learned")
     head = d + 1
     assert count_parameters(gate) == (L + 2) * d + head == 95_233  # "0.10M"
     assert count_parameters(gate6) == (L + 2) * d + 6 * d + 6
@@ -28,6 +29,9 @@ def test_parameter_counts_match_the_paper_for_llama_3_2_3b():
     weights, biases = (L + 2) * 4 * d * d_inner, (L + 2) * (3 * d_inner + d)
     assert weights == 35_389_440  # the paper's 35.39M, without biases
     assert count_parameters(mha) == weights + biases + head
+    # query="learned": no query projections in stage 1, a learned query per head and layer instead
+    learned = (L + 1) * 3 * d * d_inner + 4 * d * d_inner + (L + 1) * d_inner + 3 * d_inner + (L + 2) * d
+    assert count_parameters(mha_learned) == learned + head == count_parameters(mha) - (L + 1) * (d + 2) * d_inner
     assert count_parameters(pool) == count_parameters(last) == head
     assert count_parameters(muli) == 128256 + 1
 
@@ -247,6 +251,8 @@ PER_LAYER_CASES = (
     + [("gate", {"input_norm": n}) for n in ("standard", "rms", "none")]
     + [("mha", {"factor": 4, "heads": 2, "pool": p, "input_norm": "standard"}) for p in ("mean", "max")]
     + [("mha", {"factor": 8, "heads": 1, "pool": "mean", "input_norm": "none"})]
+    + [("mha", {"factor": 4, "heads": 2, "pool": p, "query": "learned", "input_norm": "standard"}) for p in POOLS]
+    + [("mha", {"factor": 2, "heads": 8, "query": "learned", "input_norm": "none"})]
     + [("last-token", {}), ("mean-final", {})]
 )
 
@@ -265,3 +271,109 @@ def test_per_layer_form_equals_the_stacked_form(method, params):
         torch.testing.assert_close(probe.forward_layers(list(x), mask), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reads 4 layers"):
         probe.forward_layers(list(x[:3]), mask)
+
+
+LEARNED = {"factor": 4, "heads": 2, "query": "learned"}
+
+
+def test_mha_learned_query_pools_each_layer_by_attention_and_masks_padding():
+    """query="learned": each head of each layer is a softmax(q . k_t / sqrt(dh))-weighted average of its
+    values, then the output projection: checked against a plain per-token computation. Padding never
+    counts; query="tokens" keeps the saved parameter layout; bad values are refused."""
+    torch.manual_seed(0)
+    probe = build_method("mha", 4, 16, 3, input_norm="none", **LEARNED).eval()
+    with torch.no_grad():
+        probe.queries.mul_(3.0)
+        probe.b_o.normal_()
+    states, lengths = random_batch()
+    x, mask = pad(states, lengths, 12, "left", 1e4)
+    got = probe.tokens(x, mask.float()[None, :, :, None], slice(0, 4))  # [L+1, B, d]
+    H, dh = 2, 2
+    for j, n in enumerate(lengths):
+        for layer in range(4):
+            h = states[layer, j, :n]  # [n, d]: the row's real tokens
+            kv = h @ probe.w_kv[layer]  # [n, 2 * d_inner]
+            k, v = kv[:, :4].reshape(n, H, dh), kv[:, 4:].reshape(n, H, dh)
+            a = torch.softmax(torch.einsum("the,he->ht", k, probe.queries[layer]) / dh**0.5, dim=-1)  # [H, n]
+            o = torch.einsum("ht,the->he", a, v).reshape(-1)  # [d_inner]
+            want = o @ probe.w_o[layer] + probe.b_o[layer]
+            torch.testing.assert_close(got[layer, j], want, rtol=1e-4, atol=1e-4)
+    ref = torch.cat([probe(*pad(states[:, j : j + 1], [n], n, "right", 0.0)) for j, n in enumerate(lengths)])
+    torch.testing.assert_close(probe(x, mask), ref, rtol=1e-4, atol=1e-5)
+    assert probe.streamable and not build_method("mha", 4, 16, 3, factor=4, heads=2).streamable
+    shapes = {n: tuple(p.shape) for n, p in probe.named_parameters()}
+    assert shapes == {
+        "queries": (4, 2, 2),  # [L+1, H, dh]
+        "w_kv": (4, 16, 8),  # [L+1, d, 2 * d_inner]: k, then v
+        "w_qkv": (1, 16, 12),  # stage 2 only
+        "b_qkv": (1, 12),
+        "w_o": (5, 4, 16),  # [L+2, d_inner, d]
+        "b_o": (5, 16),
+        "head.weight": (3, 16),
+        "head.bias": (3,),
+    }
+    tokens = build_method("mha", 4, 16, 3, factor=4, heads=2, query="tokens")
+    assert {n: tuple(p.shape) for n, p in tokens.named_parameters()} == {
+        "w_qkv": (5, 16, 12),
+        "b_qkv": (5, 12),
+        "w_o": (5, 4, 16),
+        "b_o": (5, 16),
+        "head.weight": (3, 16),
+        "head.bias": (3,),
+    }
+    with pytest.raises(ValueError, match="query must be one of tokens, learned"):
+        build_method("mha", 4, 16, 3, factor=4, heads=2, query="mean")
+
+
+def test_mha_learned_query_trains_its_queries():
+    torch.manual_seed(0)
+    probe = build_method("mha", 4, 16, 2, input_norm="rms", **LEARNED)
+    states, lengths = random_batch()
+    x, mask = pad(states, lengths, 10, "right", 0.0)
+    y = torch.tensor([1.0, 0.0, 1.0])
+    before = {n: p.detach().clone() for n, p in probe.named_parameters()}
+    opt = torch.optim.AdamW(probe.parameters(), lr=1e-2)
+    loss = torch.nn.functional.binary_cross_entropy_with_logits(probe(x, mask)[:, 0], y)
+    loss.backward()
+    for name, p in probe.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
+    opt.step()
+    assert all(not torch.equal(p, before[n]) for n, p in probe.named_parameters())  # the queries included
+
+
+def test_set_query_learned_reaches_every_trial_and_survives_save_and_load(tmp_path):
+    """--set query=learned: every trial of a seeded MHA search builds with it (pool, drawn, is stage 2's);
+    the saved config.json keeps it, so load_probe rebuilds the same streaming probe."""
+    from singlepass.models.probe_io import load_probe, save_probe
+    from singlepass.models.search import trial_plan
+
+    plan = trial_plan("mha", 16, 6, seed=0, overrides={"query": "learned"})
+    assert all(hp.params["query"] == "learned" for hp in plan)
+    assert {hp.params["pool"] for hp in plan} == set(POOLS)  # the draws are unchanged
+    for hp in plan:
+        assert build_method("mha", 4, 16, 2, **hp.params).streamable
+    assert "query" not in trial_plan("mha", 16, 3, seed=0)[1].params  # a constructor choice, not a draw
+    torch.manual_seed(0)
+    params = {**LEARNED, "input_norm": "standard"}
+    probe = build_method("mha", 4, 16, 2, **params).eval()
+    probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    cfg = {
+        "probe": "mha",
+        "params": params,
+        "num_layers": 4,
+        "hidden_size": 16,
+        "label_names": ["no", "yes"],
+        "threshold": 0.5,
+        "prompt_format": "chat",
+        "max_length": 64,
+        "backbone": {"name": "x", "sha256": "ab" * 32, "num_hidden_layers": 3, "hidden_size": 16},
+    }
+    save_probe(tmp_path / "p", probe, cfg)
+    loaded, cfg2 = load_probe(tmp_path / "p", cfg["backbone"])
+    assert cfg2["params"]["query"] == "learned" and loaded.query == "learned" and loaded.streamable
+    states, lengths = random_batch()
+    x, mask = pad(states, lengths, 10, "left", 1e3)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x, mask), probe(x, mask), rtol=0, atol=0)
+        state = loaded.stream_update(loaded.stream_init(3), list(x), mask)
+        torch.testing.assert_close(loaded.stream_logits(state), probe(x, mask), rtol=1e-5, atol=1e-5)

@@ -55,6 +55,9 @@ def test_validation_checks_streaming_against_the_whole_prefix(resp):
     assert m["graph"]["response_mask"] == "response_mask"
     gate = next(p for p in m["probes"] if p["name"] == "r_gate")
     assert gate["reads"] == "response" and [s["name"] for s in gate["state"]] == ["m", "l", "acc"]
+    # onnxruntime-genai cannot feed the state inputs: no genai_config.json, and the manifest says why
+    assert m["genai"]["config"] is None and "response probe" in m["genai"]["reason"]
+    assert not (art / "genai_config.json").exists()
 
 
 def _reference_scores(backbone, probe_dir, prompt_ids, tokens) -> list[float]:

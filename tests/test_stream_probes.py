@@ -15,8 +15,10 @@ STREAMING = [
     ("pooling", {"token_pool": "max", "layer_pool": "mean"}),
     ("pooling", {"token_pool": "max", "layer_pool": "max"}),
     ("gate", {}),
+    ("mha", {"query": "learned", "factor": 4, "heads": 2, "pool": "mean"}),  # pool: stage 2's
+    ("mha", {"query": "learned", "factor": 2, "heads": 4, "pool": "max"}),
 ]
-ID = [f"{k}-{'-'.join(p.values())}" if p else k for k, p in STREAMING]
+ID = [f"{k}-{'-'.join(map(str, p.values()))}" if p else k for k, p in STREAMING]
 CHUNKINGS = [[1] * T, [2] * 5 + [1], [3, 1, 4, 2, 1], [T]]
 
 
@@ -29,6 +31,9 @@ def make_probe(kind, params, input_norm, classes, seed=0):
         probe.head.weight.normal_(0, 0.5)  # logits well away from 0: differences show
         if kind == "gate":
             probe.token_gates.mul_(3.0)  # peaked token weights: the online softmax rescales for real
+        if kind == "mha":
+            probe.queries.mul_(3.0)  # likewise, per head
+            probe.b_o.normal_(0, 0.5)  # the empty state's summaries are 0, not b_o
     return probe
 
 
@@ -102,7 +107,7 @@ def test_each_row_streams_its_own_tokens_and_masked_rows_keep_their_state(kind, 
     "module,what",
     [
         (lambda: build_probe("pooling", L1, D, 2, token_pool="topk"), "PoolingProbe with token_pool='topk'"),
-        (lambda: build_probe("mha", L1, D, 2, factor=4, heads=4), "MHAProbe"),
+        (lambda: build_probe("mha", L1, D, 2, factor=4, heads=4), "MHAProbe with query='tokens'"),
         (lambda: FixedReadoutProbe(L1, D, 2, readout="last"), "FixedReadoutProbe"),
         (lambda: MuliProbe(vocab_size=50, num_classes=2), "MuliProbe"),
     ],
@@ -132,8 +137,13 @@ def test_other_families_and_options_have_no_streaming_form(module, what):
 @pytest.mark.parametrize("opset", [18, 23])
 @pytest.mark.parametrize(
     "kind,params,classes",
-    [("pooling", {"token_pool": "mean"}, 2), ("pooling", {"token_pool": "max"}, 3), ("gate", {}, 2)],
-    ids=["pooling-mean", "pooling-max", "gate"],
+    [
+        ("pooling", {"token_pool": "mean"}, 2),
+        ("pooling", {"token_pool": "max"}, 3),
+        ("gate", {}, 2),
+        ("mha", {"query": "learned", "factor": 4, "heads": 2}, 3),
+    ],
+    ids=["pooling-mean", "pooling-max", "gate", "mha-learned"],
 )
 @torch.no_grad()
 def test_exported_stream_probe_fed_its_presents_back_equals_torch_at_every_pass(kind, params, classes, opset):

@@ -1,6 +1,6 @@
 """CLI for benchmarks/: ``singlepass bench accuracy``, ``singlepass bench loso``, ``singlepass bench
-latency`` and ``singlepass bench serve`` (same flags as ``python -m singlepass.benchmarks.accuracy`` /
-``.loso`` / ``.latency`` / ``.serve_bench``)."""
+response``, ``singlepass bench latency`` and ``singlepass bench serve`` (same flags as ``python -m
+singlepass.benchmarks.accuracy`` / ``.loso`` / ``.response`` / ``.latency`` / ``.serve_bench``)."""
 
 from __future__ import annotations
 
@@ -25,6 +25,13 @@ def cmd_loso(args: argparse.Namespace) -> int:
     from singlepass.benchmarks.loso import run
 
     args.command = _command("loso")
+    return run(args)
+
+
+def cmd_response(args: argparse.Namespace) -> int:
+    from singlepass.benchmarks.response import run
+
+    args.command = _command("response")
     return run(args)
 
 
@@ -66,6 +73,14 @@ def register(sub) -> None:
     )
     loso_parser(lo)
     lo.set_defaults(func=cmd_loso)
+    from singlepass.benchmarks.response import build_parser as response_parser
+
+    rp = benches.add_parser(
+        "response",
+        help="streaming response probes vs the MiniLM guard after generation: response.md / response.json",
+    )
+    response_parser(rp)
+    rp.set_defaults(func=cmd_response)
     lp = benches.add_parser("latency", help="single pass with fused probes vs guard-then-serve: latency and memory")
     latency_parser(lp)
     lp.set_defaults(func=cmd_latency)

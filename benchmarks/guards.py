@@ -66,14 +66,20 @@ def minilm_folder() -> Path:
     return folder
 
 
-def plain_tokenizer(path: Path, max_length: int):
-    """tokenizers.Tokenizer with the shipped fixed 128-padding removed and truncation at max_length."""
+def plain_tokenizer(path: Path, max_length: int, direction: str = "right"):
+    """tokenizers.Tokenizer with the shipped fixed 128-padding removed and truncation at max_length
+    (``direction="left"`` keeps a text's end: a response after a long prompt)."""
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(path))
     tok.no_padding()
-    tok.enable_truncation(max_length)
+    tok.enable_truncation(max_length, direction=direction)
     return tok
+
+
+def truncation(recipe: dict) -> str:
+    """The side a classifier recipe truncates long texts on (``"truncation"``; default "right")."""
+    return recipe.get("truncation", "right")
 
 
 def batch_inputs(encodings, pad_id: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -210,7 +216,7 @@ def train_classifier(
         torch.set_num_threads(threads)
     torch.manual_seed(r["seed"])
     src = minilm_folder()
-    tok = plain_tokenizer(src / "tokenizer.json", r["max_length"])
+    tok = plain_tokenizer(src / "tokenizer.json", r["max_length"], truncation(r))
     if data is None:
         tr = load_dataset("toxicchat", "train", data_dir, limit=train_limit)
         va = load_dataset("toxicchat", "validation", data_dir)
@@ -418,15 +424,23 @@ def ensure_classifier(
 
 
 def ensure_mixture_classifier(
-    train, val, spec: dict, cache_dir=None, threads: int | None = None, log=print, retrain: bool = False
+    train,
+    val,
+    spec: dict,
+    cache_dir=None,
+    threads: int | None = None,
+    log=print,
+    retrain: bool = False,
+    recipe: dict | None = None,
 ) -> Path:
     """Guard (a) fine-tuned on a mixture's rows (``train``/``val`` from ``models.mixture.load_mixture``),
     cached under ``guards/minilm-mixture-<key>`` by ``mixture_data_key(train, val, spec)``; trained
-    (once) when missing or trained with another recipe. -> its folder (a ClassifierGuard folder)."""
+    (once) when missing or trained with another recipe (``recipe``: the base recipe, default
+    CLASSIFIER_RECIPE, made a mixture recipe by ``mixture_recipe``). -> its folder (a ClassifierGuard folder)."""
     key = mixture_data_key(train, val, spec)
     name = f"minilm-mixture-{key[:16]}"
     out = guards_root(cache_dir) / name
-    recipe = mixture_recipe()
+    recipe = mixture_recipe(recipe)
     data_spec = {**spec, "key": key}
     try:
         cfg = json.loads((out / "config.json").read_text())
@@ -459,7 +473,9 @@ class ClassifierGuard:
         self.cfg = cfg or json.loads((folder / "config.json").read_text())
         if self.cfg.get("format") != GUARD_FORMAT:
             raise SinglepassError(f"{folder}: not a {GUARD_FORMAT} folder")
-        self.tok = plain_tokenizer(folder / "tokenizer.json", self.cfg["max_length"])
+        self.tok = plain_tokenizer(
+            folder / "tokenizer.json", self.cfg["max_length"], truncation(self.cfg.get("recipe", {}))
+        )
         self.sess = ort_session(folder / "model.onnx", threads)  # the runtime's one loader (CPU)
         self.threshold = float(self.cfg["threshold"])
 

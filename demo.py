@@ -70,12 +70,18 @@ class Quick:
     folder: str
     evals: tuple
     max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS  # what a response probe reads (its flag's default)
+    threshold_fpr: float | None = None  # the active threshold: F1-optimal (None) or at this validation FPR
 
 
 # The prompt probe is mixture-trained (issue 18: probes that hold up on prompts they were not trained
 # on; at most 800 train / 200 validation rows per source: Alpaca, 21,926 benign training prompts, is
 # the one the cap cuts most). The response probe (issue 15) reads the answer while it is generated:
 # BeaverTails and GPTFuzz responses, the first 64 tokens of each; SafeRLHF is out of distribution.
+# Stopping an answer is more intrusive than refusing a prompt, and the F1-optimal threshold of a
+# response gate probe on these sets stops over half of BeaverTails' safe validation answers (FPR
+# 0.55, `singlepass train --dataset beavertails,gptfuzz --probe gate --max-response-tokens 64
+# --limit 1000 --val-limit 300`), so the response probe's active threshold is the one at 5%
+# validation FPR (chosen from validation alone, before the demo prompts were run through it).
 PROMPT = Quick(
     "safety",
     "prompt",
@@ -94,11 +100,11 @@ RESPONSE = Quick(
     "probe-response-gate",
     (("beavertails", "test", 200), ("saferlhf", "test", 200)),
     max_response_tokens=64,
+    threshold_fpr=0.05,
 )
 QUICK = (PROMPT, RESPONSE)
 MIXTURE = PROMPT.dataset
-# The policy of the last stage: each probe at its own validation threshold (F1-optimal), chosen
-# before the demo prompts were ever run through it.
+# The policy of the last stage: each probe at its own active validation threshold.
 POLICY = [f"{PROMPT.name}=block", f"{RESPONSE.name}=stop"]
 
 T = TypeVar("T")
@@ -187,7 +193,7 @@ def train(bb: "Backbone", q: Quick, probe: Path, cache_dir: str | None, data_dir
         hparams=None,
         cache_dir=cache_dir and Path(cache_dir),
         progress=True,
-        threshold_fpr=None,  # the F1-optimal threshold (`singlepass train` without --threshold-at-fpr)
+        threshold_fpr=q.threshold_fpr,  # None: the F1-optimal threshold (no --threshold-at-fpr)
         max_response_tokens=q.max_response_tokens,
     )
     cfg["data"]["mixture"] = m.report
@@ -295,6 +301,7 @@ def current_recipe(probe: Path, q: Quick) -> bool:
         and data.get("dataset") == name
         and (data.get("limit"), data.get("validation_limit")) == (q.limit, q.val_limit)
         and cfg.get("max_response_tokens") == (q.max_response_tokens if q.reads == "response" else None)
+        and cfg.get("operating_point") == (f"fpr@{q.threshold_fpr:g}" if q.threshold_fpr else "f1")
     )
 
 
@@ -330,6 +337,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             shutil.rmtree(stale, ignore_errors=True)
         argv = ["train", *common, *data, "--dataset", q.dataset, "--probe", "gate", "--out", str(probe)]
         argv += ["--limit", str(q.limit), "--val-limit", str(q.val_limit), *resp(q)]
+        argv += ["--threshold-at-fpr", f"{q.threshold_fpr:g}"] if q.threshold_fpr else []
         run_stage(
             argv + ["--trials", str(TRIALS), "--epochs", str(EPOCHS)],
             lambda q=q, probe=probe: train(bb, q, probe, cache_dir, data_dir),

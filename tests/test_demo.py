@@ -55,7 +55,8 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {m} --probe gate "
             f"--out {probe} --limit 800 --val-limit 200 --trials 1 --epochs 8",
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {r} --probe gate "
-            f"--out {rprobe} --limit 500 --val-limit 150 --max-response-tokens 64 --trials 1 --epochs 8",
+            f"--out {rprobe} --limit 500 --val-limit 150 --max-response-tokens 64 --threshold-at-fpr 0.05 "
+            "--trials 1 --epochs 8",
         ]
     )
     stage4 = (

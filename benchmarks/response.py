@@ -1,0 +1,1170 @@
+"""Response benchmark: streaming response probes vs a MiniLM guard run after generation (issue 15).
+
+    singlepass bench response [--methods pooling pooling-max gate mha-stream mha last-token guard] [--seeds 0]
+        [--limit 1000] [--val-limit 300] [--test-limit N] [--max-response-tokens 64] [--estimate-only]
+    singlepass bench response --cost          (the timing phase alone; run it on a quiet machine)
+    singlepass bench response --table-only    (re-render response.md from response.json)
+    (or: python -m singlepass.benchmarks.response ...)
+
+Training data: the response mixture ``beavertails,gptfuzz`` (models/mixture.py: one safe/unsafe
+label space, overlaps with every test part removed), at most ``--limit`` training and
+``--val-limit`` validation rows per source (seeded, stratified). Every probe reads at most the
+first ``--max-response-tokens`` response tokens after the prompt in the serving view
+(models/prompts.py ``encode_responses``); the guard reads the same cut response, decoded back to
+text, as ``"User: <prompt>\\nAssistant: <cut response>"``.
+
+Methods (``METHODS``): the streaming probes ``pooling`` (token mean), ``pooling-max`` (token max,
+layer mean), ``gate`` and ``mha-stream`` (MHA with ``query=learned``: attention pooling with a
+learned query per head, its recurrent variant), evaluated on the finished cut response and replayed
+token by token through their streaming form (``stream_update``) for early detection; ``mha`` (the
+paper's self-attention, ``query=tokens``: no streaming form, every token attends to every other, so
+it is evaluated on the whole cut response, a reference);
+``last-token`` (a linear probe on the last response token's final-layer state); ``guard``: the
+MiniLM classifier of benchmarks/guards.py fine-tuned on the same rows' text, run once on the
+finished cut response. Every probe stores its validation (F1-optimal) threshold; the guard too.
+
+Tests: BeaverTails and GPTFuzz test (in distribution), SafeRLHF test and WildGuardTest's response
+rows (``wildguardmix_response`` ``test_untouched``) out of distribution; F1 at the stored
+threshold, AUPRC and TPR at 1% FPR (benchmarks/loso.py ``source_metrics``).
+
+Early detection (streaming methods): each test response is replayed through the probe's streaming
+state, and the runtime's stop rule (runtime/policy.py ``Streaks``: P(unsafe) >= threshold on 2
+decode passes in a row, pass k having seen response tokens 1..k) gives the first pass k that
+would stop the response (``stop_pass``). Harmful rows: median / p90 of k over the flagged rows,
+the share flagged within 32 tokens and the share never flagged; safe rows: the false-stop rate.
+
+Cost (``--cost``, a separate phase): the decode-step time of the base model and of the base + the
+streaming response probe (``--cost-probe``, default the gate), both exported (int4) into the cache
+and timed alternately with
+``runtime.passes.decode_one_token`` at batch 1 and 8; and the guard re-run every 32 tokens:
+ceil(tokens / 32) guard calls (batch 1) per response on its prefix texts, vs one call at the end.
+
+Caching and resume: the hidden states of the training, validation and test rows are cached once
+(models/cache.py); each (method, seed) is a normal probe artifact (config.json + model.safetensors)
+under ``$SINGLEPASS_CACHE/response/<data key>/<method>-seed<S>/`` with its evaluation beside it
+(``<method>-seed<S>-<eval key>.json``), the guard under ``guards/minilm-mixture-<key>``, the cost
+phase's numbers in ``cost.json``; a rerun skips what is stored. ``RESULTS/response.json`` and
+``RESULTS/response.md`` are rewritten after every finished (method, seed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from singlepass.benchmarks.machine import torch_machine
+from singlepass.benchmarks.outputs import add_out_arg, results_dir
+from singlepass.files import atomic_write
+
+MIXTURE = "beavertails,gptfuzz"
+# (dataset, split): the held-out test parts; the last two are out of distribution
+TESTS = (
+    ("beavertails", "test"),
+    ("gptfuzz", "test"),
+    ("saferlhf", "test"),
+    ("wildguardmix_response", "test_untouched"),
+)
+IN_DIST = ("beavertails", "gptfuzz")
+OOD = ("saferlhf", "wildguardmix_response")
+SHOWN = {
+    "beavertails": "BeaverTails",
+    "gptfuzz": "GPTFuzz",
+    "saferlhf": "SafeRLHF (OOD)",
+    "wildguardmix_response": "WildGuardTest (OOD)",
+}
+# method -> (--probe family, constructor parameters), or None for the fine-tuned MiniLM guard
+METHODS = {
+    "pooling": ("pooling", {"token_pool": "mean", "layer_pool": "mean"}),
+    "pooling-max": ("pooling", {"token_pool": "max", "layer_pool": "mean"}),
+    "gate": ("gate", {}),
+    "mha-stream": ("mha", {"query": "learned"}),
+    "mha": ("mha", {}),
+    "last-token": ("last-token", {}),
+    "guard": None,
+}
+STREAMING = ("pooling", "pooling-max", "gate", "mha-stream")  # replayed token by token (early detection)
+HEAVY = ("gate", "mha-stream", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
+READS = {
+    "pooling": "streaming (token mean, layer mean)",
+    "pooling-max": "streaming (token max, layer mean)",
+    "gate": "streaming (online-softmax gate)",
+    "mha-stream": "streaming (MHA, query=learned: attention pooling, learned query per head)",
+    "mha": "not streaming (reference): MHA self-attention over the whole cut response",
+    "last-token": "last response token, final layer (linear probe)",
+    "guard": "MiniLM guard, once on the finished cut response",
+}
+CONSECUTIVE = 2  # the runtime's stop rule: flagged on this many decode passes in a row
+WITHIN = 32  # early-detection window (tokens) and the guard's re-run period
+# The response guard: the latency benchmark's MiniLM recipe, longer texts truncated on the LEFT so
+# the whole cut response is always kept (64 SmolLM2 tokens are at most ~80 MiniLM tokens; a long
+# WildGuardTest prompt loses its beginning instead).
+GUARD_RECIPE = {"max_length": 256, "truncation": "left"}
+GUARD_VIEW = "User: <prompt>\nAssistant: <the first N response tokens, decoded>"
+GUARD_SHOWN = GUARD_VIEW.replace("\n", "\\n")  # as the report prints it
+# Seconds for the printed estimate, besides benchmarks/loso.py COST: one streaming replay per test
+# row (all its tokens, batched), one validated int4 export (rough), one decode step at batch 1 and 8
+# (benchmarks/results/engine_steps.md), one guard call.
+REPLAY_ROW = 0.01
+EXPORT = 300.0
+STEP = {1: 0.02, 8: 0.03}
+GUARD_CALL = 0.01
+
+
+# --- the stop rule and early detection ----------------------------------------------------------------
+
+
+def stop_pass(scores, threshold: float, consecutive: int = CONSECUTIVE) -> int | None:
+    """The first decode pass k (1-based: pass k has seen response tokens 1..k) at which the runtime's
+    ``stop`` rule fires on these per-pass P(unsafe) scores, or None if it never does. The rule is
+    ``runtime.policy.Streaks`` itself, fed through a one-probe adapter."""
+    from singlepass.runtime.passes import Label
+    from singlepass.runtime.policy import Rule, Streaks
+
+    probe = SimpleNamespace(name="response", reads="response", threshold=threshold)
+    watch = Streaks({"response": Rule("stop", threshold=threshold, consecutive=consecutive)}, [probe])
+    for k, s in enumerate(scores, 1):
+        if watch.update({"response": Label("", float(s), [])}):
+            return k
+    return None
+
+
+def detection(first: list[int | None], labels, within: int = WITHIN) -> dict:
+    """Early-detection summary of the stop passes ``first`` (None: never stopped) of one test set:
+    on its harmful rows (label 1) the median / p90 pass over the flagged ones, the share flagged
+    within ``within`` tokens and the share never flagged; on its safe rows the false-stop rates."""
+    y = np.asarray(labels)
+    harm = [k for k, lb in zip(first, y) if lb == 1]
+    safe = [k for k, lb in zip(first, y) if lb == 0]
+    flagged = np.asarray([k for k in harm if k is not None], dtype=np.float64)
+
+    def share(rows, hit):
+        return float(np.mean([hit(k) for k in rows])) if rows else None
+
+    return {
+        "harmful_rows": len(harm),
+        "flagged": int(len(flagged)),
+        "median_tokens": float(np.median(flagged)) if len(flagged) else None,
+        "p90_tokens": float(np.percentile(flagged, 90)) if len(flagged) else None,
+        "within": within,
+        "flagged_within": share(harm, lambda k: k is not None and k <= within),
+        "never_flagged": share(harm, lambda k: k is None),
+        "safe_rows": len(safe),
+        "false_stop": share(safe, lambda k: k is not None),
+        "false_stop_within": share(safe, lambda k: k is not None and k <= within),
+    }
+
+
+def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, desc: str = "replay") -> np.ndarray:
+    """P(positive) after every decode pass of every cached row: [N, T_max] float64, NaN past a
+    row's last token. Each row's response tokens are folded in one at a time through the probe's
+    streaming form (``stream_update``), rows batched (similar lengths together)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from singlepass.models.probes import probabilities
+
+    module.check_streamable()
+    n = len(cache)
+    out = np.full((n, int(cache.lengths.max()) if n else 0), np.nan)
+    order = np.argsort(-cache.lengths, kind="stable")
+    with torch.no_grad(), tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+        for s in range(0, n, batch_rows):
+            rows = order[s : s + batch_rows]
+            states, mask = cache.batch(rows)  # [L+1, B, T, d], [B, T] (right padding)
+            state = module.stream_init(len(rows))
+            for t in range(states.shape[2]):
+                state = module.stream_update(state, list(states[:, :, t : t + 1].unbind(0)), mask[:, t : t + 1])
+                p = probabilities(module.stream_logits(state))[:, 1].numpy()  # [B]
+                live = mask[:, t].numpy().astype(bool)
+                out[rows[live], t] = p[live]
+            bar.update(len(rows))
+    return out
+
+
+# --- data ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Data:
+    mixture: object  # models.mixture.Mixture
+    tests: dict  # name -> Dataset (safe/unsafe labels)
+    plans: dict  # "train" / "validation" / test name -> (CachePlan, Encoded)
+
+    def sets(self) -> dict:
+        return {"train": self.mixture.train, "validation": self.mixture.validation, **self.tests}
+
+
+def load_data(args, bb) -> Data:
+    from singlepass.models import cache as state_cache
+    from singlepass.models.data import load_dataset
+    from singlepass.models.mixture import load_mixture, to_safety
+
+    m = load_mixture(MIXTURE, args.data_dir, limit=args.limit, val_limit=args.val_limit, seed=0)
+    tests = {n: to_safety(load_dataset(n, split, args.data_dir, limit=args.test_limit)) for n, split in TESTS}
+    data = Data(m, tests, {})
+    for key, ds in data.sets().items():
+        data.plans[key] = state_cache.plan(
+            bb, ds, "chat", args.max_length, cache_dir=args.cache_dir, max_response_tokens=args.max_response_tokens
+        )
+    return data
+
+
+def cut_text(tokenizer, prompt: str, ids: list[int]) -> str:
+    """The guard's view of a (prompt, response tokens) pair."""
+    return f"User: {prompt}\nAssistant: {tokenizer.decode(ids)}"
+
+
+def response_ids(enc, i: int) -> list[int]:
+    """The response tokens a probe reads of row i (the first max_response_tokens)."""
+    return enc.ids[i][len(enc.ids[i]) - enc.stored[i] :]
+
+
+def guard_view(ds, enc, tokenizer):
+    """``ds`` with each text replaced by the guard's view of its cut response (other columns kept)."""
+    out = ds.subset(np.arange(len(ds)))
+    out.texts = [cut_text(tokenizer, p, response_ids(enc, i)) for i, p in enumerate(ds.columns["prompt"])]
+    return out
+
+
+def data_summary(data: Data) -> dict:
+    out = {}
+    for key, ds in data.sets().items():
+        p, enc = data.plans[key]
+        out[key] = {
+            "split": ds.split,
+            "rows": len(ds),
+            "unsafe": int(ds.labels.sum()),
+            "responses_cut": enc.n_response_truncated,
+            "response_tokens_dropped": int(sum(enc.response_cut)),
+            "response_tokens": p.n_tokens,
+        }
+    return out
+
+
+# --- keys, paths, the estimate ------------------------------------------------------------------------
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def data_key(args, bb, data: Data) -> str:
+    from singlepass.models.cache import texts_digest
+
+    m = data.mixture
+    spec = {
+        "mixture": MIXTURE,
+        "limit": args.limit,
+        "val_limit": args.val_limit,
+        "max_response_tokens": args.max_response_tokens,
+        "max_length": args.max_length,
+        "backbone": bb.fingerprint["sha256"],
+        "rows": texts_digest(m.train.texts + m.validation.texts, np.concatenate([m.train.labels, m.validation.labels])),
+    }
+    return _hash(spec)
+
+
+def trials_for(args, method: str) -> int:
+    return args.trials_heavy if method in HEAVY else args.trials
+
+
+def run_dir(args) -> Path:
+    return args.cache_root / "response" / args.key
+
+
+def probe_tag(args, method: str, seed: int) -> dict:
+    """What a stored probe (or guard) must have been trained with to be reused."""
+    from singlepass.models.train import RECIPE
+
+    if METHODS[method] is None:
+        return {"guard": guard_recipe(seed), "spec": guard_spec(args, seed)}
+    return {
+        "recipe": RECIPE,
+        "method": method,
+        "params": METHODS[method][1],
+        "seed": seed,
+        "first_seed": args.seeds[0],
+        "trials": trials_for(args, method),
+        "epochs": args.epochs,
+        "data": args.key,
+    }
+
+
+def result_path(args, method: str, seed: int, data: Data) -> Path:
+    from singlepass.models.cache import texts_digest
+
+    spec = {
+        "tag": probe_tag(args, method, seed),
+        "test_limit": args.test_limit,
+        "tests": {n: texts_digest(ds.texts, ds.labels) for n, ds in data.tests.items()},
+        "stop_rule": [CONSECUTIVE, WITHIN],
+    }
+    return run_dir(args) / f"{method}-seed{seed}-{_hash(spec)}.json"
+
+
+def cost_path(args) -> Path:
+    return run_dir(args) / "cost.json"
+
+
+def estimate(args, data: Data, methods: list[str]) -> dict:
+    """Seconds per phase (benchmarks/loso.py COST, measured on this 2-core machine; early stopping
+    usually finishes sooner) and the disk the hidden-state caches not yet built need."""
+    from singlepass.benchmarks.loso import COST, GUARD_EPOCHS
+
+    tokens, stored, stored_bytes = 0, 0, 0
+    all_bytes = sum(p.total_bytes for p, _ in data.plans.values())
+    for p, enc in data.plans.values():
+        if not ((p.folder / "meta.json").exists() and not (p.folder / "progress.json").exists()):
+            tokens += enc.n_tokens
+            stored += p.n_tokens
+            stored_bytes += p.total_bytes
+    per = {"extract": tokens / COST["extract_tokens_per_s"]}
+    n_tr, n_va = len(data.mixture.train), len(data.mixture.validation)
+    n_test = sum(len(ds) for ds in data.tests.values())
+    for method in methods:
+        for seed in args.seeds:
+            if result_path(args, method, seed, data).is_file():
+                continue
+            t = trials_for(args, method)
+            if method == "guard":
+                s = COST["guard"] * n_tr * GUARD_EPOCHS + COST["eval_guard"] * (n_va * GUARD_EPOCHS + n_test)
+            elif method in HEAVY:
+                s = COST[METHODS[method][0]] * (n_tr + n_va / 2) * args.epochs * t + COST["eval_states"] * n_test
+            else:  # pooling / last-token: one feature pass, the head is free
+                s = COST["pooling_pass"] * (n_tr + n_va) + COST["eval_states"] * n_test
+            if method in STREAMING:
+                s += REPLAY_ROW * n_test
+            per[method] = per.get(method, 0.0) + s
+    cost = 2 * EXPORT + args.cost_repeats * args.cost_steps * 2 * sum(STEP.values())
+    cost += args.cost_rows * 3 * math.ceil(args.cost_tokens / WITHIN) * GUARD_CALL
+    return {
+        "seconds": per,
+        "total": sum(per.values()),
+        "extract_tokens": tokens,
+        "stored_tokens": stored,
+        "cache_bytes": stored_bytes,
+        "all_cache_bytes": all_bytes,
+        "cost_seconds": cost,
+    }
+
+
+def _fmt(s: float) -> str:
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.0f} min"
+
+
+# --- one (method, seed) ---------------------------------------------------------------------------------
+
+
+def ensure_probe(args, bb, method: str, seed: int, data: Data, log):
+    """Train (or reuse) the method's probe artifact for this seed -> (module, cfg, folder). Seeds
+    after the first reuse the first seed's selected configuration (as bench accuracy)."""
+    from singlepass.errors import SinglepassError
+    from singlepass.models.probe_io import load_probe, read_config, save_probe
+    from singlepass.models.search import HParams
+    from singlepass.models.train import train_probe
+
+    family, params = METHODS[method]
+    out = run_dir(args) / f"{method}-seed{seed}"
+    tag = probe_tag(args, method, seed)
+    try:
+        if read_config(out).get("bench") == tag:
+            module, cfg = load_probe(out, bb.fingerprint)
+            return module, cfg, out
+    except SinglepassError:
+        pass
+    hparams = None
+    if seed != args.seeds[0]:
+        first = read_config(ensure_probe(args, bb, method, args.seeds[0], data, log)[2])
+        hparams = HParams.from_dict({**first["hparams"], "params": first["params"]})
+    log(f"=== train {method} / seed {seed}  ({time.strftime('%H:%M:%S')})")
+    m = data.mixture
+    module, cfg = train_probe(
+        family,
+        bb,
+        m.train,
+        m.validation,
+        max_length=args.max_length,
+        seed=seed,
+        trials=trials_for(args, method),
+        max_epochs=args.epochs,
+        overrides=params,
+        hparams=hparams,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
+        log=log,
+        max_response_tokens=args.max_response_tokens,
+    )
+    cfg["data"]["mixture"] = m.report
+    cfg["bench"] = tag
+    save_probe(out, module, cfg)
+    module, cfg = load_probe(out, bb.fingerprint)  # evaluate exactly what was saved
+    return module, cfg, out
+
+
+def guard_recipe(seed: int) -> dict:
+    from singlepass.benchmarks.guards import CLASSIFIER_RECIPE
+
+    return {**CLASSIFIER_RECIPE, **GUARD_RECIPE, "seed": seed}
+
+
+def guard_spec(args, seed: int) -> dict:
+    return {
+        "mixture": MIXTURE,
+        "limit": args.limit,
+        "val_limit": args.val_limit,
+        "max_response_tokens": args.max_response_tokens,
+        "max_length": args.max_length,
+        "view": GUARD_VIEW,
+        "seed": seed,
+    }
+
+
+def ensure_guard(args, bb, seed: int, data: Data, log) -> Path:
+    """The MiniLM guard fine-tuned on the mixture's rows as the guard sees them (cut responses)."""
+    from singlepass.benchmarks.guards import ensure_mixture_classifier
+
+    tok = bb.tokenizer
+    train = guard_view(data.mixture.train, data.plans["train"][1], tok)
+    val = guard_view(data.mixture.validation, data.plans["validation"][1], tok)
+    return ensure_mixture_classifier(
+        train, val, guard_spec(args, seed), args.cache_dir, args.threads, log, recipe=guard_recipe(seed)
+    )
+
+
+def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
+    from singlepass.benchmarks.loso import source_metrics
+    from singlepass.models import cache as state_cache
+    from singlepass.models.evaluate import predict_proba
+
+    t0 = time.perf_counter()
+    tests = {}
+    if METHODS[method] is None:
+        from singlepass.benchmarks.guards import ClassifierGuard, score_in_batches
+
+        folder = ensure_guard(args, bb, seed, data, log)
+        guard = ClassifierGuard(folder, threads=args.threads)
+        threshold = guard.threshold
+        for name, ds in data.tests.items():
+            texts = guard_view(ds, data.plans[name][1], bb.tokenizer).texts
+            p = score_in_batches(guard.score, texts, 16)
+            tests[name] = {"split": ds.split, **source_metrics(ds.labels, p, threshold), "early": None}
+        cfg = guard.cfg
+        info = {
+            "parameters": cfg["parameters"],
+            "train_seconds": cfg["training"]["seconds"],
+            "best_epoch": cfg["training"]["best_epoch"],
+            "params": {k: cfg["recipe"][k] for k in ("max_length", "truncation", "epochs", "lr")},
+            "artifact": str(folder),
+        }
+    else:
+        module, cfg, folder = ensure_probe(args, bb, method, seed, data, log)
+        threshold = cfg["threshold"]
+        log(f"=== eval {method} / seed {seed}  ({time.strftime('%H:%M:%S')})")
+        for name, ds in data.tests.items():
+            p = predict_proba(module, cfg, bb, ds, args.cache_dir, progress=not args.no_progress, log=log)[:, 1]
+            t = {"split": ds.split, **source_metrics(ds.labels, p, threshold), "early": None}
+            if method in STREAMING:
+                cache = state_cache.build(
+                    bb,
+                    ds,
+                    cfg["prompt_format"],
+                    cfg["max_length"],
+                    cache_dir=args.cache_dir,
+                    progress=False,
+                    log=lambda *a: None,
+                    max_response_tokens=cfg["max_response_tokens"],
+                )
+                s = stream_scores(module, cache, progress=not args.no_progress, desc=f"replay {name}")
+                last = s[np.arange(len(ds)), cache.lengths - 1]
+                t["stream_vs_whole_max_abs_diff"] = float(np.abs(last - p).max())
+                t["early"] = detection([stop_pass(r[:n], threshold) for r, n in zip(s, cache.lengths)], ds.labels)
+            tests[name] = t
+        info = {
+            "parameters": cfg["trainable_parameters"],
+            "train_seconds": cfg["training"]["seconds"],
+            "search_seconds": cfg["training"]["search_seconds"],
+            "best_epoch": cfg["training"]["best_epoch"],
+            "params": {k: v for k, v in cfg["params"].items() if k != "vocab_size"},
+            "hparams": cfg["hparams"],
+            "validation_by_source": cfg.get("validation_by_source"),
+            "artifact": str(folder),
+        }
+    return {
+        "method": method,
+        "seed": seed,
+        "streaming": method in STREAMING,
+        "threshold": threshold,
+        "train_rows": len(data.mixture.train),
+        "validation_rows": len(data.mixture.validation),
+        **info,
+        "tests": tests,
+        "seconds": round(time.perf_counter() - t0, 1),
+        "machine": torch_machine(),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+def stored_runs(args, data: Data) -> list[dict]:
+    """Every stored (method, seed) of this data key and these settings, in method then seed order."""
+    out = []
+    for method in METHODS:
+        for seed in args.seeds:
+            path = result_path(args, method, seed, data)
+            if path.is_file():
+                out.append(json.loads(path.read_text()))
+    return out
+
+
+# --- the cost phase ---------------------------------------------------------------------------------------
+
+
+def _median(v) -> float:
+    return float(np.median(np.asarray(v, dtype=np.float64)))
+
+
+def decode_overhead(
+    artifacts: dict, prompt: str, threads: int, batches=(1, 8), repeats: int = 15, steps: int = 8, warmup: int = 8
+) -> dict:
+    """Decode-step time of each artifact ({name: folder}; the first is the base) at each batch size:
+    one prompt (repeated for batch B) prefilled, ``warmup`` greedy decode steps, then ``repeats``
+    blocks of ``steps`` chained decode steps from that state (each after one untimed step), the
+    artifacts alternating block by block (order reversed every other repeat). -> {"batch B": {"base_ms",
+    "probe_ms" (medians per step), "overhead_pct": (probe / base - 1) x 100, ...}}."""
+    from singlepass.runtime.api import load
+    from singlepass.runtime.passes import decode_one_token, last_logits, prefill
+
+    rts = {name: load(folder, threads=threads) for name, folder in artifacts.items()}
+    names = list(rts)
+    out = {}
+    for b in batches:
+        start = {}
+        for name, rt in rts.items():
+            ids = rt.encode(prompt, truncate=True)[0]
+            o, st = prefill(rt.backend, rt.manifest, [ids] * b)
+            for _ in range(warmup):
+                toks = last_logits(rt.manifest, o).argmax(-1).astype(np.int64)  # [B]
+                o, st = decode_one_token(rt.backend, rt.manifest, st, toks)
+            start[name] = (st, toks)
+        times = {name: [] for name in names}
+        for r in range(repeats):
+            for name in names if r % 2 == 0 else names[::-1]:
+                rt, (st, toks) = rts[name], start[name]
+                decode_one_token(rt.backend, rt.manifest, st, toks)  # untimed: the other's idle threads stop spinning
+                t0 = time.perf_counter()
+                for _ in range(steps):
+                    _, st = decode_one_token(rt.backend, rt.manifest, st, toks)
+                times[name].append((time.perf_counter() - t0) / steps)
+        ms = {name: 1e3 * _median(v) for name, v in times.items()}
+        base, probe = ms[names[0]], ms[names[1]]
+        out[f"batch {b}"] = {
+            "batch": b,
+            "base_ms": base,
+            "probe_ms": probe,
+            "overhead_ms": probe - base,
+            "overhead_pct": 100.0 * (probe / base - 1.0),
+            "repeats": repeats,
+            "steps": steps,
+            "context_tokens": len(rts[names[0]].encode(prompt, truncate=True)[0]) + warmup,
+        }
+    return out
+
+
+def guard_rerun_cost(
+    guard_folder, rows: list[tuple[str, list[int]]], tokenizer, threads: int, every: int = WITHIN, repeats: int = 3
+) -> dict:
+    """The guard re-run every ``every`` generated tokens vs once on the finished response: for each
+    (prompt, response token ids) row, ceil(n / every) batch-1 guard calls on the prefix texts (tokens
+    1..every, 1..2 x every, ..., 1..n); each call timed as the median of ``repeats``."""
+    from singlepass.benchmarks.guards import ClassifierGuard
+
+    guard = ClassifierGuard(guard_folder, threads=threads)
+    for _ in range(3):
+        guard.score(["User: warm up\nAssistant: ok"])
+    per = []
+    for prompt, ids in rows:
+        n = len(ids)
+        cuts = [*range(every, n, every), n]  # ceil(n / every) calls
+        call_ms = []
+        for k in cuts:
+            text = [cut_text(tokenizer, prompt, ids[:k])]
+            ts = []
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                guard.score(text)
+                ts.append(time.perf_counter() - t0)
+            call_ms.append(1e3 * _median(ts))
+        per.append({"tokens": n, "calls": len(cuts), "rerun_ms": sum(call_ms), "once_ms": call_ms[-1]})
+    tokens = sum(r["tokens"] for r in per)
+    return {
+        "rows": len(per),
+        "every": every,
+        "repeats": repeats,
+        "mean_tokens": tokens / len(per),
+        "mean_calls": float(np.mean([r["calls"] for r in per])),
+        "rerun_ms_per_response": float(np.mean([r["rerun_ms"] for r in per])),
+        "once_ms_per_response": float(np.mean([r["once_ms"] for r in per])),
+        "rerun_ms_per_token": sum(r["rerun_ms"] for r in per) / tokens,
+        "once_ms_per_token": sum(r["once_ms"] for r in per) / tokens,
+    }
+
+
+def cost_rows(data: Data, n: int, tokenizer, max_tokens: int, seed: int = 0) -> list[tuple[str, list[int]]]:
+    """``n`` (prompt, response ids) rows drawn evenly from the test sets (seeded): each response's
+    first ``max_tokens`` tokens, as a generation of that length would produce them."""
+    from singlepass.models.prompts import encode_responses
+
+    rng = np.random.default_rng(seed)
+    out = []
+    per = max(1, math.ceil(n / len(data.tests)))
+    for ds in data.tests.values():
+        for i in sorted(rng.choice(len(ds), min(per, len(ds)), replace=False).tolist()):
+            p, r = ds.columns["prompt"][i], ds.columns["response"][i]
+            out.append((p, response_ids(encode_responses(tokenizer, [p], [r], max_response_tokens=max_tokens), 0)))
+    return out[:n]
+
+
+def cost_phase(args, bb, data: Data, log) -> dict:
+    """Export (or reuse) the base and base + streaming probe (``--cost-probe``) artifacts, time their
+    decode steps, and time the guard re-run every 32 tokens."""
+    from singlepass.benchmarks.latency_prepare import artifact_current
+    from singlepass.benchmarks.machine import ort_machine
+    from singlepass.export.pipeline import export_artifact
+    from singlepass.runtime.contract import read_artifact
+
+    seed = args.seeds[0]
+    method = args.cost_probe
+    _, cfg, probe = ensure_probe(args, bb, method, seed, data, log)
+    guard = ensure_guard(args, bb, seed, data, log)
+    root = args.cache_root / "bench-artifacts" / args.weights
+    plan = {"base": [], method: [f"{probe}:response_{method.replace('-', '_')}"]}
+    folders = {}
+    for name, specs in plan.items():
+        folder = root / f"response-{name}"
+        current = artifact_current(folder, specs, bb.fingerprint["sha256"], args.weights)
+        if not (current and read_artifact(folder).limits.max_batch >= 8):
+            log(f"exporting artifact {folder.name!r} ({args.weights} weights) -> {folder} ...")
+            s = export_artifact(
+                folder,
+                specs,
+                backbone=bb,
+                force=True,
+                weights=args.weights,
+                max_batch=8,
+                max_prompt_length=args.max_length,
+                log=lambda *a: None,
+            )
+            log(f"  {folder.name}: {s['seconds']} s, {s['bytes'] / 2**20:,.0f} MiB, validated")
+        folders[name] = folder
+    machine_before = ort_machine()
+    log(f"machine: {machine_before}")
+    prompt = data.tests["beavertails"].columns["prompt"][0]
+    log(f"== decode steps: base vs base + streaming {method}, batch 1 and 8, {args.threads} threads")
+    decode = decode_overhead(folders, prompt, args.threads, repeats=args.cost_repeats, steps=args.cost_steps)
+    for k, v in decode.items():
+        log(f"  {k}: base {v['base_ms']:.2f} ms, + {method} {v['probe_ms']:.2f} ms per step: {v['overhead_pct']:+.2f}%")
+    n = args.cost_tokens
+    log(f"== guard re-run every {WITHIN} tokens on {args.cost_rows} test responses of up to {n} tokens (batch 1)")
+    rows = cost_rows(data, args.cost_rows, bb.tokenizer, n)
+    rerun = {"max_tokens": n, **guard_rerun_cost(guard, rows, bb.tokenizer, args.threads)}
+    log(
+        f"  {rerun['rerun_ms_per_response']:.1f} ms per response ({rerun['mean_calls']:.2f} calls) vs "
+        f"{rerun['once_ms_per_response']:.1f} ms once"
+    )
+    return {
+        "weights": args.weights,
+        "threads": args.threads,
+        "probe": method,
+        "probe_artifact": str(probe),
+        "probe_threshold": cfg["threshold"],
+        "artifacts": {k: str(v) for k, v in folders.items()},
+        "decode": decode,
+        "guard": {"folder": str(guard), **rerun},
+        "machine": machine_before,
+        "loadavg_end": list(os.getloadavg()),
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+    }
+
+
+# --- the report -------------------------------------------------------------------------------------------
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def values(runs, method: str, test: str, key: str, early: bool = False) -> list[float]:
+    out = []
+    for r in runs:
+        if r["method"] != method or test not in r["tests"]:
+            continue
+        t = r["tests"][test]["early"] if early else r["tests"][test]
+        if t is not None and t.get(key) is not None:
+            out.append(float(t[key]))
+    return out
+
+
+def mean_of(runs, method, test, key, early=False) -> float | None:
+    v = values(runs, method, test, key, early)
+    return float(np.mean(v)) if v else None
+
+
+def cell(runs, method, test, key, scale=100.0, digits=1, early=False) -> str:
+    v = values(runs, method, test, key, early)
+    if not v:
+        return "—"
+    a = np.asarray(v) * scale
+    return f"{a.mean():.{digits}f}" if len(a) == 1 else f"{a.mean():.{digits}f} ± {a.std():.{digits}f} (n={len(a)})"
+
+
+def best_streaming(runs) -> tuple[str | None, dict]:
+    """The streaming method with the highest mean in-distribution F1 (BeaverTails, GPTFuzz), and every
+    streaming method's mean."""
+    means = {}
+    for m in STREAMING:
+        f1 = [mean_of(runs, m, t, "f1") for t in IN_DIST]
+        if all(v is not None for v in f1):
+            means[m] = 100 * float(np.mean(f1))
+    return (max(means, key=means.get) if means else None), means
+
+
+def targets(doc: dict) -> list[str]:
+    """The issue's targets, judged from the stored runs and the cost phase (means over seeds)."""
+    runs, cost = doc["runs"], doc.get("cost")
+    best, means = best_streaming(runs)
+    out = []
+    if best is None:
+        out.append("- best streaming method: not run (no streaming probe has results on BeaverTails and GPTFuzz)")
+    else:
+        out.append(
+            f"- best streaming method (highest mean F1 on BeaverTails and GPTFuzz, of {', '.join(STREAMING)}; "
+            f"mha, the self-attention MHA, does not stream: it is the reference): **{best}** ("
+            + ", ".join(f"{m} {v:.1f}" for m, v in means.items())
+            + ")"
+        )
+
+    def f1(method, test):
+        v = mean_of(runs, method, test, "f1")
+        return None if v is None else 100 * v
+
+    def judged(tests, ok, what):
+        pairs = [(t, f1(best, t), f1("guard", t)) for t in tests]
+        if best is None or any(a is None or g is None for _, a, g in pairs):
+            missing = "the guard" if best is not None else "the streaming probes"
+            return f"{what}: not run ({missing} not run on {', '.join(SHOWN[t] for t in tests)})"
+        verdict = "met" if all(ok(a, g) for _, a, g in pairs) else "missed"
+        return f"{what}: {verdict} (" + "; ".join(f"{SHOWN[t]} {a:.1f} vs {g:.1f}" for t, a, g in pairs) + ")"
+
+    out.append("- " + judged(IN_DIST, lambda a, g: a >= g, "best streaming F1 >= the MiniLM guard's in distribution"))
+    out.append(
+        "- "
+        + judged(OOD, lambda a, g: g - a <= 10, "best streaming F1 within 10 points of the guard's out of distribution")
+    )
+    ref = [(t, f1("mha", t), f1("guard", t)) for t, _ in TESTS]
+    if all(a is not None and g is not None for _, a, g in ref):
+        out.append(
+            "- (reference, not streaming) MHA on the whole cut response vs the guard: "
+            + "; ".join(f"{SHOWN[t]} {a:.1f} vs {g:.1f}" for t, a, g in ref)
+        )
+    if best is None:
+        out.append(f"- median detection within {WITHIN} tokens: not run")
+    else:
+        med = {t: mean_of(runs, best, t, "median_tokens", early=True) for t, _ in TESTS}
+        done = all(any(r["method"] == best and t in r["tests"] for r in runs) for t, _ in TESTS)
+        verdict = (
+            "not run" if not done else "met" if all(v is not None and v <= WITHIN for v in med.values()) else "missed"
+        )
+        out.append(
+            f"- median detection within {WITHIN} tokens ({best}, harmful test rows it flags): {verdict} ("
+            + "; ".join(
+                f"{SHOWN[t]} {_num(v)} (flagged within {WITHIN}: "
+                f"{_pct(mean_of(runs, best, t, 'flagged_within', True))}%, "
+                f"false stops {_pct(mean_of(runs, best, t, 'false_stop', True))}%)"
+                for t, v in med.items()
+            )
+            + ")"
+        )
+    if not cost:
+        out.append("- decode-step overhead of the streaming probe <= 2%: not run (the `--cost` phase)")
+    else:
+        d = cost["decode"]
+        ok = all(v["overhead_pct"] <= 2.0 for v in d.values())
+        out.append(
+            f"- decode-step overhead of the streaming {cost['probe']} probe <= 2%: {'met' if ok else 'missed'} ("
+            + "; ".join(f"{k} {v['overhead_pct']:+.2f}%" for k, v in d.items())
+            + ")"
+        )
+    return out
+
+
+def render(doc: dict) -> str:
+    runs, s, data = doc["runs"], doc["settings"], doc["data"]
+    n = s["max_response_tokens"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    tests = [t for t, _ in TESTS]
+    cut = sum(data[k]["responses_cut"] for k in data)
+    rows = sum(data[k]["rows"] for k in data)
+    lines = [
+        f"# Response probes: streaming moderation of the response vs a guard after generation ({doc['model']})",
+        "",
+    ]
+    lines += [
+        f"Every probe reads at most the first **{n} response tokens** (after the prompt, in the serving view), and the "
+        f"MiniLM guard sees the same cut response decoded back to text (`{GUARD_SHOWN}`), "
+        f"so both judge the same evidence: {cut:,} of {rows:,} responses (train, validation and test) are longer and "
+        f"were cut. Metrics in % at the threshold stored from validation (F1-optimal), AUPRC in [0, 1]; "
+        f"mean over seeds ({', '.join(map(str, s['seeds']))}). `—` = not run.",
+        "",
+        "## F1 (test)",
+        "",
+        "| method | reads | " + " | ".join(SHOWN[t] for t in tests) + " | trainable params | train (s) |",
+        "| --- | --- | " + " | ".join("---:" for _ in tests) + " | ---: | ---: |",
+    ]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        params = sorted({r["parameters"] for r in rs})
+        secs = np.mean([r["train_seconds"] for r in rs])
+        lines.append(
+            f"| {m} | {READS[m]} | "
+            + " | ".join(cell(runs, m, t, "f1") for t in tests)
+            + f" | {', '.join(f'{p:,}' for p in params)} | {secs:.0f} |"
+        )
+    lines += ["", "## Targets", ""] + targets(doc)
+    lines += [
+        "",
+        "## Every metric",
+        "",
+        "| test set (rows, unsafe) | method | F1 | AUPRC | TPR @ 1% FPR | recall @ thr. | FPR @ thr. | thr. |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in tests:
+        for m in methods:
+            if not values(runs, m, t, "rows"):
+                continue
+            lines.append(
+                f"| {SHOWN[t]} ({data[t]['rows']}, {data[t]['unsafe']}) | {m} | {cell(runs, m, t, 'f1')} | "
+                f"{cell(runs, m, t, 'auprc', 1, 3)} | {cell(runs, m, t, 'tpr_at_1pct_fpr')} | "
+                f"{cell(runs, m, t, 'recall')} | {cell(runs, m, t, 'fpr')} | {cell(runs, m, t, 'threshold', 1, 3)} |"
+            )
+    lines += [
+        "",
+        "## Early detection (streaming methods)",
+        "",
+        f"Each test response replayed token by token through the probe's streaming state; the runtime's stop rule "
+        f"(runtime/policy.py `Streaks`: P(unsafe) >= the stored threshold on {CONSECUTIVE} decode passes in a row, "
+        f"pass k having seen response tokens 1..k) gives the pass that would stop it. Harmful rows: median and p90 "
+        f"of the generated tokens until flagged (over the flagged rows), the share flagged within {WITHIN} tokens and "
+        f"the share never flagged within the response (at most {n} tokens); safe rows: the share the rule would stop "
+        f"(false stops), at all and within {WITHIN} tokens. A rule that stops everything is not detection: read the "
+        f"two sides together. (A response of one token can never be stopped: the rule needs {CONSECUTIVE} passes.)",
+        "",
+        f"| test set | method | harmful rows | median tokens | p90 tokens | flagged <= {WITHIN} | never flagged | "
+        f"safe rows | false stops | false stops <= {WITHIN} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in tests:
+        for m in methods:
+            if m not in STREAMING or not values(runs, m, t, "harmful_rows", True):
+                continue
+
+            def e(k, scale=100.0, digits=1, m=m, t=t):
+                return cell(runs, m, t, k, scale, digits, early=True)
+
+            lines.append(
+                f"| {SHOWN[t]} | {m} | {e('harmful_rows', 1, 0)} | {e('median_tokens', 1, 1)} | "
+                f"{e('p90_tokens', 1, 1)} | {e('flagged_within')} | {e('never_flagged')} | {e('safe_rows', 1, 0)} | "
+                f"{e('false_stop')} | {e('false_stop_within')} |"
+            )
+    checks = [r["tests"][t].get("stream_vs_whole_max_abs_diff") for r in runs for t in r["tests"]]
+    checks = [c for c in checks if c is not None]
+    if checks:
+        lines += [
+            "",
+            f"The streaming replay's last score equals the probe run over the whole cut response: max |P difference| "
+            f"{max(checks):.1e} over every streaming run and test row.",
+        ]
+    lines += ["", "## Cost", ""]
+    cost = doc.get("cost")
+    if not cost:
+        lines.append("Not run: `--cost` (a separate phase; run it alone on a quiet machine).")
+    else:
+        lines += [
+            f"Decode step of the base model vs the base + the streaming {cost['probe']} response probe, both "
+            "exported with "
+            f"{cost['weights']} weights (`export_artifact`), opened with "
+            f"`runtime.api.load(threads={cost['threads']})`; "
+            f"one prompt prefilled (repeated for batch 8) and a few greedy steps, then blocks of one untimed and "
+            f"{next(iter(cost['decode'].values()))['steps']} chained `decode_one_token` steps, the two artifacts "
+            f"alternating block by block; medians of "
+            f"{next(iter(cost['decode'].values()))['repeats']} blocks. Target: <= 2% per step.",
+            "",
+            f"| batch | context (tokens) | base (ms / step) | + streaming {cost['probe']} (ms / step) | "
+            "overhead (ms) | overhead |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for v in cost["decode"].values():
+            lines.append(
+                f"| {v['batch']} | {v['context_tokens']} | {v['base_ms']:.2f} | {v['probe_ms']:.2f} | "
+                f"{v['overhead_ms']:+.3f} | {v['overhead_pct']:+.2f}% |"
+            )
+        g = cost["guard"]
+        b1 = cost["decode"].get("batch 1")
+        lines += [
+            "",
+            f"Guard re-run every {g['every']} generated tokens (ceil(tokens / {g['every']}) MiniLM calls at batch 1 on "
+            f"the prefix texts, each the median of {g['repeats']} runs) vs once on the finished response, over "
+            f"{g['rows']} test responses generated up to {g['max_tokens']} tokens (their own length when shorter; "
+            f"mean {g['mean_tokens']:.1f} tokens). The probes' accuracy above reads the first {n}; the cost of "
+            "re-running grows with the generation, the streaming probe's per-token cost does not:",
+            "",
+            "| guard schedule | calls per response | ms per response | ms per generated token |",
+            "| --- | ---: | ---: | ---: |",
+            f"| once, after generation | 1 | {g['once_ms_per_response']:.1f} | {g['once_ms_per_token']:.3f} |",
+            f"| re-run every {g['every']} tokens | {g['mean_calls']:.2f} | {g['rerun_ms_per_response']:.1f} | "
+            f"{g['rerun_ms_per_token']:.3f} |",
+        ]
+        if b1:
+            lines.append(
+                f"| (streaming {cost['probe']} probe, batch 1) | — | — | {b1['overhead_ms']:+.3f} "
+                "(decode-step overhead) |"
+            )
+        m = cost["machine"]
+        lines += [
+            "",
+            f"Machine (cost phase): {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, onnxruntime "
+            f"{m['onnxruntime']}; load average {', '.join(f'{x:.2f}' for x in m['loadavg'])} before, "
+            f"{', '.join(f'{x:.2f}' for x in cost['loadavg_end'])} after.",
+        ]
+    lines += ["", "## Data", ""]
+    lines.append(
+        f"- Training: the mixture `{MIXTURE}` (train parts, at most {s['limit']} rows per source; validation parts, "
+        f"at most {s['val_limit']} per source; seeded, stratified, after overlaps with every test part are removed): "
+        f"{data['train']['rows']} training rows ({data['train']['unsafe']} unsafe), {data['validation']['rows']} "
+        f"validation rows ({data['validation']['unsafe']} unsafe). Selection: validation F1 at 0.5, the mean over "
+        f"the two sources; threshold: F1-optimal on the pooled validation rows (guard likewise)."
+    )
+    for k in ("train", "validation", *tests):
+        d = data[k]
+        name = {"train": "Mixture training rows", "validation": "Mixture validation rows"}.get(k) or SHOWN[k]
+        lines.append(
+            f"- {name} ({d['split']}): {d['rows']} rows, {d['unsafe']} unsafe; {d['responses_cut']} responses cut to "
+            f"their first {n} tokens ({d['response_tokens_dropped']:,} tokens dropped), {d['response_tokens']:,} "
+            "response tokens read."
+        )
+    lines.append(
+        "- Test parts: all rows" if s["test_limit"] is None else f"- Test parts: at most {s['test_limit']} rows each"
+    )
+    lines[-1] += (
+        " (seeded, stratified); WildGuardTest: the rows of its untouched 70% with a response label "
+        "(never used for anything else); SafeRLHF and WildGuardTest are never trained or selected on."
+    )
+    lines.append(
+        f"- Probes: {s['epochs']} epochs max (early stopping), search budget {s['trials']} (pooling, pooling-max, "
+        f"last-token) / {s['trials_heavy']} (gate, MHA); pooling-max pools the tokens by max and the layers by mean; "
+        "mha-stream is MHA with query=learned (stage 1 attention pooling with one learned query per head and "
+        "layer, an online softmax when streamed), mha the paper's self-attention (query=tokens). "
+        f"Prompts capped at {s['max_length']} tokens. Guard: all-MiniLM-L6-v2 fine-tuned (benchmarks/guards.py "
+        f"recipe, {GUARD_RECIPE['max_length']} MiniLM tokens, truncated on the left so the cut response is always "
+        "kept whole and a long prompt loses its beginning)."
+    )
+    commands = sorted({r.get("command") or doc["command"] for r in runs} | ({cost["command"]} if cost else set()))
+    machines = sorted({r["machine"] for r in runs})
+    lines += ["", "## Reproduce", "", "The commands that produced the stored runs (a rerun skips them):", ""]
+    lines += ["```", *(commands or [doc["command"]]), "```", ""]
+    lines += ["Machine: " + ("; ".join(machines) if machines else doc["machine"]), ""]
+    return "\n".join(lines)
+
+
+def write_results(results: Path, doc: dict) -> Path:
+    """response.json, and response.md rendered from what was written (so --table-only is identical)."""
+    results.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=1)
+    atomic_write(results / "response.json", text)
+    atomic_write(results / "response.md", render(json.loads(text)))
+    return results / "response.md"
+
+
+def make_doc(args, bb, data: Data, command: str) -> dict:
+    cost = json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else None
+    return {
+        "model": bb.fingerprint.get("name") or args.model,
+        "command": command,
+        "machine": torch_machine(),
+        "key": args.key,
+        "settings": {
+            "mixture": MIXTURE,
+            "limit": args.limit,
+            "val_limit": args.val_limit,
+            "test_limit": args.test_limit,
+            "max_response_tokens": args.max_response_tokens,
+            "max_length": args.max_length,
+            "epochs": args.epochs,
+            "trials": args.trials,
+            "trials_heavy": args.trials_heavy,
+            "seeds": list(args.seeds),
+            "consecutive": CONSECUTIVE,
+            "within": WITHIN,
+        },
+        "data": data_summary(data),
+        "mixture": data.mixture.report,
+        "runs": stored_runs(args, data),
+        "cost": cost,
+    }
+
+
+# --- main ---------------------------------------------------------------------------------------------------
+
+
+def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentParser:
+    p = p or argparse.ArgumentParser(
+        prog="python -m singlepass.benchmarks.response", description=__doc__.splitlines()[0]
+    )
+    p.add_argument("--model", default="smollm2-135m")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0])
+    p.add_argument("--limit", type=int, default=1000, help="training rows per source (default: %(default)s)")
+    p.add_argument("--val-limit", type=int, default=300, help="validation rows per source (default: %(default)s)")
+    p.add_argument("--test-limit", type=int, default=None, help="at most N rows per test set (default: all)")
+    p.add_argument("--max-response-tokens", type=int, default=64, help="response tokens read (default: %(default)s)")
+    p.add_argument("--max-length", type=int, default=512, help="prompt tokens (default: %(default)s)")
+    p.add_argument("--epochs", type=int, default=6)
+    p.add_argument("--trials", type=int, default=4, help="search budget of pooling / last-token (default: %(default)s)")
+    p.add_argument(
+        "--trials-heavy", type=int, default=1, help="search budget of gate and the MHAs (default: %(default)s)"
+    )
+    p.add_argument(
+        "--cost",
+        action=argparse.BooleanOptionalAction,
+        default=False,
+        help="run only the timing phase (decode-step overhead, guard re-run cost); run it alone on a quiet machine",
+    )
+    from singlepass.export.quantize import DEFAULT_WEIGHTS, WEIGHTS
+
+    p.add_argument(
+        "--weights",
+        default=DEFAULT_WEIGHTS,
+        choices=WEIGHTS,
+        help="weights of the cost phase's artifacts (default: the export's, %(default)s)",
+    )
+    p.add_argument(
+        "--cost-probe",
+        default="gate",
+        choices=list(STREAMING),
+        help="the streaming probe the cost phase exports and times (default: %(default)s)",
+    )
+    p.add_argument("--cost-repeats", type=int, default=15, help="timed blocks per artifact (default: %(default)s)")
+    p.add_argument("--cost-steps", type=int, default=8, help="decode steps per timed block (default: %(default)s)")
+    p.add_argument("--cost-rows", type=int, default=100, help="responses the guard re-run is timed on")
+    p.add_argument(
+        "--cost-tokens",
+        type=int,
+        default=256,
+        help="generated tokens the guard re-run is timed over: each timed response's first N (default: %(default)s)",
+    )
+    p.add_argument("--threads", type=int, default=2, help="torch / ONNX Runtime threads (default: %(default)s)")
+    p.add_argument("--cache-dir", default=None)
+    p.add_argument("--data-dir", default=None)
+    add_out_arg(p)
+    p.add_argument("--estimate-only", action="store_true", help="print the plan and the estimate, then stop")
+    p.add_argument("--table-only", action="store_true", help="only rewrite response.md from response.json")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+    from tqdm.auto import tqdm
+
+    from singlepass.models.backbone import cache_root, load_backbone
+
+    command = args.command or "python -m singlepass.benchmarks.response " + " ".join(sys.argv[1:])
+    results = results_dir(args.out)
+    if args.table_only:
+        doc = json.loads((results / "response.json").read_text())
+        atomic_write(results / "response.md", render(doc))
+        print(f"wrote {results / 'response.md'}")
+        return 0
+    torch.set_num_threads(args.threads)
+    log = lambda *a: print(*a, flush=True)  # noqa: E731
+    args.cache_root = cache_root(args.cache_dir)
+    args.cache_dir = Path(args.cache_dir) if args.cache_dir else None
+    methods = [m for m in METHODS if m in args.methods]
+    bb = load_backbone(args.model, args.cache_dir)
+    data = load_data(args, bb)
+    args.key = data_key(args, bb, data)
+    est = estimate(args, data, methods)
+    log(
+        f"response benchmark: {len(methods)} methods x {len(args.seeds)} seed(s) ({', '.join(methods)}); key {args.key}"
+    )
+    for k, d in data_summary(data).items():
+        log(
+            f"  {k}: {d['rows']} rows ({d['unsafe']} unsafe), {d['response_tokens']:,} response tokens read, "
+            f"{d['responses_cut']} responses cut to {args.max_response_tokens} tokens"
+        )
+    log(
+        f"hidden-state caches: {est['all_cache_bytes'] / 2**30:.1f} GiB in all; still to build: "
+        f"{est['stored_tokens']:,} response tokens x {data.plans['train'][0].bytes_per_token:,} bytes = "
+        f"{est['cache_bytes'] / 2**30:.1f} GiB ({est['extract_tokens']:,} prompt + response tokens to run through "
+        "the model)"
+    )
+    cost_line = (
+        f"the --cost phase: ~{_fmt(est['cost_seconds'])} (two validated {args.weights} exports included, if not "
+        f"cached; the {args.cost_probe} probe and the guard are trained first if not stored)"
+    )
+    if args.cost:
+        log(f"estimated time (this 2-core machine): {cost_line}")
+    else:
+        log(
+            f"estimated time (this 2-core machine, {args.epochs} epochs): {_fmt(est['total'])} in all: "
+            + ", ".join(f"{k} {_fmt(v)}" for k, v in est["seconds"].items())
+            + f"; {cost_line}"
+        )
+    if args.estimate_only:
+        return 0
+    results.mkdir(parents=True, exist_ok=True)
+    if args.cost:
+        log(f"== cost phase ({time.strftime('%H:%M:%S')})")
+        res = cost_phase(args, bb, data, log)
+        res["command"] = command
+        cost_path(args).parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(cost_path(args), json.dumps(res, indent=1))
+    else:
+        units = [(m, s) for m in methods for s in args.seeds]
+        bar = tqdm(units, desc="methods x seeds", unit="run", disable=args.no_progress)
+        for method, seed in bar:
+            bar.set_postfix(method=method, seed=seed)
+            path = result_path(args, method, seed, data)
+            if path.is_file():
+                continue
+            res = run_one(args, bb, method, seed, data, log)
+            res["command"] = command
+            path.parent.mkdir(parents=True, exist_ok=True)
+            atomic_write(path, json.dumps(res, indent=1))
+            f1 = {t: None if v["f1"] is None else round(100 * v["f1"], 1) for t, v in res["tests"].items()}
+            log(f"--- {method} / seed {seed}: F1 {f1} ({res['seconds']:.0f} s)")
+            write_results(results, make_doc(args, bb, data, command))
+    print(f"wrote {write_results(results, make_doc(args, bb, data, command))}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.command = None if argv is None else "python -m singlepass.benchmarks.response " + " ".join(argv)
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

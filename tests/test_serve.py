@@ -1031,6 +1031,15 @@ def test_health_is_503_until_loaded_and_metrics(rt):
         assert metric(s.url, "singlepass_labels_total", probe="safety", label=r.labels["safety"].label) == 2
         assert metric(s.url, "singlepass_requests_total", endpoint="/health", outcome="unavailable") >= 1
         assert metric(s.url, "singlepass_requests_total", endpoint="/v1/completions", outcome="unavailable") == 1
+        # engine time by phase: 2 prompts prefilled, 4 tokens from decode passes (6 - the 2 first tokens)
+        assert metric(s.url, "singlepass_engine_tokens_total", phase="prefill") == 2 * r.prompt_tokens
+        assert metric(s.url, "singlepass_engine_tokens_total", phase="decode") == 4
+        assert metric(s.url, "singlepass_engine_seconds_total", phase="decode") > 0
+        assert metric(s.url, "singlepass_engine_seconds_total", phase="prefill") > 0
+        from singlepass.benchmarks.serve_load import engine_counters
+
+        counts = engine_counters(request(s.url, "GET", "/metrics", raw=None)[2])
+        assert counts["tokens:decode"] == 4 and counts["seconds:prefill"] > 0
 
 
 def test_cli_serve_subprocess(art, tmp_path):

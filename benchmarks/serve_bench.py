@@ -283,6 +283,10 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
                     )
                     res.update(config=c["name"], repeat=r, rss_mib=s.rss_mib(), loadavg=os.getloadavg())
                     res["engine"] = counters_delta(before, s.engine_counters())
+                    summary = engine_summary(res["engine"])
+                    res.update(
+                        decode_tokens_per_s=summary["decode_tokens_per_s"], prefill_share=summary["prefill_share"]
+                    )
                     runs.append(res)
                     log(
                         f"repeat {r + 1}/{args.repeats} c={level:<3} {c['name']:<14} {res['answered']}/{res['sent']} "
@@ -325,11 +329,23 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
     return runs, soak_res
 
 
+def engine_summary(e: dict[str, float]) -> dict:
+    """A run's engine counters -> tokens/s inside decode passes (the engine's decode throughput,
+    prefill excluded) and the share of engine time spent prefilling."""
+    secs = {k.split(":", 1)[1]: v for k, v in e.items() if k.startswith("seconds:")}
+    total = sum(secs.values())
+    return {
+        "decode_tokens_per_s": e.get("tokens:decode", 0.0) / secs["decode"] if secs.get("decode") else None,
+        "prefill_share": secs.get("prefill", 0.0) / total if total else None,
+        "engine_seconds": secs,
+    }
+
+
 def engine_line(e: dict[str, float]) -> str:
     """Where the engine spent a run: seconds by phase, and tokens/s inside decode passes."""
-    secs = {k.split(":", 1)[1]: v for k, v in e.items() if k.startswith("seconds:")}
-    dec = e.get("tokens:decode", 0.0) / secs["decode"] if secs.get("decode") else float("nan")
-    return ", ".join(f"{k} {v:.1f} s" for k, v in sorted(secs.items())) + f"; decode passes {dec:.0f} tok/s"
+    s = engine_summary(e)
+    dec = "—" if s["decode_tokens_per_s"] is None else f"{s['decode_tokens_per_s']:.0f}"
+    return ", ".join(f"{k} {v:.1f} s" for k, v in sorted(s["engine_seconds"].items())) + f"; decode passes {dec} tok/s"
 
 
 def _ms(x: float | None) -> str:

@@ -53,17 +53,16 @@ class DatasetSpec:
     label_column: str | None = None
 
 
+# WildGuardTest's parts: validation (selection only) and an untouched part only ever tested on,
+# stratified by label x adversarial; shared by its prompt and response views.
+WILDGUARD_PARTS = {"validation": 0.3, "test_untouched": 0.7}
+
 DATASETS: dict[str, DatasetSpec] = {
     "toxicchat": DatasetSpec("toxicchat", ("non-toxic", "toxic"), ("train", "test"), "safety"),
     # WildGuardTest: a validation part for model selection and an untouched part that is only
     # ever tested on (stratified by label x adversarial); "test" stays the whole official file.
     "wildguardmix": DatasetSpec(
-        "wildguardmix",
-        ("unharmful", "harmful"),
-        ("test",),
-        "safety",
-        {"validation": 0.3, "test_untouched": 0.7},
-        stratify_by="adversarial",
+        "wildguardmix", ("unharmful", "harmful"), ("test",), "safety", WILDGUARD_PARTS, stratify_by="adversarial"
     ),
     "sst2": DatasetSpec("sst2", ("negative", "positive"), ("train", "validation", "test"), "classification"),
     "imdb": DatasetSpec("imdb", ("negative", "positive"), ("train", "test"), "classification"),
@@ -94,7 +93,7 @@ DATASETS: dict[str, DatasetSpec] = {
         ("unharmful", "harmful"),
         ("test",),
         "safety",
-        {"validation": 0.3, "test_untouched": 0.7},
+        WILDGUARD_PARTS,
         stratify_by="adversarial",
         reads="response",
         prompt_column="text",

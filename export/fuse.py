@@ -258,11 +258,20 @@ def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, e
     return proto
 
 
-def fuse_probes(graph, stream, probes) -> None:
+def prompt_probes_prefill_only(stream, weights: str) -> bool:
+    """Do the prompt probes run on prefill passes only (``surgery.prefill_only``)? In the quantised
+    CPU artifacts with a KV cache: there a decode pass would spend 5-30% of its time on probe outputs
+    nobody reads. An fp32 artifact (TensorRT's input: its pre-flight reads every probe tensor and
+    pins the probe layers to fp32 by name) keeps its prompt probes in every pass."""
+    return bool(stream.past) and weights != "fp32"
+
+
+def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
     """Export and fuse each probe (``export.pipeline.LoadedProbe``: its FusedProbe record and
     torch module) into ``graph`` (a ``gs.Graph``, edited in place). A hidden-states probe's input
     ``state_i`` reads hidden state i of the residual stream (``stream.hidden_states``) directly.
-    The fused outputs are the record's ``outputs``."""
+    The fused outputs are the record's ``outputs``. ``prefill_only``: prompt probes run in passes
+    of 2+ tokens only (``prompt_probes_prefill_only``)."""
     from singlepass.export import surgery
     from singlepass.export.stream import fuse_response_probe
 
@@ -283,9 +292,12 @@ def fuse_probes(graph, stream, probes) -> None:
         inits = {t.name for t in probe.graph.initializer}
         wanted = [i.name for i in probe.graph.input if i.name not in inits]
         feeds = {k: v for k, v in sources[kind].items() if k in wanted}  # fuse_probe names any input left unfed
+        before = set(map(id, graph.nodes))
         outs = surgery.fuse_probe(graph, probe, p.spec.name, feeds)
         if sorted(outs) != sorted(p.spec.outputs.values()):
             raise RuntimeError(f"probe {p.spec.name!r} fused as {outs}, the manifest says {p.spec.outputs}")
+        if prefill_only:  # a prompt probe's label is the prefill pass's: decode passes skip it
+            surgery.prefill_only(graph, stream, [n for n in graph.nodes if id(n) not in before], outs)
 
 
 def host_feeds(graph, stream, kind: str) -> dict[str, str]:

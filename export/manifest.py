@@ -114,7 +114,11 @@ def build(
     """manifest.json for a fused graph. One prompt rule for the artifact: the probes' shared
     prompt format, and ``limits.max_prompt_length`` as the one prompt limit."""
     from singlepass import __version__
+    from singlepass.export.fuse import prompt_probes_prefill_only
 
+    prefill_only = prompt_probes_prefill_only(stream, (weights or {}).get("weights", "fp32")) and any(
+        p.reads == "prompt" for p in probes
+    )
     cfg = backbone.model.config
     tok = backbone.tokenizer
     head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -145,8 +149,16 @@ def build(
             "attention_mask": stream.attention_mask,
             "position_ids": stream.position_ids,
             "position_ids_rule": POSITION_RULE if stream.position_ids else None,
-            "probes_in_decode": "probe outputs are computed in every step over that step's tokens "
-            "(attention_mask[:, -sequence:]); the prompt's labels are the prefill step's",
+            "probes_in_decode": (
+                "prompt probes run in passes of 2+ tokens only (an If on input_ids.shape[1] > 1): their "
+                "outputs are the prompt's labels on the prefill pass and zeros in decode passes; response "
+                "probes fold in every pass's response tokens"
+                if prefill_only
+                else "prompt probe outputs are computed in every pass over that pass's tokens "
+                "(attention_mask[:, -sequence:]); the prompt's labels are the prefill pass's; response "
+                "probes fold in every pass's response tokens"
+            ),
+            "min_prefill_tokens": 2 if prefill_only else 1,
             "response_mask": RESPONSE_MASK if any(p.reads == "response" for p in probes) else None,
         },
         "backbone": {

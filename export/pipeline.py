@@ -159,7 +159,7 @@ def build_graph(
     import onnx_graphsurgeon as gs
 
     from singlepass.export import surgery
-    from singlepass.export.fuse import fuse_probes
+    from singlepass.export.fuse import fuse_probes, prompt_probes_prefill_only
     from singlepass.export.optimize import rmsnorm_as_div
     from singlepass.export.quantize import parameter_digests, quantize_weights
     from singlepass.export.tensorrt import name_nodes
@@ -174,7 +174,8 @@ def build_graph(
         )
     if not all_logits:
         surgery.slice_last_position_logits(graph, stream)
-    fuse_probes(graph, stream, probes)  # probes read the layer tensors where they are
+    # probes read the layer tensors where they are; quantised: prompt probes skip decode passes
+    fuse_probes(graph, stream, probes, prompt_probes_prefill_only(stream, weights))
     hs = None
     if keep_hidden_states:  # the stacked copy [L+1, B, T, d] exists only as this debug output
         hs = surgery.add_stacked_hidden_states(graph, stream)

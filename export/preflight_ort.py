@@ -34,7 +34,7 @@ def prompt_feeds(art_folder: Path, manifest: Manifest, prompts: list[str]) -> li
 
     tok = PromptTokenizer(art_folder, manifest)
     seqs = [tok.encode(p, manifest.limits.max_prompt_length, truncate=True)[0] for p in prompts]
-    return [pad_batch([ids], manifest.pad_id, "left") for ids in seqs]
+    return [pad_batch([ids], manifest.pad_id, "left", manifest.graph.min_prefill_tokens) for ids in seqs]
 
 
 def _feed(manifest: Manifest, ids, mask, pos, past_len: int) -> dict:

@@ -200,6 +200,8 @@ class Parity:
                 seen = torch.cat(response, 2)  # [L+1, B, k, d]: the response tokens 1..k
             for p in self.m.probes:
                 module = self.modules[p.name]
+                if p.reads == "prompt" and ids.shape[1] < g.min_prefill_tokens:
+                    continue  # a prompt probe runs on the prefill pass only (zeros in decode passes)
                 if p.reads == "response":
                     if response is None:
                         continue
@@ -295,7 +297,7 @@ def check_prefill(par: Parity, report: Report) -> None:
     ]
     for case, batch, side in cases:
         got, _ = prefill(par.backend, par.m, batch, side=side, extra=par.extra)
-        ids, mask, pos = pad_batch(batch, par.m.pad_id, side)  # the same padding for the reference
+        ids, mask, pos = pad_batch(batch, par.m.pad_id, side, par.m.graph.min_prefill_tokens)  # as the runtime pads
         ref, _ = par.reference(ids, mask, pos)
         par.compare(report, case, got, ref, mask)
 

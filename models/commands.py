@@ -1,4 +1,4 @@
-"""CLI for models/: train, eval, plot-layers and extract."""
+"""CLI for models/: train, eval, plot-layers, extract and answer."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ DATASET_HELP = (
     ".jsonl/.csv path; or a response set (a probe reading the response after the prompt): beavertails, "
     "gptfuzz, saferlhf, wildguardmix_response; train, eval and extract (its train or validation rows) also "
     "take a safety mixture of one kind: comma-separated sources, each with an optional weight, e.g. "
-    "toxicchat:2,advbench,alpaca_noinput:0.5 or beavertails,gptfuzz"
+    "toxicchat:2,advbench,alpaca_noinput:0.5 or beavertails,gptfuzz; a response mixture also takes "
+    "response files (every row with prompt and response, e.g. from `singlepass answer`): "
+    "beavertails,gptfuzz,/path/answers.jsonl.gz:0.5"
 )
 DATA_DIR_HELP = (
     "datasets folder (default: $SINGLEPASS_DATA, else the nearest shared/data beside the working "
@@ -193,6 +195,38 @@ def cmd_extract(args) -> int:
     )
     if args.json:
         print(json.dumps(summary))
+    return 0
+
+
+def cmd_answer(args) -> int:
+    import json
+
+    from singlepass.models.answers import benign_prompts, check_out, provenance_path, write_answers
+    from singlepass.models.data import describe
+
+    out = check_out(args.out, args.force)  # every refusal comes before the model loads
+    ds = benign_prompts(args.dataset, args.split, args.limit, args.data_dir)
+    print(describe(ds))
+    bb = load_backbone_logged(args.model, args.cache_dir)
+    prov = write_answers(
+        bb,
+        ds,
+        args.dataset,
+        args.split,
+        args.limit,
+        args.max_new_tokens,
+        out,
+        args.batch_size,
+        progress=not args.no_progress,
+    )
+    n = prov["rows"] + prov["dropped"]
+    print(
+        f"wrote {prov['rows']} answers to {out} ({prov['dropped']} empty dropped, "
+        f"{prov['answers_at_max_new_tokens']} cut at {args.max_new_tokens} new tokens) in {prov['seconds']:.1f} s "
+        f"({prov['seconds'] / max(n, 1):.2f} s per prompt); provenance {provenance_path(out)}"
+    )
+    if args.json:
+        print(json.dumps({"out": str(out), **prov}))
     return 0
 
 
@@ -506,3 +540,35 @@ def register(sub) -> None:
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.set_defaults(func=cmd_extract)
+
+    from singlepass.models.backbone import DEFAULT_MODEL
+
+    p = sub.add_parser(
+        "answer",
+        help="write the model's own greedy answers to benign prompts: a response set labelled safe",
+        description="Answer each prompt of an all-safe prompt set (alpaca_noinput) greedily with the model, "
+        "rendered as served (chat template + generation prompt), and write the pairs as a gzipped JSONL "
+        "response file (prompt, response, label 0, text) with its provenance in OUT.json; the file loads "
+        "as a response set and joins response mixtures, e.g. --dataset beavertails,gptfuzz,OUT.",
+    )
+    p.add_argument(
+        "--model",
+        default=DEFAULT_MODEL,
+        help="model name (smollm2-135m), Hugging Face folder or .gguf file (default: %(default)s)",
+    )
+    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
+    p.add_argument(
+        "--dataset",
+        required=True,
+        help="a prompt set whose rows are all safe (alpaca_noinput), or a .jsonl/.csv file of prompts labelled 0",
+    )
+    p.add_argument("--split", default="train", help="split name (default: %(default)s)")
+    p.add_argument("--data-dir", default=None, help=DATA_DIR_HELP)
+    p.add_argument("--limit", type=int, default=None, help="answer a seeded subset of this many prompts")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer at most (default: %(default)s)")
+    p.add_argument("--out", required=True, help="answers file to write (*.jsonl.gz; provenance beside it as OUT.json)")
+    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: %(default)s)")
+    p.add_argument("--force", action="store_true", help="overwrite --out")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--json", action="store_true", help="also print the provenance as a JSON line")
+    p.set_defaults(func=cmd_answer)

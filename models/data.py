@@ -11,7 +11,9 @@ wildguardmix_response) label a model's *response* to a prompt: each row carries 
 ``response`` in ``columns`` (both checked like ``text``: a missing, non-string or empty one is
 an error naming the file and row), ``texts`` is their "User: ...\nAssistant: ..." join (the key
 mixtures find overlaps on and the cache digests), and ``reads`` is "response", so the cache
-encodes the serving view of the pair (models/prompts.py ``encode_responses``).
+encodes the serving view of the pair (models/prompts.py ``encode_responses``). A user's file
+whose every row has ``prompt`` and ``response`` is a response set too (``load_file``; labels 0/1
+or safe/unsafe), e.g. the model's own answers that ``singlepass answer`` writes (models/answers.py).
 """
 
 from __future__ import annotations
@@ -272,7 +274,7 @@ def available_splits(name: str) -> list[str]:
 
 def load_partition(spec: DatasetSpec, folder: Path, name: str, split: str) -> "Dataset":
     """One named part of ``spec.partition`` (see DatasetSpec)."""
-    ds = load_file(folder / f"{spec.partition_of}.jsonl.gz", spec.label_names, name, split)
+    ds = load_file(folder / f"{spec.partition_of}.jsonl.gz", spec.label_names, name, split, detect_response=False)
     strata = ds.labels.copy()
     if spec.stratify_by is not None:
         strata = strata * 2 + np.asarray([bool(v) for v in ds.columns[spec.stratify_by]], dtype=np.int64)
@@ -315,18 +317,48 @@ def response_view(ds: Dataset, spec: DatasetSpec, path: Path) -> Dataset:
     return ds
 
 
+# A user file whose every row has "prompt" and "response" is a response set (label 1 = harmful).
+FILE_RESPONSE_SPEC = DatasetSpec("", ("safe", "unsafe"), (), "safety", reads="response")
+
+
+def is_response_rows(rows: list[dict]) -> bool:
+    """Every row carries a ``prompt`` and a ``response`` field: the rows of a response set."""
+    return bool(rows) and all(isinstance(r, dict) and "prompt" in r and "response" in r for r in rows)
+
+
+def is_response_file(path: str | os.PathLike) -> bool:
+    """A readable file whose every row has ``prompt`` and ``response`` (``load_file`` reads it
+    as a response set)."""
+    return is_response_rows(_read_rows(Path(path)))
+
+
 def load_file(
-    path: str | os.PathLike, label_names: tuple[str, ...] | None = None, name: str | None = None, split: str = "file"
+    path: str | os.PathLike,
+    label_names: tuple[str, ...] | None = None,
+    name: str | None = None,
+    split: str = "file",
+    detect_response: bool = True,
 ) -> Dataset:
+    """A labelled file. With ``detect_response`` (a user's file), one whose every row has
+    ``prompt`` and ``response`` is read as a response set (``response_view``): a safety set
+    labelled 0/1 or safe/unsafe, ``text`` optional (the pair's join is used either way)."""
     path = Path(path)
     if not path.is_file():
         raise SinglepassError(f"{path}: no such file")
     rows = _read_rows(path)
+    response = detect_response and is_response_rows(rows)
+    if response:
+        label_names = label_names or FILE_RESPONSE_SPEC.label_names
+        join = "User: {}\nAssistant: {}"  # a placeholder text; response_view checks the pair itself
+        rows = [
+            r if r.get("text") is not None else {**r, "text": join.format(r["prompt"], r["response"])} for r in rows
+        ]
     texts, labels, names = _check_rows(rows, path, label_names)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("text", "label")}
     extra["row"] = list(range(len(rows)))  # 0-based row in the file, kept through subsets
     task = "safety" if len(names) == 2 else "classification"
-    return Dataset(name or path.name, split, texts, labels, names, task, str(path), extra)
+    ds = Dataset(name or path.name, split, texts, labels, names, task, str(path), extra)
+    return response_view(ds, FILE_RESPONSE_SPEC, path) if response else ds
 
 
 def load_dataset(
@@ -347,7 +379,8 @@ def load_dataset(
         else:
             raise SinglepassError(
                 f"unknown dataset {name!r}: use one of {', '.join(DATASETS)} "
-                "or a path to a .jsonl/.csv file with 'text' and 'label' columns"
+                "or a path to a .jsonl/.csv file with 'text' and 'label' columns (a response set: "
+                "'prompt', 'response' and 'label')"
             )
     else:
         spec = DATASETS[name]
@@ -368,7 +401,7 @@ def load_dataset(
         if split in spec.partition:
             ds = load_partition(spec, folder, name, split)
         else:
-            ds = load_file(path, spec.label_names, name, split)
+            ds = load_file(path, spec.label_names, name, split, detect_response=False)
         if spec.reads == "response":
             ds = response_view(ds, spec, path)
         ds.task = spec.task

@@ -136,13 +136,17 @@ def evaluate_sources(
     log=print,
 ) -> dict:
     """``evaluate`` on every source of a mixture (``--dataset a,b:2,...``; weights are ignored):
-    ``split`` "test" is each source's held-out test part (wildguardmix: ``test_untouched``)."""
+    ``split`` "test" is each source's held-out test part (wildguardmix: ``test_untouched``).
+    A file source (its rows are a mixture's train and validation rows only) is skipped and said so."""
     from singlepass.models.mixture import held_out_split, parse_sources
     from singlepass.models.probe_io import load_probe_and_backbone
 
     _, _, backbone = load_probe_and_backbone(probe_dir, model, cache_dir)
     reports = {}
     for src in parse_sources(dataset):
+        if src.path is not None:
+            log(f"{src.name}: a file source has no {split} part of its own (its rows train and validate); skipped")
+            continue
         src_split = held_out_split(src.name) if split == "test" else split
         reports[src.name] = evaluate(
             probe_dir, src.name, src_split, model, cache_dir, data_dir, limit, progress, log, backbone

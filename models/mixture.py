@@ -23,7 +23,12 @@ the weights are stored per row (``columns["mixture_weight"]``, mean 1) and the c
 Response sets (beavertails, gptfuzz, saferlhf, wildguardmix_response) mix the same way, with each
 other only (a prompt set and a response set in one mixture is an error): overlaps are found on
 the normalised (prompt, response) pair, and a set with no validation part (saferlhf) is a
-test-only source.
+test-only source. A response *file* (every row with ``prompt`` and ``response``, e.g. the model's
+own benign answers from ``singlepass answer``) is a source too, named by its path, optionally
+with a weight (``beavertails,gptfuzz,/data/answers.jsonl.gz:0.5``: the part after the last ':'
+is a weight only where it is a number): its ``train`` and ``validation`` parts are a seeded,
+stratified VALIDATION_FRACTION carve of its rows (as for a set without a validation split), it
+has no test part, and it is shown (and reported) by its file name.
 """
 
 from __future__ import annotations
@@ -39,10 +44,14 @@ from singlepass.errors import SinglepassError
 from singlepass.models.data import (
     DATASETS,
     PROTECTED_SPLITS,
+    VALIDATION_FRACTION,
     Dataset,
     available_splits,
+    is_response_file,
     limit_rows,
     load_dataset,
+    load_file,
+    stratified_split,
 )
 
 LABELS = ("safe", "unsafe")
@@ -51,8 +60,13 @@ _WEIGHTED = re.compile(r"^[A-Za-z0-9_]+:[^/\\]+$")
 
 @dataclass(frozen=True)
 class Source:
-    name: str
+    name: str  # a shipped set's name, or a file source's file name
     weight: float = 1.0
+    path: str | None = None  # a file source: the response file, as given
+
+    @property
+    def reads(self) -> str:
+        return "response" if self.path is not None else DATASETS[self.name].reads
 
 
 @dataclass
@@ -64,28 +78,59 @@ class Mixture:
 
 
 def is_mixture(text: str) -> bool:
-    """A comma-separated list of sources, or one source with a weight (``name:2``); never an
-    existing file."""
+    """A comma-separated list of sources, or one source with a weight (``name:2``, or an
+    existing file's ``path:2``); never an existing file."""
     if Path(text).exists():
         return False
-    return "," in text or bool(_WEIGHTED.match(text.strip()))
+    head, sep, tail = text.strip().rpartition(":")
+    return "," in text or bool(_WEIGHTED.match(text.strip())) or bool(sep and _number(tail) and Path(head).is_file())
+
+
+def _number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def safety_sources() -> list[str]:
     return [n for n, s in DATASETS.items() if s.task == "safety" and len(s.label_names) == 2]
 
 
+def split_source(item: str, text: str) -> tuple[str, str | None, str]:
+    """One ``--dataset`` item -> (name, path or None, weight text): a shipped set's ``name`` or
+    ``name:w``, or an existing response file's ``path`` or ``path:w`` (a path may hold ':'; the
+    part after the last one is a weight only where it is a number)."""
+    item = item.strip()
+    head, sep, tail = item.rpartition(":")
+    name, weight = (head.strip(), tail) if sep and _number(tail) else (item, "")
+    if name in safety_sources():
+        return name, None, weight
+    if name and Path(name).is_file():
+        path = Path(name)
+        if not is_response_file(path):
+            raise SinglepassError(
+                f"mixture source {name!r}: a file in a mixture must be a response set (every row with "
+                "'prompt' and 'response'); name shipped prompt sets by their names"
+            )
+        return path.name, name, weight
+    base, sep, weight = item.partition(":")  # a shipped set with a weight that is not a number
+    if sep and base.strip() in safety_sources():
+        return base.strip(), None, weight
+    raise SinglepassError(
+        f"unknown mixture source {item!r} in --dataset {text!r}: use safety sets from "
+        f"{', '.join(safety_sources())} or response files (every row with 'prompt' and 'response'), "
+        "each optionally with a weight (name:2)"
+    )
+
+
 def parse_sources(text: str) -> list[Source]:
-    """``a:2,b,c:0.5`` -> [Source("a", 2.0), Source("b", 1.0), Source("c", 0.5)]."""
+    """``a:2,b,c:0.5`` -> [Source("a", 2.0), Source("b", 1.0), Source("c", 0.5)];
+    ``beavertails,/x/answers.jsonl.gz:2`` -> [..., Source("answers.jsonl.gz", 2.0, "/x/answers.jsonl.gz")]."""
     out: list[Source] = []
     for item in text.split(","):
-        name, _, weight = item.strip().partition(":")
-        name = name.strip()
-        if name not in safety_sources():
-            raise SinglepassError(
-                f"unknown mixture source {name!r} in --dataset {text!r}: use safety sets from "
-                f"{', '.join(safety_sources())}, each optionally with a weight (name:2)"
-            )
+        name, path, weight = split_source(item, text)
         try:
             w = float(weight) if weight.strip() else 1.0
         except ValueError:
@@ -93,11 +138,14 @@ def parse_sources(text: str) -> list[Source]:
         if not np.isfinite(w) or w <= 0:
             raise SinglepassError(f"mixture source {name!r}: weight must be a positive number, not {weight!r}")
         if any(s.name == name for s in out):
-            raise SinglepassError(f"mixture source {name!r} is named twice in --dataset {text!r}")
-        out.append(Source(name, w))
-    reads = {DATASETS[s.name].reads for s in out}
+            raise SinglepassError(
+                f"mixture source {name!r} is named twice in --dataset {text!r}"
+                + (" (sources are named by their file name: rename one file)" if path else "")
+            )
+        out.append(Source(name, w, path))
+    reads = {s.reads for s in out}
     if len(reads) > 1:
-        by = {r: [s.name for s in out if DATASETS[s.name].reads == r] for r in sorted(reads)}
+        by = {r: [s.name for s in out if s.reads == r] for r in sorted(reads)}
         raise SinglepassError(
             f"--dataset {text!r} mixes prompt sets ({', '.join(by['prompt'])}) with response sets "
             f"({', '.join(by['response'])}): a probe reads either the prompt or the response; mix one kind"
@@ -224,6 +272,29 @@ def source_parts(name: str, data_dir: str | None = None, caps: dict | None = Non
     }
 
 
+def file_parts(source: Source, caps: dict | None = None, seed: int = 0) -> dict:
+    """{part: Dataset under LABELS} of a file source: ``train`` and ``validation`` a seeded,
+    stratified VALIDATION_FRACTION carve of its rows (as for a shipped set without a validation
+    split), capped like ``source_parts``; no test part."""
+    ds = load_file(source.path, name=source.name)
+    try:
+        keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
+    except ValueError as e:
+        raise SinglepassError(f"mixture source {source.path}: too few rows to carve a validation part ({e})") from None
+    train_cap, val_cap = (caps or {}).get(source.name, (None, None))
+    out = {}
+    for part, idx, cap in (("train", keep, train_cap), ("validation", held, val_cap)):
+        sub = ds.subset(idx)
+        sub.split = part
+        out[part] = to_safety(limit_rows(sub, cap, seed))
+    return out
+
+
+def parts_of(source: Source, data_dir: str | None = None, caps: dict | None = None, seed: int = 0) -> dict:
+    """``source_parts`` of a shipped set, ``file_parts`` of a file."""
+    return file_parts(source, caps, seed) if source.path else source_parts(source.name, data_dir, caps, seed)
+
+
 def source_texts(name: str, data_dir: str | None = None) -> set[str]:
     """Normalised texts of every part of a source (train, validation and test, uncapped)."""
     return {normalise(t) for ds in source_parts(name, data_dir).values() for t in ds.texts}
@@ -248,11 +319,11 @@ def load_mixture(
     sources = parse_sources(text)
     if any(s.name in exclude for s in sources):
         raise SinglepassError(f"--dataset {text!r} names a source it also excludes ({', '.join(exclude)})")
-    loaded = {s.name: source_parts(s.name, data_dir, caps, seed) for s in sources}
+    loaded = {s.name: parts_of(s, data_dir, caps, seed) for s in sources}
     check_conflicts([ds for by_part in loaded.values() for ds in by_part.values()])
     excluded = set().union(*(source_texts(name, data_dir) for name in exclude)) if exclude else set()
-    reads = DATASETS[sources[0].name].reads
-    tests = {normalise(t) for by_part in loaded.values() for t in by_part["test"].texts}
+    reads = sources[0].reads
+    tests = {normalise(t) for by_part in loaded.values() for t in by_part.get("test", empty()).texts}
     tests |= protected_texts(data_dir, reads)
     vals = {normalise(t) for by_part in loaded.values() for t in by_part.get("validation", empty()).texts}
     seen_train: set[str] = set()
@@ -280,7 +351,7 @@ def load_mixture(
                 entry["train_dropped_excluded"] = out
         else:
             entry["train_rows"] = 0
-        entry["test_split"] = by_part["test"].split
+        entry["test_split"] = by_part["test"].split if "test" in by_part else None  # a file: none
         report[s.name] = entry
     if not train_parts or not sum(len(t) for t in train_parts):
         raise SinglepassError(f"--dataset {text!r}: no source has training rows (wildguardmix is validation/test only)")
@@ -307,7 +378,8 @@ def describe_mixture(m: Mixture) -> list[str]:
                 if "train_dropped_held_out" in r
                 else " (validation and test only)"
             )
-            + f", validation {r['validation_rows']} ({r['validation_dropped']} dropped), test split {r['test_split']}"
+            + f", validation {r['validation_rows']} ({r['validation_dropped']} dropped), "
+            + (f"test split {r['test_split']}" if r["test_split"] else "no test part")
             + (
                 f"; held-out sources' texts dropped: {r.get('train_dropped_excluded', 0)} train, "
                 f"{r['validation_dropped_excluded']} validation"

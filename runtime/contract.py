@@ -157,6 +157,7 @@ class GraphSpec:
     opset: int | None = None
     weights: dict | None = None  # export/quantize.py's QuantSummary; absent in artifacts older than --weights
     response_mask: str | None = None  # RESPONSE_MASK when a response probe is fused
+    min_prefill_tokens: int = 1  # 2: prompt probes run in passes of 2+ tokens only (prefill pads to 2)
 
     @property
     def precision(self) -> str:

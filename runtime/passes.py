@@ -84,7 +84,8 @@ def prefill(
     """First pass over padded prompts -> (outputs, state after it). ``side="right"`` is for
     parity checks only: generation continues from the last column, so it needs left padding."""
     pad = manifest.pad_id if pad_id is None else pad_id
-    ids, mask, pos = pad_batch(seqs, pad, side)  # [B, T] each; pos = cumsum(mask) - 1
+    # [B, T] each; pos = cumsum(mask) - 1; at least the graph's prefill width (prompt probes skip 1-token passes)
+    ids, mask, pos = pad_batch(seqs, pad, side, manifest.graph.min_prefill_tokens)
     feed = make_feed(manifest, ids, mask, pos, None, backend.dummy_past if manifest.graph.kv_cache else 0)
     out = backend.run(feed, output_names(manifest, extra))
     return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)

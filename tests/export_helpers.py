@@ -122,6 +122,15 @@ def sha256(path: Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
+def all_nodes(graph):
+    """Every node of an ONNX graph, with those inside If branches (a prompt probe runs in one)."""
+    for n in graph.node:
+        yield n
+        for a in n.attribute:
+            if a.type == a.GRAPH:
+                yield from all_nodes(a.g)
+
+
 def ort_feed(manifest: dict, ids, mask, pos, past=None) -> dict:
     g, b = manifest["graph"], manifest["backbone"]
     feed = {g["input_ids"]: ids, g["attention_mask"]: mask}

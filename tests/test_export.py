@@ -10,7 +10,7 @@ import onnxruntime as ort
 import pytest
 import torch
 from cli_args import export_argv
-from export_helpers import make_probe, ort_feed, sha256
+from export_helpers import all_nodes, make_probe, ort_feed, sha256
 
 from singlepass.cli import main
 from singlepass.runtime.batching import pad_batch
@@ -222,7 +222,10 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     broken = tmp_path / "broken"
     shutil.copytree(artifact, broken)
     model = onnx.load(str(broken / "model.onnx"))
-    for t in model.graph.initializer:  # perturb the emotion probe's weights inside the fused graph
+    # a prompt probe's weights sit in its If's then-branch (it runs on prefill passes only)
+    branches = [a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"]
+    inits = [t for g in [model.graph, *branches] for t in g.initializer]
+    for t in inits:  # perturb the emotion probe's weights inside the fused graph
         if (
             t.name.startswith("emo/")
             and onnx.helper.tensor_dtype_to_np_dtype(t.data_type) == np.float32
@@ -282,7 +285,7 @@ STACKING = {"Unsqueeze", "Reshape", "Identity", "Cast", "Squeeze", "Flatten"}  #
 def stacked_copies(model, tensors: list[str]) -> int:
     """Concat nodes reached from the given [B, T, d] tensors through shape-only steps: a copy of them."""
     readers = {}
-    for n in model.graph.node:
+    for n in all_nodes(model.graph):
         for i in n.input:
             readers.setdefault(i, []).append(n)
     found, todo, seen = set(), list(tensors), set()
@@ -316,7 +319,7 @@ def test_fused_probes_read_each_layer_where_it_is(tmp_path, tiny_backbone):
     probes = load_probes(parse_probe_specs([f"{d}:{n}" for n, d in dirs.items()]), tiny_backbone)
     decoder = export_decoder(tiny_backbone.model, opset=18, cache_key=tiny_backbone.fingerprint["sha256"])
     model, stream = build_graph(decoder, tiny_backbone, probes, False, False)[:2]
-    producers = {o: n for n in model.graph.node for o in n.output}
+    producers = {o: n for n in all_nodes(model.graph) for o in n.output}
     for name in ALL_OPTIONS:
         for i, h in enumerate(stream.hidden_states):
             node = producers.get(f"{name}/state_{i}")

@@ -141,5 +141,19 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert 0 < np.abs(ref["model.layers.0.mlp.down_proj.weight"] - q).max() < 0.1
     out = generate(str(art), "hello there", max_new_tokens=4)
     assert 1 <= len(out.token_ids) <= 4 and "safety" in out.labels
+    # the prompt probe runs on prefill passes only: an If whose decode branch returns zeros
+    assert m["graph"]["min_prefill_tokens"] == 2 and "2+ tokens only" in m["graph"]["probes_in_decode"]
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    assert [n.op_type for n in model.graph.node].count("If") == 1
+    from singlepass.runtime.api import load
+    from singlepass.runtime.passes import decode_one_token, labels_from, prefill
+
+    rt = load(art, backend="cpu", threads=1)
+    one = rt.encode("hello there")[0]
+    o1, st = prefill(rt.backend, rt.manifest, [one])
+    o2, _ = prefill(rt.backend, rt.manifest, [one[-1:]])  # a one-token prompt is padded to 2 columns
+    assert o2["safety/probs"][0].sum() == pytest.approx(1.0) and st.ids.shape[1] == len(one)
+    o3, _ = decode_one_token(rt.backend, rt.manifest, st, np.array([5]))
+    assert not o3["safety/probs"].any() and labels_from(rt.manifest, o1)[0]["safety"].score > 0
     with pytest.raises(SinglepassError, match="weights must be one of"):
         export_artifact(tmp_path / "bad", [f"{probe}:safety"], backbone=tiny_backbone, weights="int3")

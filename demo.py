@@ -7,7 +7,8 @@ generated:
     1. extract   SmolLM2-135M hidden states of each probe's training rows (cached): for the prompt
                  probe a safety mixture (ToxicChat, WildGuardTest's validation part, AdvBench,
                  HarmBench, StrongREJECT, Alpaca), for the response probe BeaverTails and GPTFuzz
-                 answers (only the response tokens are stored, read after the prompt)
+                 answers plus the model's own answers to benign Alpaca prompts (``answer``, cached;
+                 only the response tokens are stored, read after the prompt)
     2. train     a quick gate probe on each (safe / unsafe), selected on the sources' validation parts
     3. eval      each on held-out test rows, one set out of distribution (WildGuardTest's untouched
                  part for the prompt probe, SafeRLHF for the response probe)
@@ -103,6 +104,11 @@ RESPONSE = Quick(
     threshold_fpr=0.05,
 )
 QUICK = (PROMPT, RESPONSE)
+# Benign answers to benign prompts, by the served model itself (`singlepass answer`): BeaverTails and
+# GPTFuzz answer risky or jailbreak prompts only, so without these ordinary chat is outside the
+# response probe's data (the first demo run stopped the benign haiku after two tokens). A response
+# source labelled safe; its rows are carved 90/10 into train and validation like any file source.
+ANSWERS = ("alpaca_noinput", "train", 150, 64)  # prompt set, split, prompts, new tokens
 MIXTURE = PROMPT.dataset
 # The policy of the last stage: each probe at its own active validation threshold.
 POLICY = [f"{PROMPT.name}=block", f"{RESPONSE.name}=stop"]
@@ -149,21 +155,48 @@ def run_stage(argv: list[str], fn: Callable[[], T]) -> T:
     return out
 
 
-def extract(model: str, cache_dir: str | None, data_dir: str | None, q: Quick, bb=None) -> "Backbone":
-    """``singlepass extract``: the hidden-state cache of a quick probe's training rows -> the
-    backbone (loaded here, in the first call, once for the whole demo)."""
+def extract(
+    model: str, cache_dir: str | None, data_dir: str | None, q: Quick, bb=None, dataset: str | None = None
+) -> "Backbone":
+    """``singlepass extract``: the hidden-state cache of a quick probe's training rows (``dataset``:
+    its mixture with the answers file) -> the backbone (loaded here, in the first call, once for the
+    whole demo)."""
     from singlepass.models.commands import extract_cache, extract_dataset, load_backbone_logged
     from singlepass.models.data import describe
     from singlepass.models.prompts import DEFAULT_MAX_LENGTH
 
-    ds = extract_dataset(q.dataset, "train", data_dir, q.limit)
+    ds = extract_dataset(dataset or q.dataset, "train", data_dir, q.limit)
     print(describe(ds))
     bb = bb or load_backbone_logged(model, cache_dir)
     extract_cache(bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, 8, cache_dir, True, q.max_response_tokens)
     return bb
 
 
-def train(bb: "Backbone", q: Quick, probe: Path, cache_dir: str | None, data_dir: str | None) -> None:
+def answers_file(bb: "Backbone", cache_dir: str | None) -> Path:
+    """Where the served model's answers (``ANSWERS``) are cached, named by the model's weights."""
+    from singlepass.models.backbone import cache_root
+
+    src, split, n, new = ANSWERS
+    name = f"{bb.fingerprint.get('name', 'model')}-{str(bb.fingerprint.get('sha256'))[:12]}-{src}-{split}-{n}-{new}"
+    return cache_root(cache_dir and Path(cache_dir)) / "answers" / f"{name}.jsonl.gz"
+
+
+def answer(bb: "Backbone", out: Path, data_dir: str | None) -> None:
+    """``singlepass answer``: the served model's greedy answers to benign prompts -> ``out``."""
+    from singlepass.models.answers import benign_prompts
+    from singlepass.models.commands import run_answer
+    from singlepass.models.data import describe
+
+    src, split, n, new = ANSWERS
+    ds = benign_prompts(src, split, n, data_dir)
+    print(describe(ds))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    run_answer(bb, ds, src, split, n, new, out, 16, True)
+
+
+def train(
+    bb: "Backbone", q: Quick, probe: Path, cache_dir: str | None, data_dir: str | None, dataset: str | None = None
+) -> None:
     """``singlepass train --probe gate``: a quick mixture-trained probe saved to ``probe``."""
     from singlepass.models.commands import save_trained
     from singlepass.models.data import describe
@@ -173,7 +206,7 @@ def train(bb: "Backbone", q: Quick, probe: Path, cache_dir: str | None, data_dir
 
     if probe.exists():
         raise SinglepassError(f"{probe} exists (use --force to overwrite)")
-    m = load_mixture(q.dataset, data_dir, q.limit, q.val_limit)
+    m = load_mixture(dataset or q.dataset, data_dir, q.limit, q.val_limit)
     print(f"mixture of {len(m.sources)} sources, labels safe/unsafe; overlaps removed on normalised text:")
     print("\n".join(describe_mixture(m)))
     tr, va = m.train, m.validation
@@ -283,7 +316,7 @@ def generate(art: Path, policy: list[str] | None = None, rt: "Runtime | None" = 
 # --- the demo ----------------------------------------------------------------------------------------
 
 
-def current_recipe(probe: Path, q: Quick) -> bool:
+def current_recipe(probe: Path, q: Quick, dataset: str) -> bool:
     """A probe folder from an earlier run, trained with the current training recipe on the quick
     probe's mixture and limits."""
     from singlepass.models.mixture import parse_sources
@@ -295,7 +328,7 @@ def current_recipe(probe: Path, q: Quick) -> bool:
     except SinglepassError:
         return False
     data = cfg.get("data") or {}
-    name = ",".join(f"{s.name}:{s.weight:g}" for s in parse_sources(q.dataset))  # the mixture's dataset name
+    name = ",".join(f"{s.name}:{s.weight:g}" for s in parse_sources(dataset))  # the mixture's dataset name
     return (
         cfg.get("recipe") == RECIPE
         and data.get("dataset") == name
@@ -320,27 +353,52 @@ def cmd_demo(args: argparse.Namespace) -> int:
         return ["--max-response-tokens", str(q.max_response_tokens)] if q.reads == "response" else []
 
     print("== 1/5 extract: hidden states [L+1, B, T, d] of each probe's training rows")
-    bb = None
-    for q in QUICK:
-        bb = run_stage(
-            ["extract", *common, *data, "--dataset", q.dataset, "--split", "train", "--limit", str(q.limit), *resp(q)],
-            lambda q=q, bb=bb: extract(args.model, cache_dir, data_dir, q, bb),
+    bb = run_stage(
+        ["extract", *common, *data, "--dataset", PROMPT.dataset, "--split", "train", "--limit", str(PROMPT.limit)],
+        lambda: extract(args.model, cache_dir, data_dir, PROMPT),
+    )
+    answers = answers_file(bb, cache_dir)
+    src, split, n, new = ANSWERS
+    if answers.is_file():
+        print(f"reusing {answers}\n")
+    else:
+        run_stage(
+            ["answer", *common, *data, "--dataset", src, "--split", split, "--limit", str(n)]
+            + ["--max-new-tokens", str(new), "--out", str(answers)],
+            lambda: answer(bb, answers, data_dir),
         )
+    dataset = {PROMPT.name: PROMPT.dataset, RESPONSE.name: f"{RESPONSE.dataset},{answers}"}
+    q = RESPONSE
+    run_stage(
+        [
+            "extract",
+            *common,
+            *data,
+            "--dataset",
+            dataset[q.name],
+            "--split",
+            "train",
+            "--limit",
+            str(q.limit),
+            *resp(q),
+        ],
+        lambda: extract(args.model, cache_dir, data_dir, q, bb, dataset[q.name]),
+    )
 
     print("== 2/5 train: two quick gate probes, one on prompts, one on responses")
     for q in QUICK:
         probe = out / q.folder
-        if current_recipe(probe, q):
+        if current_recipe(probe, q, dataset[q.name]):
             print(f"reusing {probe}\n")
             continue
         for stale in (probe, art):  # an older recipe's probe, and the artifact that fused it
             shutil.rmtree(stale, ignore_errors=True)
-        argv = ["train", *common, *data, "--dataset", q.dataset, "--probe", "gate", "--out", str(probe)]
+        argv = ["train", *common, *data, "--dataset", dataset[q.name], "--probe", "gate", "--out", str(probe)]
         argv += ["--limit", str(q.limit), "--val-limit", str(q.val_limit), *resp(q)]
         argv += ["--threshold-at-fpr", f"{q.threshold_fpr:g}"] if q.threshold_fpr else []
         run_stage(
             argv + ["--trials", str(TRIALS), "--epochs", str(EPOCHS)],
-            lambda q=q, probe=probe: train(bb, q, probe, cache_dir, data_dir),
+            lambda q=q, probe=probe: train(bb, q, probe, cache_dir, data_dir, dataset[q.name]),
         )
 
     print("== 3/5 eval: each probe on held-out test rows, one set out of distribution")

@@ -198,32 +198,33 @@ def cmd_extract(args) -> int:
     return 0
 
 
+def run_answer(bb, ds, dataset: str, split: str, limit, max_new_tokens: int, out, batch_size: int, progress: bool):
+    """Write the backbone's answers to ``ds``'s prompts to ``out``; print what ``singlepass answer``
+    prints -> the provenance."""
+    from singlepass.models.answers import provenance_path, write_answers
+
+    prov = write_answers(bb, ds, dataset, split, limit, max_new_tokens, out, batch_size, progress=progress)
+    n = prov["rows"] + prov["dropped"]
+    print(
+        f"wrote {prov['rows']} answers to {out} ({prov['dropped']} empty dropped, "
+        f"{prov['answers_at_max_new_tokens']} cut at {max_new_tokens} new tokens) in {prov['seconds']:.1f} s "
+        f"({prov['seconds'] / max(n, 1):.2f} s per prompt); provenance {provenance_path(out)}"
+    )
+    return prov
+
+
 def cmd_answer(args) -> int:
     import json
 
-    from singlepass.models.answers import benign_prompts, check_out, provenance_path, write_answers
+    from singlepass.models.answers import benign_prompts, check_out
     from singlepass.models.data import describe
 
     out = check_out(args.out, args.force)  # every refusal comes before the model loads
     ds = benign_prompts(args.dataset, args.split, args.limit, args.data_dir)
     print(describe(ds))
     bb = load_backbone_logged(args.model, args.cache_dir)
-    prov = write_answers(
-        bb,
-        ds,
-        args.dataset,
-        args.split,
-        args.limit,
-        args.max_new_tokens,
-        out,
-        args.batch_size,
-        progress=not args.no_progress,
-    )
-    n = prov["rows"] + prov["dropped"]
-    print(
-        f"wrote {prov['rows']} answers to {out} ({prov['dropped']} empty dropped, "
-        f"{prov['answers_at_max_new_tokens']} cut at {args.max_new_tokens} new tokens) in {prov['seconds']:.1f} s "
-        f"({prov['seconds'] / max(n, 1):.2f} s per prompt); provenance {provenance_path(out)}"
+    prov = run_answer(
+        bb, ds, args.dataset, args.split, args.limit, args.max_new_tokens, out, args.batch_size, not args.no_progress
     )
     if args.json:
         print(json.dumps({"out": str(out), **prov}))

@@ -10,15 +10,19 @@ from singlepass import demo
 from singlepass.errors import SinglepassError
 
 
-def _fake_stages(monkeypatch, calls: list, reuse: bool):
+def _fake_stages(monkeypatch, calls: list, reuse: bool, answers=None):
     bb, rt = object(), object()
-    monkeypatch.setattr(demo, "current_recipe", lambda probe, q: reuse)
+    monkeypatch.setattr(demo, "current_recipe", lambda probe, q, dataset: reuse)
     monkeypatch.setattr(
         demo,
         "extract",
-        lambda model, cache_dir, data_dir, q, b=None: calls.append(("extract", model, q.name, b is bb)) or bb,
+        lambda model, cache_dir, data_dir, q, b=None, ds=None: (
+            calls.append(("extract", model, q.name, b is bb, ds)) or bb
+        ),
     )
-    monkeypatch.setattr(demo, "train", lambda b, q, probe, c, d: calls.append(("train", b is bb, q.name)))
+    monkeypatch.setattr(demo, "answers_file", lambda b, c: answers)
+    monkeypatch.setattr(demo, "answer", lambda b, out, d: calls.append(("answer", b is bb, out)))
+    monkeypatch.setattr(demo, "train", lambda b, q, probe, c, d, ds: calls.append(("train", b is bb, q.name, ds)))
     monkeypatch.setattr(demo, "evaluate", lambda b, probe, c, d, *where: calls.append(("eval", b is bb)))
     monkeypatch.setattr(demo, "export", lambda b, probes, art, model, c: calls.append(("export", b is bb, probes)))
     monkeypatch.setattr(demo, "validate", lambda b, art, c: calls.append(("validate", b is bb)))
@@ -37,17 +41,19 @@ def _commands(out: str) -> list[str]:
 @pytest.mark.parametrize("reuse", [False, True])
 def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, reuse):
     calls = []
-    _fake_stages(monkeypatch, calls, reuse)
+    answers = tmp_path / "answers.jsonl.gz"
+    _fake_stages(monkeypatch, calls, reuse, answers)
     out = tmp_path / "demo"
     probe, rprobe, art = out / "probe-mixture-gate", out / "probe-response-gate", out / "artifact"
     if reuse:
         art.mkdir(parents=True)
         (art / "manifest.json").write_text("{}")
+        answers.write_text("")
     args = Namespace(model="smollm2-135m", cache_dir=None, data_dir="/d", out=str(out), fresh=False)
     assert demo.cmd_demo(args) == 0
     text = capsys.readouterr().out
     prompts = " ".join(f"'{p}'" for p in demo.DEMO_PROMPTS)
-    m, r = demo.MIXTURE, demo.RESPONSE.dataset
+    m, r = demo.MIXTURE, f"{demo.RESPONSE.dataset},{answers}"
     train = (
         []
         if reuse
@@ -71,6 +77,14 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     assert _commands(text) == [
         "== 1/5 extract: hidden states [L+1, B, T, d] of each probe's training rows",
         f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {m} --split train --limit 800",
+        *(
+            []
+            if reuse
+            else [
+                "$ singlepass answer --model smollm2-135m --data-dir /d --dataset alpaca_noinput --split train "
+                f"--limit 150 --max-new-tokens 64 --out {answers}"
+            ]
+        ),
         f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {r} --split train --limit 500 "
         "--max-response-tokens 64",
         "== 2/5 train: two quick gate probes, one on prompts, one on responses",
@@ -89,15 +103,16 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     assert (f"reusing {probe}" in text) == reuse and (f"reusing {art}" in text) == reuse
     assert text.count("  (") >= 4 and f"artifact at {art}" in text
     # one backbone from stage 1 for every stage that takes one; one runtime for both generate runs
-    assert calls[:2] == [
-        ("extract", "smollm2-135m", "safety", False),
-        ("extract", "smollm2-135m", "safety_response", True),
+    assert [c for c in calls if c[0] in ("extract", "answer")] == [
+        ("extract", "smollm2-135m", "safety", False, None),
+        *([] if reuse else [("answer", True, answers)]),
+        ("extract", "smollm2-135m", "safety_response", True, r),
     ]
     specs = [f"{probe}:safety", f"{rprobe}:safety_response"]
     assert [c for c in calls if c[0] in ("train", "eval", "export", "validate")] == (
         [("eval", True)] * 4 + [("validate", True)]
         if reuse
-        else [("train", True, "safety"), ("train", True, "safety_response")]
+        else [("train", True, "safety", m), ("train", True, "safety_response", r)]
         + [("eval", True)] * 4
         + [("export", True, specs)]
     )
@@ -106,7 +121,7 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
 
 def test_a_failing_stage_is_reported_as_its_command(tmp_path, monkeypatch, capsys):
     calls = []
-    _fake_stages(monkeypatch, calls, reuse=False)
+    _fake_stages(monkeypatch, calls, reuse=False, answers=tmp_path / "a.jsonl.gz")
 
     def train(*a):
         raise SinglepassError("no data")
@@ -116,7 +131,7 @@ def test_a_failing_stage_is_reported_as_its_command(tmp_path, monkeypatch, capsy
     with pytest.raises(SinglepassError, match=r"stage `singlepass train` failed \(exit 2\)"):
         demo.cmd_demo(args)
     assert "singlepass train: error: no data" in capsys.readouterr().err
-    assert [c[0] for c in calls] == ["extract", "extract"]  # nothing after the failed stage
+    assert [c[0] for c in calls] == ["extract", "answer", "extract"]  # nothing after the failed stage
 
 
 def test_run_stage_exit_codes(capsys):

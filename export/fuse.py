@@ -13,9 +13,10 @@ fused, each input reads its layer's residual-stream tensor where it is, so the g
 stacks a [L+1, B, T, d] copy for the probes (only ``--keep-hidden-states`` builds one, as an output).
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
-The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens), so in a
-decode step it pools the one new token: cheap, shape-valid, and not the prompt's label (read
-labels from the prefill step).
+The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens). In a
+quantised artifact with a KV cache a prompt probe runs on prefill passes only (``surgery.prefill_only``:
+zeros in decode passes); elsewhere a decode step pools the one new token: shape-valid, and not the
+prompt's label (read labels from the prefill step).
 
 ``export_stream_probe`` exports a probe's streaming form instead (models/probes.py, ``stream_*``):
 the same inputs plus the carried state ``past_<name>``, and the outputs ``present_<name>`` next to

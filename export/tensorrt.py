@@ -297,11 +297,17 @@ def check_model(path: Path) -> tuple[dict, onnx.ModelProto | None]:
 
 def require_fp32_weights(m: Manifest) -> None:
     """TensorRT builds from an fp32-weight graph (its own fp16/bf16 precisions): ONNX Runtime's
-    MatMulNBits (``--weights int4|int8``) is not a TensorRT layer."""
+    MatMulNBits (``--weights int4|int8``) is not a TensorRT layer. Response probes' state inputs
+    have no optimisation profiles yet (and their very negative empty values need fp32)."""
     if m.graph.precision != "fp32":
         raise SinglepassError(
             f"{m.folder} has {m.graph.precision} weights (ONNX Runtime's MatMulNBits), which TensorRT cannot "
             "build: export the artifact with --weights fp32 for a TensorRT engine"
+        )
+    if m.stream_states:
+        raise SinglepassError(
+            f"{m.folder} fuses a response probe, whose state inputs the TensorRT build does not profile yet: "
+            "export the TensorRT artifact without the response probe"
         )
 
 

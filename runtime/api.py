@@ -40,6 +40,7 @@ from singlepass.runtime.backends import Backend, select
 from singlepass.runtime.contract import Manifest, read_artifact
 from singlepass.runtime.passes import Label, decode_one_token, labels_from, last_logits, prefill
 from singlepass.runtime.sampling import Sampling, next_tokens
+from singlepass.runtime.text import TextTracker
 from singlepass.runtime.tokenize import PromptTokenizer
 
 DEFAULT_MAX_NEW_TOKENS = 64
@@ -125,22 +126,6 @@ class Event:
         if self.truncated:
             d["truncated"] = True
         return d
-
-
-class _Detok:
-    """Incremental text of one row: the new text since the last call, holding back an incomplete
-    UTF-8 character (decoded as U+FFFD) until the next token completes it."""
-
-    def __init__(self, decode):
-        self.decode, self.ids, self.emitted = decode, [], ""
-
-    def add(self, token: int, final: bool = False) -> str:
-        self.ids.append(token)
-        text = self.decode(self.ids)
-        if (text.endswith("\ufffd") and not final) or not text.startswith(self.emitted):
-            return ""
-        piece, self.emitted = text[len(self.emitted) :], text
-        return piece
 
 
 # ----------------------------------------------------------------------------- the runtime
@@ -335,7 +320,7 @@ class Runtime:
             why.append(reason)
         rngs = [sampling.generator(i) for i in index]
         watch = [pol.Streaks(rules, m.probes) for _ in items]
-        detok = [_Detok(self.tokenizer.decode) if pieces else None for _ in items]
+        detok = [TextTracker(self.tokenizer.decode) if pieces else None for _ in items]
         count, last, done = [0] * B, [0] * B, [False] * B
 
         def emit(r: int, step: int, logits: np.ndarray, **head) -> Event:
@@ -345,7 +330,7 @@ class Runtime:
             count[r] += 1
             eos = tok in self.eos_ids
             done[r] = eos or count[r] >= budget[r]
-            piece = detok[r].add(tok, final=done[r]) if pieces else ""
+            piece = detok[r].add(tok, final=done[r])[0] if pieces else ""
             return Event(
                 index[r],
                 step,
@@ -397,7 +382,7 @@ class Runtime:
                 fired = watch[r].update(seen) if seen else None
                 if fired:  # stopped before the next token: the text so far stands, plus the notice
                     done[r] = True
-                    text = pol.stop_notice(rules, fired)
+                    text = (detok[r].flush() if pieces else "") + pol.stop_notice(rules, fired)
                     yield Event(
                         index[r],
                         step,

@@ -98,6 +98,8 @@ def decode_one_token(
     response token (the response probes fold it in)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
     response = np.ones(ids.shape, np.int64) if manifest.graph.response_mask else None  # [B, 1]
+    if response is not None and len(state.stream) != len(manifest.stream_states):
+        raise ValueError("the state carries no response-probe state: build it with prefill / decode_one_token")
     feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
     out = backend.run(feed, output_names(manifest, extra))
     return out, _after(manifest, out, ids, mask, pos)

@@ -60,7 +60,7 @@ class Rule:
 
 
 def parse_rule(spec: str) -> Rule:
-    """``report`` | ``block`` | ``block:0.8`` | ``block:LABEL[,LABEL...]``."""
+    """``report`` | ``block`` | ``block:0.8`` | ``block:LABEL[,LABEL...]`` | ``stop`` | ``stop:0.8``."""
     action, _, arg = spec.strip().partition(":")
     if not arg:
         return Rule(action.strip())
@@ -79,8 +79,8 @@ def parse_specs(specs: list[str] | None) -> dict[str, Rule]:
         name, eq, rule = s.partition("=")
         if not eq or not name.strip():
             raise SinglepassError(
-                f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD, NAME=block:fpr@RATE "
-                "or NAME=block:LABEL[,LABEL...]"
+                f"--policy {s!r}: use NAME=report, NAME=block, NAME=block:THRESHOLD, NAME=block:fpr@RATE, "
+                "NAME=block:LABEL[,LABEL...] or, for a response probe, NAME=stop[:THRESHOLD]"
             )
         out[name.strip()] = parse_rule(rule)
     return out

@@ -44,6 +44,7 @@ from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
 from singlepass.runtime.passes import Label, State, decode_one_token, labels_from, last_logits, prefill
 from singlepass.runtime.sampling import Sampling, sample
+from singlepass.runtime.text import TextTracker
 
 log = logging.getLogger("singlepass.serve")
 
@@ -93,48 +94,6 @@ class Job:
     arrival: float = field(default_factory=time.perf_counter)
     cancelled: bool = False
     finished: bool = False
-
-
-class TextTracker:
-    """A row's text as it grows: after each token the new piece that is safe to stream (an
-    incomplete UTF-8 character, decoded as U+FFFD, and a tail that may begin a stop string are
-    held back) and whether a stop string appeared (the text is cut before it, as OpenAI does)."""
-
-    def __init__(self, decode, stops: tuple[str, ...] = (), incremental: bool = True):
-        self.decode, self.stops = decode, tuple(stops)
-        self.incremental = incremental or bool(self.stops)
-        self.ids: list[int] = []
-        self.emitted = ""
-
-    def _held(self, text: str) -> int:
-        longest = max((len(s) for s in self.stops), default=0)
-        for k in range(min(longest - 1, len(text)), 0, -1):
-            if any(s.startswith(text[-k:]) for s in self.stops):
-                return k
-        return 0
-
-    def add(self, token: int, final: bool) -> tuple[str, bool]:
-        """-> (new text, stopped). With ``final`` (or a stop) everything left is released."""
-        self.ids.append(token)
-        if not self.incremental and not final:
-            return "", False
-        text = self.decode(self.ids)
-        stopped = False
-        if self.stops:
-            cut = min((i for s in self.stops if (i := text.find(s)) >= 0), default=-1)
-            if cut >= 0:
-                text, stopped, final = text[:cut], True, True
-        if final:
-            piece = text[len(self.emitted) :] if text.startswith(self.emitted) else ""
-            self.emitted = text
-            return piece, stopped
-        if text.endswith("\ufffd"):
-            return "", False
-        safe = text[: len(text) - self._held(text)]
-        if not safe.startswith(self.emitted):  # a later token changed earlier text: wait
-            return "", False
-        piece, self.emitted = safe[len(self.emitted) :], safe
-        return piece, False
 
 
 # ----------------------------------------------------------------------------- batch state
@@ -624,13 +583,14 @@ class Engine(WorkerThread):
             if fired:  # stop before the next token: the text streamed so far stands, plus the notice
                 row.done = True
                 notice = pol.stop_notice(self.rt.policy, fired)
+                rest = row.text.flush()  # the text held back so far (all of it, when not streaming)
                 text = row.text.emitted + notice
                 self.observer.stopped(row.job, fired)
                 self._send(
                     row.job,
                     Out(
                         row.count,
-                        text=notice,
+                        text=rest + notice,
                         done=True,
                         finish_reason="blocked",
                         final_text=text,

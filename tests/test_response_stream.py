@@ -55,6 +55,12 @@ def test_validation_checks_streaming_against_the_whole_prefix(resp):
     assert m["graph"]["response_mask"] == "response_mask"
     gate = next(p for p in m["probes"] if p["name"] == "r_gate")
     assert gate["reads"] == "response" and [s["name"] for s in gate["state"]] == ["m", "l", "acc"]
+    # TensorRT has no profiles for the state inputs yet: refused with the reason
+    from singlepass.export.tensorrt import require_fp32_weights
+    from singlepass.runtime.contract import read_artifact
+
+    with pytest.raises(SinglepassError, match="response probe"):
+        require_fp32_weights(read_artifact(art))
     # onnxruntime-genai cannot feed the state inputs: no genai_config.json, and the manifest says why
     assert m["genai"]["config"] is None and "response probe" in m["genai"]["reason"]
     assert not (art / "genai_config.json").exists()
@@ -186,14 +192,21 @@ def test_server_streams_response_labels_and_stops_with_content_filter(resp):
         assert [x["r_gate"]["score"] for x in said] == pytest.approx(alone.response_scores["r_gate"], abs=1e-5)
         assert set(chunks[0].model_extra["singlepass"]["labels"]) == {"safety"}
     stopping = load(art, backend="cpu", threads=1, policy={"r_gate": "stop:0.0"})
+    sampled = dict(max_tokens=16, temperature=1.0, seed=3)  # tokens that decode to visible text
+    want = stopping.generate(prompt, 16, temperature=1.0, seed=3)
+    assert want.finish_reason == "blocked" and want.text.startswith(stopping.tokenizer.decode(want.token_ids))
+    assert stopping.tokenizer.decode(want.token_ids).strip()  # the kept text is not empty
     with server(runtime=stopping, model_name=MODEL) as s:
         c = client(s.url)
-        out = c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0)
+        out = c.chat.completions.create(model=MODEL, messages=msgs, **sampled)
         ext = out.model_extra["singlepass"]
         assert out.choices[0].finish_reason == "content_filter" and ext["blocked_by"] == "r_gate"
-        assert out.usage.completion_tokens == 2 and "flagged by 'r_gate'" in out.choices[0].message.content
-        assert ext["response_labels"]["r_gate"]["label"] == "yes"
-        chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, max_tokens=16, temperature=0, stream=True))
+        assert out.usage.completion_tokens == 2 and out.choices[0].message.content == want.text
+        # the label is the probe's own (threshold 0.5); the stop rule used 0.0
+        assert ext["response_labels"]["r_gate"]["score"] == pytest.approx(want.response_scores["r_gate"][-1], abs=1e-5)
+        chunks = list(c.chat.completions.create(model=MODEL, messages=msgs, stream=True, **sampled))
         text = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
-        assert text == out.choices[0].message.content and chunks[-1].choices[0].finish_reason == "content_filter"
+        assert text == want.text and chunks[-1].choices[0].finish_reason == "content_filter"
         assert metric(s.url, "singlepass_response_stops_total", probe="r_gate") == 2
+    streamed = "".join(ev.text for ev in stopping.stream(prompt, 16, temperature=1.0, seed=3))
+    assert streamed == want.text  # the runtime's stream releases held-back text before the notice

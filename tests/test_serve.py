@@ -31,8 +31,9 @@ from singlepass.runtime.backends import Backend  # noqa: E402
 from singlepass.runtime.passes import State  # noqa: E402
 from singlepass.runtime.policy import DEFAULT_REFUSAL  # noqa: E402
 from singlepass.runtime.sampling import Sampling  # noqa: E402
+from singlepass.runtime.text import TextTracker  # noqa: E402
 from singlepass.serve.app import create_app  # noqa: E402
-from singlepass.serve.engine import Engine, Job, TextTracker, fit, merge, prefill_groups, put  # noqa: E402
+from singlepass.serve.engine import Engine, Job, fit, merge, prefill_groups, put  # noqa: E402
 from singlepass.serve.guard import check_folder  # noqa: E402
 from singlepass.serve.runner import bind  # noqa: E402
 from singlepass.serve.state import Options  # noqa: E402

@@ -20,9 +20,9 @@ DATA_DIR_HELP = (
 )
 
 
-def add_backbone_args(p: argparse.ArgumentParser) -> None:
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """--model and --cache-dir: which backbone, and where converted models and caches live."""
     from singlepass.models.backbone import DEFAULT_MODEL
-    from singlepass.models.prompts import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_TOKENS, PROMPT_FORMATS
 
     p.add_argument(
         "--model",
@@ -30,6 +30,12 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
         help="model name (smollm2-135m), Hugging Face folder or .gguf file (default: %(default)s)",
     )
     p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
+
+
+def add_backbone_args(p: argparse.ArgumentParser) -> None:
+    from singlepass.models.prompts import DEFAULT_MAX_LENGTH, DEFAULT_MAX_RESPONSE_TOKENS, PROMPT_FORMATS
+
+    add_model_args(p)
     p.add_argument(
         "--prompt-format",
         choices=PROMPT_FORMATS,
@@ -542,8 +548,6 @@ def register(sub) -> None:
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.set_defaults(func=cmd_extract)
 
-    from singlepass.models.backbone import DEFAULT_MODEL
-
     p = sub.add_parser(
         "answer",
         help="write the model's own greedy answers to benign prompts: a response set labelled safe",
@@ -552,12 +556,7 @@ def register(sub) -> None:
         "response file (prompt, response, label 0, text) with its provenance in OUT.json; the file loads "
         "as a response set and joins response mixtures, e.g. --dataset beavertails,gptfuzz,OUT.",
     )
-    p.add_argument(
-        "--model",
-        default=DEFAULT_MODEL,
-        help="model name (smollm2-135m), Hugging Face folder or .gguf file (default: %(default)s)",
-    )
-    p.add_argument("--cache-dir", default=None, help="cache folder (default: $SINGLEPASS_CACHE or ~/.cache/singlepass)")
+    add_model_args(p)
     p.add_argument(
         "--dataset",
         required=True,

@@ -404,12 +404,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print("== 3/5 eval: each probe on held-out test rows, one set out of distribution")
     for q in QUICK:
         probe = out / q.folder
-        for dataset, split, limit in q.evals:
+        for test, split, limit in q.evals:
             run_stage(
-                ["eval", "--probe", str(probe), *common[2:], *data, "--dataset", dataset, "--split", split]
+                ["eval", "--probe", str(probe), *common[2:], *data, "--dataset", test, "--split", split]
                 + ["--limit", str(limit)],
-                lambda probe=probe, dataset=dataset, split=split, limit=limit: evaluate(
-                    bb, probe, cache_dir, data_dir, dataset, split, limit
+                lambda probe=probe, test=test, split=split, limit=limit: evaluate(
+                    bb, probe, cache_dir, data_dir, test, split, limit
                 ),
             )
 

@@ -602,5 +602,5 @@ class Engine(WorkerThread):
             made += 1
             self._send(row.job, self._emit(row, logits[k], response=seen))
         self.observer.generated(made)
-        self.observer.phase("decode", time.perf_counter() - t0, len(live))
+        self.observer.phase("decode", time.perf_counter() - t0, made)
         self._tidy()

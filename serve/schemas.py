@@ -12,7 +12,8 @@ Extensions beside the standard fields, vLLM style:
   and ``token_ids`` to each choice);
 * response ``singlepass``: ``{"labels": {probe: {"label", "score"}}, "blocked_by": probe}`` (on a
   stream: on the first chunk), with ``"response_labels"`` (the response probes' label of the
-  response so far) on the response and on every stream chunk that carries a token.
+  response so far) on the response and on every stream chunk of a decode pass (a token's, or the
+  notice of a response stopped by a ``stop`` rule, with ``blocked_by``).
 """
 
 from __future__ import annotations

@@ -221,7 +221,9 @@ def load_data(args, bb) -> Data:
 
 def cut_text(tokenizer, prompt: str, ids: list[int]) -> str:
     """The guard's view of a (prompt, response tokens) pair."""
-    return f"User: {prompt}\nAssistant: {tokenizer.decode(ids)}"
+    from singlepass.models.data import pair_text
+
+    return pair_text(prompt, tokenizer.decode(ids))
 
 
 def response_ids(enc, i: int) -> list[int]:

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from singlepass.errors import SinglepassError
 from singlepass.files import atomic_write, atomic_write_json
+from singlepass.models.data import pair_text
 from singlepass.models.prompts import DEFAULT_MAX_LENGTH
 
 PROMPT_FORMAT = "chat"  # the serving view: what the deployed model receives before it answers
@@ -192,7 +193,7 @@ def write_answers(
     answers = generate_answers(backbone, ds.texts, max_new_tokens, batch_size, progress, stats=stats)
     seconds = time.perf_counter() - t0
     rows = [
-        {"prompt": p, "response": a, "label": 0, "text": f"User: {p}\nAssistant: {a}"}
+        {"prompt": p, "response": a, "label": 0, "text": pair_text(p, a)}
         for p, a in zip(ds.texts, answers)
         if a.strip()
     ]

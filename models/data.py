@@ -283,6 +283,11 @@ def load_partition(spec: DatasetSpec, folder: Path, name: str, split: str) -> "D
     return ds
 
 
+def pair_text(prompt: str, response: str) -> str:
+    """The one text of a (prompt, response) pair: overlap keys, the guard's view, answer files."""
+    return f"User: {prompt}\nAssistant: {response}"
+
+
 def response_view(ds: Dataset, spec: DatasetSpec, path: Path) -> Dataset:
     """The rows of ``ds`` (loaded from ``path``) as a response set: labels from
     ``spec.label_column`` (rows where it is null dropped), prompt and response checked and kept
@@ -312,7 +317,7 @@ def response_view(ds: Dataset, spec: DatasetSpec, path: Path) -> Dataset:
                 )
         pairs[name] = list(values)
     ds.columns.update(pairs)
-    ds.texts = [f"User: {p}\nAssistant: {r}" for p, r in zip(pairs["prompt"], pairs["response"])]
+    ds.texts = [pair_text(p, r) for p, r in zip(pairs["prompt"], pairs["response"])]
     ds.reads = "response"
     return ds
 
@@ -349,10 +354,8 @@ def load_file(
     response = detect_response and is_response_rows(rows)
     if response:
         label_names = label_names or FILE_RESPONSE_SPEC.label_names
-        join = "User: {}\nAssistant: {}"  # a placeholder text; response_view checks the pair itself
-        rows = [
-            r if r.get("text") is not None else {**r, "text": join.format(r["prompt"], r["response"])} for r in rows
-        ]
+        # a placeholder text where a row has none; response_view checks the pair itself
+        rows = [r if r.get("text") is not None else {**r, "text": pair_text(r["prompt"], r["response"])} for r in rows]
     texts, labels, names = _check_rows(rows, path, label_names)
     extra = {k: [r.get(k) for r in rows] for k in rows[0] if k not in ("text", "label")}
     extra["row"] = list(range(len(rows)))  # 0-based row in the file, kept through subsets

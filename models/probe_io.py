@@ -19,6 +19,7 @@ from pathlib import Path
 
 from singlepass.errors import SinglepassError
 from singlepass.files import staged_folder
+from singlepass.runtime.contract import READS
 
 FORMAT = "singlepass-probe"
 VERSION = 1
@@ -50,9 +51,6 @@ def with_input(cfg: dict, where: str = "probe") -> dict:
             )
         cfg["input"] = family.input
     return cfg
-
-
-READS = ("prompt", "response")
 
 
 def reads_of(cfg: dict) -> str:

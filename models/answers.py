@@ -67,6 +67,7 @@ def generate_answers(
     import torch
     from tqdm.auto import tqdm
 
+    from singlepass.models.extract import batch_tensors
     from singlepass.models.prompts import encode
 
     if max_new_tokens <= 0:
@@ -86,13 +87,8 @@ def generate_answers(
     ):
         for start in range(0, len(order), batch_size):
             rows = order[start : start + batch_size]
-            T = max(len(enc.ids[i]) for i in rows)
-            input_ids = torch.full((len(rows), T), pad, dtype=torch.long)  # [B, T], left-padded
-            mask = torch.zeros(len(rows), T, dtype=torch.long)  # [B, T], 1 on real tokens
-            for j, i in enumerate(rows):
-                n = len(enc.ids[i])
-                input_ids[j, T - n :] = torch.tensor(enc.ids[i])
-                mask[j, T - n :] = 1
+            input_ids, mask, _ = batch_tensors([enc.ids[i] for i in rows], pad, "left")  # [B, T] each
+            T = input_ids.shape[1]
             out = model.generate(
                 input_ids=input_ids,
                 attention_mask=mask,

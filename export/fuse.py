@@ -59,6 +59,59 @@ def _wrapper(module, kind: str):
     return (HiddenStatesProbe if kind == "hidden_states" else LastLogitsProbe)().eval()
 
 
+def resolve_exporter(exporter: str, opset: int) -> str:
+    """The torch.onnx exporter a probe graph is written with: TorchScript unless this torch lacks
+    it; the dynamo exporter cannot write opsets below 18 (see ``export_probe``)."""
+    import torch
+
+    from singlepass.errors import SinglepassError
+
+    if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
+        exporter = "dynamo"
+    if exporter == "dynamo" and opset < 18:
+        raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
+    return exporter
+
+
+def _to_onnx(module, args, names, outputs, axes, dims, opset: int, exporter: str, subset: bool = False):
+    """Trace ``module(*args)`` to an onnx.ModelProto with inputs ``names`` and ``outputs``: the
+    TorchScript exporter with ``axes`` ({name: {axis: symbol}}), or the dynamo exporter with
+    ``dims(batch, sequence)`` (its dynamic_shapes, keyed by forward()'s parameter names).
+    ``subset``: the exporter may leave out inputs the graph does not read."""
+    import onnx
+    import torch
+
+    exporter = resolve_exporter(exporter, opset)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        if exporter == "dynamo":
+            from torch.export import Dim
+
+            b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
+            kw = {"dynamo": True, "dynamic_shapes": dims(b, t)}
+            proto = torch.onnx.export(
+                module, args, None, opset_version=opset, input_names=names, output_names=outputs, **kw
+            ).model_proto
+        else:
+            f = io.BytesIO()
+            torch.onnx.export(
+                module,
+                args,
+                f,
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=outputs,
+                dynamic_axes={k: v for k, v in axes.items() if k in names + outputs},
+            )
+            proto = onnx.load_from_string(f.getvalue())
+    got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
+    want = [n for n in names if n in got] if subset else names
+    if got != want or not got or [o.name for o in proto.graph.output] != outputs:
+        raise RuntimeError(f"probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}")
+    return proto
+
+
 def state_names(num_states: int) -> list[str]:
     """The per-layer inputs of an exported hidden-states probe: hidden state i is ``state_i``."""
     return [f"state_{i}" for i in range(num_states)]
@@ -88,10 +141,7 @@ def export_probe(
             f"{type(module).__name__} has no per-layer form forward_layers(layers, mask): it cannot be fused"
         )
     state = module.state_dict()
-    if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
-        exporter = "dynamo"
-    if exporter == "dynamo" and opset < 18:
-        raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
+    exporter = resolve_exporter(exporter, opset)
     # The module's plain settings (token_pool, top_k, pool, heads, ...) shape the graph as much as its
     # weights do: two probes with equal weights and another top_k are two graphs.
     settings = sorted(
@@ -113,70 +163,34 @@ def export_probe(
         args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
         args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
         names = state_names(num_states) + ["mask"]
+        axes = {n: {0: "batch", 1: "sequence"} for n in names}
+        dims = lambda b, t: {"inputs": ({0: b, 1: t},) * len(args)}  # noqa: E731  (forward's parameter)
     else:
         args = (torch.randn(2, vocab_size),)
         names = ["next_token_logits"]
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            from torch.export import Dim
-
-            b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
-            shapes = (
-                {"inputs": ({0: b, 1: t},) * len(args)} if kind == "hidden_states" else {"logits": {0: b}}
-            )  # keyed by the forward() parameter name
-            proto = torch.onnx.export(
-                wrapper,
-                args,
-                None,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes=shapes,
-                input_names=names,
-                output_names=["logits", "probs"],
-            ).model_proto
-        else:
-            axes = (
-                {n: {0: "batch", 1: "sequence"} for n in names}
-                if kind == "hidden_states"
-                else {"next_token_logits": {0: "batch"}}
-            )
-            axes.update({"probs": {0: "batch"}})
-            if kind == "hidden_states":
-                axes["logits"] = {0: "batch"}
-            f = io.BytesIO()
-            torch.onnx.export(
-                wrapper,
-                args,
-                f,
-                dynamo=False,
-                opset_version=opset,
-                input_names=names,
-                output_names=["logits", "probs"],
-                dynamic_axes=axes,
-            )
-            proto = onnx.load_from_string(f.getvalue())
-    got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    if got != [n for n in names if n in got] or not got or [o.name for o in proto.graph.output] != ["logits", "probs"]:
-        raise RuntimeError(f"probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}")
+        axes = {"next_token_logits": {0: "batch"}}
+        dims = lambda b, t: {"logits": {0: b}}  # noqa: E731
+    axes |= {"logits": {0: "batch"}, "probs": {0: "batch"}}
+    proto = _to_onnx(wrapper, args, names, ["logits", "probs"], axes, dims, opset, exporter, subset=True)
     _CACHE[key] = proto.SerializeToString()
     return proto
 
 
-def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, exporter: str = "torchscript"):
+def export_stream_probe(
+    module, num_states: int, hidden_size: int, opset: int, exporter: str = "torchscript", stacked: bool = False
+):
     """The streaming form of a hidden-states probe (models/probes.py: ``stream_update``, then
     ``stream_logits``) -> onnx.ModelProto with inputs (state_0 .. state_L [B, T, d] float32, mask [B, T]
     int64, past_<name> ...) and outputs (logits, probs, present_<name> ...), B and T dynamic. The state
     tensors are ``module.stream_state_shapes(B)`` (float32, the batch on axis 1). Feed each pass's
     presents back as the next pass's pasts (``stream_init(B)`` before the first): its logits are the
-    probe over every token folded in so far. Exporters as in ``export_probe`` (TorchScript first);
+    probe over every token folded in so far. ``stacked``: ``stream_update``'s one-copy form (the
+    decode pass's: a few ops over all layers). Exporters as in ``export_probe`` (TorchScript first);
     the export is checked against PyTorch on a two-pass run."""
     import numpy as np
-    import onnx
     import onnxruntime as ort
     import torch
 
-    from singlepass.errors import SinglepassError
     from singlepass.models.probes import check_streamable, probabilities
 
     check_streamable(module)  # ValueError naming the family / option
@@ -190,14 +204,10 @@ def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, e
 
         def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T], past state
             layers, mask, past = list(inputs[:num_states]), inputs[num_states], list(inputs[num_states + 1 :])
-            present = self.p.stream_update(past, layers, mask)
+            present = self.p.stream_update(past, layers, mask, stacked)
             logits = self.p.stream_logits(present)
             return (logits, probabilities(logits), *present)
 
-    if exporter == "torchscript" and not hasattr(torch.onnx, "utils"):
-        exporter = "dynamo"
-    if exporter == "dynamo" and opset < 18:
-        raise SinglepassError(f"the dynamo exporter cannot write opset {opset} probe graphs")
     names = state_names(num_states) + ["mask"] + [f"past_{n}" for n in state]
     outputs = ["logits", "probs"] + [f"present_{n}" for n in state]
 
@@ -206,45 +216,15 @@ def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, e
         layers = tuple(torch.randn(2, 3, hidden_size, generator=g) for _ in range(num_states))  # [B, T, d] each
         return (*layers, torch.tensor([[1, 1, 1], [0, 1, 1]]), *past)
 
-    args = feeds(0, module.stream_init(2))
-    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
-        warnings.simplefilter("ignore")
-        if exporter == "dynamo":
-            from torch.export import Dim
+    axes = {n: {0: "batch", 1: "sequence"} for n in names[: num_states + 1]}
+    axes |= {n: {1: "batch"} for n in names[num_states + 1 :] + outputs[2:]}  # state: the batch on axis 1
+    axes |= {"logits": {0: "batch"}, "probs": {0: "batch"}}
 
-            b, t = Dim("batch", min=1, max=1024), Dim("sequence", min=1, max=131072)
-            shapes = [{0: b, 1: t}] * (num_states + 1) + [{1: b}] * len(state)
-            proto = torch.onnx.export(
-                StreamingProbe().eval(),
-                args,
-                None,
-                dynamo=True,
-                opset_version=opset,
-                dynamic_shapes={"inputs": tuple(shapes)},
-                input_names=names,
-                output_names=outputs,
-            ).model_proto
-        else:
-            axes = {n: {0: "batch", 1: "sequence"} for n in names[: num_states + 1]}
-            axes |= {n: {1: "batch"} for n in names[num_states + 1 :] + outputs[2:]}
-            axes |= {"logits": {0: "batch"}, "probs": {0: "batch"}}
-            f = io.BytesIO()
-            torch.onnx.export(
-                StreamingProbe().eval(),
-                args,
-                f,
-                dynamo=False,
-                opset_version=opset,
-                input_names=names,
-                output_names=outputs,
-                dynamic_axes=axes,
-            )
-            proto = onnx.load_from_string(f.getvalue())
-    got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
-    if got != names or [o.name for o in proto.graph.output] != outputs:
-        raise RuntimeError(
-            f"stream probe export produced inputs {got} / outputs {[o.name for o in proto.graph.output]}"
-        )
+    def dims(b, t) -> dict:
+        return {"inputs": tuple([{0: b, 1: t}] * (num_states + 1) + [{1: b}] * len(state))}
+
+    args = feeds(0, module.stream_init(2))
+    proto = _to_onnx(StreamingProbe().eval(), args, names, outputs, axes, dims, opset, exporter)
     # Two passes against PyTorch, the presents fed back as pasts (the tracing is exact; checked anyway).
     sess = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
     past = module.stream_init(2)
@@ -252,7 +232,8 @@ def export_stream_probe(module, num_states: int, hidden_size: int, opset: int, e
         inputs = feeds(seed, past)
         got = sess.run(None, {n: x.numpy() for n, x in zip(names, inputs)})
         with torch.no_grad():
-            want = module.stream_logits(module.stream_update(past, list(inputs[:num_states]), inputs[num_states]))
+            layers, mask = list(inputs[:num_states]), inputs[num_states]
+            want = module.stream_logits(module.stream_update(past, layers, mask, stacked))
         if not np.allclose(got[0], want.numpy(), rtol=1e-4, atol=1e-4):
             raise RuntimeError(f"the exported stream probe is off PyTorch by {np.abs(got[0] - want.numpy()).max()}")
         past = [torch.from_numpy(x) for x in got[2:]]
@@ -281,8 +262,11 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
     for p in probes:
         kind = p.spec.input
         if p.spec.reads == "response":  # the streaming form, its state carried like the KV cache
-            probe = export_stream_probe(p.module, stream.num_layers + 1, stream.hidden_size, opset)
-            outs = fuse_response_probe(graph, stream, p, probe)
+            forms = [
+                export_stream_probe(p.module, stream.num_layers + 1, stream.hidden_size, opset, stacked=stacked)
+                for stacked in (False, True)
+            ]
+            outs = fuse_response_probe(graph, stream, p, *forms)
             want = list(p.spec.outputs.values()) + [s["present"] for s in p.spec.state]
             if sorted(outs) != sorted(want):
                 raise RuntimeError(f"response probe {p.spec.name!r} fused as {outs}, the manifest says {want}")

@@ -14,7 +14,6 @@ See ``build`` for the keys; ``read`` checks a manifest before anything trusts it
 
 from __future__ import annotations
 
-import json
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -57,20 +56,6 @@ def value_infos(values) -> list[dict]:
         )
         out.append({"name": v.name, "dtype": dtype_name(t.elem_type), "dims": dims})
     return out
-
-
-def eos_ids(tokenizer, folder: Path) -> list[int]:
-    ids = set()
-    if tokenizer.eos_token_id is not None:
-        ids.add(int(tokenizer.eos_token_id))
-    gen = folder / "generation_config.json"
-    if gen.is_file():
-        try:
-            e = json.loads(gen.read_text()).get("eos_token_id")
-            ids.update([e] if isinstance(e, int) else (e or []))
-        except (OSError, json.JSONDecodeError):
-            pass
-    return sorted(ids)
 
 
 def fused_probe(name: str, cfg: dict, sha256: str, source: str, state: list | None = None) -> FusedProbe:
@@ -176,7 +161,7 @@ def build(
         "tokenizer": {
             "files": copied_files,
             "bos_token_id": tok.bos_token_id,
-            "eos_token_ids": eos_ids(tok, backbone.folder),
+            "eos_token_ids": backbone.eos_ids,
             "pad_token_id": tok.pad_token_id,
             "padding_side": "left",
         },

@@ -30,16 +30,10 @@ PROMPT_FORMAT = "chat"  # the serving view: what the deployed model receives bef
 
 
 def eos_ids(backbone) -> list[int]:
-    """Token ids that end an answer: the tokenizer's EOS and the generation config's."""
-    ids = set()
-    if backbone.tokenizer.eos_token_id is not None:
-        ids.add(int(backbone.tokenizer.eos_token_id))
-    gen = getattr(backbone.model, "generation_config", None)
-    e = getattr(gen, "eos_token_id", None)
-    ids.update([e] if isinstance(e, int) else (e or []))
-    if not ids:
+    """``backbone.eos_ids``, which must not be empty: an answer has to end somewhere."""
+    if not backbone.eos_ids:
         raise SinglepassError("the model has no end-of-sequence token: cannot tell where an answer ends")
-    return sorted(ids)
+    return backbone.eos_ids
 
 
 def cut_at_eos(ids: list[int], eos: set[int]) -> tuple[list[int], bool]:

@@ -196,6 +196,17 @@ class Backbone:
     def hidden_size(self) -> int:
         return self.model.config.hidden_size
 
+    @property
+    def eos_ids(self) -> list[int]:
+        """Token ids that end an answer: the tokenizer's EOS and the generation config's (sorted;
+        empty for a model without one)."""
+        ids = set()
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(int(self.tokenizer.eos_token_id))
+        e = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        ids.update([e] if isinstance(e, int) else (e or []))
+        return sorted(int(i) for i in ids)
+
 
 def make_fingerprint(config, sha: str, name: str) -> dict:
     return {

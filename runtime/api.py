@@ -379,10 +379,10 @@ class Runtime:
             now = time.perf_counter() - t0
             for k, r in enumerate(rows):
                 seen = response[k] if response else None  # the response's tokens 1..step
-                fired = watch[r].update(seen) if seen else None
+                fired = watch[r].update(seen)
                 if fired:  # stopped before the next token: the text so far stands, plus the notice
                     done[r] = True
-                    text = (detok[r].flush() if pieces else "") + pol.stop_notice(rules, fired)
+                    text = (detok[r].flush() if pieces else "") + watch[r].notice(fired)
                     yield Event(
                         index[r],
                         step,

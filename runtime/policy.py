@@ -170,9 +170,11 @@ def decide(rules: dict[str, Rule], probes: list[FusedProbe], labels: dict) -> st
 class Streaks:
     """One row's response watch: ``update`` with each decode pass's response labels -> the name of
     the first response probe whose ``stop`` rule fires (flagged on ``consecutive`` passes in a
-    row), or None."""
+    row), or None; ``notice`` is the text a stopped response ends with. The runtime's decode loop
+    and the serving engine keep one per row."""
 
     def __init__(self, rules: dict[str, Rule], probes: list[FusedProbe]):
+        self.rules = rules
         self.watch = [
             (p, rule)
             for p in probes
@@ -180,7 +182,10 @@ class Streaks:
         ]
         self.run = {p.name: 0 for p, _ in self.watch}
 
-    def update(self, labels: dict) -> str | None:
+    def update(self, labels: dict | None) -> str | None:
+        """``labels``: this pass's response labels (None: a pass without any)."""
+        if not labels:
+            return None
         fired = None
         for p, rule in self.watch:
             lb = labels[p.name]
@@ -188,6 +193,9 @@ class Streaks:
             if fired is None and self.run[p.name] >= rule.consecutive:
                 fired = p.name
         return fired
+
+    def notice(self, probe: str) -> str:
+        return stop_notice(self.rules, probe)
 
 
 def stop_notice(rules: dict[str, Rule], probe: str) -> str:

@@ -579,10 +579,10 @@ class Engine(WorkerThread):
         for k in live:
             row = self._rows[k]
             seen = response[k] if response else None  # the response so far (its tokens 1..count)
-            fired = row.watch.update(seen) if seen else None
+            fired = row.watch.update(seen)
             if fired:  # stop before the next token: the text streamed so far stands, plus the notice
                 row.done = True
-                notice = pol.stop_notice(self.rt.policy, fired)
+                notice = row.watch.notice(fired)
                 rest = row.text.flush()  # the text held back so far (all of it, when not streaming)
                 text = row.text.emitted + notice
                 self.observer.stopped(row.job, fired)

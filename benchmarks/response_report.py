@@ -1,0 +1,350 @@
+"""response.md, the response benchmark's report, from what response.json stores
+(``benchmarks/response.py`` trains, evaluates and times; ``--table-only`` re-renders from the JSON):
+the F1 table, the issue's target rows, every metric, early detection, the cost phase's tables, the
+data and the commands. A function of the stored doc alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from singlepass.benchmarks.response import (
+    CONSECUTIVE,
+    GUARD_RECIPE,
+    GUARD_VIEW,
+    IN_DIST,
+    METHODS,
+    MIXTURE,
+    OOD,
+    STREAMING,
+    TESTS,
+    WITHIN,
+)
+from singlepass.files import atomic_write
+
+# test set -> its name in the tables
+SHOWN = {
+    "beavertails": "BeaverTails",
+    "gptfuzz": "GPTFuzz",
+    "saferlhf": "SafeRLHF (OOD)",
+    "wildguardmix_response": "WildGuardTest (OOD)",
+}
+# method -> what it reads, as the F1 table describes it
+READS = {
+    "pooling": "streaming (token mean, layer mean)",
+    "pooling-max": "streaming (token max, layer mean)",
+    "gate": "streaming (online-softmax gate)",
+    "mha-stream": "streaming (MHA, query=learned: attention pooling, learned query per head)",
+    "mha": "not streaming (reference): MHA self-attention over the whole cut response",
+    "last-token": "last response token, final layer (linear probe)",
+    "guard": "MiniLM guard, once on the finished cut response",
+}
+GUARD_SHOWN = GUARD_VIEW.replace("\n", "\\n")  # as the report prints it
+
+
+def _pct(v) -> str:
+    return "n/a" if v is None else f"{100 * v:.1f}"
+
+
+def _num(v, digits: int = 0) -> str:
+    return "—" if v is None else f"{v:.{digits}f}"
+
+
+def values(runs, method: str, test: str, key: str, early: bool = False) -> list[float]:
+    out = []
+    for r in runs:
+        if r["method"] != method or test not in r["tests"]:
+            continue
+        t = r["tests"][test]["early"] if early else r["tests"][test]
+        if t is not None and t.get(key) is not None:
+            out.append(float(t[key]))
+    return out
+
+
+def mean_of(runs, method, test, key, early=False) -> float | None:
+    v = values(runs, method, test, key, early)
+    return float(np.mean(v)) if v else None
+
+
+def cell(runs, method, test, key, scale=100.0, digits=1, early=False) -> str:
+    v = values(runs, method, test, key, early)
+    if not v:
+        return "—"
+    a = np.asarray(v) * scale
+    return f"{a.mean():.{digits}f}" if len(a) == 1 else f"{a.mean():.{digits}f} ± {a.std():.{digits}f} (n={len(a)})"
+
+
+def best_streaming(runs) -> tuple[str | None, dict]:
+    """The streaming method with the highest mean in-distribution F1 (BeaverTails, GPTFuzz), and every
+    streaming method's mean."""
+    means = {}
+    for m in STREAMING:
+        f1 = [mean_of(runs, m, t, "f1") for t in IN_DIST]
+        if all(v is not None for v in f1):
+            means[m] = 100 * float(np.mean(f1))
+    return (max(means, key=means.get) if means else None), means
+
+
+def targets(doc: dict) -> list[str]:
+    """The issue's targets, judged from the stored runs and the cost phase (means over seeds)."""
+    runs, cost = doc["runs"], doc.get("cost")
+    best, means = best_streaming(runs)
+    out = []
+    if best is None:
+        out.append("- best streaming method: not run (no streaming probe has results on BeaverTails and GPTFuzz)")
+    else:
+        out.append(
+            f"- best streaming method (highest mean F1 on BeaverTails and GPTFuzz, of {', '.join(STREAMING)}; "
+            f"mha, the self-attention MHA, does not stream: it is the reference): **{best}** ("
+            + ", ".join(f"{m} {v:.1f}" for m, v in means.items())
+            + ")"
+        )
+
+    def f1(method, test):
+        v = mean_of(runs, method, test, "f1")
+        return None if v is None else 100 * v
+
+    def judged(tests, ok, what):
+        pairs = [(t, f1(best, t), f1("guard", t)) for t in tests]
+        if best is None or any(a is None or g is None for _, a, g in pairs):
+            missing = "the guard" if best is not None else "the streaming probes"
+            return f"{what}: not run ({missing} not run on {', '.join(SHOWN[t] for t in tests)})"
+        verdict = "met" if all(ok(a, g) for _, a, g in pairs) else "missed"
+        return f"{what}: {verdict} (" + "; ".join(f"{SHOWN[t]} {a:.1f} vs {g:.1f}" for t, a, g in pairs) + ")"
+
+    out.append("- " + judged(IN_DIST, lambda a, g: a >= g, "best streaming F1 >= the MiniLM guard's in distribution"))
+    out.append(
+        "- "
+        + judged(OOD, lambda a, g: g - a <= 10, "best streaming F1 within 10 points of the guard's out of distribution")
+    )
+    ref = [(t, f1("mha", t), f1("guard", t)) for t, _ in TESTS]
+    if all(a is not None and g is not None for _, a, g in ref):
+        out.append(
+            "- (reference, not streaming) MHA on the whole cut response vs the guard: "
+            + "; ".join(f"{SHOWN[t]} {a:.1f} vs {g:.1f}" for t, a, g in ref)
+        )
+    if best is None:
+        out.append(f"- median detection within {WITHIN} tokens: not run")
+    else:
+        med = {t: mean_of(runs, best, t, "median_tokens", early=True) for t, _ in TESTS}
+        done = all(any(r["method"] == best and t in r["tests"] for r in runs) for t, _ in TESTS)
+        verdict = (
+            "not run" if not done else "met" if all(v is not None and v <= WITHIN for v in med.values()) else "missed"
+        )
+        out.append(
+            f"- median detection within {WITHIN} tokens ({best}, harmful test rows it flags): {verdict} ("
+            + "; ".join(
+                f"{SHOWN[t]} {_num(v)} (flagged within {WITHIN}: "
+                f"{_pct(mean_of(runs, best, t, 'flagged_within', True))}%, "
+                f"false stops {_pct(mean_of(runs, best, t, 'false_stop', True))}%)"
+                for t, v in med.items()
+            )
+            + ")"
+        )
+    if not cost:
+        out.append("- decode-step overhead of the streaming probe <= 2%: not run (the `--cost` phase)")
+    else:
+        d = cost["decode"]
+        ok = all(v["overhead_pct"] <= 2.0 for v in d.values())
+        out.append(
+            f"- decode-step overhead of the streaming {cost['probe']} probe <= 2%: {'met' if ok else 'missed'} ("
+            + "; ".join(f"{k} {v['overhead_pct']:+.2f}%" for k, v in d.items())
+            + ")"
+        )
+    return out
+
+
+def render(doc: dict) -> str:
+    runs, s, data = doc["runs"], doc["settings"], doc["data"]
+    n = s["max_response_tokens"]
+    methods = [m for m in METHODS if any(r["method"] == m for r in runs)]
+    tests = [t for t, _ in TESTS]
+    cut = sum(data[k]["responses_cut"] for k in data)
+    rows = sum(data[k]["rows"] for k in data)
+    lines = [
+        f"# Response probes: streaming moderation of the response vs a guard after generation ({doc['model']})",
+        "",
+    ]
+    lines += [
+        f"Every probe reads at most the first **{n} response tokens** (after the prompt, in the serving view), and the "
+        f"MiniLM guard sees the same cut response decoded back to text (`{GUARD_SHOWN}`), "
+        f"so both judge the same evidence: {cut:,} of {rows:,} responses (train, validation and test) are longer and "
+        f"were cut. Metrics in % at the threshold stored from validation (F1-optimal), AUPRC in [0, 1]; "
+        f"mean over seeds ({', '.join(map(str, s['seeds']))}). `—` = not run.",
+        "",
+        "## F1 (test)",
+        "",
+        "| method | reads | " + " | ".join(SHOWN[t] for t in tests) + " | trainable params | train (s) |",
+        "| --- | --- | " + " | ".join("---:" for _ in tests) + " | ---: | ---: |",
+    ]
+    for m in methods:
+        rs = [r for r in runs if r["method"] == m]
+        params = sorted({r["parameters"] for r in rs})
+        secs = np.mean([r["train_seconds"] for r in rs])
+        lines.append(
+            f"| {m} | {READS[m]} | "
+            + " | ".join(cell(runs, m, t, "f1") for t in tests)
+            + f" | {', '.join(f'{p:,}' for p in params)} | {secs:.0f} |"
+        )
+    lines += ["", "## Targets", ""] + targets(doc)
+    lines += [
+        "",
+        "## Every metric",
+        "",
+        "| test set (rows, unsafe) | method | F1 | AUPRC | TPR @ 1% FPR | recall @ thr. | FPR @ thr. | thr. |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in tests:
+        for m in methods:
+            if not values(runs, m, t, "rows"):
+                continue
+            lines.append(
+                f"| {SHOWN[t]} ({data[t]['rows']}, {data[t]['unsafe']}) | {m} | {cell(runs, m, t, 'f1')} | "
+                f"{cell(runs, m, t, 'auprc', 1, 3)} | {cell(runs, m, t, 'tpr_at_1pct_fpr')} | "
+                f"{cell(runs, m, t, 'recall')} | {cell(runs, m, t, 'fpr')} | {cell(runs, m, t, 'threshold', 1, 3)} |"
+            )
+    lines += [
+        "",
+        "## Early detection (streaming methods)",
+        "",
+        f"Each test response replayed token by token through the probe's streaming state; the runtime's stop rule "
+        f"(runtime/policy.py `Streaks`: P(unsafe) >= the stored threshold on {CONSECUTIVE} decode passes in a row, "
+        f"pass k having seen response tokens 1..k) gives the pass that would stop it. Harmful rows: median and p90 "
+        f"of the generated tokens until flagged (over the flagged rows), the share flagged within {WITHIN} tokens and "
+        f"the share never flagged within the response (at most {n} tokens); safe rows: the share the rule would stop "
+        f"(false stops), at all and within {WITHIN} tokens. A rule that stops everything is not detection: read the "
+        f"two sides together. (A response of one token can never be stopped: the rule needs {CONSECUTIVE} passes.)",
+        "",
+        f"| test set | method | harmful rows | median tokens | p90 tokens | flagged <= {WITHIN} | never flagged | "
+        f"safe rows | false stops | false stops <= {WITHIN} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in tests:
+        for m in methods:
+            if m not in STREAMING or not values(runs, m, t, "harmful_rows", True):
+                continue
+
+            def e(k, scale=100.0, digits=1, m=m, t=t):
+                return cell(runs, m, t, k, scale, digits, early=True)
+
+            lines.append(
+                f"| {SHOWN[t]} | {m} | {e('harmful_rows', 1, 0)} | {e('median_tokens', 1, 1)} | "
+                f"{e('p90_tokens', 1, 1)} | {e('flagged_within')} | {e('never_flagged')} | {e('safe_rows', 1, 0)} | "
+                f"{e('false_stop')} | {e('false_stop_within')} |"
+            )
+    checks = [r["tests"][t].get("stream_vs_whole_max_abs_diff") for r in runs for t in r["tests"]]
+    checks = [c for c in checks if c is not None]
+    if checks:
+        lines += [
+            "",
+            f"The streaming replay's last score equals the probe run over the whole cut response: max |P difference| "
+            f"{max(checks):.1e} over every streaming run and test row.",
+        ]
+    lines += ["", "## Cost", ""]
+    cost = doc.get("cost")
+    if not cost:
+        lines.append("Not run: `--cost` (a separate phase; run it alone on a quiet machine).")
+    else:
+        lines += [
+            f"Decode step of the base model vs the base + the streaming {cost['probe']} response probe, both "
+            "exported with "
+            f"{cost['weights']} weights (`export_artifact`), opened with "
+            f"`runtime.api.load(threads={cost['threads']})`; "
+            f"one prompt prefilled (repeated for batch 8) and a few greedy steps, then blocks of one untimed and "
+            f"{next(iter(cost['decode'].values()))['steps']} chained `decode_one_token` steps, the two artifacts "
+            f"alternating block by block; medians of "
+            f"{next(iter(cost['decode'].values()))['repeats']} blocks. Target: <= 2% per step.",
+            "",
+            f"| batch | context (tokens) | base (ms / step) | + streaming {cost['probe']} (ms / step) | "
+            "overhead (ms) | overhead |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: |",
+        ]
+        for v in cost["decode"].values():
+            lines.append(
+                f"| {v['batch']} | {v['context_tokens']} | {v['base_ms']:.2f} | {v['probe_ms']:.2f} | "
+                f"{v['overhead_ms']:+.3f} | {v['overhead_pct']:+.2f}% |"
+            )
+        g = cost["guard"]
+        b1 = cost["decode"].get("batch 1")
+        lines += [
+            "",
+            f"Guard re-run every {g['every']} generated tokens (ceil(tokens / {g['every']}) MiniLM calls at batch 1 on "
+            f"the prefix texts, each the median of {g['repeats']} runs) vs once on the finished response, over "
+            f"{g['rows']} test responses generated up to {g['max_tokens']} tokens (their own length when shorter; "
+            f"mean {g['mean_tokens']:.1f} tokens). The probes' accuracy above reads the first {n}; the cost of "
+            "re-running grows with the generation, the streaming probe's per-token cost does not:",
+            "",
+            "| guard schedule | calls per response | ms per response | ms per generated token |",
+            "| --- | ---: | ---: | ---: |",
+            f"| once, after generation | 1 | {g['once_ms_per_response']:.1f} | {g['once_ms_per_token']:.3f} |",
+            f"| re-run every {g['every']} tokens | {g['mean_calls']:.2f} | {g['rerun_ms_per_response']:.1f} | "
+            f"{g['rerun_ms_per_token']:.3f} |",
+        ]
+        if b1:
+            lines.append(
+                f"| (streaming {cost['probe']} probe, batch 1) | — | — | {b1['overhead_ms']:+.3f} "
+                "(decode-step overhead) |"
+            )
+        m = cost["machine"]
+        lines += [
+            "",
+            f"Machine (cost phase): {m['cpu']}, {m['cpu_count']} cores, {m['memory_gib']} GiB, onnxruntime "
+            f"{m['onnxruntime']}; load average {', '.join(f'{x:.2f}' for x in m['loadavg'])} before, "
+            f"{', '.join(f'{x:.2f}' for x in cost['loadavg_end'])} after.",
+        ]
+    lines += ["", "## Data", ""]
+    lines.append(
+        f"- Training: the mixture `{MIXTURE}` (train parts, at most {s['limit']} rows per source; validation parts, "
+        f"at most {s['val_limit']} per source; seeded, stratified, after overlaps with every test part are removed): "
+        f"{data['train']['rows']} training rows ({data['train']['unsafe']} unsafe), {data['validation']['rows']} "
+        f"validation rows ({data['validation']['unsafe']} unsafe). Selection: validation F1 at 0.5, the mean over "
+        f"the two sources; threshold: F1-optimal on the pooled validation rows (guard likewise)."
+    )
+    for k in ("train", "validation", *tests):
+        d = data[k]
+        name = {"train": "Mixture training rows", "validation": "Mixture validation rows"}.get(k) or SHOWN[k]
+        lines.append(
+            f"- {name} ({d['split']}): {d['rows']} rows, {d['unsafe']} unsafe; {d['responses_cut']} responses cut to "
+            f"their first {n} tokens ({d['response_tokens_dropped']:,} tokens dropped), {d['response_tokens']:,} "
+            "response tokens read."
+        )
+    lines.append(
+        "- Test parts: all rows" if s["test_limit"] is None else f"- Test parts: at most {s['test_limit']} rows each"
+    )
+    lines[-1] += (
+        " (seeded, stratified); WildGuardTest: the rows of its untouched 70% with a response label "
+        "(never used for anything else); SafeRLHF and WildGuardTest are never trained or selected on."
+    )
+    lines.append(
+        f"- Probes: {s['epochs']} epochs max (early stopping), search budget {s['trials']} (pooling, pooling-max, "
+        f"last-token) / {s['trials_heavy']} (gate, MHA); pooling-max pools the tokens by max and the layers by mean; "
+        "mha-stream is MHA with query=learned (stage 1 attention pooling with one learned query per head and "
+        "layer, an online softmax when streamed), mha the paper's self-attention (query=tokens). "
+        f"Prompts capped at {s['max_length']} tokens. Guard: all-MiniLM-L6-v2 fine-tuned (benchmarks/guards.py "
+        f"recipe, {GUARD_RECIPE['max_length']} MiniLM tokens, truncated on the left so the cut response is always "
+        "kept whole and a long prompt loses its beginning)."
+    )
+    commands = sorted({r.get("command") or doc["command"] for r in runs} | ({cost["command"]} if cost else set()))
+    machines = sorted({r["machine"] for r in runs})
+    lines += ["", "## Reproduce", "", "The commands that produced the stored runs (a rerun skips them):", ""]
+    lines += ["```", *(commands or [doc["command"]]), "```", ""]
+    lines += ["Machine: " + ("; ".join(machines) if machines else doc["machine"]), ""]
+    return "\n".join(lines)
+
+
+def write_results(results: Path, doc: dict) -> Path:
+    """response.json, and response.md rendered from what was written (so --table-only is identical)."""
+    results.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(doc, indent=1)
+    atomic_write(results / "response.json", text)
+    atomic_write(results / "response.md", render(json.loads(text)))
+    return results / "response.md"
+
+
+def redraw(results: Path) -> Path:
+    """response.md re-rendered from the stored response.json (``--table-only``)."""
+    doc = json.loads((results / "response.json").read_text())
+    atomic_write(results / "response.md", render(doc))
+    return results / "response.md"

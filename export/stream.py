@@ -49,9 +49,14 @@ def _rename_inputs(model: onnx.ModelProto, names: dict[str, str]) -> None:
         node.input[:] = [names.get(x, x) for x in node.input]
 
 
-def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto) -> list[str]:
+def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto, stacked: onnx.ModelProto | None = None) -> list[str]:
     """Fuse the exported streaming graph ``probe`` of ``p`` (an ``export.pipeline.LoadedProbe``
-    whose record lists its state) into ``graph`` (a ``gs.Graph``, in place). -> the outputs."""
+    whose record lists its state) into ``graph`` (a ``gs.Graph``, in place). -> the outputs.
+
+    ``stacked``: the same probe's stacked form (``export_stream_probe(stacked=True)``), run instead
+    in one-token (decode) passes: ``surgery.prefill_only``'s ``If`` on the pass length picks the
+    per-layer form for a prefill (no [L+1, B, T, d] copy of a long prompt) and the stacked one for
+    a decode pass (~30 ops instead of ~30 per layer)."""
     import numpy as np
     import onnx_graphsurgeon as gs
 
@@ -66,12 +71,21 @@ def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto) -> list[str]:
     host = {i.name: i for i in graph.inputs}
     if RESPONSE_MASK not in host:
         graph.inputs.append(gs.Variable(RESPONSE_MASK, np.int64, ["batch", "sequence"]))
-    # the probe graph's own state inputs are renamed so that, prefixed, they do not take the host names
-    _rename_inputs(probe, {f"past_{s['name']}": f"in_{s['name']}" for s in p.spec.state})
     feeds = dict(zip(state_names(stream.num_layers + 1), stream.hidden_states)) | {"mask": RESPONSE_MASK}
     for s in p.spec.state:
         graph.inputs.append(gs.Variable(s["past"], np.float32, s["shape"]))
         feeds[f"in_{s['name']}"] = s["past"]
-    inits = {t.name for t in probe.graph.initializer}
-    wanted = {i.name for i in probe.graph.input if i.name not in inits}
-    return surgery.fuse_probe(graph, probe, p.spec.name, {k: v for k, v in feeds.items() if k in wanted})
+
+    def fuse(proto: onnx.ModelProto, prefix: str) -> tuple[list, list[str]]:  # -> (its nodes, its outputs)
+        # the probe graph's own state inputs are renamed so that, prefixed, they do not take the host names
+        _rename_inputs(proto, {f"past_{s['name']}": f"in_{s['name']}" for s in p.spec.state})
+        inits = {t.name for t in proto.graph.initializer}
+        wanted = {i.name for i in proto.graph.input if i.name not in inits}
+        before = set(map(id, graph.nodes))
+        outs = surgery.fuse_probe(graph, proto, prefix, {k: v for k, v in feeds.items() if k in wanted})
+        return [n for n in graph.nodes if id(n) not in before], outs
+
+    nodes, outs = fuse(probe, p.spec.name)
+    if stacked is not None:
+        surgery.prefill_only(graph, stream, nodes, outs, decode=fuse(stacked, f"{p.spec.name}/decode"))
+    return outs

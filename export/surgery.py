@@ -228,52 +228,70 @@ def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[s
     return [o.name for o in sub.outputs]
 
 
-def prefill_only(graph: gs.Graph, stream: ResidualStream, nodes: list[gs.Node], outputs: list[str]) -> None:
+def prefill_only(
+    graph: gs.Graph,
+    stream: ResidualStream,
+    nodes: list[gs.Node],
+    outputs: list[str],
+    decode: tuple[list[gs.Node], list[str]] | None = None,
+) -> None:
     """Run ``nodes`` (which compute the graph outputs ``outputs``, e.g. a fused prompt probe) only
     in passes of 2 or more tokens: an ``If`` on ``input_ids.shape[1] > 1`` whose then-branch holds
-    the nodes (reading the graph's tensors from the outer scope) and whose else-branch returns
-    zeros of the outputs' shapes. A prompt's label comes from its prefill pass; a decode pass
-    (one token) then costs the probe nothing. The runtime prefills at least 2 columns (a
-    one-token prompt is left-padded by one masked column)."""
+    the nodes (reading the graph's tensors from the outer scope). Its else-branch, the one-token
+    (decode) pass, returns zeros of the outputs' shapes, or runs ``decode``: (nodes, their outputs,
+    in the order of ``outputs``), another form of the same computation (a response probe's stacked
+    form; its outputs stop being graph outputs). A prompt's label comes from its prefill pass; a
+    decode pass then costs the probe nothing. The runtime prefills at least 2 columns (a one-token
+    prompt is left-padded by one masked column)."""
     namer = Namer(graph)
     tensors = graph.tensors()
     ids = tensors[stream.input_ids]
     shape = gs.Variable(namer("prefill_ids_shape"), dtype=np.int64)  # [2] = (B, T)
     t = gs.Variable(namer("prefill_seq_len"), dtype=np.int64)  # [] = T
-    batch = gs.Variable(namer("prefill_batch"), dtype=np.int64)  # [1] = (B,)
     cond = gs.Variable(namer("is_prefill"), dtype=np.bool_)  # [] = T > 1
     head = [
         namer.node("Shape", [ids], [shape]),
         namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
         namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [cond]),
-        namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch]),
     ]
-    inner, zeros, outer = [], [], []
+    if decode is None:
+        batch = gs.Variable(namer("prefill_batch"), dtype=np.int64)  # [1] = (B,)
+        head.append(namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch]))
+        other, other_outs = [], []
+    else:
+        other, names = decode
+        if len(names) != len(outputs):
+            raise SurgeryError(f"prefill_only: {len(names)} decode outputs for {len(outputs)} outputs")
+        other_outs = [tensors[n] for n in names]
+    inner, outer = [], []
     for name in outputs:
         out = tensors[name]
-        if out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], (int, np.integer)):
-            raise SurgeryError(f"prefill_only: output {name!r} must be [batch, C], not {out.shape}")
-        mine = gs.Variable(namer(name.replace("/", "_") + "_else"), dtype=out.dtype, shape=out.shape)
-        dims = gs.Variable(namer(name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
-        zeros += [
-            namer.node("Concat", [batch, namer.i64("width", [int(out.shape[1])])], [dims], axis=0),
-            namer.node(
-                "ConstantOfShape", [dims], [mine], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
-            ),
-        ]
+        if decode is None:
+            if out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], (int, np.integer)):
+                raise SurgeryError(f"prefill_only: output {name!r} must be [batch, C], not {out.shape}")
+            mine = gs.Variable(namer(name.replace("/", "_") + "_else"), dtype=out.dtype, shape=out.shape)
+            dims = gs.Variable(namer(name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
+            other += [
+                namer.node("Concat", [batch, namer.i64("width", [int(out.shape[1])])], [dims], axis=0),
+                namer.node(
+                    "ConstantOfShape", [dims], [mine], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
+                ),
+            ]
+            other_outs.append(mine)
         # the branch computes its own copy; the If's output takes the graph output's name
         out.name = namer(name.replace("/", "_") + "_then")
         inner.append(out)
         outer.append(gs.Variable(name, dtype=out.dtype, shape=out.shape))
-    keep = set(map(id, nodes))
+    keep = set(map(id, nodes)) | set(map(id, other))
     graph.nodes = [n for n in graph.nodes if id(n) not in keep]
     then_graph = gs.Graph(nodes=list(nodes), outputs=inner, name=namer("prefill_then"))
-    else_graph = gs.Graph(nodes=zeros, outputs=[t for n in zeros[1::2] for t in n.outputs], name=namer("prefill_else"))
+    else_graph = gs.Graph(nodes=list(other), outputs=list(other_outs), name=namer("prefill_else"))
     iff = gs.Node("If", name=namer("If"), inputs=[cond], outputs=outer)
     iff.attrs = {"then_branch": then_graph, "else_branch": else_graph}
     graph.nodes.extend(head + [iff])
     renamed = {id(t): o for t, o in zip(inner, outer)}  # the graph outputs: the If's, not the branch's
-    graph.outputs = [renamed.get(id(o), o) for o in graph.outputs]
+    dropped = set(map(id, other_outs))  # the decode form's outputs live in its branch only
+    graph.outputs = [renamed.get(id(o), o) for o in graph.outputs if id(o) not in dropped]
 
 
 def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:

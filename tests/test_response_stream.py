@@ -101,6 +101,33 @@ def test_runtime_reports_the_response_so_far_at_every_pass(resp, tiny_backbone):
     assert events[0].response is None and all(e.response for e in events[1:])
 
 
+def test_a_response_fed_in_one_pass_equals_the_decode_passes(resp, tiny_backbone):
+    """The graph folds response tokens in both pass kinds: a prefill pass of prompt + response with
+    ``response_mask`` 1 on the response (the per-layer form, ``surgery.prefill_only``'s then-branch)
+    gives the label the decode passes (the stacked form, its else-branch) reach token by token, and
+    the PyTorch reference."""
+    from singlepass.runtime.feeds import make_feed
+
+    art, probes = resp
+    rt = load(art, backend="cpu", threads=1)
+    r = rt.generate(PROMPTS[2], 6)
+    prompt = rt.encode(PROMPTS[2])[0]
+    seen = r.token_ids[:-1]  # the tokens the decode passes fed (the last one is never fed)
+    ids = np.array([prompt + seen], np.int64)  # [1, T]
+    response = np.zeros_like(ids)
+    response[0, len(prompt) :] = 1
+    m = rt.manifest
+    feed = make_feed(
+        m, ids, np.ones_like(ids), np.arange(ids.shape[1])[None], None, rt.backend.dummy_past, response=response
+    )
+    out = rt.backend.run(feed)
+    for name in ("r_gate", "r_mean", "r_max"):
+        one_pass = float(out[f"{name}/probs"][0, 1])
+        assert one_pass == pytest.approx(r.response_scores[name][-1], abs=1e-4)
+        want = _reference_scores(tiny_backbone, probes[name], prompt, r.token_ids)[-1]
+        assert one_pass == pytest.approx(want, abs=1e-4)
+
+
 def test_stop_policy_ends_the_response_after_consecutive_flags(resp):
     art, _ = resp
     rt = load(art, backend="cpu", threads=1, policy={"r_gate": "stop:0.0"})  # every pass is flagged

@@ -14,11 +14,14 @@ first ``--max-response-tokens`` response tokens after the prompt in the serving 
 text, as ``"User: <prompt>\\nAssistant: <cut response>"``.
 
 Methods (``METHODS``): the streaming probes ``pooling`` (token mean), ``pooling-max`` (token max,
-layer mean), ``gate`` and ``mha-stream`` (MHA with ``query=learned``: attention pooling with a
-learned query per head, its recurrent variant), evaluated on the finished cut response and replayed
-token by token through their streaming form (``stream_update``) for early detection; ``mha`` (the
-paper's self-attention, ``query=tokens``: no streaming form, every token attends to every other, so
-it is evaluated on the whole cut response, a reference);
+layer mean), ``gate``, ``gate-prefix`` (the gate trained with prefix augmentation: each time a
+training row is drawn, with probability 0.5 it is read as a random prefix of its response,
+``HParams.prefixes``; models/batches.py ``random_prefixes``) and ``mha-stream`` (MHA with
+``query=learned``: attention pooling with a learned query per head, its recurrent variant),
+evaluated on the finished cut response and replayed token by token through their streaming form
+(``stream_update``) for early detection; ``mha`` (the paper's self-attention, ``query=tokens``: no
+streaming form, every token attends to every other, so it is evaluated on the whole cut response,
+a reference);
 ``last-token`` (a linear probe on the last response token's final-layer state); ``guard``: the
 MiniLM classifier of benchmarks/guards.py fine-tuned on the same rows' text, run once on the
 finished cut response. Every probe stores its validation (F1-optimal) threshold; the guard too.
@@ -82,13 +85,14 @@ METHODS = {
     "pooling": ("pooling", {"token_pool": "mean", "layer_pool": "mean"}),
     "pooling-max": ("pooling", {"token_pool": "max", "layer_pool": "mean"}),
     "gate": ("gate", {}),
+    "gate-prefix": ("gate", {"prefixes": 0.5}),  # half the training rows read as a random response prefix
     "mha-stream": ("mha", {"query": "learned"}),
     "mha": ("mha", {}),
     "last-token": ("last-token", {}),
     "guard": None,
 }
-STREAMING = ("pooling", "pooling-max", "gate", "mha-stream")  # replayed token by token (early detection)
-HEAVY = ("gate", "mha-stream", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
+STREAMING = ("pooling", "pooling-max", "gate", "gate-prefix", "mha-stream")  # replayed token by token (early detection)
+HEAVY = ("gate", "gate-prefix", "mha-stream", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
 CONSECUTIVE = 2  # the runtime's stop rule: flagged on this many decode passes in a row
 WITHIN = 32  # early-detection window (tokens) and the guard's re-run period
 # The response guard: the latency benchmark's MiniLM recipe, longer texts truncated on the LEFT so

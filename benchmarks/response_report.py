@@ -36,6 +36,7 @@ READS = {
     "pooling": "streaming (token mean, layer mean)",
     "pooling-max": "streaming (token max, layer mean)",
     "gate": "streaming (online-softmax gate)",
+    "gate-prefix": "streaming (online-softmax gate), trained with random response prefixes",
     "mha-stream": "streaming (MHA, query=learned: attention pooling, learned query per head)",
     "mha": "not streaming (reference): MHA self-attention over the whole cut response",
     "last-token": "last response token, final layer (linear probe)",

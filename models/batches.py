@@ -56,11 +56,19 @@ class StateData:
     """
 
     def __init__(
-        self, cache: "StateCache", rows: Rows | None = None, max_tokens: int = 4096, max_attn: int | None = None
+        self,
+        cache: "StateCache",
+        rows: Rows | None = None,
+        max_tokens: int = 4096,
+        max_attn: int | None = None,
+        prefixes: float = 0.0,
+        seed: int = 0,
     ):
         self.cache = cache
         self.rows = np.arange(len(cache)) if rows is None else np.asarray(rows)  # cache row of each position [N]
         self.max_tokens, self.max_attn = max_tokens, max_attn
+        self.prefixes = prefixes  # share of rows read as a random prefix each time (``random_prefixes``)
+        self.rng = np.random.default_rng(seed)
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -101,7 +109,23 @@ class StateData:
 
     def logits(self, module: nn.Module, idx: Rows) -> torch.Tensor:
         states, mask = self.cache.batch(self.rows[np.asarray(idx)])  # [L+1, b, T, d], [b, T]
+        if self.prefixes:
+            mask = random_prefixes(mask, self.prefixes, self.rng)
         return module(states, mask)  # [b, C']
+
+
+def random_prefixes(mask: torch.Tensor, share: float, rng: np.random.Generator) -> torch.Tensor:
+    """Prefix augmentation of a response probe's training rows: each row, with probability
+    ``share``, keeps only its first k real tokens, k uniform in 1..n (n its real tokens; either
+    padding side). A streaming probe is read after every generated token, not only after the
+    64th: trained on whole responses alone, its label on a short prefix is out of distribution.
+    The states of the kept tokens are unchanged (causal: later tokens never reach them).
+    mask [b, T] -> [b, T]."""
+    n = mask.sum(1)  # [b] real tokens per row
+    cut = torch.from_numpy(rng.random(len(n)) < share)  # [b]
+    k = torch.from_numpy(np.floor(rng.random(len(n)) * n.numpy()).astype(np.int64)) + 1  # [b], 1..n
+    keep = mask.cumsum(1) <= torch.where(cut, k, n)[:, None]  # [b, T]
+    return mask * keep.to(mask.dtype)
 
 
 Data = Union[FeatureData, StateData]

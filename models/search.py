@@ -31,6 +31,9 @@ class HParams:
     l2: float = 0.0  # coefficient of sum W^2 (a coupled L2 penalty, as in logistic regression)
     class_weight: str = "none"  # "balanced": positives (or each class) weighted by inverse frequency
     eval_every: int = 1  # epochs between validation evaluations
+    # response probes trained through their states: share of training rows read as a random prefix
+    # of their response each time they are drawn (models/batches.py random_prefixes); 0 = whole rows
+    prefixes: float = 0.0
     params: dict = field(default_factory=dict)  # probe constructor kwargs
 
     @classmethod

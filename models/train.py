@@ -121,20 +121,26 @@ def prepare(
 
 
 def make_data(
-    prep: Prepared, module: nn.Module, params: dict, progress: bool = False
+    prep: Prepared, module: nn.Module, params: dict, progress: bool = False, prefixes: float = 0.0, seed: int = 0
 ) -> tuple[Data, Data, tuple[torch.Tensor, torch.Tensor] | None]:
     """-> (train data, val data, scaling) for this module (features memoised per module parameters).
 
     Head-only probes on hidden states train on standardised features (scaling = (mean, std));
     run_trial folds the scaling into the head afterwards, so the saved module is unchanged in
     form. Measured: on SST-2 mean-pooled features the unscaled head trailed scikit-learn's
-    standardised logistic regression (0.60 vs 0.67-0.73 accuracy, 200 rows)."""
+    standardised logistic regression (0.60 vs 0.67-0.73 accuracy, 200 rows). ``prefixes``:
+    ``HParams.prefixes`` (the training rows of a probe trained through its states only)."""
     family = prep.family
     if not family.head_only:
         return (
-            StateData(prep.train_src, max_attn=family.max_attn),
-            StateData(prep.val_src, max_attn=family.max_attn),
+            StateData(prep.train_src, max_attn=family.max_attn, prefixes=prefixes, seed=seed),
+            StateData(prep.val_src, max_attn=family.max_attn),  # selected on whole rows
             None,
+        )
+    if prefixes:
+        raise SinglepassError(
+            f"prefixes={prefixes:g}: the {family.name} probe trains its head on features computed once per "
+            "row, so it has no random prefixes; use a probe trained through its states (gate, mha)"
         )
     if not head_only(module):
         raise RuntimeError(f"family {family.name!r} is declared head-only but trains parameters outside .head")
@@ -180,7 +186,7 @@ def run_trial(
         if prep.input_stats is None:
             prep.input_stats = input_statistics(prep.train_src)
         module.set_input_statistics(*prep.input_stats)
-    train, val, scaling = make_data(prep, module, params, progress)
+    train, val, scaling = make_data(prep, module, params, progress, hp.prefixes, seed)
     hist = fit(
         module,
         train,
@@ -292,6 +298,12 @@ def train_probe(
     for hp in plan:  # --epochs, --set epochs=N or a stored configuration
         if hp.epochs < 1:
             raise SinglepassError(f"--epochs must be at least 1, got {hp.epochs}")
+        if not 0.0 <= hp.prefixes <= 1.0:
+            raise SinglepassError(f"prefixes must be a share between 0 and 1, not {hp.prefixes:g}")
+        if hp.prefixes and train_ds.reads != "response":
+            raise SinglepassError(
+                f"prefixes={hp.prefixes:g} applies to response probes (a prompt probe reads the whole prompt)"
+            )
     prep = prepare(
         method,
         backbone,

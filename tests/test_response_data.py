@@ -160,3 +160,45 @@ def test_train_and_eval_a_response_probe_end_to_end(tiny_model_dir, cache_dir, t
     assert rep["results"]["test"]["rows"] == 30
     assert main([*ev, "--dataset", "toxicchat", "--limit", "30"]) == 2
     assert "reads the response but toxicchat/test is a prompt set" in capsys.readouterr().err
+
+
+def test_random_prefixes_keep_the_first_k_real_tokens():
+    """Prefix augmentation: a cut row keeps its first k real tokens, k uniform in 1..n, on either
+    padding side; share 0 changes nothing, share 1 cuts every row."""
+    import torch
+
+    from singlepass.models.batches import random_prefixes
+
+    mask = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0], [0, 0, 0, 0, 0, 1]])  # left, right padding
+    rng = np.random.default_rng(0)
+    assert torch.equal(random_prefixes(mask, 0.0, rng), mask)
+    seen = {0: set(), 1: set()}
+    for _ in range(200):
+        cut = random_prefixes(mask, 1.0, rng)
+        assert torch.equal(cut * mask, cut) and cut[2].tolist() == mask[2].tolist()  # one token: kept
+        for r in (0, 1):
+            real = mask[r].nonzero().flatten().tolist()
+            kept = cut[r].nonzero().flatten().tolist()
+            assert kept == real[: len(kept)] and len(kept) >= 1  # a prefix of the real tokens
+            seen[r].add(len(kept))
+    assert seen == {0: {1, 2, 3, 4}, 1: {1, 2, 3}}  # every k in 1..n is drawn
+    half = [int((random_prefixes(mask[:2].repeat(50, 1), 0.5, rng) != mask[:2].repeat(50, 1)).any(1).sum())]
+    assert 25 <= half[0] <= 75  # about half of 100 rows cut (a cut to k = n changes nothing)
+
+
+def test_prefix_training_is_for_response_probes_trained_through_states(tiny_model_dir, cache_dir, tmp_path, capsys):
+    from singlepass.models.probe_io import read_config
+
+    base = ["train", *on_model(tiny_model_dir, cache_dir), "--limit", "24", "--val-limit", "16"]
+    base += ["--max-length", str(MAX_LEN), "--trials", "1", "--epochs", "1", "--no-progress"]
+    resp = ["--dataset", "beavertails", "--max-response-tokens", "16"]
+    out = tmp_path / "gate"
+    assert main([*base, *resp, "--probe", "gate", "--set", "prefixes=0.5", "--out", str(out)]) == 0
+    assert read_config(out)["hparams"]["prefixes"] == 0.5
+    capsys.readouterr()
+    pooled = [*base, *resp, "--probe", "pooling", "--set", "prefixes=0.5", "--out", str(tmp_path / "p")]
+    assert main(pooled) == 2 and "no random prefixes" in capsys.readouterr().err
+    prompt = [*base, "--dataset", "toxicchat", "--probe", "gate", "--set", "prefixes=0.5", "--out", str(tmp_path / "q")]
+    assert main(prompt) == 2 and "applies to response probes" in capsys.readouterr().err
+    bad = [*base, *resp, "--probe", "gate", "--set", "prefixes=2", "--out", str(tmp_path / "b")]
+    assert main(bad) == 2 and "between 0 and 1" in capsys.readouterr().err

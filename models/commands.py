@@ -57,6 +57,12 @@ def add_backbone_args(p: argparse.ArgumentParser) -> None:
     )
 
 
+BALANCE_HELP = (
+    "with --limit: equal shares of the classes in the train rows (a mixture: per source) instead of their "
+    "proportions; a rarer class is kept whole (validation keeps the proportions)"
+)
+
+
 def add_data_args(p: argparse.ArgumentParser, split_default: str = "train") -> None:
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
     p.add_argument("--split", default=split_default, help="split name (default: %(default)s)")
@@ -157,21 +163,24 @@ def extract_cache(
     return summary
 
 
-def extract_dataset(dataset: str, split: str, data_dir: str | None, limit: int | None):
+def extract_dataset(dataset: str, split: str, data_dir: str | None, limit: int | None, balanced: bool = False):
     """The rows ``singlepass extract`` caches: a split of one dataset, or of a safety mixture its
     ``train`` or ``validation`` rows exactly as ``singlepass train --dataset MIXTURE --limit N``
-    (or ``--val-limit N``) reads them, so train finds them cached."""
+    (or ``--val-limit N``; ``balanced``: ``--balance-classes``) reads them, so train finds them cached."""
     from singlepass.errors import SinglepassError
-    from singlepass.models.data import load_dataset
+    from singlepass.models.data import limit_rows, load_dataset
     from singlepass.models.mixture import is_mixture, load_mixture
 
     if not is_mixture(dataset):
+        if balanced and split == "train":
+            return limit_rows(load_dataset(dataset, split, data_dir), limit, 0, balanced)
         return load_dataset(dataset, split, data_dir, limit=limit)
     if split not in ("train", "validation"):
         raise SinglepassError(
             f"a mixture has train and validation rows (each source's test part is its own); not {split!r}"
         )
-    m = load_mixture(dataset, data_dir, limit if split == "train" else None, limit if split == "validation" else None)
+    train, val = (limit, None) if split == "train" else (None, limit)
+    m = load_mixture(dataset, data_dir, train, val, balanced=balanced)
     return m.train if split == "train" else m.validation
 
 
@@ -183,7 +192,7 @@ def cmd_extract(args) -> int:
     from singlepass.models.data import describe
 
     torch.set_num_threads(max(1, torch.get_num_threads()))
-    ds = extract_dataset(args.dataset, args.split, args.data_dir, args.limit)
+    ds = extract_dataset(args.dataset, args.split, args.data_dir, args.limit, args.balance_classes)
     print(describe(ds))
     bb = load_backbone_logged(args.model, args.cache_dir)
     summary = extract_cache(
@@ -261,34 +270,37 @@ def _train_val(args):
     (models/mixture.py), or a user file split 90/10. -> (train, validation, mixture report or None)."""
     import numpy as np
 
-    from singlepass.models.data import DATASETS, VALIDATION_FRACTION, load_dataset, stratified_split
+    from singlepass.models.data import DATASETS, VALIDATION_FRACTION, limit_rows, load_dataset, stratified_split
     from singlepass.models.mixture import describe_mixture, is_mixture, load_mixture
 
     if is_mixture(args.dataset):
-        m = load_mixture(args.dataset, args.data_dir, args.limit, args.val_limit)
+        m = load_mixture(args.dataset, args.data_dir, args.limit, args.val_limit, balanced=args.balance_classes)
         print(f"mixture of {len(m.sources)} sources, labels safe/unsafe; overlaps removed on normalised text:")
         print("\n".join(describe_mixture(m)))
         return m.train, m.validation, m.report
     if args.dataset in DATASETS:
-        tr = load_dataset(args.dataset, "train", args.data_dir, limit=args.limit)
+        tr = load_dataset(args.dataset, "train", args.data_dir, limit=None if args.balance_classes else args.limit)
+        tr = limit_rows(tr, args.limit, 0, args.balance_classes)
         va = load_dataset(args.dataset, "validation", args.data_dir, limit=args.val_limit)
         return tr, va, None
     ds = load_dataset(args.dataset, "file", args.data_dir)
     keep, held = stratified_split(ds.labels, VALIDATION_FRACTION, seed=0)
     tr, va = ds.subset(keep), ds.subset(held)
     tr.split, va.split = "train", "validation"
-    if args.limit and args.limit < len(tr):
+    if args.limit and args.limit < len(tr) and args.balance_classes:
+        tr = limit_rows(tr, args.limit, 0, True)
+    elif args.limit and args.limit < len(tr):
         tr = tr.subset(np.sort(np.random.default_rng(0).permutation(len(tr))[: args.limit]))
     if args.val_limit and args.val_limit < len(va):
         va = va.subset(np.sort(np.random.default_rng(0).permutation(len(va))[: args.val_limit]))
     return tr, va, None
 
 
-def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | None) -> dict:
+def save_trained(out, module, cfg: dict, limit: int | None, val_limit: int | None, balanced: bool = False) -> dict:
     """Save a trained probe and print what ``singlepass train`` prints -> its validation metrics."""
     from singlepass.models.probe_io import save_probe
 
-    cfg["data"].update({"limit": limit, "validation_limit": val_limit})
+    cfg["data"].update({"limit": limit, "validation_limit": val_limit, "balance_classes": balanced})
     save_probe(out, module, cfg)
     v = cfg["validation"]
     key = "f1" if cfg["task"] == "safety" else "accuracy"
@@ -374,7 +386,7 @@ def cmd_train(args) -> int:
     )
     if mixture is not None:
         cfg["data"]["mixture"] = mixture
-    v = save_trained(out, module, cfg, args.limit, args.val_limit)
+    v = save_trained(out, module, cfg, args.limit, args.val_limit, args.balance_classes)
     if args.json:
         print(
             json.dumps(
@@ -503,6 +515,7 @@ def register(sub) -> None:
         default=None,
         help="seeded stratified subset of the validation split (a mixture: per source)",
     )
+    p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)
     p.add_argument(
         "--threshold-at-fpr",
         type=float,
@@ -538,6 +551,7 @@ def register(sub) -> None:
     p = sub.add_parser("extract", help="cache the [L+1, B, T, d] hidden states of a dataset split")
     add_backbone_args(p)
     add_data_args(p, "validation")
+    p.add_argument("--balance-classes", action="store_true", help=BALANCE_HELP)
     p.add_argument(
         "--dtype", default="float16", choices=["float16", "float32"], help="cache dtype (default: %(default)s)"
     )

@@ -420,12 +420,25 @@ def load_dataset(
     return limit_rows(ds, limit, seed)
 
 
-def limit_rows(ds: Dataset, limit: int | None, seed: int) -> Dataset:
-    """A seeded, stratified subset of at most ``limit`` rows (``ds`` itself when it is no larger)."""
+def limit_rows(ds: Dataset, limit: int | None, seed: int, balanced: bool = False) -> Dataset:
+    """A seeded, stratified subset of at most ``limit`` rows (``ds`` itself when it is no larger).
+
+    ``balanced`` (``--balance-classes``): equal shares of the classes instead of their proportions,
+    a class with fewer rows than its share kept whole and the rest shared by the others (a 7%-toxic
+    source capped at 800 rows keeps all its toxic rows, not 58 of them)."""
     if limit is None or limit >= len(ds):
         return ds
     if limit <= 0:
         raise SinglepassError(f"--limit must be positive, got {limit}")
+    if balanced:
+        rng = np.random.default_rng(seed)
+        by_class = sorted((rng.permutation(np.flatnonzero(ds.labels == c)) for c in np.unique(ds.labels)), key=len)
+        take, left = [], limit
+        for i, rows in enumerate(by_class):  # smallest class first: what it cannot use goes to the next
+            n = min(len(rows), left // (len(by_class) - i))
+            take.append(rows[:n])
+            left -= n
+        return ds.subset(np.sort(np.concatenate(take)))
     counts = np.bincount(ds.labels)
     classes = int((counts > 0).sum())
     if min(limit, len(ds) - limit) >= classes and counts[counts > 0].min() >= 2:  # sklearn's stratified split

@@ -308,10 +308,12 @@ def load_mixture(
     seed: int = 0,
     caps: dict | None = None,
     exclude: tuple[str, ...] = (),
+    balanced: bool = False,
 ) -> Mixture:
     """Train and validation sets of a mixture (see the module docstring). ``limit`` /
     ``val_limit`` cap each source's rows (seeded, stratified) after the overlaps are removed;
-    ``caps`` ({source: (train cap, validation cap)}) before (``source_parts``).
+    ``caps`` ({source: (train cap, validation cap)}) before (``source_parts``). ``balanced``: the
+    training rows' ``limit`` takes equal class shares (``limit_rows``); validation keeps the proportions.
 
     ``exclude``: safety sources held out entirely (leave-one-source-out): no text of any of their
     parts reaches the training or validation rows, wherever it comes from (e.g. the prompts
@@ -343,7 +345,7 @@ def load_mixture(
                 raise SinglepassError(f"{s.name}/{by_part['train'].split} is a held-out split and is never trained on")
             tr, out = drop_excluded(by_part["train"], excluded)
             tr, held, rep = keep_new(tr, tests | vals, seen_train)
-            tr = limit_rows(tr, limit, seed)
+            tr = limit_rows(tr, limit, seed, balanced)
             tr.columns["mixture_weight"] = [s.weight] * len(tr)
             train_parts.append(tr)
             entry.update({"train_rows": len(tr), "train_dropped_held_out": held, "train_dropped_repeats": rep})

@@ -129,6 +129,26 @@ def test_per_source_limits_and_balanced_loss_of_weighted_rows(data):
     assert float(ones(z, yt, torch.ones(len(y)))) == pytest.approx(float(plain(z, yt)), rel=1e-6)
 
 
+def test_balanced_limit_keeps_a_rare_class_whole(data):
+    """--balance-classes: a capped source takes equal class shares, a rarer class whole (water-filling),
+    seeded; validation keeps its proportions; the CLI records it."""
+    from singlepass.models.data import Dataset, limit_rows
+
+    y = np.array([1] * 10 + [0] * 90)
+    ds = Dataset("toy", "train", [f"t{i}" for i in range(100)], y, ("safe", "unsafe"), "safety")
+    for limit, want in ((40, (30, 10)), (10, (5, 5)), (21, (11, 10)), (100, (90, 10))):
+        got = limit_rows(ds, limit, seed=0, balanced=True)
+        assert (int((got.labels == 0).sum()), int(got.labels.sum())) == want
+        assert got.texts == limit_rows(ds, limit, seed=0, balanced=True).texts  # seeded
+    assert int(limit_rows(ds, 40, seed=0).labels.sum()) == 4  # without: the proportions
+    m = load_mixture("toxicchat,alpaca_noinput", limit=20, val_limit=10, balanced=True)
+    src = np.asarray(m.train.columns["mixture_source"])
+    assert m.train.labels[src == "toxicchat"].sum() == 10 and (src == "toxicchat").sum() == 20  # 14 toxic: 10 fit
+    plain = load_mixture("toxicchat,alpaca_noinput", limit=20, val_limit=10)
+    assert plain.train.labels[np.asarray(plain.train.columns["mixture_source"]) == "toxicchat"].sum() < 10
+    assert m.validation.texts == plain.validation.texts  # validation keeps its proportions
+
+
 def test_conflicting_labels_of_the_same_text_are_an_error(data):
     write(
         data / "alpaca_noinput",

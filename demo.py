@@ -72,6 +72,17 @@ class Quick:
     evals: tuple
     max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS  # what a response probe reads (its flag's default)
     threshold_fpr: float | None = None  # the active threshold: F1-optimal (None) or at this validation FPR
+    balanced: bool = False  # --balance-classes: the capped train rows take equal class shares
+    overrides: tuple = ()  # --set KEY=VALUE pairs (e.g. ("prefixes", 0.5))
+
+    def flags(self, stage: str) -> list[str]:
+        """The command-line flags of this probe's settings at ``stage`` (extract / train)."""
+        out = ["--max-response-tokens", str(self.max_response_tokens)] if self.reads == "response" else []
+        out += ["--balance-classes"] if self.balanced else []
+        if stage == "train":
+            out += ["--threshold-at-fpr", f"{self.threshold_fpr:g}"] if self.threshold_fpr else []
+            out += [x for k, v in self.overrides for x in ("--set", f"{k}={v:g}")]
+        return out
 
 
 # The prompt probe is mixture-trained (issue 18: probes that hold up on prompts they were not trained
@@ -165,7 +176,7 @@ def extract(
     from singlepass.models.data import describe
     from singlepass.models.prompts import DEFAULT_MAX_LENGTH
 
-    ds = extract_dataset(dataset or q.dataset, "train", data_dir, q.limit)
+    ds = extract_dataset(dataset or q.dataset, "train", data_dir, q.limit, q.balanced)
     print(describe(ds))
     bb = bb or load_backbone_logged(model, cache_dir)
     extract_cache(bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, 8, cache_dir, True, q.max_response_tokens)
@@ -206,7 +217,7 @@ def train(
 
     if probe.exists():
         raise SinglepassError(f"{probe} exists (use --force to overwrite)")
-    m = load_mixture(dataset or q.dataset, data_dir, q.limit, q.val_limit)
+    m = load_mixture(dataset or q.dataset, data_dir, q.limit, q.val_limit, balanced=q.balanced)
     print(f"mixture of {len(m.sources)} sources, labels safe/unsafe; overlaps removed on normalised text:")
     print("\n".join(describe_mixture(m)))
     tr, va = m.train, m.validation
@@ -222,7 +233,7 @@ def train(
         seed=0,
         trials=TRIALS,
         max_epochs=EPOCHS,
-        overrides={},
+        overrides=dict(q.overrides),
         hparams=None,
         cache_dir=cache_dir and Path(cache_dir),
         progress=True,
@@ -230,7 +241,7 @@ def train(
         max_response_tokens=q.max_response_tokens,
     )
     cfg["data"]["mixture"] = m.report
-    save_trained(probe, module, cfg, q.limit, q.val_limit)
+    save_trained(probe, module, cfg, q.limit, q.val_limit, q.balanced)
 
 
 def evaluate(
@@ -334,7 +345,10 @@ def current_recipe(probe: Path, q: Quick, dataset: str) -> bool:
         and data.get("dataset") == name
         and (data.get("limit"), data.get("validation_limit")) == (q.limit, q.val_limit)
         and cfg.get("max_response_tokens") == (q.max_response_tokens if q.reads == "response" else None)
-        and cfg.get("operating_point") == (f"fpr@{q.threshold_fpr:g}" if q.threshold_fpr else "f1")
+        and cfg.get("operating_point")
+        in ((f"fpr@{q.threshold_fpr:g}", f"stop-fpr@{q.threshold_fpr:g}") if q.threshold_fpr else ("f1",))
+        and bool(data.get("balance_classes")) == q.balanced
+        and all((cfg.get("hparams") or {}).get(k, (cfg.get("params") or {}).get(k)) == v for k, v in q.overrides)
     )
 
 
@@ -349,12 +363,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     cache_dir, data_dir = args.cache_dir, args.data_dir
     t0 = time.perf_counter()
 
-    def resp(q: Quick) -> list[str]:
-        return ["--max-response-tokens", str(q.max_response_tokens)] if q.reads == "response" else []
-
     print("== 1/5 extract: hidden states [L+1, B, T, d] of each probe's training rows")
     bb = run_stage(
-        ["extract", *common, *data, "--dataset", PROMPT.dataset, "--split", "train", "--limit", str(PROMPT.limit)],
+        ["extract", *common, *data, "--dataset", PROMPT.dataset, "--split", "train", "--limit", str(PROMPT.limit)]
+        + PROMPT.flags("extract"),
         lambda: extract(args.model, cache_dir, data_dir, PROMPT),
     )
     answers = answers_file(bb, cache_dir)
@@ -380,7 +392,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "train",
             "--limit",
             str(q.limit),
-            *resp(q),
+            *q.flags("extract"),
         ],
         lambda: extract(args.model, cache_dir, data_dir, q, bb, dataset[q.name]),
     )
@@ -394,8 +406,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         for stale in (probe, art):  # an older recipe's probe, and the artifact that fused it
             shutil.rmtree(stale, ignore_errors=True)
         argv = ["train", *common, *data, "--dataset", dataset[q.name], "--probe", "gate", "--out", str(probe)]
-        argv += ["--limit", str(q.limit), "--val-limit", str(q.val_limit), *resp(q)]
-        argv += ["--threshold-at-fpr", f"{q.threshold_fpr:g}"] if q.threshold_fpr else []
+        argv += ["--limit", str(q.limit), "--val-limit", str(q.val_limit), *q.flags("train")]
         run_stage(
             argv + ["--trials", str(TRIALS), "--epochs", str(EPOCHS)],
             lambda q=q, probe=probe: train(bb, q, probe, cache_dir, data_dir, dataset[q.name]),

@@ -153,33 +153,6 @@ def detection(first: list[int | None], labels, within: int = WITHIN) -> dict:
     }
 
 
-def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, desc: str = "replay") -> np.ndarray:
-    """P(positive) after every decode pass of every cached row: [N, T_max] float64, NaN past a
-    row's last token. Each row's response tokens are folded in one at a time through the probe's
-    streaming form (``stream_update``), rows batched (similar lengths together)."""
-    import torch
-    from tqdm.auto import tqdm
-
-    from singlepass.models.probes import probabilities
-
-    module.check_streamable()
-    n = len(cache)
-    out = np.full((n, int(cache.lengths.max()) if n else 0), np.nan)
-    order = np.argsort(-cache.lengths, kind="stable")
-    with torch.no_grad(), tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
-        for s in range(0, n, batch_rows):
-            rows = order[s : s + batch_rows]
-            states, mask = cache.batch(rows)  # [L+1, B, T, d], [B, T] (right padding)
-            state = module.stream_init(len(rows))
-            for t in range(states.shape[2]):
-                state = module.stream_update(state, list(states[:, :, t : t + 1].unbind(0)), mask[:, t : t + 1])
-                p = probabilities(module.stream_logits(state))[:, 1].numpy()  # [B]
-                live = mask[:, t].numpy().astype(bool)
-                out[rows[live], t] = p[live]
-            bar.update(len(rows))
-    return out
-
-
 # --- data ---------------------------------------------------------------------------------------------
 
 
@@ -436,6 +409,7 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
     from singlepass.benchmarks.loso import source_metrics
     from singlepass.models import cache as state_cache
     from singlepass.models.evaluate import predict_proba
+    from singlepass.models.streaming import stream_scores
 
     t0 = time.perf_counter()
     tests = {}

@@ -266,9 +266,11 @@ def train_probe(
     module with its artifact config. -> (module, config dict).
 
     ``threshold_fpr``: make the active threshold the one that gives this false-positive rate on
-    validation (binary probes; the F1-optimal one is stored beside it). A mixture (rows with a
-    ``source`` column) is selected on the mean over sources and its validation metrics are
-    stored per source. ``sources``: prebuilt (train, validation) hidden-state caches of these
+    validation (binary probes; the F1-optimal one is stored beside it); for a streaming response
+    probe the rate is the stop rule's over every decode pass (``stop-fpr@RATE``, models/streaming.py:
+    the share of safe validation responses it would stop), the whole-response point stored beside
+    it. A mixture (rows with a ``source`` column) is selected on the mean over sources and its
+    validation metrics are stored per source. ``sources``: prebuilt (train, validation) hidden-state caches of these
     rows (``prepare``).
 
     A response set (``Dataset.reads == "response"``) trains a response probe: its sequence is the
@@ -348,6 +350,17 @@ def train_probe(
     module.eval()
     probs = probabilities(hist["val_logits"]).numpy()  # [N_val, C]
     ops = operating_points(prep.y_val, probs[:, 1], threshold_fpr, log) if num_classes == 2 else None
+    if ops and threshold_fpr is not None and reads == "response" and getattr(module, "streamable", False):
+        # a streaming response probe acts through the stop rule after every pass: calibrate that
+        from singlepass.models.streaming import stop_operating_point
+
+        ops["active"] = f"stop-fpr@{threshold_fpr:g}"
+        ops["points"][ops["active"]] = stop_operating_point(module, prep.val_src, prep.y_val, threshold_fpr)
+        pt = ops["points"][ops["active"]]
+        log(
+            f"stop rule calibrated on validation ({pt['consecutive']} passes in a row): threshold "
+            f"{pt['threshold']:.4f} stops {pt['fpr']:.1%} of safe and {pt['tpr']:.1%} of unsafe responses"
+        )
     threshold = ops["points"][ops["active"]]["threshold"] if ops else None
     val_metrics = compute_metrics(prep.y_val, probs, threshold)
     by_source = None

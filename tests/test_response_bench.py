@@ -58,7 +58,9 @@ def test_the_replay_equals_the_probe_on_every_prefix(tiny_backbone, tmp_path, me
     c = state_cache.build(
         tiny_backbone, response_set(6), "chat", 96, "float32", cache_dir=tmp_path, progress=False, max_response_tokens=8
     )
-    s = response.stream_scores(module, c, batch_rows=4)  # two batches of different widths
+    from singlepass.models.streaming import stream_scores
+
+    s = stream_scores(module, c, batch_rows=4)  # two batches of different widths
     assert s.shape == (6, int(c.lengths.max()))
     for i in range(len(c)):
         n = int(c.lengths[i])
@@ -167,3 +169,21 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench):
     assert "| batch | context (tokens) | base (ms / step) | + streaming gate (ms / step) |" in md
     assert "decode-step overhead of the streaming gate probe <= 2%: m" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed
+
+
+def test_the_stop_statistic_is_the_highest_threshold_the_rule_stops_at():
+    """stop_statistic: row i is stopped by the runtime's rule (``stop_pass``, i.e. ``Streaks``) at
+    threshold t exactly when stat[i] >= t; rows shorter than the window are never stopped."""
+    from singlepass.models.streaming import NEVER, stop_statistic
+
+    rng = np.random.default_rng(0)
+    scores = rng.random((40, 12))
+    for i, n in enumerate(rng.integers(1, 13, 40)):
+        scores[i, n:] = np.nan
+    scores[0, 1:] = np.nan  # one pass: never stopped with consecutive=2
+    for consecutive in (1, 2, 3):
+        stat = stop_statistic(scores, consecutive)
+        for t in (0.1, 0.4, 0.7, 0.95):
+            rule = [response.stop_pass(r[~np.isnan(r)], t, consecutive) is not None for r in scores]
+            assert rule == list(stat >= t), (consecutive, t)
+    assert stop_statistic(scores, 2)[0] == NEVER

@@ -202,3 +202,33 @@ def test_prefix_training_is_for_response_probes_trained_through_states(tiny_mode
     assert main(prompt) == 2 and "applies to response probes" in capsys.readouterr().err
     bad = [*base, *resp, "--probe", "gate", "--set", "prefixes=2", "--out", str(tmp_path / "b")]
     assert main(bad) == 2 and "between 0 and 1" in capsys.readouterr().err
+
+
+def test_threshold_at_fpr_of_a_streaming_response_probe_bounds_the_stops(tiny_model_dir, cache_dir, tmp_path):
+    """A streaming response probe's --threshold-at-fpr is calibrated on the stop rule over every
+    pass: replaying the validation responses, the rule stops at most that share of the safe ones
+    (the whole-response point is stored beside it)."""
+    from singlepass.models import cache as state_cache
+    from singlepass.models.mixture import load_mixture
+    from singlepass.models.probe_io import load_probe, read_config
+    from singlepass.models.streaming import stop_statistic, stream_scores
+
+    out = tmp_path / "gate"
+    argv = ["train", *on_model(tiny_model_dir, cache_dir), "--dataset", "beavertails", "--limit", "30"]
+    argv += ["--val-limit", "40", "--max-length", str(MAX_LEN), "--max-response-tokens", "12", "--probe", "gate"]
+    assert (
+        main([*argv, "--trials", "1", "--epochs", "1", "--no-progress", "--threshold-at-fpr", "0.2", "--out", str(out)])
+        == 0
+    )
+    cfg = read_config(out)
+    point = cfg["operating_points"]["stop-fpr@0.2"]
+    assert cfg["operating_point"] == "stop-fpr@0.2" and cfg["threshold"] == point["threshold"]
+    assert point["consecutive"] == 2 and point["fpr"] <= 0.2 and "fpr@0.2" in cfg["operating_points"]
+    from singlepass.models.backbone import load_backbone
+
+    bb = load_backbone(str(tiny_model_dir), str(cache_dir))
+    val = load_mixture("beavertails", None, 30, 40).validation
+    c = state_cache.build(bb, val, "chat", MAX_LEN, cache_dir=cache_dir, progress=False, max_response_tokens=12)
+    stat = stop_statistic(stream_scores(load_probe(out)[0], c), 2)
+    stopped_safe = float((stat[val.labels == 0] >= cfg["threshold"]).mean())
+    assert stopped_safe == pytest.approx(point["fpr"]) and stopped_safe <= 0.2

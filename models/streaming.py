@@ -1,0 +1,81 @@
+"""A response probe read the way the runtime reads it: after every decode pass, through the stop rule.
+
+    scores = stream_scores(module, cache)     # [N, T] P(unsafe) after pass k (tokens 1..k), NaN past the end
+    stat = stop_statistic(scores, 2)          # [N] the highest threshold at which the rule stops the row
+
+The runtime's ``stop`` rule (runtime/policy.py ``Streaks``) stops a response once P(unsafe) >= the
+threshold on ``consecutive`` passes in a row, so a row is stopped at threshold t exactly when some
+window of ``consecutive`` passes has all its scores >= t: when t <= the largest window minimum. That
+one number per row turns "the share of safe responses the rule would stop" into an ordinary false
+positive rate, and an operating point calibrated on it (``stop_operating_point``: ``train
+--threshold-at-fpr`` of a streaming response probe) bounds the stops a deployment sees, not the
+whole-response FPR.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+NEVER = -1.0  # the statistic of a row too short to be stopped: below every probability
+
+
+def stop_consecutive() -> int:
+    """The runtime's ``stop`` rule default: flagged on this many passes in a row."""
+    from singlepass.runtime.policy import Rule
+
+    return Rule("stop").consecutive
+
+
+def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, desc: str = "replay") -> np.ndarray:
+    """P(positive) after every decode pass of every cached row: [N, T_max] float64, NaN past a
+    row's last token. Each row's response tokens are folded in one at a time through the probe's
+    streaming form (``stream_update``), rows batched (similar lengths together)."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from singlepass.models.probes import probabilities
+
+    module.check_streamable()
+    n = len(cache)
+    out = np.full((n, int(cache.lengths.max()) if n else 0), np.nan)
+    order = np.argsort(-cache.lengths, kind="stable")
+    with torch.no_grad(), tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
+        for s in range(0, n, batch_rows):
+            rows = order[s : s + batch_rows]
+            states, mask = cache.batch(rows)  # [L+1, B, T, d], [B, T] (right padding)
+            state = module.stream_init(len(rows))
+            for t in range(states.shape[2]):
+                layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
+                state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
+                p = probabilities(module.stream_logits(state))[:, 1].numpy()  # [B]
+                live = mask[:, t].numpy().astype(bool)
+                out[rows[live], t] = p[live]
+            bar.update(len(rows))
+    return out
+
+
+def stop_statistic(scores: np.ndarray, consecutive: int) -> np.ndarray:
+    """scores [N, T] (NaN past a row's end) -> [N]: the largest minimum over windows of
+    ``consecutive`` passes in a row (NEVER for a row with fewer passes). The stop rule at threshold
+    t stops row i iff stat[i] >= t."""
+    if consecutive < 1:
+        raise ValueError(f"consecutive must be at least 1, not {consecutive}")
+    n, t = scores.shape
+    if t < consecutive:
+        return np.full(n, NEVER)
+    windows = np.lib.stride_tricks.sliding_window_view(scores, consecutive, axis=1)  # [N, T - c + 1, c]
+    lows = windows.min(-1)  # NaN where a window runs past the row's end
+    lows = np.where(np.isnan(lows), NEVER, lows)
+    return lows.max(1)
+
+
+def stop_operating_point(module, cache, y: np.ndarray, fpr_target: float) -> dict:
+    """The threshold at which the runtime's stop rule stops at most ``fpr_target`` of the safe rows
+    of ``cache`` (labels ``y``; the validation rows), each replayed pass by pass: threshold_at_fpr
+    on the stop statistic. -> an operating point record (threshold, FPR / TPR it gives)."""
+    from singlepass.models.metrics import rates_at, threshold_at_fpr
+
+    consecutive = stop_consecutive()
+    stat = stop_statistic(stream_scores(module, cache), consecutive)  # [N]
+    t = threshold_at_fpr(y, stat, fpr_target)
+    return {"threshold": t, "target_fpr": fpr_target, "consecutive": consecutive, **rates_at(y, stat, t)}

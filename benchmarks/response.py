@@ -95,6 +95,9 @@ STREAMING = ("pooling", "pooling-max", "gate", "gate-prefix", "mha-stream")  # r
 HEAVY = ("gate", "gate-prefix", "mha-stream", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
 CONSECUTIVE = 2  # the runtime's stop rule: flagged on this many decode passes in a row
 WITHIN = 32  # early-detection window (tokens) and the guard's re-run period
+# The stop-calibrated operating point (train --threshold-at-fpr of a streaming response probe): the
+# threshold at which the stop rule stops at most this share of the safe validation responses.
+STOP_FPR = 0.05
 # The response guard: the latency benchmark's MiniLM recipe, longer texts truncated on the LEFT so
 # the whole cut response is always kept (64 SmolLM2 tokens are at most ~80 MiniLM tokens; a long
 # WildGuardTest prompt loses its beginning instead).
@@ -271,7 +274,7 @@ def result_path(args, method: str, seed: int, data: Data) -> Path:
         "tag": probe_tag(args, method, seed),
         "test_limit": args.test_limit,
         "tests": {n: texts_digest(ds.texts, ds.labels) for n, ds in data.tests.items()},
-        "stop_rule": [CONSECUTIVE, WITHIN],
+        "stop_rule": [CONSECUTIVE, WITHIN, STOP_FPR],
     }
     return run_dir(args) / f"{method}-seed{seed}-{_hash(spec)}.json"
 
@@ -409,7 +412,7 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
     from singlepass.benchmarks.loso import source_metrics
     from singlepass.models import cache as state_cache
     from singlepass.models.evaluate import predict_proba
-    from singlepass.models.streaming import stream_scores
+    from singlepass.models.streaming import stop_operating_point, stream_scores
 
     t0 = time.perf_counter()
     tests = {}
@@ -435,24 +438,35 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
         module, cfg, folder = ensure_probe(args, bb, method, seed, data, log)
         threshold = cfg["threshold"]
         log(f"=== eval {method} / seed {seed}  ({time.strftime('%H:%M:%S')})")
+
+        def states(ds):
+            return state_cache.build(
+                bb,
+                ds,
+                cfg["prompt_format"],
+                cfg["max_length"],
+                cache_dir=args.cache_dir,
+                progress=False,
+                log=lambda *a: None,
+                max_response_tokens=cfg["max_response_tokens"],
+            )
+
+        stop_point = None
+        if method in STREAMING:  # the stop rule calibrated on the validation responses, replayed
+            val = data.mixture.validation
+            stop_point = stop_operating_point(module, states(val), val.labels, STOP_FPR)
         for name, ds in data.tests.items():
             p = predict_proba(module, cfg, bb, ds, args.cache_dir, progress=not args.no_progress, log=log)[:, 1]
             t = {"split": ds.split, **source_metrics(ds.labels, p, threshold), "early": None}
             if method in STREAMING:
-                cache = state_cache.build(
-                    bb,
-                    ds,
-                    cfg["prompt_format"],
-                    cfg["max_length"],
-                    cache_dir=args.cache_dir,
-                    progress=False,
-                    log=lambda *a: None,
-                    max_response_tokens=cfg["max_response_tokens"],
-                )
+                cache = states(ds)
                 s = stream_scores(module, cache, progress=not args.no_progress, desc=f"replay {name}")
                 last = s[np.arange(len(ds)), cache.lengths - 1]
                 t["stream_vs_whole_max_abs_diff"] = float(np.abs(last - p).max())
                 t["early"] = detection([stop_pass(r[:n], threshold) for r, n in zip(s, cache.lengths)], ds.labels)
+                t["early_stop_fpr"] = detection(
+                    [stop_pass(r[:n], stop_point["threshold"]) for r, n in zip(s, cache.lengths)], ds.labels
+                )
             tests[name] = t
         info = {
             "parameters": cfg["trainable_parameters"],
@@ -462,6 +476,7 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
             "params": {k: v for k, v in cfg["params"].items() if k != "vocab_size"},
             "hparams": cfg["hparams"],
             "validation_by_source": cfg.get("validation_by_source"),
+            "stop_point": stop_point,
             "artifact": str(folder),
         }
     return {

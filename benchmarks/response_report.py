@@ -18,6 +18,7 @@ from singlepass.benchmarks.response import (
     METHODS,
     MIXTURE,
     OOD,
+    STOP_FPR,
     STREAMING,
     TESTS,
     WITHIN,
@@ -53,12 +54,14 @@ def _num(v, digits: int = 0) -> str:
     return "—" if v is None else f"{v:.{digits}f}"
 
 
-def values(runs, method: str, test: str, key: str, early: bool = False) -> list[float]:
+def values(runs, method: str, test: str, key: str, early: bool | str = False) -> list[float]:
+    """``key`` of each run of ``method`` on ``test``; ``early``: of its early-detection record
+    (True: "early", at the stored threshold; or that record's name, e.g. "early_stop_fpr")."""
     out = []
     for r in runs:
         if r["method"] != method or test not in r["tests"]:
             continue
-        t = r["tests"][test]["early"] if early else r["tests"][test]
+        t = r["tests"][test].get("early" if early is True else early) if early else r["tests"][test]
         if t is not None and t.get(key) is not None:
             out.append(float(t[key]))
     return out
@@ -75,6 +78,29 @@ def cell(runs, method, test, key, scale=100.0, digits=1, early=False) -> str:
         return "—"
     a = np.asarray(v) * scale
     return f"{a.mean():.{digits}f}" if len(a) == 1 else f"{a.mean():.{digits}f} ± {a.std():.{digits}f} (n={len(a)})"
+
+
+def detection_table(runs, tests, methods, early: bool | str) -> list[str]:
+    """The early-detection table of the streaming methods' ``early`` records."""
+    lines = [
+        f"| test set | method | harmful rows | median tokens | p90 tokens | flagged <= {WITHIN} | never flagged | "
+        f"safe rows | false stops | false stops <= {WITHIN} |",
+        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+    ]
+    for t in tests:
+        for m in methods:
+            if m not in STREAMING or not values(runs, m, t, "harmful_rows", early):
+                continue
+
+            def e(k, scale=100.0, digits=1, m=m, t=t):
+                return cell(runs, m, t, k, scale, digits, early=early)
+
+            lines.append(
+                f"| {SHOWN[t]} | {m} | {e('harmful_rows', 1, 0)} | {e('median_tokens', 1, 1)} | "
+                f"{e('p90_tokens', 1, 1)} | {e('flagged_within')} | {e('never_flagged')} | {e('safe_rows', 1, 0)} | "
+                f"{e('false_stop')} | {e('false_stop_within')} |"
+            )
+    return lines
 
 
 def best_streaming(runs) -> tuple[str | None, dict]:
@@ -218,23 +244,25 @@ def render(doc: dict) -> str:
         f"(false stops), at all and within {WITHIN} tokens. A rule that stops everything is not detection: read the "
         f"two sides together. (A response of one token can never be stopped: the rule needs {CONSECUTIVE} passes.)",
         "",
-        f"| test set | method | harmful rows | median tokens | p90 tokens | flagged <= {WITHIN} | never flagged | "
-        f"safe rows | false stops | false stops <= {WITHIN} |",
-        "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
-    ]
-    for t in tests:
-        for m in methods:
-            if m not in STREAMING or not values(runs, m, t, "harmful_rows", True):
-                continue
-
-            def e(k, scale=100.0, digits=1, m=m, t=t):
-                return cell(runs, m, t, k, scale, digits, early=True)
-
-            lines.append(
-                f"| {SHOWN[t]} | {m} | {e('harmful_rows', 1, 0)} | {e('median_tokens', 1, 1)} | "
-                f"{e('p90_tokens', 1, 1)} | {e('flagged_within')} | {e('never_flagged')} | {e('safe_rows', 1, 0)} | "
-                f"{e('false_stop')} | {e('false_stop_within')} |"
+    ] + detection_table(runs, tests, methods, True)
+    if any(values(runs, m, t, "harmful_rows", "early_stop_fpr") for m in methods for t in tests):
+        pts = {r["method"]: r["stop_point"] for r in runs if r.get("stop_point")}
+        lines += [
+            "",
+            f"### At the stop-calibrated threshold (at most {STOP_FPR:.0%} of safe validation responses stopped)",
+            "",
+            f"The same replays with each probe's threshold chosen on its validation responses, replayed the same way, "
+            f"as the highest-recall threshold at which the stop rule stops at most {STOP_FPR:.0%} of the safe ones "
+            "(models/streaming.py `stop_operating_point`: what `singlepass train --threshold-at-fpr "
+            f"{STOP_FPR:g}` stores for a streaming response probe). Thresholds: "
+            + ", ".join(
+                f"{m} {p['threshold']:.3f} (validation: {p['fpr']:.1%} of safe, {p['tpr']:.1%} of unsafe stopped)"
+                for m, p in pts.items()
             )
+            + ".",
+            "",
+        ]
+        lines += detection_table(runs, tests, methods, "early_stop_fpr")
     checks = [r["tests"][t].get("stream_vs_whole_max_abs_diff") for r in runs for t in r["tests"]]
     checks = [c for c in checks if c is not None]
     if checks:

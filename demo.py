@@ -87,7 +87,10 @@ class Quick:
 
 # The prompt probe is mixture-trained (issue 18: probes that hold up on prompts they were not trained
 # on; at most 800 train / 200 validation rows per source: Alpaca, 21,926 benign training prompts, is
-# the one the cap cuts most). The response probe (issue 15) reads the answer while it is generated:
+# the one the cap cuts most). ToxicChat is the one mixed training source and 7% toxic: capped in its
+# proportions it gave the probe 58 toxic rows (validation on ToxicChat: F1 0.49, AUPRC 0.55), with
+# --balance-classes all 307 that fit (F1 0.58, AUPRC 0.66; the mean over sources the same, 0.846 vs
+# 0.847) for 8% more tokens to extract. The response probe (issue 15) reads the answer while it is generated:
 # BeaverTails and GPTFuzz responses, the first 64 tokens of each; SafeRLHF is out of distribution.
 # Stopping an answer is more intrusive than refusing a prompt, and the F1-optimal threshold of a
 # response gate probe on these sets stops over half of BeaverTails' safe validation answers (FPR
@@ -102,6 +105,7 @@ PROMPT = Quick(
     200,
     "probe-mixture-gate",
     (("toxicchat", "test_human", 400), ("wildguardmix", "test_untouched", 200)),
+    balanced=True,
 )
 RESPONSE = Quick(
     "safety_response",

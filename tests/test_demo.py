@@ -59,7 +59,7 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
         if reuse
         else [
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {m} --probe gate "
-            f"--out {probe} --limit 800 --val-limit 200 --trials 1 --epochs 8",
+            f"--out {probe} --limit 800 --val-limit 200 --balance-classes --trials 1 --epochs 8",
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {r} --probe gate "
             f"--out {rprobe} --limit 500 --val-limit 150 --max-response-tokens 64 --threshold-at-fpr 0.05 "
             "--trials 1 --epochs 8",
@@ -76,7 +76,8 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
     gen = f"$ singlepass generate {art} {prompts} --max-new-tokens 32"
     assert _commands(text) == [
         "== 1/5 extract: hidden states [L+1, B, T, d] of each probe's training rows",
-        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {m} --split train --limit 800",
+        f"$ singlepass extract --model smollm2-135m --data-dir /d --dataset {m} --split train --limit 800 "
+        "--balance-classes",
         *(
             []
             if reuse
@@ -260,6 +261,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         dataset=demo.MIXTURE,
         split="train",
         limit=demo.PROMPT.limit,
+        balance_classes=demo.PROMPT.balanced,
         prompt_format="chat",
         max_length=512,
         dtype="float16",
@@ -291,6 +293,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         hparams_from=None,
         limit=demo.PROMPT.limit,
         val_limit=demo.PROMPT.val_limit,
+        balance_classes=demo.PROMPT.balanced,
         threshold_at_fpr=None,
         threads=None,
         force=False,

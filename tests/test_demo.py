@@ -59,10 +59,10 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
         if reuse
         else [
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {m} --probe gate "
-            f"--out {probe} --limit 800 --val-limit 200 --balance-classes --trials 1 --epochs 8",
+            f"--out {probe} --limit 800 --val-limit 200 --balance-classes --trials 1 --epochs 6",
             f"$ singlepass train --model smollm2-135m --data-dir /d --dataset {r} --probe gate "
             f"--out {rprobe} --limit 500 --val-limit 150 --max-response-tokens 64 --threshold-at-fpr 0.05 "
-            "--trials 1 --epochs 8",
+            "--trials 1 --epochs 6",
         ]
     )
     stage4 = (
@@ -93,8 +93,8 @@ def test_demo_prints_every_stage_as_its_command(tmp_path, monkeypatch, capsys, r
         "== 3/5 eval: each probe on held-out test rows, one set out of distribution",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset toxicchat --split test_human --limit 400",
         f"$ singlepass eval --probe {probe} --data-dir /d --dataset wildguardmix --split test_untouched --limit 200",
-        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset beavertails --split test --limit 200",
-        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset saferlhf --split test --limit 200",
+        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset beavertails --split test --limit 150",
+        f"$ singlepass eval --probe {rprobe} --data-dir /d --dataset saferlhf --split test --limit 150",
         "== 4/5 export: one graph for tokens + prompt labels + response labels, validated against PyTorch",
         *stage4,
         "== 5/5 generate: text and labels from the same passes (report-only policy)",

@@ -274,7 +274,7 @@ def result_path(args, method: str, seed: int, data: Data) -> Path:
         "tag": probe_tag(args, method, seed),
         "test_limit": args.test_limit,
         "tests": {n: texts_digest(ds.texts, ds.labels) for n, ds in data.tests.items()},
-        "stop_rule": [CONSECUTIVE, WITHIN, STOP_FPR],
+        "stop_rule": [CONSECUTIVE, WITHIN] + ([STOP_FPR] if method in STREAMING else []),
     }
     return run_dir(args) / f"{method}-seed{seed}-{_hash(spec)}.json"
 

@@ -76,16 +76,19 @@ def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto, stacked: onnx.
         graph.inputs.append(gs.Variable(s["past"], np.float32, s["shape"]))
         feeds[f"in_{s['name']}"] = s["past"]
 
-    def fuse(proto: onnx.ModelProto, prefix: str) -> tuple[list, list[str]]:  # -> (its nodes, its outputs)
+    def fuse(proto: onnx.ModelProto, prefix: str, boundary: bool = True) -> tuple[list, list[str]]:
+        """-> (its nodes, its outputs)."""
         # the probe graph's own state inputs are renamed so that, prefixed, they do not take the host names
         _rename_inputs(proto, {f"past_{s['name']}": f"in_{s['name']}" for s in p.spec.state})
         inits = {t.name for t in proto.graph.initializer}
         wanted = {i.name for i in proto.graph.input if i.name not in inits}
         before = set(map(id, graph.nodes))
-        outs = surgery.fuse_probe(graph, proto, prefix, {k: v for k, v in feeds.items() if k in wanted})
+        outs = surgery.fuse_probe(graph, proto, prefix, {k: v for k, v in feeds.items() if k in wanted}, boundary)
         return [n for n in graph.nodes if id(n) not in before], outs
 
     nodes, outs = fuse(probe, p.spec.name)
     if stacked is not None:
-        surgery.prefill_only(graph, stream, nodes, outs, decode=fuse(stacked, f"{p.spec.name}/decode"))
+        # TensorRT refuses response probes (no state profiles), so the decode form skips the fp32 boundary
+        decode = fuse(stacked, f"{p.spec.name}/decode", boundary=False)
+        surgery.prefill_only(graph, stream, nodes, outs, decode=decode)
     return outs

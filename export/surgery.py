@@ -187,9 +187,13 @@ def _model_opset(model: onnx.ModelProto) -> int:
     return next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
 
 
-def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[str, str]) -> list[str]:
+def fuse_probe(
+    graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[str, str], boundary: bool = True
+) -> list[str]:
     """Add a probe graph to ``graph`` under the prefix ``name/``; ``feeds`` maps each probe input to a
-    tensor of the host graph. The probe's outputs become graph outputs ``name/<output>``."""
+    tensor of the host graph. The probe's outputs become graph outputs ``name/<output>``.
+    ``boundary=False``: the probe reads the host tensors directly, without the fp32 Cast / Identity
+    per input (TensorRT's precision boundary; a graph TensorRT never builds saves the nodes)."""
     host_opset, probe_opset = opset_of(graph), _model_opset(probe)
     if host_opset != probe_opset:
         raise SurgeryError(f"probe {name!r} is opset {probe_opset} but the decoder graph is opset {host_opset}")
@@ -207,17 +211,22 @@ def fuse_probe(graph: gs.Graph, probe: onnx.ModelProto, name: str, feeds: dict[s
     for src in feeds.values():
         if src not in host_inputs and (src not in tensors or producer(tensors[src]) is None):
             raise SurgeryError(f"probe {name!r} input tensor {src!r} is not in the graph")
-    boundary = []
+    edges, direct = [], {}
     for pin in sub.inputs:  # the probe's input tensors, fed by the host from now on
         src = tensors[feeds[pin.name[len(name) + 1 :]]]
+        if not boundary:
+            direct[id(pin)] = src
+            continue
         pin.shape = None  # the host's shape (symbolic dims named by the host exporter)
         # An explicit fp32 Cast at the probe boundary (a no-op in an fp32 graph): in a reduced-precision
         # TensorRT engine it is where the probe subgraph returns to fp32.
         if onnx_dtype(pin.dtype) == TensorProto.FLOAT:
-            boundary.append(namer.node("Cast", [src], [pin], to=TensorProto.FLOAT))
+            edges.append(namer.node("Cast", [src], [pin], to=TensorProto.FLOAT))
         else:
-            boundary.append(namer.node("Identity", [src], [pin]))
-    graph.nodes.extend(boundary + list(sub.nodes))
+            edges.append(namer.node("Identity", [src], [pin]))
+    for node in sub.nodes if direct else ():
+        node.inputs = [direct.get(id(t), t) for t in node.inputs]
+    graph.nodes.extend(edges + list(sub.nodes))
     have = {(f.domain, f.name) for f in graph.functions}
     graph.functions = list(graph.functions) + [f for f in sub.functions if (f.domain, f.name) not in have]
     domains = {(o.domain or "") for o in graph.import_domains}

@@ -211,7 +211,10 @@ class Probe(nn.Module):
         if len(layers) != self.num_layers:
             raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
         every = slice(0, self.num_layers)
-        return self.fold(state, [(every, self.normalise(torch.stack(layers), every))], m)  # x [L+1, B, T, d]
+        b, t, d = layers[0].shape
+        # one Concat, Reshape and Transpose when exported (torch.stack is an Unsqueeze per layer + a Concat)
+        x = torch.cat(layers, 1).reshape(b, self.num_layers, t, d).transpose(0, 1)  # [L+1, B, T, d]
+        return self.fold(state, [(every, self.normalise(x, every))], m)
 
     def stream_logits(self, state: list[torch.Tensor]) -> torch.Tensor:
         """[B, C'] of the tokens folded in so far: ``forward`` over the whole prefix, from the state."""
@@ -307,7 +310,8 @@ class GateProbe(Probe):
 
     def scores(self, x, m, layers):
         """x [G, B, T, d], m [1, B, T, 1] -> the masked token scores tanh(w . x) [G, B, T] (NEG: padding)."""
-        scores = torch.tanh(torch.einsum("gbtd,gd->gbt", x, self.token_gates[layers]))  # [G, B, T]
+        # a broadcast MatMul, not an Einsum: ONNX Runtime's CPU Einsum costs ~5x more on a decode pass
+        scores = torch.tanh((x @ self.token_gates[layers][:, None, :, None]).squeeze(-1))  # [G, B, T]
         return scores.masked_fill(m[..., 0] == 0, NEG)
 
     def tokens(self, x, m, layers):
@@ -343,7 +347,7 @@ class GateProbe(Probe):
         return torch.softmax(torch.tanh(v @ self.layer_gate), dim=0)
 
     def combine(self, v):
-        return torch.einsum("lb,lbd->bd", self.beta(v), v)  # [B, d]
+        return (self.beta(v)[..., None] * v).sum(0)  # [B, d]
 
     def layer_weights(self, states, mask) -> torch.Tensor:
         """Stage-2 weights over the L+1 layers [B, L+1] (the paper's interpretability plot)."""

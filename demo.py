@@ -89,7 +89,7 @@ class Quick:
 # on; at most 800 train / 200 validation rows per source: Alpaca, 21,926 benign training prompts, is
 # the one the cap cuts most). ToxicChat is the one mixed training source and 7% toxic: capped in its
 # proportions it gave the probe 58 toxic rows (validation on ToxicChat: F1 0.49, AUPRC 0.55), with
-# --balance-classes all 307 that fit (F1 0.58, AUPRC 0.66; the mean over sources the same, 0.846 vs
+# --balance-classes all 307 that fit (F1 0.58, AUPRC 0.66 at 8 epochs; the mean over sources the same, 0.846 vs
 # 0.847) for 8% more tokens to extract. The response probe (issue 15) reads the answer while it is generated:
 # BeaverTails and GPTFuzz responses, the first 64 tokens of each; SafeRLHF is out of distribution.
 # Stopping an answer is more intrusive than refusing a prompt, and the F1-optimal threshold of a

@@ -71,3 +71,16 @@ def sha256_file(path: str | os.PathLike) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def source_sha256(*packages: str) -> str:
+    """Hex SHA-256 over the ``*.py`` sources of these singlepass subpackages (names and contents, in
+    sorted order): what an exported graph was built by (manifest.json ``source_sha256``), so a cached
+    benchmark artifact is rebuilt when the export or probe code changes, not only its inputs."""
+    root = Path(__file__).resolve().parent
+    h = hashlib.sha256()
+    for pkg in packages:
+        for path in sorted((root / pkg).glob("*.py")):
+            h.update(f"{pkg}/{path.name}\0".encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()

@@ -142,10 +142,12 @@ def artifact_plan(probes: dict) -> dict[str, list[str]]:
 
 def artifact_current(folder: Path, specs: list[str], backbone_sha: str, weights: str | None = None) -> bool:
     """Whether ``folder`` is an artifact of this backbone fusing exactly ``specs`` (same names,
-    same probe weights) with decoder weights ``weights`` (fp32 / int8 / int4)."""
+    same probe weights) with decoder weights ``weights`` (fp32 / int8 / int4), built by this
+    source (an export or probe code change makes every stored artifact stale)."""
     from singlepass.errors import SinglepassError
+    from singlepass.export.manifest import EXPORT_SOURCES
     from singlepass.export.quantize import DEFAULT_WEIGHTS
-    from singlepass.files import sha256_file
+    from singlepass.files import sha256_file, source_sha256
     from singlepass.runtime.contract import read_artifact
 
     weights = weights or DEFAULT_WEIGHTS
@@ -154,6 +156,8 @@ def artifact_current(folder: Path, specs: list[str], backbone_sha: str, weights:
     except SinglepassError:  # missing, incomplete or of another manifest version
         return False
     if m.backbone.get("sha256") != backbone_sha or len(m.probes) != len(specs) or m.graph.precision != weights:
+        return False
+    if m.raw.get("source_sha256") != source_sha256(*EXPORT_SOURCES):
         return False
     for p, s in zip(m.probes, specs):
         d, name = s.rsplit(":", 1)

@@ -36,9 +36,9 @@ decode passes in a row, pass k having seen response tokens 1..k) gives the first
 would stop the response (``stop_pass``). Harmful rows: median / p90 of k over the flagged rows,
 the share flagged within 32 tokens and the share never flagged; safe rows: the false-stop rate.
 
-Cost (``--cost``, a separate phase): the decode-step time of the base model and of the base + the
-streaming response probe (``--cost-probe``, default the gate), both exported (int4) into the cache
-and timed alternately with
+Cost (``--cost``, a separate phase): the decode-step time of the base model and of the base + each
+streaming response probe (``--cost-probe``, default the gate and the streaming MHA; one artifact
+each), all exported (int4) into the cache and timed alternately with
 ``runtime.passes.decode_one_token`` at batch 1 and 8; and the guard re-run every 32 tokens:
 ceil(tokens / 32) guard calls (batch 1) per response on its prefix texts, vs one call at the end.
 
@@ -312,7 +312,8 @@ def estimate(args, data: Data, methods: list[str]) -> dict:
             if method in STREAMING:
                 s += REPLAY_ROW * n_test
             per[method] = per.get(method, 0.0) + s
-    cost = 2 * EXPORT + args.cost_repeats * args.cost_steps * 2 * sum(STEP.values())
+    n_art = 1 + len(set(args.cost_probe))
+    cost = n_art * EXPORT + args.cost_repeats * args.cost_steps * n_art * sum(STEP.values())
     cost += args.cost_rows * 3 * math.ceil(args.cost_tokens / WITHIN) * GUARD_CALL
     return {
         "seconds": per,
@@ -515,11 +516,15 @@ def _median(v) -> float:
 def decode_overhead(
     artifacts: dict, prompt: str, threads: int, batches=(1, 8), repeats: int = 15, steps: int = 8, warmup: int = 8
 ) -> dict:
-    """Decode-step time of each artifact ({name: folder}; the first is the base) at each batch size:
-    one prompt (repeated for batch B) prefilled, ``warmup`` greedy decode steps, then ``repeats``
-    blocks of ``steps`` chained decode steps from that state (each after one untimed step), the
-    artifacts alternating block by block (order reversed every other repeat). -> {"batch B": {"base_ms",
-    "probe_ms" (medians per step), "overhead_pct": (probe / base - 1) x 100, ...}}."""
+    """Decode-step time of each artifact ({name: folder}; the first is the base, the others carry one
+    probe each) at each batch size: one prompt (repeated for batch B) prefilled, ``warmup`` greedy
+    decode steps, then ``repeats`` blocks of ``steps`` chained decode steps from that state (each
+    after one untimed step), the artifacts alternating block by block (the order rotated every
+    repeat). -> {"batch B": {"base_ms" (median per step), "probes": {name: {"probe_ms", "overhead_ms",
+    "overhead_pct": the median over repeats of (probe block / base block - 1) x 100, "overhead_pct_iqr":
+    its interquartile range, "min_overhead_pct": the fastest probe block over the fastest base block}},
+    "block_ms": every block's time per step, ...}}: per-repeat ratios, so a machine drifting during the
+    run cancels; the minima, so a noisy one's disturbances (which only ever add time) drop out."""
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 
@@ -537,7 +542,7 @@ def decode_overhead(
             start[name] = (st, toks)
         times = {name: [] for name in names}
         for r in range(repeats):
-            for name in names if r % 2 == 0 else names[::-1]:
+            for name in names[r % len(names) :] + names[: r % len(names)]:
                 rt, (st, toks) = rts[name], start[name]
                 decode_one_token(rt.backend, rt.manifest, st, toks)  # untimed: the other's idle threads stop spinning
                 t0 = time.perf_counter()
@@ -545,15 +550,26 @@ def decode_overhead(
                     _, st = decode_one_token(rt.backend, rt.manifest, st, toks)
                 times[name].append((time.perf_counter() - t0) / steps)
         ms = {name: 1e3 * _median(v) for name, v in times.items()}
-        base, probe = ms[names[0]], ms[names[1]]
+        base = np.asarray(times[names[0]])
+        # per repeat: the probe's block over the base's block of the same rotation, in %
+        pct = {name: 100.0 * (np.asarray(times[name]) / base - 1.0) for name in names[1:]}
         out[f"batch {b}"] = {
             "batch": b,
-            "base_ms": base,
-            "probe_ms": probe,
-            "overhead_ms": probe - base,
-            "overhead_pct": 100.0 * (probe / base - 1.0),
+            "base_ms": ms[names[0]],
+            "probes": {
+                name: {
+                    "probe_ms": ms[name],
+                    "overhead_ms": ms[name] - ms[names[0]],
+                    "overhead_pct": _median(pct[name]),
+                    "overhead_pct_iqr": [float(np.percentile(pct[name], q)) for q in (25, 75)],
+                    # the fastest blocks: noise (other processes, the VM's neighbours) only ever adds time
+                    "min_overhead_pct": 100.0 * (min(times[name]) / min(times[names[0]]) - 1.0),
+                }
+                for name in names[1:]
+            },
             "repeats": repeats,
             "steps": steps,
+            "block_ms": {name: [round(1e3 * t, 4) for t in v] for name, v in times.items()},  # per step, in order
             "context_tokens": len(rts[names[0]].encode(prompt, truncate=True)[0]) + warmup,
         }
     return out
@@ -614,19 +630,19 @@ def cost_rows(data: Data, n: int, tokenizer, max_tokens: int, seed: int = 0) -> 
 
 
 def cost_phase(args, bb, data: Data, log) -> dict:
-    """Export (or reuse) the base and base + streaming probe (``--cost-probe``) artifacts, time their
-    decode steps, and time the guard re-run every 32 tokens."""
+    """Export (or reuse) the base and one base + streaming probe artifact per ``--cost-probe``, time
+    their decode steps (alternating, one run), and time the guard re-run every 32 tokens."""
     from singlepass.benchmarks.latency_prepare import artifact_current
     from singlepass.benchmarks.machine import ort_machine
     from singlepass.export.pipeline import export_artifact
     from singlepass.runtime.contract import read_artifact
 
     seed = args.seeds[0]
-    method = args.cost_probe
-    _, cfg, probe = ensure_probe(args, bb, method, seed, data, log)
+    methods = list(dict.fromkeys(args.cost_probe))
+    probes = {m: ensure_probe(args, bb, m, seed, data, log)[1:] for m in methods}  # method -> (cfg, folder)
     guard = ensure_guard(args, bb, seed, data, log)
     root = args.cache_root / "bench-artifacts" / args.weights
-    plan = {"base": [], method: [f"{probe}:response_{method.replace('-', '_')}"]}
+    plan = {"base": []} | {m: [f"{probes[m][1]}:response_{m.replace('-', '_')}"] for m in methods}
     folders = {}
     for name, specs in plan.items():
         folder = root / f"response-{name}"
@@ -648,10 +664,13 @@ def cost_phase(args, bb, data: Data, log) -> dict:
     machine_before = ort_machine()
     log(f"machine: {machine_before}")
     prompt = data.tests["beavertails"].columns["prompt"][0]
-    log(f"== decode steps: base vs base + streaming {method}, batch 1 and 8, {args.threads} threads")
+    log(f"== decode steps: base vs base + streaming {', '.join(methods)}, batch 1 and 8, {args.threads} threads")
     decode = decode_overhead(folders, prompt, args.threads, repeats=args.cost_repeats, steps=args.cost_steps)
     for k, v in decode.items():
-        log(f"  {k}: base {v['base_ms']:.2f} ms, + {method} {v['probe_ms']:.2f} ms per step: {v['overhead_pct']:+.2f}%")
+        log(
+            f"  {k}: base {v['base_ms']:.2f} ms per step; "
+            + "; ".join(f"+ {m} {p['probe_ms']:.2f} ms ({p['overhead_pct']:+.2f}%)" for m, p in v["probes"].items())
+        )
     n = args.cost_tokens
     log(f"== guard re-run every {WITHIN} tokens on {args.cost_rows} test responses of up to {n} tokens (batch 1)")
     rows = cost_rows(data, args.cost_rows, bb.tokenizer, n)
@@ -663,9 +682,7 @@ def cost_phase(args, bb, data: Data, log) -> dict:
     return {
         "weights": args.weights,
         "threads": args.threads,
-        "probe": method,
-        "probe_artifact": str(probe),
-        "probe_threshold": cfg["threshold"],
+        "probes": {m: {"artifact": str(folder), "threshold": cfg["threshold"]} for m, (cfg, folder) in probes.items()},
         "artifacts": {k: str(v) for k, v in folders.items()},
         "decode": decode,
         "guard": {"folder": str(guard), **rerun},
@@ -680,6 +697,8 @@ def cost_phase(args, bb, data: Data, log) -> dict:
 
 def make_doc(args, bb, data: Data, command: str) -> dict:
     cost = json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else None
+    if cost and "probes" not in cost:  # a cost phase of an older format (one probe): rerun --cost
+        cost = None
     return {
         "model": bb.fingerprint.get("name") or args.model,
         "command": command,
@@ -742,9 +761,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     )
     p.add_argument(
         "--cost-probe",
-        default="gate",
+        nargs="+",
+        default=["gate", "mha-stream"],
         choices=list(STREAMING),
-        help="the streaming probe the cost phase exports and times (default: %(default)s)",
+        help="the streaming probes the cost phase exports (one artifact each) and times against the base "
+        "(default: %(default)s)",
     )
     p.add_argument("--cost-repeats", type=int, default=15, help="timed blocks per artifact (default: %(default)s)")
     p.add_argument("--cost-steps", type=int, default=8, help="decode steps per timed block (default: %(default)s)")
@@ -801,8 +822,9 @@ def run(args: argparse.Namespace) -> int:
         "the model)"
     )
     cost_line = (
-        f"the --cost phase: ~{_fmt(est['cost_seconds'])} (two validated {args.weights} exports included, if not "
-        f"cached; the {args.cost_probe} probe and the guard are trained first if not stored)"
+        f"the --cost phase: ~{_fmt(est['cost_seconds'])} ({1 + len(set(args.cost_probe))} validated "
+        f"{args.weights} exports included, if not cached; the {', '.join(args.cost_probe)} probes and the guard "
+        "are trained first if not stored)"
     )
     if args.cost:
         log(f"estimated time (this 2-core machine): {cost_line}")

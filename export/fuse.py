@@ -9,8 +9,11 @@ models/; carried into the manifest as ``FusedProbe.input``):
 
 A hidden-states probe is exported in its per-layer form, ``forward_layers(layers, mask)`` (the
 same function; models/probes.py), with L+1 inputs ``state_0 .. state_L`` [B, T, d] and ``mask``:
-fused, each input reads its layer's residual-stream tensor where it is, so the graph never
-stacks a [L+1, B, T, d] copy for the probes (only ``--keep-hidden-states`` builds one, as an output).
+fused, each input reads its layer's residual-stream tensor where it is, so no [L+1, B, T, d] copy
+is stacked for it. A short pass pays more for the per-layer form's ~L+1 times as many nodes than
+for one copy, so in the prefill-only (quantised) artifacts a prompt probe is also fused in its
+stacked form (``forward_stacked``) and passes of at most ``STACKED_PASS_TOKENS`` tokens run that
+(``surgery.short_pass``); a response probe's decode passes likewise run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens). In a
@@ -32,8 +35,12 @@ import warnings
 
 _CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
 
+# A prefill pass of at most this many tokens (batch x length) runs a prompt probe's stacked form
+# (``surgery.short_pass``), a longer one its per-layer form.
+STACKED_PASS_TOKENS = 256
 
-def _wrapper(module, kind: str):
+
+def _wrapper(module, kind: str, stacked: bool = False):
     import torch
 
     from singlepass.models.probes import probabilities
@@ -48,8 +55,9 @@ def _wrapper(module, kind: str):
             return logits, probabilities(logits)
 
     class HiddenStatesProbe(WithProbs):
-        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: the per-layer form
-            logits = self.p.forward_layers(list(inputs[:-1]), inputs[-1])
+        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer, or stacked
+            form = self.p.forward_stacked if stacked else self.p.forward_layers
+            logits = form(list(inputs[:-1]), inputs[-1])
             return logits, probabilities(logits)
 
     class LastLogitsProbe(WithProbs):
@@ -118,11 +126,19 @@ def state_names(num_states: int) -> list[str]:
 
 
 def export_probe(
-    module, kind: str, num_states: int, hidden_size: int, vocab_size: int, opset: int, exporter: str = "torchscript"
+    module,
+    kind: str,
+    num_states: int,
+    hidden_size: int,
+    vocab_size: int,
+    opset: int,
+    exporter: str = "torchscript",
+    stacked: bool = False,
 ):
     """-> onnx.ModelProto with inputs (state_0 .. state_L, mask) or (next_token_logits,) and outputs
     (logits, probs). A state input the probe does not read (a fixed-readout probe reads one layer)
-    may be left out by the exporter.
+    may be left out by the exporter. ``stacked``: a hidden-states probe's ``forward_stacked`` form
+    (one [L+1, B, T, d] copy, a few ops over all layers) instead of ``forward_layers``.
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
     writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
@@ -136,10 +152,9 @@ def export_probe(
 
     from singlepass.errors import SinglepassError
 
-    if kind == "hidden_states" and not hasattr(module, "forward_layers"):
-        raise SinglepassError(
-            f"{type(module).__name__} has no per-layer form forward_layers(layers, mask): it cannot be fused"
-        )
+    form = "forward_stacked" if stacked else "forward_layers"
+    if kind == "hidden_states" and not hasattr(module, form):
+        raise SinglepassError(f"{type(module).__name__} has no {form}(layers, mask): it cannot be fused")
     state = module.state_dict()
     exporter = resolve_exporter(exporter, opset)
     # The module's plain settings (token_pool, top_k, pool, heads, ...) shape the graph as much as its
@@ -150,7 +165,9 @@ def export_probe(
         if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
     )
     h = hashlib.sha256(
-        repr((type(module).__name__, settings, kind, num_states, hidden_size, vocab_size, opset, exporter)).encode()
+        repr(
+            (type(module).__name__, settings, kind, num_states, hidden_size, vocab_size, opset, exporter, stacked)
+        ).encode()
     )
     for k in sorted(state):
         h.update(k.encode())
@@ -158,7 +175,7 @@ def export_probe(
     key = h.hexdigest()
     if key in _CACHE:
         return onnx.load_from_string(_CACHE[key])
-    wrapper = _wrapper(module.eval(), kind)
+    wrapper = _wrapper(module.eval(), kind, stacked)
     if kind == "hidden_states":
         args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
         args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
@@ -271,18 +288,39 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
             if sorted(outs) != sorted(want):
                 raise RuntimeError(f"response probe {p.spec.name!r} fused as {outs}, the manifest says {want}")
             continue
-        probe = export_probe(p.module, kind, stream.num_layers + 1, stream.hidden_size, stream.vocab_size, opset)
         if kind not in sources:
             sources[kind] = host_feeds(graph, stream, kind)
-        inits = {t.name for t in probe.graph.initializer}
-        wanted = [i.name for i in probe.graph.input if i.name not in inits]
-        feeds = {k: v for k, v in sources[kind].items() if k in wanted}  # fuse_probe names any input left unfed
-        before = set(map(id, graph.nodes))
-        outs = surgery.fuse_probe(graph, probe, p.spec.name, feeds)
+        src = sources[kind]
+        if not prefill_only:
+            outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)[1]
+        elif kind == "hidden_states":  # prefill passes only, in the cheaper form for the pass's size
+            # (no fp32 boundary casts: prefill-only artifacts are the quantised ones, never TensorRT's input)
+            per_layer, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False)
+            stacked = _fuse_prompt_probe(graph, stream, p, src, f"{p.spec.name}/short", boundary=False, stacked=True)
+            nodes = surgery.short_pass(graph, stream, STACKED_PASS_TOKENS, stacked, (per_layer, outs), outs)
+            surgery.prefill_only(graph, stream, nodes, outs)
+        else:  # a prompt probe's label is the prefill pass's: decode passes skip it
+            nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)
+            surgery.prefill_only(graph, stream, nodes, outs)
         if sorted(outs) != sorted(p.spec.outputs.values()):
             raise RuntimeError(f"probe {p.spec.name!r} fused as {outs}, the manifest says {p.spec.outputs}")
-        if prefill_only:  # a prompt probe's label is the prefill pass's: decode passes skip it
-            surgery.prefill_only(graph, stream, [n for n in graph.nodes if id(n) not in before], outs)
+
+
+def _fuse_prompt_probe(
+    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, stacked: bool = False
+) -> tuple[list, list[str]]:
+    """Export prompt probe ``p`` (per layer, or ``stacked``) and fuse it under ``prefix``, its inputs
+    fed from ``sources`` (``host_feeds``). -> (the nodes added, its outputs)."""
+    from singlepass.export import surgery
+
+    dims = (stream.num_layers + 1, stream.hidden_size, stream.vocab_size, surgery.opset_of(graph))
+    probe = export_probe(p.module, p.spec.input, *dims, stacked=stacked)
+    inits = {t.name for t in probe.graph.initializer}
+    wanted = [i.name for i in probe.graph.input if i.name not in inits]
+    feeds = {k: v for k, v in sources.items() if k in wanted}  # fuse_probe names any input left unfed
+    before = set(map(id, graph.nodes))
+    outs = surgery.fuse_probe(graph, probe, prefix, feeds, boundary)
+    return [n for n in graph.nodes if id(n) not in before], outs
 
 
 def host_feeds(graph, stream, kind: str) -> dict[str, str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 
 # The torch-free half of the contract (constants and ``read``) lives in the runtime, which must
 # not import export/; this module writes what that half reads.
-from singlepass.files import atomic_write_json
+from singlepass.files import atomic_write_json, source_sha256
 from singlepass.runtime.contract import (  # noqa: F401
     FORMAT,
     GRAPH,
@@ -32,6 +32,10 @@ from singlepass.runtime.contract import (  # noqa: F401
     FusedProbe,
     read,
 )
+
+# The code an exported graph is built from (manifest.json ``source_sha256``): the decoder's export
+# and graph surgery, and the probes' modules.
+EXPORT_SOURCES = ("export", "models")
 
 POSITION_RULE = (
     "position_ids = clip(cumsum(attention_mask, axis=1) - 1, 0) over the whole mask (past + "
@@ -113,6 +117,7 @@ def build(
         "version": VERSION,
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "singlepass_version": __version__,
+        "source_sha256": source_sha256(*EXPORT_SOURCES),
         "graph": {
             "file": GRAPH,
             "external_data": GRAPH_DATA,

@@ -13,7 +13,9 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     probe_attention_mask(graph, s)        -> attention_mask[:, -T:] (valid in decode steps too)
     last_position_logits(graph, s)        -> logits[:, -1, :] as [B, V] (input of MULI probes)
     fuse_probe(graph, probe, name, feeds) merge a probe graph under the prefix ``name/``
+    branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
+    short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -237,6 +239,55 @@ def fuse_probe(
     return [o.name for o in sub.outputs]
 
 
+def branch(
+    graph: gs.Graph,
+    head: list[gs.Node],
+    cond: gs.Variable,
+    then: tuple[list[gs.Node], list[gs.Tensor]],
+    orelse: tuple[list[gs.Node], list[gs.Tensor]],
+    outputs: list[str],
+) -> list[gs.Node]:
+    """Run one of two computations of the graph outputs ``outputs``: an ``If`` on the boolean scalar
+    ``cond`` (computed by the ``head`` nodes). ``then`` / ``orelse``: (nodes, their output tensors in
+    the order of ``outputs``), moved into the branches, which read the graph's tensors from the outer
+    scope. The If's outputs take the names ``outputs``, where the first branch's outputs were among
+    the graph outputs; the branches' own tensors stop being graph outputs. -> the nodes added (``head``
+    and the If)."""
+    namer = Namer(graph)
+    (t_nodes, t_outs), (e_nodes, e_outs) = then, orelse
+    if not (len(t_outs) == len(e_outs) == len(outputs)):
+        raise SurgeryError(f"branch: {len(t_outs)} and {len(e_outs)} branch outputs for {len(outputs)} outputs")
+    outer = []
+    for name, a, b in zip(outputs, t_outs, e_outs):
+        for t, side in ((a, "then"), (b, "else")):
+            if t.name == name:  # the branch computes its own copy; the If's output takes the name
+                t.name = namer(name.replace("/", "_") + "_" + side)
+        outer.append(gs.Variable(name, dtype=a.dtype, shape=a.shape))
+    moved = set(map(id, t_nodes)) | set(map(id, e_nodes))
+    graph.nodes = [n for n in graph.nodes if id(n) not in moved]
+    then_graph = gs.Graph(nodes=list(t_nodes), outputs=list(t_outs), name=namer("then"))
+    else_graph = gs.Graph(nodes=list(e_nodes), outputs=list(e_outs), name=namer("else"))
+    iff = gs.Node("If", name=namer("If"), inputs=[cond], outputs=outer)
+    iff.attrs = {"then_branch": then_graph, "else_branch": else_graph}
+    graph.nodes.extend(list(head) + [iff])
+    renamed = {id(t): o for t, o in zip(t_outs, outer)}
+    dropped = set(map(id, e_outs)) | set(map(id, t_outs))
+    kept = []
+    for o in graph.outputs:
+        if id(o) in renamed:
+            kept.append(renamed[id(o)])
+        elif id(o) not in dropped:
+            kept.append(o)
+    graph.outputs = kept + [o for o in outer if all(o is not k for k in kept)]
+    return list(head) + [iff]
+
+
+def _input_ids_dims(graph: gs.Graph, stream: ResidualStream, namer: "Namer") -> tuple[list[gs.Node], gs.Variable]:
+    """Nodes computing ``input_ids``' shape -> (nodes, the [2] = (B, T) tensor)."""
+    shape = gs.Variable(namer("pass_ids_shape"), dtype=np.int64)  # [2] = (B, T)
+    return [namer.node("Shape", [graph.tensors()[stream.input_ids]], [shape])], shape
+
+
 def prefill_only(
     graph: gs.Graph,
     stream: ResidualStream,
@@ -245,62 +296,73 @@ def prefill_only(
     decode: tuple[list[gs.Node], list[str]] | None = None,
 ) -> None:
     """Run ``nodes`` (which compute the graph outputs ``outputs``, e.g. a fused prompt probe) only
-    in passes of 2 or more tokens: an ``If`` on ``input_ids.shape[1] > 1`` whose then-branch holds
-    the nodes (reading the graph's tensors from the outer scope). Its else-branch, the one-token
-    (decode) pass, returns zeros of the outputs' shapes, or runs ``decode``: (nodes, their outputs,
-    in the order of ``outputs``), another form of the same computation (a response probe's stacked
-    form; its outputs stop being graph outputs). A prompt's label comes from its prefill pass; a
-    decode pass then costs the probe nothing. The runtime prefills at least 2 columns (a one-token
-    prompt is left-padded by one masked column)."""
+    in passes of 2 or more tokens: a ``branch`` on ``input_ids.shape[1] > 1`` whose then-branch holds
+    the nodes. Its else-branch, the one-token (decode) pass, returns zeros of the outputs' shapes, or
+    runs ``decode``: (nodes, their outputs, in the order of ``outputs``), another form of the same
+    computation (a response probe's stacked form; its outputs stop being graph outputs). A prompt's
+    label comes from its prefill pass; a decode pass then costs the probe nothing. The runtime
+    prefills at least 2 columns (a one-token prompt is left-padded by one masked column)."""
     namer = Namer(graph)
     tensors = graph.tensors()
-    ids = tensors[stream.input_ids]
-    shape = gs.Variable(namer("prefill_ids_shape"), dtype=np.int64)  # [2] = (B, T)
+    head, shape = _input_ids_dims(graph, stream, namer)
     t = gs.Variable(namer("prefill_seq_len"), dtype=np.int64)  # [] = T
     cond = gs.Variable(namer("is_prefill"), dtype=np.bool_)  # [] = T > 1
-    head = [
-        namer.node("Shape", [ids], [shape]),
+    head += [
         namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
         namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [cond]),
     ]
-    if decode is None:
-        batch = gs.Variable(namer("prefill_batch"), dtype=np.int64)  # [1] = (B,)
-        head.append(namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch]))
-        other, other_outs = [], []
-    else:
+    if decode is not None:
         other, names = decode
         if len(names) != len(outputs):
             raise SurgeryError(f"prefill_only: {len(names)} decode outputs for {len(outputs)} outputs")
-        other_outs = [tensors[n] for n in names]
-    inner, outer = [], []
+        branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, [tensors[n] for n in names]), outputs)
+        return
+    batch = gs.Variable(namer("prefill_batch"), dtype=np.int64)  # [1] = (B,)
+    head.append(namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch]))
+    other, zeros = [], []
     for name in outputs:
         out = tensors[name]
-        if decode is None:
-            if out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], (int, np.integer)):
-                raise SurgeryError(f"prefill_only: output {name!r} must be [batch, C], not {out.shape}")
-            mine = gs.Variable(namer(name.replace("/", "_") + "_else"), dtype=out.dtype, shape=out.shape)
-            dims = gs.Variable(namer(name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
-            other += [
-                namer.node("Concat", [batch, namer.i64("width", [int(out.shape[1])])], [dims], axis=0),
-                namer.node(
-                    "ConstantOfShape", [dims], [mine], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
-                ),
-            ]
-            other_outs.append(mine)
-        # the branch computes its own copy; the If's output takes the graph output's name
-        out.name = namer(name.replace("/", "_") + "_then")
-        inner.append(out)
-        outer.append(gs.Variable(name, dtype=out.dtype, shape=out.shape))
-    keep = set(map(id, nodes)) | set(map(id, other))
-    graph.nodes = [n for n in graph.nodes if id(n) not in keep]
-    then_graph = gs.Graph(nodes=list(nodes), outputs=inner, name=namer("prefill_then"))
-    else_graph = gs.Graph(nodes=list(other), outputs=list(other_outs), name=namer("prefill_else"))
-    iff = gs.Node("If", name=namer("If"), inputs=[cond], outputs=outer)
-    iff.attrs = {"then_branch": then_graph, "else_branch": else_graph}
-    graph.nodes.extend(head + [iff])
-    renamed = {id(t): o for t, o in zip(inner, outer)}  # the graph outputs: the If's, not the branch's
-    dropped = set(map(id, other_outs))  # the decode form's outputs live in its branch only
-    graph.outputs = [renamed.get(id(o), o) for o in graph.outputs if id(o) not in dropped]
+        if out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], (int, np.integer)):
+            raise SurgeryError(f"prefill_only: output {name!r} must be [batch, C], not {out.shape}")
+        mine = gs.Variable(namer(name.replace("/", "_") + "_zeros"), dtype=out.dtype, shape=out.shape)
+        dims = gs.Variable(namer(name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
+        other += [
+            namer.node("Concat", [batch, namer.i64("width", [int(out.shape[1])])], [dims], axis=0),
+            namer.node(
+                "ConstantOfShape", [dims], [mine], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
+            ),
+        ]
+        zeros.append(mine)
+    branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, zeros), outputs)
+
+
+def short_pass(
+    graph: gs.Graph,
+    stream: ResidualStream,
+    max_tokens: int,
+    short: tuple[list[gs.Node], list[str]],
+    long: tuple[list[gs.Node], list[str]],
+    outputs: list[str],
+) -> list[gs.Node]:
+    """Two forms of the same computation of the graph outputs ``outputs`` (each (nodes, outputs)):
+    ``short`` in passes of at most ``max_tokens`` tokens (batch x length of ``input_ids``), ``long``
+    in longer ones (a ``branch``). A probe's stacked form copies the pass's hidden states once and runs
+    a few ops over all layers, its per-layer form runs a few ops per layer and copies nothing: the
+    per-op overhead decides a short pass, the copy a long one. -> the nodes added."""
+    namer = Namer(graph)
+    tensors = graph.tensors()
+    head, shape = _input_ids_dims(graph, stream, namer)
+    n = gs.Variable(namer("pass_tokens"), dtype=np.int64)  # [1] = B * T
+    cond1 = gs.Variable(namer("is_short_pass_1"), dtype=np.bool_)  # [1]
+    cond = gs.Variable(namer("is_short_pass"), dtype=np.bool_)  # []
+    head += [
+        namer.node("ReduceProd", [shape], [n], keepdims=1),
+        namer.node("LessOrEqual", [n, namer.i64("max_tokens", [int(max_tokens)])], [cond1]),
+        namer.node("Squeeze", [cond1, namer.i64("axis0", [0])], [cond]),
+    ]
+    (s_nodes, s_names), (l_nodes, l_names) = short, long
+    s_outs, l_outs = [tensors[x] for x in s_names], [tensors[x] for x in l_names]
+    return branch(graph, head, cond, (s_nodes, s_outs), (l_nodes, l_outs), outputs)
 
 
 def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:

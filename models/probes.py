@@ -20,7 +20,8 @@ normalisation (``input_norm="rms"``, the constructor default) because decoder LL
 a fixed per-layer, per-dimension standardisation after it (mean and inverse std are buffers,
 set from training tokens by ``set_input_statistics``; the trainer's default for gate and MHA);
 ``input_norm="none"`` is the paper's unnormalised variant. Per-layer parameters are stacked tensors
-used through einsum, so L+1 "modules" cost a handful of graph nodes rather than L+1 copies.
+used through batched matmuls (one GEMM per module), so L+1 "modules" cost a handful of graph nodes
+rather than L+1 copies.
 
 Streaming (recurrent) form, for moderating a response while it is generated: ``stream_init``,
 ``stream_update`` and ``stream_logits`` carry stage 1's aggregate over the tokens folded in so far
@@ -62,6 +63,28 @@ def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     d = float(x.shape[-1])  # the width is fixed: a constant in an exported graph, not shape arithmetic
     ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / d
     return x * torch.rsqrt(ms + eps)
+
+
+# The streaming fold's layer slices: ``slice(i, i + 1)`` per layer, or EVERY (the stacked decode form),
+# where a state is used whole: an exported Slice over every layer would copy it, and a Concat of one part too.
+EVERY = slice(None)
+
+
+def rows(state: torch.Tensor, one: slice) -> torch.Tensor:
+    """A state tensor's layers ``one`` (layer-first): the tensor itself for EVERY."""
+    return state if one == EVERY else state[one]
+
+
+def joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    """The fold's per-slice results, concatenated on the layer axis (one part: itself)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def layer_sum(v: torch.Tensor, n: int, d: int) -> torch.Tensor:
+    """v [n, B, d] summed over its leading (layer) axis -> [B, d], as one [1, n] x [n, B*d] product: ONNX
+    Runtime's CPU ReduceSum over a leading axis is ~10x slower (measured 167 vs 16 us on [31, 8, 576], 2
+    threads). ``n``, ``d``: Python ints (constant reshapes in an export, no shape arithmetic)."""
+    return (v.new_ones(1, n) @ v.reshape(n, -1)).reshape(-1, d)
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
@@ -126,6 +149,11 @@ class Probe(nn.Module):
             x = (x - self.in_mean[layers, None, None]) * self.in_inv_std[layers, None, None]
         return x
 
+    def count(self, modules: slice) -> int:
+        """How many of the L+1 layers (MHA: L+2 stacked modules) ``modules`` names (a Python int: no shape
+        arithmetic in an export). EVERY: the L+1 layers."""
+        return self.num_layers if modules == EVERY else len(range(self.num_layers + 1)[modules])
+
     def prepare(self, states: torch.Tensor, mask: torch.Tensor):
         """-> states [L+1, B, T, d] (normalised), mask [1, B, T, 1] float."""
         return self.normalise(states, slice(0, self.num_layers)), mask.to(torch.float32)[None, :, :, None]
@@ -162,6 +190,20 @@ class Probe(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(states, mask))
+
+    def stack(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """The L+1 layer tensors [B, T, d] -> one [L+1, B, T, d] copy: one Concat and a Reshape when
+        exported, already layer-first (torch.stack would be an Unsqueeze per layer + a Concat)."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        b, t, d = layers[0].shape
+        return torch.cat(layers, 0).reshape(self.num_layers, b, t, d)  # [(L+1)*B, T, d] -> [L+1, B, T, d]
+
+    def forward_stacked(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+        """``forward`` on the L+1 layer tensors [B, T, d] through one stacked copy: a few ops over all
+        layers where ``forward_layers`` runs a few per layer (an exported short pass's form: per-op
+        overhead, not the copy, dominates its cost)."""
+        return self.forward(self.stack(layers), mask)
 
     def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
@@ -208,13 +250,7 @@ class Probe(nn.Module):
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         if not stacked:
             return self.fold(state, self.each_layer(layers), m)
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
-        every = slice(0, self.num_layers)
-        b, t, d = layers[0].shape
-        # one Concat, Reshape and Transpose when exported (torch.stack is an Unsqueeze per layer + a Concat)
-        x = torch.cat(layers, 1).reshape(b, self.num_layers, t, d).transpose(0, 1)  # [L+1, B, T, d]
-        return self.fold(state, [(every, self.normalise(x, every))], m)
+        return self.fold(state, [(EVERY, self.normalise(self.stack(layers), EVERY))], m)
 
     def stream_logits(self, state: list[torch.Tensor]) -> torch.Tensor:
         """[B, C'] of the tokens folded in so far: ``forward`` over the whole prefix, from the state."""
@@ -256,7 +292,9 @@ class PoolingProbe(Probe):
         return pool(x, m, dim=2)  # [G, B, d]
 
     def combine(self, v):
-        return v.mean(0) if self.layer_pool == "mean" else v.amax(0)  # [B, d]
+        if self.layer_pool == "mean":
+            return layer_sum(v, self.num_layers, self.hidden_size) / self.num_layers  # [B, d]
+        return v.amax(0)  # [B, d]
 
     @property
     def streamable(self):
@@ -271,9 +309,9 @@ class PoolingProbe(Probe):
     def fold(self, state, layers, m):
         if self.token_pool == "max":
             (run,) = state  # [L+1, B, d]
-            return [torch.cat([torch.maximum(run[one], masked_max(x, m, dim=2)) for one, x in layers])]
+            return [joined([torch.maximum(rows(run, one), masked_max(x, m, dim=2)) for one, x in layers])]
         total, count = state  # [L+1, B, d], [1, B, 1]
-        return [torch.cat([total[one] + (x * m).sum(2) for one, x in layers]), count + m.sum(2)]
+        return [joined([rows(total, one) + (x * m).sum(2) for one, x in layers]), count + m.sum(2)]
 
     def summaries(self, state):
         if self.token_pool == "max":
@@ -310,9 +348,11 @@ class GateProbe(Probe):
 
     def scores(self, x, m, layers):
         """x [G, B, T, d], m [1, B, T, 1] -> the masked token scores tanh(w . x) [G, B, T] (NEG: padding)."""
-        # a broadcast MatMul, not an Einsum: ONNX Runtime's CPU Einsum costs ~5x more on a decode pass
-        scores = torch.tanh((x @ self.token_gates[layers][:, None, :, None]).squeeze(-1))  # [G, B, T]
-        return scores.masked_fill(m[..., 0] == 0, NEG)
+        # one GEMV per layer over its B*T tokens: ONNX Runtime's CPU Einsum costs ~5x more on a decode
+        # pass, and a MatMul broadcast over [G, B] runs G*B tiny products
+        G, d = self.count(layers), self.hidden_size
+        scores = x.reshape(G, -1, d) @ self.token_gates[layers][:, :, None]  # [G, B*T, 1]
+        return torch.tanh(scores.reshape(x.shape[:3])).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
 
     def tokens(self, x, m, layers):
         alpha = torch.softmax(self.scores(x, m, layers), dim=-1)  # [G, B, T]
@@ -329,13 +369,14 @@ class GateProbe(Probe):
         run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, d]
         out = []
         for one, x in layers:
-            s = self.scores(x, m, one)  # [1, B, T]
-            new_max = torch.maximum(run_max[one], s.amax(-1))  # [1, B]
-            scale = torch.exp(run_max[one] - new_max)  # [1, B]: rescales what was folded in before
-            p = torch.exp(s - new_max[..., None]) * m[..., 0]  # [1, B, T]: the new tokens' weights
-            x_sum = (p.unsqueeze(-2) @ x).squeeze(-2)  # [1, B, d]
-            out.append((new_max, denom[one] * scale + p.sum(-1), acc[one] * scale[..., None] + x_sum))
-        return [torch.cat(t) for t in zip(*out)]
+            s = self.scores(x, m, one)  # [G, B, T]: G = 1 (per layer) or L+1 (stacked)
+            new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B]
+            scale = torch.exp(rows(run_max, one) - new_max)  # [G, B]: rescales what was folded in before
+            p = torch.exp(s - new_max[..., None]) * m[..., 0]  # [G, B, T]: the new tokens' weights
+            # elementwise, not p @ x: a decode pass (T = 1) would run G*B products of 1 x 1 x d
+            x_sum = (p[..., None] * x).sum(2)  # [G, B, d]
+            out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + x_sum))
+        return [joined(t) for t in zip(*out)]
 
     def summaries(self, state):
         _, denom, acc = state
@@ -344,10 +385,11 @@ class GateProbe(Probe):
 
     def beta(self, v):
         """Stage-2 weights of the layer summaries v [L+1, B, d] -> [L+1, B]."""
-        return torch.softmax(torch.tanh(v @ self.layer_gate), dim=0)
+        s = v.reshape(-1, self.hidden_size) @ self.layer_gate[:, None]  # [(L+1)*B, 1]: one GEMV
+        return torch.softmax(torch.tanh(s.reshape(self.num_layers, -1)), dim=0)
 
     def combine(self, v):
-        return (self.beta(v)[..., None] * v).sum(0)  # [B, d]
+        return layer_sum(self.beta(v)[..., None] * v, self.num_layers, self.hidden_size)  # [B, d]
 
     def layer_weights(self, states, mask) -> torch.Tensor:
         """Stage-2 weights over the L+1 layers [B, L+1] (the paper's interpretability plot)."""
@@ -426,62 +468,66 @@ class MHAProbe(Probe):
         self.w_o = nn.Parameter(torch.randn(n, d_inner, hidden_size) / math.sqrt(d_inner))  # [L+2, d_inner, d]
         self.b_o = nn.Parameter(torch.zeros(n, hidden_size))
 
-    def count(self, modules: slice) -> int:
-        """How many of the L+2 stacked modules ``modules`` names (a Python int: no shape arithmetic in an export)."""
-        return len(range(self.num_layers + 1)[modules])
-
     def attend(self, x, m, modules: slice):
         """Self-attention: x [G, B, T, d], m [1, B, T, 1] -> pooled [G, B, d]: the G stacked modules ``modules``,
         each over its own tokens. Weights are reshaped per head (constants in an export, so one module's graph
-        has no shape arithmetic); G = 1 (a layer of the per-layer form, or stage 2) attends in 4-D directly."""
+        has no shape arithmetic); G = 1 (a layer of the per-layer form, or stage 2) attends in 4-D directly.
+        ``m=None``: every token is real (stage 2's layer summaries: no mask ops in an export)."""
         G = self.count(modules)
         H, dh, d = self.heads, self.d_inner // self.heads, self.hidden_size
         qkv = modules if self.query == "tokens" else slice(0, 1)  # "learned": only stage 2 self-attends
-        w_qkv = self.w_qkv[qkv].reshape(G, d, 3, H, dh)  # q, k, v per head
-        b_qkv = self.b_qkv[qkv].reshape(G, 3, H, dh).transpose(0, 1)[:, :, None, :, None]  # [3, G, 1, H, 1, dh]
-        q, k, v = (torch.einsum("gbtd,gdkhe->kgbhte", x, w_qkv) + b_qkv).unbind(0)  # 3 x [G, B, H, T, dh]
-        keys = (m[..., 0] > 0)[:, :, None, None]  # [1, B, 1, 1, T]: True = a real key
+        # one GEMM per module over its B*T tokens (ONNX Runtime's CPU Einsum is several times slower)
+        qkv_ = x.reshape(G, -1, d) @ self.w_qkv[qkv] + self.b_qkv[qkv, None]  # [G, B*T, 3*d_inner]
+        qkv_ = qkv_.reshape(*x.shape[:3], 3, H, dh).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, T, dh]
+        q, k, v = qkv_.unbind(0)  # 3 x [G, B, H, T, dh]
+        keys = None if m is None else (m[..., 0] > 0)[:, :, None, None]  # [1, B, 1, 1, T]: True = a real key
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
         # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
         # Its CPU kernels take 4-D inputs only: G > 1 modules attend with modules x batch as one axis.
         if G == 1:
-            o = F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=keys[0], scale=dh**-0.5)[None]
+            mask = None if keys is None else keys[0]
+            o = F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=mask, scale=dh**-0.5)[None]
         else:
             q, k, v, keys = (t.expand(G, *t.shape[1:]).flatten(0, 1) for t in (q, k, v, keys))  # [G*B, ...]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=dh**-0.5).unflatten(0, (G, -1))
-        w_o = self.w_o[modules].reshape(G, H, dh, d)  # o [G, B, H, T, dh]
-        if self.pool == "mean":
+        if self.pool == "mean":  # o [G, B, H, T, dh]
             # The output projection is linear, so mean-pool first and project the pooled [G, B, H, dh]:
             # the same function as projecting every token, without the [G, B, T, d] tensor.
-            pooled = masked_mean(o, m[:, :, None], dim=3)  # [G, B, H, dh]
-            return torch.einsum("gbhe,ghed->gbd", pooled, w_o) + self.b_o[modules, None]  # [G, B, d]
-        o = torch.einsum("gbhte,ghed->gbtd", o, w_o) + self.b_o[modules, None, None]  # [G, B, T, d]
-        return masked_max(o, m, dim=2)  # [G, B, d]
+            pooled = o.mean(3) if m is None else masked_mean(o, m[:, :, None], dim=3)  # [G, B, H, dh]
+            return self.project(pooled, modules)  # [G, B, d]
+        o = o.transpose(2, 3).flatten(3) @ self.w_o[modules, None] + self.b_o[modules, None, None]  # [G, B, T, d]
+        return o.amax(2) if m is None else masked_max(o, m, dim=2)  # [G, B, d]
 
     # --- query="learned": attention pooling with a learned query per head and layer ---------------------
     # q . k_t = q . (x_t W_k) = x_t . (W_k q): the scores read x through one d-vector per head (like the
     # gate's), and the weighted average of the values is the weighted average of x projected by W_v, so
-    # no [B, T, d_inner] keys or values are ever built.
+    # training never builds [B, T, d_inner] keys or values (the streaming fold builds the values of
+    # this pass's tokens: one GEMM, where a decode pass's T = 1 would make ``values`` G*H tiny products).
 
     def scores(self, x, m, layers):
         """x [G, B, T, d], m [1, B, T, 1] -> the masked scores q . k_t / sqrt(dh) [G, B, H, T] (NEG: padding)."""
         G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
         w_k = self.w_kv[layers, :, : self.d_inner].reshape(G, d, H, dh)  # [G, d, H, dh]
-        u = torch.einsum("gdhe,ghe->gdh", w_k, self.queries[layers]) * dh**-0.5  # [G, d, H]
-        s = torch.einsum("gbtd,gdh->gbht", x, u)  # [G, B, H, T]
+        u = (w_k * self.queries[layers][:, None]).sum(-1) * dh**-0.5  # [G, d, H]: weights only (constant-folded)
+        s = (x.reshape(G, -1, d) @ u).reshape(*x.shape[:3], H).transpose(2, 3)  # [G, B*T, H] -> [G, B, H, T]
         return s.masked_fill(m[..., 0][:, :, None] == 0, NEG)
 
     def values(self, xs, layers):
         """xs [G, B, H, d] (per head, a weighted sum of tokens x) -> the same sum of values [G, B, H, dh]."""
         G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
-        w_v = self.w_kv[layers, :, self.d_inner :].reshape(G, d, H, dh)  # [G, d, H, dh]
-        return torch.einsum("gbhd,gdhe->gbhe", xs, w_v)
+        w_v = self.w_kv[layers, :, self.d_inner :].reshape(G, d, H, dh).transpose(1, 2)  # [G, H, d, dh]
+        return (xs.transpose(1, 2) @ w_v).transpose(1, 2)  # [G, H, B, dh] -> [G, B, H, dh]
+
+    def token_values(self, x, layers):
+        """x [G, B, T, d] -> every token's values [G, B, T, H, dh]: one GEMM per layer over its B*T tokens (the
+        streaming fold's order: a decode pass has one token, where ``values`` would run G*H tiny products)."""
+        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
+        v = x.reshape(G, -1, d) @ self.w_kv[layers, :, self.d_inner :]  # [G, B*T, d_inner]
+        return v.reshape(*x.shape[:3], H, dh)
 
     def project(self, o, layers):
-        """The heads' outputs o [G, B, H, dh] -> v [G, B, d] (output projection + bias)."""
-        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
-        w_o = self.w_o[layers].reshape(G, H, dh, d)  # [G, H, dh, d]
-        return torch.einsum("gbhe,ghed->gbd", o, w_o) + self.b_o[layers, None]
+        """The heads' outputs o [G, B, H, dh] -> v [G, B, d] (output projection + bias): one GEMM per module."""
+        return o.flatten(2) @ self.w_o[layers] + self.b_o[layers, None]  # [G, B, d_inner] @ [G, d_inner, d]
 
     def tokens(self, x, m, layers):  # the stage-1 modules of these layers, each over its layer's tokens
         if self.query == "tokens":
@@ -490,9 +536,8 @@ class MHAProbe(Probe):
         return self.project(self.values(alpha @ x, layers), layers)  # alpha @ x: [G, B, H, d]
 
     def combine(self, v):
-        s = v.transpose(0, 1)[None]  # [1, B, L+1, d]: stage 2 attends over layer summaries
-        ones = torch.ones_like(s[..., :1])  # [1, B, L+1, 1]
-        return self.attend(s, ones, slice(self.num_layers, self.num_layers + 1))[0]
+        s = v.transpose(0, 1)[None]  # [1, B, L+1, d]: stage 2 attends over layer summaries, all real
+        return self.attend(s, None, slice(self.num_layers, self.num_layers + 1))[0]
 
     @property
     def streamable(self):
@@ -507,19 +552,23 @@ class MHAProbe(Probe):
         run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         out = []
         for one, x in layers:
-            s = self.scores(x, m, one)  # [1, B, H, T]
-            new_max = torch.maximum(run_max[one], s.amax(-1))  # [1, B, H]
-            scale = torch.exp(run_max[one] - new_max)  # [1, B, H]: rescales what was folded in before
-            p = torch.exp(s - new_max[..., None]) * m[..., 0][:, :, None]  # [1, B, H, T]: the new tokens' weights
-            v_sum = self.values(p @ x, one)  # [1, B, H, dh]
-            out.append((new_max, denom[one] * scale + p.sum(-1), acc[one] * scale[..., None] + v_sum))
-        return [torch.cat(t) for t in zip(*out)]
+            s = self.scores(x, m, one)  # [G, B, H, T]: G = 1 (per layer) or L+1 (stacked)
+            new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B, H]
+            scale = torch.exp(rows(run_max, one) - new_max)  # [G, B, H]: rescales what was folded in before
+            p = torch.exp(s - new_max[..., None]) * m[..., 0][:, :, None]  # [G, B, H, T]: the new tokens' weights
+            v_sum = (p.transpose(2, 3)[..., None] * self.token_values(x, one)).sum(2)  # [G, B, H, dh]
+            out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + v_sum))
+        return [joined(t) for t in zip(*out)]
 
     def summaries(self, state):
         _, denom, acc = state
         # l >= 1 once a token is seen (the max-scoring token weighs exp(0)); no token yet: 0 (not b_o)
-        v = self.project(acc / denom.clamp_min(1.0)[..., None], slice(0, self.num_layers))  # [L+1, B, d]
-        return torch.where(denom[..., :1] > 0, v, torch.zeros_like(v))
+        L1 = self.num_layers
+        seen = (denom[..., :1] > 0).to(acc.dtype)  # [L+1, B, 1]
+        o = torch.cat([(acc / denom.clamp_min(1.0)[..., None]).flatten(2), seen], -1)  # [L+1, B, d_inner + 1]
+        # project(o) with the bias as a last weight row, read through ``seen``: one GEMM, and 0 (not b_o) for
+        # a layer no token reached yet
+        return o @ torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)  # [L+1, B, d]
 
 
 # --- MHA's search space: the paper's downcast factors and head counts -------------------------------

@@ -222,9 +222,16 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     broken = tmp_path / "broken"
     shutil.copytree(artifact, broken)
     model = onnx.load(str(broken / "model.onnx"))
-    # a prompt probe's weights sit in its If's then-branch (it runs on prefill passes only)
-    branches = [a.g for n in model.graph.node if n.op_type == "If" for a in n.attribute if a.name == "then_branch"]
-    inits = [t for g in [model.graph, *branches] for t in g.initializer]
+
+    # a prompt probe's weights sit in If branches (it runs on prefill passes only, in one of two forms)
+    def graphs(g):
+        yield g
+        for n in g.node:
+            for a in n.attribute:
+                if a.type == onnx.AttributeProto.GRAPH:
+                    yield from graphs(a.g)
+
+    inits = [t for g in graphs(model.graph) for t in g.initializer]
     for t in inits:  # perturb the emotion probe's weights inside the fused graph
         if (
             t.name.startswith("emo/")

@@ -249,7 +249,8 @@ def test_serving_llm_does_fixed_work_and_reads_first_logits(tiny_art, tiny_backb
     assert verdicts.tolist() == [False, False] and [len(r.token_ids) for r in out] == [1, 1]
 
 
-def test_memory_worker_and_artifact_check_on_a_real_artifact(tiny_art, tiny_backbone):
+def test_memory_worker_and_artifact_check_on_a_real_artifact(tiny_art, tiny_backbone, monkeypatch):
+    from singlepass import files
     from singlepass.benchmarks.latency_prepare import artifact_current
     from singlepass.benchmarks.latency_worker import run_memory
 
@@ -260,6 +261,9 @@ def test_memory_worker_and_artifact_check_on_a_real_artifact(tiny_art, tiny_back
     assert not artifact_current(folder, [spec.rsplit(":", 1)[0] + ":other"], sha)
     assert not artifact_current(folder, [], sha)
     assert not artifact_current(folder.parent / "missing", [spec], sha)
+    with monkeypatch.context() as mp:  # built by other export / probe code: stale
+        mp.setattr(files, "source_sha256", lambda *packages: "0" * 64)
+        assert not artifact_current(folder, [spec], sha)
     r = run_memory(
         {
             "config": {"name": "gate", "artifact": str(folder)},

@@ -157,3 +157,36 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert not o3["safety/probs"].any() and labels_from(rt.manifest, o1)[0]["safety"].score > 0
     with pytest.raises(SinglepassError, match="weights must be one of"):
         export_artifact(tmp_path / "bad", [f"{probe}:safety"], backbone=tiny_backbone, weights="int3")
+
+
+@pytest.mark.parametrize("method", ["pooling", "gate", "mha"])
+def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_ones(tmp_path, tiny_backbone, method):
+    """In a prefill-only artifact a prompt probe is fused in two forms (export.fuse.STACKED_PASS_TOKENS):
+    the stacked one in passes of at most that many tokens, the per-layer one above. Export validation
+    runs both (its cases above and below the size) against PyTorch; here one prompt's label is the
+    same whichever form a pass picks."""
+    from export_helpers import make_probe
+
+    from singlepass.export import fuse
+    from singlepass.export.pipeline import export_artifact
+    from singlepass.runtime.api import load
+    from singlepass.runtime.passes import prefill
+
+    params = {"factor": 8, "heads": 2} if method == "mha" else {}
+    probe = make_probe(tmp_path / "p", tiny_backbone, method, **params)
+    art = tmp_path / "art"
+    export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, weights="int8", log=lambda m: None)
+    v = json.loads((art / "validation.json").read_text())
+    long_case = [c for c in v["checks"] if c["case"] == "prefill left B=5 x 52 tokens"]  # 260 > 256 tokens
+    assert v["passed"] and "safety/probs" in {c["tensor"] for c in long_case}
+    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
+    (outer,) = [x for x in model.graph.node if x.op_type == "If"]  # prefill passes only ...
+    then = next(a.g for a in outer.attribute if a.name == "then_branch")
+    assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms
+    rt = load(art, backend="cpu", threads=1)
+    one = rt.encode("hello there, how are you today?")[0]
+    short, _ = prefill(rt.backend, rt.manifest, [one])  # a few tokens: the stacked form
+    filler = (one * (fuse.STACKED_PASS_TOKENS // len(one) + 1))[: fuse.STACKED_PASS_TOKENS]
+    long, _ = prefill(rt.backend, rt.manifest, [one, filler])  # 2 x 256 tokens: the per-layer form
+    assert 2 * len(filler) > fuse.STACKED_PASS_TOKENS >= len(one)
+    np.testing.assert_allclose(long["safety/probs"][0], short["safety/probs"][0], atol=1e-4)

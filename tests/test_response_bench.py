@@ -154,20 +154,27 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench):
     argv, res, _, _ = bench
     cost = ["--cost", "--cost-repeats", "2", "--cost-steps", "2", "--cost-rows", "4", "--cost-tokens", "40"]
     rc, out = bench_main([*argv, *cost])
-    assert rc == 0 and "== decode steps" in out and "=== train" not in out  # the stored gate probe and guard
+    # the stored gate and mha-stream probes and guard: nothing trained
+    assert rc == 0 and "== decode steps" in out and "=== train" not in out
     doc = json.loads((res / "response.json").read_text())
     cost = doc["cost"]
     assert set(cost["decode"]) == {"batch 1", "batch 8"} and cost["weights"] == "int4"
+    assert list(cost["probes"]) == ["gate", "mha-stream"] and len(cost["artifacts"]) == 3  # base + one per probe
     for v in cost["decode"].values():
-        assert v["base_ms"] > 0 and v["probe_ms"] > 0 and np.isfinite(v["overhead_pct"])
+        assert v["base_ms"] > 0 and list(v["probes"]) == ["gate", "mha-stream"]
+        for p in v["probes"].values():
+            lo, hi = p["overhead_pct_iqr"]
+            assert p["probe_ms"] > 0 and lo <= p["overhead_pct"] <= hi and np.isfinite(p["min_overhead_pct"])
+        assert [len(b) for b in v["block_ms"].values()] == [2, 2, 2]  # base, gate, mha-stream: 2 repeats each
     g = cost["guard"]
     # 40 tokens (every row is longer on the tiny tokenizer): calls at tokens 32 and 40, vs one at 40
     assert g["rows"] == 4 and g["max_tokens"] == 40 and g["mean_tokens"] == 40 and g["mean_calls"] == 2.0
     assert g["rerun_ms_per_response"] > g["once_ms_per_response"] > 0
     assert [r["method"] for r in doc["runs"]] == ["gate", "mha-stream", "last-token", "guard"]  # still reported
     md = (res / "response.md").read_text()
-    assert "| batch | context (tokens) | base (ms / step) | + streaming gate (ms / step) |" in md
-    assert "decode-step overhead of the streaming gate probe <= 2%: m" in md
+    assert "| batch | context (tokens) | base (ms / step) | probe | + probe (ms / step) |" in md
+    assert "decode-step overhead of the streaming gate probe <= 2% (fastest blocks): m" in md
+    assert "decode-step overhead of the streaming mha-stream probe" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed
 
 

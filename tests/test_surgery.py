@@ -241,6 +241,16 @@ def test_probe_attention_mask_is_the_current_steps_columns():
     np.testing.assert_array_equal(got, mask[:, -2:])
 
 
+def toy_with_stacked_states():
+    """A 2-layer toy graph with its stacked hidden states [3, B, T, D] as a debug output (the probes'
+    oracle input). -> (graph, its ResidualStream, the stacked output's name)."""
+    host = Toy(layers=2).graph()
+    s = surgery.find_residual_stream(host)
+    hs = surgery.add_stacked_hidden_states(host, s)
+    surgery.add_output(host, hs, dims=[3, "batch", "sequence", D])
+    return host, s, hs
+
+
 def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
     """The probe's per-layer inputs read the residual-stream tensors where they are; its outputs equal
     the torch probe on the stacked states (exposed here as a debug output)."""
@@ -249,11 +259,7 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
     from singlepass.export.fuse import export_probe, state_names
     from singlepass.models.probes import build_probe, probabilities
 
-    toy = Toy(layers=2)
-    host = toy.graph()
-    s = surgery.find_residual_stream(host)
-    hs = surgery.add_stacked_hidden_states(host, s)
-    surgery.add_output(host, hs, dims=[3, "batch", "sequence", D])
+    host, s, hs = toy_with_stacked_states()
     torch.manual_seed(0)
     probe = build_probe("gate", 3, D, 2).eval()
     graph = export_probe(probe, "hidden_states", 3, D, V, 18)
@@ -281,6 +287,42 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
         )
     with pytest.raises(SurgeryError, match="takes inputs"):  # a layer left unfed
         surgery.fuse_probe(host, graph, "third", {"state_0": layers["state_0"], "mask": "attention_mask"})
+
+
+def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only():
+    """short_pass: the stacked form of a probe in passes of <= n tokens (batch x length), the per-layer
+    form above; nested in prefill_only's If, a one-token pass gets zeros. Which form ran is visible
+    here because the two forms are given different probes."""
+    import torch
+
+    from singlepass.export.fuse import export_probe, state_names
+    from singlepass.models.probes import build_probe, probabilities
+
+    host, s, hs = toy_with_stacked_states()
+    torch.manual_seed(0)
+    per_layer, stacked = build_probe("gate", 3, D, 2).eval(), build_probe("gate", 3, D, 2).eval()
+    feeds_ = dict(zip(state_names(3), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
+
+    def fuse(probe, prefix, form):
+        before = set(map(id, host.nodes))
+        outs = surgery.fuse_probe(host, export_probe(probe, "hidden_states", 3, D, V, 18, stacked=form), prefix, feeds_)
+        return [n for n in host.nodes if id(n) not in before], outs
+
+    long = fuse(per_layer, "tox", False)
+    short = fuse(stacked, "tox/short", True)
+    nodes = surgery.short_pass(host, s, 6, short, long, long[1])
+    surgery.prefill_only(host, s, nodes, long[1])
+    host.cleanup().toposort()
+    model = surgery.to_model(host)
+    onnx.checker.check_model(model)
+    assert [o.name for o in model.graph.output if o.name.startswith("tox")] == ["tox/logits", "tox/probs"]
+    for (b, t), probe in [((2, 3), stacked), ((1, 6), stacked), ((2, 4), per_layer), ((1, 7), per_layer)]:
+        f = feeds(B=b, T=t)
+        out = run(model, f)
+        with torch.no_grad():
+            ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
+        np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6, err_msg=f"B={b}, T={t}")
+    assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
 
 
 def test_cleanup_and_toposort():

@@ -36,8 +36,11 @@ import warnings
 _CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
 
 # A prefill pass of at most this many tokens (batch x length) runs a prompt probe's stacked form
-# (``surgery.short_pass``), a longer one its per-layer form.
-STACKED_PASS_TOKENS = 256
+# (``surgery.short_pass``), a longer one its per-layer form. The stacked form's copies grow with the
+# pass (SmolLM2: 71 KiB per token each; the MHA's attention scores with its square). `bench peers`
+# (24 prompts, 64 tokens on average) measured prefill overhead pooling / gate / MHA +0.9 / +1.2 /
+# +6.0% at 64 against +2.8 / +1.3 / +9.2% at 256 (per-layer only: +1.9 / +3.4 / +12.8%).
+STACKED_PASS_TOKENS = 64
 
 
 def _wrapper(module, kind: str, stacked: bool = False):

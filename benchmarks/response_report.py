@@ -324,7 +324,7 @@ def render(doc: dict) -> str:
             f"| re-run every {g['every']} tokens | {g['mean_calls']:.2f} | {g['rerun_ms_per_response']:.1f} | "
             f"{g['rerun_ms_per_token']:.3f} |",
         ]
-        for m, p in (b1 or {}).get("probes", {}).items():
+        for m, p in (b1["probes"] if b1 else {}).items():
             lines.append(f"| (streaming {m} probe, batch 1) | — | — | {p['overhead_ms']:+.3f} (decode-step overhead) |")
         m = cost["machine"]
         lines += [

@@ -318,12 +318,7 @@ def _fuse_prompt_probe(
 
     dims = (stream.num_layers + 1, stream.hidden_size, stream.vocab_size, surgery.opset_of(graph))
     probe = export_probe(p.module, p.spec.input, *dims, stacked=stacked)
-    inits = {t.name for t in probe.graph.initializer}
-    wanted = [i.name for i in probe.graph.input if i.name not in inits]
-    feeds = {k: v for k, v in sources.items() if k in wanted}  # fuse_probe names any input left unfed
-    before = set(map(id, graph.nodes))
-    outs = surgery.fuse_probe(graph, probe, prefix, feeds, boundary)
-    return [n for n in graph.nodes if id(n) not in before], outs
+    return surgery.fuse_probe_nodes(graph, probe, prefix, sources, boundary)
 
 
 def host_feeds(graph, stream, kind: str) -> dict[str, str]:

@@ -80,11 +80,7 @@ def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto, stacked: onnx.
         """-> (its nodes, its outputs)."""
         # the probe graph's own state inputs are renamed so that, prefixed, they do not take the host names
         _rename_inputs(proto, {f"past_{s['name']}": f"in_{s['name']}" for s in p.spec.state})
-        inits = {t.name for t in proto.graph.initializer}
-        wanted = {i.name for i in proto.graph.input if i.name not in inits}
-        before = set(map(id, graph.nodes))
-        outs = surgery.fuse_probe(graph, proto, prefix, {k: v for k, v in feeds.items() if k in wanted}, boundary)
-        return [n for n in graph.nodes if id(n) not in before], outs
+        return surgery.fuse_probe_nodes(graph, proto, prefix, feeds, boundary)
 
     nodes, outs = fuse(probe, p.spec.name)
     if stacked is not None:

@@ -13,6 +13,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     probe_attention_mask(graph, s)        -> attention_mask[:, -T:] (valid in decode steps too)
     last_position_logits(graph, s)        -> logits[:, -1, :] as [B, V] (input of MULI probes)
     fuse_probe(graph, probe, name, feeds) merge a probe graph under the prefix ``name/``
+    fuse_probe_nodes(graph, probe, name, sources)  the same, fed from a superset -> (nodes, outputs)
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
@@ -237,6 +238,20 @@ def fuse_probe(
     ]
     graph.outputs.extend(sub.outputs)
     return [o.name for o in sub.outputs]
+
+
+def fuse_probe_nodes(
+    graph: gs.Graph, probe: onnx.ModelProto, name: str, sources: dict[str, str], boundary: bool = True
+) -> tuple[list[gs.Node], list[str]]:
+    """``fuse_probe`` fed from ``sources`` (host tensors by probe input name, possibly more than this
+    probe graph takes: the others are left out, and one it takes that ``sources`` lacks is still
+    ``fuse_probe``'s error). -> (the nodes it added, its outputs): what ``prefill_only`` and
+    ``short_pass`` move into a branch."""
+    inits = {t.name for t in probe.graph.initializer}
+    wanted = {i.name for i in probe.graph.input if i.name not in inits}
+    before = set(map(id, graph.nodes))
+    outs = fuse_probe(graph, probe, name, {k: v for k, v in sources.items() if k in wanted}, boundary)
+    return [n for n in graph.nodes if id(n) not in before], outs
 
 
 def branch(

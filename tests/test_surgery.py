@@ -304,9 +304,9 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only():
     feeds_ = dict(zip(state_names(3), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
 
     def fuse(probe, prefix, form):
-        before = set(map(id, host.nodes))
-        outs = surgery.fuse_probe(host, export_probe(probe, "hidden_states", 3, D, V, 18, stacked=form), prefix, feeds_)
-        return [n for n in host.nodes if id(n) not in before], outs
+        return surgery.fuse_probe_nodes(
+            host, export_probe(probe, "hidden_states", 3, D, V, 18, stacked=form), prefix, feeds_
+        )
 
     long = fuse(per_layer, "tox", False)
     short = fuse(stacked, "tox/short", True)

@@ -231,10 +231,12 @@ def export_stream_probe(
     names = state_names(num_states) + ["mask"] + [f"past_{n}" for n in state]
     outputs = ["logits", "probs"] + [f"present_{n}" for n in state]
 
-    def feeds(seed: int, past: list[torch.Tensor]) -> tuple:  # B = 2, T = 3; row 1 skips its first token
+    def feeds(seed: int, past: list[torch.Tensor]) -> tuple:  # B = 2, T = 3 (stacked: 1); row 1 skips a token
         g = torch.Generator().manual_seed(seed)
-        layers = tuple(torch.randn(2, 3, hidden_size, generator=g) for _ in range(num_states))  # [B, T, d] each
-        return (*layers, torch.tensor([[1, 1, 1], [0, 1, 1]]), *past)
+        t = 1 if stacked else 3  # the stacked form folds one token per row (a decode pass)
+        layers = tuple(torch.randn(2, t, hidden_size, generator=g) for _ in range(num_states))  # [B, T, d] each
+        mask = torch.tensor([[1], [seed]]) if stacked else torch.tensor([[1, 1, 1], [0, 1, 1]])  # stacked: row 1 waits
+        return (*layers, mask, *past)
 
     axes = {n: {0: "batch", 1: "sequence"} for n in names[: num_states + 1]}
     axes |= {n: {1: "batch"} for n in names[num_states + 1 :] + outputs[2:]}  # state: the batch on axis 1

@@ -58,11 +58,24 @@ def fp32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
-def rms_normalise(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """x / sqrt(mean(x^2) + eps) over the last axis (one fused norm pass: ~2x faster on CPU)."""
+RMS_EPS = 1e-6
+
+
+def inv_rms(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """1 / sqrt(mean(x^2) + eps) over the last axis, keeping it (one fused norm pass: ~2x faster on CPU)."""
     d = float(x.shape[-1])  # the width is fixed: a constant in an exported graph, not shape arithmetic
-    ms = torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / d
-    return x * torch.rsqrt(ms + eps)
+    return torch.rsqrt(torch.linalg.vector_norm(x, dim=-1, keepdim=True).pow(2) / d + eps)
+
+
+def inv_rms_product(x: torch.Tensor, d: int) -> torch.Tensor:
+    """``inv_rms`` of x [..., d] with the mean square as a product with a constant column: ONNX Runtime's CPU
+    ReduceL2 is ~2x slower (the streaming decode form's). ``d``: a Python int (no shape arithmetic)."""
+    return torch.rsqrt((x * x) @ x.new_full((d, 1), 1.0 / d) + RMS_EPS)
+
+
+def rms_normalise(x: torch.Tensor, eps: float = RMS_EPS) -> torch.Tensor:
+    """x / sqrt(mean(x^2) + eps) over the last axis."""
+    return x * inv_rms(x, eps)
 
 
 # The streaming fold's layer slices: ``slice(i, i + 1)`` per layer, or EVERY (the stacked decode form),
@@ -149,6 +162,24 @@ class Probe(nn.Module):
             x = (x - self.in_mean[layers, None, None]) * self.in_inv_std[layers, None, None]
         return x
 
+    def normalised_matmul(self, x: torch.Tensor, w: torch.Tensor, layers: slice, r=None) -> torch.Tensor:
+        """``normalise(x, layers) @ w`` without the normalised copy of x: x [G, B, T, d] as the layers hold it,
+        w [G, d, k] -> [G, B*T, k]. The normalisation is a per-token scale r = 1/rms(x) and, "standard", a
+        per-layer affine map (x - mean) * inv_std, so it moves onto the product's sides:
+        r * (x @ (inv_std * w)) - (mean * inv_std) @ w, with the weight terms constant (folded in an export).
+        One pass over x for r and one GEMM per layer, where normalising first costs ~6 passes over it.
+        ``r``: the tokens' scales [G, B*T, 1] when the caller has them (``inv_rms_product``)."""
+        G, d = self.count(layers), self.hidden_size
+        x = fp32(x).reshape(G, -1, d)  # [G, B*T, d]
+        if self.input_norm == "standard":
+            inv_std = self.in_inv_std[layers]  # [G, d]
+            shift = (self.in_mean[layers] * inv_std)[:, None] @ w  # [G, 1, k]
+            w = inv_std[..., None] * w
+        y = x @ w  # [G, B*T, k]
+        if self.input_norm != "none":
+            y = y * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
+        return y - shift if self.input_norm == "standard" else y
+
     def count(self, modules: slice) -> int:
         """How many of the L+1 layers (MHA: L+2 stacked modules) ``modules`` names (a Python int: no shape
         arithmetic in an export). EVERY: the L+1 layers."""
@@ -173,19 +204,25 @@ class Probe(nn.Module):
         """The summary v [B, d] the head reads (what a head-only probe is trained on)."""
         return self.aggregate(*self.prepare(states, mask))
 
-    def each_layer(self, layers: list[torch.Tensor]):
-        """The L+1 layer tensors [B, T, d] one at a time: (slice i:i+1, normalised x [1, B, T, d]),
-        so no [L+1, B, T, d] copy is ever built."""
+    def each_layer(self, layers: list[torch.Tensor], normalised: bool = True):
+        """The L+1 layer tensors [B, T, d] one at a time: (slice i:i+1, x [1, B, T, d], normalised unless
+        ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
         if len(layers) != self.num_layers:
             raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
         for i, x in enumerate(layers):
             one = slice(i, i + 1)
-            yield one, self.normalise(x[None], one)
+            yield one, self.normalise(x[None], one) if normalised else x[None]
+
+    def tokens_raw(self, x: torch.Tensor, m: torch.Tensor, layers: slice) -> torch.Tensor:
+        """``tokens(normalise(x, layers), m, layers)`` of x [G, B, T, d] as the layers hold it (the exported
+        forms'). A family whose stage 1 reads x through products overrides it with the normalisation moved
+        onto them (``normalised_matmul``): no normalised copy of the states."""
+        return self.tokens(self.normalise(x, layers), m, layers)
 
     def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``features(torch.stack(layers), mask)``, stage 1 one layer at a time: layers L+1 x [B, T, d]."""
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        v = [self.tokens(x, m, one) for one, x in self.each_layer(layers)]  # L+1 x [1, B, d]
+        v = [self.tokens_raw(x, m, one) for one, x in self.each_layer(layers, normalised=False)]  # L+1 x [1, B, d]
         return self.combine(torch.cat(v))  # [L+1, B, d] -> [B, d]
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -203,7 +240,8 @@ class Probe(nn.Module):
         """``forward`` on the L+1 layer tensors [B, T, d] through one stacked copy: a few ops over all
         layers where ``forward_layers`` runs a few per layer (an exported short pass's form: per-op
         overhead, not the copy, dominates its cost)."""
-        return self.forward(self.stack(layers), mask)
+        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
+        return self.head(self.combine(self.tokens_raw(self.stack(layers), m, slice(0, self.num_layers))))
 
     def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
@@ -212,9 +250,13 @@ class Probe(nn.Module):
     # --- streaming form: stage 1 as a recurrent state over the tokens folded in so far ---------------
     # A family streams by setting ``streamable`` and defining three hooks: ``state_shapes(batch)``,
     # ``fold(state, layers, m)`` (this pass's tokens into the state) and ``summaries(state)`` (the
-    # stage-1 summaries v [L+1, B, d]); stage 2 and the head are recomputed from those every pass.
+    # stage-1 summaries v [L+1, B, d]); stage 2 and the head are recomputed from those every pass (a family
+    # whose state holds less than the summaries overrides ``stream_logits`` instead: the gate's).
+    # ``fold_raw``: ``fold`` gets the layers as they are, not normalised (it normalises through
+    # ``normalised_matmul``, which needs no normalised copy).
 
     streamable = False
+    fold_raw = False
 
     def check_streamable(self) -> None:
         check_streamable(self)
@@ -241,16 +283,29 @@ class Probe(nn.Module):
         to fold in; 0 = ignore it: prompt, padding, a finished row). A row masked out entirely keeps its
         state unchanged. -> the new state (the old one is not modified).
 
-        ``stacked``: the same fold on one [L+1, B, T, d] copy of the layers, a few ops over all layers
-        instead of a few per layer. The decode pass's form (T = 1: the copy is one token's states, and
-        an exported graph runs ~30x fewer nodes); per layer, no copy is built (a long prefill)."""
+        ``stacked``: the decode pass's form, one token per row (T = 1): the same fold on one [L+1, B, d]
+        copy of the layers (``fold_one``), a few ops over all layers instead of a few per layer, and no
+        token axis (an exported graph runs ~30x fewer nodes); per layer, no copy is built (a long prefill)."""
         self.check_streamable()
         if len(state) != len(self.state_shapes(1)):
             raise ValueError(f"the state holds {len(self.state_shapes(1))} tensors, got {len(state)}")
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         if not stacked:
-            return self.fold(state, self.each_layer(layers), m)
-        return self.fold(state, [(EVERY, self.normalise(self.stack(layers), EVERY))], m)
+            return self.fold(state, self.each_layer(layers, normalised=not self.fold_raw), m)
+        if len(layers) != self.num_layers or layers[0].shape[1] != 1:
+            raise ValueError(
+                f"the stacked form folds one token per row of {self.num_layers} layers, not {len(layers)} "
+                f"layers of {layers[0].shape[1]} tokens"
+            )
+        x = torch.cat(layers, 0).reshape(self.num_layers, -1, self.hidden_size)  # [(L+1)*B, 1, d] -> [L+1, B, d]
+        if not self.fold_raw:
+            x = self.normalise(x[:, :, None], EVERY)[:, :, 0]
+        return self.fold_one(state, x, m[..., 0])
+
+    def fold_one(self, state: list[torch.Tensor], x: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
+        """``fold`` of one token per row: x [L+1, B, d] (normalised unless ``fold_raw``), m [1, B, 1]. A family
+        may override it with a form without the token axis (fewer ops in a decode pass)."""
+        return self.fold(state, [(EVERY, x[:, :, None])], m[..., None])
 
     def stream_logits(self, state: list[torch.Tensor]) -> torch.Tensor:
         """[B, C'] of the tokens folded in so far: ``forward`` over the whole prefix, from the state."""
@@ -358,30 +413,73 @@ class GateProbe(Probe):
         alpha = torch.softmax(self.scores(x, m, layers), dim=-1)  # [G, B, T]
         return (alpha.unsqueeze(-2) @ x).squeeze(-2)  # [G, B, d] (bmm: no permuted copy)
 
+    def tokens_raw(self, x, m, layers):
+        # sum_t alpha_t norm(x_t) = inv_std * sum_t (alpha_t r_t) x_t - mean * inv_std, as the weights sum to 1
+        G, d = self.count(layers), self.hidden_size
+        x = fp32(x)
+        x3 = x.reshape(G, -1, d)  # [G, B*T, d]
+        r = inv_rms_product(x3, d) if self.input_norm != "none" else None  # [G, B*T, 1]
+        s = self.normalised_matmul(x3, self.token_gates[layers][:, :, None], layers, r)  # [G, B*T, 1]
+        s = torch.tanh(s.reshape(x.shape[:3])).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
+        alpha = torch.softmax(s, dim=-1)
+        w = alpha if r is None else alpha * r.reshape(x.shape[:3])
+        v = (w.unsqueeze(-2) @ x).squeeze(-2)  # [G, B, d]: the weighted sum of the tokens as they are
+        if self.input_norm != "standard":
+            return v
+        return v * self.in_inv_std[layers, None] - (self.in_mean * self.in_inv_std)[layers, None]
+
+    # Streaming: stage 2's scores and the head are linear in each layer's summary (a weighted mean of the
+    # normalised tokens), so the state carries, per layer, the weighted sums of each token's readout
+    # z = norm(x) @ [layer_gate | head weights] [1 + C'] instead of the d-wide sum itself: one GEMM of the
+    # pass's tokens with [token gate | readout] weights (the normalisation folded in: normalised_matmul)
+    # gives both the token's score and its readout, and the state stays [L+1, B, 1 + C'].
     streamable = True
+    fold_raw = True
 
     def state_shapes(self, batch):
-        L1, d = self.num_layers, self.hidden_size
-        # per-layer online softmax: running max score, denominator sum exp(s - m), numerator sum exp(s - m) x
-        return [("m", (L1, batch)), ("l", (L1, batch)), ("acc", (L1, batch, d))]
+        L1, k = self.num_layers, 1 + self.head.out_features
+        # per-layer online softmax: running max score, denominator sum exp(s - m), sum exp(s - m) z
+        return [("m", (L1, batch)), ("l", (L1, batch)), ("acc", (L1, batch, k))]
+
+    def _fold_z(self, x, layers):
+        """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout."""
+        G, d = self.count(layers), self.hidden_size
+        readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
+        w = torch.cat([self.token_gates[layers][:, :, None], readout.expand(G, d, readout.shape[1])], -1)
+        return self.normalised_matmul(x, w, layers)  # [G, N, 2 + C']
 
     def fold(self, state, layers, m):
-        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, d]
+        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
         out = []
-        for one, x in layers:
-            s = self.scores(x, m, one)  # [G, B, T]: G = 1 (per layer) or L+1 (stacked)
+        for one, x in layers:  # x [G, B, T, d] as the layers hold it: G = 1 (per layer) or L+1 (stacked)
+            G, d = self.count(one), self.hidden_size
+            z = self._fold_z(x.reshape(G, -1, d), one).reshape(*x.shape[:3], -1)  # [G, B, T, 2 + C']
+            s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
             new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B]
             scale = torch.exp(rows(run_max, one) - new_max)  # [G, B]: rescales what was folded in before
             p = torch.exp(s - new_max[..., None]) * m[..., 0]  # [G, B, T]: the new tokens' weights
-            # elementwise, not p @ x: a decode pass (T = 1) would run G*B products of 1 x 1 x d
-            x_sum = (p[..., None] * x).sum(2)  # [G, B, d]
-            out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + x_sum))
+            z_sum = (p[..., None] * z[..., 1:]).sum(2)  # [G, B, 1 + C']
+            out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + z_sum))
         return [joined(t) for t in zip(*out)]
 
-    def summaries(self, state):
-        _, denom, acc = state
-        # l >= 1 once a token is seen (the max-scoring token weighs exp(0)); no token yet: 0
-        return acc / denom.clamp_min(1.0)[..., None]  # [L+1, B, d]
+    def fold_one(self, state, x, m):
+        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
+        z = self._fold_z(x, EVERY)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row
+        s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [L+1, B]
+        new_max = torch.maximum(run_max, s)
+        scale = torch.exp(run_max - new_max)  # [L+1, B]
+        p = torch.exp(s - new_max) * m[..., 0]  # [L+1, B]: the token's weight (0: not folded in)
+        return [new_max, denom * scale + p, acc * scale[..., None] + p[..., None] * z[..., 1:]]
+
+    def stream_logits(self, state):
+        """``head(combine(summaries))`` from the summaries' readouts: stage 2 weighs each layer by softmax over
+        layers of tanh(its readout's first column), and the head of the weighted sum is the weighted sum of the
+        readouts' head columns. A layer no token reached reads 0 (its summary is 0)."""
+        self.check_streamable()
+        _, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
+        z = acc / denom.clamp_min(1.0)[..., None]  # [L+1, B, 1 + C']: each summary's readout
+        beta = torch.softmax(torch.tanh(z[..., 0]), dim=0)  # [L+1, B]
+        return (beta[..., None] * z[..., 1:]).sum(0) + self.head.bias  # [B, C']
 
     def beta(self, v):
         """Stage-2 weights of the layer summaries v [L+1, B, d] -> [L+1, B]."""
@@ -473,14 +571,20 @@ class MHAProbe(Probe):
         each over its own tokens. Weights are reshaped per head (constants in an export, so one module's graph
         has no shape arithmetic); G = 1 (a layer of the per-layer form, or stage 2) attends in 4-D directly.
         ``m=None``: every token is real (stage 2's layer summaries: no mask ops in an export)."""
-        G = self.count(modules)
-        H, dh, d = self.heads, self.d_inner // self.heads, self.hidden_size
+        G, d = self.count(modules), self.hidden_size
         qkv = modules if self.query == "tokens" else slice(0, 1)  # "learned": only stage 2 self-attends
         # one GEMM per module over its B*T tokens (ONNX Runtime's CPU Einsum is several times slower)
         qkv_ = x.reshape(G, -1, d) @ self.w_qkv[qkv] + self.b_qkv[qkv, None]  # [G, B*T, 3*d_inner]
-        qkv_ = qkv_.reshape(*x.shape[:3], 3, H, dh).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, T, dh]
+        return self.attend_qkv(qkv_.reshape(*x.shape[:3], -1), m, modules)
+
+    def attend_qkv(self, qkv_, m, modules: slice):
+        """``attend`` from the modules' projected queries, keys and values qkv_ [G, B, T, 3*d_inner]."""
+        G, H, dh = self.count(modules), self.heads, self.d_inner // self.heads
+        qkv_ = qkv_.reshape(*qkv_.shape[:3], 3, H, dh).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, T, dh]
         q, k, v = qkv_.unbind(0)  # 3 x [G, B, H, T, dh]
-        keys = None if m is None else (m[..., 0] > 0)[:, :, None, None]  # [1, B, 1, 1, T]: True = a real key
+        # an additive mask [1, B, 1, 1, T]: 0 for a real key, NEG for padding (a boolean one exports as Where
+        # over the scores and a NaN check, ~10% of the probe graph's time)
+        keys = None if m is None else ((m[..., 0] - 1.0) * -NEG)[:, :, None, None]
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
         # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
         # Its CPU kernels take 4-D inputs only: G > 1 modules attend with modules x batch as one axis.
@@ -504,13 +608,17 @@ class MHAProbe(Probe):
     # training never builds [B, T, d_inner] keys or values (the streaming fold builds the values of
     # this pass's tokens: one GEMM, where a decode pass's T = 1 would make ``values`` G*H tiny products).
 
-    def scores(self, x, m, layers):
-        """x [G, B, T, d], m [1, B, T, 1] -> the masked scores q . k_t / sqrt(dh) [G, B, H, T] (NEG: padding)."""
+    def score_weights(self, layers):
+        """-> u [G, d, H]: a token x's scores q . k / sqrt(dh) are x @ u (weights only: constant-folded)."""
         G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
         w_k = self.w_kv[layers, :, : self.d_inner].reshape(G, d, H, dh)  # [G, d, H, dh]
-        u = (w_k * self.queries[layers][:, None]).sum(-1) * dh**-0.5  # [G, d, H]: weights only (constant-folded)
-        s = (x.reshape(G, -1, d) @ u).reshape(*x.shape[:3], H).transpose(2, 3)  # [G, B*T, H] -> [G, B, H, T]
-        return s.masked_fill(m[..., 0][:, :, None] == 0, NEG)
+        return (w_k * self.queries[layers][:, None]).sum(-1) * dh**-0.5  # [G, d, H]
+
+    def scores(self, x, m, layers):
+        """x [G, B, T, d], m [1, B, T, 1] -> the masked scores q . k_t / sqrt(dh) [G, B, H, T] (NEG: padding)."""
+        G, H, d = self.count(layers), self.heads, self.hidden_size
+        s = (x.reshape(G, -1, d) @ self.score_weights(layers)).reshape(*x.shape[:3], H)  # [G, B, T, H]
+        return s.transpose(2, 3).masked_fill(m[..., 0][:, :, None] == 0, NEG)  # [G, B, H, T]
 
     def values(self, xs, layers):
         """xs [G, B, H, d] (per head, a weighted sum of tokens x) -> the same sum of values [G, B, H, dh]."""
@@ -518,16 +626,16 @@ class MHAProbe(Probe):
         w_v = self.w_kv[layers, :, self.d_inner :].reshape(G, d, H, dh).transpose(1, 2)  # [G, H, d, dh]
         return (xs.transpose(1, 2) @ w_v).transpose(1, 2)  # [G, H, B, dh] -> [G, B, H, dh]
 
-    def token_values(self, x, layers):
-        """x [G, B, T, d] -> every token's values [G, B, T, H, dh]: one GEMM per layer over its B*T tokens (the
-        streaming fold's order: a decode pass has one token, where ``values`` would run G*H tiny products)."""
-        G, H, dh, d = self.count(layers), self.heads, self.d_inner // self.heads, self.hidden_size
-        v = x.reshape(G, -1, d) @ self.w_kv[layers, :, self.d_inner :]  # [G, B*T, d_inner]
-        return v.reshape(*x.shape[:3], H, dh)
-
     def project(self, o, layers):
         """The heads' outputs o [G, B, H, dh] -> v [G, B, d] (output projection + bias): one GEMM per module."""
         return o.flatten(2) @ self.w_o[layers] + self.b_o[layers, None]  # [G, B, d_inner] @ [G, d_inner, d]
+
+    def tokens_raw(self, x, m, layers):
+        if self.query != "tokens":
+            return super().tokens_raw(x, m, layers)
+        # attend's projection from the tokens as they are: normalised_matmul folds the normalisation in
+        qkv_ = self.normalised_matmul(x, self.w_qkv[layers], layers) + self.b_qkv[layers, None]  # [G, B*T, 3*d_inner]
+        return self.attend_qkv(qkv_.reshape(*x.shape[:3], -1), m, layers)
 
     def tokens(self, x, m, layers):  # the stage-1 modules of these layers, each over its layer's tokens
         if self.query == "tokens":
@@ -548,27 +656,59 @@ class MHAProbe(Probe):
         # per layer and head an online softmax: running max score, denominator, weighted value sum
         return [("m", (L1, batch, H)), ("l", (L1, batch, H)), ("acc", (L1, batch, H, self.d_inner // H))]
 
+    fold_raw = True  # the fold normalises through normalised_matmul
+
     def fold(self, state, layers, m):
         run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
+        H, dh = self.heads, self.d_inner // self.heads
         out = []
-        for one, x in layers:
-            s = self.scores(x, m, one)  # [G, B, H, T]: G = 1 (per layer) or L+1 (stacked)
+        for one, x in layers:  # x [G, B, T, d] as the layers hold it: G = 1 (per layer) or L+1 (stacked)
+            # the scores and the values of this pass's tokens from one GEMM per layer: [G, B*T, H + d_inner]
+            w = torch.cat([self.score_weights(one), self.w_kv[one, :, self.d_inner :]], -1)  # [G, d, H + d_inner]
+            z = self.normalised_matmul(x, w, one).reshape(*x.shape[:3], H + self.d_inner)  # [G, B, T, H + d_inner]
+            s = z[..., :H].transpose(2, 3).masked_fill(m[..., 0][:, :, None] == 0, NEG)  # [G, B, H, T]
+            values = z[..., H:].reshape(*x.shape[:3], H, dh)  # [G, B, T, H, dh]
             new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B, H]
             scale = torch.exp(rows(run_max, one) - new_max)  # [G, B, H]: rescales what was folded in before
             p = torch.exp(s - new_max[..., None]) * m[..., 0][:, :, None]  # [G, B, H, T]: the new tokens' weights
-            v_sum = (p.transpose(2, 3)[..., None] * self.token_values(x, one)).sum(2)  # [G, B, H, dh]
+            v_sum = (p.transpose(2, 3)[..., None] * values).sum(2)  # [G, B, H, dh]
             out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + v_sum))
         return [joined(t) for t in zip(*out)]
 
-    def summaries(self, state):
+    def fold_one(self, state, x, m):
+        run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
+        H, dh = self.heads, self.d_inner // self.heads
+        w = torch.cat([self.score_weights(EVERY), self.w_kv[:, :, self.d_inner :]], -1)  # [L+1, d, H + d_inner]
+        z = self.normalised_matmul(x, w, EVERY)  # [L+1, B, H + d_inner]: x [L+1, B, d], one token per row
+        s = z[..., :H].masked_fill(m == 0, NEG)  # [L+1, B, H]
+        new_max = torch.maximum(run_max, s)
+        scale = torch.exp(run_max - new_max)  # [L+1, B, H]
+        p = torch.exp(s - new_max) * m  # [L+1, B, H]: the token's weight (0: not folded in)
+        values = z[..., H:].reshape(self.num_layers, -1, H, dh)  # [L+1, B, H, dh]
+        return [new_max, denom * scale + p, acc * scale[..., None] + p[..., None] * values]
+
+    def heads_out(self, state):
+        """The state -> each layer's heads' outputs with a last 1 while a token has been seen, o [L+1, B,
+        d_inner + 1], and the output projection with the bias as its last row, w [L+1, d_inner + 1, d]:
+        the summaries are o @ w (0, not b_o, for a layer no token reached yet)."""
         _, denom, acc = state
-        # l >= 1 once a token is seen (the max-scoring token weighs exp(0)); no token yet: 0 (not b_o)
         L1 = self.num_layers
-        seen = (denom[..., :1] > 0).to(acc.dtype)  # [L+1, B, 1]
+        seen = (denom[..., :1] > 0).to(acc.dtype)  # [L+1, B, 1]: l >= 1 once a token is seen (exp(0) at the max)
         o = torch.cat([(acc / denom.clamp_min(1.0)[..., None]).flatten(2), seen], -1)  # [L+1, B, d_inner + 1]
-        # project(o) with the bias as a last weight row, read through ``seen``: one GEMM, and 0 (not b_o) for
-        # a layer no token reached yet
-        return o @ torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)  # [L+1, B, d]
+        return o, torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)
+
+    def summaries(self, state):
+        o, w = self.heads_out(state)
+        return o @ w  # [L+1, B, d]: one GEMM
+
+    def stream_logits(self, state):
+        """``head(combine(summaries(state)))`` without the [L+1, B, d] summaries: stage 2's first step is a
+        linear map of them (qkv = v @ w_qkv + b_qkv), so it reads the heads' outputs through the product of
+        the two weights, [L+1, d_inner + 1, 3*d_inner] (constant-folded)."""
+        self.check_streamable()
+        o, w = self.heads_out(state)  # [L+1, B, d_inner + 1], [L+1, d_inner + 1, d]
+        qkv_ = (o @ (w @ self.w_qkv[0])).transpose(0, 1)[None] + self.b_qkv[0]  # [1, B, L+1, 3*d_inner]
+        return self.head(self.attend_qkv(qkv_, None, slice(self.num_layers, self.num_layers + 1))[0])
 
 
 # --- MHA's search space: the paper's downcast factors and head counts -------------------------------

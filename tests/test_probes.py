@@ -259,7 +259,9 @@ PER_LAYER_CASES = (
 
 @pytest.mark.parametrize("method,params", PER_LAYER_CASES, ids=lambda c: str(c))
 def test_per_layer_form_equals_the_stacked_form(method, params):
-    """forward_layers (the exported form: stage 1 one layer at a time) is forward on the stacked states."""
+    """forward_layers (the exported form: stage 1 one layer at a time) and forward_stacked (a short pass's
+    exported form; both read the states as they are, the normalisation moved onto the products where a
+    family does) are forward on the stacked states."""
     torch.manual_seed(0)
     probe = build_method(method, 4, 16, 3, **params).eval()
     if params.get("input_norm") == "standard":
@@ -269,6 +271,8 @@ def test_per_layer_form_equals_the_stacked_form(method, params):
         x, mask = pad(states, lengths, 12, side, 1e4)
         ref = probe(x, mask)
         torch.testing.assert_close(probe.forward_layers(list(x), mask), ref, rtol=1e-5, atol=1e-6)
+        if hasattr(probe, "forward_stacked"):
+            torch.testing.assert_close(probe.forward_stacked(list(x), mask), ref, rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="reads 4 layers"):
         probe.forward_layers(list(x[:3]), mask)
 

@@ -1,0 +1,90 @@
+"""A probe's exported graph timed alone, as the fused artifact runs it (no LLM around it).
+
+    python -m singlepass.benchmarks.probe_graphs PROBE [PROBE ...] [--batches 1 8] [--tokens 48]
+        [--threads 2] [--repeats 7] [--runs 200]
+
+A response probe (``reads: response``) is timed in its decode-pass form: the stacked streaming graph
+(``export_stream_probe(stacked=True)``), one token per row. A prompt probe is timed in the two forms
+a prefill pass picks between (``export.fuse``): stacked (a pass of at most ``STACKED_PASS_TOKENS``
+tokens) and per layer, on ``--tokens`` tokens per row. Random float32 states (x 3) feed every
+layer. Prints the graph's node count and the median over ``--repeats`` of the mean time of
+``--runs`` runs, per batch size; what it takes against a decode step or a prefill pass of the
+LLM is what ``bench response --cost`` and ``bench peers`` measure. Nothing else should run meanwhile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+
+def _graph(module, cfg: dict, stacked: bool, opset: int):
+    from singlepass.export.fuse import export_probe, export_stream_probe
+
+    L1, d = module.num_layers, module.hidden_size
+    if cfg.get("reads") == "response":
+        return export_stream_probe(module, L1, d, opset, stacked=True)
+    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=stacked)
+
+
+def _time(sess, feed: dict, runs: int, repeats: int) -> float:
+    for _ in range(max(10, runs // 4)):
+        sess.run(None, feed)
+    means = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for _ in range(runs):
+            sess.run(None, feed)
+        means.append((time.perf_counter() - t) / runs)
+    return sorted(means)[len(means) // 2]
+
+
+def main(argv=None) -> int:
+    from singlepass.benchmarks.machine import ort_machine
+    from singlepass.export.fuse import STACKED_PASS_TOKENS
+    from singlepass.models.probe_io import load_probe
+    from singlepass.runtime.backends import ort_session
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("probes", nargs="+", help="probe folders (singlepass train outputs)")
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tokens", type=int, default=48, help="tokens per row of a prompt probe's pass")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--runs", type=int, default=200)
+    p.add_argument("--opset", type=int, default=23)
+    a = p.parse_args(argv)
+    print(ort_machine(), flush=True)
+    print("| probe | form | nodes | batch | tokens per row | ms |\n| --- | --- | ---: | ---: | ---: | ---: |")
+    rng = np.random.default_rng(0)
+    for folder in a.probes:
+        module, cfg = load_probe(folder)[:2]
+        module = module.eval()
+        response = cfg.get("reads") == "response"
+        forms = [("decode (stacked stream)", True)] if response else [("stacked", True), ("per layer", False)]
+        for form, stacked in forms:
+            proto = _graph(module, cfg, stacked, a.opset)
+            sess = ort_session(proto.SerializeToString(), a.threads)
+            for b in a.batches:
+                t = 1 if response else a.tokens
+                if not response and stacked and b * t > STACKED_PASS_TOKENS:
+                    form_note = f"{form} (the artifact runs it up to {STACKED_PASS_TOKENS} tokens a pass)"
+                else:
+                    form_note = form
+                feed = {
+                    f"state_{i}": (rng.standard_normal((b, t, module.hidden_size)) * 3).astype(np.float32)
+                    for i in range(module.num_layers)
+                } | {"mask": np.ones((b, t), np.int64)}
+                if response:
+                    for (name, _), init in zip(module.stream_state_shapes(b), module.stream_init(b)):
+                        feed[f"past_{name}"] = init.numpy()
+                wanted = {i.name for i in sess.get_inputs()}
+                ms = _time(sess, {k: v for k, v in feed.items() if k in wanted}, a.runs, a.repeats) * 1e3
+                print(f"| {folder} | {form_note} | {len(proto.graph.node)} | {b} | {t} | {ms:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

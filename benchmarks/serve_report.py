@@ -339,7 +339,9 @@ def render(res: dict) -> str:
         if rs:
             L += [
                 f"VmRSS grew {rs['growth']:+,.0f} MiB over the soak, {rs['growth_late']:+,.0f} MiB over its last "
-                "three quarters (the first minutes include ONNX Runtime's arenas growing to the batch sizes seen).",
+                "three quarters (the first minutes include the batch growing to its working set: up to the max "
+                "batch of rows, their KV caches and each pass's copies; and, for a server started with "
+                "`--memory-arena`, ONNX Runtime's arena growing to the shapes seen).",
                 "",
             ]
         if sk.get("error_kinds"):

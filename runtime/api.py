@@ -143,6 +143,7 @@ class Runtime:
         policy=None,
         refusal: str = pol.DEFAULT_REFUSAL,
         ignore_eos: bool = False,
+        memory_arena: bool = True,
     ):
         self.manifest: Manifest = artifact if isinstance(artifact, Manifest) else read_artifact(artifact)
         self.folder: Path = self.manifest.folder
@@ -152,7 +153,9 @@ class Runtime:
             raise SinglepassError(f"the refusal message must be a string, not {type(refusal).__name__}")
         self.refusal = refusal
         self.backend: Backend = (
-            backend if isinstance(backend, Backend) else select(self.folder, self.manifest, backend, engine, threads)
+            backend
+            if isinstance(backend, Backend)
+            else select(self.folder, self.manifest, backend, engine, threads, arena=memory_arena)
         )
         # ignore_eos: every row generates its full token budget (fixed work, for benchmarks)
         self.eos_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(self.manifest.tokenizer.eos_token_ids)
@@ -405,9 +408,12 @@ def load(
     policy=None,
     refusal: str = pol.DEFAULT_REFUSAL,
     ignore_eos: bool = False,
+    memory_arena: bool = True,
 ) -> Runtime:
-    """Open an artifact folder for serving (checks the folder, the policy and the backend)."""
-    return Runtime(artifact, backend, engine, threads, policy, refusal, ignore_eos)
+    """Open an artifact folder for serving (checks the folder, the policy and the backend).
+    ``memory_arena=False``: ONNX Runtime without its CPU memory arena (``runtime.backends.ort_session``;
+    what ``singlepass serve`` uses)."""
+    return Runtime(artifact, backend, engine, threads, policy, refusal, ignore_eos, memory_arena)
 
 
 def generate(

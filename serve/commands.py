@@ -36,6 +36,7 @@ def cmd_serve(args) -> int:
         ignore_eos=args.ignore_eos,
         guard=args.guard,
         guard_threads=args.guard_threads,
+        memory_arena=args.memory_arena,
     )
     if not args.ray:
         if args.replicas is not None or args.autoscale or args.ray_address or args.ray_metrics_port:
@@ -128,6 +129,13 @@ def register(sub) -> None:
     )
     p.add_argument("--engine", default=None, help="TensorRT engine file of the artifact (default: the last built)")
     p.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads (default: all cores)")
+    p.add_argument(
+        "--memory-arena",
+        action="store_true",
+        help="keep ONNX Runtime's CPU memory arena (default: off; the arena keeps the memory of every batch "
+        "size and width served, and the server's RSS grows with it: 223 -> 1,295 MiB over 60 mixed passes "
+        "here, ~0.5 GiB without it, at the same step time)",
+    )
     p.add_argument(
         "--guard",
         default=None,

@@ -78,7 +78,7 @@ def load_scorer(folder: str | os.PathLike, threads: int | None = None) -> Scorer
     from singlepass.runtime.backends import ort_session
 
     guard = ClassifierGuard(check_folder(folder), threads)
-    guard.sess = ort_session(guard.folder / "model.onnx", threads, spinning=False)
+    guard.sess = ort_session(guard.folder / "model.onnx", threads, spinning=False, arena=False)
     return guard
 
 

@@ -78,6 +78,7 @@ class Options:
     ignore_eos: bool = False  # every request generates its whole budget (fixed work, for benchmarks)
     guard: str | None = None  # a ClassifierGuard folder: guard-then-serve (guard.py)
     guard_threads: int | None = None  # its ONNX Runtime threads (default: --threads)
+    memory_arena: bool = False  # ONNX Runtime's CPU arena: off, or RSS grows with every shape served
 
 
 class ApiError(Exception):
@@ -160,7 +161,13 @@ class ServerState:
         o = self.options
         try:
             rt = self.runtime or load(
-                self.artifact, backend=o.backend, engine=o.engine, threads=o.threads, policy=o.policy, refusal=o.refusal
+                self.artifact,
+                backend=o.backend,
+                engine=o.engine,
+                threads=o.threads,
+                policy=o.policy,
+                refusal=o.refusal,
+                memory_arena=o.memory_arena,
             )
             self.runtime = rt
             if self.scorer is not None or o.guard:

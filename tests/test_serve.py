@@ -1121,3 +1121,25 @@ def test_schemathesis_finds_no_server_error(srv, tmp_path):
             check()
     assert not failures, failures[:3]
     assert len(statuses) >= 20 and 200 in statuses, statuses
+
+
+def test_the_server_loads_the_artifact_without_the_memory_arena(art):
+    """``singlepass serve`` opens its session without ONNX Runtime's CPU memory arena (which keeps the memory
+    of every batch size and width served); ``--memory-arena`` keeps it; ``load`` keeps it by default."""
+    from singlepass.serve.commands import register
+
+    def arena(rt) -> bool:
+        return rt.backend.session.get_session_options().enable_cpu_mem_arena
+
+    assert arena(load(art, backend="cpu", threads=1)) is True
+    for opts, want in (({}, False), ({"memory_arena": True}, True)):
+        with server(artifact=str(art), backend="cpu", threads=1, **opts) as s:
+            assert s.st.ready and arena(s.st.runtime) is want
+            out = client(s.url).completions.create(model=MODEL, prompt="Hi", max_tokens=3, temperature=0)
+            assert out.choices[0].text == load(art, backend="cpu", threads=1).generate("Hi", 3).text
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    assert parser.parse_args(["serve", "x"]).memory_arena is False
+    assert parser.parse_args(["serve", "x", "--memory-arena"]).memory_arena is True

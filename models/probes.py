@@ -93,6 +93,20 @@ def joined(parts: list[torch.Tensor]) -> torch.Tensor:
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 
+def softmax_fold(run_max: torch.Tensor, s: torch.Tensor, keep: torch.Tensor):
+    """One online-softmax step of a streaming fold: the running max score run_max [...], this pass's scores
+    s [..., T] (NEG where masked) and keep [..., T] (1: a token to fold in, else 0) -> (the new running max
+    [...], the rescale of what was folded in before [...], the new tokens' weights p [..., T])."""
+    new_max = torch.maximum(run_max, s.amax(-1))
+    return new_max, torch.exp(run_max - new_max), torch.exp(s - new_max[..., None]) * keep
+
+
+def softmax_fold_one(run_max: torch.Tensor, s: torch.Tensor, keep: torch.Tensor):
+    """``softmax_fold`` of one token per row, without the token axis (a decode pass): s, keep [...]."""
+    new_max = torch.maximum(run_max, s)
+    return new_max, torch.exp(run_max - new_max), torch.exp(s - new_max) * keep
+
+
 def layer_sum(v: torch.Tensor, n: int, d: int) -> torch.Tensor:
     """v [n, B, d] summed over its leading (layer) axis -> [B, d], as one [1, n] x [n, B*d] product: ONNX
     Runtime's CPU ReduceSum over a leading axis is ~10x slower (measured 167 vs 16 us on [31, 8, 576], 2
@@ -251,7 +265,8 @@ class Probe(nn.Module):
     # A family streams by setting ``streamable`` and defining three hooks: ``state_shapes(batch)``,
     # ``fold(state, layers, m)`` (this pass's tokens into the state) and ``summaries(state)`` (the
     # stage-1 summaries v [L+1, B, d]); stage 2 and the head are recomputed from those every pass (a family
-    # whose state holds less than the summaries overrides ``stream_logits`` instead: the gate's).
+    # whose stage 2 can read its state without building the summaries overrides ``stream_logits`` instead:
+    # the gate's and the MHA's).
     # ``fold_raw``: ``fold`` gets the layers as they are, not normalised (it normalises through
     # ``normalised_matmul``, which needs no normalised copy).
 
@@ -452,13 +467,11 @@ class GateProbe(Probe):
     def fold(self, state, layers, m):
         run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
         out = []
-        for one, x in layers:  # x [G, B, T, d] as the layers hold it: G = 1 (per layer) or L+1 (stacked)
+        for one, x in layers:  # x [G, B, T, d] as the layers hold it (G = 1: per layer; decode passes: fold_one)
             G, d = self.count(one), self.hidden_size
             z = self._fold_z(x.reshape(G, -1, d), one).reshape(*x.shape[:3], -1)  # [G, B, T, 2 + C']
             s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
-            new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B]
-            scale = torch.exp(rows(run_max, one) - new_max)  # [G, B]: rescales what was folded in before
-            p = torch.exp(s - new_max[..., None]) * m[..., 0]  # [G, B, T]: the new tokens' weights
+            new_max, scale, p = softmax_fold(rows(run_max, one), s, m[..., 0])  # [G, B], [G, B], [G, B, T]
             z_sum = (p[..., None] * z[..., 1:]).sum(2)  # [G, B, 1 + C']
             out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + z_sum))
         return [joined(t) for t in zip(*out)]
@@ -467,9 +480,7 @@ class GateProbe(Probe):
         run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
         z = self._fold_z(x, EVERY)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row
         s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [L+1, B]
-        new_max = torch.maximum(run_max, s)
-        scale = torch.exp(run_max - new_max)  # [L+1, B]
-        p = torch.exp(s - new_max) * m[..., 0]  # [L+1, B]: the token's weight (0: not folded in)
+        new_max, scale, p = softmax_fold_one(run_max, s, m[..., 0])  # p [L+1, B]: the token's weight (0: not folded in)
         return [new_max, denom * scale + p, acc * scale[..., None] + p[..., None] * z[..., 1:]]
 
     def stream_logits(self, state):
@@ -663,15 +674,13 @@ class MHAProbe(Probe):
         run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         H, dh = self.heads, self.d_inner // self.heads
         out = []
-        for one, x in layers:  # x [G, B, T, d] as the layers hold it: G = 1 (per layer) or L+1 (stacked)
+        for one, x in layers:  # x [G, B, T, d] as the layers hold it (G = 1: per layer; decode passes: fold_one)
             # the scores and the values of this pass's tokens from one GEMM per layer: [G, B*T, H + d_inner]
             w = torch.cat([self.score_weights(one), self.w_kv[one, :, self.d_inner :]], -1)  # [G, d, H + d_inner]
             z = self.normalised_matmul(x, w, one).reshape(*x.shape[:3], H + self.d_inner)  # [G, B, T, H + d_inner]
             s = z[..., :H].transpose(2, 3).masked_fill(m[..., 0][:, :, None] == 0, NEG)  # [G, B, H, T]
             values = z[..., H:].reshape(*x.shape[:3], H, dh)  # [G, B, T, H, dh]
-            new_max = torch.maximum(rows(run_max, one), s.amax(-1))  # [G, B, H]
-            scale = torch.exp(rows(run_max, one) - new_max)  # [G, B, H]: rescales what was folded in before
-            p = torch.exp(s - new_max[..., None]) * m[..., 0][:, :, None]  # [G, B, H, T]: the new tokens' weights
+            new_max, scale, p = softmax_fold(rows(run_max, one), s, m[..., 0][:, :, None])  # p [G, B, H, T]
             v_sum = (p.transpose(2, 3)[..., None] * values).sum(2)  # [G, B, H, dh]
             out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + v_sum))
         return [joined(t) for t in zip(*out)]
@@ -682,32 +691,22 @@ class MHAProbe(Probe):
         w = torch.cat([self.score_weights(EVERY), self.w_kv[:, :, self.d_inner :]], -1)  # [L+1, d, H + d_inner]
         z = self.normalised_matmul(x, w, EVERY)  # [L+1, B, H + d_inner]: x [L+1, B, d], one token per row
         s = z[..., :H].masked_fill(m == 0, NEG)  # [L+1, B, H]
-        new_max = torch.maximum(run_max, s)
-        scale = torch.exp(run_max - new_max)  # [L+1, B, H]
-        p = torch.exp(s - new_max) * m  # [L+1, B, H]: the token's weight (0: not folded in)
+        new_max, scale, p = softmax_fold_one(run_max, s, m)  # p [L+1, B, H]: the token's weight (0: not folded in)
         values = z[..., H:].reshape(self.num_layers, -1, H, dh)  # [L+1, B, H, dh]
         return [new_max, denom * scale + p, acc * scale[..., None] + p[..., None] * values]
 
-    def heads_out(self, state):
-        """The state -> each layer's heads' outputs with a last 1 while a token has been seen, o [L+1, B,
-        d_inner + 1], and the output projection with the bias as its last row, w [L+1, d_inner + 1, d]:
-        the summaries are o @ w (0, not b_o, for a layer no token reached yet)."""
-        _, denom, acc = state
+    def stream_logits(self, state):
+        """``head(combine(summaries))`` without the [L+1, B, d] summaries. A layer's summary is its heads'
+        outputs o (with a last 1 while a token has been seen) times the output projection w (with the bias
+        as its last row): 0, not b_o, for a layer no token reached yet. Stage 2's first step is a linear map
+        of the summaries (qkv = v @ w_qkv + b_qkv), so it reads o through the product of the two weights,
+        [L+1, d_inner + 1, 3*d_inner] (constant-folded)."""
+        self.check_streamable()
+        _, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         L1 = self.num_layers
         seen = (denom[..., :1] > 0).to(acc.dtype)  # [L+1, B, 1]: l >= 1 once a token is seen (exp(0) at the max)
         o = torch.cat([(acc / denom.clamp_min(1.0)[..., None]).flatten(2), seen], -1)  # [L+1, B, d_inner + 1]
-        return o, torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)
-
-    def summaries(self, state):
-        o, w = self.heads_out(state)
-        return o @ w  # [L+1, B, d]: one GEMM
-
-    def stream_logits(self, state):
-        """``head(combine(summaries(state)))`` without the [L+1, B, d] summaries: stage 2's first step is a
-        linear map of them (qkv = v @ w_qkv + b_qkv), so it reads the heads' outputs through the product of
-        the two weights, [L+1, d_inner + 1, 3*d_inner] (constant-folded)."""
-        self.check_streamable()
-        o, w = self.heads_out(state)  # [L+1, B, d_inner + 1], [L+1, d_inner + 1, d]
+        w = torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)  # [L+1, d_inner + 1, d]
         qkv_ = (o @ (w @ self.w_qkv[0])).transpose(0, 1)[None] + self.b_qkv[0]  # [1, B, L+1, 3*d_inner]
         return self.head(self.attend_qkv(qkv_, None, slice(self.num_layers, self.num_layers + 1))[0])
 

@@ -26,11 +26,14 @@ def cmd_export(args) -> int:
         max_prompt_length=args.max_prompt_length,
         max_total_length=args.max_total_length,
         cache_dir=args.cache_dir,
+        calibration=args.calibration,
+        calibration_rows=args.calibration_rows,
+        data_dir=args.data_dir,
     )
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
     print(
         f"wrote {s['artifact']} ({_mb(s['bytes'])}) in {s['seconds']} s "
-        f"(export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
+        f"(calibration {s['calibration_seconds']} s, export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
         f"{s['validation_seconds']} s)"
     )
     print(f"validation passed ({s['weights']} weights); max |diff| vs PyTorch: {worst}")
@@ -90,6 +93,7 @@ def cmd_build_engine(args) -> int:
 
 
 def register(sub) -> None:
+    from singlepass.export.calibrate import DEFAULT_CALIBRATION, DEFAULT_ROWS
     from singlepass.export.llm import DEFAULT_OPSET
     from singlepass.export.quantize import DEFAULT_WEIGHTS, WEIGHTS
 
@@ -136,6 +140,18 @@ def register(sub) -> None:
         help="decoder MatMul weights: int4 (layers 4-bit, lm_head 8-bit, blocks of 32: a CPU decode streams "
         "~5x fewer bytes per token than fp32), int8, or fp32 (default: %(default)s)",
     )
+    p.add_argument(
+        "--calibration",
+        default=DEFAULT_CALIBRATION,
+        metavar="DATASET|FILE|none",
+        help="int4: prompts the 4-bit rounding is calibrated on (GPTQ on the GGUF's block grid; cached per "
+        "model): a dataset name or a .jsonl/.csv file with a 'text' column, or 'none' for round-to-nearest "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--calibration-rows", type=int, default=DEFAULT_ROWS, help="calibration prompts (default: %(default)s)"
+    )
+    p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
     p.add_argument("--max-batch", type=int, default=8, help="recorded serving limit (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: the probes' max_length")
     p.add_argument(

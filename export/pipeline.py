@@ -146,10 +146,16 @@ def find_stream(graph, backbone):
 
 
 def build_graph(
-    model, backbone, probes: list[LoadedProbe], keep_hidden_states: bool, all_logits: bool, weights: str = "fp32"
+    model,
+    backbone,
+    probes: list[LoadedProbe],
+    keep_hidden_states: bool,
+    all_logits: bool,
+    weights: str = "fp32",
+    rounded: dict | None = None,
 ):
     """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
-    output name or None, QuantSummary).
+    output name or None, QuantSummary). ``rounded``: calibrated 4-bit codes (``calibrate.gptq_rounded``).
 
     The weights are never read: gs keeps them as the original ``TensorProto``s and ``to_model``
     copies each once into the returned model. The caller should drop ``model`` (the original)
@@ -181,7 +187,7 @@ def build_graph(
         hs = surgery.add_stacked_hidden_states(graph, stream)
         surgery.add_output(graph, hs, dims=[stream.num_layers + 1, "batch", "sequence", stream.hidden_size])
     names = parameter_digests(backbone.model) if weights != "fp32" else None
-    quant = quantize_weights(graph, weights, decoder, stream.lm_head, names)
+    quant = quantize_weights(graph, weights, decoder, stream.lm_head, names, rounded)
     rmsnorm_as_div(graph, decoder)  # ONNX Runtime then fuses each RMSNorm into one kernel
     graph.cleanup().toposort()  # drops what no output reads (the replaced weights, the Reciprocals)
     name_nodes(graph)  # unique node names: TensorRT layer names and fp32 pinning rely on them
@@ -259,8 +265,14 @@ def export_artifact(
     cache_dir: str | None = None,
     backbone=None,
     log=print,
+    calibration: str | None = None,
+    calibration_rows: int | None = None,
+    data_dir: str | None = None,
 ) -> dict:
-    """Write a validated artifact folder; returns a summary (seconds, bytes, validation)."""
+    """Write a validated artifact folder; returns a summary (seconds, bytes, validation).
+    ``calibration`` (int4 only): the prompts the 4-bit rounding is calibrated on, a dataset name or
+    file (default: ``calibrate.DEFAULT_CALIBRATION``), or "none" for round-to-nearest."""
+    from singlepass.export import calibrate as cal
     from singlepass.export import manifest as mf
     from singlepass.export.validate import validate
     from singlepass.models.backbone import DEFAULT_MODEL, load_backbone
@@ -280,6 +292,13 @@ def export_artifact(
         backbone = load_backbone(model_spec or DEFAULT_MODEL, cache_dir)
     probes = load_probes(specs, backbone)
     limits = default_limits(backbone, probes, max_batch, max_prompt_length, max_total_length)
+    rounded, t_calibrate = None, 0.0
+    if weights == "int4" and (calibration or cal.DEFAULT_CALIBRATION) != cal.NONE:
+        t0 = time.perf_counter()
+        rounded, info = cal.gptq_rounded(
+            backbone, calibration or cal.DEFAULT_CALIBRATION, calibration_rows or cal.DEFAULT_ROWS, cache_dir, data_dir, log
+        )
+        t_calibrate = time.perf_counter() - t0
     t0 = time.perf_counter()
     if onnx_path is not None:
         model, source = (
@@ -296,7 +315,10 @@ def export_artifact(
         source = f"torch.onnx.export(dynamo=True, opset={opset}) of {backbone.source.name}"
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, stream, hs, quant = build_graph(model, backbone, probes, keep_hidden_states, all_logits, weights)
+    model, stream, hs, quant = build_graph(model, backbone, probes, keep_hidden_states, all_logits, weights, rounded)
+    del rounded
+    if quant.rounding == "gptq":
+        quant.calibration = info
     t_surgery = time.perf_counter() - t0
     log(
         f"surgery: {stream.num_layers + 1} hidden states from the residual stream, {len(probes)} probe(s) fused, "
@@ -338,6 +360,7 @@ def export_artifact(
         "artifact": str(out),
         "bytes": size,
         "seconds": round(time.perf_counter() - t_start, 1),
+        "calibration_seconds": round(t_calibrate, 1),
         "export_seconds": round(t_export, 1),
         "surgery_seconds": round(t_surgery, 1),
         "write_seconds": round(t_write, 1),

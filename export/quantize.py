@@ -18,6 +18,9 @@ quantiser *carries those blocks over* where the block format allows it:
   a per-block shift of at most d / 2. ORT's float-zero-point variant would be exact but
   dequantises every call: 1.0 ms vs 0.045 ms for one 576x1536 MatMul at batch 1 (measured here).
   A block whose ``-m / d`` falls outside [0, 15] widens its range to include 0 (plain RTN).
+  That shift is shared by a block's 32 weights, so it adds up in a dot product instead of
+  averaging out; ``gptq_4bit`` keeps the grid and chooses the codes again to minimise each
+  layer's output error on calibration prompts (``calibrate.py``, the export's default).
 
 Weights that come from no GGUF (fp16/fp32 checkpoints) are quantised the same way: it is then
 plain round-to-nearest with per-block min/max. Probe nodes are never quantised (their weights
@@ -51,6 +54,8 @@ class QuantSummary:
     accuracy_level: int = ACCURACY_LEVEL
     block_size: int = BLOCK
     params: dict = field(default_factory=dict)  # torch parameter name -> bits (the reference's map)
+    rounding: str = "nearest"  # 4-bit codes: "nearest" (each weight's own error) or "gptq" (calibrated)
+    calibration: dict = field(default_factory=dict)  # what the GPTQ rounding was calibrated on
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,10 +73,9 @@ def _blocks(w_nk: np.ndarray) -> np.ndarray:
     return w_nk.reshape(n, -1, BLOCK)
 
 
-def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """[N, K] float32 -> (packed [N, K/32, 16] uint8, scales [N, K/32] f32, zero points
-    [N, ceil(K/64)] uint8, dequantised [N, K/32, 32] f32 (for the error report))."""
-    x = _blocks(w_nk.astype(np.float32))  # [N, nb, 32]
+def _grid_4bit(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Blocks [N, nb, 32] -> each block's 4-bit grid ``d * (q - z)``: scale d [N, nb] f32 and integer
+    zero point z [N, nb] (a Q4_1 block's own d and its offset rounded to a whole step)."""
     lo, hi = x.min(-1), x.max(-1)  # [N, nb]
     d = (hi - lo) / 15  # Q4_1's scale, recovered
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -83,7 +87,13 @@ def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         z = np.where(bad, np.rint(-lo0 / d), z)
     z = np.nan_to_num(z, nan=0.0)
     d = np.where(d == 0, 1.0, d).astype(np.float32)  # a constant-zero block: any scale
-    q = np.clip(np.rint(x / d[..., None]) + z[..., None], 0, 15).astype(np.uint8)  # [N, nb, 32]
+    return d, z
+
+
+def _pack_4bit(q: np.ndarray, d: np.ndarray, z: np.ndarray):
+    """Codes q [N, nb, 32] in 0..15 on the grid (d, z) -> MatMulNBits' (packed [N, nb, 16] uint8, scales
+    [N, nb], zero points [N, ceil(nb/2)] uint8) and the dequantised weights [N, nb, 32] f32."""
+    q = q.astype(np.uint8)
     z8 = z.astype(np.uint8)  # [N, nb]
     deq = (q.astype(np.float32) - z8[..., None]) * d[..., None]
     packed = q[..., 0::2] | (q[..., 1::2] << 4)  # element 2i in the low nibble
@@ -91,6 +101,56 @@ def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
         z8 = np.pad(z8, ((0, 0), (0, 1)))
     zp = z8[:, 0::2] | (z8[:, 1::2] << 4)  # block 2j in the low nibble, per column
     return packed, d, zp, deq
+
+
+def quantize_4bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """[N, K] float32 -> (packed [N, K/32, 16] uint8, scales [N, K/32] f32, zero points
+    [N, ceil(K/64)] uint8, dequantised [N, K/32, 32] f32 (for the error report)): each weight
+    rounded to the nearest point of its block's grid."""
+    x = _blocks(w_nk.astype(np.float32))  # [N, nb, 32]
+    d, z = _grid_4bit(x)
+    q = np.clip(np.rint(x / d[..., None]) + z[..., None], 0, 15)  # [N, nb, 32]
+    return _pack_4bit(q, d, z)
+
+
+def gptq_4bit(w_nk: np.ndarray, hessian, damp: float = 0.01, block: int = 128):
+    """``quantize_4bit``'s grid, GPTQ's rounding (Frantar et al. 2022): the codes minimise the error of
+    the layer's *output* ``x @ w.T`` over calibration inputs, ``hessian`` = X^T X [K, K] (any float
+    tensor), instead of each weight's own error. Columns go in order of decreasing input energy
+    ("act order"); each column's rounding error is pushed onto the columns not yet rounded through
+    the inverse Hessian's Cholesky factor, ``block`` columns at a time. Same outputs as quantize_4bit;
+    K must be a multiple of 32."""
+    import torch
+
+    n, k = w_nk.shape
+    if k % BLOCK:
+        raise SinglepassError(f"GPTQ rounding needs K a multiple of {BLOCK}, not {k}")
+    x = _blocks(w_nk.astype(np.float32))
+    d, z = _grid_4bit(x)  # the grid is fixed up front: only the codes change
+    D = torch.from_numpy(np.repeat(d, BLOCK, 1))  # [N, K] each column's scale and zero point
+    Z = torch.from_numpy(np.repeat(z.astype(np.float32), BLOCK, 1))
+    H = torch.as_tensor(hessian).to(torch.float64).clone()  # [K, K]
+    dead = torch.diag(H) == 0  # inputs never seen: plain rounding for their columns
+    H[dead, dead] = 1.0
+    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diag(H), descending=True)
+    H = H[perm][:, perm]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [K, K]
+    W, D, Z = torch.from_numpy(w_nk.astype(np.float32))[:, perm].clone(), D[:, perm], Z[:, perm]
+    Q = torch.zeros(n, k)  # the codes, permuted
+    for i1 in range(0, k, block):
+        i2 = min(i1 + block, k)
+        W1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        for i in range(i2 - i1):
+            col, c = W1[:, i], i1 + i
+            q = torch.clamp(torch.round(col / D[:, c] + Z[:, c]), 0, 15)
+            Q[:, c] = q
+            err = (col - D[:, c] * (q - Z[:, c])) / U[c, c]
+            W1[:, i:] -= err[:, None] * U[c, c:i2][None, :]
+            E1[:, i] = err
+        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's errors, pushed onto the rest at once
+    codes = Q[:, torch.argsort(perm)].numpy().reshape(n, -1, BLOCK)
+    return _pack_4bit(codes, d, z)
 
 
 def quantize_8bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, None, np.ndarray]:
@@ -156,12 +216,19 @@ def with_weights(model, weights: dict[str, np.ndarray]):
 
 
 def quantize_weights(
-    graph, weights: str, nodes: list, lm_head: str | None, names: dict[str, str] | None = None
+    graph,
+    weights: str,
+    nodes: list,
+    lm_head: str | None,
+    names: dict[str, str] | None = None,
+    rounded: dict[str, tuple] | None = None,
 ) -> QuantSummary:
     """Replace each MatMul among ``nodes`` whose B is a constant float32 matrix by MatMulNBits,
     in place. ``lm_head`` (the node name) gets 8 bits under int4. ``names`` (``parameter_digests``)
     names the new initializers ``singlepass/q{bits}/<parameter>/...`` so that validation can
-    rebuild the same weights in the PyTorch reference. Run ``graph.cleanup()`` after."""
+    rebuild the same weights in the PyTorch reference. ``rounded`` ({parameter: gptq_4bit's
+    (packed, scales, zero points)}, ``export/calibrate.py``) replaces round-to-nearest for the 4-bit
+    weights it names. Run ``graph.cleanup()`` after."""
     import onnx_graphsurgeon as gs
 
     if weights not in WEIGHTS:
@@ -177,7 +244,15 @@ def quantize_weights(
             continue
         n, kdim = w_nk.shape
         bits = 8 if weights == "int8" or (node.name or node.outputs[0].name) == lm_head else 4
-        packed, scales, zp, deq = (quantize_4bit if bits == 4 else quantize_8bit)(w_nk)
+        param = (names or {}).get(digest(w_nk))
+        if bits == 4 and param in (rounded or {}):
+            packed, scales, zp = rounded[param]
+            if packed.shape[:2] != (n, kdim // BLOCK):
+                raise SinglepassError(f"{param}: calibrated 4-bit codes {packed.shape} do not fit its {n}x{kdim} weight")
+            deq = dequantize(packed, scales, zp, 4, kdim).reshape(n, -1, BLOCK)
+            summary.rounding = "gptq"
+        else:
+            packed, scales, zp, deq = (quantize_4bit if bits == 4 else quantize_8bit)(w_nk)
         x = _blocks(w_nk)
         err = np.abs(deq - x)
         summary.matmuls += 1
@@ -186,7 +261,6 @@ def quantize_weights(
         summary.blocks += err.shape[0] * err.shape[1]
         summary.blocks_exact += int((err.max(-1) == 0).sum())
         summary.max_abs_error = max(summary.max_abs_error, float(err.max()))
-        param = (names or {}).get(digest(w_nk))
         if names is not None and param is None:
             raise SinglepassError(
                 f"--weights {weights}: the weight of MatMul {node.name!r} ({kdim}x{n}) is none of the model's "

@@ -47,6 +47,49 @@ def test_4bit_error_is_within_half_a_step_for_any_weights():
     np.testing.assert_array_equal(Q.dequantize(packed, scales, zp, 4, 96), deq.reshape(16, 96))
 
 
+def q4_1_float_offsets(n: int, k: int, seed: int = 0) -> np.ndarray:
+    """GGUF Q4_1 blocks as the file has them: d * q + m with a float offset m (not a whole step)."""
+    rng = np.random.default_rng(seed)
+    q = rng.integers(0, 16, (n, k // 32, 32)).astype(np.float32)
+    q[..., 0], q[..., 1] = 0, 15
+    d = rng.uniform(0.01, 0.05, (n, k // 32, 1)).astype(np.float32)
+    m = -d * rng.uniform(2, 13, (n, k // 32, 1)).astype(np.float32)
+    return (d * q + m).reshape(n, k)
+
+
+def test_gptq_with_uncorrelated_inputs_is_round_to_nearest():
+    """With X^T X = I no column's error can be compensated by another: GPTQ's codes are the nearest
+    ones, on the same grid."""
+    w = q4_1_float_offsets(24, 96)
+    near = Q.quantize_4bit(w)
+    gptq = Q.gptq_4bit(w, np.eye(96, dtype=np.float32))
+    for a, b in zip(near, gptq):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_gptq_lowers_the_layer_output_error_on_correlated_inputs():
+    """The oracle is the quantity GPTQ minimises: the output error |X (W' - W)^T|^2 on the calibration
+    inputs, and it must beat round-to-nearest on the same grid (same scales and zero points)."""
+    rng = np.random.default_rng(3)
+    n, k, t = 32, 128, 2000
+    w = q4_1_float_offsets(n, k, seed=4)
+    x = (rng.standard_normal((t, 8)) @ rng.standard_normal((8, k)) + rng.standard_normal((t, k)) * 0.3 + 1.0)
+    x = x.astype(np.float32)  # [T, K]: correlated inputs with a mean, like a normed residual stream's
+    near = Q.quantize_4bit(w)
+    gptq = Q.gptq_4bit(w, x.T @ x)
+    np.testing.assert_array_equal(near[1], gptq[1])  # the grid is the GGUF's, untouched
+    np.testing.assert_array_equal(near[2], gptq[2])
+    assert gptq[0].dtype == np.uint8 and gptq[0].shape == near[0].shape
+
+    def out_err(deq):
+        return float(((x @ (deq.reshape(n, k) - w).T) ** 2).sum())
+
+    assert out_err(gptq[3]) < 0.5 * out_err(near[3])
+    np.testing.assert_array_equal(Q.dequantize(gptq[0], gptq[1], gptq[2], 4, k), gptq[3].reshape(n, k))
+    with pytest.raises(SinglepassError, match="multiple of 32"):
+        Q.gptq_4bit(w[:, :100], np.eye(100))
+
+
 def test_8bit_carries_q8_0_blocks_exactly():
     rng = np.random.default_rng(2)
     d = rng.uniform(0.001, 0.01, (4, 2, 1)).astype(np.float32)
@@ -136,6 +179,8 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert w["params"]["lm_head.weight"] == 8 and set(w["params"].values()) == {4, 8}
     assert w["bytes_after"] < w["bytes_before"] / 3
     assert m["validation"]["passed"] and m["validation"]["precision"] == "int4"
+    assert w["rounding"] == "gptq" and w["calibration"]["data"] == "alpaca_noinput"
+    assert w["calibration"]["rows"] == 256 and w["calibration"]["tokens"] > 256
     ref = Q.graph_weights(art)
     assert set(ref) == set(w["params"])
     q = tiny_backbone.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().numpy()
@@ -192,3 +237,59 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     long, _ = prefill(rt.backend, rt.manifest, [one, filler])  # 2 x 256 tokens: the per-layer form
     assert 2 * len(filler) > fuse.STACKED_PASS_TOKENS >= len(one)
     np.testing.assert_allclose(long["safety/probs"][0], short["safety/probs"][0], atol=1e-4)
+
+
+def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
+    """X^T X of each 4-bit Linear's input (q/k/v and gate/up share theirs), checked against the
+    inputs captured separately; the GPTQ codes are cached per model and calibration data."""
+    import torch
+
+    from singlepass.export import calibrate as C
+
+    ids = C.calibration_ids(tiny_backbone.tokenizer, "alpaca_noinput", 8)
+    assert len(ids) == 8 and all(len(r) > 3 for r in ids)
+    hess = C.input_hessians(tiny_backbone.model, ids, progress=False)
+    linears = C.quantised_linears(tiny_backbone.model)
+    assert set(hess) == set(linears) and "lm_head.weight" not in linears
+    at = "model.layers.1.self_attn."
+    assert hess[at + "q_proj.weight"] is hess[at + "k_proj.weight"] is hess[at + "v_proj.weight"]
+    assert hess[at + "o_proj.weight"] is not hess[at + "q_proj.weight"]
+    seen = []
+    h = linears["model.layers.1.mlp.down_proj.weight"].register_forward_hook(lambda m, i, o: seen.append(i[0][0]))
+    with torch.no_grad():
+        for r in ids:
+            tiny_backbone.model(torch.tensor([r]))
+    h.remove()
+    x = torch.cat(seen)  # [tokens, K]
+    torch.testing.assert_close(hess["model.layers.1.mlp.down_proj.weight"], x.T @ x, rtol=1e-4, atol=1e-4)
+
+    logs = []
+    a, info = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 8, tmp_path, log=logs.append, progress=False)
+    b, info2 = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 8, tmp_path, log=logs.append, progress=False)
+    assert "from the cache" in logs[-1] and info2 == info and info["tokens"] == sum(map(len, ids))
+    assert set(a) == set(linears)
+    for name in a:
+        for u, v in zip(a[name], b[name]):
+            np.testing.assert_array_equal(u, v)
+    c, _ = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 9, tmp_path, log=logs.append, progress=False)
+    assert "from the cache" not in logs[-1]  # other calibration data: another entry
+    with pytest.raises(SinglepassError, match="--calibration nosuchset.*--calibration none"):
+        C.calibration_ids(tiny_backbone.tokenizer, "nosuchset", 8)
+    with pytest.raises(SinglepassError, match="--calibration-rows must be >= 1"):
+        C.calibration_ids(tiny_backbone.tokenizer, "alpaca_noinput", 0)
+
+
+def test_int4_export_without_calibration_rounds_to_nearest(tmp_path, tiny_backbone):
+    from export_helpers import make_probe
+
+    from singlepass.export.pipeline import export_artifact
+
+    probe = make_probe(tmp_path / "p", tiny_backbone, "pooling")
+    art = tmp_path / "art"
+    export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, calibration="none", log=lambda m: None)
+    w = json.loads((art / "manifest.json").read_text())["graph"]["weights"]
+    assert w["weights"] == "int4" and w["rounding"] == "nearest" and w["calibration"] == {}
+    q = tiny_backbone.model.get_submodule("model.layers.0.mlp.up_proj").weight.detach().numpy()
+    np.testing.assert_array_equal(
+        Q.graph_weights(art)["model.layers.0.mlp.up_proj.weight"], Q.quantize_4bit(q)[3].reshape(q.shape)
+    )

@@ -166,6 +166,14 @@ def gptq_rounded(
     flat = {}
     for name, (packed, scales, zp) in out.items():
         flat.update({f"{name}/B": packed, f"{name}/scales": scales, f"{name}/zero_points": zp})
+    for old in path.parent.glob("*.json"):  # entries of older code for the same model and data: stale
+        try:
+            o = json.loads(old.read_text())
+        except (OSError, ValueError):
+            continue
+        if o.get("code") != code and all(o.get(k) == info[k] for k in ("model_sha256", "data", "rows")):
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
+            old.unlink(missing_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file(flat, str(tmp))
     path.with_suffix(".json").write_text(json.dumps(info, indent=1))

@@ -17,6 +17,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
+    layer_stages(graph, s, per_layer, stacked, n)  a prompt probe's per-layer stage 1 in an If per layer
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -378,6 +379,117 @@ def short_pass(
     (s_nodes, s_names), (l_nodes, l_names) = short, long
     s_outs, l_outs = [tensors[x] for x in s_names], [tensors[x] for x in l_names]
     return branch(graph, head, cond, (s_nodes, s_outs), (l_nodes, l_outs), outputs)
+
+
+def _placeholder(namer: "Namer", like: gs.Tensor) -> tuple[gs.Node, gs.Variable]:
+    """A zero scalar of ``like``'s dtype: what a branch returns for an output it has no use for
+    (an If's branches may return different shapes)."""
+    dtype = np.dtype(like.dtype) if like.dtype is not None else np.dtype(np.float32)
+    out = gs.Variable(namer("unused"), dtype=dtype, shape=[])
+    value = helper.make_tensor("zero", helper.np_dtype_to_tensor_dtype(dtype), [], [0])
+    return namer.node("Constant", [], [out], value=value), out
+
+
+def layer_stages(
+    graph: gs.Graph, stream: ResidualStream, per_layer: list[gs.Node], stacked: list[gs.Node], max_tokens: int
+) -> tuple[list[gs.Node], list[gs.Node]]:
+    """Give each layer's part of a prompt probe's per-layer form its own ``If``, right after the layer.
+
+    ``per_layer``: the per-layer form's nodes, reading hidden state i (``stream.hidden_states``)
+    directly; the nodes that read state i and no other layer's (stage 1: the token pooling of layer
+    i) move into If_i. In a prefill pass longer than ``max_tokens`` (batch x length) If_i runs them
+    and returns the layer's summaries; in a shorter one it returns the state itself, for the stacked
+    form (``stacked``, whose nodes then read it from there); in a decode pass, placeholders. Every
+    node left reads the Ifs' outputs instead of the states, so when those nodes sit in an ``If`` of
+    their own (``short_pass``, ``prefill_only``), that If holds summaries from the outer scope, not
+    every layer's [B, T, d] states: ONNX Runtime keeps an outer-scope tensor alive until the If that
+    reads it has run, which for such an If is after the last layer. -> (the per-layer form's nodes
+    left, in order; the state-free nodes stage 1 reads, left at the top level)."""
+    namer = Namer(graph)
+    tensors = graph.tensors()
+    layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
+    reads: dict[int, set[int]] = {}  # id(tensor) -> the layers it derives from
+    deps = []
+    for n in per_layer:  # the probe graph's order is topological
+        d = set().union(*[({layer[id(t)]} if id(t) in layer else reads.get(id(t), set())) for t in n.inputs])
+        for o in n.outputs:
+            reads[id(o)] = d
+        deps.append(d)
+    groups: dict[int, list[gs.Node]] = {}
+    for n, d in zip(per_layer, deps):
+        if len(d) == 1:
+            groups.setdefault(next(iter(d)), []).append(n)
+    staged = {id(n) for g in groups.values() for n in g}
+    need = {id(t) for g in groups.values() for n in g for t in n.inputs}
+    top = []  # state-free nodes that stage 1 reads: they run before any If_i
+    for n, d in reversed(list(zip(per_layer, deps))):
+        if not d and any(id(o) in need for o in n.outputs):
+            top.append(n)
+            need |= {id(t) for t in n.inputs}
+    top.reverse()
+    moved = staged | set(map(id, top))
+    rest = [n for n in per_layer if id(n) not in moved]
+    if any(id(x) in layer for n in rest for x in n.inputs):
+        raise SurgeryError("layer_stages: a node reads a layer's state together with another layer's")
+    read_outside = {id(x) for n in graph.nodes if id(n) not in staged for x in n.inputs}
+
+    head, shape = _input_ids_dims(graph, stream, namer)
+    t, n_tok = gs.Variable(namer("stage_seq_len"), dtype=np.int64), gs.Variable(namer("stage_tokens"), dtype=np.int64)
+    prefill, short1 = gs.Variable(namer("stage_is_prefill"), dtype=np.bool_), gs.Variable(namer("stage_short_1"), dtype=np.bool_)
+    short = gs.Variable(namer("stage_is_short"), dtype=np.bool_)
+    head += [
+        namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
+        namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [prefill]),
+        namer.node("ReduceProd", [shape], [n_tok], keepdims=1),
+        namer.node("LessOrEqual", [n_tok, namer.i64("max_tokens", [int(max_tokens)])], [short1]),
+        namer.node("Squeeze", [short1, namer.i64("axis0", [0])], [short]),
+    ]
+    new_nodes = list(head) + list(top)
+    swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
+    passed: dict[int, gs.Tensor] = {}  # id(state i) -> If_i's output (the state itself in short passes)
+    for i, nodes in sorted(groups.items()):
+        state = tensors[stream.hidden_states[i]]
+        inner = {id(o) for n in nodes for o in n.outputs}
+        outs = [o for n in nodes for o in n.outputs if id(o) in read_outside]
+        outs += [o for o in graph.outputs if id(o) in inner and all(o is not x for x in outs)]
+        # inner If (a prefill pass): short -> the state itself, long -> stage 1's outputs
+        copy = gs.Variable(namer(f"layer{i}_state"), dtype=state.dtype or np.float32)
+        s_nodes, s_outs = [namer.node("Identity", [state], [copy])], [copy]
+        l_nodes, l_outs = list(nodes), list(outs)
+        for o in outs:
+            c, z = _placeholder(namer, o)
+            s_nodes.append(c)
+            s_outs.append(z)
+        c, z = _placeholder(namer, copy)
+        l_nodes.append(c)
+        l_outs.insert(0, z)
+        mid = [gs.Variable(namer(f"layer{i}_stage"), dtype=x.dtype) for x in s_outs]
+        iff = gs.Node("If", name=namer("If"), inputs=[short], outputs=mid)
+        iff.attrs = {
+            "then_branch": gs.Graph(nodes=s_nodes, outputs=s_outs, name=namer("short")),
+            "else_branch": gs.Graph(nodes=l_nodes, outputs=l_outs, name=namer("long")),
+        }
+        d_nodes, d_outs = [], []  # a decode pass: placeholders
+        for x in mid:
+            c, z = _placeholder(namer, x)
+            d_nodes.append(c)
+            d_outs.append(z)
+        outer = [gs.Variable(namer(f"layer{i}_stage_out"), dtype=x.dtype) for x in mid]
+        top_if = gs.Node("If", name=namer("If"), inputs=[prefill], outputs=outer)
+        top_if.attrs = {
+            "then_branch": gs.Graph(nodes=[iff], outputs=mid, name=namer("prefill")),
+            "else_branch": gs.Graph(nodes=d_nodes, outputs=d_outs, name=namer("decode")),
+        }
+        new_nodes.append(top_if)
+        passed[id(state)] = outer[0]
+        swap.update({id(o): x for o, x in zip(outs, outer[1:])})
+        graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
+    for n in rest:
+        n.inputs = [swap.get(id(x), x) for x in n.inputs]
+    for n in stacked:
+        n.inputs = [passed.get(id(x), x) for x in n.inputs]
+    graph.nodes = [n for n in graph.nodes if id(n) not in moved] + new_nodes
+    return rest, new_nodes
 
 
 def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:

@@ -33,7 +33,7 @@ def test_export_validate_and_preflight_smollm2(real_artifact):
 
 
 def test_int4_export_of_smollm2(real_int4_artifact, real_artifact):
-    """The default export: 4-bit layers, 8-bit lm_head (the GGUF's Q4_1 / Q8_0 blocks carried over),
+    """The default export: 4-bit layers (the GGUF's Q4_1 grid, GPTQ-rounded), 8-bit lm_head (Q8_0 carried over),
     validated against the reference holding the same weights; it generates what the fp32 artifact
     generates, with the same labels; TensorRT refuses it with the way out."""
     from singlepass.runtime.api import load
@@ -43,6 +43,7 @@ def test_int4_export_of_smollm2(real_int4_artifact, real_artifact):
     w, v = m["graph"]["weights"], m["validation"]
     assert summary["weights"] == "int4" and w["matmuls"] == 211  # 30 layers x 7 projections + the lm_head
     assert w["params"]["lm_head.weight"] == 8 and w["bytes_after"] < w["bytes_before"] / 5
+    assert w["rounding"] == "gptq" and w["calibration"]["rows"] == 256  # the default: calibrated 4-bit codes
     assert v["passed"] and v["precision"] == "int4" and v["token_agreement"] >= 0.9
     assert 150e6 < summary["bytes"] < 300e6  # int4 layers + the fp32 embedding table of the Gather
     print(f"\nSmolLM2 int4 export: {real_int4_artifact.seconds:.0f} s, {summary['bytes'] / 2**20:.0f} MiB, {summary}")

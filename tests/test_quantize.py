@@ -190,7 +190,8 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     # the prompt probe runs on prefill passes only: an If whose decode branch returns zeros
     assert m["graph"]["min_prefill_tokens"] == 2 and "2+ tokens only" in m["graph"]["probes_in_decode"]
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    assert [n.op_type for n in model.graph.node].count("If") == 1
+    # one If per hidden state (the probe's stage 1 for that layer, prefill passes only) and one for the rest
+    assert [n.op_type for n in model.graph.node].count("If") == tiny_backbone.num_layers + 2
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, labels_from, prefill
 
@@ -203,6 +204,18 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert not o3["safety/probs"].any() and labels_from(rt.manifest, o1)[0]["safety"].score > 0
     with pytest.raises(SinglepassError, match="weights must be one of"):
         export_artifact(tmp_path / "bad", [f"{probe}:safety"], backbone=tiny_backbone, weights="int3")
+
+
+def _outer_reads(node) -> set[str]:
+    """The tensors an If (or any node with subgraphs) reads from the enclosing scope."""
+    made, read = set(), set(node.input)
+    for a in node.attribute:
+        if a.type == onnx.AttributeProto.GRAPH:
+            for n in a.g.node:
+                read |= _outer_reads(n)
+                made |= set(n.output)
+            made |= {t.name for t in a.g.initializer}
+    return read - made
 
 
 @pytest.mark.parametrize("method", ["pooling", "gate", "mha"])
@@ -227,9 +240,16 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     long_case = [c for c, m in zip(v["checks"], sizes) if m and int(m[1]) * int(m[2]) > fuse.STACKED_PASS_TOKENS]
     assert v["passed"] and "safety/probs" in {c["tensor"] for c in long_case}
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    (outer,) = [x for x in model.graph.node if x.op_type == "If"]  # prefill passes only ...
+    from singlepass.export.surgery import find_residual_stream
+
+    states = set(find_residual_stream(gs.import_onnx(model)).hidden_states)
+    ifs = [x for x in model.graph.node if x.op_type == "If"]
+    reads = [_outer_reads(x) & states for x in ifs]
+    # each layer's stage 1 in an If of its own (it reads that layer's state and no other) ...
+    assert sorted(len(r) for r in reads) == [0] + [1] * len(states) and set().union(*reads) == states
+    (outer,) = [x for x, r in zip(ifs, reads) if not r]  # ... and prefill passes only ...
     then = next(a.g for a in outer.attribute if a.name == "then_branch")
-    assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms
+    assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms, neither reading the states
     rt = load(art, backend="cpu", threads=1)
     one = rt.encode("hello there, how are you today?")[0]
     short, _ = prefill(rt.backend, rt.manifest, [one])  # a few tokens: the stacked form

@@ -289,10 +289,13 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
         surgery.fuse_probe(host, graph, "third", {"state_0": layers["state_0"], "mask": "attention_mask"})
 
 
-def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only():
+@pytest.mark.parametrize("staged", [False, True])
+def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     """short_pass: the stacked form of a probe in passes of <= n tokens (batch x length), the per-layer
     form above; nested in prefill_only's If, a one-token pass gets zeros. Which form ran is visible
-    here because the two forms are given different probes."""
+    here because the two forms are given different probes. ``staged``: layer_stages first moves the
+    per-layer form's stage 1 into an If per layer (the only nodes left reading a state), with the
+    same results."""
     import torch
 
     from singlepass.export.fuse import export_probe, state_names
@@ -310,6 +313,12 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only():
 
     long = fuse(per_layer, "tox", False)
     short = fuse(stacked, "tox/short", True)
+    if staged:
+        long = (surgery.layer_stages(host, s, long[0], short[0], 6)[0], long[1])
+        for i, name in enumerate(s.hidden_states):  # state i: read by the decoder and by If_i alone
+            readers = [n for n in host.nodes if any(t.name == name for t in n.inputs) and n.name.startswith("tox")]
+            assert readers == [], f"state {i} is still read by probe nodes {[n.name for n in readers]}"
+        assert [n.op for n in host.nodes].count("If") == 3
     nodes = surgery.short_pass(host, s, 6, short, long, long[1])
     surgery.prefill_only(host, s, nodes, long[1])
     host.cleanup().toposort()

@@ -105,3 +105,15 @@ def test_ratios_pair_repeats_and_mark_targets(tmp_path):
     assert "| mha probe: peak RSS over the int4 base | +10.0% | <= 5% | **missed** |" in md
     assert (tmp_path / "peers.png").stat().st_size > 0
     json.dumps(res)  # the stored result is plain JSON
+
+
+def test_prefill_memory_reports_each_artifact_from_a_fresh_process(tiny_arts, capsys):
+    from singlepass.benchmarks import prefill_memory
+
+    arts = [tiny_arts["base"], tiny_arts["gate"]]
+    assert prefill_memory.main([*arts, "--batch", "1", "2", "--tokens", "24", "--steps", "2", "--threads", "1"]) == 0
+    rows = [r for r in capsys.readouterr().out.splitlines() if r.startswith("| /")]
+    assert [(r.split(" | ")[0][2:], int(r.split(" | ")[1])) for r in rows] == [(a, b) for b in (1, 2) for a in arts]
+    for r in rows:
+        loaded, peak = (float(x) for x in r.strip(" |").split(" | ")[3:5])
+        assert 50 < loaded <= peak < 4000

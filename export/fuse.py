@@ -84,6 +84,18 @@ def resolve_exporter(exporter: str, opset: int) -> str:
     return exporter
 
 
+def _fold_constants(proto):
+    """onnxscript's optimizer with no size limit on what it folds. A probe's exported graph computes
+    products of its weights (the normalisation folded onto them, ``Probe.normalised_matmul``) from
+    constants; the exporter's own pass leaves those above 8,192 elements, so ONNX Runtime would
+    fold them at every session load, holding both the factors and the product meanwhile. Folded
+    here, the MHA probe's graphs shrink from 8.9 to 5.2 MiB of weights and from 398 / 2,929 nodes to
+    196 / 1,735 (stacked / per layer)."""
+    import onnxscript.optimizer
+
+    return onnxscript.optimizer.optimize(proto, input_size_limit=1 << 26, output_size_limit=1 << 26)
+
+
 def _to_onnx(module, args, names, outputs, axes, dims, opset: int, exporter: str, subset: bool = False):
     """Trace ``module(*args)`` to an onnx.ModelProto with inputs ``names`` and ``outputs``: the
     TorchScript exporter with ``axes`` ({name: {axis: symbol}}), or the dynamo exporter with
@@ -116,6 +128,7 @@ def _to_onnx(module, args, names, outputs, axes, dims, opset: int, exporter: str
                 dynamic_axes={k: v for k, v in axes.items() if k in names + outputs},
             )
             proto = onnx.load_from_string(f.getvalue())
+    proto = _fold_constants(proto)
     got = [i.name for i in proto.graph.input if i.name not in {t.name for t in proto.graph.initializer}]
     want = [n for n in names if n in got] if subset else names
     if got != want or not got or [o.name for o in proto.graph.output] != outputs:

@@ -5,7 +5,7 @@
 
 Per artifact and batch size, a fresh process loads the artifact through the runtime (``runtime.api.load``,
 so ONNX Runtime's session options are the runtime's own), prefills ``--batch`` rows of ``--tokens``
-tokens, runs ``--steps`` decode passes, twice, and reports its peak RSS (``ru_maxrss``) right after
+tokens, runs ``--steps`` decode passes, twice, and reports its peak RSS (``VmHWM``) right after
 loading and at the end. What a fused prompt probe adds over the base artifact is the difference of
 the last column; ``bench peers`` reports the same peak on its shorter benchmark prompts.
 """
@@ -19,10 +19,9 @@ import sys
 
 
 def _child(art: str, batch: int, tokens: int, steps: int, threads: int) -> dict:
-    import resource
-
     import numpy as np
 
+    from singlepass.benchmarks.latency_worker import peak_rss_mib  # VmHWM: ru_maxrss survives exec
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, prefill
 
@@ -30,13 +29,12 @@ def _child(art: str, batch: int, tokens: int, steps: int, threads: int) -> dict:
     ids = rt.encode("hello " * tokens, truncate=True)[0][:tokens]  # [T]: the same token ids in every row
     if len(ids) < tokens:
         raise SystemExit(f"{art}: the prompt encodes to {len(ids)} tokens, fewer than {tokens}")
-    loaded = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    loaded = peak_rss_mib()
     for _ in range(2):
         _, state = prefill(rt.backend, rt.manifest, [ids] * batch)
         for _ in range(steps):
             _, state = decode_one_token(rt.backend, rt.manifest, state, np.full(batch, ids[-1]))
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"loaded_mib": loaded / 1024, "peak_mib": peak / 1024}
+    return {"loaded_mib": loaded, "peak_mib": peak_rss_mib()}
 
 
 def main(argv=None) -> int:

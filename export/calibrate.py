@@ -23,8 +23,6 @@ import json
 import time
 from pathlib import Path
 
-import numpy as np
-
 from singlepass.errors import SinglepassError
 
 DEFAULT_CALIBRATION = "alpaca_noinput"  # generic instructions: no overlap with the safety sets' test rows
@@ -68,9 +66,7 @@ def quantised_linears(model) -> dict[str, "object"]:
 
     head = model.get_output_embeddings()
     return {
-        f"{name}.weight": m
-        for name, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and m is not head
+        f"{name}.weight": m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear) and m is not head
     }
 
 

@@ -33,8 +33,8 @@ def cmd_export(args) -> int:
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
     print(
         f"wrote {s['artifact']} ({_mb(s['bytes'])}) in {s['seconds']} s "
-        f"(calibration {s['calibration_seconds']} s, export {s['export_seconds']} s, surgery+probes {s['surgery_seconds']} s, validation "
-        f"{s['validation_seconds']} s)"
+        f"(calibration {s['calibration_seconds']} s, export {s['export_seconds']} s, "
+        f"surgery+probes {s['surgery_seconds']} s, validation {s['validation_seconds']} s)"
     )
     print(f"validation passed ({s['weights']} weights); max |diff| vs PyTorch: {worst}")
     if args.json:

@@ -296,7 +296,12 @@ def export_artifact(
     if weights == "int4" and (calibration or cal.DEFAULT_CALIBRATION) != cal.NONE:
         t0 = time.perf_counter()
         rounded, info = cal.gptq_rounded(
-            backbone, calibration or cal.DEFAULT_CALIBRATION, calibration_rows or cal.DEFAULT_ROWS, cache_dir, data_dir, log
+            backbone,
+            calibration or cal.DEFAULT_CALIBRATION,
+            calibration_rows or cal.DEFAULT_ROWS,
+            cache_dir,
+            data_dir,
+            log,
         )
         t_calibrate = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -248,7 +248,9 @@ def quantize_weights(
         if bits == 4 and param in (rounded or {}):
             packed, scales, zp = rounded[param]
             if packed.shape[:2] != (n, kdim // BLOCK):
-                raise SinglepassError(f"{param}: calibrated 4-bit codes {packed.shape} do not fit its {n}x{kdim} weight")
+                raise SinglepassError(
+                    f"{param}: calibrated 4-bit codes {packed.shape} do not fit its {n}x{kdim} weight"
+                )
             deq = dequantize(packed, scales, zp, 4, kdim).reshape(n, -1, BLOCK)
             summary.rounding = "gptq"
         else:

@@ -435,7 +435,10 @@ def layer_stages(
 
     head, shape = _input_ids_dims(graph, stream, namer)
     t, n_tok = gs.Variable(namer("stage_seq_len"), dtype=np.int64), gs.Variable(namer("stage_tokens"), dtype=np.int64)
-    prefill, short1 = gs.Variable(namer("stage_is_prefill"), dtype=np.bool_), gs.Variable(namer("stage_short_1"), dtype=np.bool_)
+    prefill, short1 = (
+        gs.Variable(namer("stage_is_prefill"), dtype=np.bool_),
+        gs.Variable(namer("stage_short_1"), dtype=np.bool_),
+    )
     short = gs.Variable(namer("stage_is_short"), dtype=np.bool_)
     head += [
         namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),

@@ -73,7 +73,7 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs():
     rng = np.random.default_rng(3)
     n, k, t = 32, 128, 2000
     w = q4_1_float_offsets(n, k, seed=4)
-    x = (rng.standard_normal((t, 8)) @ rng.standard_normal((8, k)) + rng.standard_normal((t, k)) * 0.3 + 1.0)
+    x = rng.standard_normal((t, 8)) @ rng.standard_normal((8, k)) + rng.standard_normal((t, k)) * 0.3 + 1.0
     x = x.astype(np.float32)  # [T, K]: correlated inputs with a mean, like a normed residual stream's
     near = Q.quantize_4bit(w)
     gptq = Q.gptq_4bit(w, x.T @ x)

@@ -316,7 +316,7 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
             per_layer, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False)
             stacked = _fuse_prompt_probe(graph, stream, p, src, f"{p.spec.name}/short", boundary=False, stacked=True)
             # each layer's stage 1 in an If of its own, so that no If below holds every layer's states
-            per_layer = surgery.layer_stages(graph, stream, per_layer, stacked[0], STACKED_PASS_TOKENS)[0]
+            per_layer = surgery.layer_stages(graph, stream, per_layer, stacked[0], STACKED_PASS_TOKENS)
             nodes = surgery.short_pass(graph, stream, STACKED_PASS_TOKENS, stacked, (per_layer, outs), outs)
             surgery.prefill_only(graph, stream, nodes, outs)
         else:  # a prompt probe's label is the prefill pass's: decode passes skip it

@@ -292,16 +292,12 @@ def export_artifact(
         backbone = load_backbone(model_spec or DEFAULT_MODEL, cache_dir)
     probes = load_probes(specs, backbone)
     limits = default_limits(backbone, probes, max_batch, max_prompt_length, max_total_length)
-    rounded, t_calibrate = None, 0.0
-    if weights == "int4" and (calibration or cal.DEFAULT_CALIBRATION) != cal.NONE:
+    calibration = calibration or cal.DEFAULT_CALIBRATION
+    rounded, info, t_calibrate = None, {}, 0.0
+    if weights == "int4" and calibration != cal.NONE:
         t0 = time.perf_counter()
         rounded, info = cal.gptq_rounded(
-            backbone,
-            calibration or cal.DEFAULT_CALIBRATION,
-            calibration_rows or cal.DEFAULT_ROWS,
-            cache_dir,
-            data_dir,
-            log,
+            backbone, calibration, calibration_rows or cal.DEFAULT_ROWS, cache_dir, data_dir, log
         )
         t_calibrate = time.perf_counter() - t0
     t0 = time.perf_counter()

@@ -304,6 +304,30 @@ def _input_ids_dims(graph: gs.Graph, stream: ResidualStream, namer: "Namer") -> 
     return [namer.node("Shape", [graph.tensors()[stream.input_ids]], [shape])], shape
 
 
+def _is_prefill(namer: "Namer", shape: gs.Variable, base: str) -> tuple[list[gs.Node], gs.Variable]:
+    """``shape`` ([2] = (B, T) of ``input_ids``) -> (nodes, T > 1 []): is this a prefill pass?"""
+    t = gs.Variable(namer(f"{base}_seq_len"), dtype=np.int64)  # [] = T
+    cond = gs.Variable(namer(f"{base}_is_prefill"), dtype=np.bool_)  # [] = T > 1
+    nodes = [
+        namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
+        namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [cond]),
+    ]
+    return nodes, cond
+
+
+def _is_short(namer: "Namer", shape: gs.Variable, max_tokens: int, base: str) -> tuple[list[gs.Node], gs.Variable]:
+    """``shape`` ([2] = (B, T)) -> (nodes, B * T <= max_tokens []): is this a short pass?"""
+    n = gs.Variable(namer(f"{base}_tokens"), dtype=np.int64)  # [1] = B * T
+    cond1 = gs.Variable(namer(f"{base}_is_short_1"), dtype=np.bool_)  # [1]
+    cond = gs.Variable(namer(f"{base}_is_short"), dtype=np.bool_)  # []
+    nodes = [
+        namer.node("ReduceProd", [shape], [n], keepdims=1),
+        namer.node("LessOrEqual", [n, namer.i64("max_tokens", [int(max_tokens)])], [cond1]),
+        namer.node("Squeeze", [cond1, namer.i64("axis0", [0])], [cond]),
+    ]
+    return nodes, cond
+
+
 def prefill_only(
     graph: gs.Graph,
     stream: ResidualStream,
@@ -321,12 +345,8 @@ def prefill_only(
     namer = Namer(graph)
     tensors = graph.tensors()
     head, shape = _input_ids_dims(graph, stream, namer)
-    t = gs.Variable(namer("prefill_seq_len"), dtype=np.int64)  # [] = T
-    cond = gs.Variable(namer("is_prefill"), dtype=np.bool_)  # [] = T > 1
-    head += [
-        namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
-        namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [cond]),
-    ]
+    more, cond = _is_prefill(namer, shape, "prefill")
+    head += more
     if decode is not None:
         other, names = decode
         if len(names) != len(outputs):
@@ -368,14 +388,8 @@ def short_pass(
     namer = Namer(graph)
     tensors = graph.tensors()
     head, shape = _input_ids_dims(graph, stream, namer)
-    n = gs.Variable(namer("pass_tokens"), dtype=np.int64)  # [1] = B * T
-    cond1 = gs.Variable(namer("is_short_pass_1"), dtype=np.bool_)  # [1]
-    cond = gs.Variable(namer("is_short_pass"), dtype=np.bool_)  # []
-    head += [
-        namer.node("ReduceProd", [shape], [n], keepdims=1),
-        namer.node("LessOrEqual", [n, namer.i64("max_tokens", [int(max_tokens)])], [cond1]),
-        namer.node("Squeeze", [cond1, namer.i64("axis0", [0])], [cond]),
-    ]
+    more, cond = _is_short(namer, shape, max_tokens, "pass")
+    head += more
     (s_nodes, s_names), (l_nodes, l_names) = short, long
     s_outs, l_outs = [tensors[x] for x in s_names], [tensors[x] for x in l_names]
     return branch(graph, head, cond, (s_nodes, s_outs), (l_nodes, l_outs), outputs)
@@ -392,7 +406,7 @@ def _placeholder(namer: "Namer", like: gs.Tensor) -> tuple[gs.Node, gs.Variable]
 
 def layer_stages(
     graph: gs.Graph, stream: ResidualStream, per_layer: list[gs.Node], stacked: list[gs.Node], max_tokens: int
-) -> tuple[list[gs.Node], list[gs.Node]]:
+) -> list[gs.Node]:
     """Give each layer's part of a prompt probe's per-layer form its own ``If``, right after the layer.
 
     ``per_layer``: the per-layer form's nodes, reading hidden state i (``stream.hidden_states``)
@@ -403,8 +417,8 @@ def layer_stages(
     node left reads the Ifs' outputs instead of the states, so when those nodes sit in an ``If`` of
     their own (``short_pass``, ``prefill_only``), that If holds summaries from the outer scope, not
     every layer's [B, T, d] states: ONNX Runtime keeps an outer-scope tensor alive until the If that
-    reads it has run, which for such an If is after the last layer. -> (the per-layer form's nodes
-    left, in order; the state-free nodes stage 1 reads, left at the top level)."""
+    reads it has run, which for such an If is after the last layer. The state-free nodes stage 1
+    reads stay at the top level, before every If_i. -> the per-layer form's nodes left, in order."""
     namer = Namer(graph)
     tensors = graph.tensors()
     layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
@@ -434,19 +448,10 @@ def layer_stages(
     read_outside = {id(x) for n in graph.nodes if id(n) not in staged for x in n.inputs}
 
     head, shape = _input_ids_dims(graph, stream, namer)
-    t, n_tok = gs.Variable(namer("stage_seq_len"), dtype=np.int64), gs.Variable(namer("stage_tokens"), dtype=np.int64)
-    prefill, short1 = (
-        gs.Variable(namer("stage_is_prefill"), dtype=np.bool_),
-        gs.Variable(namer("stage_short_1"), dtype=np.bool_),
-    )
-    short = gs.Variable(namer("stage_is_short"), dtype=np.bool_)
-    head += [
-        namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
-        namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [prefill]),
-        namer.node("ReduceProd", [shape], [n_tok], keepdims=1),
-        namer.node("LessOrEqual", [n_tok, namer.i64("max_tokens", [int(max_tokens)])], [short1]),
-        namer.node("Squeeze", [short1, namer.i64("axis0", [0])], [short]),
-    ]
+    more, prefill = _is_prefill(namer, shape, "stage")
+    head += more
+    more, short = _is_short(namer, shape, max_tokens, "stage")
+    head += more
     new_nodes = list(head) + list(top)
     swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
     passed: dict[int, gs.Tensor] = {}  # id(state i) -> If_i's output (the state itself in short passes)
@@ -486,13 +491,13 @@ def layer_stages(
         new_nodes.append(top_if)
         passed[id(state)] = outer[0]
         swap.update({id(o): x for o, x in zip(outs, outer[1:])})
-        graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
+    graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
     for n in rest:
         n.inputs = [swap.get(id(x), x) for x in n.inputs]
     for n in stacked:
         n.inputs = [passed.get(id(x), x) for x in n.inputs]
     graph.nodes = [n for n in graph.nodes if id(n) not in moved] + new_nodes
-    return rest, new_nodes
+    return rest
 
 
 def add_output(graph: gs.Graph, name: str, elem_type: int = TensorProto.FLOAT, dims=None) -> None:

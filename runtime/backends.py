@@ -97,8 +97,8 @@ def ort_session(path, threads: int | None = None, device: str = "cpu", spinning:
     # Nodes ordered by priority rather than ONNX Runtime's default topological order: a fused prompt
     # probe's per-layer If (surgery.layer_stages) then runs right after its layer, so the layer's
     # [B, T, d] states are freed as the decoder moves on; in the default order every such If ran
-    # after the last layer, which kept all L+1 states alive (the MHA artifact's peak at 4 x 400
-    # tokens: 747 -> 632 MiB, the base 580-595 MiB; step times unchanged within this VM's noise).
+    # after the last layer, which kept all L+1 states alive (benchmarks/results/prefill_memory.md:
+    # the MHA artifact's peak at 4 x 400 tokens 706 -> 536 MiB, the base's 505-506 MiB).
     so.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     where = "the graph" if isinstance(path, (bytes, bytearray)) else str(path)
     try:

@@ -314,7 +314,7 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     long = fuse(per_layer, "tox", False)
     short = fuse(stacked, "tox/short", True)
     if staged:
-        long = (surgery.layer_stages(host, s, long[0], short[0], 6)[0], long[1])
+        long = (surgery.layer_stages(host, s, long[0], short[0], 6), long[1])
         for i, name in enumerate(s.hidden_states):  # state i: read by the decoder and by If_i alone
             readers = [n for n in host.nodes if any(t.name == name for t in n.inputs) and n.name.startswith("tox")]
             assert readers == [], f"state {i} is still read by probe nodes {[n.name for n in readers]}"

@@ -1,11 +1,13 @@
-"""Decode-step and prefill times of an artifact by batch rows and mask width (the engine's costs).
+"""Decode-step and prefill times of artifacts by batch rows and mask width (the engine's costs).
 
-    python -m singlepass.benchmarks.engine_steps ART [--threads 2] [--repeats 5]
+    python -m singlepass.benchmarks.engine_steps ART [ART ...] [--threads 2] [--repeats 5]
 
-Prints, per (width W, rows B): the median decode-step time over ``--repeats`` runs, tokens/s,
-the KV cache size, and what re-aligning (``serve.engine.fit``, one more column) and dropping a
-row (``State.keep``) copy; then prefill times for a few (B, T). Medians of repeated runs in one
-process; nothing else should run meanwhile.
+Prints, per (width W, rows B) and artifact (alternating, cell by cell): the median decode-step
+time over ``--repeats`` runs, tokens/s, the KV cache size, and what re-aligning
+(``serve.engine.fit``, one more column) and dropping a row (``State.keep``) copy; then prefill
+times for a few (B, T). Each cell's rows hold W tokens and the step is timed after one decode step
+(an in-place cache, ``export --kv-cache inplace``, has then grown its spare columns). Medians of
+repeated runs in one process; nothing else should run meanwhile.
 """
 
 from __future__ import annotations
@@ -26,36 +28,47 @@ def median_s(f, n: int) -> float:
 
 
 def main(argv=None) -> int:
+    from pathlib import Path
+
     from singlepass.benchmarks.machine import ort_machine
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, prefill
     from singlepass.serve.engine import fit
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("artifact")
+    p.add_argument("artifacts", nargs="+")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--repeats", type=int, default=5)
     a = p.parse_args(argv)
-    rt = load(a.artifact, threads=a.threads)
-    m, n = rt.manifest, a.repeats
+    rts = {Path(f).name: load(f, threads=a.threads) for f in a.artifacts}
+    n = a.repeats
     print(ort_machine(), flush=True)
-    print("| W | B | decode step (ms) | tokens/s | KV (MiB) | fit +1 column (ms) | drop a row (ms) |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for name, rt in rts.items():
+        print(f"{name}: KV cache {rt.manifest.graph.kv_update}", flush=True)
+    print("\n| W | B | artifact | decode step (ms) | tokens/s | KV (MiB) | fit +1 column (ms) | drop a row (ms) |")
+    print("| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |")
     for W in (64, 512):
         for B in (1, 4, 16, 32):
-            out, st = prefill(rt.backend, m, [[1] + [100 + i for i in range(W - 1)]] * B)
-            toks = np.ones(B, np.int64)
-            t = median_s(lambda st=st, toks=toks: decode_one_token(rt.backend, m, st, toks), n)
-            kv = sum(x.nbytes for x in st.past or []) / 2**20
-            c = median_s(lambda st=st: fit(st, st.mask.shape[1] + 1, 0, True), n)
-            k = median_s(lambda st=st, B=B: st.keep(list(range(max(1, B - 1)))), n)
-            print(f"| {W} | {B} | {t * 1e3:.1f} | {B / t:.0f} | {kv:.0f} | {c * 1e3:.1f} | {k * 1e3:.1f} |", flush=True)
-    print("\n| prefill B | T | ms | tokens/s |\n| ---: | ---: | ---: | ---: |")
+            for name, rt in rts.items():
+                m, prefix = rt.manifest, rt.manifest.graph.inplace
+                out, st = prefill(rt.backend, m, [[1] + [100 + i for i in range(W - 1)]] * B)
+                toks = np.ones(B, np.int64)
+                st = decode_one_token(rt.backend, m, st, toks)[1]  # [B] rows of W + 1 tokens
+                t = median_s(lambda st=st, toks=toks, rt=rt, m=m: decode_one_token(rt.backend, m, st, toks), n)
+                kv = sum(x.nbytes for x in st.past or []) / 2**20
+                c = median_s(lambda st=st, p=prefix: fit(st, st.mask.shape[1] + 1, 0, True, p), n)
+                k = median_s(lambda st=st, B=B: st.keep(list(range(max(1, B - 1)))), n)
+                print(
+                    f"| {W} | {B} | {name} | {t * 1e3:.1f} | {B / t:.0f} | {kv:.0f} | {c * 1e3:.1f} | {k * 1e3:.1f} |",
+                    flush=True,
+                )
+    print("\n| prefill B | T | artifact | ms | tokens/s |\n| ---: | ---: | --- | ---: | ---: |")
     for T in (32, 128):
         for B in (1, 4):
-            seqs = [[1] + [100 + i for i in range(T - 1)]] * B
-            t = median_s(lambda seqs=seqs: prefill(rt.backend, m, seqs), max(3, n // 2))
-            print(f"| {B} | {T} | {t * 1e3:.0f} | {B * T / t:.0f} |", flush=True)
+            for name, rt in rts.items():
+                seqs = [[1] + [100 + i for i in range(T - 1)]] * B
+                t = median_s(lambda seqs=seqs, rt=rt: prefill(rt.backend, rt.manifest, seqs), max(3, n // 2))
+                print(f"| {B} | {T} | {name} | {t * 1e3:.0f} | {B * T / t:.0f} |", flush=True)
     return 0
 
 

@@ -29,6 +29,7 @@ def cmd_export(args) -> int:
         calibration=args.calibration,
         calibration_rows=args.calibration_rows,
         data_dir=args.data_dir,
+        kv_cache=args.kv_cache,
     )
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
     print(
@@ -152,6 +153,15 @@ def register(sub) -> None:
         "--calibration-rows", type=int, default=DEFAULT_ROWS, help="calibration prompts (default: %(default)s)"
     )
     p.add_argument("--data-dir", default=None, help="datasets folder (default: $SINGLEPASS_DATA or ../shared/data)")
+    p.add_argument(
+        "--kv-cache",
+        choices=["auto", "inplace", "concat"],
+        default="auto",
+        help="inplace: each layer's attention as ONNX Runtime's GroupQueryAttention writing the new keys/values "
+        "into the runtime's cache buffers (rows right-padded; ONNX Runtime CPU); concat: present = past + new, "
+        "a new copy per step (any runtime, TensorRT); auto: inplace for int4/int8 weights where the graph allows "
+        "it (opset >= 23, no sliding window, not --all-logits), concat for fp32 (default: %(default)s)",
+    )
     p.add_argument("--max-batch", type=int, default=8, help="recorded serving limit (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: the probes' max_length")
     p.add_argument(

@@ -6,9 +6,9 @@ and ``og.Generator`` runs our fused graph with its own prefill / decode loop. Wh
 * ``type: "decoder"``: og's generic decoder-only LLM (no architecture-specific handling; rotary
   embeddings, sliding windows and soft-capping are inside our graph).
 * the input / output names as printf patterns (``past_key_values.%d.key``, ``present.%d.key``).
-* ``past_present_share_buffer: false``: our presents are ``concat(past, new)``
-  [batch, kv_heads, past + sequence, head_dim]; og's shared-buffer mode binds one max_length
-  buffer as both past and present, which this graph does not implement.
+* ``past_present_share_buffer: false``: og feeds the presents back as pasts
+  [batch, kv_heads, past + sequence, head_dim] (what a Concat graph returns, and what
+  GroupQueryAttention returns when its past and present are not one buffer).
 * prefill logits: og treats a logits output whose dim 1 is declared as the constant 1 as
   last-token ("pruned") logits in every pass (``Model::IsPruned``); with a dynamic dim 1 it picks
   the last position itself. Both of our forms work (default last position only, ``--all-logits``
@@ -21,7 +21,10 @@ and ``og.Generator`` runs our fused graph with its own prefill / decode loop. Wh
 
 Batches: og left-pads with ``pad_token_id`` and masks the leading pad tokens of each row; with a
 pad token that is also the end-of-sequence token, a prompt that *starts* with that token is
-masked differently from our runtime in a batch of several prompts (batch 1 is exact).
+masked differently from our runtime in a batch of several prompts (batch 1 is exact). An artifact
+with the in-place KV cache (``export/kvcache.py``, GroupQueryAttention) runs in og's concatenating
+mode too (fed ordinary past tensors, the node concatenates), but it takes each row's keys as a
+prefix: og's left-padded batches of prompts of different lengths are not exact there (batch 1 is).
 
 The manifest records the outcome under ``genai``: ``{"config": "genai_config.json", ...}`` or
 ``{"config": null, "reason": ...}``.

@@ -135,6 +135,9 @@ def build(
             "past_names": stream.past,
             "present_names": stream.present,
             "kv_layout": "[batch, num_kv_heads, sequence, head_dim]",
+            # export/kvcache.py: "inplace" (GroupQueryAttention, rows are prefixes of the mask, the
+            # presents written into the pasts' buffers) or "concat" (present = past + new, left padding)
+            "kv_update": "inplace" if stream.inplace_kv else "concat",
             "input_ids": stream.input_ids,
             "attention_mask": stream.attention_mask,
             "position_ids": stream.position_ids,

@@ -153,9 +153,11 @@ def build_graph(
     all_logits: bool,
     weights: str = "fp32",
     rounded: dict | None = None,
+    kv_cache: str = "auto",
 ):
     """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
-    output name or None, QuantSummary). ``rounded``: calibrated 4-bit codes (``calibrate.gptq_rounded``).
+    output name or None, QuantSummary). ``kv_cache``: ``export/kvcache.py``'s mode (``stream.inplace_kv``
+    says the result). ``rounded``: calibrated 4-bit codes (``calibrate.gptq_rounded``).
 
     The weights are never read: gs keeps them as the original ``TensorProto``s and ``to_model``
     copies each once into the returned model. The caller should drop ``model`` (the original)
@@ -164,7 +166,7 @@ def build_graph(
 
     import onnx_graphsurgeon as gs
 
-    from singlepass.export import surgery
+    from singlepass.export import kvcache, surgery
     from singlepass.export.fuse import fuse_probes, prompt_probes_prefill_only
     from singlepass.export.optimize import rmsnorm_as_div
     from singlepass.export.quantize import parameter_digests, quantize_weights
@@ -178,6 +180,7 @@ def build_graph(
             f"the graph has vocab {stream.vocab_size} / width {stream.hidden_size}, the model "
             f"{backbone.model.config.vocab_size} / {backbone.hidden_size}: not this model's graph"
         )
+    kvcache.apply(graph, stream, kv_cache, backbone.model.config, all_logits, weights)  # before what reads rows
     if not all_logits:
         surgery.slice_last_position_logits(graph, stream)
     # probes read the layer tensors where they are; quantised: prompt probes skip decode passes
@@ -268,6 +271,7 @@ def export_artifact(
     calibration: str | None = None,
     calibration_rows: int | None = None,
     data_dir: str | None = None,
+    kv_cache: str = "auto",
 ) -> dict:
     """Write a validated artifact folder; returns a summary (seconds, bytes, validation).
     ``calibration`` (int4 only): the prompts the 4-bit rounding is calibrated on, a dataset name or
@@ -316,7 +320,9 @@ def export_artifact(
         source = f"torch.onnx.export(dynamo=True, opset={opset}) of {backbone.source.name}"
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, stream, hs, quant = build_graph(model, backbone, probes, keep_hidden_states, all_logits, weights, rounded)
+    model, stream, hs, quant = build_graph(
+        model, backbone, probes, keep_hidden_states, all_logits, weights, rounded, kv_cache
+    )
     del rounded
     if quant.rounding == "gptq":
         quant.calibration = info

@@ -52,7 +52,7 @@ from onnx import TensorProto, helper
 from singlepass.errors import SinglepassError
 
 PASS_THROUGH = {"Identity", "Cast"}  # ops that leave the residual value unchanged (same-type Cast)
-SHAPE_ONLY = {"Identity", "Slice", "Gather", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
+SHAPE_ONLY = {"Identity", "Slice", "Gather", "GatherND", "Reshape", "Squeeze", "Unsqueeze", "Flatten"}
 SCALAR_OPS = {"Mul", "Div", "Add", "Sub"}  # element-wise with a constant scalar: embedding scale, soft-capping
 SKIP_NORM_OPS = {"SkipLayerNormalization", "SkipSimplifiedLayerNormalization"}  # ORT: norm(input + skip [+ bias])
 SKIP_SUM_OUTPUT = 3  # a Skip*Normalization's optional output ``input_skip_bias_sum``: the residual sum
@@ -205,6 +205,9 @@ class ResidualStream:
     hidden_size: int
     past: list[str] = field(default_factory=list)  # past key/value inputs in layer order, key before value
     present: list[str] = field(default_factory=list)
+    # export/kvcache.py converted the attention: rows are prefixes of the mask (right padding), a
+    # pass's tokens are attention_mask[:, :T] (not [:, -T:]) and a row's last token is at sum - 1
+    inplace_kv: bool = False
 
     @property
     def num_layers(self) -> int:

@@ -138,39 +138,73 @@ def slice_last_position_logits(graph: gs.Graph, stream: ResidualStream) -> None:
     namer = Namer(graph)
     hidden = lm.inputs[0]  # [B, T, d]
     sliced = gs.Variable(namer("last_position_hidden"), dtype=hidden.dtype)  # [B, 1, d]
-    node = namer.node(
-        "Slice",
-        [hidden, namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX]), namer.i64("axis1", [1])],
-        [sliced],
-    )
+    if stream.inplace_kv:  # rows are prefixes: row b's last token is at sum(pass mask b) - 1
+        nodes, sliced = _gather_last_token(graph, stream, namer, hidden, sliced)
+    else:
+        starts, ends = namer.i64("last_start", [-1]), namer.i64("last_end", [INT64_MAX])
+        nodes = [namer.node("Slice", [hidden, starts, ends, namer.i64("axis1", [1])], [sliced])]
     lm.inputs[0] = sliced
-    graph.nodes.insert(next(k for k, n in enumerate(graph.nodes) if n is lm), node)  # keeps the order sorted
+    at = next(k for k, n in enumerate(graph.nodes) if n is lm)
+    graph.nodes[at:at] = nodes  # keeps the order sorted
     out = t
     if out.shape is not None and len(out.shape) == 3:
         out.shape = [out.shape[0], 1, out.shape[2]]  # [B, 1, V]
 
 
+def _pass_mask(graph: gs.Graph, stream: ResidualStream, namer: "Namer") -> tuple[list[gs.Node], gs.Variable]:
+    """-> (nodes, the current pass's columns of the mask [B, T], T = input_ids.shape[1]):
+    ``attention_mask[:, -T:]``, or ``[:, :T]`` where rows are prefixes (``stream.inplace_kv``:
+    a prefill's past is empty and a decode step's one token is each row's column 0 of the pass)."""
+    tensors = graph.tensors()
+    shape = gs.Variable(namer("ids_shape"), dtype=np.int64)  # [2] = (B, T)
+    t = gs.Variable(namer("seq_len"), dtype=np.int64)  # [1] = (T,)
+    out = gs.Variable(namer("probe_attention_mask"), dtype=np.int64)  # [B, T]
+    axes = namer.i64("mask_axis1", [1])
+    nodes = [
+        namer.node("Shape", [tensors[stream.input_ids]], [shape]),
+        namer.node("Gather", [shape, namer.i64("index1", [1])], [t], axis=0),
+    ]
+    if stream.inplace_kv:
+        nodes.append(
+            namer.node("Slice", [tensors[stream.attention_mask], namer.i64("mask_start", [0]), t, axes], [out])
+        )
+    else:
+        neg = gs.Variable(namer("neg_seq_len"), dtype=np.int64)  # [1] = (-T,)
+        ends = namer.i64("mask_end", [INT64_MAX])
+        nodes += [
+            namer.node("Neg", [t], [neg]),
+            namer.node("Slice", [tensors[stream.attention_mask], neg, ends, axes], [out]),
+        ]
+    return nodes, out
+
+
+def _gather_last_token(
+    graph: gs.Graph, stream: ResidualStream, namer: "Namer", hidden: gs.Tensor, out: gs.Variable
+) -> tuple[list[gs.Node], gs.Variable]:
+    """hidden [B, T, d] -> (nodes, ``out`` [B, 1, d]): each row's last token of the pass, at
+    ``sum(pass mask) - 1`` (rows are prefixes)."""
+    nodes, mask = _pass_mask(graph, stream, namer)
+    count = gs.Variable(namer("pass_tokens"), dtype=np.int64)  # [B, 1]
+    last = gs.Variable(namer("last_index"), dtype=np.int64)  # [B, 1]
+    rows = gs.Variable(namer("last_hidden_2d"), dtype=hidden.dtype)  # [B, d]
+    nodes += [
+        namer.node("ReduceSum", [mask, namer.i64("axis1", [1])], [count], keepdims=1),
+        namer.node("Sub", [count, namer.i64("one", [1])], [last]),
+        namer.node("GatherND", [hidden, last], [rows], batch_dims=1),
+        namer.node("Unsqueeze", [rows, namer.i64("axis1", [1])], [out]),
+    ]
+    return nodes, out
+
+
 def probe_attention_mask(graph: gs.Graph, stream: ResidualStream) -> str:
-    """attention_mask[:, -T:] with T = input_ids.shape[1]: the current step's tokens.
+    """The current pass's tokens [B, T]: ``attention_mask[:, -T:]`` with T = input_ids.shape[1]
+    (``[:, :T]`` where rows are prefixes, ``stream.inplace_kv``).
 
     In prefill (no past) this is the whole mask; in a decode step it is the new token's column,
     so the probe subgraph stays shape-valid with a KV cache.
     """
-    namer = Namer(graph)
-    tensors = graph.tensors()
-    shape = gs.Variable(namer("ids_shape"), dtype=np.int64)  # [2] = (B, T)
-    t = gs.Variable(namer("seq_len"), dtype=np.int64)  # [1] = (T,)
-    neg = gs.Variable(namer("neg_seq_len"), dtype=np.int64)  # [1] = (-T,)
-    out = gs.Variable(namer("probe_attention_mask"), dtype=np.int64)  # [B, T]
-    idx, ends, axes = namer.i64("index1", [1]), namer.i64("mask_end", [INT64_MAX]), namer.i64("mask_axis1", [1])
-    graph.nodes.extend(
-        [
-            namer.node("Shape", [tensors[stream.input_ids]], [shape]),
-            namer.node("Gather", [shape, idx], [t], axis=0),
-            namer.node("Neg", [t], [neg]),
-            namer.node("Slice", [tensors[stream.attention_mask], neg, ends, axes], [out]),
-        ]
-    )
+    nodes, out = _pass_mask(graph, stream, Namer(graph))
+    graph.nodes.extend(nodes)
     return out.name
 
 

@@ -195,7 +195,12 @@ class Parity:
             out = self.model(**kw)
             hs = torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
             step_mask = torch.from_numpy(mask[:, -ids.shape[1] :])  # [B, T]: this pass's tokens
-            res = {g.logits: (out.logits[:, -1:] if g.logits_last_position_only else out.logits).numpy()}
+            logits = out.logits  # [B, T, V]
+            if g.logits_last_position_only:  # the graph's last position: each row's last token in place
+                T = ids.shape[1]
+                last = T - 1 - step_mask.flip(1).argmax(1) if g.inplace else torch.full((len(ids),), T - 1)
+                logits = logits[torch.arange(len(ids)), last][:, None]  # [B, 1, V]
+            res = {g.logits: logits.numpy()}
             if response is not None:
                 response.append(hs)
                 seen = torch.cat(response, 2)  # [L+1, B, k, d]: the response tokens 1..k
@@ -305,6 +310,8 @@ def check_prefill(par: Parity, report: Report) -> None:
     if b * n >= over:
         long = [(s * (n // len(s) + 1))[:n] for s in (seqs * b)[:b]]
         cases.append((f"prefill left B={b} x {n} tokens", long, "left"))
+    if par.m.graph.inplace:  # rows are prefixes: right padding only
+        cases = [(c.replace("left", "right"), b, "right") for c, b, side in cases if c != "prefill left B=4"]
     for case, batch, side in cases:
         got, _ = prefill(par.backend, par.m, batch, side=side, extra=par.extra)
         ids, mask, pos = pad_batch(batch, par.m.pad_id, side, par.m.graph.min_prefill_tokens)  # as the runtime pads
@@ -320,15 +327,20 @@ def check_decode(par: Parity, report: Report, steps: int = DECODE_STEPS) -> None
 
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 
-    case = "decode left B=3"
+    inplace = par.m.graph.inplace
+    case = "decode right B=3 (in-place KV cache)" if inplace else "decode left B=3"
     cache = DynamicCache(config=par.bb.model.config) if par.m.graph.kv_cache else None
     out, state = prefill(par.backend, par.m, par.encode(PROMPTS[:3]), extra=par.extra)
     o_tokens, r_tokens = [], []
     response: list = []  # the generated tokens' hidden states, for the response probes' reference
+    ref_mask = state.mask  # PyTorch's cache appends every pass's columns: its mask does too
     for step in range(steps + 1):
         # the state after this pass holds the pass's own inputs: ids [B, S], mask [B, past + S], pos [B, S]
-        ref, cache = par.reference(state.ids, state.mask, state.pos, cache, response if step else None)
-        par.compare(report, f"{case} step {step}", {k: out[k] for k in ref}, ref, state.mask[:, -state.ids.shape[1] :])
+        T = state.ids.shape[1]
+        if step:
+            ref_mask = np.concatenate([ref_mask, np.ones((len(ref_mask), 1), np.int64)], 1) if inplace else state.mask
+        ref, cache = par.reference(state.ids, ref_mask, state.pos, cache, response if step else None)
+        par.compare(report, f"{case} step {step}", {k: out[k] for k in ref}, ref, ref_mask[:, -T:])
         nxt = last_logits(par.m, out).argmax(-1).astype(np.int64)
         want = ref[par.m.graph.logits][:, -1].argmax(-1).astype(np.int64)
         o_tokens.append(nxt)

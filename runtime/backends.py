@@ -36,7 +36,11 @@ class Backend:
     max_prompt: int | None = None
     max_seq: int | None = None  # longest attention mask (dummy slots + prompt + generated) a pass may take
 
-    def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
+    inplace = False  # can ``run`` write outputs into input buffers (``inplace=``)?
+
+    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
+        """-> {output name: array}. ``inplace`` {output: input}: the output is written into that
+        input's buffer (the in-place KV cache, ``export/kvcache.py``) and returned as that array."""
         raise NotImplementedError
 
     def check_request(self, batch: int, prompt_len: int) -> None:
@@ -127,15 +131,33 @@ class OrtBackend(Backend):
     ):
         self.session = ort_session(path, threads, device, spinning, arena)
         self.name = f"onnxruntime-{device}"
+        self.inplace = device == "cpu"  # the buffers are host memory
         self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest.graph.inputs}
 
-    def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
+    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
         feed = {
             k: (v.astype(self.dtypes[k]) if self.dtypes.get(k) and v.dtype != self.dtypes[k] else v)
             for k, v in feed.items()
         }
         names = outputs or [o.name for o in self.session.get_outputs()]
-        return dict(zip(names, self.session.run(names, feed)))
+        if not inplace:
+            return dict(zip(names, self.session.run(names, feed)))
+        if not self.inplace:
+            raise SinglepassError(f"the {self.name} backend cannot write the KV cache in place")
+        io = self.session.io_binding()  # outputs bound to the inputs' own buffers: no copy of the cache
+        for k, v in feed.items():
+            io.bind_cpu_input(k, np.ascontiguousarray(v))
+        for n in names:
+            if n in inplace:
+                buf = feed[inplace[n]]
+                if not buf.flags.c_contiguous:
+                    raise SinglepassError(f"internal error: {inplace[n]} must be one contiguous buffer")
+                io.bind_output(n, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+            else:
+                io.bind_output(n, "cpu")
+        self.session.run_with_iobinding(io)
+        values = io.get_outputs()  # OrtValues in the order bound; the in-place ones are the feed's arrays
+        return {n: feed[inplace[n]] if n in inplace else v.numpy() for n, v in zip(names, values)}
 
 
 # ----------------------------------------------------------------------------- selection
@@ -152,6 +174,11 @@ def select(
     if backend not in BACKENDS:
         raise SinglepassError(f"backend must be one of {', '.join(BACKENDS)}, not {backend!r}")
     graph = folder / manifest.graph.file
+    if backend == "tensorrt" and manifest.graph.inplace:
+        raise SinglepassError(
+            f"{folder}: this artifact writes its KV cache in place (GroupQueryAttention), which TensorRT "
+            "does not run: export with --kv-cache concat --weights fp32 --opset 18 for TensorRT"
+        )
     if backend == "tensorrt":
         from singlepass.runtime.tensorrt import TensorRTBackend
 
@@ -165,5 +192,10 @@ def select(
             except SinglepassError:
                 if engine:  # asked for by name: say why not
                     raise
-        backend = "cuda" if "CUDAExecutionProvider" in ort_providers() else "cpu"
+        backend = "cpu" if manifest.graph.inplace or "CUDAExecutionProvider" not in ort_providers() else "cuda"
+    if manifest.graph.inplace and backend != "cpu":
+        raise SinglepassError(
+            f"{folder}: this artifact writes its KV cache in place (export --kv-cache inplace), which the "
+            f"{backend} backend cannot: use --backend cpu, or export with --kv-cache concat"
+        )
     return OrtBackend(graph, manifest, backend, threads, arena=arena)

@@ -158,6 +158,11 @@ class GraphSpec:
     weights: dict | None = None  # export/quantize.py's QuantSummary; absent in artifacts older than --weights
     response_mask: str | None = None  # RESPONSE_MASK when a response probe is fused
     min_prefill_tokens: int = 1  # 2: prompt probes run in passes of 2+ tokens only (prefill pads to 2)
+    kv_update: str = "concat"  # "inplace": rows are prefixes (right padding), presents written into the pasts
+
+    @property
+    def inplace(self) -> bool:
+        return self.kv_cache and self.kv_update == "inplace"
 
     @property
     def precision(self) -> str:

@@ -66,6 +66,29 @@ def make_feed(
     return feed | feed_r
 
 
+SPARE = 64
+
+
+def spare_columns(width: int) -> int:
+    """The columns a growing batch gets for rows of ``width`` columns: room for the next
+    max(SPARE, width / 2) tokens, so that it is copied once per that many steps, not every step."""
+    return width + max(SPARE, width // 2)
+
+
+def widen(mask: np.ndarray, past: list[np.ndarray], cols: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Prefix rows (the in-place layout) in ``cols`` columns: mask [B, cols] (zeros appended), past
+    [B, kv_heads, cols, head_dim] (zeros appended). One copy of the cache."""
+    B, c = mask.shape
+    wide = np.zeros((B, cols), mask.dtype)
+    wide[:, :c] = mask
+    grown = []
+    for p in past:
+        g = np.zeros(p.shape[:2] + (cols,) + p.shape[3:], p.dtype)
+        g[:, :, : p.shape[2]] = p
+        grown.append(g)
+    return wide, grown
+
+
 def advance(
     manifest: Manifest,
     nxt: np.ndarray,
@@ -77,7 +100,19 @@ def advance(
     """The next decode pass's (ids, mask, pos, past) after tokens ``nxt`` [B] were chosen.
 
     ``mask`` is the whole mask fed last time (dummy slots included); with a KV cache the past is
-    the presents just returned and only the new token is fed."""
+    the presents just returned and only the new token is fed. In the in-place layout
+    (``graph.inplace``) rows are prefixes of the mask: row b's new token takes column ``len_b`` of
+    the mask and of the cache buffers (widened when a row reaches their capacity), position
+    ``len_b``; the graph writes its keys/values there, in place."""
+    if manifest.graph.inplace:
+        lens = mask.sum(1)  # [B] tokens so far per row
+        need = int(lens.max()) + 1
+        if need > mask.shape[1]:
+            mask, present = widen(mask, present, spare_columns(need))
+        else:
+            mask = mask.copy()
+        mask[np.arange(mask.shape[0]), lens] = 1  # [B, C]
+        return nxt[:, None].astype(np.int64), mask, lens[:, None].astype(np.int64), present
     mask = np.concatenate([mask, np.ones((mask.shape[0], 1), np.int64)], 1)  # [B, total + 1]
     if manifest.graph.kv_cache:
         return nxt[:, None].astype(np.int64), mask, pos[:, -1:] + 1, present  # ids [B, 1], pos [B, 1]

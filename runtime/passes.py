@@ -3,7 +3,7 @@
 The runtime, export validation, the server and the benchmarks all run passes through these
 two functions, so what is validated is what is served.
 
-    out, state = prefill(backend, manifest, seqs)              # left-padded prompts
+    out, state = prefill(backend, manifest, seqs)              # padded prompts
     out, state = decode_one_token(backend, manifest, state, tokens)   # tokens [B] just chosen
     last_logits(manifest, out)   -> [B, V]
     labels_from(manifest, out)   -> per row {probe: Label}: the prompt probes (prefill pass)
@@ -14,7 +14,10 @@ A response probe folds each token it is fed after the prompt into a running stat
 feeds generated token k returns the label of tokens 1..k.
 
 Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
-``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any).
+``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any). An artifact with the
+in-place KV cache (``graph.inplace``, ``export/kvcache.py``) takes right-padded batches instead (each
+row a prefix of its mask): its decode passes write the new keys/values into the state's cache
+buffers, which are bound as both past inputs and present outputs (``Backend.run(inplace=...)``).
 """
 
 from __future__ import annotations
@@ -42,7 +45,8 @@ class Label:
 @dataclass
 class State:
     """What the next pass needs. ids [B, S] (S = 1 with a KV cache), mask [B, dummy + total],
-    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input; stream:
+    pos [B, S], past: one [B, num_kv_heads, dummy + total - S, head_dim] per past input (in place:
+    [B, num_kv_heads, C, head_dim] buffers, C = the mask's width, the capacity); stream:
     the response probes' state tensors, each with its batch axis at ``axes[i]``."""
 
     ids: np.ndarray
@@ -78,11 +82,15 @@ def prefill(
     manifest: Manifest,
     seqs: list[list[int]],
     pad_id: int | None = None,
-    side: str = "left",
+    side: str | None = None,
     extra: tuple[str, ...] = (),
 ) -> tuple[dict, State]:
-    """First pass over padded prompts -> (outputs, state after it). ``side="right"`` is for
-    parity checks only: generation continues from the last column, so it needs left padding."""
+    """First pass over padded prompts -> (outputs, state after it). ``side``: the layout's
+    (left; right for the in-place KV cache); the other is for parity checks only: generation
+    continues from the layout's own."""
+    if manifest.graph.inplace and side == "left":
+        raise ValueError("an artifact with the in-place KV cache takes right-padded prompts (rows are prefixes)")
+    side = side or ("right" if manifest.graph.inplace else "left")
     pad = manifest.pad_id if pad_id is None else pad_id
     # [B, T] each; pos = cumsum(mask) - 1; at least the graph's prefill width (prompt probes skip 1-token passes)
     ids, mask, pos = pad_batch(seqs, pad, side, manifest.graph.min_prefill_tokens)
@@ -101,7 +109,10 @@ def decode_one_token(
     if response is not None and len(state.stream) != len(manifest.stream_states):
         raise ValueError("the state carries no response-probe state: build it with prefill / decode_one_token")
     feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
-    out = backend.run(feed, output_names(manifest, extra))
+    g = manifest.graph
+    out = backend.run(
+        feed, output_names(manifest, extra), dict(zip(g.present_names, g.past_names)) if g.inplace else None
+    )
     return out, _after(manifest, out, ids, mask, pos)
 
 
@@ -119,7 +130,8 @@ def _after(manifest: Manifest, out: dict, ids, mask, pos) -> State:
 
 
 def last_logits(manifest: Manifest, out: dict) -> np.ndarray:
-    """[B, 1 or S, V] -> [B, V]: the last position, a real token for every left-padded row."""
+    """[B, 1 or S, V] -> [B, V]: the last position, a real token for every left-padded row (the
+    in-place layout's graph gathers each row's last token itself: logits [B, 1, V])."""
     return out[manifest.graph.logits][:, -1]
 
 

@@ -189,7 +189,9 @@ class TensorRTBackend(Backend):
             self.buffers[name] = (ptr, size)
         return ptr
 
-    def run(self, feed: dict, outputs: list[str] | None = None) -> dict:
+    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
+        if inplace:
+            raise SinglepassError("the TensorRT backend cannot write the KV cache in place")
         cudart, ctx = self.cudart, self.context
         # prefill = the past holds only the dummy slot(s); profile 0, else the decode profile 1
         profile = 0 if not self.kv or feed[self.past0].shape[2] == self.dummy_past else 1

@@ -19,10 +19,13 @@ Rows of different lengths share one batch by left padding. The state after a pas
 an attention mask and a KV cache ``[B, kv_heads, P, head_dim]`` whose real columns sit on the
 right (``runtime/batching.py`` pads on the left); ``fit`` aligns a state on the right to one width,
 ``dummy + the longest row``: it prepends zero columns (mask 0, zero past) or cuts leading columns
-no row uses any more. Position ids are per row ([B, 1], the row's own count), so the graph sees
-what it sees for the row alone: masked columns contribute nothing, and each row draws from its own
-generator, seeded as ``Runtime.generate`` seeds a single prompt. A request therefore gets the
-result it gets alone (greedy: the same tokens and labels).
+no row uses any more. With the in-place KV cache (``export/kvcache.py``) rows are prefixes
+instead (``prefix=True``: aligned on the left, trailing columns appended or cut) and the batch
+keeps spare columns, which the decode passes fill in place, one per step; a step then costs what
+each row's own length costs, not the widest row's. Position ids are per row ([B, 1], the row's
+own count), so the graph sees what it sees for the row alone: masked columns contribute nothing,
+and each row draws from its own generator, seeded as ``Runtime.generate`` seeds a single prompt.
+A request therefore gets the result it gets alone (greedy: the same tokens and labels).
 
 Jobs come from any thread (``submit``, ``cancel``); each job's events go to its ``sink``, called
 on the engine thread (the server hands them to its event loop). No torch, no web framework here.
@@ -42,6 +45,7 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
+from singlepass.runtime.feeds import SPARE, spare_columns
 from singlepass.runtime.passes import Label, State, decode_one_token, labels_from, last_logits, prefill
 from singlepass.runtime.sampling import Sampling, sample
 from singlepass.runtime.text import TextTracker
@@ -50,7 +54,6 @@ log = logging.getLogger("singlepass.serve")
 
 LINGER = 8  # decode steps a finished row's slot waits for a newcomer before the batch is compacted
 LINGER_S = 0.5  # seconds an idle engine keeps its batch (every slot free) for the next requests
-SLACK = 64  # spare columns (at least; half the new width for long rows) a batch gets when widened
 
 
 class QueueFull(SinglepassError):
@@ -104,10 +107,13 @@ def width(state: State, dummy: int) -> int:
     return dummy + int(state.mask.sum(1).max())
 
 
-def _align(parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: int, fill) -> np.ndarray:
+def _align(
+    parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: int, fill, prefix: bool = False
+) -> np.ndarray:
     """Stack the parts' rows (all, or those listed) along axis 0, each aligned on the right to
-    ``cols`` along ``axis``: its leading columns cut, or ``fill`` columns prepended. One
-    allocation and one copy (fresh memory is what costs on a CPU: no temporaries)."""
+    ``cols`` along ``axis``: its leading columns cut, or ``fill`` columns prepended (``prefix``:
+    aligned on the left, trailing columns cut or appended). One allocation and one copy (fresh
+    memory is what costs on a CPU: no temporaries)."""
     first = parts[0][0]
     shape = list(first.shape)
     shape[0] = sum(a.shape[0] if rows is None else len(rows) for a, rows in parts)
@@ -122,21 +128,23 @@ def _align(parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: in
         c, b = a.shape[axis], a.shape[0] if rows is None else len(rows)
         n = min(c, cols)
         dst = out[at : at + b]
-        dst[span(0, cols - n)] = fill
+        src, to = (span(0, n), span(0, n)) if prefix else (span(c - n, c), span(cols - n, cols))
+        dst[span(n, cols) if prefix else span(0, cols - n)] = fill
         if rows is None:
-            dst[span(cols - n, cols)] = a[span(c - n, c)]
+            dst[to] = a[src]
         else:
-            np.take(a[span(c - n, c)], rows, axis=0, out=dst[span(cols - n, cols)], mode="clip")
+            np.take(a[src], rows, axis=0, out=dst[to], mode="clip")
         at += b
     return out
 
 
-def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, kv: bool) -> State:
+def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, kv: bool, prefix: bool = False) -> State:
     """One batch of the parts' rows (all, or those listed), aligned on the right to ``cols``
     mask columns: leading columns (masked in every row) cut, or masked ones prepended (zero
-    past). With a KV cache only the last ids/position column is kept (the next pass reads only
-    that); without one the ids and positions follow the mask."""
-    mask = _align([(s.mask, r) for s, r in parts], cols, 1, 0)
+    past); ``prefix`` (the in-place KV cache: rows are prefixes) on the left, trailing columns
+    cut or appended. With a KV cache only the last ids/position column is kept (the next pass
+    reads only that); without one the ids and positions follow the mask."""
+    mask = _align([(s.mask, r) for s, r in parts], cols, 1, 0, prefix)
     if kv:
         ids = _align([(s.ids[:, -1:], r) for s, r in parts], 1, 1, pad_id)
         pos = _align([(s.pos[:, -1:], r) for s, r in parts], 1, 1, 0)
@@ -145,7 +153,7 @@ def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, k
         pos = _align([(s.pos, r) for s, r in parts], cols, 1, 0)
     past = parts[0][0].past
     if past is not None:
-        past = [_align([(s.past[i], r) for s, r in parts], cols, 2, 0) for i in range(len(past))]
+        past = [_align([(s.past[i], r) for s, r in parts], cols, 2, 0, prefix) for i in range(len(past))]
     axes = parts[0][0].axes  # the response probes' state: rows along each tensor's batch axis
     stream = [
         np.concatenate([s.stream[i] if r is None else np.take(s.stream[i], r, axis=ax) for s, r in parts], axis=ax)
@@ -154,15 +162,17 @@ def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, k
     return State(ids, mask, pos, past, stream, axes)
 
 
-def fit(state: State, cols: int, pad_id: int, kv: bool) -> State:
-    """A state aligned on the right to ``cols`` mask columns (``stack`` of one part)."""
-    return stack([(state, None)], cols, pad_id, kv)
+def fit(state: State, cols: int, pad_id: int, kv: bool, prefix: bool = False) -> State:
+    """A state aligned to ``cols`` mask columns (``stack`` of one part)."""
+    return stack([(state, None)], cols, pad_id, kv, prefix)
 
 
-def merge(a: State, b: State, dummy: int, pad_id: int, kv: bool, cols: int | None = None) -> State:
+def merge(
+    a: State, b: State, dummy: int, pad_id: int, kv: bool, cols: int | None = None, prefix: bool = False
+) -> State:
     """One batch of a's rows then b's, aligned to ``cols`` columns (at least the width both need)."""
     cols = max(width(a, dummy), width(b, dummy), cols or 0)
-    return stack([(a, None), (b, None)], cols, pad_id, kv)
+    return stack([(a, None), (b, None)], cols, pad_id, kv, prefix)
 
 
 def put(dst: State, slots: list[int], src: State) -> None:
@@ -277,6 +287,7 @@ class Engine(WorkerThread):
         self.max_batch, self.max_queue, self.prefill_tokens = max_batch or limit, max_queue, prefill_tokens
         self.observer = observer or Observer()
         self.kv = bool(runtime.manifest.graph.kv_cache)
+        self.prefix = runtime.manifest.graph.inplace  # rows are prefixes of the mask (in-place KV cache)
         self.dummy = runtime.dummy
         self.eos_ids: frozenset[int] = frozenset() if ignore_eos else frozenset(runtime.eos_ids)
         self._cv = threading.Condition()
@@ -498,22 +509,22 @@ class Engine(WorkerThread):
         pad, kv, dummy = self.rt.pad_id, self.kv, self.dummy
         w = width(new, dummy)
         if self._state is None:
-            self._state, self._rows = fit(new, self._wider(w), pad, kv), rows
+            self._state, self._rows = fit(new, self._wider(w), pad, kv, self.prefix), rows
             return
         free = [k for k, r in enumerate(self._rows) if not r.live]
         cols = self._state.mask.shape[1]
         if w > cols:
             cols = self._wider(w)
-            self._state = fit(self._state, cols, pad, kv)
+            self._state = fit(self._state, cols, pad, kv, self.prefix)
             self.stats["widened"] += 1
         n = min(len(free), len(rows))
         if n:
-            put(self._state, free[:n], stack([(new, list(range(n)))], cols, pad, kv))
+            put(self._state, free[:n], stack([(new, list(range(n)))], cols, pad, kv, self.prefix))
             for k, row in zip(free, rows[:n]):
                 self._rows[k] = row
             self.stats["reused"] += n
         if n < len(rows):
-            self._state = stack([(self._state, None), (new, list(range(n, len(rows))))], cols, pad, kv)
+            self._state = stack([(self._state, None), (new, list(range(n, len(rows))))], cols, pad, kv, self.prefix)
             self._rows = self._rows + rows[n:]
             self.stats["merges"] += 1
 
@@ -521,7 +532,7 @@ class Engine(WorkerThread):
         """The width of a batch widened for a row of width ``w``, with spare columns so that the
         next newcomers fit in place (within the backend's longest sequence): a masked column
         costs a decode step far less than a copy of the batch costs once."""
-        spare = w + max(SLACK, w // 2)
+        spare = spare_columns(w)
         max_seq = self.rt.backend.max_seq
         return max(w, min(spare, max_seq - 1)) if max_seq else spare
 
@@ -543,12 +554,14 @@ class Engine(WorkerThread):
         cols = self._state.mask.shape[1]
         need = self.dummy + int(self._state.mask[live].sum(1).max())
         max_seq = self.rt.backend.max_seq
-        wide = cols - need > max(2 * SLACK, cols // 2) or (max_seq is not None and cols >= max_seq)
+        wide = cols - need > max(2 * SPARE, cols // 2) or (max_seq is not None and cols >= max_seq)
         if not (stale or wide):
             return
         t0 = time.perf_counter()
         rows = live if len(live) < len(self._rows) else None
-        self._state = stack([(self._state, rows)], need, self.rt.pad_id, self.kv)
+        # the in-place cache keeps spare columns: each decode step writes the next one
+        cols = self._wider(need) if self.prefix else need
+        self._state = stack([(self._state, rows)], cols, self.rt.pad_id, self.kv, self.prefix)
         self._rows = [self._rows[k] for k in live]
         self.stats["compactions"] += 1
         self.observer.phase("tidy", time.perf_counter() - t0)

@@ -148,9 +148,12 @@ def leftovers(parent: Path, name: str) -> list[str]:
     return sorted(p.name for p in Path(parent).iterdir() if p.name == name or p.name.startswith(f".{name}"))
 
 
-def serving_artifact(root: Path, name: str, backbone, model_dir, cache_dir, max_prompt: int, muli: bool = True):
+def serving_artifact(
+    root: Path, name: str, backbone, model_dir, cache_dir, max_prompt: int, muli: bool = True, extra=()
+):
     """Export the tiny model with a binary (``safety``, gate), a three-class (``emotion``, MHA) and,
-    with ``muli``, a logit-input (``muli``) probe into ``root/name`` -> (artifact folder, probe folders)."""
+    with ``muli``, a logit-input (``muli``) probe into ``root/name`` with the in-place KV cache
+    of the default (int4) export (``extra``: more export flags) -> (artifact folder, probe folders)."""
     from cli_args import export_argv
 
     from singlepass.cli import main
@@ -163,5 +166,16 @@ def serving_artifact(root: Path, name: str, backbone, model_dir, cache_dir, max_
         probes["muli"] = make_probe(root / "muli", backbone, "muli", seed=2)
     out = root / name
     specs = [f"{d}:{n}" for n, d in probes.items()]
-    assert main(export_argv(model_dir, cache_dir, out, *specs, extra=["--max-prompt-length", max_prompt])) == 0
+    assert (
+        main(
+            export_argv(
+                model_dir,
+                cache_dir,
+                out,
+                *specs,
+                extra=["--max-prompt-length", max_prompt, "--kv-cache", "inplace", *extra],
+            )
+        )
+        == 0
+    )
     return out, probes

@@ -50,6 +50,7 @@ def arch(request, tmp_path_factory, cache_dir):
     out = root / "art"
     probes = (tox, muli, f"{root / 'trained'}:trained")
     extra = ["--max-prompt-length", 128, "--keep-hidden-states"]  # validated too (relative error <= 1e-4)
+    extra += ["--kv-cache", "concat" if name in SLIDING else "inplace"]  # in place: no window (export/kvcache.py)
     assert main(export_argv(folder, cache_dir, out, *probes, extra=extra)) == 0
     return name, folder, backbone, out
 
@@ -76,7 +77,10 @@ def test_export_validates_against_pytorch(arch):
     assert m["backbone"]["model_type"] == backbone.model.config.model_type
     assert m["validation"]["passed"] and not v["token_mismatches"]
     cases = {c["case"] for c in v["checks"]}
-    assert {"prefill left B=4", "prefill right B=4"} <= cases
+    if m["graph"]["kv_update"] == "inplace":  # rows are prefixes: right padding only
+        assert "prefill right B=4" in cases and not any("left" in c for c in cases)
+    else:
+        assert {"prefill left B=4", "prefill right B=4"} <= cases
     assert len(v["decode_tokens"]["onnxruntime"][0]) == 21  # prefill + 20 greedy steps
     assert v["decode_tokens"]["onnxruntime"] == v["decode_tokens"]["pytorch"]
     diffs = v["max_abs_diff"]
@@ -98,7 +102,8 @@ def test_graph_hidden_states_follow_transformers(arch):
     module, _ = load_probe(art / "probes" / "tox", backbone.fingerprint)
     enc = encode(backbone.tokenizer, TEXTS, "chat", 128)
     L = backbone.num_layers
-    for side in ("left", "right"):
+    inplace = m["graph"]["kv_update"] == "inplace"  # export/kvcache.py: rows are prefixes (right padding)
+    for side in ("right",) if inplace else ("left", "right"):
         ids, mask, pos = pad_batch(enc.ids, backbone.tokenizer.pad_token_id, side)
         got = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, ort_feed(m, ids, mask, pos))))
         ref = hf_forward(backbone, ids, mask, pos)
@@ -106,8 +111,11 @@ def test_graph_hidden_states_follow_transformers(arch):
         real = mask.astype(bool)
         assert got["hidden_states"].shape == (L + 1, *ids.shape, backbone.hidden_size)
         np.testing.assert_allclose(got["hidden_states"][:, real], hs[:, real], rtol=1e-4, atol=1e-4)
-        last = real[:, -1]  # rows whose last position is a real token (the graph returns the last position)
-        np.testing.assert_allclose(got["logits"][last, 0], ref.logits.numpy()[last, -1], rtol=0, atol=1e-3)
+        # the graph returns the last position (in place: each row's last token)
+        last = np.ones(len(ids), bool) if inplace else real[:, -1]
+        at = real.sum(1) - 1 if inplace else np.full(len(ids), ids.shape[1] - 1)
+        want = ref.logits.numpy()[np.arange(len(ids)), at]
+        np.testing.assert_allclose(got["logits"][last, 0], want[last], rtol=0, atol=1e-3)
         with torch.no_grad():
             want = probabilities(module(torch.stack(ref.hidden_states), torch.from_numpy(mask))).numpy()
         np.testing.assert_allclose(got["tox/probs"], want, rtol=0, atol=1e-4)

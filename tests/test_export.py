@@ -43,7 +43,9 @@ def probe_dirs(tmp_path_factory, tiny_backbone):
 def artifact(tmp_path_factory, tiny_model_dir, probe_dirs, cache_dir):
     out = tmp_path_factory.mktemp("art") / "tiny"
     specs = [d if name != "last" else f"{d}:last" for name, d in probe_dirs.items()]
-    assert main(export_argv(tiny_model_dir, cache_dir, out, *specs)) == 0
+    # the Concat KV cache (fp32's default; said here as it is what these tests drive with raw sessions:
+    # left padding, present = past + new); the in-place layout: test_kvcache.py, test_arch.py
+    assert main(export_argv(tiny_model_dir, cache_dir, out, *specs, extra=["--kv-cache", "concat"])) == 0
     return out
 
 

@@ -236,7 +236,7 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     art = tmp_path / "art"
     export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, weights="int8", log=lambda m: None)
     v = json.loads((art / "validation.json").read_text())
-    sizes = [re.fullmatch(r"prefill left B=(\d+) x (\d+) tokens", c["case"]) for c in v["checks"]]
+    sizes = [re.fullmatch(r"prefill (?:left|right) B=(\d+) x (\d+) tokens", c["case"]) for c in v["checks"]]
     long_case = [c for c, m in zip(v["checks"], sizes) if m and int(m[1]) * int(m[2]) > fuse.STACKED_PASS_TOKENS]
     assert v["passed"] and "safety/probs" in {c["tensor"] for c in long_case}
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)

@@ -41,9 +41,12 @@ LONG = "The quick brown fox jumps over the lazy dog. " * 12
 
 @pytest.fixture(scope="module")
 def art(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
-    """A tiny artifact with a binary, a three-class and a logit-input (MULI) probe."""
+    """A tiny artifact with a binary, a three-class and a logit-input (MULI) probe, with the Concat KV
+    cache that TensorRT runs (the in-place one: test_kvcache.py, test_serve.py)."""
     root = tmp_path_factory.mktemp("rt")
-    return serving_artifact(root, "art", tiny_backbone, tiny_model_dir, cache_dir, MAX_PROMPT)
+    return serving_artifact(
+        root, "art", tiny_backbone, tiny_model_dir, cache_dir, MAX_PROMPT, extra=["--kv-cache", "concat"]
+    )
 
 
 @pytest.fixture(scope="module")

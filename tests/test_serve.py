@@ -66,14 +66,14 @@ class Wrapped(Backend):
 
     def __init__(self, inner: Backend, delay: float = 0.0):
         self.inner, self.delay = inner, delay
-        self.name, self.dummy_past = f"wrapped {inner.name}", inner.dummy_past
+        self.name, self.dummy_past, self.inplace = f"wrapped {inner.name}", inner.dummy_past, inner.inplace
         self.max_batch, self.max_prompt, self.max_seq = inner.max_batch, inner.max_prompt, inner.max_seq
         self.gate = threading.Event()
         self.gate.set()
         self.fail = 0
         self.calls = self.passes = 0
 
-    def run(self, feed, outputs=None):
+    def run(self, feed, outputs=None, inplace=None):
         self.calls += 1
         assert self.gate.wait(30), "the test never opened the gate"
         self.passes += 1
@@ -82,7 +82,7 @@ class Wrapped(Backend):
             raise RuntimeError("secret backend detail")
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.run(feed, outputs)
+        return self.inner.run(feed, outputs, inplace)
 
 
 def runtime_on(rt: Runtime, delay: float = 0.0, **kw) -> Runtime:
@@ -222,6 +222,22 @@ def test_merge_and_fit_align_rows_on_the_right():
     np.testing.assert_array_equal(m.past[0][1], keep1)
 
 
+def test_prefix_rows_align_on_the_left():
+    """The in-place layout: rows are prefixes, so fitting cuts or appends trailing columns."""
+    kv = [np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1]
+    a = State(np.array([[5], [6]]), np.array([[1, 1, 0], [1, 1, 1]]), np.array([[1], [2]]), kv)
+    b = State(np.array([[4]]), np.array([[1, 1, 1, 1, 0]]), np.array([[3]]), [np.ones((1, 1, 5, 2), np.float32)])
+    m = merge(a, b, 0, 0, kv=True, prefix=True)
+    assert m.mask.tolist() == [[1, 1, 0, 0], [1, 1, 1, 0], [1, 1, 1, 1]]  # width 4 = the longest row
+    np.testing.assert_array_equal(m.past[0][:2, :, :3], kv[0])  # a's columns where they were
+    assert not m.past[0][:2, :, 3].any()
+    np.testing.assert_array_equal(m.past[0][2], np.ones((1, 4, 2)))  # b's trailing masked column cut
+    w = fit(m, 6, 0, kv=True, prefix=True)  # spare columns appended
+    assert w.mask.shape == (3, 6) and not w.mask[:, 4:].any() and w.past[0].shape[2] == 6
+    put(w, [0], fit(b, 6, 0, kv=True, prefix=True))
+    assert w.mask[0].tolist() == [1, 1, 1, 1, 0, 0] and w.mask[1].tolist() == [1, 1, 1, 0, 0, 0]
+
+
 def test_prefill_groups_bound_the_padding():
     jobs = [Job([1] * n, 4) for n in (40, 3, 400, 4, 38, 5, 44)]
     groups = [[len(j.ids) for j in g] for g in prefill_groups(jobs)]
@@ -243,9 +259,23 @@ def test_text_tracker_holds_back_stop_prefixes():
     assert "".join(pieces) == "Hello world!" and pieces[-1] == "!"
 
 
-def test_engine_rows_joining_and_leaving_give_what_each_gets_alone(rt):
+@pytest.fixture(scope="module")
+def rt_concat(tmp_path_factory, tiny_model_dir, tiny_backbone, cache_dir):
+    """The serving artifact with the Concat KV cache (left padding; the default is in place)."""
+    from export_helpers import serving_artifact
+
+    root = tmp_path_factory.mktemp("serve-concat")
+    art = serving_artifact(root, "art", tiny_backbone, tiny_model_dir, cache_dir, 96, False, ["--kv-cache", "concat"])
+    return load(art[0], backend="cpu", threads=1)
+
+
+@pytest.mark.parametrize("layout", ["inplace", "concat"])
+def test_engine_rows_joining_and_leaving_give_what_each_gets_alone(request, layout):
     """Jobs arriving while others decode (different past lengths merged into one batch) get the
-    tokens, text and labels Runtime.generate gives each prompt alone; seeded sampling too."""
+    tokens, text and labels Runtime.generate gives each prompt alone; seeded sampling too. Both
+    KV-cache layouts: rows aligned on the right (Concat) and rows as prefixes (in place)."""
+    rt = request.getfixturevalue("rt" if layout == "inplace" else "rt_concat")
+    assert rt.manifest.graph.kv_update == layout
     rng = np.random.default_rng(0)
     words = "the quick brown fox jumps over lazy dog what is capital of france i hate this movie".split()
     prompts = [" ".join(rng.choice(words, rng.integers(1, 12))) for _ in range(16)]

@@ -89,14 +89,69 @@ def _lengths(namer: Namer, mask: gs.Tensor) -> tuple[list[gs.Node], gs.Variable,
     return nodes, seqlens, total
 
 
-def _packed(namer: Namer, t: gs.Tensor, base: str) -> tuple[list[gs.Node], gs.Variable]:
-    """[B, N, T, D] -> (nodes, [B, T, N*D])."""
+def _one_producer(t: gs.Tensor, op: str) -> gs.Node | None:
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    return node if node is not None and node.op == op and node.domain in (None, "", "ai.onnx") else None
+
+
+def _split_heads(t: gs.Tensor) -> gs.Tensor | None:
+    """``t`` = Transpose(0, 2, 1, 3)(Reshape(x [B, T, N*D]) -> [B, T, N, D]) -> x, else None: the
+    exporter's head split, which GroupQueryAttention's packed [B, T, N*D] inputs make unnecessary."""
+    tr = _one_producer(t, "Transpose")
+    if tr is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3] or len(tr.inputs[0].outputs) != 1:
+        return None
+    rs = _one_producer(tr.inputs[0], "Reshape")
+    if rs is None:
+        return None
+    x, y = rs.inputs[0], rs.outputs[0]
+    if x.shape is None or y.shape is None or len(x.shape) != 3 or len(y.shape) != 4:
+        return None
+    n, d, nd = y.shape[2], y.shape[3], x.shape[2]
+    return x if all(isinstance(v, int) for v in (n, d, nd)) and n * d == nd else None
+
+
+def _packed(namer: Namer, t: gs.Tensor, base: str) -> tuple[list[gs.Node], gs.Tensor]:
+    """[B, N, T, D] -> (nodes, [B, T, N*D]): the tensor before the exporter's head split when ``t``
+    is one (no node), or the split of a RotaryEmbedding over it, which then rotates the packed
+    tensor itself (ONNX RotaryEmbedding takes [B, T, N*D] with ``num_heads``); else a Transpose
+    and a Reshape."""
+    x = _split_heads(t)
+    if x is not None:
+        return [], x
+    rot = _one_producer(t, "RotaryEmbedding")
+    x = _split_heads(rot.inputs[0]) if rot is not None and rot.attrs.get("num_heads") else None
+    if x is not None:
+        out = gs.Variable(namer(f"{base}_rotated"), dtype=t.dtype)  # [B, T, N*D]
+        return [namer.node("RotaryEmbedding", [x, *rot.inputs[1:]], [out], **rot.attrs)], out
     tr = gs.Variable(namer(f"{base}_bsnd"), dtype=t.dtype)  # [B, T, N, D]
     out = gs.Variable(namer(f"{base}_packed"), dtype=t.dtype)  # [B, T, N*D]
     return [
         namer.node("Transpose", [t], [tr], perm=[0, 2, 1, 3]),
         namer.node("Reshape", [tr, namer.i64("shape_b_t_flat", [0, 0, -1])], [out]),
     ], out
+
+
+def _merged_heads(out: gs.Tensor) -> gs.Tensor | None:
+    """The attention output [B, H, T, D] read only as Reshape(Transpose(0, 2, 1, 3)(out)) ->
+    [B, T, H*D] (the exporter's head merge) -> that [B, T, H*D] tensor, which GroupQueryAttention
+    can write directly; else None."""
+    if (
+        len(out.outputs) != 1
+        or out.outputs[0].op != "Transpose"
+        or list(out.outputs[0].attrs.get("perm", []))
+        != [
+            0,
+            2,
+            1,
+            3,
+        ]
+    ):
+        return None
+    t = out.outputs[0].outputs[0]
+    if len(t.outputs) != 1 or t.outputs[0].op != "Reshape":
+        return None
+    y = t.outputs[0].outputs[0]
+    return y if y.shape is not None and len(y.shape) == 3 else None
 
 
 def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
@@ -122,9 +177,12 @@ def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
         ck.outputs.clear()
         cv.outputs.clear()
         out = att.outputs[0]  # [B, H, T, D], what the layer reads
+        merged = _merged_heads(out)  # [B, T, H*D], what the layer's o_proj reads, if that is all
         att.outputs.clear()
         att.inputs.clear()
-        flat = gs.Variable(namer("gqa_out"), dtype=np.float32)  # [B, T, H*D]
+        if merged is not None:
+            merged.inputs[0].outputs.clear()  # the exporter's Reshape: GroupQueryAttention writes it
+        flat = merged or gs.Variable(namer("gqa_out"), dtype=np.float32)  # [B, T, H*D]
         split = gs.Variable(namer("gqa_out_bthd"), dtype=np.float32)  # [B, T, H, D]
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
         if att.attrs.get("scale") is not None:
@@ -135,16 +193,13 @@ def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
             "GroupQueryAttention", [q, k, v, past_k, past_v, seqlens, total], [flat, present_k, present_v], **attrs
         )
         gqa.domain = "com.microsoft"
-        new += (
-            n1
-            + n2
-            + n3
-            + [
-                gqa,
-                namer.node("Reshape", [flat, namer.i64(f"shape_b_t_{heads}_d", [0, 0, heads, -1])], [split]),
+        new += n1 + n2 + n3 + [gqa]
+        if merged is None:  # back to [B, H, T, D] for whatever reads it
+            shape = namer.i64(f"shape_b_t_{heads}_d", [0, 0, heads, -1])
+            new += [
+                namer.node("Reshape", [flat, shape], [split]),
                 namer.node("Transpose", [split], [out], perm=[0, 2, 1, 3]),
             ]
-        )
     graph.nodes.extend(new)
     graph.cleanup().toposort()
     stream.inplace_kv = True

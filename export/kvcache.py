@@ -23,6 +23,9 @@ new column of row b at ``seqlens_k[b]`` and reads only ``[0, seqlens_k[b] + 1)``
 follows each row's own length, not the batch's widest. Fed ordinary past tensors (onnxruntime-genai
 with ``past_present_share_buffer: false``) the node concatenates as before.
 
+A pass with new tokens and a past (chunked prefill) must be one row (ONNX Runtime's kernel refuses
+more); the runtime's prefills start from an empty past.
+
 Only what GroupQueryAttention computes identically is converted: ONNX ``Attention`` nodes reading
 ``Concat(past, new)`` on the sequence axis, without a sliding window (the caller checks the model's
 config: the window lives in the mask, which GroupQueryAttention does not read); a soft-cap carries

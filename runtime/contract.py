@@ -349,6 +349,8 @@ def read_artifact(folder: str | os.PathLike) -> Manifest:
         raise SinglepassError(
             f"{folder}: the artifact is incomplete, missing {', '.join(missing)}; re-export it or copy the whole folder"
         )
+    if g.kv_update not in ("concat", "inplace"):
+        raise SinglepassError(f"{folder}: manifest.json graph.kv_update must be concat or inplace, not {g.kv_update!r}")
     if g.kv_cache and len(g.past_names) != len(g.present_names):
         raise SinglepassError(
             f"{folder}: manifest.json has {len(g.past_names)} past inputs but {len(g.present_names)} present outputs"

@@ -198,3 +198,18 @@ def test_inplace_artifact_refuses_what_it_cannot_do(layouts):
         from singlepass.runtime.backends import select
 
         select(rt.manifest.folder, rt.manifest, "tensorrt")
+
+
+def test_a_manifest_with_an_unknown_kv_update_is_refused(layouts, tmp_path):
+    import json
+    import shutil
+
+    from singlepass.runtime.contract import read_artifact
+
+    art = tmp_path / "art"
+    shutil.copytree(layouts["inplace"].manifest.folder, art)
+    m = json.loads((art / "manifest.json").read_text())
+    m["graph"]["kv_update"] = "shared"
+    (art / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(SinglepassError, match="kv_update must be concat or inplace"):
+        read_artifact(art)

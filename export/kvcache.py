@@ -67,6 +67,8 @@ def convertible(graph: gs.Graph, stream: ResidualStream) -> list[gs.Node]:
         for n in graph.nodes
         if n.op == "Attention"
         and len(n.inputs) >= 3
+        and not n.attrs.get("is_causal", 0)  # attributes GroupQueryAttention has no equivalent of
+        and not n.attrs.get("qk_matmul_output_mode", 0)
         and _concat_past(n.inputs[1], past) is not None
         and _concat_past(n.inputs[2], past) is not None
     ]
@@ -97,11 +99,16 @@ def _one_producer(t: gs.Tensor, op: str) -> gs.Node | None:
     return node if node is not None and node.op == op and node.domain in (None, "", "ai.onnx") else None
 
 
+def _swaps_heads(node: gs.Node | None) -> bool:
+    """Is ``node`` a Transpose(0, 2, 1, 3): [B, T, N, D] <-> [B, N, T, D]?"""
+    return node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == [0, 2, 1, 3]
+
+
 def _split_heads(t: gs.Tensor) -> gs.Tensor | None:
     """``t`` = Transpose(0, 2, 1, 3)(Reshape(x [B, T, N*D]) -> [B, T, N, D]) -> x, else None: the
     exporter's head split, which GroupQueryAttention's packed [B, T, N*D] inputs make unnecessary."""
     tr = _one_producer(t, "Transpose")
-    if tr is None or list(tr.attrs.get("perm", [])) != [0, 2, 1, 3] or len(tr.inputs[0].outputs) != 1:
+    if not _swaps_heads(tr) or len(tr.inputs[0].outputs) != 1:
         return None
     rs = _one_producer(tr.inputs[0], "Reshape")
     if rs is None:
@@ -138,17 +145,7 @@ def _merged_heads(out: gs.Tensor) -> gs.Tensor | None:
     """The attention output [B, H, T, D] read only as Reshape(Transpose(0, 2, 1, 3)(out)) ->
     [B, T, H*D] (the exporter's head merge) -> that [B, T, H*D] tensor, which GroupQueryAttention
     can write directly; else None."""
-    if (
-        len(out.outputs) != 1
-        or out.outputs[0].op != "Transpose"
-        or list(out.outputs[0].attrs.get("perm", []))
-        != [
-            0,
-            2,
-            1,
-            3,
-        ]
-    ):
+    if len(out.outputs) != 1 or not _swaps_heads(out.outputs[0]):
         return None
     t = out.outputs[0].outputs[0]
     if len(t.outputs) != 1 or t.outputs[0].op != "Reshape":
@@ -170,8 +167,6 @@ def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
     for att in nodes:
         ck, cv = att.inputs[1].inputs[0], att.inputs[2].inputs[0]
         heads, kv_heads = int(att.attrs["q_num_heads"]), int(att.attrs["kv_num_heads"])
-        if att.attrs.get("is_causal", 0) or att.attrs.get("qk_matmul_output_mode", 0):
-            raise SinglepassError(f"{att.name}: an Attention with attributes GroupQueryAttention has not")
         n1, q = _packed(namer, att.inputs[0], "gqa_q")
         n2, k = _packed(namer, ck.inputs[1], "gqa_k")
         n3, v = _packed(namer, cv.inputs[1], "gqa_v")
@@ -186,7 +181,6 @@ def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
         if merged is not None:
             merged.inputs[0].outputs.clear()  # the exporter's Reshape: GroupQueryAttention writes it
         flat = merged or gs.Variable(namer("gqa_out"), dtype=np.float32)  # [B, T, H*D]
-        split = gs.Variable(namer("gqa_out_bthd"), dtype=np.float32)  # [B, T, H, D]
         attrs = {"num_heads": heads, "kv_num_heads": kv_heads}
         if att.attrs.get("scale") is not None:
             attrs["scale"] = float(att.attrs["scale"])
@@ -198,6 +192,7 @@ def inplace_kv_cache(graph: gs.Graph, stream: ResidualStream) -> int:
         gqa.domain = "com.microsoft"
         new += n1 + n2 + n3 + [gqa]
         if merged is None:  # back to [B, H, T, D] for whatever reads it
+            split = gs.Variable(namer("gqa_out_bthd"), dtype=np.float32)  # [B, T, H, D]
             shape = namer.i64(f"shape_b_t_{heads}_d", [0, 0, heads, -1])
             new += [
                 namer.node("Reshape", [flat, shape], [split]),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from singlepass.runtime.batching import align_rows
 from singlepass.runtime.contract import Manifest
 
 
@@ -78,15 +79,8 @@ def spare_columns(width: int) -> int:
 def widen(mask: np.ndarray, past: list[np.ndarray], cols: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """Prefix rows (the in-place layout) in ``cols`` columns: mask [B, cols] (zeros appended), past
     [B, kv_heads, cols, head_dim] (zeros appended). One copy of the cache."""
-    B, c = mask.shape
-    wide = np.zeros((B, cols), mask.dtype)
-    wide[:, :c] = mask
-    grown = []
-    for p in past:
-        g = np.zeros(p.shape[:2] + (cols,) + p.shape[3:], p.dtype)
-        g[:, :, : p.shape[2]] = p
-        grown.append(g)
-    return wide, grown
+    grown = [align_rows([(p, None)], cols, 2, 0, prefix=True) for p in past]  # [B, kv_heads, cols, head_dim]
+    return align_rows([(mask, None)], cols, 1, 0, prefix=True), grown
 
 
 def advance(

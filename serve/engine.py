@@ -45,6 +45,7 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 from singlepass.runtime import policy as pol
+from singlepass.runtime.batching import align_rows
 from singlepass.runtime.feeds import SPARE, spare_columns
 from singlepass.runtime.passes import Label, State, decode_one_token, labels_from, last_logits, prefill
 from singlepass.runtime.sampling import Sampling, sample
@@ -107,53 +108,22 @@ def width(state: State, dummy: int) -> int:
     return dummy + int(state.mask.sum(1).max())
 
 
-def _align(
-    parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: int, fill, prefix: bool = False
-) -> np.ndarray:
-    """Stack the parts' rows (all, or those listed) along axis 0, each aligned on the right to
-    ``cols`` along ``axis``: its leading columns cut, or ``fill`` columns prepended (``prefix``:
-    aligned on the left, trailing columns cut or appended). One allocation and one copy (fresh
-    memory is what costs on a CPU: no temporaries)."""
-    first = parts[0][0]
-    shape = list(first.shape)
-    shape[0] = sum(a.shape[0] if rows is None else len(rows) for a, rows in parts)
-    shape[axis] = cols
-    out = np.empty(shape, first.dtype)
-
-    def span(start, stop):
-        return (slice(None),) * axis + (slice(start, stop),)
-
-    at = 0
-    for a, rows in parts:
-        c, b = a.shape[axis], a.shape[0] if rows is None else len(rows)
-        n = min(c, cols)
-        dst = out[at : at + b]
-        src, to = (span(0, n), span(0, n)) if prefix else (span(c - n, c), span(cols - n, cols))
-        dst[span(n, cols) if prefix else span(0, cols - n)] = fill
-        if rows is None:
-            dst[to] = a[src]
-        else:
-            np.take(a[src], rows, axis=0, out=dst[to], mode="clip")
-        at += b
-    return out
-
-
 def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, kv: bool, prefix: bool = False) -> State:
     """One batch of the parts' rows (all, or those listed), aligned on the right to ``cols``
     mask columns: leading columns (masked in every row) cut, or masked ones prepended (zero
     past); ``prefix`` (the in-place KV cache: rows are prefixes) on the left, trailing columns
     cut or appended. With a KV cache only the last ids/position column is kept (the next pass
     reads only that); without one the ids and positions follow the mask."""
-    mask = _align([(s.mask, r) for s, r in parts], cols, 1, 0, prefix)
+    mask = align_rows([(s.mask, r) for s, r in parts], cols, 1, 0, prefix)
     if kv:
-        ids = _align([(s.ids[:, -1:], r) for s, r in parts], 1, 1, pad_id)
-        pos = _align([(s.pos[:, -1:], r) for s, r in parts], 1, 1, 0)
+        ids = align_rows([(s.ids[:, -1:], r) for s, r in parts], 1, 1, pad_id)
+        pos = align_rows([(s.pos[:, -1:], r) for s, r in parts], 1, 1, 0)
     else:
-        ids = _align([(s.ids, r) for s, r in parts], cols, 1, pad_id)
-        pos = _align([(s.pos, r) for s, r in parts], cols, 1, 0)
+        ids = align_rows([(s.ids, r) for s, r in parts], cols, 1, pad_id)
+        pos = align_rows([(s.pos, r) for s, r in parts], cols, 1, 0)
     past = parts[0][0].past
     if past is not None:
-        past = [_align([(s.past[i], r) for s, r in parts], cols, 2, 0, prefix) for i in range(len(past))]
+        past = [align_rows([(s.past[i], r) for s, r in parts], cols, 2, 0, prefix) for i in range(len(past))]
     axes = parts[0][0].axes  # the response probes' state: rows along each tensor's batch axis
     stream = [
         np.concatenate([s.stream[i] if r is None else np.take(s.stream[i], r, axis=ax) for s, r in parts], axis=ax)

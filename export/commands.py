@@ -30,6 +30,7 @@ def cmd_export(args) -> int:
         calibration_rows=args.calibration_rows,
         data_dir=args.data_dir,
         kv_cache=args.kv_cache,
+        fused_kernels=args.fused_kernels,
     )
     worst = {k: f"{v:.2g}" for k, v in s["validation"].items()}
     print(
@@ -161,6 +162,15 @@ def register(sub) -> None:
         "into the runtime's cache buffers (rows right-padded; ONNX Runtime CPU); concat: present = past + new, "
         "a new copy per step (any runtime, TensorRT); auto: inplace for int4/int8 weights where the graph allows "
         "it (opset >= 23, no sliding window, not --all-logits), concat for fp32 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--fused-kernels",
+        choices=["auto", "none"],
+        default="auto",
+        help="auto: for artifacts already tied to ONNX Runtime (int4/int8 weights or --kv-cache inplace), "
+        "ONNX Runtime's fused kernels: Add + RMSNorm as SkipSimplifiedLayerNormalization, each layer's q/k/v "
+        "as one matmul read packed by GroupQueryAttention, which also applies the rotary embedding; none: "
+        "the exporter's ops (default: %(default)s)",
     )
     p.add_argument("--max-batch", type=int, default=8, help="recorded serving limit (default: %(default)s)")
     p.add_argument("--max-prompt-length", type=int, default=None, help="default: the probes' max_length")

@@ -138,6 +138,8 @@ def build(
             # export/kvcache.py: "inplace" (GroupQueryAttention, rows are prefixes of the mask, the
             # presents written into the pasts' buffers) or "concat" (present = past + new, left padding)
             "kv_update": "inplace" if stream.inplace_kv else "concat",
+            # export/ortfuse.py: ONNX Runtime's fused kernels the export used, rewrite -> count
+            "fused_kernels": stream.fused,
             "input_ids": stream.input_ids,
             "attention_mask": stream.attention_mask,
             "position_ids": stream.position_ids,

@@ -154,6 +154,7 @@ def build_graph(
     weights: str = "fp32",
     rounded: dict | None = None,
     kv_cache: str = "auto",
+    fused_kernels: str = "auto",
 ):
     """The surgery pipeline on an onnx-graphsurgeon graph. -> (onnx.ModelProto, stream, hidden-states
     output name or None, QuantSummary). ``kv_cache``: ``export/kvcache.py``'s mode (``stream.inplace_kv``
@@ -166,7 +167,7 @@ def build_graph(
 
     import onnx_graphsurgeon as gs
 
-    from singlepass.export import kvcache, surgery
+    from singlepass.export import kvcache, ortfuse, surgery
     from singlepass.export.fuse import fuse_probes, prompt_probes_prefill_only
     from singlepass.export.optimize import rmsnorm_as_div
     from singlepass.export.quantize import parameter_digests, quantize_weights
@@ -192,6 +193,8 @@ def build_graph(
     names = parameter_digests(backbone.model) if weights != "fp32" else None
     quant = quantize_weights(graph, weights, decoder, stream.lm_head, names, rounded)
     rmsnorm_as_div(graph, decoder)  # ONNX Runtime then fuses each RMSNorm into one kernel
+    ort_only = weights != "fp32" or stream.inplace_kv  # MatMulNBits / GroupQueryAttention already
+    stream.fused = ortfuse.apply(graph, backbone.model.config, fused_kernels, ort_only)  # fewer, larger kernels
     graph.cleanup().toposort()  # drops what no output reads (the replaced weights, the Reciprocals)
     name_nodes(graph)  # unique node names: TensorRT layer names and fp32 pinning rely on them
     out = surgery.to_model(graph, like=model)
@@ -272,6 +275,7 @@ def export_artifact(
     calibration_rows: int | None = None,
     data_dir: str | None = None,
     kv_cache: str = "auto",
+    fused_kernels: str = "auto",
 ) -> dict:
     """Write a validated artifact folder; returns a summary (seconds, bytes, validation).
     ``calibration`` (int4 only): the prompts the 4-bit rounding is calibrated on, a dataset name or
@@ -287,7 +291,10 @@ def export_artifact(
     check_out_dir(out, force)
     if weights not in WEIGHTS:
         raise SinglepassError(f"weights must be one of {', '.join(WEIGHTS)}, not {weights!r}")
+    from singlepass.export import ortfuse
     from singlepass.export.llm import DEFAULT_OPSET
+
+    ortfuse.check_mode(fused_kernels)  # before minutes of export
 
     opset = opset or DEFAULT_OPSET
     if onnx_path is not None:
@@ -321,7 +328,7 @@ def export_artifact(
     t_export = time.perf_counter() - t0
     t0 = time.perf_counter()
     model, stream, hs, quant = build_graph(
-        model, backbone, probes, keep_hidden_states, all_logits, weights, rounded, kv_cache
+        model, backbone, probes, keep_hidden_states, all_logits, weights, rounded, kv_cache, fused_kernels
     )
     del rounded
     if quant.rounding == "gptq":

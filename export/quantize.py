@@ -310,10 +310,25 @@ def dequantize(B: np.ndarray, scales: np.ndarray, zero_points: np.ndarray | None
     return w.reshape(n, -1)[:, :k]
 
 
+def packed_name(names: list[str], rows: list[int]) -> str | None:
+    """The initializer name of MatMulNBits weights stacked along N (export/ortfuse.py packs a
+    layer's q/k/v) from initializers named ``singlepass/q{bits}/<parameter>/<part>`` holding
+    ``rows`` rows each: ``singlepass/q{bits}/<parameter>@<rows>+<parameter>@<rows>.../<part>``,
+    which ``graph_weights`` splits back. None when one is not named after a parameter."""
+    parts = [n.split("/") for n in names]
+    if any(len(p) != 4 or p[0] != "singlepass" or not p[1].startswith("q") for p in parts):
+        return None
+    if len({(p[1], p[3]) for p in parts}) != 1:
+        return None
+    stacked = "+".join(f"{p[2]}@{n}" for p, n in zip(parts, rows))
+    return "/".join([parts[0][0], parts[0][1], stacked, parts[0][3]])
+
+
 def graph_weights(folder) -> dict[str, np.ndarray]:
     """{torch parameter name: float32 [out, in]} of every MatMulNBits weight an export named after
-    its parameter (``singlepass/q{bits}/<parameter>/B``), read back from an artifact's graph
-    (only those initializers are loaded from the external data file)."""
+    its parameter (``singlepass/q{bits}/<parameter>/B``, or ``packed_name``'s stack of several),
+    read back from an artifact's graph (only those initializers are loaded from the external data
+    file)."""
     from pathlib import Path
 
     import onnx
@@ -340,5 +355,8 @@ def graph_weights(folder) -> dict[str, np.ndarray]:
         attrs = {a.name: a.i for a in node.attribute}
         param = node.input[1].split("/", 2)[2].rsplit("/", 1)[0]
         zp = array(node.input[3]) if len(node.input) > 3 else None
-        out[param] = dequantize(array(node.input[1]), array(node.input[2]), zp, attrs["bits"], attrs["K"])
+        w = dequantize(array(node.input[1]), array(node.input[2]), zp, attrs["bits"], attrs["K"])  # [N, K]
+        stacked = [p.rsplit("@", 1) for p in param.split("+")] if "@" in param else [(param, w.shape[0])]
+        for (name, _), rows in zip(stacked, np.split(w, np.cumsum([int(n) for _, n in stacked])[:-1])):
+            out[name] = rows
     return out

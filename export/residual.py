@@ -208,6 +208,7 @@ class ResidualStream:
     # export/kvcache.py converted the attention: rows are prefixes of the mask (right padding), a
     # pass's tokens are attention_mask[:, :T] (not [:, -T:]) and a row's last token is at sum - 1
     inplace_kv: bool = False
+    fused: dict = field(default_factory=dict)  # export/ortfuse.py's rewrites that applied -> count
 
     @property
     def num_layers(self) -> int:

@@ -17,7 +17,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
-    layer_stages(graph, s, per_layer, stacked, n)  a prompt probe's per-layer stage 1 in an If per layer
+    layer_stages(graph, s, per_layer, stacked, n, k)  a prompt probe's per-layer stage 1, an If per k layers
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -429,30 +429,36 @@ def short_pass(
     return branch(graph, head, cond, (s_nodes, s_outs), (l_nodes, l_outs), outputs)
 
 
-def _placeholder(namer: "Namer", like: gs.Tensor) -> tuple[gs.Node, gs.Variable]:
-    """A zero scalar of ``like``'s dtype: what a branch returns for an output it has no use for
-    (an If's branches may return different shapes)."""
-    dtype = np.dtype(like.dtype) if like.dtype is not None else np.dtype(np.float32)
-    out = gs.Variable(namer("unused"), dtype=dtype, shape=[])
-    value = helper.make_tensor("zero", helper.np_dtype_to_tensor_dtype(dtype), [], [0])
-    return namer.node("Constant", [], [out], value=value), out
+def _placeholder(namer: "Namer", like: gs.Tensor) -> gs.Constant:
+    """A zero scalar of ``like``'s dtype: what a branch returns for an output it has no use for (an
+    If's branches may return different shapes), as the branch's own initializer: no kernel runs."""
+    return gs.Constant(namer("unused"), np.zeros((), np.dtype(like.dtype or np.float32)))
 
 
 def layer_stages(
-    graph: gs.Graph, stream: ResidualStream, per_layer: list[gs.Node], stacked: list[gs.Node], max_tokens: int
+    graph: gs.Graph,
+    stream: ResidualStream,
+    per_layer: list[gs.Node],
+    stacked: list[gs.Node],
+    max_tokens: int,
+    layers_per_if: int = 1,
 ) -> list[gs.Node]:
-    """Give each layer's part of a prompt probe's per-layer form its own ``If``, right after the layer.
+    """Give the per-layer form's stage 1 of each block of ``layers_per_if`` layers an ``If`` of its
+    own, right after the block's last layer.
 
     ``per_layer``: the per-layer form's nodes, reading hidden state i (``stream.hidden_states``)
     directly; the nodes that read state i and no other layer's (stage 1: the token pooling of layer
-    i) move into If_i. In a prefill pass longer than ``max_tokens`` (batch x length) If_i runs them
-    and returns the layer's summaries; in a shorter one it returns the state itself, for the stacked
-    form (``stacked``, whose nodes then read it from there); in a decode pass, placeholders. Every
-    node left reads the Ifs' outputs instead of the states, so when those nodes sit in an ``If`` of
-    their own (``short_pass``, ``prefill_only``), that If holds summaries from the outer scope, not
-    every layer's [B, T, d] states: ONNX Runtime keeps an outer-scope tensor alive until the If that
-    reads it has run, which for such an If is after the last layer. The state-free nodes stage 1
-    reads stay at the top level, before every If_i. -> the per-layer form's nodes left, in order."""
+    i) move into the If of i's block. In a prefill pass longer than ``max_tokens`` (batch x length)
+    that If runs them and returns the layers' summaries; in a shorter one it returns the states
+    themselves, for the stacked form (``stacked``, whose nodes then read them from there); in a
+    decode pass, placeholders. Every node left reads the Ifs' outputs instead of the states, so when
+    those nodes sit in an ``If`` of their own (``short_pass``, ``prefill_only``), that If holds
+    summaries from the outer scope, not every layer's [B, T, d] states: ONNX Runtime keeps an
+    outer-scope tensor alive until the If that reads it has run, which for such an If is after the
+    last layer. A block keeps its layers' states alive until its If has run (``layers_per_if`` - 1
+    more than one layer's); every pass, decode included, runs each If once, so fewer Ifs cost less
+    per pass. The state-free nodes stage 1 reads stay at the top level, before every If. -> the
+    per-layer form's nodes left, in order."""
     namer = Namer(graph)
     tensors = graph.tensors()
     layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
@@ -469,7 +475,7 @@ def layer_stages(
             groups.setdefault(next(iter(d)), []).append(n)
     staged = {id(n) for g in groups.values() for n in g}
     need = {id(t) for g in groups.values() for n in g for t in n.inputs}
-    top = []  # state-free nodes that stage 1 reads: they run before any If_i
+    top = []  # state-free nodes that stage 1 reads: they run before any If
     for n, d in reversed(list(zip(per_layer, deps))):
         if not d and any(id(o) in need for o in n.outputs):
             top.append(n)
@@ -488,43 +494,38 @@ def layer_stages(
     head += more
     new_nodes = list(head) + list(top)
     swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
-    passed: dict[int, gs.Tensor] = {}  # id(state i) -> If_i's output (the state itself in short passes)
-    for i, nodes in sorted(groups.items()):
-        state = tensors[stream.hidden_states[i]]
+    passed: dict[int, gs.Tensor] = {}  # id(state i) -> its If's output (the state itself in short passes)
+    blocks: dict[int, list[int]] = {}
+    for i in sorted(groups):
+        blocks.setdefault(i // max(1, layers_per_if), []).append(i)
+    for ids in blocks.values():
+        b = ids[-1]  # names after the block's last layer, where its If runs
+        states = [tensors[stream.hidden_states[i]] for i in ids]
+        nodes = [n for i in ids for n in groups[i]]
         inner = {id(o) for n in nodes for o in n.outputs}
         outs = [o for n in nodes for o in n.outputs if id(o) in read_outside]
         outs += [o for o in graph.outputs if id(o) in inner and all(o is not x for x in outs)]
-        # inner If (a prefill pass): short -> the state itself, long -> stage 1's outputs
-        copy = gs.Variable(namer(f"layer{i}_state"), dtype=state.dtype or np.float32)
-        s_nodes, s_outs = [namer.node("Identity", [state], [copy])], [copy]
-        l_nodes, l_outs = list(nodes), list(outs)
-        for o in outs:
-            c, z = _placeholder(namer, o)
-            s_nodes.append(c)
-            s_outs.append(z)
-        c, z = _placeholder(namer, copy)
-        l_nodes.append(c)
-        l_outs.insert(0, z)
-        mid = [gs.Variable(namer(f"layer{i}_stage"), dtype=x.dtype) for x in s_outs]
+        # inner If (a prefill pass): short -> the states themselves, long -> stage 1's outputs
+        copies = [gs.Variable(namer(f"layer{i}_state"), dtype=st.dtype or np.float32) for i, st in zip(ids, states)]
+        s_nodes = [namer.node("Identity", [st], [c]) for st, c in zip(states, copies)]
+        s_outs = copies + [_placeholder(namer, o) for o in outs]
+        l_nodes, l_outs = nodes, [_placeholder(namer, c) for c in copies] + outs
+        mid = [gs.Variable(namer(f"layer{b}_stage"), dtype=x.dtype) for x in s_outs]
         iff = gs.Node("If", name=namer("If"), inputs=[short], outputs=mid)
         iff.attrs = {
             "then_branch": gs.Graph(nodes=s_nodes, outputs=s_outs, name=namer("short")),
             "else_branch": gs.Graph(nodes=l_nodes, outputs=l_outs, name=namer("long")),
         }
-        d_nodes, d_outs = [], []  # a decode pass: placeholders
-        for x in mid:
-            c, z = _placeholder(namer, x)
-            d_nodes.append(c)
-            d_outs.append(z)
-        outer = [gs.Variable(namer(f"layer{i}_stage_out"), dtype=x.dtype) for x in mid]
+        d_nodes, d_outs = [], [_placeholder(namer, x) for x in mid]  # a decode pass: placeholders
+        outer = [gs.Variable(namer(f"layer{b}_stage_out"), dtype=x.dtype) for x in mid]
         top_if = gs.Node("If", name=namer("If"), inputs=[prefill], outputs=outer)
         top_if.attrs = {
             "then_branch": gs.Graph(nodes=[iff], outputs=mid, name=namer("prefill")),
             "else_branch": gs.Graph(nodes=d_nodes, outputs=d_outs, name=namer("decode")),
         }
         new_nodes.append(top_if)
-        passed[id(state)] = outer[0]
-        swap.update({id(o): x for o, x in zip(outs, outer[1:])})
+        passed.update({id(st): x for st, x in zip(states, outer)})
+        swap.update({id(o): x for o, x in zip(outs, outer[len(states) :])})
     graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
     for n in rest:
         n.inputs = [swap.get(id(x), x) for x in n.inputs]

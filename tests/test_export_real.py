@@ -45,6 +45,7 @@ def test_int4_export_of_smollm2(real_int4_artifact, real_artifact):
     assert w["params"]["lm_head.weight"] == 8 and w["bytes_after"] < w["bytes_before"] / 5
     assert w["rounding"] == "gptq" and w["calibration"]["rows"] == 256  # the default: calibrated 4-bit codes
     assert m["graph"]["kv_update"] == "inplace"  # and the in-place KV cache (GroupQueryAttention)
+    assert m["graph"]["fused_kernels"] == {"skip_rmsnorm": 60, "packed_qkv_rotary": 30}  # export/ortfuse.py
     assert v["passed"] and v["precision"] == "int4" and v["token_agreement"] >= 0.9
     assert 150e6 < summary["bytes"] < 300e6  # int4 layers + the fp32 embedding table of the Gather
     print(f"\nSmolLM2 int4 export: {real_int4_artifact.seconds:.0f} s, {summary['bytes'] / 2**20:.0f} MiB, {summary}")

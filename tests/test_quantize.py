@@ -179,6 +179,8 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert w["params"]["lm_head.weight"] == 8 and set(w["params"].values()) == {4, 8}
     assert w["bytes_after"] < w["bytes_before"] / 3
     assert m["validation"]["passed"] and m["validation"]["precision"] == "int4"
+    L = tiny_backbone.num_layers  # export/ortfuse.py: ONNX Runtime's fused kernels, validated with the rest
+    assert m["graph"]["fused_kernels"] == {"skip_rmsnorm": 2 * L, "packed_qkv_rotary": L}
     assert w["rounding"] == "gptq" and w["calibration"]["data"] == "alpaca_noinput"
     assert w["calibration"]["rows"] == 256 and w["calibration"]["tokens"] > 256
     ref = Q.graph_weights(art)
@@ -191,7 +193,12 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert m["graph"]["min_prefill_tokens"] == 2 and "2+ tokens only" in m["graph"]["probes_in_decode"]
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
     # one If per hidden state (the probe's stage 1 for that layer, prefill passes only) and one for the rest
-    assert [n.op_type for n in model.graph.node].count("If") == tiny_backbone.num_layers + 2
+    kinds = [n.op_type for n in model.graph.node]
+    from singlepass.export.fuse import LAYERS_PER_STAGE_IF
+
+    blocks = -(-(tiny_backbone.num_layers + 1) // LAYERS_PER_STAGE_IF)  # an If per block of hidden states
+    assert kinds.count("If") == blocks + 1
+    assert kinds.count("MatMulNBits") == linear - 2 * L and "RotaryEmbedding" not in kinds  # q, k, v: one
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, labels_from, prefill
 
@@ -245,8 +252,10 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     states = set(find_residual_stream(gs.import_onnx(model)).hidden_states)
     ifs = [x for x in model.graph.node if x.op_type == "If"]
     reads = [_outer_reads(x) & states for x in ifs]
-    # each layer's stage 1 in an If of its own (it reads that layer's state and no other) ...
-    assert sorted(len(r) for r in reads) == [0] + [1] * len(states) and set().union(*reads) == states
+    # each block of layers' stage 1 in an If of its own (it reads those layers' states and no other) ...
+    k, n = fuse.LAYERS_PER_STAGE_IF, len(states)
+    assert sorted(len(r) for r in reads) == sorted([0] + [min(k, n - i) for i in range(0, n, k)])
+    assert set().union(*reads) == states
     (outer,) = [x for x, r in zip(ifs, reads) if not r]  # ... and prefill passes only ...
     then = next(a.g for a in outer.attribute if a.name == "then_branch")
     assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms, neither reading the states
@@ -300,15 +309,23 @@ def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
 
 
 def test_int4_export_without_calibration_rounds_to_nearest(tmp_path, tiny_backbone):
+    """--calibration none (round to nearest), and --fused-kernels none (the exporter's ops)."""
     from export_helpers import make_probe
 
     from singlepass.export.pipeline import export_artifact
 
     probe = make_probe(tmp_path / "p", tiny_backbone, "pooling")
     art = tmp_path / "art"
-    export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, calibration="none", log=lambda m: None)
-    w = json.loads((art / "manifest.json").read_text())["graph"]["weights"]
+    kw = {"backbone": tiny_backbone, "calibration": "none", "log": lambda m: None}
+    with pytest.raises(SinglepassError, match="--fused-kernels must be one of auto, none"):
+        export_artifact(art, [f"{probe}:safety"], fused_kernels="all", **kw)
+    export_artifact(art, [f"{probe}:safety"], fused_kernels="none", **kw)
+    m = json.loads((art / "manifest.json").read_text())
+    w = m["graph"]["weights"]
     assert w["weights"] == "int4" and w["rounding"] == "nearest" and w["calibration"] == {}
+    assert m["graph"]["fused_kernels"] == {} and m["validation"]["passed"]
+    kinds = [n.op_type for n in onnx.load(str(art / "model.onnx"), load_external_data=False).graph.node]
+    assert "RotaryEmbedding" in kinds and "SkipSimplifiedLayerNormalization" not in kinds
     q = tiny_backbone.model.get_submodule("model.layers.0.mlp.up_proj").weight.detach().numpy()
     np.testing.assert_array_equal(
         Q.graph_weights(art)["model.layers.0.mlp.up_proj.weight"], Q.quantize_4bit(q)[3].reshape(q.shape)

@@ -289,13 +289,13 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
         surgery.fuse_probe(host, graph, "third", {"state_0": layers["state_0"], "mask": "attention_mask"})
 
 
-@pytest.mark.parametrize("staged", [False, True])
+@pytest.mark.parametrize("staged", [0, 1, 2])
 def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     """short_pass: the stacked form of a probe in passes of <= n tokens (batch x length), the per-layer
     form above; nested in prefill_only's If, a one-token pass gets zeros. Which form ran is visible
-    here because the two forms are given different probes. ``staged``: layer_stages first moves the
-    per-layer form's stage 1 into an If per layer (the only nodes left reading a state), with the
-    same results."""
+    here because the two forms are given different probes. ``staged`` (k > 0): layer_stages first
+    moves the per-layer form's stage 1 into an If per k layers (the only nodes left reading a state),
+    with the same results."""
     import torch
 
     from singlepass.export.fuse import export_probe, state_names
@@ -314,11 +314,11 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     long = fuse(per_layer, "tox", False)
     short = fuse(stacked, "tox/short", True)
     if staged:
-        long = (surgery.layer_stages(host, s, long[0], short[0], 6), long[1])
-        for i, name in enumerate(s.hidden_states):  # state i: read by the decoder and by If_i alone
+        long = (surgery.layer_stages(host, s, long[0], short[0], 6, staged), long[1])
+        for i, name in enumerate(s.hidden_states):  # state i: read by the decoder and by its block's If alone
             readers = [n for n in host.nodes if any(t.name == name for t in n.inputs) and n.name.startswith("tox")]
             assert readers == [], f"state {i} is still read by probe nodes {[n.name for n in readers]}"
-        assert [n.op for n in host.nodes].count("If") == 3
+        assert [n.op for n in host.nodes].count("If") == {1: 3, 2: 2}[staged]  # 3 states: blocks of k
     nodes = surgery.short_pass(host, s, 6, short, long, long[1])
     surgery.prefill_only(host, s, nodes, long[1])
     host.cleanup().toposort()

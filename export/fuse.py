@@ -320,7 +320,7 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
             # (no fp32 boundary casts: prefill-only artifacts are the quantised ones, never TensorRT's input)
             per_layer, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False)
             stacked = _fuse_prompt_probe(graph, stream, p, src, f"{p.spec.name}/short", boundary=False, stacked=True)
-            # each layer's stage 1 in an If of its own, so that no If below holds every layer's states
+            # each block of layers' stage 1 in an If of its own, so that no If below holds every layer's states
             per_layer = surgery.layer_stages(
                 graph, stream, per_layer, stacked[0], STACKED_PASS_TOKENS, LAYERS_PER_STAGE_IF
             )

@@ -39,7 +39,7 @@ import onnx_graphsurgeon as gs
 from onnx import TensorProto
 
 from singlepass.errors import SinglepassError
-from singlepass.export.residual import ResidualStream
+from singlepass.export.residual import ResidualStream, produced_by
 from singlepass.export.surgery import Namer
 
 MODES = ("auto", "inplace", "concat")
@@ -94,11 +94,6 @@ def _lengths(namer: Namer, mask: gs.Tensor) -> tuple[list[gs.Node], gs.Variable,
     return nodes, seqlens, total
 
 
-def _one_producer(t: gs.Tensor, op: str) -> gs.Node | None:
-    node = t.inputs[0] if len(t.inputs) == 1 else None
-    return node if node is not None and node.op == op and node.domain in (None, "", "ai.onnx") else None
-
-
 def _swaps_heads(node: gs.Node | None) -> bool:
     """Is ``node`` a Transpose(0, 2, 1, 3): [B, T, N, D] <-> [B, N, T, D]?"""
     return node is not None and node.op == "Transpose" and list(node.attrs.get("perm", [])) == [0, 2, 1, 3]
@@ -107,10 +102,10 @@ def _swaps_heads(node: gs.Node | None) -> bool:
 def _split_heads(t: gs.Tensor) -> gs.Tensor | None:
     """``t`` = Transpose(0, 2, 1, 3)(Reshape(x [B, T, N*D]) -> [B, T, N, D]) -> x, else None: the
     exporter's head split, which GroupQueryAttention's packed [B, T, N*D] inputs make unnecessary."""
-    tr = _one_producer(t, "Transpose")
+    tr = produced_by(t, "Transpose")
     if not _swaps_heads(tr) or len(tr.inputs[0].outputs) != 1:
         return None
-    rs = _one_producer(tr.inputs[0], "Reshape")
+    rs = produced_by(tr.inputs[0], "Reshape")
     if rs is None:
         return None
     x, y = rs.inputs[0], rs.outputs[0]
@@ -128,7 +123,7 @@ def _packed(namer: Namer, t: gs.Tensor, base: str) -> tuple[list[gs.Node], gs.Te
     x = _split_heads(t)
     if x is not None:
         return [], x
-    rot = _one_producer(t, "RotaryEmbedding")
+    rot = produced_by(t, "RotaryEmbedding")
     x = _split_heads(rot.inputs[0]) if rot is not None and rot.attrs.get("num_heads") else None
     if x is not None:
         out = gs.Variable(namer(f"{base}_rotated"), dtype=t.dtype)  # [B, T, N*D]

@@ -22,7 +22,12 @@ own position subgraph at positions 0..P-1::
 
 The tables are exact only where the graph's cos/sin at a position depend on that position alone
 (``STATIC_ROPE``: no length-dependent scaling such as ``dynamic`` or ``longrope``); the caller
-passes the model's rope type and ``pack_qkv_rotary`` leaves other graphs as they are.
+passes the model's rope type and ``pack_qkv_rotary`` leaves other graphs as they are. The kernel
+takes a prompt's positions from ``position_ids[0, 0]`` on (every row alike) and a decode token's
+from ``seqlens_k``: exact for the in-place layout, whose rows are prefixes starting at position 0
+(``export/kvcache.py``). It needs ``total_sequence_length`` (the mask's width, the cache buffers'
+capacity) <= the tables' rows (``max_position_embeddings``): the runtime caps the in-place
+buffers at the artifact's ``max_total_length`` (``runtime/feeds.spare_columns``).
 """
 
 from __future__ import annotations
@@ -32,20 +37,16 @@ import onnx_graphsurgeon as gs
 
 from singlepass.errors import SinglepassError
 from singlepass.export.quantize import packed_name
+from singlepass.export.residual import ONNX_DOMAINS, produced_by
 from singlepass.export.surgery import Namer
 
 MODES = ("auto", "none")
 STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")  # cos/sin at p depend on p alone
-ONNX_DOMAINS = (None, "", "ai.onnx")
 
 
-def _producer(t: gs.Tensor, op: str, domain: tuple = ONNX_DOMAINS) -> gs.Node | None:
-    node = t.inputs[0] if len(t.inputs) == 1 else None
-    return node if node is not None and node.op == op and node.domain in domain else None
-
-
-def _only_reader(t: gs.Tensor, node: gs.Node) -> bool:
-    return len(t.outputs) == 1 and t.outputs[0] is node
+def _only_reader(graph: gs.Graph, t: gs.Tensor, node: gs.Node) -> bool:
+    """Is ``node`` all that reads ``t`` (no other node, not a graph output)?"""
+    return len(t.outputs) == 1 and t.outputs[0] is node and all(t is not o for o in graph.outputs)
 
 
 # --- Add + RMSNormalization -> SkipSimplifiedLayerNormalization ------------------------------------
@@ -59,7 +60,7 @@ def skip_rmsnorm(graph: gs.Graph) -> int:
     done = 0
     for norm in [n for n in graph.nodes if n.op == "RMSNormalization" and n.domain in ONNX_DOMAINS]:
         s = norm.inputs[0]
-        add = _producer(s, "Add")
+        add = produced_by(s, "Add")
         w = norm.inputs[1] if len(norm.inputs) > 1 else None
         if add is None or not isinstance(w, gs.Constant) or w.values.ndim != 1 or norm.attrs.get("axis", -1) != -1:
             continue
@@ -93,7 +94,7 @@ def _same_shape(a: gs.Tensor, b: gs.Tensor) -> bool:
 
 
 def _nbits(t: gs.Tensor) -> gs.Node | None:
-    node = _producer(t, "MatMulNBits", ("com.microsoft",))
+    node = produced_by(t, "MatMulNBits", ("com.microsoft",))
     if node is None or len(node.inputs) > 4 or not all(isinstance(i, gs.Constant) for i in node.inputs[1:]):
         return None  # g_idx / bias: not packed
     return node
@@ -101,7 +102,7 @@ def _nbits(t: gs.Tensor) -> gs.Node | None:
 
 def _rotary(t: gs.Tensor) -> gs.Node | None:
     """t = RotaryEmbedding(x [B, T, N*D], cos [B, T, D/2], sin) over the whole head, else None."""
-    rot = _producer(t, "RotaryEmbedding")
+    rot = produced_by(t, "RotaryEmbedding")
     if (
         rot is None
         or len(rot.inputs) != 3
@@ -112,9 +113,10 @@ def _rotary(t: gs.Tensor) -> gs.Node | None:
     return rot
 
 
-def _layer(gqa: gs.Node) -> tuple[gs.Node, gs.Node, gs.Node, gs.Node, gs.Node] | None:
+def _layer(graph: gs.Graph, gqa: gs.Node) -> tuple[gs.Node, gs.Node, gs.Node, gs.Node, gs.Node] | None:
     """(rot_q, rot_k, mm_q, mm_k, mm_v) of a GroupQueryAttention reading Rot(MatMulNBits) q and k
-    and MatMulNBits v, all three projections of one input with one quantisation, read only here."""
+    and MatMulNBits v, all three projections of one input with one quantisation, read only here,
+    with a head size ONNX Runtime's rotary inside the attention takes (a multiple of 16)."""
     if gqa.attrs.get("do_rotary", 0) or len(gqa.inputs) != 7:
         return None
     q, k, v = gqa.inputs[:3]
@@ -124,6 +126,9 @@ def _layer(gqa: gs.Node) -> tuple[gs.Node, gs.Node, gs.Node, gs.Node, gs.Node] |
     mq, mk, mv = _nbits(rq.inputs[0]), _nbits(rk.inputs[0]), _nbits(v)
     if mq is None or mk is None or mv is None:
         return None
+    heads = int(gqa.attrs["num_heads"])
+    if int(mq.attrs["N"]) % heads or (int(mq.attrs["N"]) // heads) % 16:
+        return None
     same = {"K", "bits", "block_size", "accuracy_level"}
     if not (mq.inputs[0] is mk.inputs[0] is mv.inputs[0]):
         return None
@@ -132,7 +137,7 @@ def _layer(gqa: gs.Node) -> tuple[gs.Node, gs.Node, gs.Node, gs.Node, gs.Node] |
     if len({len(m.inputs) for m in (mq, mk, mv)}) != 1:
         return None
     reads = [(q, gqa), (k, gqa), (v, gqa), (rq.inputs[0], rq), (rk.inputs[0], rk)]
-    return (rq, rk, mq, mk, mv) if all(_only_reader(t, n) for t, n in reads) else None
+    return (rq, rk, mq, mk, mv) if all(_only_reader(graph, t, n) for t, n in reads) else None
 
 
 def rope_tables(graph: gs.Graph, pairs: list[tuple[gs.Tensor, gs.Tensor]], positions: int) -> list | None:
@@ -174,7 +179,7 @@ def pack_qkv_rotary(graph: gs.Graph, positions: int, rope_type: str | None = Non
     if rope_type not in STATIC_ROPE:
         return 0
     gqas = [n for n in graph.nodes if n.op == "GroupQueryAttention" and n.domain == "com.microsoft"]
-    layers = [_layer(n) for n in gqas]
+    layers = [_layer(graph, n) for n in gqas]
     if not gqas or any(x is None for x in layers):
         return 0
     pairs = [(r.inputs[1], r.inputs[2]) for x in layers for r in x[:2]]  # (cos, sin) of q, k per layer
@@ -196,7 +201,7 @@ def pack_qkv_rotary(graph: gs.Graph, positions: int, rope_type: str | None = Non
         rows = [int(m.attrs["N"]) for m in mms]
         weights = [
             gs.Constant(
-                packed_name([m.inputs[j].name for m in mms], rows) or namer(f"qkv_{j}"),
+                packed_name([m.inputs[j].name for m in mms], rows) or namer(f"packed_qkv_{j}"),
                 np.concatenate([m.inputs[j].values for m in mms], axis=0),
             )
             for j in range(1, len(mq.inputs))

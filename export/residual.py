@@ -83,6 +83,15 @@ def producer(t: gs.Tensor) -> gs.Node | None:
     return t.inputs[0] if t.inputs else None
 
 
+ONNX_DOMAINS = (None, "", "ai.onnx")
+
+
+def produced_by(t: gs.Tensor, op: str, domains: tuple = ONNX_DOMAINS) -> gs.Node | None:
+    """The one node computing ``t`` if it is an ``op`` of one of ``domains`` (default: ONNX's), else None."""
+    node = t.inputs[0] if len(t.inputs) == 1 else None
+    return node if node is not None and node.op == op and node.domain in domains else None
+
+
 def is_constant(t: gs.Tensor) -> bool:
     """An initializer or a Constant node's output: known when the graph is built."""
     p = producer(t)

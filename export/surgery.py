@@ -495,10 +495,8 @@ def layer_stages(
     new_nodes = list(head) + list(top)
     swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
     passed: dict[int, gs.Tensor] = {}  # id(state i) -> its If's output (the state itself in short passes)
-    blocks: dict[int, list[int]] = {}
-    for i in sorted(groups):
-        blocks.setdefault(i // max(1, layers_per_if), []).append(i)
-    for ids in blocks.values():
+    order, k = sorted(groups), max(1, layers_per_if)
+    for ids in [order[j : j + k] for j in range(0, len(order), k)]:  # the staged layers, k at a time
         b = ids[-1]  # names after the block's last layer, where its If runs
         states = [tensors[stream.hidden_states[i]] for i in ids]
         nodes = [n for i in ids for n in groups[i]]

@@ -70,10 +70,13 @@ def make_feed(
 SPARE = 64
 
 
-def spare_columns(width: int) -> int:
+def spare_columns(width: int, cap: int | None = None) -> int:
     """The columns a growing batch gets for rows of ``width`` columns: room for the next
-    max(SPARE, width / 2) tokens, so that it is copied once per that many steps, not every step."""
-    return width + max(SPARE, width // 2)
+    max(SPARE, width / 2) tokens, so that it is copied once per that many steps, not every step;
+    at most ``cap`` (an in-place artifact's ``max_total_length``: no row grows longer, and its
+    attention's rotary tables cover that many positions), never fewer than ``width``."""
+    spare = width + max(SPARE, width // 2)
+    return max(width, min(spare, cap)) if cap else spare
 
 
 def widen(mask: np.ndarray, past: list[np.ndarray], cols: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -102,7 +105,7 @@ def advance(
         lens = mask.sum(1)  # [B] tokens so far per row
         need = int(lens.max()) + 1
         if need > mask.shape[1]:
-            mask, present = widen(mask, present, spare_columns(need))
+            mask, present = widen(mask, present, spare_columns(need, manifest.limits.max_total_length))
         else:
             mask = mask.copy()
         mask[np.arange(mask.shape[0]), lens] = 1  # [B, C]

@@ -502,7 +502,7 @@ class Engine(WorkerThread):
         """The width of a batch widened for a row of width ``w``, with spare columns so that the
         next newcomers fit in place (within the backend's longest sequence): a masked column
         costs a decode step far less than a copy of the batch costs once."""
-        spare = spare_columns(w)
+        spare = spare_columns(w, self.rt.manifest.limits.max_total_length if self.prefix else None)
         max_seq = self.rt.backend.max_seq
         return max(w, min(spare, max_seq - 1)) if max_seq else spare
 

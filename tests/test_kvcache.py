@@ -213,3 +213,21 @@ def test_a_manifest_with_an_unknown_kv_update_is_refused(layouts, tmp_path):
     (art / "manifest.json").write_text(json.dumps(m))
     with pytest.raises(SinglepassError, match="kv_update must be concat or inplace"):
         read_artifact(art)
+
+
+def test_inplace_buffers_grow_with_spare_columns_up_to_the_artifacts_length():
+    """runtime/feeds: a row reaching the buffers' capacity widens them by spare columns, capped at
+    the artifact's max_total_length (no row grows longer, and the packed attention's rotary
+    tables cover that many positions: export/ortfuse.py)."""
+    from singlepass.runtime.feeds import advance, spare_columns
+
+    assert spare_columns(91) == 155 and spare_columns(91, 100) == 100 and spare_columns(120, 100) == 120
+    m = SimpleNamespace(graph=SimpleNamespace(inplace=True), limits=SimpleNamespace(max_total_length=100))
+    mask = np.zeros((2, 90), np.int64)
+    mask[0], mask[1, :50] = 1, 1  # row 0 fills the buffers
+    past = [np.ones((2, KV, 90, D), np.float32)]
+    ids, mask2, pos, past2 = advance(m, np.array([7, 8]), None, mask, None, past)
+    assert mask2.shape == (2, 100) and past2[0].shape == (2, KV, 100, D)
+    assert mask2[0].sum() == 91 and mask2[1].sum() == 51 and pos[:, 0].tolist() == [90, 50]
+    np.testing.assert_array_equal(past2[0][:, :, :90], past[0])  # the cache kept, zeros appended
+    assert not past2[0][:, :, 90:].any()

@@ -60,8 +60,10 @@ def test_skip_rmsnorm_fuses_the_add_and_keeps_the_sum_by_name():
 
 
 def test_skip_rmsnorm_leaves_a_broadcast_add_alone():
-    graph = norm_graph()
-    graph.nodes[0].inputs[1] = gs.Constant("bias", np.ones(K, np.float32))  # a bias, not a residual
+    graph = norm_graph()  # b [1, 1, K]: a per-channel shift broadcast over the tokens, not a residual
+    graph.inputs[1].shape = [1, 1, K]
+    assert ortfuse.skip_rmsnorm(graph) == 0
+    graph.nodes[0].inputs[1] = gs.Constant("bias", np.ones(K, np.float32))  # a constant bias
     assert ortfuse.skip_rmsnorm(graph) == 0
     assert ops(graph) == ["Add", "RMSNormalization"]
 
@@ -175,6 +177,42 @@ def test_pack_qkv_rotary_packs_every_layer_and_attends_alike():
                 (before[name][b, :, :n] if "present" in name else before[name][b, :n]),
             )
             np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4, err_msg=name)
+
+
+def test_pack_qkv_rotary_decodes_alike_within_the_tables():
+    """A decode step after the prefill, from cache buffers of capacity C (the runtime's spare
+    columns): each row's one new token, at its own position, attends alike packed or not; a
+    capacity beyond the tables' rows is what ONNX Runtime refuses (the runtime caps the in-place
+    buffers at the artifact's max_total_length, <= the model's positions)."""
+    feed, lens = prompt_feed()
+    pre = run(attention_graph(), feed)
+    rng = np.random.default_rng(2)
+    C = POSITIONS  # the widest capacity the tables allow
+    step = {"x": rng.standard_normal((B, 1, K)).astype(np.float32), "position_ids": np.array(lens)[:, None]}
+    step["attention_mask"] = np.array([[1] * (n + 1) + [0] * (C - n - 1) for n in lens], np.int64)
+    for i in range(2):
+        for kind in ("key", "value"):
+            buf = np.zeros((B, KV, C, D), np.float32)
+            buf[:, :, :T] = pre[f"present.{i}.{kind}"]
+            step[f"past_key_values.{i}.{kind}"] = buf
+    before = run(attention_graph(), step)
+    graph = attention_graph()
+    assert ortfuse.pack_qkv_rotary(graph, POSITIONS) == 2
+    after = run(graph, step)
+    for i in range(2):
+        np.testing.assert_allclose(after[f"out{i}"], before[f"out{i}"], rtol=1e-4, atol=1e-4)
+        for b, n in enumerate(lens):  # the new token's key, rotated at position n, in column n
+            np.testing.assert_allclose(
+                after[f"present.{i}.key"][b, :, n], before[f"present.{i}.key"][b, :, n], rtol=1e-4, atol=1e-4
+            )
+    wide = {**step, "attention_mask": np.pad(step["attention_mask"], ((0, 0), (0, 1)))}
+    for i in range(2):
+        for kind in ("key", "value"):
+            wide[f"past_key_values.{i}.{kind}"] = np.pad(
+                step[f"past_key_values.{i}.{kind}"], ((0, 0),) * 2 + ((0, 1), (0, 0))
+            )
+    with pytest.raises(Exception, match="cos_cache"):
+        run(graph, wide)
 
 
 def test_pack_qkv_rotary_leaves_graphs_it_cannot_convert_whole():

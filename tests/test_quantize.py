@@ -185,14 +185,16 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     assert w["calibration"]["rows"] == 256 and w["calibration"]["tokens"] > 256
     ref = Q.graph_weights(art)
     assert set(ref) == set(w["params"])
-    q = tiny_backbone.model.get_submodule("model.layers.0.mlp.down_proj").weight.detach().numpy()
-    assert 0 < np.abs(ref["model.layers.0.mlp.down_proj.weight"] - q).max() < 0.1
+    for name in ("mlp.down_proj", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"):  # q/k/v: packed
+        q = tiny_backbone.model.get_submodule(f"model.layers.0.{name}").weight.detach().numpy()
+        assert ref[f"model.layers.0.{name}.weight"].shape == q.shape
+        assert 0 < np.abs(ref[f"model.layers.0.{name}.weight"] - q).max() < 0.1, name
     out = generate(str(art), "hello there", max_new_tokens=4)
     assert 1 <= len(out.token_ids) <= 4 and "safety" in out.labels
     # the prompt probe runs on prefill passes only: an If whose decode branch returns zeros
     assert m["graph"]["min_prefill_tokens"] == 2 and "2+ tokens only" in m["graph"]["probes_in_decode"]
     model = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    # one If per hidden state (the probe's stage 1 for that layer, prefill passes only) and one for the rest
+    # one If per block of hidden states (the probe's stage 1 for those layers, prefill passes only) and one for the rest
     kinds = [n.op_type for n in model.graph.node]
     from singlepass.export.fuse import LAYERS_PER_STAGE_IF
 

@@ -37,8 +37,8 @@ import onnx_graphsurgeon as gs
 
 from singlepass.errors import SinglepassError
 from singlepass.export.quantize import packed_name
-from singlepass.export.residual import ONNX_DOMAINS, produced_by
-from singlepass.export.surgery import Namer
+from singlepass.export.residual import ONNX_DOMAINS, is_constant, produced_by
+from singlepass.export.surgery import Namer, to_model
 
 MODES = ("auto", "none")
 STATIC_ROPE = (None, "default", "linear", "llama3", "yarn")  # cos/sin at p depend on p alone
@@ -65,7 +65,7 @@ def skip_rmsnorm(graph: gs.Graph) -> int:
         if add is None or not isinstance(w, gs.Constant) or w.values.ndim != 1 or norm.attrs.get("axis", -1) != -1:
             continue
         a, b = add.inputs
-        if isinstance(a, gs.Constant) or isinstance(b, gs.Constant) or not _same_shape(a, b):
+        if is_constant(a) or is_constant(b) or not _same_shape(a, b):
             continue
         y = norm.outputs[0]
         add.outputs.clear()
@@ -145,8 +145,6 @@ def rope_tables(graph: gs.Graph, pairs: list[tuple[gs.Tensor, gs.Tensor]], posit
     [P, D/2] float32 tables per input pair, equal pairs sharing one array; computed by running the
     subgraph that makes them from ``position_ids``. None if it reads another graph input."""
     import onnxruntime as ort
-
-    from singlepass.export.surgery import to_model
 
     sub = graph.copy()
     t = sub.tensors()

@@ -500,11 +500,14 @@ class Engine(WorkerThread):
 
     def _wider(self, w: int) -> int:
         """The width of a batch widened for a row of width ``w``, with spare columns so that the
-        next newcomers fit in place (within the backend's longest sequence): a masked column
-        costs a decode step far less than a copy of the batch costs once."""
-        spare = spare_columns(w, self.rt.manifest.limits.max_total_length if self.prefix else None)
+        next newcomers fit in place (within the backend's longest sequence, and for in-place rows
+        the artifact's length): a masked column costs a decode step far less than a copy of the
+        batch costs once."""
         max_seq = self.rt.backend.max_seq
-        return max(w, min(spare, max_seq - 1)) if max_seq else spare
+        cap = max_seq - 1 if max_seq else math.inf
+        if self.prefix:  # in-place rows never outgrow the artifact's length (its rotary tables' rows)
+            cap = min(cap, self.rt.manifest.limits.max_total_length)
+        return spare_columns(w, None if cap == math.inf else cap)
 
     def _tidy(self) -> None:
         """Finished and cancelled rows stop. Their slots stay (masked work, no copy) for newcomers

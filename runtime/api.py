@@ -368,36 +368,39 @@ class Runtime:
             else:
                 yield emit(r, 0, logits[r : r + 1], **head)
         rows = list(range(B))  # the batch rows present in `state`
-        step = 0
-        while not all(done):
-            step += 1
-            live = [r for r in rows if not done[r]]
-            if live != rows:  # drop finished rows: they no longer cost anything
-                state = state.keep([rows.index(r) for r in live])
-                rows = live
-            tokens = np.array([last[r] for r in rows], np.int64)  # [B_live]
-            out, state = decode_one_token(self.backend, m, state, tokens)
-            logits = last_logits(m, out)  # [B_live, V]
-            response = labels_from(m, out, "response")  # [] without response probes
-            now = time.perf_counter() - t0
-            for k, r in enumerate(rows):
-                seen = response[k] if response else None  # the response's tokens 1..step
-                fired = watch[r].update(seen)
-                if fired:  # stopped before the next token: the text so far stands, plus the notice
-                    done[r] = True
-                    text = (detok[r].flush() if pieces else "") + watch[r].notice(fired)
-                    yield Event(
-                        index[r],
-                        step,
-                        text=text,
-                        done=True,
-                        finish_reason="blocked",
-                        blocked_by=fired,
-                        seconds=now,
-                        response=seen,
-                    )
-                else:
-                    yield emit(r, step, logits[k : k + 1], seconds=now, response=seen)
+        try:
+            step = 0
+            while not all(done):
+                step += 1
+                live = [r for r in rows if not done[r]]
+                if live != rows:  # drop finished rows: they no longer cost anything
+                    state = state.keep([rows.index(r) for r in live])
+                    rows = live
+                tokens = np.array([last[r] for r in rows], np.int64)  # [B_live]
+                out, state = decode_one_token(self.backend, m, state, tokens)
+                logits = last_logits(m, out)  # [B_live, V]
+                response = labels_from(m, out, "response")  # [] without response probes
+                now = time.perf_counter() - t0
+                for k, r in enumerate(rows):
+                    seen = response[k] if response else None  # the response's tokens 1..step
+                    fired = watch[r].update(seen)
+                    if fired:  # stopped before the next token: the text so far stands, plus the notice
+                        done[r] = True
+                        text = (detok[r].flush() if pieces else "") + watch[r].notice(fired)
+                        yield Event(
+                            index[r],
+                            step,
+                            text=text,
+                            done=True,
+                            finish_reason="blocked",
+                            blocked_by=fired,
+                            seconds=now,
+                            response=seen,
+                        )
+                    else:
+                        yield emit(r, step, logits[k : k + 1], seconds=now, response=seen)
+        finally:
+            self.backend.release()  # its hold on this batch's KV buffers
 
 
 def load(

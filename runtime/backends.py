@@ -16,6 +16,7 @@ TensorRT profiles want a past length >= 1; the engine contract and ``TensorRTBac
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -37,6 +38,10 @@ class Backend:
     max_seq: int | None = None  # longest attention mask (dummy slots + prompt + generated) a pass may take
 
     inplace = False  # can ``run`` write outputs into input buffers (``inplace=``)?
+
+    def release(self) -> None:
+        """Let go of what the backend keeps between passes for this thread (ONNX Runtime: the last
+        in-place pass's binding, which holds its KV buffers): call it when the decode state goes."""
 
     def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
         """-> {output name: array}. ``inplace`` {output: input}: the output is written into that
@@ -133,6 +138,7 @@ class OrtBackend(Backend):
         self.name = f"onnxruntime-{device}"
         self.inplace = device == "cpu"  # the buffers are host memory
         self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest.graph.inputs}
+        self._local = threading.local()  # .binding: this thread's _Binding (runs may come from several threads)
 
     def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
         feed = {
@@ -144,20 +150,55 @@ class OrtBackend(Backend):
             return dict(zip(names, self.session.run(names, feed)))
         if not self.inplace:
             raise SinglepassError(f"the {self.name} backend cannot write the KV cache in place")
-        io = self.session.io_binding()  # outputs bound to the inputs' own buffers: no copy of the cache
+        binding = getattr(self._local, "binding", None)
+        if binding is None or not binding.serves(feed, names, inplace):
+            binding = self._local.binding = _Binding(self.session, feed, names, inplace)
+        return binding.run(feed)
+
+    def release(self) -> None:
+        self._local.binding = None
+
+
+class _Binding:
+    """One IOBinding reused by consecutive in-place passes with the same inputs and outputs
+    (decode steps): the outputs are bound to their past inputs' own buffers, so the cache is not
+    copied. Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms
+    step in all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs
+    and the outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound
+    again too. A buffer is recognised by identity: the binding references every array bound to it,
+    so an array seen again is the one bound (same memory, same shape)."""
+
+    def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str]):
+        self.session, self.io = session, session.io_binding()
+        self.names, self.inplace, self.inputs = list(names), dict(inplace), frozenset(feed)
+        self.bound: dict[tuple[bool, str], np.ndarray] = {}  # (output?, name) -> the array bound to it
+
+    def serves(self, feed: dict, names: list[str], inplace: dict[str, str]) -> bool:
+        return self.names == list(names) and self.inplace == inplace and self.inputs == frozenset(feed)
+
+    def _bind(self, name: str, arr: np.ndarray, output: bool) -> None:
+        if self.bound.get((output, name)) is arr:
+            return
+        if output:
+            self.io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+        else:
+            self.io.bind_cpu_input(name, arr)
+        self.bound[(output, name)] = arr
+
+    def run(self, feed: dict) -> dict:
         for k, v in feed.items():
-            io.bind_cpu_input(k, np.ascontiguousarray(v))
-        for n in names:
-            if n in inplace:
-                buf = feed[inplace[n]]
+            self._bind(k, np.ascontiguousarray(v), output=False)
+        for n in self.names:
+            if n in self.inplace:
+                buf = feed[self.inplace[n]]
                 if not buf.flags.c_contiguous:
-                    raise SinglepassError(f"internal error: {inplace[n]} must be one contiguous buffer")
-                io.bind_output(n, "cpu", 0, buf.dtype, list(buf.shape), buf.ctypes.data)
+                    raise SinglepassError(f"internal error: {self.inplace[n]} must be one contiguous buffer")
+                self._bind(n, buf, output=True)
             else:
-                io.bind_output(n, "cpu")
-        self.session.run_with_iobinding(io)
-        values = io.get_outputs()  # OrtValues in the order bound; the in-place ones are the feed's arrays
-        return {n: feed[inplace[n]] if n in inplace else v.numpy() for n, v in zip(names, values)}
+                self.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
+        self.session.run_with_iobinding(self.io)
+        values = self.io.get_outputs()  # OrtValues in the order first bound; the in-place ones are the feed's arrays
+        return {n: feed[self.inplace[n]] if n in self.inplace else v.numpy() for n, v in zip(self.names, values)}
 
 
 # ----------------------------------------------------------------------------- selection

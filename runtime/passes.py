@@ -95,6 +95,10 @@ def prefill(
     # [B, T] each; pos = cumsum(mask) - 1; at least the graph's prefill width (prompt probes skip 1-token passes)
     ids, mask, pos = pad_batch(seqs, pad, side, manifest.graph.min_prefill_tokens)
     feed = make_feed(manifest, ids, mask, pos, None, backend.dummy_past if manifest.graph.kv_cache else 0)
+    # a new state: the backend lets go of the last decode pass's buffers (their owner may have moved
+    # on; held, they would sit beside this pass's activations at its peak); a running batch's next
+    # decode pass binds them again
+    backend.release()
     out = backend.run(feed, output_names(manifest, extra))
     return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)
 

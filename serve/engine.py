@@ -336,7 +336,7 @@ class Engine(WorkerThread):
                 with self._cv:
                     while not self._stop and not self._waiting and not self._live():
                         if self._state is not None and time.perf_counter() - self._idle >= LINGER_S:
-                            self._rows, self._state = [], None  # idle: the free slots go
+                            self._clear()  # idle: the free slots go
                         self._cv.wait(LINGER_S if self._state is not None else None)
                     if self._stop:
                         break
@@ -370,10 +370,15 @@ class Engine(WorkerThread):
                 self._stop = True
                 left = list(self._waiting) + [r.job for r in self._rows]
                 self._waiting.clear()
-                self._rows, self._state = [], None
+                self._clear()
             for job in left:
                 self._fail(job, "the server is shutting down" if self.error is None else "internal server error")
             self.observer.queue(0, 0)
+
+    def _clear(self) -> None:
+        """No rows: the decode state goes, and with it the backend's hold on its KV buffers."""
+        self._rows, self._state = [], None
+        self.rt.backend.release()
 
     def _live(self) -> int:
         return sum(r.live for r in self._rows)
@@ -553,7 +558,7 @@ class Engine(WorkerThread):
             for r in self._rows:
                 if r.live:
                     self._fail(r.job, "internal server error (see the server log)")
-            self._rows, self._state = [], None
+            self._clear()
             return
         self.stats["decode_steps"] += 1
         live = [k for k, r in enumerate(self._rows) if r.live]

@@ -231,3 +231,56 @@ def test_inplace_buffers_grow_with_spare_columns_up_to_the_artifacts_length():
     assert mask2[0].sum() == 91 and mask2[1].sum() == 51 and pos[:, 0].tolist() == [90, 50]
     np.testing.assert_array_equal(past2[0][:, :, :90], past[0])  # the cache kept, zeros appended
     assert not past2[0][:, :, 90:].any()
+
+
+def test_inplace_decode_steps_reuse_one_binding_per_thread_and_release_it(layouts):
+    """runtime/backends._Binding: consecutive in-place passes bind only what changed. The steps'
+    logits match a fresh binding per step exactly, across a widening of the buffers (new arrays,
+    bound again); a step's returned arrays are not overwritten by the next; a second thread gets its
+    own binding; release() lets the KV buffers go."""
+    import gc
+    import threading
+    import weakref
+
+    from singlepass.runtime.passes import decode_one_token, last_logits, prefill
+
+    rt = layouts["inplace"]
+    be, m = rt.backend, rt.manifest
+    prompts = [[5, 6, 7, 8], [9, 10]]
+
+    def steps(n, fresh):
+        state = prefill(be, m, prompts)[1]
+        kept, toks = [], np.array([3, 4], np.int64)
+        for _ in range(n):
+            if fresh:
+                be.release()
+            out, state = decode_one_token(be, m, state, toks)
+            kept.append((last_logits(m, out), last_logits(m, out).copy()))
+            toks = kept[-1][1].argmax(-1)
+        return kept, state
+
+    cached, state = steps(70, fresh=False)  # past the first widening (64 spare columns)
+    binding = be._local.binding
+    assert binding.bound[(False, m.graph.past_names[0])] is state.past[0]  # the widened buffer, bound again
+    assert binding.bound[(True, m.graph.present_names[0])] is state.past[0]
+    for returned, copy in cached:  # no later pass wrote into an earlier pass's output
+        np.testing.assert_array_equal(returned, copy)
+    fresh, _ = steps(70, fresh=True)
+    for (a, _), (b, _) in zip(cached, fresh):
+        np.testing.assert_array_equal(a, b)
+
+    seen = {}
+    threads = [threading.Thread(target=lambda k=k: seen.update({k: steps(8, False)[0]})) for k in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for k in range(2):
+        for (a, _), (b, _) in zip(seen[k], cached):
+            np.testing.assert_array_equal(a, b)
+
+    steps(3, False)
+    buffers = [weakref.ref(p) for p in be._local.binding.bound.values()]
+    be.release()
+    gc.collect()
+    assert all(r() is None for r in buffers)

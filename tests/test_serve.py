@@ -84,6 +84,9 @@ class Wrapped(Backend):
             time.sleep(self.delay)
         return self.inner.run(feed, outputs, inplace)
 
+    def release(self):
+        self.inner.release()
+
 
 def runtime_on(rt: Runtime, delay: float = 0.0, **kw) -> Runtime:
     return Runtime(rt.manifest, backend=Wrapped(rt.backend, delay), **kw)

@@ -519,10 +519,12 @@ def decode_overhead(
     """Decode-step time of each artifact ({name: folder}; the first is the base, the others carry one
     probe each) at each batch size: one prompt (repeated for batch B) prefilled, ``warmup`` greedy
     decode steps, then ``repeats`` blocks of ``steps`` chained decode steps from that state (each
-    after one untimed step), the artifacts alternating block by block (the order rotated every
-    repeat). -> {"batch B": {"base_ms" (median per step), "probes": {name: {"probe_ms", "overhead_ms",
-    "overhead_pct": the median over repeats of (probe block / base block - 1) x 100, "overhead_pct_iqr":
-    its interquartile range, "min_overhead_pct": the fastest probe block over the fastest base block}},
+    after one untimed step, and after one timed prefill of the prompt: "prefill_ms", a request's
+    other cost), the artifacts alternating block by block (the order rotated every repeat).
+    -> {"batch B": {"base_ms" (median per step), "base_prefill_ms", "probes": {name: {"probe_ms",
+    "overhead_ms", "overhead_pct": the median over repeats of (probe block / base block - 1) x 100,
+    "overhead_pct_iqr": its interquartile range, "min_overhead_pct": the fastest probe block over the
+    fastest base block, "prefill_ms", "prefill_overhead_pct" (paired, as the decode one)}},
     "block_ms": every block's time per step, ...}}: per-repeat ratios, so a machine drifting during the
     run cancels; the minima, so a noisy one's disturbances (which only ever add time) drop out."""
     from singlepass.runtime.api import load
@@ -541,10 +543,16 @@ def decode_overhead(
                 o, st = decode_one_token(rt.backend, rt.manifest, st, toks)
             start[name] = (st, toks)
         times = {name: [] for name in names}
+        pre = {name: [] for name in names}  # the prompt's prefill pass (no response token: the probe's fold skips)
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 rt, (st, toks) = rts[name], start[name]
-                decode_one_token(rt.backend, rt.manifest, st, toks)  # untimed: the other's idle threads stop spinning
+                ids = rt.encode(prompt, truncate=True)[0]
+                prefill(rt.backend, rt.manifest, [ids] * b)  # untimed: the other's idle threads stop spinning
+                t0 = time.perf_counter()
+                prefill(rt.backend, rt.manifest, [ids] * b)
+                pre[name].append(time.perf_counter() - t0)
+                decode_one_token(rt.backend, rt.manifest, st, toks)  # untimed, as above
                 t0 = time.perf_counter()
                 for _ in range(steps):
                     _, st = decode_one_token(rt.backend, rt.manifest, st, toks)
@@ -553,9 +561,11 @@ def decode_overhead(
         base = np.asarray(times[names[0]])
         # per repeat: the probe's block over the base's block of the same rotation, in %
         pct = {name: 100.0 * (np.asarray(times[name]) / base - 1.0) for name in names[1:]}
+        pre_pct = {name: 100.0 * (np.asarray(pre[name]) / np.asarray(pre[names[0]]) - 1.0) for name in names[1:]}
         out[f"batch {b}"] = {
             "batch": b,
             "base_ms": ms[names[0]],
+            "base_prefill_ms": 1e3 * _median(pre[names[0]]),
             "probes": {
                 name: {
                     "probe_ms": ms[name],
@@ -564,6 +574,8 @@ def decode_overhead(
                     "overhead_pct_iqr": [float(np.percentile(pct[name], q)) for q in (25, 75)],
                     # the fastest blocks: noise (other processes, the VM's neighbours) only ever adds time
                     "min_overhead_pct": 100.0 * (min(times[name]) / min(times[names[0]]) - 1.0),
+                    "prefill_ms": 1e3 * _median(pre[name]),
+                    "prefill_overhead_pct": _median(pre_pct[name]),
                 }
                 for name in names[1:]
             },

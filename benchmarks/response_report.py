@@ -294,11 +294,12 @@ def render(doc: dict) -> str:
             "over blocks of (probe block / the base block of the same rotation - 1), with its interquartile "
             "range (the machine's noise), and the fastest probe block over the fastest base block (noise only "
             "ever adds time, so the minima are the least disturbed estimate; the target is judged on them). "
-            "Target: <= 2% per step.",
+            "Target: <= 2% per step. Before each block, one timed prefill of the prompt (no response token in "
+            "it: the probe's fold is skipped), its overhead the median of the paired ratios likewise.",
             "",
             "| batch | context (tokens) | base (ms / step) | probe | + probe (ms / step) | overhead (ms) | overhead "
-            "| overhead IQR | overhead, fastest blocks |",
-            "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |",
+            "| overhead IQR | overhead, fastest blocks | prefill base / + probe (ms) | prefill overhead |",
+            "| ---: | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
         ]
         for v in cost["decode"].values():
             for m, p in v["probes"].items():
@@ -306,7 +307,7 @@ def render(doc: dict) -> str:
                 lines.append(
                     f"| {v['batch']} | {v['context_tokens']} | {v['base_ms']:.2f} | {m} | {p['probe_ms']:.2f} | "
                     f"{p['overhead_ms']:+.3f} | {p['overhead_pct']:+.2f}% | {lo:+.1f}% to {hi:+.1f}% | "
-                    f"{p['min_overhead_pct']:+.2f}% |"
+                    f"{p['min_overhead_pct']:+.2f}% | {_prefill_cells(v, p)} |"
                 )
         g = cost["guard"]
         b1 = cost["decode"].get("batch 1")
@@ -387,3 +388,10 @@ def redraw(results: Path) -> Path:
     doc = json.loads((results / "response.json").read_text())
     atomic_write(results / "response.md", render(doc))
     return results / "response.md"
+
+
+def _prefill_cells(v: dict, p: dict) -> str:
+    """The prefill columns of a cost row (runs before the prefill timing have none)."""
+    if "prefill_ms" not in p:
+        return "— | —"
+    return f"{v['base_prefill_ms']:.2f} / {p['prefill_ms']:.2f} | {p['prefill_overhead_pct']:+.2f}%"

@@ -56,7 +56,8 @@ def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto, stacked: onnx.
     ``stacked``: the same probe's stacked form (``export_stream_probe(stacked=True)``), run instead
     in one-token (decode) passes: ``surgery.prefill_only``'s ``If`` on the pass length picks the
     per-layer form for a prefill (no [L+1, B, T, d] copy of a long prompt) and the stacked one for
-    a decode pass (~30 ops instead of ~30 per layer)."""
+    a decode pass (~30 ops instead of ~30 per layer); inside the prefill branch, a pass without a
+    response token (a prompt's prefill) skips the fold (``surgery.with_response_tokens``)."""
     import numpy as np
     import onnx_graphsurgeon as gs
 
@@ -84,6 +85,10 @@ def fuse_response_probe(graph, stream, p, probe: onnx.ModelProto, stacked: onnx.
 
     nodes, outs = fuse(probe, p.spec.name)
     if stacked is not None:
+        # a prompt's prefill (no response token) skips the fold: the per-layer form is ~30 ops per layer
+        nodes = surgery.with_response_tokens(
+            graph, stream, nodes, outs, {s["present"]: s["past"] for s in p.spec.state}
+        )
         # TensorRT refuses response probes (no state profiles), so the decode form skips the fp32 boundary
         decode = fuse(stacked, f"{p.spec.name}/decode", boundary=False)
         surgery.prefill_only(graph, stream, nodes, outs, decode=decode)

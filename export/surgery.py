@@ -17,6 +17,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
+    with_response_tokens(graph, s, nodes, outputs, carried)  a response probe's fold only where it folds something
     layer_stages(graph, s, per_layer, stacked, n, k)  a prompt probe's per-layer stage 1, an If per k layers
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
@@ -42,6 +43,7 @@ from singlepass.export.residual import (  # noqa: F401
     producer,
     scalar_step,
 )
+from singlepass.runtime.contract import RESPONSE_MASK
 
 INT64_MAX = np.iinfo(np.int64).max
 PREFIX = "singlepass/"
@@ -387,23 +389,70 @@ def prefill_only(
             raise SurgeryError(f"prefill_only: {len(names)} decode outputs for {len(outputs)} outputs")
         branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, [tensors[n] for n in names]), outputs)
         return
-    batch = gs.Variable(namer("prefill_batch"), dtype=np.int64)  # [1] = (B,)
-    head.append(namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch]))
-    other, zeros = [], []
-    for name in outputs:
-        out = tensors[name]
+    more, batch = _batch_of(namer, shape)
+    head += more
+    other, zeros = _zeros_for(namer, batch, [tensors[n] for n in outputs], "prefill_only")
+    branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, zeros), outputs)
+
+
+def _batch_of(namer: "Namer", shape: gs.Variable) -> tuple[list[gs.Node], gs.Variable]:
+    """``shape`` ([2] = (B, T) of ``input_ids``) -> (nodes, [1] = (B,))."""
+    batch = gs.Variable(namer("pass_batch"), dtype=np.int64)  # [1] = (B,)
+    return [namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch])], batch
+
+
+def _zeros_for(namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], what: str) -> tuple[list, list]:
+    """Zeros [B, C] in place of each [batch, C] output in ``outs`` -> (nodes, the zero tensors)."""
+    nodes, zeros = [], []
+    for out in outs:
         if out.shape is None or len(out.shape) != 2 or not isinstance(out.shape[1], (int, np.integer)):
-            raise SurgeryError(f"prefill_only: output {name!r} must be [batch, C], not {out.shape}")
-        mine = gs.Variable(namer(name.replace("/", "_") + "_zeros"), dtype=out.dtype, shape=out.shape)
-        dims = gs.Variable(namer(name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
-        other += [
+            raise SurgeryError(f"{what}: output {out.name!r} must be [batch, C], not {out.shape}")
+        mine = gs.Variable(namer(out.name.replace("/", "_") + "_zeros"), dtype=out.dtype, shape=out.shape)
+        dims = gs.Variable(namer(out.name.replace("/", "_") + "_dims"), dtype=np.int64)  # [2] = (B, C)
+        nodes += [
             namer.node("Concat", [batch, namer.i64("width", [int(out.shape[1])])], [dims], axis=0),
             namer.node(
                 "ConstantOfShape", [dims], [mine], value=helper.make_tensor("zero", TensorProto.FLOAT, [1], [0])
             ),
         ]
         zeros.append(mine)
-    branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, zeros), outputs)
+    return nodes, zeros
+
+
+def with_response_tokens(
+    graph: gs.Graph, stream: ResidualStream, nodes: list[gs.Node], outputs: list[str], carried: dict[str, str]
+) -> list[gs.Node]:
+    """Run ``nodes`` (a response probe's fold over a pass: they compute the graph outputs ``outputs``)
+    only in a pass with a response token in it: a ``branch`` on ``max(response_mask) > 0``. Otherwise
+    (a prompt's prefill: the runtime feeds ``response_mask = 0``) nothing is folded in, so each
+    carried state output (``carried``: present -> its past input) is its past, and the label outputs
+    are zeros (no label: the response is empty, as a prompt probe's outputs in a decode pass); the
+    fold's ~30 ops per layer do not run. -> the nodes added (head and the If)."""
+    namer = Namer(graph)
+    tensors = graph.tensors()
+    mask = _tensor(graph, RESPONSE_MASK, "response mask input")
+    top = gs.Variable(namer("response_max"), dtype=np.int64)  # [] = max over the pass's tokens
+    cond = gs.Variable(namer("has_response"), dtype=np.bool_)  # [] = top > 0
+    head, shape = _input_ids_dims(graph, stream, namer)
+    more, batch = _batch_of(namer, shape)
+    head += more + [
+        namer.node("ReduceMax", [mask], [top], keepdims=0),
+        namer.node("Greater", [top, gs.Constant(namer("zero"), np.array(0, np.int64))], [cond]),
+    ]
+    outs = [tensors[n] for n in outputs]
+    other, kept = [], []
+    labels = [o for o in outs if o.name not in carried]
+    z_nodes, zeros = _zeros_for(namer, batch, labels, "with_response_tokens")
+    other += z_nodes
+    zero_of = dict(zip(map(id, labels), zeros))
+    for o in outs:
+        if o.name in carried:  # the state passes through unchanged (a copy: a branch may not return an outer value)
+            same = gs.Variable(namer(o.name.replace("/", "_") + "_kept"), dtype=o.dtype, shape=o.shape)
+            other.append(namer.node("Identity", [_tensor(graph, carried[o.name], "past state input")], [same]))
+            kept.append(same)
+        else:
+            kept.append(zero_of[id(o)])
+    return branch(graph, head, cond, (nodes, outs), (other, kept), outputs)
 
 
 def short_pass(

@@ -165,6 +165,8 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench):
         for p in v["probes"].values():
             lo, hi = p["overhead_pct_iqr"]
             assert p["probe_ms"] > 0 and lo <= p["overhead_pct"] <= hi and np.isfinite(p["min_overhead_pct"])
+            assert p["prefill_ms"] > 0 and np.isfinite(p["prefill_overhead_pct"])
+        assert v["base_prefill_ms"] > 0
         assert [len(b) for b in v["block_ms"].values()] == [2, 2, 2]  # base, gate, mha-stream: 2 repeats each
     g = cost["guard"]
     # 40 tokens (every row is longer on the tiny tokenizer): calls at tokens 32 and 40, vs one at 40
@@ -173,6 +175,7 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench):
     assert [r["method"] for r in doc["runs"]] == ["gate", "mha-stream", "last-token", "guard"]  # still reported
     md = (res / "response.md").read_text()
     assert "| batch | context (tokens) | base (ms / step) | probe | + probe (ms / step) |" in md
+    assert "| prefill base / + probe (ms) | prefill overhead |" in md
     assert "decode-step overhead of the streaming gate probe <= 2% (fastest blocks): m" in md
     assert "decode-step overhead of the streaming mha-stream probe" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed

@@ -416,3 +416,53 @@ def test_unrecognisable_graphs_are_clear_errors(tmp_path):
         surgery.find_residual_stream(Toy(layers=2, opset=11).graph())
     with pytest.raises(SurgeryError, match="attention-mask"):
         surgery.find_residual_stream(Toy(layers=2, mask=False).graph())
+
+
+def test_with_response_tokens_skips_a_fold_with_nothing_to_fold():
+    """with_response_tokens: a (toy) response-probe fold runs only in a pass with a response token; in
+    one without (a prompt's prefill) the carried state passes through unchanged and the label outputs
+    are zeros, shapes as the fold's."""
+    host = Toy(layers=1).graph()
+    s = surgery.find_residual_stream(host)
+    rmask = gs.Variable("response_mask", np.int64, ["batch", "sequence"])
+    past = gs.Variable("r/past_s", np.float32, ["batch", D])
+    host.inputs += [rmask, past]
+    h = host.tensors()[s.hidden_states[-1]]
+    w = np.random.default_rng(1).normal(size=(D, 2)).astype(np.float32)
+    mf, mu, hm, total = (gs.Variable(f"fold_{i}", np.float32) for i in range(4))
+    present = gs.Variable("r/present_s", np.float32, ["batch", D])
+    logits = gs.Variable("r/logits", np.float32, ["batch", 2])
+    nodes = [  # present = past + sum over the pass's response tokens of the last state; logits = present @ w
+        gs.Node("Cast", inputs=[rmask], outputs=[mf], attrs={"to": TensorProto.FLOAT}),
+        gs.Node("Unsqueeze", inputs=[mf, gs.Constant("ax", np.array([-1], np.int64))], outputs=[mu]),
+        gs.Node("Mul", inputs=[h, mu], outputs=[hm]),
+        gs.Node("ReduceSum", inputs=[hm, gs.Constant("ax1", np.array([1], np.int64))], outputs=[total],
+                attrs={"keepdims": 0}),
+        gs.Node("Add", inputs=[past, total], outputs=[present]),
+        gs.Node("MatMul", inputs=[present, gs.Constant("w", w)], outputs=[logits]),
+    ]  # fmt: skip
+    host.nodes += nodes
+    host.outputs += [logits, present]
+    added = surgery.with_response_tokens(host, s, nodes, ["r/logits", "r/present_s"], {"r/present_s": "r/past_s"})
+    assert [n.op for n in added].count("If") == 1
+    host.cleanup().toposort()
+    model = surgery.to_model(host)
+    onnx.checker.check_model(model)
+    f = feeds(B=2, T=4)
+    state = np.random.default_rng(2).normal(size=(2, D)).astype(np.float32)
+    on = np.zeros((2, 4), np.int64)
+    on[0, 2:], on[1, 3] = 1, 1
+    got = run(model, f | {"response_mask": on, "r/past_s": state})
+    assert got["r/present_s"].shape == (2, D) and not np.allclose(got["r/present_s"], state)
+    np.testing.assert_allclose(got["r/logits"], got["r/present_s"] @ w, rtol=1e-5, atol=1e-5)
+    off = run(model, f | {"response_mask": np.zeros((2, 4), np.int64), "r/past_s": state})
+    np.testing.assert_array_equal(off["r/present_s"], state)  # nothing folded: the state unchanged
+    assert off["r/logits"].shape == (2, 2) and not off["r/logits"].any()
+    with pytest.raises(SurgeryError, match="must be \\[batch, C\\]"):
+        bad = Toy(layers=1).graph()
+        bs = surgery.find_residual_stream(bad)
+        bad.inputs.append(gs.Variable("response_mask", np.int64, ["batch", "sequence"]))
+        odd = gs.Variable("r/odd", np.float32, ["batch", "sequence", D])
+        bad.nodes.append(gs.Node("Identity", inputs=[bad.tensors()[bs.hidden_states[-1]]], outputs=[odd]))
+        bad.outputs.append(odd)
+        surgery.with_response_tokens(bad, bs, bad.nodes[-1:], ["r/odd"], {})

@@ -495,14 +495,24 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
     }
 
 
-def stored_runs(args, data: Data) -> list[dict]:
-    """Every stored (method, seed) of this data key and these settings, in method then seed order."""
+def stored_runs(args, data: Data, results: Path | None = None) -> list[dict]:
+    """Every stored (method, seed) of this data key and these settings, in method then seed order:
+    from the cache, else from the results folder's response.json when it was written for the same
+    key (so a ``--cost`` run on a machine without the cache keeps the committed accuracy runs)."""
+    kept = {}
+    doc = results / "response.json" if results is not None else None
+    if doc is not None and doc.is_file():
+        old = json.loads(doc.read_text())
+        if old.get("key") == args.key:
+            kept = {(r["method"], r["seed"]): r for r in old.get("runs", [])}
     out = []
     for method in METHODS:
         for seed in args.seeds:
             path = result_path(args, method, seed, data)
             if path.is_file():
                 out.append(json.loads(path.read_text()))
+            elif (method, seed) in kept:
+                out.append(kept[(method, seed)])
     return out
 
 
@@ -707,7 +717,7 @@ def cost_phase(args, bb, data: Data, log) -> dict:
 # --- the stored doc (benchmarks/response_report.py renders it) ----------------------------------------------
 
 
-def make_doc(args, bb, data: Data, command: str) -> dict:
+def make_doc(args, bb, data: Data, command: str, results: Path | None = None) -> dict:
     cost = json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else None
     if cost and "probes" not in cost:  # a cost phase of an older format (one probe): rerun --cost
         cost = None
@@ -732,7 +742,7 @@ def make_doc(args, bb, data: Data, command: str) -> dict:
         },
         "data": data_summary(data),
         "mixture": data.mixture.report,
-        "runs": stored_runs(args, data),
+        "runs": stored_runs(args, data, results),
         "cost": cost,
     }
 
@@ -869,8 +879,8 @@ def run(args: argparse.Namespace) -> int:
             atomic_write(path, json.dumps(res, indent=1))
             f1 = {t: None if v["f1"] is None else round(100 * v["f1"], 1) for t, v in res["tests"].items()}
             log(f"--- {method} / seed {seed}: F1 {f1} ({res['seconds']:.0f} s)")
-            rep.write_results(results, make_doc(args, bb, data, command))
-    print(f"wrote {rep.write_results(results, make_doc(args, bb, data, command))}")
+            rep.write_results(results, make_doc(args, bb, data, command, results))
+    print(f"wrote {rep.write_results(results, make_doc(args, bb, data, command, results))}")
     return 0
 
 

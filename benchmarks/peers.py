@@ -169,12 +169,12 @@ def quality(args: argparse.Namespace, arts: dict, gguf: str) -> dict:
         tok = PromptTokenizer(m.folder, m)
         be = OrtBackend(m.folder / m.graph.file, m, "cpu", max(args.threads))
         ids = [tok.encode(t, m.limits.max_prompt_length, truncate=True)[0] for t in ds.texts]
-        probs = {p.name: [] for p in m.probes}
+        probs = {p.name: [] for p in m.reading("prompt")}  # a response probe has no label after a prefill
         top1 = []
         for i in range(len(ids)):
             out, _ = prefill(be, m, [ids[i]])
             top1.append(int(last_logits(m, out)[0].argmax()))
-            for p in m.probes:
+            for p in m.reading("prompt"):
                 probs[p.name].append(np.asarray(out[p.probs][0], np.float64))
         side[w] = {"m": m, "ids": ids, "top1": np.array(top1), "probs": {k: np.stack(v) for k, v in probs.items()}}
         log(f"quality: {w} artifact scored {len(ids)} prompts")

@@ -498,12 +498,13 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
 def stored_runs(args, data: Data, results: Path | None = None) -> list[dict]:
     """Every stored (method, seed) of this data key and these settings, in method then seed order:
     from the cache, else from the results folder's response.json when it was written for the same
-    key (so a ``--cost`` run on a machine without the cache keeps the committed accuracy runs)."""
+    data key and settings (so a ``--cost`` run on a machine without the cache keeps the committed
+    accuracy runs)."""
     kept = {}
     doc = results / "response.json" if results is not None else None
     if doc is not None and doc.is_file():
         old = json.loads(doc.read_text())
-        if old.get("key") == args.key:
+        if old.get("key") == args.key and old.get("settings") == settings_of(args):
             kept = {(r["method"], r["seed"]): r for r in old.get("runs", [])}
     out = []
     for method in METHODS:
@@ -717,6 +718,24 @@ def cost_phase(args, bb, data: Data, log) -> dict:
 # --- the stored doc (benchmarks/response_report.py renders it) ----------------------------------------------
 
 
+def settings_of(args) -> dict:
+    """The run settings the stored doc records (and a stored run must share to be reused)."""
+    return {
+        "mixture": MIXTURE,
+        "limit": args.limit,
+        "val_limit": args.val_limit,
+        "test_limit": args.test_limit,
+        "max_response_tokens": args.max_response_tokens,
+        "max_length": args.max_length,
+        "epochs": args.epochs,
+        "trials": args.trials,
+        "trials_heavy": args.trials_heavy,
+        "seeds": list(args.seeds),
+        "consecutive": CONSECUTIVE,
+        "within": WITHIN,
+    }
+
+
 def make_doc(args, bb, data: Data, command: str, results: Path | None = None) -> dict:
     cost = json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else None
     if cost and "probes" not in cost:  # a cost phase of an older format (one probe): rerun --cost
@@ -726,20 +745,7 @@ def make_doc(args, bb, data: Data, command: str, results: Path | None = None) ->
         "command": command,
         "machine": torch_machine(),
         "key": args.key,
-        "settings": {
-            "mixture": MIXTURE,
-            "limit": args.limit,
-            "val_limit": args.val_limit,
-            "test_limit": args.test_limit,
-            "max_response_tokens": args.max_response_tokens,
-            "max_length": args.max_length,
-            "epochs": args.epochs,
-            "trials": args.trials,
-            "trials_heavy": args.trials_heavy,
-            "seeds": list(args.seeds),
-            "consecutive": CONSECUTIVE,
-            "within": WITHIN,
-        },
+        "settings": settings_of(args),
         "data": data_summary(data),
         "mixture": data.mixture.report,
         "runs": stored_runs(args, data, results),

@@ -177,7 +177,9 @@ class _Binding:
         return self.names == list(names) and self.inplace == inplace and self.inputs == frozenset(feed)
 
     def _bind(self, name: str, arr: np.ndarray, output: bool) -> None:
-        if self.bound.get((output, name)) is arr:
+        # ONNX Runtime binds a C-contiguous, aligned, writeable array's own memory (else a copy,
+        # which a later pass must not reuse: such an array is bound again every pass)
+        if self.bound.get((output, name)) is arr and arr.flags.aligned and arr.flags.writeable:
             return
         if output:
             self.io.bind_output(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)

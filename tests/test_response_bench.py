@@ -156,13 +156,13 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
     from pathlib import Path
 
     argv, res, _, _ = bench
-    cost = ["--cost", "--cost-repeats", "2", "--cost-steps", "2", "--cost-rows", "4", "--cost-tokens", "40"]
+    cost_args = ["--cost", "--cost-repeats", "2", "--cost-steps", "2", "--cost-rows", "4", "--cost-tokens", "40"]
     runs = sorted(Path(cache_dir).rglob("*-seed0-*.json"))
     assert len(runs) == 4  # gate, mha-stream, last-token, guard
     for r in runs:
         r.rename(r.with_suffix(".aside"))
     try:
-        rc, out = bench_main([*argv, *cost])
+        rc, out = bench_main([*argv, *cost_args])
     finally:
         for r in runs:
             r.with_suffix(".aside").rename(r)
@@ -191,6 +191,15 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
     assert "decode-step overhead of the streaming gate probe <= 2% (fastest blocks): m" in md
     assert "decode-step overhead of the streaming mha-stream probe" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed
+    # other settings (pooling / last-token's search budget): the report's runs are not those runs
+    for r in runs:
+        r.rename(r.with_suffix(".aside"))
+    try:
+        rc, _ = bench_main([*argv, *cost_args, "--trials", "2"])
+    finally:
+        for r in runs:
+            r.with_suffix(".aside").rename(r)
+    assert rc == 0 and json.loads((res / "response.json").read_text())["runs"] == []
 
 
 def test_the_stop_statistic_is_the_highest_threshold_the_rule_stops_at():

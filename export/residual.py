@@ -88,7 +88,7 @@ ONNX_DOMAINS = (None, "", "ai.onnx")
 
 def produced_by(t: gs.Tensor, op: str, domains: tuple = ONNX_DOMAINS) -> gs.Node | None:
     """The one node computing ``t`` if it is an ``op`` of one of ``domains`` (default: ONNX's), else None."""
-    node = t.inputs[0] if len(t.inputs) == 1 else None
+    node = producer(t)
     return node if node is not None and node.op == op and node.domain in domains else None
 
 

@@ -509,10 +509,10 @@ class Engine(WorkerThread):
         the artifact's length): a masked column costs a decode step far less than a copy of the
         batch costs once."""
         max_seq = self.rt.backend.max_seq
-        cap = max_seq - 1 if max_seq else math.inf
+        caps = [max_seq - 1] if max_seq else []
         if self.prefix:  # in-place rows never outgrow the artifact's length (its rotary tables' rows)
-            cap = min(cap, self.rt.manifest.limits.max_total_length)
-        return spare_columns(w, None if cap == math.inf else cap)
+            caps.append(self.rt.manifest.limits.max_total_length)
+        return spare_columns(w, min(caps) if caps else None)
 
     def _tidy(self) -> None:
         """Finished and cancelled rows stop. Their slots stay (masked work, no copy) for newcomers

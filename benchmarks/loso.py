@@ -1,7 +1,7 @@
 """Leave-one-source-out (LOSO) benchmark: safety probes on prompts from a source they never saw.
 
     singlepass bench loso [--sources toxicchat wildguardmix advbench harmbench strongreject alpaca_noinput]
-        [--methods pooling pooling-topk gate mha muli guard] [--limit N] [--epochs 6] [--trials 4]
+        [--methods pooling pooling-topk gate mha mha-max muli guard] [--limit N] [--epochs 6] [--trials 4]
     (or: python -m singlepass.benchmarks.loso ...)
 
 Folds. For every source S: train on the mixture of the other sources (models/mixture.py: one
@@ -28,7 +28,9 @@ The targets compare a "primary score" per source: F1 (mixed), recall (harmful on
 (benign only), all in points.
 
 Methods: the probe families (pooling, gate, MHA), ``pooling-topk`` (the pooling family with
-MultiMax-style top-k token pooling on standardised inputs: models/probes.py), MULI, and ``guard``:
+MultiMax-style top-k token pooling on standardised inputs: models/probes.py), ``mha-max`` (MHA with
+max instead of mean pooling over the tokens and over the layer summaries; MHA's inputs are
+standardised per layer either way), MULI, and ``guard``:
 the MiniLM classifier of benchmarks/guards.py fine-tuned on the same fold's rows (same weights,
 same selection rule; cached under ``guards/minilm-mixture-<key>``).
 
@@ -68,24 +70,31 @@ METHODS = {
     "pooling-topk": ("pooling", {"token_pool": "topk", "top_k": 4, "layer_pool": "mean", "input_norm": "standard"}),
     "gate": ("gate", {}),
     "mha": ("mha", {}),
+    "mha-max": ("mha", {"pool": "max"}),
     "muli": ("muli", {}),
     "guard": None,
 }
-PROBES = ("pooling", "pooling-topk", "gate", "mha")  # what "the best probe" is chosen among
-HEAVY = ("gate", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
+PROBES = ("pooling", "pooling-topk", "gate", "mha", "mha-max")  # what "the best probe" is chosen among
+HEAVY = ("gate", "mha", "mha-max")  # trained through the whole [L+1, B, T, d] tensor every step
 # Caps (seeded, stratified) on a source's train / validation parts, applied before overlaps are removed.
 CAPS = {"alpaca_noinput": (2000, 300)}
 TEST_CAPS = {"toxicchat": 1000, "alpaca_noinput": 1000}  # held-out test rows (seeded, stratified)
 IN_DISTRIBUTION = "in-distribution"
+# Test rows broken down by a column of the source's file: what a source-level number hides
+# (ToxicChat's jailbreaks; HarmBench's copyright and contextual behaviours; WildGuardTest's
+# adversarial prompts).
+SLICES = {"toxicchat": "jailbreaking", "harmbench": "functional_category", "wildguardmix": "adversarial"}
 
-# Seconds measured on this 2-core machine (benchmarks/results/accuracy.md and latency.md, ToxicChat
-# train: 4,573 rows) for the estimate printed before a run: per training row and epoch (gate, MHA,
-# guard), per row and feature pass (pooling: one pass per distinct pooling configuration), per
-# training row (MULI's fixed 500-epoch recipe), per evaluated row, and extraction tokens per second.
+# Seconds measured on this 2-core machine for the estimate printed before a run: per training row
+# and epoch (gate, MHA, guard), per row and feature pass (pooling: one pass per distinct pooling
+# configuration), per training row (MULI's fixed 500-epoch recipe), per evaluated row, and
+# extraction tokens per second. MHA and the guard: the --limit 1000 run in loso.md (mixture rows,
+# search and validation included); the rest: benchmarks/results/accuracy.md and latency.md
+# (ToxicChat train: 4,573 rows, longer than the mixture's rows on average).
 COST = {
     "gate": 0.019,
-    "mha": 0.067,
-    "guard": 0.080,
+    "mha": 0.019,
+    "guard": 0.022,
     "pooling_pass": 0.02,
     "muli": 0.04,
     "eval_states": 0.02,
@@ -130,17 +139,33 @@ def caps_for(limit: int | None) -> dict:
     return {s: tuple(limit if c is None else min(c, limit) for c in CAPS.get(s, (None, None))) for s in SOURCES}
 
 
-def fold_data(fold: Fold, data_dir=None, limit: int | None = None, seed: int = 0):
-    """-> the fold's Mixture (train and validation rows; ``fold.held_out``'s texts excluded)."""
+def fold_data(fold: Fold, data_dir=None, limit: int | None = None, seed: int = 0, balance: bool = False):
+    """-> the fold's Mixture (train and validation rows; ``fold.held_out``'s texts excluded);
+    ``balance``: ``balance_sources``."""
     from singlepass.models.mixture import load_mixture
 
-    return load_mixture(
+    m = load_mixture(
         fold.mixture,
         data_dir,
         seed=seed,
         caps=caps_for(limit),
         exclude=(fold.held_out,) if fold.held_out else (),
     )
+    return balance_sources(m) if balance else m
+
+
+def balance_sources(m):
+    """``--balance-sources``: every training source weighs the same in the loss, whatever its
+    row count (a row's weight ~ 1 / its source's training rows, mean 1 over the rows; the class
+    balancing then acts on the weighted totals, models/fit.py). Natural proportions let the
+    largest sources (ToxicChat, Alpaca: 1,000 rows each under --limit 1000) set what "unsafe"
+    looks like; HarmBench's 72 training rows barely count. -> m, its weights replaced."""
+    src = np.asarray(m.train.columns["mixture_source"])  # [N]
+    names, counts = np.unique(src, return_counts=True)
+    per = dict(zip(names.tolist(), (len(src) / (len(names) * counts)).tolist()))
+    w = np.asarray([per[x] for x in src]) * np.asarray(m.train.columns["mixture_weight"], dtype=np.float64)
+    m.train.columns["mixture_weight"] = (w / w.mean()).tolist()
+    return m
 
 
 def test_set(source: str, data_dir=None, limit: int | None = None):
@@ -191,6 +216,19 @@ def source_metrics(y: np.ndarray, p: np.ndarray, threshold: float) -> dict:
     return out
 
 
+def slice_metrics(ds, p: np.ndarray, threshold: float) -> dict:
+    """{"<column>=<value>": source_metrics of those rows} for the source's SLICES column, when its
+    file has one ({} otherwise); p = P(unsafe) [N], aligned with ``ds``."""
+    column = SLICES.get(ds.name)
+    if column is None or column not in ds.columns:
+        return {}
+    values = np.asarray([str(v).lower() for v in ds.columns[column]])  # [N]
+    return {
+        f"{column}={v}": source_metrics(ds.labels[values == v], np.asarray(p)[values == v], threshold)
+        for v in sorted(set(values.tolist()))
+    }
+
+
 # --- keys, paths, the estimate ----------------------------------------------------------------------
 
 
@@ -210,6 +248,7 @@ def run_key(args, bb_sha: str) -> str:
         "threshold_at_fpr": args.threshold_at_fpr,
         "recipe": RECIPE,
         "backbone": bb_sha,
+        **({"balance_sources": True} if args.balance_sources else {}),  # absent by default: earlier keys stand
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -252,7 +291,7 @@ def estimate(args, folds, data, pools, tests, bb) -> dict:
             if method == "guard":
                 s = COST["guard"] * n_tr * GUARD_EPOCHS + COST["eval_guard"] * (n_va * GUARD_EPOCHS + n_test)
             elif method in HEAVY:
-                s = COST[method] * (n_tr + n_va / 2) * args.epochs * t + COST["eval_states"] * n_test
+                s = COST[METHODS[method][0]] * (n_tr + n_va / 2) * args.epochs * t + COST["eval_states"] * n_test
             elif method == "muli":
                 s = COST["muli"] * n_tr + COST["eval_states"] * n_test
             else:  # pooling: one feature pass per distinct pooling configuration, the head is free
@@ -403,7 +442,11 @@ def run_one(args, bb, fold, method, m, pool_caches, pools, tests, log) -> dict:
         "mixture": m.report,
         **info,
         "tests": {
-            s: {"split": tests[s].split, **source_metrics(tests[s].labels, scores[s], threshold)}
+            s: {
+                "split": tests[s].split,
+                **source_metrics(tests[s].labels, scores[s], threshold),
+                "slices": slice_metrics(tests[s], scores[s], threshold),
+            }
             for s in fold.test_sources
         },
         "seconds": round(time.perf_counter() - t0, 1),
@@ -543,6 +586,7 @@ def render(doc: dict) -> str:
                     f"{_pct(t['f1'])} | {auprc} | "
                     f"{_pct(t['tpr_at_1pct_fpr'])} | {_pct(t['recall'])} | {_pct(t['fpr'])} | {t['threshold']:.3f} |"
                 )
+    lines += by_slice(runs, sources, methods)
     lines += [
         "",
         "## Runs",
@@ -581,11 +625,49 @@ def render(doc: dict) -> str:
         + (f" (here: FPR {doc['threshold_at_fpr']:g} on validation)" if doc.get("threshold_at_fpr") else "")
         + "."
     )
+    lines.append(
+        "- Source weights: "
+        + (
+            "balanced (`--balance-sources`: every training source weighs the same in the loss)"
+            if doc.get("balance_sources")
+            else "natural proportions (every training row weighs the same)"
+        )
+        + "; the loss is class-balanced on the weighted totals."
+    )
     commands = sorted({r.get("command") or doc["command"] for r in runs} or {doc["command"]})
     machines = sorted({r["machine"] for r in runs} or {torch_machine()})
     lines += ["", "## Reproduce", "", "The commands that produced the stored runs (a rerun skips them):", ""]
     lines += ["```", *commands, "```", "", "Machine: " + "; ".join(machines), ""]
     return "\n".join(lines)
+
+
+def by_slice(runs, sources, methods) -> list[str]:
+    """The "By slice" section: each SLICES source's rows by the column's value (runs stored before
+    slices were recorded have none and are skipped)."""
+    rows = []
+    for s in sources:
+        for m in methods:
+            for fold in (s, IN_DISTRIBUTION):
+                t = result_of(runs, fold, m, s)
+                for name, x in ((t or {}).get("slices") or {}).items():
+                    rows.append(
+                        f"| {s} | {name} ({x['kind']}, {x['rows']}) | {m} | {'LOSO' if fold == s else 'in-dist.'} | "
+                        f"{PRIMARY[x['kind']]} {primary_cell(x)} | {_pct(x['recall'])} | {_pct(x['fpr'])} |"
+                    )
+    if not rows:
+        return []
+    head = [
+        "",
+        "## By slice",
+        "",
+        "The held-out rows of " + ", ".join(f"{s} by `{c}`" for s, c in SLICES.items() if s in sources) + ", at the "
+        "stored threshold (ToxicChat's `jailbreaking` flag marks jailbreak attempts; HarmBench's `copyright` "
+        "behaviours ask for song lyrics or book passages, its `contextual` ones carry a context paragraph).",
+        "",
+        "| source | slice (kind, rows) | method | fold | primary | recall @ thr. | FPR @ thr. |",
+        "| --- | --- | --- | --- | ---: | ---: | ---: |",
+    ]
+    return head + rows
 
 
 def write_results(results: Path, doc: dict) -> Path:
@@ -612,6 +694,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--max-length", type=int, default=512)
     p.add_argument(
         "--threshold-at-fpr", type=float, default=None, help="store the validation threshold at this FPR instead"
+    )
+    p.add_argument(
+        "--balance-sources",
+        action="store_true",
+        help="weigh every training source the same in the loss (default: natural proportions)",
     )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--cache-dir", default=None)
@@ -650,7 +737,7 @@ def run(args: argparse.Namespace) -> int:
     folds = make_folds(sources, args.held_out)
     bb = load_backbone(args.model, args.cache_dir)
     args.key = run_key(args, bb.fingerprint["sha256"])
-    data = {f.name: fold_data(f, args.data_dir, args.limit, args.seed) for f in folds}
+    data = {f.name: fold_data(f, args.data_dir, args.limit, args.seed, args.balance_sources) for f in folds}
     pools = pools_needed(folds, args.data_dir, args.limit)
     tests = {s: test_set(s, args.data_dir, args.limit) for s in sources}
     est = estimate(args, folds, data, pools, tests, bb)
@@ -676,6 +763,7 @@ def run(args: argparse.Namespace) -> int:
         "caps": {k: list(v) for k, v in caps_for(args.limit).items() if k in sources and v != (None, None)},
         "test_caps": {k: v for k, v in TEST_CAPS.items() if k in sources},
         "threshold_at_fpr": args.threshold_at_fpr,
+        "balance_sources": args.balance_sources,
         "estimate_seconds": round(est["total"]),
         "runs": [],
     }

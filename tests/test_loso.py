@@ -43,6 +43,18 @@ def test_each_fold_holds_one_source_out_and_none_of_its_texts_train(data):  # no
         loso.make_folds(["toxicchat", "advbench"], ["harmbench"])
 
 
+def test_balanced_sources_weigh_the_same_in_total(data):  # noqa: F811
+    fold = loso.make_folds(SOURCES)[0]
+    natural, m = loso.fold_data(fold), loso.fold_data(fold, balance=True)
+    assert m.train.texts == natural.train.texts and np.array_equal(m.train.labels, natural.train.labels)
+    assert set(natural.train.columns["mixture_weight"]) == {1.0}
+    src, w = np.asarray(m.train.columns["mixture_source"]), np.asarray(m.train.columns["mixture_weight"])
+    totals = {s: w[src == s].sum() for s in set(src.tolist())}
+    assert len(totals) >= 4 and np.allclose(list(totals.values()), len(w) / len(totals))  # equal totals
+    assert w.mean() == pytest.approx(1.0)
+    assert len({(src == s).sum() for s in totals}) > 1  # the sources differ in size, so the weights do too
+
+
 def test_one_sided_sources_report_only_what_their_labels_define():
     y = np.array([0, 0, 0, 1, 1, 1, 1, 0])
     p = np.array([0.1, 0.2, 0.7, 0.8, 0.9, 0.4, 0.6, 0.3])
@@ -57,6 +69,30 @@ def test_one_sided_sources_report_only_what_their_labels_define():
     assert benign["kind"] == "benign-only" and benign["fpr"] == 0.4 and benign["primary"] == pytest.approx(0.6)
     assert benign["f1"] is benign["auprc"] is benign["recall"] is None
     assert loso.primary_cell(benign) == "40.0" and loso.primary_cell(harm) == "75.0"
+
+
+def test_slices_break_a_source_down_by_its_column():
+    from singlepass.models.data import Dataset
+
+    cats = ["standard", "copyright", "standard", "contextual", "copyright"]
+    hb = Dataset("harmbench", "test", ["a", "b", "c", "d", "e"], np.ones(5, int), ("safe", "unsafe"), "safety")
+    hb.columns["functional_category"] = cats
+    p = np.array([0.9, 0.1, 0.2, 0.8, 0.7])
+    out = {k.removeprefix("functional_category="): v for k, v in loso.slice_metrics(hb, p, 0.5).items()}
+    assert set(out) == {"standard", "copyright", "contextual"}
+    assert (
+        out["standard"]["recall"] == 0.5 and out["standard"]["rows"] == 2 and out["standard"]["kind"] == "harmful-only"
+    )
+    assert out["copyright"]["recall"] == 0.5 and out["contextual"]["recall"] == 1
+    wg = Dataset("wildguardmix", "test_untouched", list("abcd"), np.array([0, 1, 0, 1]), ("safe", "unsafe"), "safety")
+    wg.columns["adversarial"] = [True, True, False, False]
+    adv = loso.slice_metrics(wg, np.array([0.6, 0.9, 0.1, 0.2]), 0.5)
+    assert adv["adversarial=true"]["kind"] == "mixed" and adv["adversarial=true"]["fpr"] == 1.0
+    assert adv["adversarial=false"]["recall"] == 0.0
+    adv_only = Dataset("advbench", "test", ["x"], np.ones(1, int), ("safe", "unsafe"), "safety")
+    assert loso.slice_metrics(adv_only, p[:1], 0.5) == {}  # no SLICES column for this source
+    del hb.columns["functional_category"]  # a file without the column: no slices, no error
+    assert loso.slice_metrics(hb, p, 0.5) == {}
 
 
 def test_a_state_view_over_per_part_caches_trains_the_same_probe(data, tiny_backbone, cache_dir):  # noqa: F811
@@ -136,9 +172,22 @@ def test_a_tiny_run_writes_the_table_and_resumes(data, tiny_model_dir, cache_dir
     ind = next(r for r in doc["runs"] if r["fold"] == loso.IN_DISTRIBUTION and r["method"] == "pooling")
     assert set(ind["tests"]) == {"toxicchat", "advbench", "alpaca_noinput", "wildguardmix"}
     assert ind["tests"]["wildguardmix"]["split"] == "test_untouched"
+    slices = ind["tests"]["wildguardmix"]["slices"]
+    assert set(slices) == {"adversarial=true", "adversarial=false"}
+    assert sum(x["rows"] for x in slices.values()) == ind["tests"]["wildguardmix"]["rows"]
     table = (tmp_path / "res" / "loso.md").read_text()
     assert "| pooling-topk |" in table and "alpaca_noinput (FPR)" in table and "n/a" in table
     assert "## Targets" in table and "guard" in table
+    assert "## By slice" in table and "| wildguardmix | adversarial=true (mixed," in table
     assert loso.main(argv) == 0  # every (fold, method) is stored: nothing retrains
     again = capsys.readouterr().out
     assert "=== " not in again and json.loads((tmp_path / "res" / "loso.json").read_text())["runs"] == doc["runs"]
+    heavy = [a for a in argv if a not in ("pooling", "pooling-topk")]
+    heavy[heavy.index("--methods") + 1 : heavy.index("--methods") + 1] = ["mha-max", "gate"]
+    assert loso.main([*heavy, "--estimate-only"]) == 0  # the MHA variant is estimated by its family's cost
+    assert "mha-max" in capsys.readouterr().out
+    key = lambda out: out.split("run key ")[1].split()[0]  # noqa: E731
+    assert loso.main([*argv, "--estimate-only"]) == 0
+    same = key(capsys.readouterr().out)
+    assert loso.main([*argv, "--estimate-only", "--balance-sources"]) == 0
+    assert same == doc["key"] != key(capsys.readouterr().out)  # the default key is unchanged; balancing is a new run

@@ -140,32 +140,22 @@ def caps_for(limit: int | None) -> dict:
 
 
 def fold_data(fold: Fold, data_dir=None, limit: int | None = None, seed: int = 0, balance: bool = False):
-    """-> the fold's Mixture (train and validation rows; ``fold.held_out``'s texts excluded);
-    ``balance``: ``balance_sources``."""
+    """-> the fold's Mixture (train and validation rows; ``fold.held_out``'s texts excluded).
+    ``balance`` (``--balance-sources``): every training source weighs the same in the loss, whatever
+    its row count (``load_mixture(equal_sources=True)``; the class balancing then acts on the weighted
+    totals, models/fit.py). Natural proportions let the largest sources (ToxicChat, Alpaca: 1,000
+    rows each under --limit 1000) set what "unsafe" looks like; HarmBench's 72 training rows barely
+    count."""
     from singlepass.models.mixture import load_mixture
 
-    m = load_mixture(
+    return load_mixture(
         fold.mixture,
         data_dir,
         seed=seed,
         caps=caps_for(limit),
         exclude=(fold.held_out,) if fold.held_out else (),
+        equal_sources=balance,
     )
-    return balance_sources(m) if balance else m
-
-
-def balance_sources(m):
-    """``--balance-sources``: every training source weighs the same in the loss, whatever its
-    row count (a row's weight ~ 1 / its source's training rows, mean 1 over the rows; the class
-    balancing then acts on the weighted totals, models/fit.py). Natural proportions let the
-    largest sources (ToxicChat, Alpaca: 1,000 rows each under --limit 1000) set what "unsafe"
-    looks like; HarmBench's 72 training rows barely count. -> m, its weights replaced."""
-    src = np.asarray(m.train.columns["mixture_source"])  # [N]
-    names, counts = np.unique(src, return_counts=True)
-    per = dict(zip(names.tolist(), (len(src) / (len(names) * counts)).tolist()))
-    w = np.asarray([per[x] for x in src]) * np.asarray(m.train.columns["mixture_weight"], dtype=np.float64)
-    m.train.columns["mixture_weight"] = (w / w.mean()).tolist()
-    return m
 
 
 def test_set(source: str, data_dir=None, limit: int | None = None):

@@ -309,11 +309,14 @@ def load_mixture(
     caps: dict | None = None,
     exclude: tuple[str, ...] = (),
     balanced: bool = False,
+    equal_sources: bool = False,
 ) -> Mixture:
     """Train and validation sets of a mixture (see the module docstring). ``limit`` /
     ``val_limit`` cap each source's rows (seeded, stratified) after the overlaps are removed;
     ``caps`` ({source: (train cap, validation cap)}) before (``source_parts``). ``balanced``: the
     training rows' ``limit`` takes equal class shares (``limit_rows``); validation keeps the proportions.
+    ``equal_sources``: a row's weight is also divided by its source's training rows, so each source
+    weighs its own weight in total, whatever its size (natural proportions otherwise).
 
     ``exclude``: safety sources held out entirely (leave-one-source-out): no text of any of their
     parts reaches the training or validation rows, wherever it comes from (e.g. the prompts
@@ -359,7 +362,10 @@ def load_mixture(
         raise SinglepassError(f"--dataset {text!r}: no source has training rows (wildguardmix is validation/test only)")
     name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
     train = concat(train_parts, name, "train", reads)
-    w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)
+    w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)  # [N]
+    if equal_sources:
+        _, row_source, rows = np.unique(train.columns["mixture_source"], return_inverse=True, return_counts=True)
+        w = w / rows[row_source]
     train.columns["mixture_weight"] = (w / w.mean()).tolist()  # mean 1: the loss scale of an unweighted set
     return Mixture(sources, train, concat(val_parts, name, "validation", reads), report)
 

@@ -158,7 +158,7 @@ def quality(args: argparse.Namespace, arts: dict, gguf: str) -> dict:
     from singlepass.models.data import load_dataset
     from singlepass.models.metrics import compute_metrics
     from singlepass.runtime.backends import OrtBackend
-    from singlepass.runtime.contract import read_artifact
+    from singlepass.runtime.contract import class_probs, read_artifact
     from singlepass.runtime.passes import last_logits, prefill
     from singlepass.runtime.tokenize import PromptTokenizer
 
@@ -175,7 +175,7 @@ def quality(args: argparse.Namespace, arts: dict, gguf: str) -> dict:
             out, _ = prefill(be, m, [ids[i]])
             top1.append(int(last_logits(m, out)[0].argmax()))
             for p in m.reading("prompt"):
-                probs[p.name].append(np.asarray(out[p.probs][0], np.float64))
+                probs[p.name].append(class_probs(out[p.logits])[0])
         side[w] = {"m": m, "ids": ids, "top1": np.array(top1), "probs": {k: np.stack(v) for k, v in probs.items()}}
         log(f"quality: {w} artifact scored {len(ids)} prompts")
     res = {"n": len(ds.texts), "probes": {}}

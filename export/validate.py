@@ -159,8 +159,8 @@ class Parity:
         self.backend = OrtBackend(manifest.folder / g.file, manifest, "cpu")
         self.tokenizer = PromptTokenizer(manifest.folder, manifest)
         self.tol = TOLERANCES[precision]
-        # beyond what serving fetches: the probes' logits and the exposed hidden states
-        self.extra = tuple(p.logits for p in manifest.probes) + ((g.hidden_states,) if g.hidden_states else ())
+        # beyond what serving fetches: the probes' float32 probs outputs and the exposed hidden states
+        self.extra = tuple(p.probs for p in manifest.probes) + ((g.hidden_states,) if g.hidden_states else ())
 
     def encode(self, texts: list[str]) -> list[list[int]]:
         return [self.tokenizer.encode(t, self.m.limits.max_prompt_length, truncate=True)[0] for t in texts]

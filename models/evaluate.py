@@ -46,7 +46,7 @@ def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: boo
     from singlepass.models import cache as state_cache
     from singlepass.models.batches import StateData, predict_logits
     from singlepass.models.extract import first_token_logits
-    from singlepass.models.probes import probabilities
+    from singlepass.models.probes import host_probabilities
     from singlepass.models.registry import get_family
 
     fmt, max_len = cfg["prompt_format"], cfg["max_length"]
@@ -62,7 +62,7 @@ def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: boo
             )
             max_attn = get_family(cfg["probe"]).max_attn
             z = predict_logits(module, StateData(c, max_tokens=8192, max_attn=max_attn))  # [N, C']
-    return probabilities(z).numpy()
+    return host_probabilities(z)
 
 
 def report_subsets(ds) -> dict[str, np.ndarray]:

@@ -138,11 +138,21 @@ def masked_topk_mean(x: torch.Tensor, mask: torch.Tensor, k: int) -> torch.Tenso
 
 
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """[B, C'] logits -> [B, C] class probabilities (binary: [1 - p, p])."""
+    """[B, C'] logits -> [B, C] class probabilities (binary: [1 - p, p]), in the logits' dtype: the
+    exported graphs' ``probs`` output. Scores on the host use ``host_probabilities``."""
     if logits.shape[-1] == 1:
         p = torch.sigmoid(logits)
         return torch.cat([1 - p, p], dim=-1)
     return torch.softmax(logits, dim=-1)
+
+
+def host_probabilities(logits: torch.Tensor):
+    """[B, C'] logits -> [B, C] float64 class probabilities (numpy), the runtime's own
+    ``contract.class_probs``: what evaluation, metrics and thresholds read, so that they agree
+    with the runtime's labels (in float32 a confident probe's rows tie at exactly 1.0)."""
+    from singlepass.runtime.contract import class_probs
+
+    return class_probs(logits.detach().cpu().numpy())
 
 
 class Probe(nn.Module):

@@ -33,7 +33,7 @@ def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, d
     import torch
     from tqdm.auto import tqdm
 
-    from singlepass.models.probes import probabilities
+    from singlepass.models.probes import host_probabilities
 
     module.check_streamable()
     n = len(cache)
@@ -47,7 +47,7 @@ def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, d
             for t in range(states.shape[2]):
                 layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
                 state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
-                p = probabilities(module.stream_logits(state))[:, 1].numpy()  # [B]
+                p = host_probabilities(module.stream_logits(state))[:, 1]  # [B]
                 live = mask[:, t].numpy().astype(bool)
                 out[rows[live], t] = p[live]
             bar.update(len(rows))

@@ -32,7 +32,7 @@ from singlepass.models.data import PROTECTED_SPLITS
 from singlepass.models.family import Family
 from singlepass.models.fit import fit
 from singlepass.models.metrics import choose_threshold, compute_metrics, rates_at, threshold_at_fpr
-from singlepass.models.probes import count_parameters, probabilities
+from singlepass.models.probes import count_parameters, host_probabilities
 from singlepass.models.prompts import DEFAULT_MAX_RESPONSE_TOKENS
 from singlepass.models.registry import get_family, head_only
 from singlepass.models.search import HParams, trial_plan
@@ -348,7 +348,7 @@ def train_probe(
             del module
     module, hp, params, hist = best
     module.eval()
-    probs = probabilities(hist["val_logits"]).numpy()  # [N_val, C]
+    probs = host_probabilities(hist["val_logits"])  # [N_val, C] float64
     ops = operating_points(prep.y_val, probs[:, 1], threshold_fpr, log) if num_classes == 2 else None
     if ops and threshold_fpr is not None and reads == "response" and getattr(module, "streamable", False):
         # a streaming response probe acts through the stop rule after every pass: calibrate that

@@ -7,8 +7,9 @@
         ev.index, ev.step, ev.token_id, ev.text, ev.labels        # labels on step 0 only
 
 The prefill pass returns the next-token logits (last position only) *and* every fused probe's
-``<name>/probs``: binary probes give ``label_names[1]`` when ``probs[1] >= threshold`` (score =
-``probs[1]``), multi-class probes the argmax (score = its probability). The label policy
+``<name>/logits``, read as float64 probabilities (``contract.class_probs``): binary probes give
+``label_names[1]`` when ``P(positive) >= threshold`` (score = P(positive)), multi-class probes the
+argmax (score = its probability). The label policy
 (``policy.py``) is applied right there, before any token is produced.
 
 Batches are left-padded with position ids ``cumsum(mask) - 1``; each row stops at its own

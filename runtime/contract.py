@@ -45,6 +45,22 @@ READS = ("prompt", "response")  # what a probe labels: the prompt (prefill pass)
 RESPONSE_MASK = "response_mask"  # graph input [B, T]: 1 = a response token the response probes fold in
 
 
+def class_probs(logits) -> np.ndarray:
+    """A probe's logits [B, C'] -> class probabilities [B, C] in float64 (binary, C' = 1: [1 - p, p]
+    with p = sigmoid; else softmax): what every label, score, metric and threshold is computed from,
+    here and in training (``models.probes.host_probabilities``). The graph's own ``probs`` output is
+    float32, where a sigmoid reads exactly 1.0 beyond a logit of ~17; a confident probe (the MHA's
+    logits reach +-40) puts many rows there, tied, and no threshold could tell them apart (its TPR
+    at 1% FPR read 0). float64 keeps them apart up to a logit of ~36."""
+    z = np.asarray(logits, np.float64)
+    if z.shape[-1] == 1:
+        e = np.exp(-np.abs(z))  # stable both ways: exp never overflows
+        p = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        return np.concatenate([1.0 - p, p], axis=-1)
+    e = np.exp(z - z.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
 @dataclass(frozen=True)
 class FusedProbe:
     """One probe fused into the graph: the single description that export, the manifest,
@@ -362,7 +378,7 @@ def read_artifact(folder: str | os.PathLike) -> Manifest:
     need_out = (
         [g.logits]
         + (list(g.present_names) if g.kv_cache else [])
-        + [p.probs for p in m.probes]
+        + [n for p in m.probes for n in (p.logits, p.probs)]
         + [s["present"] for s in states]
     )
     need_in = (

@@ -28,7 +28,7 @@ import numpy as np
 
 from singlepass.runtime.backends import Backend
 from singlepass.runtime.batching import pad_batch
-from singlepass.runtime.contract import Manifest
+from singlepass.runtime.contract import Manifest, class_probs
 from singlepass.runtime.feeds import advance, make_feed
 
 
@@ -70,9 +70,10 @@ class State:
 
 
 def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
-    """What a pass fetches: the logits, the presents, every probe's probs (and ``extra``)."""
+    """What a pass fetches: the logits, the presents, every probe's logits (its labels are computed
+    from them in float64: ``labels_from``), the response probes' states (and ``extra``)."""
     g = manifest.graph
-    names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.probs for p in manifest.probes]
+    names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.logits for p in manifest.probes]
     names += [s["present"] for s in manifest.stream_states]
     return names + [n for n in extra if n not in names]
 
@@ -141,10 +142,12 @@ def last_logits(manifest: Manifest, out: dict) -> np.ndarray:
 
 def labels_from(manifest: Manifest, out: dict, reads: str = "prompt") -> list[dict[str, Label]]:
     """The label and score per row of a pass of the probes that read ``reads``: the prompt probes
-    (read them from the prefill pass) or the response probes (the response so far)."""
+    (read them from the prefill pass) or the response probes (the response so far). Scores are the
+    float64 probabilities of the probe's logits (``contract.class_probs``), not the graph's float32
+    ``probs`` output, which ties every confident row at 1.0."""
     rows: list[dict[str, Label]] | None = None
     for p in manifest.reading(reads):
-        probs = np.asarray(out[p.probs], np.float64)  # [B, C]
+        probs = class_probs(out[p.logits])  # [B, C] float64
         rows = rows or [{} for _ in range(probs.shape[0])]
         for b, pr in enumerate(probs):
             label, score = p.decide(pr)

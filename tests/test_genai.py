@@ -81,10 +81,11 @@ def _our_passes(rt, ids: list[int], tokens: list[int]):
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 
     m = rt.manifest
-    out, state = prefill(rt.backend, m, [ids])
+    probs = ("safety/probs",)  # the graph output genai reads (our labels read the logits)
+    out, state = prefill(rt.backend, m, [ids], extra=probs)
     passes = [(last_logits(m, out)[0], out["safety/probs"][0])]
     for t in tokens[:-1]:
-        out, state = decode_one_token(rt.backend, m, state, np.array([t], np.int64))
+        out, state = decode_one_token(rt.backend, m, state, np.array([t], np.int64), extra=probs)
         passes.append((last_logits(m, out)[0], out["safety/probs"][0]))
     return passes
 

@@ -238,6 +238,39 @@ def test_threshold_at_fpr_is_the_roc_curve_point_with_the_most_tpr_under_the_tar
         threshold_at_fpr(y, p, 1.5)
 
 
+def test_scores_are_float64_probabilities_of_the_logits_so_confident_rows_stay_apart():
+    """A confident probe's logits (the MHA's reach +-40) all read P = 1.0 in float32; the scores that
+    metrics, thresholds and the runtime's labels use are float64, where a threshold separates them."""
+    from singlepass.models.metrics import tpr_at_fpr
+    from singlepass.models.probes import host_probabilities, probabilities
+    from singlepass.runtime.contract import FusedProbe, class_probs
+    from singlepass.runtime.passes import labels_from
+
+    z = torch.tensor([[-40.0], [-3.0], [0.0], [18.0], [22.0], [26.0], [30.0]])  # float32 logits [N, 1]
+    y = np.array([0, 0, 0, 0, 1, 1, 1])  # the confident negative at 18 sits below every positive
+    p32 = probabilities(z)[:, 1].numpy()
+    assert (p32[3:] == 1.0).all() and tpr_at_fpr(y, p32, 0.0) == 0.0  # tied with it: nothing separable
+    p = host_probabilities(z)
+    assert p.dtype == np.float64 and (np.diff(p[:, 1]) > 0).all()  # strictly increasing with the logit
+    np.testing.assert_allclose(p, probabilities(z.double()).numpy(), rtol=0, atol=1e-15)
+    assert tpr_at_fpr(y, p[:, 1], 0.0) == 1.0
+    t = threshold_at_fpr(y, p[:, 1], 0.0)
+    assert rates_at(y, p[:, 1], t) == {"fpr": 0.0, "tpr": 1.0, "negatives": 4, "positives": 3}
+    multi = torch.tensor([[0.0, 30.0, -5.0], [1.0, 2.0, 3.0]])  # softmax classes, in float64 too
+    np.testing.assert_allclose(class_probs(multi.numpy()), torch.softmax(multi.double(), -1).numpy(), atol=1e-15)
+    # the runtime decides from the graph's logits output (float32, as the graph returns it), not its probs
+
+    class OneProbe:
+        def reading(self, reads):
+            return [FusedProbe("safety", "mha", ("safe", "unsafe"), t, "hidden_states", outputs, "chat", 64)]
+
+    outputs = {"logits": "safety/logits", "probs": "safety/probs"}
+    out = {"safety/logits": z.numpy(), "safety/probs": probabilities(z).numpy()}
+    labels = [row["safety"] for row in labels_from(OneProbe(), out)]
+    assert [lab.label == "unsafe" for lab in labels] == [bool(v) for v in y]
+    assert [lab.score for lab in labels] == p[:, 1].tolist()
+
+
 def test_train_and_eval_a_mixture_with_a_calibrated_threshold(
     data, tiny_model_dir, tiny_backbone, cache_dir, tmp_path, capsys
 ):

@@ -207,9 +207,10 @@ def test_int4_export_of_the_tiny_model(tmp_path, tiny_backbone):
     rt = load(art, backend="cpu", threads=1)
     one = rt.encode("hello there")[0]
     o1, st = prefill(rt.backend, rt.manifest, [one])
-    o2, _ = prefill(rt.backend, rt.manifest, [one[-1:]])  # a one-token prompt is padded to 2 columns
+    probs = ("safety/probs",)  # the graph's own output (the runtime's labels read the logits)
+    o2, _ = prefill(rt.backend, rt.manifest, [one[-1:]], extra=probs)  # a one-token prompt is padded to 2 columns
     assert o2["safety/probs"][0].sum() == pytest.approx(1.0) and st.ids.shape[1] == len(one)
-    o3, _ = decode_one_token(rt.backend, rt.manifest, st, np.array([5]))
+    o3, _ = decode_one_token(rt.backend, rt.manifest, st, np.array([5]), extra=probs)
     assert not o3["safety/probs"].any() and labels_from(rt.manifest, o1)[0]["safety"].score > 0
     with pytest.raises(SinglepassError, match="weights must be one of"):
         export_artifact(tmp_path / "bad", [f"{probe}:safety"], backbone=tiny_backbone, weights="int3")
@@ -263,9 +264,10 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms, neither reading the states
     rt = load(art, backend="cpu", threads=1)
     one = rt.encode("hello there, how are you today?")[0]
-    short, _ = prefill(rt.backend, rt.manifest, [one])  # a few tokens: the stacked form
+    probs = ("safety/probs",)
+    short, _ = prefill(rt.backend, rt.manifest, [one], extra=probs)  # a few tokens: the stacked form
     filler = (one * (fuse.STACKED_PASS_TOKENS // len(one) + 1))[: fuse.STACKED_PASS_TOKENS]
-    long, _ = prefill(rt.backend, rt.manifest, [one, filler])  # 2 x 256 tokens: the per-layer form
+    long, _ = prefill(rt.backend, rt.manifest, [one, filler], extra=probs)  # 2 x 256 tokens: the per-layer form
     assert 2 * len(filler) > fuse.STACKED_PASS_TOKENS >= len(one)
     np.testing.assert_allclose(long["safety/probs"][0], short["safety/probs"][0], atol=1e-4)
 

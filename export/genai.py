@@ -16,7 +16,9 @@ and ``og.Generator`` runs our fused graph with its own prefill / decode loop. Wh
   config is written for it and the manifest says why.
 * the probe outputs are graph outputs og does not manage: it fetches them on every pass, so
   ``generator.get_output("<probe>/probs")`` right after ``append_tokens`` (the prefill) is the
-  prompt's probe output, as in our runtime's prefill.
+  prompt's probe output (float32; our runtime reads ``<probe>/logits`` of the same pass and
+  computes the probabilities in float64, ``runtime.contract.class_probs``: a threshold above
+  0.99999994 is beyond what float32 probabilities can resolve).
 * tokens: og's tokenizer reads the copied ``tokenizer.json`` and ``tokenizer_config.json``.
 
 Batches: og left-pads with ``pad_token_id`` and masks the leading pad tokens of each row; with a

@@ -376,8 +376,9 @@ def prefill_only(
     the nodes. Its else-branch, the one-token (decode) pass, returns zeros of the outputs' shapes, or
     runs ``decode``: (nodes, their outputs, in the order of ``outputs``), another form of the same
     computation (a response probe's stacked form; its outputs stop being graph outputs). A prompt's
-    label comes from its prefill pass; a decode pass then costs the probe nothing. The runtime
-    prefills at least 2 columns (a one-token prompt is left-padded by one masked column)."""
+    label comes from its prefill pass; a decode pass then costs the probe nothing (its zero outputs
+    are no label: zero logits would read P = 0.5, so nothing reads them). The runtime prefills at
+    least 2 columns (a one-token prompt is left-padded by one masked column)."""
     namer = Namer(graph)
     tensors = graph.tensors()
     head, shape = _input_ids_dims(graph, stream, namer)
@@ -426,7 +427,8 @@ def with_response_tokens(
     only in a pass with a response token in it: a ``branch`` on ``max(response_mask) > 0``. Otherwise
     (a prompt's prefill: the runtime feeds ``response_mask = 0``) nothing is folded in, so each
     carried state output (``carried``: present -> its past input) is its past, and the label outputs
-    are zeros (no label: the response is empty, as a prompt probe's outputs in a decode pass); the
+    are zeros (no label: the response is empty, as a prompt probe's outputs in a decode pass; never
+    read, zero logits would read P = 0.5); the
     fold's ~30 ops per layer do not run. -> the nodes added (head and the If)."""
     namer = Namer(graph)
     tensors = graph.tensors()

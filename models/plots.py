@@ -18,7 +18,7 @@ from singlepass.errors import SinglepassError
 def layer_weights(module, cfg: dict, cache) -> tuple[np.ndarray, np.ndarray]:
     """-> Stage-2 weights [N, L+1] and predicted classes [N] for every cached row."""
     from singlepass.models.batches import StateData
-    from singlepass.models.probes import probabilities
+    from singlepass.models.probes import host_probabilities
 
     data = StateData(cache, max_tokens=8192)
     W = np.zeros((len(cache), cfg["num_layers"]), dtype=np.float64)
@@ -26,7 +26,7 @@ def layer_weights(module, cfg: dict, cache) -> tuple[np.ndarray, np.ndarray]:
     for mb in data.micro(np.arange(len(cache))):
         states, mask = cache.batch(mb)  # [L+1, b, T, d], [b, T]
         W[mb] = module.layer_weights(states, mask).numpy()
-        p = probabilities(module(states, mask)).numpy()  # [b, C]
+        p = host_probabilities(module(states, mask))  # [b, C] float64, as the runtime decides
         thr = cfg["threshold"]
         pred[mb] = (p[:, 1] >= thr).astype(np.int64) if p.shape[1] == 2 and thr is not None else p.argmax(1)
     return W, pred

@@ -51,8 +51,10 @@ def class_probs(logits) -> np.ndarray:
     here and in training (``models.probes.host_probabilities``). The graph's own ``probs`` output is
     float32, where a sigmoid reads exactly 1.0 beyond a logit of ~17; a confident probe (the MHA's
     logits reach +-40) puts many rows there, tied, and no threshold could tell them apart (its TPR
-    at 1% FPR read 0). float64 keeps them apart up to a logit of ~36."""
+    at 1% FPR read 0). float64 keeps them apart up to a logit of about 37."""
     z = np.asarray(logits, np.float64)
+    if z.ndim != 2:
+        raise ValueError(f"class_probs takes logits [B, C'], not an array of shape {z.shape}")
     if z.shape[-1] == 1:
         e = np.exp(-np.abs(z))  # stable both ways: exp never overflows
         p = np.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))

@@ -36,16 +36,39 @@ import numpy as np
 
 from singlepass.errors import SinglepassError
 
-# max |diff| per tensor kind and weight precision: probe probabilities, logits (next-token
-# logits absolute, probe logits scaled by max(1, max |ref|)), hidden states relative.
+# max |diff| per tensor kind and weight precision: probe probabilities, next-token logits (absolute),
+# probe logits (scaled by max(1, max |ref|): the runtime's labels are computed from them, in float64,
+# so they are checked where the float32 probs are blind, beyond a logit of ~17), hidden states relative.
 # token_agreement: the share of greedy decode steps (rows x steps) whose tokens must agree.
 TOLERANCES = {
-    "fp32": {"probs": 1e-4, "logits": 1e-3, "hidden_states_relative": 1e-4, "token_agreement": 1.0},
+    "fp32": {
+        "probs": 1e-4,
+        "logits": 1e-3,
+        "probe_logits": 1e-3,
+        "hidden_states_relative": 1e-4,
+        "token_agreement": 1.0,
+    },
     # quantised: measured on SmolLM2-135M int4, pooling + gate + MHA probes: probs 0.064 (pooling, over one
     # decode-step token; 0.014 in prefill), logits 1.93 (logits reach ~30), tokens 62/63; tiny model int8: probs
-    # 0.024, logits 0.06. What differs is ONNX Runtime's int8 activations inside MatMulNBits (accuracy level 4).
-    "int8": {"probs": 0.1, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
-    "int4": {"probs": 0.1, "logits": 3.0, "hidden_states_relative": 5e-2, "token_agreement": 0.9},
+    # 0.024, logits 0.06. Probe logits (scaled), quick ToxicChat probes: int4 pooling 0.04, gate 0.005, MHA 0.009,
+    # streaming gate / MHA 0.015 / 0.016; int8 pooling 0.091, gate 0.0084, MHA 0.0019; but the tiny random
+    # model's int8 MHA 0.72 (its logits swing with its activations' int8 rounding), hence 1.0 (a probe logit
+    # of 45 where the reference's is 20 fails). What differs is ONNX Runtime's int8 activations inside
+    # MatMulNBits (accuracy level 4).
+    "int8": {
+        "probs": 0.1,
+        "logits": 3.0,
+        "probe_logits": 1.0,
+        "hidden_states_relative": 5e-2,
+        "token_agreement": 0.9,
+    },
+    "int4": {
+        "probs": 0.1,
+        "logits": 3.0,
+        "probe_logits": 1.0,
+        "hidden_states_relative": 5e-2,
+        "token_agreement": 0.9,
+    },
 }
 DECODE_STEPS = 20
 PROMPTS = [
@@ -230,7 +253,10 @@ class Parity:
             a = got[name]
             if name in reads_last:  # a logit-input probe reads the last position: padding in a right-padded row
                 a, r = a[last_real], r[last_real]
-            tol = self.tol["probs"] if name.endswith("/probs") else self.tol["logits"]
+            if name == g.logits or name == g.hidden_states:
+                tol = self.tol["logits"]
+            else:  # a probe output
+                tol = self.tol["probs"] if name.endswith("/probs") else self.tol["probe_logits"]
             if a.shape != r.shape:
                 report.checks.append(Check(case, name, float("inf"), tol, "shape"))
                 continue

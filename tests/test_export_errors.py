@@ -101,3 +101,25 @@ def test_failed_validation_leaves_nothing(tmp_path, capsys, monkeypatch, tiny_mo
     code, err = export(capsys, tiny_model_dir, cache_dir, tmp_path / "art", "--onnx", legacy_graph, "--probe", tox)
     assert code == 2 and "does not match the PyTorch reference (worst: " in err
     assert leftovers(tmp_path, "art") == []
+
+
+def test_validation_checks_probe_logits_where_float32_probs_are_blind():
+    """The runtime's labels come from the probe logits (float64), so a quantised graph whose probe
+    logit is 45 where the reference's is 20 fails validation, though both float32 probs read 1.0."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    import singlepass.export.validate as v
+
+    par = object.__new__(v.Parity)  # compare() reads only the manifest's names and the tolerances
+    probe = SimpleNamespace(input="hidden_states", logits="tox/logits", probs="tox/probs")
+    par.m = SimpleNamespace(graph=SimpleNamespace(logits="logits", hidden_states=None), probes=[probe])
+    par.tol = v.TOLERANCES["int4"]
+    ref = {"tox/logits": np.array([[20.0], [-3.0]]), "tox/probs": np.array([[0.0, 1.0], [0.95, 0.05]])}
+    for got_logit, ok in ((21.0, True), (45.0, False)):
+        got = {"tox/logits": np.array([[got_logit], [-3.0]], np.float32), "tox/probs": ref["tox/probs"]}
+        report = v.Report("int4")
+        par.compare(report, "case", got, ref, np.ones((2, 4), np.int64))
+        assert report.ok is ok, got_logit
+        assert [c.tensor for c in report.checks if not c.ok] == ([] if ok else ["tox/logits"])

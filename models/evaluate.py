@@ -40,13 +40,12 @@ def view_args(cfg: dict, ds) -> dict:
     return {"max_response_tokens": cfg["max_response_tokens"]} if reads == "response" else {}
 
 
-def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: bool = True, log=print) -> np.ndarray:
-    """Class probabilities [N, C] for every row of ``ds`` (states or logits from the cache).
-    ``cfg`` as load_probe returns it (``"input"`` always set)."""
+def probe_logits(module, cfg: dict, backbone, ds, cache_dir=None, progress: bool = True, log=print) -> torch.Tensor:
+    """The probe's logits [N, C'] (float32, as the graph computes them) for every row of ``ds``
+    (states or logits from the cache). ``cfg`` as load_probe returns it (``"input"`` always set)."""
     from singlepass.models import cache as state_cache
     from singlepass.models.batches import StateData, predict_logits
     from singlepass.models.extract import first_token_logits
-    from singlepass.models.probes import host_probabilities
     from singlepass.models.registry import get_family
 
     fmt, max_len = cfg["prompt_format"], cfg["max_length"]
@@ -55,14 +54,17 @@ def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: boo
         if cfg["input"] == "logits":
             h = state_cache.last_hidden(backbone, ds, fmt, max_len, cache_dir, progress=progress, log=log, **response)
             logits = first_token_logits(backbone.model, h)  # [N, V]
-            z = torch.cat([module(logits[i : i + 256]) for i in range(0, len(logits), 256)])
-        else:
-            c = state_cache.build(
-                backbone, ds, fmt, max_len, cache_dir=cache_dir, progress=progress, log=log, **response
-            )
-            max_attn = get_family(cfg["probe"]).max_attn
-            z = predict_logits(module, StateData(c, max_tokens=8192, max_attn=max_attn))  # [N, C']
-    return host_probabilities(z)
+            return torch.cat([module(logits[i : i + 256]) for i in range(0, len(logits), 256)])
+        c = state_cache.build(backbone, ds, fmt, max_len, cache_dir=cache_dir, progress=progress, log=log, **response)
+        max_attn = get_family(cfg["probe"]).max_attn
+        return predict_logits(module, StateData(c, max_tokens=8192, max_attn=max_attn))  # [N, C']
+
+
+def predict_proba(module, cfg: dict, backbone, ds, cache_dir=None, progress: bool = True, log=print) -> np.ndarray:
+    """Class probabilities [N, C] (float64, ``host_probabilities``) for every row of ``ds``."""
+    from singlepass.models.probes import host_probabilities
+
+    return host_probabilities(probe_logits(module, cfg, backbone, ds, cache_dir, progress, log))
 
 
 def report_subsets(ds) -> dict[str, np.ndarray]:

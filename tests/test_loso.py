@@ -191,3 +191,14 @@ def test_a_tiny_run_writes_the_table_and_resumes(data, tiny_model_dir, cache_dir
     same = key(capsys.readouterr().out)
     assert loso.main([*argv, "--estimate-only", "--balance-sources"]) == 0
     assert same == doc["key"] != key(capsys.readouterr().out)  # the default key is unchanged; balancing is a new run
+
+
+def test_score_ties_counts_the_rows_at_exactly_one_and_what_they_cost():
+    from singlepass.benchmarks.score_ties import ties
+
+    y = np.array([0, 1, 1, 0, 0, 1])
+    tied = ties(y, np.array([1.0, 1.0, 1.0, 0.2, 0.1, 0.3]))
+    assert (tied["tied_at_1"], tied["harmful"], tied["harmless"]) == (3, 2, 1)
+    assert tied["tpr_at_1pct_fpr"] == 0.0  # the harmless row at 1.0 comes with every harmful one there
+    apart = ties(y, np.array([1.0 - 1e-12, 1.0, 1.0 - 1e-13, 0.2, 0.1, 0.3]))
+    assert apart["harmless"] == 0 and apart["tpr_at_1pct_fpr"] == pytest.approx(2 / 3)

@@ -249,14 +249,13 @@ class Parity:
         g = self.m.graph
         last_real = mask[:, -1].astype(bool)  # [B]: rows whose last position is a real token
         reads_last = {n for p in self.m.probes if p.input == "logits" for n in (p.logits, p.probs)}
+        probe_probs, probe_logits = {p.probs for p in self.m.probes}, {p.logits for p in self.m.probes}
         for name, r in ref.items():
             a = got[name]
             if name in reads_last:  # a logit-input probe reads the last position: padding in a right-padded row
                 a, r = a[last_real], r[last_real]
-            if name == g.logits or name == g.hidden_states:
-                tol = self.tol["logits"]
-            else:  # a probe output
-                tol = self.tol["probs"] if name.endswith("/probs") else self.tol["probe_logits"]
+            kind = "probs" if name in probe_probs else "probe_logits" if name in probe_logits else "logits"
+            tol = self.tol[kind]
             if a.shape != r.shape:
                 report.checks.append(Check(case, name, float("inf"), tol, "shape"))
                 continue
@@ -273,7 +272,7 @@ class Parity:
                 a, r = a[keep], r[keep]
             diff = float(np.abs(a.astype(np.float64) - r).max()) if a.size else 0.0
             metric = "max_abs"
-            if name.endswith("/logits"):  # probe logits can be large (saturated probs): scale-free
+            if name in probe_logits:  # probe logits can be large (saturated probs): scale-free
                 diff, metric = diff / (max(1.0, float(np.abs(r).max())) if r.size else 1.0), "scaled"
             report.checks.append(Check(case, name, diff if np.isfinite(a).all() else float("inf"), tol, metric))
 

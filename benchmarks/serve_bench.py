@@ -85,6 +85,13 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="ONNX Runtime threads per server")
     p.add_argument("--max-batch", type=int, default=None, help="engine rows (default: the artifact's limit)")
     p.add_argument(
+        "--prefill-tokens",
+        type=int,
+        default=None,
+        help="the servers' `serve --prefill-tokens` (prompt tokens prefilled per engine iteration while rows "
+        "decode; default: the server's)",
+    )
+    p.add_argument(
         "--fused-policy",
         choices=["block", "report"],
         default="block",
@@ -206,6 +213,8 @@ def server_configs(args: argparse.Namespace, arts: dict) -> list[dict]:
     common = ["--threads", str(args.threads), "--ignore-eos", "--timeout", str(args.request_timeout)]
     common += ["--max-queue", str(max(128, 2 * max(levels(args) + [args.soak_concurrency])))]
     batch = ["--max-batch", str(args.max_batch)] if args.max_batch else []
+    if args.prefill_tokens:
+        common += ["--prefill-tokens", str(args.prefill_tokens)]
     fused = read_artifact(arts["fused"])
     policy = []
     if args.fused_policy == "block":

@@ -72,7 +72,14 @@ def ort_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
-def ort_session(path, threads: int | None = None, device: str = "cpu", spinning: bool = True, arena: bool = True):
+def ort_session(
+    path,
+    threads: int | None = None,
+    device: str = "cpu",
+    spinning: bool = True,
+    arena: bool = True,
+    profile: str | None = None,
+):
     """The one ONNX Runtime session loader (runtime backends, validation, guards, benchmarks).
 
     ``path``: a graph file (or its serialized bytes). ``threads``: intra-op threads (inter-op 1).
@@ -81,7 +88,9 @@ def ort_session(path, threads: int | None = None, device: str = "cpu", spinning:
     ``arena=False``: no CPU memory arena. The arena keeps (and fragments) the memory of the largest
     shapes it has seen, which suits one shape repeated; a server's passes come in every batch size and
     width, and with the arena its RSS grew 223 -> 1,295 MiB over 60 mixed passes where without it
-    it stayed at ~0.5 GiB, at the same step time (measured here on the int4 serving artifact)."""
+    it stayed at ~0.5 GiB, at the same step time (measured here on the int4 serving artifact).
+    ``profile``: ONNX Runtime's profiler on, its JSON file named from this prefix
+    (``session.end_profiling()`` writes it; ``benchmarks/roofline.py``)."""
     import onnxruntime as ort
 
     if device not in ("cpu", "cuda"):
@@ -103,6 +112,8 @@ def ort_session(path, threads: int | None = None, device: str = "cpu", spinning:
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     if not arena:
         so.enable_cpu_mem_arena = False
+    if profile:
+        so.enable_profiling, so.profile_file_prefix = True, str(profile)
     # Nodes ordered by priority rather than ONNX Runtime's default topological order: a fused prompt
     # probe's per-layer If (surgery.layer_stages) then runs right after its layer, so the layer's
     # [B, T, d] states are freed as the decoder moves on; in the default order every such If ran

@@ -117,3 +117,57 @@ def test_prefill_memory_reports_each_artifact_from_a_fresh_process(tiny_arts, ca
     for r in rows:
         loaded, peak = (float(x) for x in r.strip(" |").split(" | ")[3:5])
         assert 50 < loaded <= peak < 4000
+
+
+def test_roofline_counts_the_linear_layers_and_bounds_the_serving_runs(tiny_arts, tiny_backbone, tmp_path):
+    """The linear-layer work per token against the model's shapes (an oracle independent of the
+    graph), the kernel and pass measurements present, and each batched serving run's ceiling from
+    its counters (the guard's runs are not the fused engine's)."""
+    from singlepass.benchmarks import roofline
+
+    cfg = tiny_backbone.model.config
+    h, i, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_hidden_layers
+    kv = cfg.num_key_value_heads * getattr(cfg, "head_dim", h // cfg.num_attention_heads)
+    want = 2 * layers * (h * h + 2 * h * kv + h * h + 3 * h * i) / 1e9  # q, k, v, o; gate, up, down
+
+    def run(streams, sent, tokens, prefill, decode, config="batched"):
+        engine = {"tokens:prefill": prefill, "tokens:decode": decode}
+        return {"config": config, "concurrency": streams, "repeat": 0, "sent": sent, "tokens": tokens}, engine
+
+    runs = []
+    for r, e in (run(1, 4, 40, 120, 36), run(16, 8, 208, 300, 200), run(16, 8, 208, 300, 200, "guard")):
+        runs.append({**r, "tokens_per_s": 10.0, "engine": e})
+    (tmp_path / "serve.json").write_text(json.dumps({"date": "2026-01-01", "runs": runs}))
+    args = ["--threads", "1", "--repeats", "2", "--prefill", "1", "8", "--decode", "2", "8"]
+    assert (
+        roofline.main([tiny_arts["gate"], *args, "--serve-json", str(tmp_path / "serve.json"), "--out", str(tmp_path)])
+        == 0
+    )
+    r = json.loads((tmp_path / "roofline.json").read_text())
+    f_layers, f_head = r["gop_per_token"]["layers"], r["gop_per_token"]["lm_head"]
+    assert f_layers == pytest.approx(want) and f_head == pytest.approx(2 * h * cfg.vocab_size / 1e9)
+    peak = max(r["kernel_gop_per_s"].values())
+    assert peak > 0 and sorted(map(int, r["kernel_gop_per_s"])) == list(roofline.ROWS)
+    for p in r["passes"].values():
+        assert p["pass_ms"] > 0 and 0 < p["matmulnbits_share"] <= 1 and "MatMulNBits" in p["ops_ms"]
+    assert [x["streams"] for x in r["serving"]] == [1, 16]
+    work = 300 * f_layers + 8 * f_head + 200 * (f_layers + f_head)
+    assert r["serving"][1]["ceiling_tokens_per_s"] == pytest.approx(208 / (work / peak))
+    assert "| 16 | 37.5 | 26.0 |" in (tmp_path / "roofline.md").read_text()
+
+
+def test_roofline_refuses_an_artifact_without_matmulnbits(tmp_path):
+    from onnx import TensorProto, helper
+
+    from singlepass.benchmarks import roofline
+    from singlepass.errors import SinglepassError
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [x],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])],
+    )
+    with pytest.raises(SinglepassError, match="--weights int4 or int8"):
+        roofline.linear_nodes(helper.make_model(g), 32)

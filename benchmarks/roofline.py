@@ -5,7 +5,7 @@
 kernel   the artifact's own decoder MatMulNBits nodes (every 4-bit layer, not the lm_head) in one
          graph, each reading an input of M rows: what ONNX Runtime's kernel does for M tokens
          with nothing else in the way (no attention, norms, probes, copies) -> GOP/s at
-         2 * M * K * N per node, M = 1, 16, 64, 256 (median of ``--repeats`` runs).
+         2 * M * K * N per node, M = 1, 16, 64, 256, 512 (median of ``--repeats`` runs).
 passes   one prefill (B x T tokens) and one decode step (R rows of W tokens) of the artifact
          itself, profiled by ONNX Runtime: each op type's share of the kernel time, and the linear
          layers' GOP/s over the whole pass.
@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-ROWS = (1, 16, 64, 256)
+ROWS = (1, 16, 64, 256, 512)
 
 
 def linear_nodes(model, vocab: int) -> tuple[list, object]:

@@ -175,6 +175,18 @@ def write_rows(dst: State, at: list[int], src: State, rows: list[int], pad_id: i
             align_rows([(p, [r])], cols, 2, 0, prefix, out=d[slot : slot + 1])
 
 
+def buffers(shapes: list[tuple[int, ...]], dtype) -> list[np.ndarray]:
+    """Arrays of these shapes carved from one allocation: one memory mapping, which the system
+    gets back whole once the last of them is gone (separate buffers of a few tens of MB may come
+    from the heap, which glibc need not give back). Each array is C-contiguous (bindable in place)."""
+    sizes = [int(np.prod(s)) for s in shapes]
+    block, out, at = np.empty(sum(sizes), dtype), [], 0
+    for shape, n in zip(shapes, sizes):
+        out.append(block[at : at + n].reshape(shape))
+        at += n
+    return out
+
+
 def prefill_groups(jobs: list[Job], waste: float = 0.25) -> list[list[Job]]:
     """Newcomers in prefill batches of similar length, shortest first: left padding to the
     longest prompt of a batch costs compute, so a batch grows only while its padded size stays
@@ -542,7 +554,13 @@ class Engine(WorkerThread):
         pool = self._pool if st is not None and self._pooled(st, cols) else None
         if pool is None or pool[0].shape[0] < b + k:
             cap = max(self.max_batch, b + k)
-            pool = [np.empty((cap, p.shape[1], cols, *p.shape[3:]), p.dtype) for p in new.past]
+            shapes = [(cap, p.shape[1], cols, *p.shape[3:]) for p in new.past]
+            dtypes = {p.dtype for p in new.past}
+            pool = (
+                buffers(shapes, dtypes.pop())
+                if len(dtypes) == 1
+                else [np.empty(s, p.dtype) for s, p in zip(shapes, new.past)]
+            )
             for d, p in zip(pool, st.past if st is not None else []):
                 align_rows([(p, None)], cols, 2, 0, prefix, out=d[:b])  # the batch, widened if need be
             self._pool = pool

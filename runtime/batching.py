@@ -30,26 +30,17 @@ def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "left", min_width:
 
 
 def align_rows(
-    parts: list[tuple[np.ndarray, list[int] | None]],
-    cols: int,
-    axis: int,
-    fill,
-    prefix: bool = False,
-    out: np.ndarray | None = None,
+    parts: list[tuple[np.ndarray, list[int] | None]], cols: int, axis: int, fill, prefix: bool = False
 ) -> np.ndarray:
     """Stack the parts' rows (all, or those listed) along axis 0, each aligned on the right to
     ``cols`` along ``axis``: its leading columns cut, or ``fill`` columns prepended (``prefix``:
     aligned on the left, trailing columns cut or appended). One allocation and one copy (fresh
-    memory is what costs on a CPU: no temporaries); ``out``: written there instead (rows of a
-    larger buffer: no allocation)."""
+    memory is what costs on a CPU: no temporaries)."""
     first = parts[0][0]
     shape = list(first.shape)
     shape[0] = sum(a.shape[0] if rows is None else len(rows) for a, rows in parts)
     shape[axis] = cols
-    if out is None:
-        out = np.empty(shape, first.dtype)
-    elif list(out.shape) != shape or out.dtype != first.dtype:
-        raise ValueError(f"align_rows: out is {out.dtype} {list(out.shape)}, the rows need {first.dtype} {shape}")
+    out = np.empty(shape, first.dtype)
 
     def span(start, stop):
         return (slice(None),) * axis + (slice(start, stop),)

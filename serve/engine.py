@@ -108,20 +108,12 @@ def width(state: State, dummy: int) -> int:
     return dummy + int(state.mask.sum(1).max())
 
 
-def stack(
-    parts: list[tuple[State, list[int] | None]],
-    cols: int,
-    pad_id: int,
-    kv: bool,
-    prefix: bool = False,
-    with_past: bool = True,
-) -> State:
+def stack(parts: list[tuple[State, list[int] | None]], cols: int, pad_id: int, kv: bool, prefix: bool = False) -> State:
     """One batch of the parts' rows (all, or those listed), aligned on the right to ``cols``
     mask columns: leading columns (masked in every row) cut, or masked ones prepended (zero
     past); ``prefix`` (the in-place KV cache: rows are prefixes) on the left, trailing columns
     cut or appended. With a KV cache only the last ids/position column is kept (the next pass
-    reads only that); without one the ids and positions follow the mask. ``with_past=False``:
-    the KV caches are left out (``past`` None; the caller writes them where they go)."""
+    reads only that); without one the ids and positions follow the mask."""
     mask = align_rows([(s.mask, r) for s, r in parts], cols, 1, 0, prefix)
     if kv:
         ids = align_rows([(s.ids[:, -1:], r) for s, r in parts], 1, 1, pad_id)
@@ -129,7 +121,7 @@ def stack(
     else:
         ids = align_rows([(s.ids, r) for s, r in parts], cols, 1, pad_id)
         pos = align_rows([(s.pos, r) for s, r in parts], cols, 1, 0)
-    past = parts[0][0].past if with_past else None
+    past = parts[0][0].past
     if past is not None:
         past = [align_rows([(s.past[i], r) for s, r in parts], cols, 2, 0, prefix) for i in range(len(past))]
     axes = parts[0][0].axes  # the response probes' state: rows along each tensor's batch axis
@@ -162,29 +154,6 @@ def put(dst: State, slots: list[int], src: State) -> None:
         d[at] = s
     for d, s, ax in zip(dst.stream, src.stream, dst.axes):
         np.moveaxis(d, ax, 0)[at] = np.moveaxis(s, ax, 0)  # a view: written in place
-
-
-def write_rows(dst: State, at: list[int], src: State, rows: list[int], pad_id: int, kv: bool, prefix: bool) -> None:
-    """``src``'s rows ``rows`` over ``dst``'s rows ``at``, in place, each aligned to dst's width as
-    ``stack`` aligns it; the KV caches go straight from src's rows into dst's (a batch of the
-    newcomers at dst's width first would cost an allocation and a second copy of each cache)."""
-    cols = dst.mask.shape[1]
-    put(dst, at, stack([(src, rows)], cols, pad_id, kv, prefix, with_past=False))  # ids, mask, pos, stream
-    for d, p in zip(dst.past or [], src.past or []):
-        for slot, r in zip(at, rows):
-            align_rows([(p, [r])], cols, 2, 0, prefix, out=d[slot : slot + 1])
-
-
-def buffers(shapes: list[tuple[int, ...]], dtype) -> list[np.ndarray]:
-    """Arrays of these shapes carved from one allocation: one memory mapping, which the system
-    gets back whole once the last of them is gone (separate buffers of a few tens of MB may come
-    from the heap, which glibc need not give back). Each array is C-contiguous (bindable in place)."""
-    sizes = [int(np.prod(s)) for s in shapes]
-    block, out, at = np.empty(sum(sizes), dtype), [], 0
-    for shape, n in zip(shapes, sizes):
-        out.append(block[at : at + n].reshape(shape))
-        at += n
-    return out
 
 
 def prefill_groups(jobs: list[Job], waste: float = 0.25) -> list[list[Job]]:
@@ -295,7 +264,6 @@ class Engine(WorkerThread):
         self._waiting: deque[Job] = deque()
         self._rows: list[_Row] = []
         self._state: State | None = None
-        self._pool: list[np.ndarray] | None = None  # in place: the KV buffers, max_batch rows (``_grow``)
         self._idle = 0.0  # when the last live row finished
         self._stop = False
         self._thread: threading.Thread | None = None
@@ -409,7 +377,7 @@ class Engine(WorkerThread):
 
     def _clear(self) -> None:
         """No rows: the decode state goes, and with it the backend's hold on its KV buffers."""
-        self._rows, self._state, self._pool = [], None, None
+        self._rows, self._state = [], None
         self.rt.backend.release()
 
     def _live(self) -> int:
@@ -452,14 +420,11 @@ class Engine(WorkerThread):
         )
 
     def _admit(self, jobs: list[Job]) -> None:
-        """Prefill the newcomers in batches of similar length (``prefill_groups``, shortest first).
-        With the in-place KV cache the batch is widened once for the longest of them, not once
-        per group (each widening copies every row's cache)."""
-        wide = self.dummy + max(len(j.ids) for j in jobs) if self.prefix else 0
+        """Prefill the newcomers in batches of similar length (``prefill_groups``)."""
         for group in prefill_groups(jobs):
-            self._prefill(group, wide)
+            self._prefill(group)
 
-    def _prefill(self, jobs: list[Job], wide: int = 0) -> None:
+    def _prefill(self, jobs: list[Job]) -> None:
         """Prefill jobs together, apply the policy, first tokens; the live rows join the batch."""
         rt, m = self.rt, self.rt.manifest
         t0 = time.perf_counter()
@@ -508,75 +473,35 @@ class Engine(WorkerThread):
         if not keep:
             return
         t0 = time.perf_counter()
-        self._join(state.keep(keep) if len(keep) < len(jobs) else state, rows, wide)
+        self._join(state.keep(keep) if len(keep) < len(jobs) else state, rows)
         self.observer.phase("join", time.perf_counter() - t0)
         self.stats["max_rows"] = max(self.stats["max_rows"], sum(r.live for r in self._rows))
 
-    def _join(self, new: State, rows: list[_Row], wide: int = 0) -> None:
+    def _join(self, new: State, rows: list[_Row]) -> None:
         """The newcomers join the running batch: into the slots of finished rows, written in place
-        (no copy of the batch; a batch too narrow for them, or for ``wide`` columns, is widened
-        first, one copy), the rest appended (``_grow``: in place too with the in-place KV cache,
-        else one copy)."""
+        (no copy of the batch; a batch too narrow for them is widened first, one copy), the rest
+        appended (one copy)."""
         pad, kv, dummy = self.rt.pad_id, self.kv, self.dummy
         w = width(new, dummy)
         if self._state is None:
-            self._state, self._rows = self._grow(None, new, list(range(len(rows))), self._wider(max(w, wide))), rows
+            self._state, self._rows = fit(new, self._wider(w), pad, kv, self.prefix), rows
             return
         free = [k for k, r in enumerate(self._rows) if not r.live]
         cols = self._state.mask.shape[1]
         if w > cols:
-            cols = self._wider(max(w, wide))
-            self._state = self._grow(self._state, new, [], cols)
+            cols = self._wider(w)
+            self._state = fit(self._state, cols, pad, kv, self.prefix)
             self.stats["widened"] += 1
         n = min(len(free), len(rows))
         if n:
-            write_rows(self._state, free[:n], new, list(range(n)), pad, kv, self.prefix)
+            put(self._state, free[:n], stack([(new, list(range(n)))], cols, pad, kv, self.prefix))
             for k, row in zip(free, rows[:n]):
                 self._rows[k] = row
             self.stats["reused"] += n
         if n < len(rows):
-            self._state = self._grow(self._state, new, list(range(n, len(rows))), cols)
+            self._state = stack([(self._state, None), (new, list(range(n, len(rows))))], cols, pad, kv, self.prefix)
             self._rows = self._rows + rows[n:]
             self.stats["merges"] += 1
-
-    def _grow(self, st: State | None, new: State, rows: list[int], cols: int) -> State:
-        """The batch ``st`` (None: no rows yet) with ``new``'s rows ``rows`` appended, at ``cols``
-        columns. With the in-place KV cache the caches live in buffers with room for ``max_batch``
-        rows (``np.empty``: a spare row's memory is touched only when a row moves in) and the
-        batch's caches are their leading rows, so a row joins by writing its own cache, not by
-        copying the batch's (at 64 streams each such copy moved ~1.5 GB and took ~1 s). A batch
-        not in the buffers (widened, compacted) is copied into new ones once."""
-        pad, kv, prefix = self.rt.pad_id, self.kv, self.prefix
-        parts = ([(st, None)] if st is not None else []) + ([(new, rows)] if rows else [])
-        if not (prefix and kv and new.past):
-            return stack(parts, cols, pad, kv, prefix)
-        b, k = (0 if st is None else st.mask.shape[0]), len(rows)
-        pool = self._pool if st is not None and self._pooled(st, cols) else None
-        if pool is None or pool[0].shape[0] < b + k:
-            cap = max(self.max_batch, b + k)
-            shapes = [(cap, p.shape[1], cols, *p.shape[3:]) for p in new.past]
-            dtypes = {p.dtype for p in new.past}
-            pool = (
-                buffers(shapes, dtypes.pop())
-                if len(dtypes) == 1
-                else [np.empty(s, p.dtype) for s, p in zip(shapes, new.past)]
-            )
-            for d, p in zip(pool, st.past if st is not None else []):
-                align_rows([(p, None)], cols, 2, 0, prefix, out=d[:b])  # the batch, widened if need be
-            self._pool = pool
-        for d, p in zip(pool, new.past if k else []):
-            align_rows([(p, rows)], cols, 2, 0, prefix, out=d[b : b + k])
-        joined = stack(parts, cols, pad, kv, prefix, with_past=False)
-        joined.past = [d[: b + k] for d in pool]  # [rows, kv_heads, cols, head_dim]: contiguous views
-        return joined
-
-    def _pooled(self, st: State, cols: int) -> bool:
-        """Whether the batch's KV caches are the leading rows of the buffers ``_grow`` made, at
-        ``cols`` columns (not a compacted copy, nor to be widened)."""
-        return self._pool is not None and all(
-            p.ctypes.data == d.ctypes.data and p.shape[1:] == d.shape[1:] and d.shape[2] == cols
-            for p, d in zip(st.past, self._pool)
-        )
 
     def _wider(self, w: int) -> int:
         """The width of a batch widened for a row of width ``w``, with spare columns so that the

@@ -33,7 +33,7 @@ from singlepass.runtime.policy import DEFAULT_REFUSAL  # noqa: E402
 from singlepass.runtime.sampling import Sampling  # noqa: E402
 from singlepass.runtime.text import TextTracker  # noqa: E402
 from singlepass.serve.app import create_app  # noqa: E402
-from singlepass.serve.engine import Engine, Job, fit, merge, prefill_groups, put, stack, write_rows  # noqa: E402
+from singlepass.serve.engine import Engine, Job, fit, merge, prefill_groups, put  # noqa: E402
 from singlepass.serve.guard import check_folder  # noqa: E402
 from singlepass.serve.runner import bind  # noqa: E402
 from singlepass.serve.state import Options  # noqa: E402
@@ -239,42 +239,6 @@ def test_prefix_rows_align_on_the_left():
     assert w.mask.shape == (3, 6) and not w.mask[:, 4:].any() and w.past[0].shape[2] == 6
     put(w, [0], fit(b, 6, 0, kv=True, prefix=True))
     assert w.mask[0].tolist() == [1, 1, 1, 1, 0, 0] and w.mask[1].tolist() == [1, 1, 1, 0, 0, 0]
-
-
-def test_in_place_rows_join_the_batch_buffers_without_copying_the_batch(rt):
-    """With the in-place KV cache, appended rows are written into spare rows of the batch's buffers
-    (room for max_batch rows): the batch's caches stay where they are, and the result is what
-    ``stack`` makes; past the room or widened, one new set of buffers. ``write_rows`` equals ``put``
-    of a batch fitted first."""
-    assert rt.manifest.graph.inplace
-    eng = Engine(rt, max_batch=4)  # not started: its batch bookkeeping only
-    kv = [np.arange(2 * 1 * 3 * 2, dtype=np.float32).reshape(2, 1, 3, 2) + 1]
-    a = State(np.array([[5], [6]]), np.array([[1, 1, 0], [1, 1, 1]]), np.array([[1], [2]]), kv)
-    b = State(np.array([[4]]), np.array([[1, 1, 1, 1, 0]]), np.array([[3]]), [np.full((1, 1, 5, 2), 7, np.float32)])
-    pad = rt.pad_id
-
-    def same(x, y):
-        for f in ("ids", "mask", "pos"):
-            np.testing.assert_array_equal(getattr(x, f), getattr(y, f))
-        for p, q in zip(x.past, y.past):
-            np.testing.assert_array_equal(p, q)
-
-    g1 = eng._grow(None, a, [0, 1], 6)
-    same(g1, stack([(a, [0, 1])], 6, pad, True, True))
-    assert eng._pooled(g1, 6) and eng._pool[0].shape == (4, 1, 6, 2)
-    g2 = eng._grow(g1, b, [0], 6)
-    same(g2, stack([(g1, None), (b, [0])], 6, pad, True, True))
-    assert g2.past[0].ctypes.data == g1.past[0].ctypes.data and g2.past[0].shape == (3, 1, 6, 2)  # no copy
-    g3 = eng._grow(g2, b, [0, 0], 6)  # 5 rows > room for 4: new buffers, the batch copied once
-    same(g3, stack([(g2, None), (b, [0, 0])], 6, pad, True, True))
-    assert g3.past[0].ctypes.data != g1.past[0].ctypes.data and eng._pooled(g3, 6)
-    g4 = eng._grow(g3, b, [], 8)  # widened: the batch copied into new buffers at the new width
-    same(g4, stack([(g3, None)], 8, pad, True, True))
-    assert eng._pooled(g4, 8) and eng._pool[0].shape == (5, 1, 8, 2)
-    fitted = stack([(g2, None)], 6, pad, True, True)
-    put(fitted, [1], stack([(b, [0])], 6, pad, True, True))
-    write_rows(g2, [1], b, [0], pad, True, True)
-    same(g2, fitted)
 
 
 def test_prefill_groups_bound_the_padding():

@@ -81,17 +81,9 @@ def kernel_graph(model, nodes) -> bytes:
     return onnx.helper.make_model(g, opset_imports=opsets).SerializeToString()
 
 
-def median_s(f, n: int) -> float:
-    ts = []
-    for _ in range(n):
-        t = time.perf_counter()
-        f()
-        ts.append(time.perf_counter() - t)
-    return statistics.median(ts)
-
-
 def kernel_rates(model, nodes, threads: int, repeats: int) -> dict[int, float]:
     """M -> GOP/s of the nodes alone for M rows."""
+    from singlepass.benchmarks.engine_steps import median_s
     from singlepass.runtime.backends import ort_session
 
     sess = ort_session(kernel_graph(model, nodes), threads, arena=False)

@@ -72,14 +72,14 @@ def test_bench_serve_end_to_end(art, guard, tmp_path):
     argv = ["bench", "serve", "--artifact", str(art), "--base-artifact", str(art), "--guard", str(guard)]
     argv += ["--levels", "1", "4", "--requests", "4", "--repeats", "1", "--max-tokens", "4", "--warmup", "2"]
     argv += ["--soak-seconds", "2", "--soak-concurrency", "4", "--rss-interval", "0.5", "--threads", "1"]
-    argv += ["--prompts", "80", "--out", str(out)]
+    argv += ["--prompts", "80", "--prefill-tokens", "64", "--out", str(out)]
     assert main(argv) == 0
     res = json.loads((out / "serve.json").read_text())
     assert {c["name"] for c in res["configs"]} == {"batched", "one-at-a-time", "guard"}
     cards = {c["name"]: c["card"] for c in res["configs"]}
     assert cards["one-at-a-time"]["limits"]["max_batch"] == 1 and cards["batched"]["limits"]["max_batch"] == 8
     assert "guard" in cards["guard"] and cards["batched"]["policy"]["safety"] == "block"
-    assert all("--ignore-eos" in c["command"] for c in res["configs"])
+    assert all("--ignore-eos" in c["command"] and "--prefill-tokens 64" in c["command"] for c in res["configs"])
     assert len(res["runs"]) == 3 * 2
     for r in res["runs"]:
         assert r["sent"] == r["answered"] == 4 and r["errors"] == 0, r
@@ -91,6 +91,7 @@ def test_bench_serve_end_to_end(art, guard, tmp_path):
     assert all(c["exit_status"] in (0, -15) for c in res["configs"])
     md = (out / "serve.md").read_text()
     assert "## Targets" in md and "## Soak" in md and (out / "serve.png").stat().st_size > 0
+    assert "| engine time prefilling | engine time joining |" in md
     assert "not measured" in md  # no 16-stream level in this run: its targets are not judged
     # --table-only re-renders from serve.json
     (out / "serve.md").unlink()

@@ -121,7 +121,9 @@ def profile_passes(art: str, threads: int, batch: int, tokens: int, rows: int, w
                 prefill(rt.backend, m, seqs)
             else:
                 decode_one_token(rt.backend, m, state, step)
-        events = json.loads(Path(rt.backend.session.end_profiling()).read_text())
+        profile = Path(rt.backend.session.end_profiling())
+        events = json.loads(profile.read_text())
+        profile.unlink()
         runs = [e for e in events if e.get("cat") == "Session" and e["name"] == "model_run"][-repeats:]
         ops = collections.Counter()
         for e in events:
@@ -135,6 +137,7 @@ def profile_passes(art: str, threads: int, batch: int, tokens: int, rows: int, w
             "ops_ms": {k: v / 1000 / len(runs) for k, v in ops.most_common()},
             "matmulnbits_share": ops["MatMulNBits"] / sum(r["dur"] for r in runs),
         }
+    folder.rmdir()
     return out
 
 

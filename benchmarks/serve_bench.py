@@ -341,11 +341,12 @@ def measure(args: argparse.Namespace, cfgs: list[dict], prompts: list[str]) -> t
 def engine_summary(e: dict[str, float]) -> dict:
     """A run's engine counters -> tokens/s inside decode passes (the engine's decode throughput,
     prefill excluded) and the share of engine time spent prefilling."""
-    secs = {k.split(":", 1)[1]: v for k, v in e.items() if k.startswith("seconds:")}
-    total = sum(secs.values())
+    from singlepass.benchmarks.serve_report import engine_seconds, phase_share
+
+    secs = engine_seconds(e)
     return {
         "decode_tokens_per_s": e.get("tokens:decode", 0.0) / secs["decode"] if secs.get("decode") else None,
-        "prefill_share": secs.get("prefill", 0.0) / total if total else None,
+        "prefill_share": phase_share(e, "prefill"),
         "engine_seconds": secs,
     }
 

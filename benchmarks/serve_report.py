@@ -29,8 +29,10 @@ def cell(res: dict, config: str, level: int) -> list[dict]:
     )
 
 
-def stat(runs: list[dict], key: str) -> dict | None:
-    xs = [r[key] for r in runs if r.get(key) is not None]
+def stat(runs: list[dict], key) -> dict | None:
+    """Median, min, max over runs of ``key`` (a field, or a function of the run)."""
+    get = key if callable(key) else (lambda r: r.get(key))
+    xs = [x for x in map(get, runs) if x is not None]
     return {"median": median(xs), "min": min(xs), "max": max(xs), "n": len(xs)} if xs else None
 
 
@@ -150,17 +152,23 @@ def main_rows(res: dict) -> list[list[str]]:
                     str(sum(r["blocked"] for r in runs)),
                     ranged(stat(runs, "decode_tokens_per_s"), 0),
                     _share(stat(runs, "prefill_share")),
-                    _share(stat([{"j": join_share(r)} for r in runs], "j")),
+                    _share(stat(runs, lambda r: phase_share(r.get("engine"), "join"))),
                 ]
             )
     return rows
 
 
-def join_share(run: dict) -> float | None:
-    """The share of the engine loop's time a run spent writing newcomers into the batch (its
-    ``seconds:join`` counter over all phases), from the stored counters."""
-    secs = {k: v for k, v in (run.get("engine") or {}).items() if k.startswith("seconds:")}
-    return secs.get("seconds:join", 0.0) / sum(secs.values()) if secs and sum(secs.values()) else None
+def engine_seconds(engine: dict | None) -> dict[str, float]:
+    """A run's engine counters (``seconds:<phase>``, ``tokens:<phase>``) -> seconds by phase."""
+    return {k.split(":", 1)[1]: v for k, v in (engine or {}).items() if k.startswith("seconds:")}
+
+
+def phase_share(engine: dict | None, phase: str) -> float | None:
+    """A run's engine counters -> the share of the engine loop's time spent in ``phase`` (prefill,
+    join, decode, tidy); None without counters."""
+    secs = engine_seconds(engine)
+    total = sum(secs.values())
+    return secs.get(phase, 0.0) / total if total else None
 
 
 def _share(s: dict | None) -> str:

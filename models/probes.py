@@ -119,6 +119,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
 
 
+def token_weights(m: torch.Tensor) -> torch.Tensor:
+    """The masked mean's weights of a pass's tokens: m [1, B, T, 1] -> [1, B, T], each real token
+    1 / (the row's real tokens), padding 0 (a row without a real token: all 0)."""
+    m = m[..., 0]  # [1, B, T]
+    return m / m.sum(-1, keepdim=True).clamp_min(1.0)
+
+
 def masked_max(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return x.masked_fill(mask == 0, NEG).amax(dim)
 
@@ -203,6 +210,12 @@ class Probe(nn.Module):
         if self.input_norm != "none":
             y = y * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
         return y - shift if self.input_norm == "standard" else y
+
+    def lead(self, G: int, m) -> tuple:
+        """[G, B, T], the leading axes of a pass's G layers of tokens, as a reshape target: B read from the
+        mask m [1, B, T, 1] (state-free: an exported graph computes it once for every layer, where a layer's
+        own x.shape is ~8 ops per layer), T as -1; m None (stage 2 over the L+1 layer summaries): (G, -1, L+1)."""
+        return (G, -1, self.num_layers) if m is None else (G, m.shape[1], -1)
 
     def count(self, modules: slice) -> int:
         """How many of the L+1 layers (MHA: L+2 stacked modules) ``modules`` names (a Python int: no shape
@@ -371,6 +384,23 @@ class PoolingProbe(Probe):
         pool = masked_mean if self.token_pool == "mean" else masked_max
         return pool(x, m, dim=2)  # [G, B, d]
 
+    def tokens_raw(self, x, m, layers):
+        if self.token_pool != "mean":
+            return super().tokens_raw(x, m, layers)
+        # the masked mean of the normalised tokens as one weighted sum of the tokens as they are: the weights
+        # m_t * r_t (r = 1/rms) and, "standard", the per-layer affine map on the [G, B, d] result (the mean's
+        # weights sum to 1 on a row with a token, 0 on one without); one pass over x for r and one product,
+        # where normalising first wrote ~3 normalised copies of it (ONNX Runtime, SmolLM2's 31 layers of
+        # 100 tokens alone: 2.5 -> 1.6 ms)
+        x = fp32(x)
+        mean = token_weights(m)[..., None]  # [1, B, T, 1]
+        w = mean if self.input_norm == "none" else mean * inv_rms(x)  # [G, B, T, 1]
+        v = (w.transpose(-1, -2) @ x).squeeze(-2)  # [G, B, 1, T] @ [G, B, T, d] -> [G, B, d]
+        if self.input_norm != "standard":
+            return v
+        inv_std = self.in_inv_std[layers, None]  # [G, 1, d]
+        return v * inv_std - (self.in_mean[layers, None] * inv_std) * mean.sum(2)  # mean.sum(2) [1, B, 1]: 1 or 0
+
     def combine(self, v):
         if self.layer_pool == "mean":
             return layer_sum(v, self.num_layers, self.hidden_size) / self.num_layers  # [B, d]
@@ -432,7 +462,7 @@ class GateProbe(Probe):
         # pass, and a MatMul broadcast over [G, B] runs G*B tiny products
         G, d = self.count(layers), self.hidden_size
         scores = x.reshape(G, -1, d) @ self.token_gates[layers][:, :, None]  # [G, B*T, 1]
-        return torch.tanh(scores.reshape(x.shape[:3])).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
+        return torch.tanh(scores.reshape(self.lead(G, m))).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
 
     def tokens(self, x, m, layers):
         alpha = torch.softmax(self.scores(x, m, layers), dim=-1)  # [G, B, T]
@@ -446,9 +476,9 @@ class GateProbe(Probe):
         # ReduceL2 here: on a prompt's many rows the product form's GEMV ran 0.56 or 1.26 ms by process (48 tokens)
         r = inv_rms(x3) if self.input_norm != "none" else None  # [G, B*T, 1]
         s = self.normalised_matmul(x3, self.token_gates[layers][:, :, None], layers, r)  # [G, B*T, 1]
-        s = torch.tanh(s.reshape(x.shape[:3])).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
+        s = torch.tanh(s.reshape(self.lead(G, m))).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
         alpha = torch.softmax(s, dim=-1)
-        w = alpha if r is None else alpha * r.reshape(x.shape[:3])
+        w = alpha if r is None else alpha * r.reshape(self.lead(G, m))
         v = (w.unsqueeze(-2) @ x).squeeze(-2)  # [G, B, d]: the weighted sum of the tokens as they are
         if self.input_norm != "standard":
             return v
@@ -469,9 +499,11 @@ class GateProbe(Probe):
 
     def _fold_z(self, x, layers):
         """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout."""
-        G, d = self.count(layers), self.hidden_size
+        G = self.count(layers)
         readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
-        w = torch.cat([self.token_gates[layers][:, :, None], readout.expand(G, d, readout.shape[1])], -1)
+        # a stack, not expand or repeat: the TorchScript exporter writes those as shape arithmetic (ConstantOfShape,
+        # Where, Expand) that the constant folder leaves, so every decode pass rebuilt these weights
+        w = torch.cat([self.token_gates[layers][:, :, None], torch.stack([readout] * G)], -1)
         return self.normalised_matmul(x, w, layers)  # [G, N, 2 + C']
 
     def fold(self, state, layers, m):
@@ -479,7 +511,8 @@ class GateProbe(Probe):
         out = []
         for one, x in layers:  # x [G, B, T, d] as the layers hold it (G = 1: per layer; decode passes: fold_one)
             G, d = self.count(one), self.hidden_size
-            z = self._fold_z(x.reshape(G, -1, d), one).reshape(*x.shape[:3], -1)  # [G, B, T, 2 + C']
+            z = self._fold_z(x.reshape(G, -1, d), one)  # [G, B*T, 2 + C']
+            z = z.reshape(*self.lead(G, m), 2 + self.head.out_features)  # [G, B, T, 2 + C']
             s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
             new_max, scale, p = softmax_fold(rows(run_max, one), s, m[..., 0])  # [G, B], [G, B], [G, B, T]
             z_sum = (p[..., None] * z[..., 1:]).sum(2)  # [G, B, 1 + C']
@@ -597,29 +630,35 @@ class MHAProbe(Probe):
         qkv = modules if self.query == "tokens" else slice(0, 1)  # "learned": only stage 2 self-attends
         # one GEMM per module over its B*T tokens (ONNX Runtime's CPU Einsum is several times slower)
         qkv_ = x.reshape(G, -1, d) @ self.w_qkv[qkv] + self.b_qkv[qkv, None]  # [G, B*T, 3*d_inner]
-        return self.attend_qkv(qkv_.reshape(*x.shape[:3], -1), m, modules)
+        return self.attend_qkv(qkv_.reshape(*self.lead(G, m), 3 * self.d_inner), m, modules)
 
     def attend_qkv(self, qkv_, m, modules: slice):
         """``attend`` from the modules' projected queries, keys and values qkv_ [G, B, T, 3*d_inner]."""
         G, H, dh = self.count(modules), self.heads, self.d_inner // self.heads
-        qkv_ = qkv_.reshape(*qkv_.shape[:3], 3, H, dh).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, T, dh]
-        q, k, v = qkv_.unbind(0)  # 3 x [G, B, H, T, dh]
         # an additive mask [1, B, 1, 1, T]: 0 for a real key, NEG for padding (a boolean one exports as Where
         # over the scores and a NaN check, ~10% of the probe graph's time)
         keys = None if m is None else ((m[..., 0] - 1.0) * -NEG)[:, :, None, None]
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
         # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
         # Its CPU kernels take 4-D inputs only: G > 1 modules attend with modules x batch as one axis.
-        if G == 1:
+        if G == 1:  # without the module axis: a layer of the per-layer form (31 of them a pass), or stage 2
+            qkv_ = qkv_.reshape(*self.lead(G, m)[1:], 3, H, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, T, dh]
+            q, k, v = qkv_.unbind(0)  # 3 x [B, H, T, dh]
             mask = None if keys is None else keys[0]
-            o = F.scaled_dot_product_attention(q[0], k[0], v[0], attn_mask=mask, scale=dh**-0.5)[None]
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=dh**-0.5)[None]
         else:
-            q, k, v, keys = (t.expand(G, *t.shape[1:]).flatten(0, 1) for t in (q, k, v, keys))  # [G*B, ...]
+            qkv_ = qkv_.reshape(*self.lead(G, m), 3, H, dh).permute(3, 0, 1, 4, 2, 5)  # [3, G, B, H, T, dh]
+            q, k, v, keys = (t.expand(G, *t.shape[1:]).flatten(0, 1) for t in (*qkv_.unbind(0), keys))  # [G*B, ...]
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=keys, scale=dh**-0.5).unflatten(0, (G, -1))
         if self.pool == "mean":  # o [G, B, H, T, dh]
             # The output projection is linear, so mean-pool first and project the pooled [G, B, H, dh]:
             # the same function as projecting every token, without the [G, B, T, d] tensor.
-            pooled = o.mean(3) if m is None else masked_mean(o, m[:, :, None], dim=3)  # [G, B, H, dh]
+            if m is None:
+                pooled = o.mean(3)  # [G, B, H, dh]
+            elif G == 1:  # one product with the mean's token weights [1, B, 1, 1, T] (the same for every layer)
+                pooled = (token_weights(m)[:, :, None, None] @ o).squeeze(3)  # [1, B, H, dh]
+            else:
+                pooled = masked_mean(o, m[:, :, None], dim=3)  # [G, B, H, dh]
             return self.project(pooled, modules)  # [G, B, d]
         o = o.transpose(2, 3).flatten(3) @ self.w_o[modules, None] + self.b_o[modules, None, None]  # [G, B, T, d]
         return o.amax(2) if m is None else masked_max(o, m, dim=2)  # [G, B, d]
@@ -639,7 +678,7 @@ class MHAProbe(Probe):
     def scores(self, x, m, layers):
         """x [G, B, T, d], m [1, B, T, 1] -> the masked scores q . k_t / sqrt(dh) [G, B, H, T] (NEG: padding)."""
         G, H, d = self.count(layers), self.heads, self.hidden_size
-        s = (x.reshape(G, -1, d) @ self.score_weights(layers)).reshape(*x.shape[:3], H)  # [G, B, T, H]
+        s = (x.reshape(G, -1, d) @ self.score_weights(layers)).reshape(*self.lead(G, m), H)  # [G, B, T, H]
         return s.transpose(2, 3).masked_fill(m[..., 0][:, :, None] == 0, NEG)  # [G, B, H, T]
 
     def values(self, xs, layers):
@@ -650,14 +689,16 @@ class MHAProbe(Probe):
 
     def project(self, o, layers):
         """The heads' outputs o [G, B, H, dh] -> v [G, B, d] (output projection + bias): one GEMM per module."""
-        return o.flatten(2) @ self.w_o[layers] + self.b_o[layers, None]  # [G, B, d_inner] @ [G, d_inner, d]
+        # a constant target shape (-1 for B), where flatten(2) exports as shape arithmetic (~4 ops)
+        o = o.reshape(self.count(layers), -1, self.d_inner)  # [G, B, d_inner]
+        return o @ self.w_o[layers] + self.b_o[layers, None]  # [G, B, d_inner] @ [G, d_inner, d]
 
     def tokens_raw(self, x, m, layers):
         if self.query != "tokens":
             return super().tokens_raw(x, m, layers)
         # attend's projection from the tokens as they are: normalised_matmul folds the normalisation in
         qkv_ = self.normalised_matmul(x, self.w_qkv[layers], layers) + self.b_qkv[layers, None]  # [G, B*T, 3*d_inner]
-        return self.attend_qkv(qkv_.reshape(*x.shape[:3], -1), m, layers)
+        return self.attend_qkv(qkv_.reshape(*self.lead(self.count(layers), m), 3 * self.d_inner), m, layers)
 
     def tokens(self, x, m, layers):  # the stage-1 modules of these layers, each over its layer's tokens
         if self.query == "tokens":
@@ -687,9 +728,10 @@ class MHAProbe(Probe):
         for one, x in layers:  # x [G, B, T, d] as the layers hold it (G = 1: per layer; decode passes: fold_one)
             # the scores and the values of this pass's tokens from one GEMM per layer: [G, B*T, H + d_inner]
             w = torch.cat([self.score_weights(one), self.w_kv[one, :, self.d_inner :]], -1)  # [G, d, H + d_inner]
-            z = self.normalised_matmul(x, w, one).reshape(*x.shape[:3], H + self.d_inner)  # [G, B, T, H + d_inner]
+            lead = self.lead(self.count(one), m)  # [G, B, T]
+            z = self.normalised_matmul(x, w, one).reshape(*lead, H + self.d_inner)  # [G, B, T, H + d_inner]
             s = z[..., :H].transpose(2, 3).masked_fill(m[..., 0][:, :, None] == 0, NEG)  # [G, B, H, T]
-            values = z[..., H:].reshape(*x.shape[:3], H, dh)  # [G, B, T, H, dh]
+            values = z[..., H:].reshape(*lead, H, dh)  # [G, B, T, H, dh]
             new_max, scale, p = softmax_fold(rows(run_max, one), s, m[..., 0][:, :, None])  # p [G, B, H, T]
             v_sum = (p.transpose(2, 3)[..., None] * values).sum(2)  # [G, B, H, dh]
             out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + v_sum))
@@ -715,7 +757,8 @@ class MHAProbe(Probe):
         _, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         L1 = self.num_layers
         seen = (denom[..., :1] > 0).to(acc.dtype)  # [L+1, B, 1]: l >= 1 once a token is seen (exp(0) at the max)
-        o = torch.cat([(acc / denom.clamp_min(1.0)[..., None]).flatten(2), seen], -1)  # [L+1, B, d_inner + 1]
+        o = (acc / denom.clamp_min(1.0)[..., None]).reshape(L1, -1, self.d_inner)  # [L+1, B, d_inner]
+        o = torch.cat([o, seen], -1)  # [L+1, B, d_inner + 1]
         w = torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)  # [L+1, d_inner + 1, d]
         qkv_ = (o @ (w @ self.w_qkv[0])).transpose(0, 1)[None] + self.b_qkv[0]  # [1, B, L+1, 3*d_inner]
         return self.head(self.attend_qkv(qkv_, None, slice(self.num_layers, self.num_layers + 1))[0])

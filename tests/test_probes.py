@@ -247,6 +247,7 @@ def test_family_descriptors_declare_what_their_modules_do():
 
 PER_LAYER_CASES = (
     [("pooling", {"token_pool": t, "layer_pool": lp}) for t in ("mean", "max") for lp in ("mean", "max")]
+    + [("pooling", {"token_pool": "mean", "input_norm": n}) for n in ("standard", "none")]
     + [("pooling", {"token_pool": "topk", "top_k": k, "input_norm": "standard"}) for k in (1, 3, 20)]
     + [("gate", {"input_norm": n}) for n in ("standard", "rms", "none")]
     + [("mha", {"factor": 4, "heads": 2, "pool": p, "input_norm": "standard"}) for p in ("mean", "max")]

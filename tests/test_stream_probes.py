@@ -188,3 +188,27 @@ def test_exported_stream_probe_fed_its_presents_back_equals_torch_at_every_pass(
         fed = mask[:, :t].any(1).numpy()  # rows with a token so far: the probe over the whole prefix
         ref = probe(states[:, :, :t], mask[:, :t]).numpy()
         np.testing.assert_allclose(logits[fed], ref[fed], rtol=1e-4, atol=1e-4)
+
+
+def weight_only_nodes(proto) -> list[str]:
+    """The nodes of an exported graph whose inputs are all weights or constants: work the exporter's
+    constant folding left to be redone at every run."""
+    known = {i.name for i in proto.graph.initializer} | {""}
+    left = []
+    for n in proto.graph.node:
+        if n.op_type != "Constant" and all(i in known for i in n.input):
+            left.append(n.op_type)
+        if n.op_type == "Constant" or all(i in known for i in n.input):
+            known.update(n.output)
+    return left
+
+
+@pytest.mark.parametrize("kind,params", STREAMING, ids=ID)
+def test_the_decode_form_computes_nothing_from_weights_alone(kind, params):
+    """Every decode pass runs the stacked streaming form: products of weights (the normalisation folded
+    onto them) must be folded at export, not rebuilt each pass (the gate's readout weights once were:
+    ConstantOfShape / Expand and a [L+1, d, 3] product every token)."""
+    from singlepass.export.fuse import export_stream_probe
+
+    probe = make_probe(kind, params, "standard", 2)
+    assert weight_only_nodes(export_stream_probe(probe, L1, D, 23, stacked=True)) == []

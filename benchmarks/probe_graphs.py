@@ -4,9 +4,10 @@
         [--threads 2] [--repeats 7] [--runs 200]
 
 A response probe (``reads: response``) is timed in its decode-pass form: the stacked streaming graph
-(``export_stream_probe(stacked=True)``), one token per row. A prompt probe is timed in the two forms
-a prefill pass picks between (``export.fuse``): stacked (a pass of at most ``STACKED_PASS_TOKENS``
-tokens) and per layer, on ``--tokens`` tokens per row. Random float32 states (x 3) feed every
+(``export_stream_probe(stacked=True)``), one token per row. A prompt probe is timed in the form(s)
+a prefill pass runs (``export.fuse``), on ``--tokens`` tokens per row: a ``blockable`` one (pooling,
+the gate) on blocks of ``LAYERS_PER_STAGE_IF`` layers; the MHA stacked (a pass of at most
+``STACKED_PASS_TOKENS`` tokens) and per layer. Random float32 states (x 3) feed every
 layer. Prints the graph's node count and the median over ``--repeats`` of the mean time of
 ``--runs`` runs, per batch size; what it takes against a decode step or a prefill pass of the
 LLM is what ``bench response --cost`` and ``bench peers`` measure. Nothing else should run meanwhile.
@@ -20,13 +21,14 @@ import time
 import numpy as np
 
 
-def _graph(module, cfg: dict, stacked: bool, opset: int):
-    from singlepass.export.fuse import export_probe, export_stream_probe
+def _graph(module, cfg: dict, form: str, opset: int):
+    from singlepass.export.fuse import LAYERS_PER_STAGE_IF, export_probe, export_stream_probe
 
     L1, d = module.num_layers, module.hidden_size
     if cfg.get("reads") == "response":
         return export_stream_probe(module, L1, d, opset, stacked=True)
-    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=stacked)
+    block = LAYERS_PER_STAGE_IF if form.startswith("blocks") else 1
+    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=form == "stacked", block=block)
 
 
 def _time(sess, feed: dict, runs: int, repeats: int) -> float:
@@ -43,7 +45,7 @@ def _time(sess, feed: dict, runs: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
     from singlepass.benchmarks.machine import ort_machine
-    from singlepass.export.fuse import STACKED_PASS_TOKENS
+    from singlepass.export.fuse import LAYERS_PER_STAGE_IF, STACKED_PASS_TOKENS
     from singlepass.models.probe_io import load_probe
     from singlepass.runtime.backends import ort_session
 
@@ -63,13 +65,18 @@ def main(argv=None) -> int:
         module, cfg = load_probe(folder)[:2]
         module = module.eval()
         response = cfg.get("reads") == "response"
-        forms = [("decode (stacked stream)", True)] if response else [("stacked", True), ("per layer", False)]
-        for form, stacked in forms:
-            proto = _graph(module, cfg, stacked, a.opset)
+        if response:
+            forms = ["decode (stacked stream)"]
+        elif module.blockable:
+            forms = [f"blocks of {LAYERS_PER_STAGE_IF} layers"]
+        else:
+            forms = ["stacked", "per layer"]
+        for form in forms:
+            proto = _graph(module, cfg, form, a.opset)
             sess = ort_session(proto.SerializeToString(), a.threads)
             for b in a.batches:
                 t = 1 if response else a.tokens
-                if not response and stacked and b * t > STACKED_PASS_TOKENS:
+                if form == "stacked" and b * t > STACKED_PASS_TOKENS:
                     form_note = f"{form} (the artifact runs it up to {STACKED_PASS_TOKENS} tokens a pass)"
                 else:
                     form_note = form

@@ -10,10 +10,15 @@ models/; carried into the manifest as ``FusedProbe.input``):
 A hidden-states probe is exported in its per-layer form, ``forward_layers(layers, mask)`` (the
 same function; models/probes.py), with L+1 inputs ``state_0 .. state_L`` [B, T, d] and ``mask``:
 fused, each input reads its layer's residual-stream tensor where it is, so no [L+1, B, T, d] copy
-is stacked for it. A short pass pays more for the per-layer form's ~L+1 times as many nodes than
-for one copy, so in the prefill-only (quantised) artifacts a prompt probe is also fused in its
-stacked form (``forward_stacked``) and passes of at most ``STACKED_PASS_TOKENS`` tokens run that
-(``surgery.short_pass``); a response probe's decode passes likewise run its stacked streaming form.
+is stacked for it. In the prefill-only (quantised) artifacts a prompt probe's stage 1 runs in an If
+per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_stages``): a
+``blockable`` family (pooling, the gate) on each block's layers at once (``forward_layers(block=)``:
+one [k, B, T, d] copy of the block, its ops once per block), in one form for every pass size. The
+MHA runs stage 1 one layer at a time (its attention activations grow with the block), and as a
+short pass pays more for that form's ~L+1 times as many nodes than for one copy, it is also fused
+in its stacked form (``forward_stacked``), which passes of at most ``STACKED_PASS_TOKENS`` tokens
+run (``surgery.short_pass``); a response probe's decode passes likewise run its stacked streaming
+form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens). In a
@@ -35,7 +40,7 @@ import warnings
 
 _CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
 
-# A prefill pass of at most this many tokens (batch x length) runs a prompt probe's stacked form
+# A prefill pass of at most this many tokens (batch x length) runs a (not blockable) prompt probe's stacked form
 # (``surgery.short_pass``), a longer one its per-layer form. The stacked form's copies grow with the
 # pass (SmolLM2: 71 KiB per token each; the MHA's attention scores with its square). `bench peers`
 # (24 prompts, 64 tokens on average) measured prefill overhead pooling / gate / MHA +0.9 / +1.2 /
@@ -48,7 +53,7 @@ STACKED_PASS_TOKENS = 64
 LAYERS_PER_STAGE_IF = 4
 
 
-def _wrapper(module, kind: str, stacked: bool = False):
+def _wrapper(module, kind: str, stacked: bool = False, block: int = 1):
     import torch
 
     from singlepass.models.probes import probabilities
@@ -63,9 +68,14 @@ def _wrapper(module, kind: str, stacked: bool = False):
             return logits, probabilities(logits)
 
     class HiddenStatesProbe(WithProbs):
-        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer, or stacked
-            form = self.p.forward_stacked if stacked else self.p.forward_layers
-            logits = form(list(inputs[:-1]), inputs[-1])
+        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer (block), or stacked
+            layers, mask = list(inputs[:-1]), inputs[-1]
+            if stacked:
+                logits = self.p.forward_stacked(layers, mask)
+            elif block > 1:
+                logits = self.p.forward_layers(layers, mask, block)
+            else:
+                logits = self.p.forward_layers(layers, mask)
             return logits, probabilities(logits)
 
     class LastLogitsProbe(WithProbs):
@@ -155,11 +165,13 @@ def export_probe(
     opset: int,
     exporter: str = "torchscript",
     stacked: bool = False,
+    block: int = 1,
 ):
     """-> onnx.ModelProto with inputs (state_0 .. state_L, mask) or (next_token_logits,) and outputs
     (logits, probs). A state input the probe does not read (a fixed-readout probe reads one layer)
     may be left out by the exporter. ``stacked``: a hidden-states probe's ``forward_stacked`` form
-    (one [L+1, B, T, d] copy, a few ops over all layers) instead of ``forward_layers``.
+    (one [L+1, B, T, d] copy, a few ops over all layers) instead of ``forward_layers``; ``block``:
+    ``forward_layers``' stage 1 on blocks of that many layers (``Probe.blockable`` families).
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
     writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
@@ -185,18 +197,15 @@ def export_probe(
         for k, v in vars(module).items()
         if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
     )
-    h = hashlib.sha256(
-        repr(
-            (type(module).__name__, settings, kind, num_states, hidden_size, vocab_size, opset, exporter, stacked)
-        ).encode()
-    )
+    shape = (kind, num_states, hidden_size, vocab_size, opset, exporter, stacked, block)
+    h = hashlib.sha256(repr((type(module).__name__, settings, *shape)).encode())
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().numpy().tobytes())
     key = h.hexdigest()
     if key in _CACHE:
         return onnx.load_from_string(_CACHE[key])
-    wrapper = _wrapper(module.eval(), kind, stacked)
+    wrapper = _wrapper(module.eval(), kind, stacked, block)
     if kind == "hidden_states":
         args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
         args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
@@ -316,8 +325,15 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
         src = sources[kind]
         if not prefill_only:
             outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)[1]
+        elif kind == "hidden_states" and getattr(p.module, "blockable", False):
+            # prefill passes only, stage 1 on the blocks of layers of the stage Ifs (one form for every pass
+            # size: no stacked copy, no states handed on; no fp32 boundary casts: prefill-only artifacts are
+            # the quantised ones, never TensorRT's input)
+            block = LAYERS_PER_STAGE_IF
+            nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False, block=block)
+            nodes = surgery.layer_stages(graph, stream, nodes, None, 0, block)
+            surgery.prefill_only(graph, stream, nodes, outs)
         elif kind == "hidden_states":  # prefill passes only, in the cheaper form for the pass's size
-            # (no fp32 boundary casts: prefill-only artifacts are the quantised ones, never TensorRT's input)
             per_layer, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False)
             stacked = _fuse_prompt_probe(graph, stream, p, src, f"{p.spec.name}/short", boundary=False, stacked=True)
             # each block of layers' stage 1 in an If of its own, so that no If below holds every layer's states
@@ -334,14 +350,14 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
 
 
 def _fuse_prompt_probe(
-    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, stacked: bool = False
+    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, stacked: bool = False, block: int = 1
 ) -> tuple[list, list[str]]:
-    """Export prompt probe ``p`` (per layer, or ``stacked``) and fuse it under ``prefix``, its inputs
-    fed from ``sources`` (``host_feeds``). -> (the nodes added, its outputs)."""
+    """Export prompt probe ``p`` (per layer or per ``block`` of layers, or ``stacked``) and fuse it under
+    ``prefix``, its inputs fed from ``sources`` (``host_feeds``). -> (the nodes added, its outputs)."""
     from singlepass.export import surgery
 
     dims = (stream.num_layers + 1, stream.hidden_size, stream.vocab_size, surgery.opset_of(graph))
-    probe = export_probe(p.module, p.spec.input, *dims, stacked=stacked)
+    probe = export_probe(p.module, p.spec.input, *dims, stacked=stacked, block=block)
     return surgery.fuse_probe_nodes(graph, probe, prefix, sources, boundary)
 
 

@@ -18,7 +18,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
     with_response_tokens(graph, s, nodes, outputs, carried)  a response probe's fold only where it folds something
-    layer_stages(graph, s, per_layer, stacked, n, k)  a prompt probe's per-layer stage 1, an If per k layers
+    layer_stages(graph, s, per_layer, stacked, n, k)  a prompt probe's stage 1, an If per block of k layers
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -490,7 +490,7 @@ def layer_stages(
     graph: gs.Graph,
     stream: ResidualStream,
     per_layer: list[gs.Node],
-    stacked: list[gs.Node],
+    stacked: list[gs.Node] | None,
     max_tokens: int,
     layers_per_if: int = 1,
 ) -> list[gs.Node]:
@@ -498,21 +498,24 @@ def layer_stages(
     own, right after the block's last layer.
 
     ``per_layer``: the per-layer form's nodes, reading hidden state i (``stream.hidden_states``)
-    directly; the nodes that read state i and no other layer's (stage 1: the token pooling of layer
-    i) move into the If of i's block. In a prefill pass longer than ``max_tokens`` (batch x length)
-    that If runs them and returns the layers' summaries; in a shorter one it returns the states
-    themselves, for the stacked form (``stacked``, whose nodes then read them from there); in a
-    decode pass, placeholders. Every node left reads the Ifs' outputs instead of the states, so when
-    those nodes sit in an ``If`` of their own (``short_pass``, ``prefill_only``), that If holds
-    summaries from the outer scope, not every layer's [B, T, d] states: ONNX Runtime keeps an
-    outer-scope tensor alive until the If that reads it has run, which for such an If is after the
-    last layer. A block keeps its layers' states alive until its If has run (``layers_per_if`` - 1
-    more than one layer's); every pass, decode included, runs each If once, so fewer Ifs cost less
-    per pass. The state-free nodes stage 1 reads stay at the top level, before every If. -> the
-    per-layer form's nodes left, in order."""
+    directly; the nodes that read states of one block and no other (stage 1: the token pooling of
+    those layers, one layer at a time or the block at once) move into that block's If. In a prefill
+    pass that If runs them and returns the layers' summaries; in a decode pass, placeholders. With a
+    ``stacked`` form (its nodes read the states too) the If holds a second level: in a prefill pass
+    of at most ``max_tokens`` tokens (batch x length) it returns the states themselves, for the
+    stacked form (whose nodes then read them from there), and stage 1 only in a longer one; without
+    (``stacked=None``), every prefill pass runs stage 1 in the blocks. Every node left reads the Ifs'
+    outputs instead of the states, so when those nodes sit in an ``If`` of their own (``short_pass``,
+    ``prefill_only``), that If holds summaries from the outer scope, not every layer's [B, T, d]
+    states: ONNX Runtime keeps an outer-scope tensor alive until the If that reads it has run, which
+    for such an If is after the last layer. A block keeps its layers' states alive until its If has
+    run (``layers_per_if`` - 1 more than one layer's); every pass, decode included, runs each If
+    once, so fewer Ifs cost less per pass. The state-free nodes stage 1 reads stay at the top level,
+    before every If. -> the per-layer form's nodes left, in order."""
     namer = Namer(graph)
     tensors = graph.tensors()
     layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
+    k = max(1, layers_per_if)
     reads: dict[int, set[int]] = {}  # id(tensor) -> the layers it derives from
     deps = []
     for n in per_layer:  # the probe graph's order is topological
@@ -520,10 +523,15 @@ def layer_stages(
         for o in n.outputs:
             reads[id(o)] = d
         deps.append(d)
-    groups: dict[int, list[gs.Node]] = {}
+    groups: dict[int, list[gs.Node]] = {}  # block -> the nodes that read its layers and no other block's
+    read_by: dict[int, set[int]] = {}  # block -> the layers its nodes read
+    # one block holds every layer the probe reads (a model of at most k + 1 layers): only single-layer
+    # nodes are stage 1 there, as what joins the layers (stage 2, the head) would read that block too
+    several = len({i // k for d in deps for i in d}) > 1
     for n, d in zip(per_layer, deps):
-        if len(d) == 1:
-            groups.setdefault(next(iter(d)), []).append(n)
+        if d and min(d) // k == max(d) // k and (several or len(d) == 1):
+            groups.setdefault(min(d) // k, []).append(n)
+            read_by.setdefault(min(d) // k, set()).update(d)
     staged = {id(n) for g in groups.values() for n in g}
     need = {id(t) for g in groups.values() for n in g for t in n.inputs}
     top = []  # state-free nodes that stage 1 reads: they run before any If
@@ -535,50 +543,55 @@ def layer_stages(
     moved = staged | set(map(id, top))
     rest = [n for n in per_layer if id(n) not in moved]
     if any(id(x) in layer for n in rest for x in n.inputs):
-        raise SurgeryError("layer_stages: a node reads a layer's state together with another layer's")
+        raise SurgeryError("layer_stages: a node reads layers' states from more than one block")
     read_outside = {id(x) for n in graph.nodes if id(n) not in staged for x in n.inputs}
 
     head, shape = _input_ids_dims(graph, stream, namer)
     more, prefill = _is_prefill(namer, shape, "stage")
     head += more
-    more, short = _is_short(namer, shape, max_tokens, "stage")
-    head += more
+    if stacked is not None:
+        more, short = _is_short(namer, shape, max_tokens, "stage")
+        head += more
     new_nodes = list(head) + list(top)
     swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
     passed: dict[int, gs.Tensor] = {}  # id(state i) -> its If's output (the state itself in short passes)
-    order, k = sorted(groups), max(1, layers_per_if)
-    for ids in [order[j : j + k] for j in range(0, len(order), k)]:  # the staged layers, k at a time
+    for key in sorted(groups):  # the staged blocks, in layer order
+        ids = sorted(read_by[key])
         b = ids[-1]  # names after the block's last layer, where its If runs
         states = [tensors[stream.hidden_states[i]] for i in ids]
-        nodes = [n for i in ids for n in groups[i]]
+        nodes = groups[key]
         inner = {id(o) for n in nodes for o in n.outputs}
         outs = [o for n in nodes for o in n.outputs if id(o) in read_outside]
         outs += [o for o in graph.outputs if id(o) in inner and all(o is not x for x in outs)]
-        # inner If (a prefill pass): short -> the states themselves, long -> stage 1's outputs
-        copies = [gs.Variable(namer(f"layer{i}_state"), dtype=st.dtype or np.float32) for i, st in zip(ids, states)]
-        s_nodes = [namer.node("Identity", [st], [c]) for st, c in zip(states, copies)]
-        s_outs = copies + [_placeholder(namer, o) for o in outs]
-        l_nodes, l_outs = nodes, [_placeholder(namer, c) for c in copies] + outs
-        mid = [gs.Variable(namer(f"layer{b}_stage"), dtype=x.dtype) for x in s_outs]
-        iff = gs.Node("If", name=namer("If"), inputs=[short], outputs=mid)
-        iff.attrs = {
-            "then_branch": gs.Graph(nodes=s_nodes, outputs=s_outs, name=namer("short")),
-            "else_branch": gs.Graph(nodes=l_nodes, outputs=l_outs, name=namer("long")),
-        }
+        if stacked is None:  # a prefill pass: stage 1 of the block
+            mid, prefill_nodes, n_states = outs, nodes, 0
+        else:
+            # inner If (a prefill pass): short -> the states themselves, long -> stage 1's outputs
+            copies = [gs.Variable(namer(f"layer{i}_state"), dtype=st.dtype or np.float32) for i, st in zip(ids, states)]
+            s_nodes = [namer.node("Identity", [st], [c]) for st, c in zip(states, copies)]
+            s_outs = copies + [_placeholder(namer, o) for o in outs]
+            l_nodes, l_outs = nodes, [_placeholder(namer, c) for c in copies] + outs
+            mid = [gs.Variable(namer(f"layer{b}_stage"), dtype=x.dtype) for x in s_outs]
+            iff = gs.Node("If", name=namer("If"), inputs=[short], outputs=mid)
+            iff.attrs = {
+                "then_branch": gs.Graph(nodes=s_nodes, outputs=s_outs, name=namer("short")),
+                "else_branch": gs.Graph(nodes=l_nodes, outputs=l_outs, name=namer("long")),
+            }
+            prefill_nodes, n_states = [iff], len(states)
         d_nodes, d_outs = [], [_placeholder(namer, x) for x in mid]  # a decode pass: placeholders
         outer = [gs.Variable(namer(f"layer{b}_stage_out"), dtype=x.dtype) for x in mid]
         top_if = gs.Node("If", name=namer("If"), inputs=[prefill], outputs=outer)
         top_if.attrs = {
-            "then_branch": gs.Graph(nodes=[iff], outputs=mid, name=namer("prefill")),
+            "then_branch": gs.Graph(nodes=prefill_nodes, outputs=mid, name=namer("prefill")),
             "else_branch": gs.Graph(nodes=d_nodes, outputs=d_outs, name=namer("decode")),
         }
         new_nodes.append(top_if)
-        passed.update({id(st): x for st, x in zip(states, outer)})
-        swap.update({id(o): x for o, x in zip(outs, outer[len(states) :])})
+        passed.update({id(st): x for st, x in zip(states[:n_states], outer)})
+        swap.update({id(o): x for o, x in zip(outs, outer[n_states:])})
     graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
     for n in rest:
         n.inputs = [swap.get(id(x), x) for x in n.inputs]
-    for n in stacked:
+    for n in stacked or []:
         n.inputs = [passed.get(id(x), x) for x in n.inputs]
     graph.nodes = [n for n in graph.nodes if id(n) not in moved] + new_nodes
     return rest

@@ -241,14 +241,21 @@ class Probe(nn.Module):
         """The summary v [B, d] the head reads (what a head-only probe is trained on)."""
         return self.aggregate(*self.prepare(states, mask))
 
-    def each_layer(self, layers: list[torch.Tensor], normalised: bool = True):
-        """The L+1 layer tensors [B, T, d] one at a time: (slice i:i+1, x [1, B, T, d], normalised unless
-        ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
+    # Can stage 1 run on blocks of a few layers at once (``features_layers(block=k)``)? A block is one
+    # [k, B, T, d] copy of its layers, never the whole [L+1, B, T, d] stack, and the probe's small ops run
+    # once per block instead of once per layer. The MHA's attention activations grow with k: it keeps 1.
+    blockable = True
+
+    def each_layer(self, layers: list[torch.Tensor], normalised: bool = True, block: int = 1):
+        """The L+1 layer tensors [B, T, d] ``block`` layers at a time: (slice i:i+G, x [G, B, T, d],
+        normalised unless ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
         if len(layers) != self.num_layers:
             raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
-        for i, x in enumerate(layers):
-            one = slice(i, i + 1)
-            yield one, self.normalise(x[None], one) if normalised else x[None]
+        for i in range(0, self.num_layers, block):
+            part = layers[i : i + block]
+            one = slice(i, i + len(part))
+            x = part[0][None] if len(part) == 1 else torch.stack(part)  # [G, B, T, d]
+            yield one, self.normalise(x, one) if normalised else x
 
     def tokens_raw(self, x: torch.Tensor, m: torch.Tensor, layers: slice) -> torch.Tensor:
         """``tokens(normalise(x, layers), m, layers)`` of x [G, B, T, d] as the layers hold it (the exported
@@ -256,10 +263,14 @@ class Probe(nn.Module):
         onto them (``normalised_matmul``): no normalised copy of the states."""
         return self.tokens(self.normalise(x, layers), m, layers)
 
-    def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """``features(torch.stack(layers), mask)``, stage 1 one layer at a time: layers L+1 x [B, T, d]."""
+    def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1) -> torch.Tensor:
+        """``features(torch.stack(layers), mask)``, stage 1 one layer (or ``block`` layers) at a time: layers
+        L+1 x [B, T, d]."""
+        if block > 1 and not self.blockable:
+            raise ValueError(f"{type(self).__name__} runs stage 1 one layer at a time, not in blocks of {block}")
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        v = [self.tokens_raw(x, m, one) for one, x in self.each_layer(layers, normalised=False)]  # L+1 x [1, B, d]
+        each = self.each_layer(layers, normalised=False, block=block)
+        v = [self.tokens_raw(x, m, one) for one, x in each]  # L+1 / G x [G, B, d]
         return self.combine(torch.cat(v))  # [L+1, B, d] -> [B, d]
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -280,9 +291,9 @@ class Probe(nn.Module):
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         return self.head(self.combine(self.tokens_raw(self.stack(layers), m, slice(0, self.num_layers))))
 
-    def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
+    def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
-        return self.head(self.features_layers(layers, mask))
+        return self.head(self.features_layers(layers, mask, block))
 
     # --- streaming form: stage 1 as a recurrent state over the tokens folded in so far ---------------
     # A family streams by setting ``streamable`` and defining three hooks: ``state_shapes(batch)``,
@@ -590,6 +601,8 @@ class MHAProbe(Probe):
 
     ``query`` is a constructor choice (``--set query=learned``), not a search draw (see TOKEN_POOLS).
     """
+
+    blockable = False  # its per-layer attention activations would grow with the block
 
     def __init__(
         self, num_layers, hidden_size, num_classes, factor=32, heads=8, pool="mean", input_norm="rms", query="tokens"

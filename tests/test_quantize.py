@@ -229,11 +229,12 @@ def _outer_reads(node) -> set[str]:
 
 
 @pytest.mark.parametrize("method", ["pooling", "gate", "mha"])
-def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_ones(tmp_path, tiny_backbone, method):
-    """In a prefill-only artifact a prompt probe is fused in two forms (export.fuse.STACKED_PASS_TOKENS):
-    the stacked one in passes of at most that many tokens, the per-layer one above. Export validation
-    runs both (its cases above and below the size) against PyTorch; here one prompt's label is the
-    same whichever form a pass picks."""
+def test_a_prompt_probe_runs_stage_1_after_each_block_of_layers(tmp_path, tiny_backbone, method):
+    """In a prefill-only artifact a prompt probe's stage 1 runs in an If per block of layers, right after
+    the block. The MHA (not ``blockable``) is fused in two forms (export.fuse.STACKED_PASS_TOKENS): the
+    stacked one in passes of at most that many tokens, the per-layer one above; pooling and the gate in
+    one, stage 1 on each block's layers at once. Export validation runs passes above and below the size
+    against PyTorch; here one prompt's label is the same in a short pass and a long one."""
     from export_helpers import make_probe
 
     from singlepass.export import fuse
@@ -261,7 +262,8 @@ def test_a_prompt_probe_runs_stacked_in_short_prefills_and_per_layer_in_long_one
     assert set().union(*reads) == states
     (outer,) = [x for x, r in zip(ifs, reads) if not r]  # ... and prefill passes only ...
     then = next(a.g for a in outer.attribute if a.name == "then_branch")
-    assert [x.op_type for x in then.node].count("If") == 1  # ... in one of two forms, neither reading the states
+    two_forms = method == "mha"  # ... in one of two forms, neither reading the states, or in one
+    assert [x.op_type for x in then.node].count("If") == int(two_forms)
     rt = load(art, backend="cpu", threads=1)
     one = rt.encode("hello there, how are you today?")[0]
     probs = ("safety/probs",)

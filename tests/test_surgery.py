@@ -241,13 +241,13 @@ def test_probe_attention_mask_is_the_current_steps_columns():
     np.testing.assert_array_equal(got, mask[:, -2:])
 
 
-def toy_with_stacked_states():
-    """A 2-layer toy graph with its stacked hidden states [3, B, T, D] as a debug output (the probes'
-    oracle input). -> (graph, its ResidualStream, the stacked output's name)."""
-    host = Toy(layers=2).graph()
+def toy_with_stacked_states(layers: int = 2):
+    """A toy graph of ``layers`` layers with its stacked hidden states [layers + 1, B, T, D] as a debug
+    output (the probes' oracle input). -> (graph, its ResidualStream, the stacked output's name)."""
+    host = Toy(layers=layers).graph()
     s = surgery.find_residual_stream(host)
     hs = surgery.add_stacked_hidden_states(host, s)
-    surgery.add_output(host, hs, dims=[3, "batch", "sequence", D])
+    surgery.add_output(host, hs, dims=[layers + 1, "batch", "sequence", D])
     return host, s, hs
 
 
@@ -326,6 +326,55 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     onnx.checker.check_model(model)
     assert [o.name for o in model.graph.output if o.name.startswith("tox")] == ["tox/logits", "tox/probs"]
     for (b, t), probe in [((2, 3), stacked), ((1, 6), stacked), ((2, 4), per_layer), ((1, 7), per_layer)]:
+        f = feeds(B=b, T=t)
+        out = run(model, f)
+        with torch.no_grad():
+            ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
+        np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6, err_msg=f"B={b}, T={t}")
+    assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
+
+
+@pytest.mark.parametrize("method,k", [("pooling", 2), ("gate", 2), ("gate", 4)])
+def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_layers(method, k):
+    """A ``blockable`` probe exported with stage 1 on blocks of k layers (``forward_layers(block=k)``) and
+    no stacked form: layer_stages gives each block's nodes an If of their own that reads that block's
+    states and no other (7 states, blocks of k), nothing else reads a state, and prefill passes of any
+    size equal the torch probe on the stacked states (a decode pass: zeros)."""
+    import torch
+
+    from singlepass.export.fuse import export_probe, state_names
+    from singlepass.models.probes import build_probe, probabilities
+
+    n = 7
+    host, s, hs = toy_with_stacked_states(layers=n - 1)
+    torch.manual_seed(0)
+    probe = build_probe(method, n, D, 2).eval()
+    feeds_ = dict(zip(state_names(n), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
+    graph = export_probe(probe, "hidden_states", n, D, V, 18, block=k)
+    nodes, outs = surgery.fuse_probe_nodes(host, graph, "tox", feeds_)
+    nodes = surgery.layer_stages(host, s, nodes, None, 0, k)
+    stages = [x for x in host.nodes if x.op == "If"]
+    names = set(s.hidden_states)
+
+    def outer_reads(node) -> set[str]:
+        made, read = set(), {t.name for t in node.inputs}
+        for g in node.attrs.values():
+            if isinstance(g, gs.Graph):
+                for x in g.nodes:
+                    read |= outer_reads(x)
+                    made |= {t.name for t in x.outputs}
+        return read - made
+
+    assert [sorted(outer_reads(x) & names) for x in stages] == [
+        sorted(s.hidden_states[i : i + k]) for i in range(0, n, k)
+    ]
+    assert not [x.name for x in host.nodes if x.name.startswith("tox") and {t.name for t in x.inputs} & names]
+    assert [len(x.outputs) for x in stages] == [1] * len(stages)  # each block's summaries, not its states
+    surgery.prefill_only(host, s, nodes, outs)
+    host.cleanup().toposort()
+    model = surgery.to_model(host)
+    onnx.checker.check_model(model)
+    for b, t in [(2, 3), (1, 9)]:
         f = feeds(B=b, T=t)
         out = run(model, f)
         with torch.no_grad():

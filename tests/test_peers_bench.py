@@ -119,6 +119,23 @@ def test_prefill_memory_reports_each_artifact_from_a_fresh_process(tiny_arts, ca
         assert 50 < loaded <= peak < 4000
 
 
+def test_prefill_pairs_times_every_artifact_on_every_prompt_against_the_base(tiny_arts, capsys, monkeypatch):
+    from singlepass.benchmarks import prefill_pairs
+    from singlepass.runtime import passes
+
+    calls = []
+    real = passes.prefill
+    monkeypatch.setattr(passes, "prefill", lambda b, m, seqs, **kw: calls.append(m.folder) or real(b, m, seqs, **kw))
+    arts = [tiny_arts["base"], tiny_arts["gate"]]
+    assert prefill_pairs.main([*arts, "--rounds", "2", "--prompts", "3", "--threads", "1"]) == 0
+    rows = [r.strip(" |").split(" | ") for r in capsys.readouterr().out.splitlines() if r.startswith("| /")]
+    assert [r[0] for r in rows] == [str(a) for a in arts] and rows[0][2] == "+0.00%"
+    assert all(float(r[1]) > 0 for r in rows)
+    assert len(calls) == 2 * (3 + 2 * 3)  # per artifact: a warm-up prefill per prompt (at most 4), 3 prompts x 2 rounds
+    with pytest.raises(SystemExit):
+        prefill_pairs.main([arts[0]])  # no artifact to compare
+
+
 def test_roofline_counts_the_linear_layers_and_bounds_the_serving_runs(tiny_arts, tiny_backbone, tmp_path):
     """The linear-layer work per token against the model's shapes (an oracle independent of the
     graph), the kernel and pass measurements present, and each batched serving run's ceiling from

@@ -289,6 +289,22 @@ def test_fuse_probe_matches_the_torch_probe_on_the_stacked_states():
         surgery.fuse_probe(host, graph, "third", {"state_0": layers["state_0"], "mask": "attention_mask"})
 
 
+def assert_probe_passes(model, hs: str, cases) -> None:
+    """Prefill passes of the fused ``tox`` probe equal the torch probe on the stacked states ``hs`` (cases:
+    ((batch, length), the probe that pass must run)); a one-token (decode) pass returns zeros."""
+    import torch
+
+    from singlepass.models.probes import probabilities
+
+    for (b, t), probe in cases:
+        f = feeds(B=b, T=t)
+        out = run(model, f)
+        with torch.no_grad():
+            ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
+        np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6, err_msg=f"B={b}, T={t}")
+    assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
+
+
 @pytest.mark.parametrize("staged", [0, 1, 2])
 def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     """short_pass: the stacked form of a probe in passes of <= n tokens (batch x length), the per-layer
@@ -299,7 +315,7 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     import torch
 
     from singlepass.export.fuse import export_probe, state_names
-    from singlepass.models.probes import build_probe, probabilities
+    from singlepass.models.probes import build_probe
 
     host, s, hs = toy_with_stacked_states()
     torch.manual_seed(0)
@@ -325,13 +341,7 @@ def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
     model = surgery.to_model(host)
     onnx.checker.check_model(model)
     assert [o.name for o in model.graph.output if o.name.startswith("tox")] == ["tox/logits", "tox/probs"]
-    for (b, t), probe in [((2, 3), stacked), ((1, 6), stacked), ((2, 4), per_layer), ((1, 7), per_layer)]:
-        f = feeds(B=b, T=t)
-        out = run(model, f)
-        with torch.no_grad():
-            ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
-        np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6, err_msg=f"B={b}, T={t}")
-    assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
+    assert_probe_passes(model, hs, [((2, 3), stacked), ((1, 6), stacked), ((2, 4), per_layer), ((1, 7), per_layer)])
 
 
 @pytest.mark.parametrize("method,k", [("pooling", 2), ("gate", 2), ("gate", 4)])
@@ -343,7 +353,7 @@ def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_la
     import torch
 
     from singlepass.export.fuse import export_probe, state_names
-    from singlepass.models.probes import build_probe, probabilities
+    from singlepass.models.probes import build_probe
 
     n = 7
     host, s, hs = toy_with_stacked_states(layers=n - 1)
@@ -374,13 +384,7 @@ def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_la
     host.cleanup().toposort()
     model = surgery.to_model(host)
     onnx.checker.check_model(model)
-    for b, t in [(2, 3), (1, 9)]:
-        f = feeds(B=b, T=t)
-        out = run(model, f)
-        with torch.no_grad():
-            ref = probabilities(probe(torch.from_numpy(out[hs]), torch.from_numpy(f["attention_mask"]))).numpy()
-        np.testing.assert_allclose(out["tox/probs"], ref, atol=1e-6, err_msg=f"B={b}, T={t}")
-    assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
+    assert_probe_passes(model, hs, [((2, 3), probe), ((1, 9), probe)])
 
 
 def test_cleanup_and_toposort():

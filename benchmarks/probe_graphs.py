@@ -21,14 +21,13 @@ import time
 import numpy as np
 
 
-def _graph(module, cfg: dict, form: str, opset: int):
-    from singlepass.export.fuse import LAYERS_PER_STAGE_IF, export_probe, export_stream_probe
+def _graph(module, cfg: dict, stacked: bool, block: int, opset: int):
+    from singlepass.export.fuse import export_probe, export_stream_probe
 
     L1, d = module.num_layers, module.hidden_size
     if cfg.get("reads") == "response":
         return export_stream_probe(module, L1, d, opset, stacked=True)
-    block = LAYERS_PER_STAGE_IF if form.startswith("blocks") else 1
-    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=form == "stacked", block=block)
+    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=stacked, block=block)
 
 
 def _time(sess, feed: dict, runs: int, repeats: int) -> float:
@@ -45,7 +44,7 @@ def _time(sess, feed: dict, runs: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
     from singlepass.benchmarks.machine import ort_machine
-    from singlepass.export.fuse import LAYERS_PER_STAGE_IF, STACKED_PASS_TOKENS
+    from singlepass.export.fuse import STACKED_PASS_TOKENS, stage_block
     from singlepass.models.probe_io import load_probe
     from singlepass.runtime.backends import ort_session
 
@@ -65,18 +64,19 @@ def main(argv=None) -> int:
         module, cfg = load_probe(folder)[:2]
         module = module.eval()
         response = cfg.get("reads") == "response"
+        block = stage_block(module)
         if response:
-            forms = ["decode (stacked stream)"]
-        elif module.blockable:
-            forms = [f"blocks of {LAYERS_PER_STAGE_IF} layers"]
+            forms = [("decode (stacked stream)", True, 1)]
+        elif block > 1:
+            forms = [(f"blocks of {block} layers", False, block)]
         else:
-            forms = ["stacked", "per layer"]
-        for form in forms:
-            proto = _graph(module, cfg, form, a.opset)
+            forms = [("stacked", True, 1), ("per layer", False, 1)]
+        for form, stacked, blk in forms:
+            proto = _graph(module, cfg, stacked, blk, a.opset)
             sess = ort_session(proto.SerializeToString(), a.threads)
             for b in a.batches:
                 t = 1 if response else a.tokens
-                if form == "stacked" and b * t > STACKED_PASS_TOKENS:
+                if stacked and not response and b * t > STACKED_PASS_TOKENS:
                     form_note = f"{form} (the artifact runs it up to {STACKED_PASS_TOKENS} tokens a pass)"
                 else:
                     form_note = form

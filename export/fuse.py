@@ -53,6 +53,13 @@ STACKED_PASS_TOKENS = 64
 LAYERS_PER_STAGE_IF = 4
 
 
+def stage_block(module) -> int:
+    """Layers per stage-1 block of a prompt probe fused in a prefill-only artifact: the stage Ifs' when
+    its family is ``blockable`` (one form for every pass size), else 1 (per layer, plus the stacked form
+    for short passes)."""
+    return LAYERS_PER_STAGE_IF if getattr(module, "blockable", False) else 1
+
+
 def _wrapper(module, kind: str, stacked: bool = False, block: int = 1):
     import torch
 
@@ -325,11 +332,10 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
         src = sources[kind]
         if not prefill_only:
             outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)[1]
-        elif kind == "hidden_states" and getattr(p.module, "blockable", False):
+        elif kind == "hidden_states" and (block := stage_block(p.module)) > 1:
             # prefill passes only, stage 1 on the blocks of layers of the stage Ifs (one form for every pass
             # size: no stacked copy, no states handed on; no fp32 boundary casts: prefill-only artifacts are
             # the quantised ones, never TensorRT's input)
-            block = LAYERS_PER_STAGE_IF
             nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False, block=block)
             nodes = surgery.layer_stages(graph, stream, nodes, None, 0, block)
             surgery.prefill_only(graph, stream, nodes, outs)

@@ -12,8 +12,9 @@ Speed: for each thread count, one process holds every engine and runs each promp
 rotated order, ``--repeats`` times (``benchmarks/peers_worker.py``): prefill tokens/s and time to
 first token over ``--n-prefill`` ToxicChat test prompts (chat template), decode tokens/s over
 ``--n-decode`` prompts x ``--new-tokens``; medians over repeats. Memory: each engine alone in a
-fresh process (peak resident memory). Quality: the int4 artifact's labels, F1 and next-token
-choices against the fp32 artifact's on ``--quality-limit`` ToxicChat test prompts.
+fresh process, from a cold start (its files evicted from the page cache): peak resident memory.
+Quality: the int4 artifact's labels, F1 and next-token choices against the fp32 artifact's on
+``--quality-limit`` ToxicChat test prompts.
 
 The peers are installed by ``make peers`` (never needed by ``make test`` or ``make demo``).
 """
@@ -266,6 +267,26 @@ def write_report(res: dict, out: Path) -> None:
                 f"| {n} | {r['prefill_tok_s']:.0f} | {r['decode_tok_s']:.1f} | {r['ttft_ms']:.1f} | "
                 f"{f'{mem:.0f}' if mem else '-'} |"
             )
+        lines.append("")
+    if res.get("memory"):
+        lines += [
+            "## Memory",
+            "",
+            "Each engine alone in a fresh process, its files evicted from the page cache first (a cold start, the "
+            "same for every engine: the pages of mapped weight files a process touches count in its RSS, and how "
+            "many a touch maps depends on what the page cache holds), serving the memory prompts "
+            "(the decode prompts and the two longest of the first 500 test prompts) with 16 new tokens each. "
+            "At the end: resident memory by kind, the process's own allocations and its mapped files "
+            "(libraries and mapped weights).",
+            "",
+            "| engine | after loading (MiB) | peak RSS (MiB) | at the end: anonymous / mapped files (MiB) |",
+            "|---|---:|---:|---:|",
+        ]
+        for n, r in res["memory"].items():
+            end = r.get("end_rss_mib")
+            split = f"{end['anon']:.0f} / {end['file']:.0f}" if end else "-"
+            loaded = f"{r['loaded_rss_mib']:.0f}" if "loaded_rss_mib" in r else "-"
+            lines.append(f"| {n} | {loaded} | {r['peak_rss_mib']:.0f} | {split} |")
         lines.append("")
     T = TARGETS
     gate = "singlepass int4 + gate"

@@ -6,8 +6,10 @@ SPEC.json OUT.json``), started by ``benchmarks/peers.py``:
   prompt (A, B, C, B, C, A, ...), so each ratio compares runs that saw the same machine state.
   Prefill prompts: the prefill pass and its first token (time to first token). Decode prompts:
   the same, then ``new_tokens`` greedy steps, timed apart.
-* ``memory``: ONE engine in a fresh process: resident memory after loading, and the peak
-  (VmHWM) after serving the memory prompts (the longest among them) with ``new_tokens`` steps.
+* ``memory``: ONE engine in a fresh process, its files first evicted from the page cache (a cold
+  start: ``latency_worker.evict_page_cache``): resident memory after loading, the peak (VmHWM)
+  after serving the memory prompts (the longest among them) with ``new_tokens`` steps, and the
+  resident memory at the end by kind (anonymous, mapped files).
 
 No torch is imported.
 """
@@ -19,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from singlepass.benchmarks.latency_worker import log, peak_rss_mib, rss_mib
+from singlepass.benchmarks.latency_worker import evict_page_cache, log, peak_rss_mib, rss_mib, rss_split_mib
 from singlepass.benchmarks.peer_runners import make_runner
 
 
@@ -62,12 +64,18 @@ def run_timing(spec: dict) -> dict:
 
 
 def run_memory(spec: dict) -> dict:
+    evict_page_cache([spec["engine"]["path"]])  # every engine from the same cold start
     start = rss_mib()
     runner = make_runner(spec["engine"], spec["threads"])
     loaded = rss_mib()
     for ids in spec["prompts"]:
         one(runner, ids, spec["new_tokens"])
-    return {"start_rss_mib": start, "loaded_rss_mib": loaded, "peak_rss_mib": peak_rss_mib()}
+    return {
+        "start_rss_mib": start,
+        "loaded_rss_mib": loaded,
+        "peak_rss_mib": peak_rss_mib(),
+        "end_rss_mib": rss_split_mib(),
+    }
 
 
 def main(argv: list[str] | None = None) -> int:

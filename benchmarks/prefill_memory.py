@@ -3,7 +3,8 @@
     python -m singlepass.benchmarks.prefill_memory ARTIFACT [ARTIFACT ...] [--batch 1 4] [--tokens 400]
         [--steps 32] [--threads 2]
 
-Per artifact and batch size, a fresh process loads the artifact through the runtime (``runtime.api.load``,
+Per artifact and batch size, a fresh process evicts the artifact's files from the page cache (a cold start:
+``latency_worker.evict_page_cache``), loads the artifact through the runtime (``runtime.api.load``,
 so ONNX Runtime's session options are the runtime's own), prefills ``--batch`` rows of ``--tokens``
 tokens, runs ``--steps`` decode passes, twice, and reports its peak RSS (``VmHWM``) right after
 loading and at the end. What a fused prompt probe adds over the base artifact is the difference of
@@ -21,10 +22,11 @@ import sys
 def _child(art: str, batch: int, tokens: int, steps: int, threads: int) -> dict:
     import numpy as np
 
-    from singlepass.benchmarks.latency_worker import peak_rss_mib  # VmHWM: ru_maxrss survives exec
+    from singlepass.benchmarks.latency_worker import evict_page_cache, peak_rss_mib  # VmHWM: ru_maxrss survives exec
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, prefill
 
+    evict_page_cache([art])  # every artifact from the same cold start
     rt = load(art, backend="cpu", threads=threads)
     ids = rt.encode("hello " * tokens, truncate=True)[0][:tokens]  # [T]: the same token ids in every row
     if len(ids) < tokens:

@@ -92,16 +92,22 @@ def start_ray(args, artifact: str, policy: dict) -> str:
     return f"http://127.0.0.1:{port}"
 
 
-def health_replicas(url: str, tries: int = 40) -> dict[str, int]:
-    """{replica id: pid} seen on ``url``/health."""
+def health_replicas(url: str, want: int = 1, tries: int = 40, patience: float = 30.0) -> dict[str, int]:
+    """{replica id: pid} seen on ``url``/health: rounds of ``tries`` requests until ``want`` replicas
+    have answered or ``patience`` seconds have passed (a replica busy finishing the last run's
+    requests, or still joining the router, may sit out a round)."""
     from singlepass.benchmarks.serve_load import http_module
 
     httpx, seen = http_module(), {}
-    for _ in range(tries):
-        r = httpx.get(url + "/health", timeout=10, trust_env=False)
-        if r.status_code == 200:
-            seen[r.json()["replica"]] = r.json()["pid"]
-    return seen
+    deadline = time.monotonic() + patience
+    while True:
+        for _ in range(tries):
+            r = httpx.get(url + "/health", timeout=10, trust_env=False)
+            if r.status_code == 200:
+                seen[r.json()["replica"]] = r.json()["pid"]
+        if len(seen) >= want or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
 
 
 # --- failover ------------------------------------------------------------------------------------
@@ -116,7 +122,7 @@ async def failover(args, url: str, model: str, prompts: list[str]) -> dict:
     from singlepass.benchmarks.serve_load import http_module, run_load
 
     httpx = http_module()
-    before = health_replicas(url)
+    before = health_replicas(url, want=2)
     if len(before) < 2:
         raise SinglepassError(f"failover needs 2 replicas answering /health, saw {sorted(before)}")
     victim, pid = sorted(before.items())[0]

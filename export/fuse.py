@@ -118,6 +118,33 @@ def _fold_constants(proto):
     return onnxscript.optimizer.optimize(proto, input_size_limit=1 << 26, output_size_limit=1 << 26)
 
 
+def _rms_norm(g, x, shape, weight, eps):
+    """TorchScript symbolic of ``aten::rms_norm`` (``F.rms_norm``, without a weight): opset 23's
+    RMSNormalization, one op; below 23, x / sqrt(mean(x^2) + eps) with the mean as a product with a
+    constant column (``models.probes.inv_rms_product``)."""
+    import torch
+
+    eps = 1e-5 if eps is None else eps  # torch's default for float32 is its epsilon; the probes pass one
+    if g.opset >= 23:
+        return g.op("RMSNormalization", x, g.op("Constant", value_t=torch.ones(shape)), axis_i=-1, epsilon_f=eps)
+    mean_sq = g.op("MatMul", g.op("Mul", x, x), g.op("Constant", value_t=torch.full((shape[-1], 1), 1.0 / shape[-1])))
+    eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
+    return g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, eps_t)))
+
+
+_SYMBOLICS: list = []  # registered once per process
+
+
+def _register_symbolics() -> None:
+    """Symbolics the TorchScript exporter lacks for ops the probes use (``_rms_norm``)."""
+    if _SYMBOLICS:
+        return
+    from torch.onnx import register_custom_op_symbolic, symbolic_helper
+
+    register_custom_op_symbolic("aten::rms_norm", symbolic_helper.parse_args("v", "is", "v", "f")(_rms_norm), 9)
+    _SYMBOLICS.append("aten::rms_norm")
+
+
 def _to_onnx(module, args, names, outputs, axes, dims, opset: int, exporter: str, subset: bool = False):
     """Trace ``module(*args)`` to an onnx.ModelProto with inputs ``names`` and ``outputs``: the
     TorchScript exporter with ``axes`` ({name: {axis: symbol}}), or the dynamo exporter with
@@ -138,6 +165,7 @@ def _to_onnx(module, args, names, outputs, axes, dims, opset: int, exporter: str
                 module, args, None, opset_version=opset, input_names=names, output_names=outputs, **kw
             ).model_proto
         else:
+            _register_symbolics()
             f = io.BytesIO()
             torch.onnx.export(
                 module,

@@ -676,6 +676,50 @@ class MHAProbe(Probe):
         o = o.transpose(2, 3).flatten(3) @ self.w_o[modules, None] + self.b_o[modules, None, None]  # [G, B, T, d]
         return o.amax(2) if m is None else masked_max(o, m, dim=2)  # [G, B, d]
 
+    # --- the per-layer form of query="tokens" with mean pooling (the exported prompt probe's long passes) ----
+    # Per layer: RMS-normalise, one projection (the "standard" affine map and the 1/sqrt(dh) score scale
+    # folded into its weights), attention, and the masked token mean read as one row of weights through the
+    # attention: (w_tok @ softmax) @ v, [B, H, 1, dh], never the [B, H, T, dh] outputs. The output projection
+    # is linear, so it runs once on the L+1 layers' pooled heads after them, not once per layer: ~12 ops a
+    # layer, where ``attend`` on one layer exports ~31.
+
+    def layer_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stage 1's q, k, v projection of RMS-normalised tokens: w [L+1, d, 3*d_inner], b [L+1, 3*d_inner],
+        with the "standard" affine map (x - mean) * inv_std and the queries' 1/sqrt(dh) folded in (weights
+        only: constant in an export)."""
+        L1, di = self.num_layers, self.d_inner
+        w, b = self.w_qkv[:L1], self.b_qkv[:L1]
+        if self.input_norm == "standard":
+            b = b - ((self.in_mean * self.in_inv_std)[:, None] @ w)[:, 0]  # [L+1, 3*d_inner]
+            w = self.in_inv_std[..., None] * w  # [L+1, d, 3*d_inner]
+        scale = torch.cat([w.new_full((di,), (di // self.heads) ** -0.5), w.new_ones(2 * di)])  # q | k, v
+        return w * scale, b * scale
+
+    def pooled_heads(self, x, keys, tok, w, b) -> torch.Tensor:
+        """One layer's attention, mean-pooled over its tokens: x [B, T, d] as the layer holds it, keys
+        [B, 1, 1, T] (additive mask), tok [B, 1, 1, T] (the mean's token weights), w [d, 3*d_inner],
+        b [3*d_inner] (``layer_qkv``) -> the heads' pooled outputs [1, B, d_inner]."""
+        H, dh = self.heads, self.d_inner // self.heads
+        x = fp32(x)
+        if self.input_norm != "none":
+            x = F.rms_norm(x, (self.hidden_size,), eps=RMS_EPS)  # [B, T, d]: one op (opset 23's RMSNormalization)
+        qkv = (x @ w + b).reshape(keys.shape[0], -1, 3 * H, dh).transpose(1, 2)  # [B, 3H, T, dh]
+        q, k, v = qkv.split(H, dim=1)  # 3 x [B, H, T, dh]; q scaled by 1/sqrt(dh) in w
+        p = torch.softmax(q @ k.transpose(-1, -2) + keys, dim=-1)  # [B, H, T, T]
+        return ((tok @ p) @ v).reshape(1, -1, self.d_inner)  # [B, H, 1, dh] -> [1, B, d_inner]
+
+    def features_layers(self, layers, mask, block: int = 1):
+        if self.query != "tokens" or self.pool != "mean" or block > 1:
+            return super().features_layers(layers, mask, block)
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        L1 = self.num_layers
+        m = mask.to(torch.float32)[:, None, None]  # [B, 1, 1, T]
+        keys, tok = (m - 1.0) * -NEG, m / m.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1, 1, T] each
+        w, b = self.layer_qkv()
+        o = torch.cat([self.pooled_heads(x, keys, tok, w[i], b[i]) for i, x in enumerate(layers)])  # [L+1, B, d_inner]
+        return self.combine(o @ self.w_o[:L1] + self.b_o[:L1, None])  # summaries [L+1, B, d] -> [B, d]
+
     # --- query="learned": attention pooling with a learned query per head and layer ---------------------
     # q . k_t = q . (x_t W_k) = x_t . (W_k q): the scores read x through one d-vector per head (like the
     # gate's), and the weighted average of the values is the weighted average of x projected by W_v, so

@@ -45,6 +45,7 @@ def test_timing_and_memory_workers_run_every_engine_on_every_prompt(tiny_arts):
     assert s["base"]["prefill_tok_s"] > 0 and s["gate"]["decode_tok_s"] > 0
     mem = peers.worker({"mode": "memory", "threads": 1, "engine": engines["gate"], "prompts": prompts, "new_tokens": 2})
     assert mem["peak_rss_mib"] >= mem["loaded_rss_mib"] > 0
+    assert mem["end_rss_mib"]["anon"] > 0 and mem["end_rss_mib"]["file"] > 0
 
 
 def test_unknown_engine_is_a_clear_error(tiny_arts):
@@ -188,3 +189,43 @@ def test_roofline_refuses_an_artifact_without_matmulnbits(tmp_path):
     )
     with pytest.raises(SinglepassError, match="--weights int4 or int8"):
         roofline.linear_nodes(helper.make_model(g), 32)
+
+
+def _cached_pages(path) -> int:
+    """Pages of ``path`` in the page cache (mincore on a private mapping of it)."""
+    import ctypes
+    import mmap
+    import os
+
+    size = os.path.getsize(path)
+    pages = -(-size // mmap.PAGESIZE)
+    with open(path, "rb") as f:
+        mm = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_COPY)
+    try:
+        buf = ctypes.c_char.from_buffer(mm)
+        vec = (ctypes.c_ubyte * pages)()
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p]
+        assert libc.mincore(ctypes.addressof(buf), size, vec) == 0, os.strerror(ctypes.get_errno())
+        del buf
+        return sum(v & 1 for v in vec)
+    finally:
+        mm.close()
+
+
+def test_memory_workers_start_cold_with_the_files_evicted_from_the_page_cache(tmp_path):
+    """``evict_page_cache`` (every memory worker calls it first) drops a folder's files from the page
+    cache, written or read a moment ago, so no measurement depends on what an earlier one left there."""
+    from singlepass.benchmarks.latency_worker import evict_page_cache
+
+    art = tmp_path / "art"
+    (art / "sub").mkdir(parents=True)
+    a, b = art / "model.onnx.data", art / "sub" / "x.bin"
+    a.write_bytes(b"\1" * (4 << 20))
+    b.write_bytes(b"\2" * (1 << 20))
+    a.read_bytes(), b.read_bytes()
+    assert _cached_pages(a) > 0 and _cached_pages(b) > 0
+    assert evict_page_cache([art]) == 2
+    assert _cached_pages(a) == 0 and _cached_pages(b) == 0
+    b.read_bytes()
+    assert evict_page_cache([b]) == 1 and _cached_pages(b) == 0

@@ -151,6 +151,8 @@ def run_memory(spec: dict) -> dict:
 
 
 def run_latency(spec: dict) -> dict:
+    from singlepass.benchmarks.machine import settle
+
     threads = spec["threads"]
     shared: dict = {}
     t0 = time.perf_counter()
@@ -174,6 +176,7 @@ def run_latency(spec: dict) -> dict:
             for j, batch in enumerate(batches):
                 k = (r * len(batches) + j) % len(names)
                 for name in names[k:] + names[:k]:  # rotated order
+                    settle()  # the last configuration's threads asleep first
                     t1 = time.perf_counter()
                     cfgs[name](batch, st["new_tokens"])
                     cur[name].append(time.perf_counter() - t1)

@@ -9,6 +9,22 @@ from __future__ import annotations
 
 import os
 import platform
+import time
+
+# Seconds to idle before each timed run of a benchmark that alternates engines in one process. After a run,
+# ONNX Runtime's intra-op threads (and llama.cpp's) poll for new work for a while; the next engine's run
+# then shares the 2 cores with them. Measured with `bench peers`' timing worker (24 prompts, 2 threads,
+# int4 base / pooling / gate / MHA / llama.cpp in rotated order): with no pause the base prefilled at 1,157
+# tokens/s and the probe artifacts (each right after another ONNX Runtime session) 28-48% slower; after
+# 10 ms 1,439 and +34-49%; after 50 ms 1,653 and +4.4 / +2.7 / +6.9%; after 200 ms 1,485 and -1.8 /
+# -0.0 / +5.7% (llama.cpp 327 -> 400 -> 502 -> 463 tokens/s).
+SETTLE_S = 0.1
+
+
+def settle(seconds: float = SETTLE_S) -> None:
+    """Idle before a timed run, so that the last run's worker threads have gone to sleep (``SETTLE_S``)."""
+    if seconds > 0:
+        time.sleep(seconds)
 
 
 def cpu_name() -> str:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from singlepass.benchmarks.latency_worker import evict_page_cache, log, peak_rss_mib, rss_mib, rss_split_mib
+from singlepass.benchmarks.machine import SETTLE_S, settle
 from singlepass.benchmarks.peer_runners import make_runner
 
 
@@ -36,6 +37,7 @@ def one(runner, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def run_timing(spec: dict) -> dict:
+    pause = float(spec.get("pause", SETTLE_S))  # before every timed run (``machine.settle``)
     names = list(spec["engines"])
     runners = {}
     for n in names:
@@ -50,10 +52,12 @@ def run_timing(spec: dict) -> dict:
         dec = {n: [] for n in names}
         for ids in spec["prefill"]:
             for n in names[k % len(names) :] + names[: k % len(names)]:
+                settle(pause)
                 pre[n].append(one(runners[n], ids, 0)[0])
             k += 1
         for ids in spec["decode"]:
             for n in names[k % len(names) :] + names[: k % len(names)]:
+                settle(pause)
                 dec[n].append(one(runners[n], ids, spec["new_tokens"]))
             k += 1
         for n in names:

@@ -7,7 +7,9 @@
 VM, whose speed drifts by several percent within minutes, a probe's 1-5% prefill overhead moves by
 a point or two between runs. Here every prompt (the first ``--prompts`` ToxicChat test prompts,
 the artifacts' chat template) is prefilled at batch 1 by every artifact in turn, the order rotated
-prompt by prompt, so drift hits all of them alike; each round sums a prompt set's prefills per
+prompt by prompt, so drift hits all of them alike, each prefill after an idle ``machine.SETTLE_S`` (the
+last artifact's threads asleep: an ONNX Runtime session's spinning threads slow the next one by tens of
+percent); each round sums a prompt set's prefills per
 artifact. Prints, per artifact, the median round and, over rounds, the median and interquartile
 range of (round / the base's round - 1). The artifacts must share a tokenizer (the base's encodes).
 Nothing else should run meanwhile.
@@ -23,6 +25,7 @@ import numpy as np
 
 def pair_rounds(folders: list[str], texts: list[str], rounds: int, threads: int) -> dict[str, np.ndarray]:
     """-> folder -> [rounds] seconds: the sum of one round's prefills of every text."""
+    from singlepass.benchmarks.machine import settle
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import prefill
 
@@ -35,6 +38,7 @@ def pair_rounds(folders: list[str], texts: list[str], rounds: int, threads: int)
     for r in range(rounds):
         for k, s in enumerate(ids):
             for j in np.roll(np.arange(len(rts)), -(k + r)):  # rotated: no artifact always first
+                settle()  # the last artifact's threads asleep first
                 t = time.perf_counter()
                 prefill(rts[j].backend, rts[j].manifest, [s])
                 total[j, r] += time.perf_counter() - t

@@ -529,15 +529,17 @@ def decode_overhead(
 ) -> dict:
     """Decode-step time of each artifact ({name: folder}; the first is the base, the others carry one
     probe each) at each batch size: one prompt (repeated for batch B) prefilled, ``warmup`` greedy
-    decode steps, then ``repeats`` blocks of ``steps`` chained decode steps from that state (each
-    after one untimed step, and after one timed prefill of the prompt: "prefill_ms", a request's
-    other cost), the artifacts alternating block by block (the order rotated every repeat).
+    decode steps, then ``repeats`` blocks, the artifacts alternating block by block (the order rotated
+    every repeat). A block: an idle ``machine.SETTLE_S``, an untimed and a timed prefill of the prompt
+    ("prefill_ms", a request's other cost), one untimed decode step, then ``steps`` chained decode steps
+    from that state, timed.
     -> {"batch B": {"base_ms" (median per step), "base_prefill_ms", "probes": {name: {"probe_ms",
     "overhead_ms", "overhead_pct": the median over repeats of (probe block / base block - 1) x 100,
     "overhead_pct_iqr": its interquartile range, "min_overhead_pct": the fastest probe block over the
     fastest base block, "prefill_ms", "prefill_overhead_pct" (paired, as the decode one)}},
     "block_ms": every block's time per step, ...}}: per-repeat ratios, so a machine drifting during the
     run cancels; the minima, so a noisy one's disturbances (which only ever add time) drop out."""
+    from singlepass.benchmarks.machine import settle
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 
@@ -558,7 +560,8 @@ def decode_overhead(
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 rt, (st, toks), ids = rts[name], start[name], prompt_ids[name]
-                prefill(rt.backend, rt.manifest, [ids] * b)  # untimed: the other's idle threads stop spinning
+                settle()  # the other artifact's threads asleep (machine.SETTLE_S)
+                prefill(rt.backend, rt.manifest, [ids] * b)  # untimed: warms this session's threads
                 t0 = time.perf_counter()
                 prefill(rt.backend, rt.manifest, [ids] * b)
                 pre[name].append(time.perf_counter() - t0)
@@ -701,9 +704,12 @@ def cost_phase(args, bb, data: Data, log) -> dict:
         f"  {rerun['rerun_ms_per_response']:.1f} ms per response ({rerun['mean_calls']:.2f} calls) vs "
         f"{rerun['once_ms_per_response']:.1f} ms once"
     )
+    from singlepass.benchmarks.machine import SETTLE_S
+
     return {
         "weights": args.weights,
         "threads": args.threads,
+        "settle_s": SETTLE_S,  # idle before each block (decode_cost)
         "probes": {m: {"artifact": str(folder), "threshold": cfg["threshold"]} for m, (cfg, folder) in probes.items()},
         "artifacts": {k: str(v) for k, v in folders.items()},
         "decode": decode,

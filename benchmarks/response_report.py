@@ -288,10 +288,15 @@ def render(doc: dict) -> str:
             + "; one artifact each), all exported with "
             f"{cost['weights']} weights (`export_artifact`), opened with "
             f"`runtime.api.load(threads={cost['threads']})`; "
-            f"one prompt prefilled (repeated for batch 8) and a few greedy steps, then blocks of one untimed and "
-            f"{first['steps']} chained `decode_one_token` steps, the artifacts alternating block by block (order "
-            f"rotated every block); times are medians of {first['repeats']} blocks, the overhead the median "
-            "over blocks of (probe block / the base block of the same rotation - 1), with its interquartile "
+            f"one prompt prefilled (repeated for batch 8) and a few greedy steps, then blocks of "
+            + (
+                f"(after {cost['settle_s']} s idle, the other artifact's threads asleep, and an untimed prefill) "
+                if cost.get("settle_s")
+                else ""
+            )
+            + f"one untimed and {first['steps']} chained `decode_one_token` steps, the artifacts alternating block by "
+            f"block (order rotated every block); times are medians of {first['repeats']} blocks, the overhead "
+            "the median over blocks of (probe block / the base block of the same rotation - 1), with its interquartile "
             "range (the machine's noise), and the fastest probe block over the fastest base block (noise only "
             "ever adds time, so the minima are the least disturbed estimate; the target is judged on them). "
             "Target: <= 2% per step. Before each block, one timed prefill of the prompt (no response token in "

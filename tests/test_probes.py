@@ -251,7 +251,7 @@ PER_LAYER_CASES = (
     + [("pooling", {"token_pool": "topk", "top_k": k, "input_norm": "standard"}) for k in (1, 3, 20)]
     + [("gate", {"input_norm": n}) for n in ("standard", "rms", "none")]
     + [("mha", {"factor": 4, "heads": 2, "pool": p, "input_norm": "standard"}) for p in ("mean", "max")]
-    + [("mha", {"factor": 8, "heads": 1, "pool": "mean", "input_norm": "none"})]
+    + [("mha", {"factor": 8, "heads": 1, "pool": "mean", "input_norm": n}) for n in ("none", "rms")]
     + [("mha", {"factor": 4, "heads": 2, "pool": p, "query": "learned", "input_norm": "standard"}) for p in POOLS]
     + [("mha", {"factor": 2, "heads": 8, "query": "learned", "input_norm": "none"})]
     + [("last-token", {}), ("mean-final", {})]
@@ -382,3 +382,34 @@ def test_set_query_learned_reaches_every_trial_and_survives_save_and_load(tmp_pa
         torch.testing.assert_close(loaded(x, mask), probe(x, mask), rtol=0, atol=0)
         state = loaded.stream_update(loaded.stream_init(3), list(x), mask)
         torch.testing.assert_close(loaded.stream_logits(state), probe(x, mask), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("opset", [18, 23])
+@pytest.mark.parametrize("norm", ["standard", "rms", "none"])
+def test_mha_per_layer_graph_equals_torch_at_each_opset(opset, norm):
+    """The MHA's per-layer form (``MHAProbe.features_layers``: query=tokens, mean pooling) exported
+    as the fused artifacts export it: opset 23 normalises with one RMSNormalization per layer (the
+    TorchScript ``rms_norm`` symbolic in export/fuse.py), opset 18 with its decomposition; both
+    equal the torch probe on a padded batch of another size than the trace's."""
+    import onnxruntime as ort
+
+    from singlepass.export.fuse import export_probe, state_names
+
+    torch.manual_seed(0)
+    probe = build_method("mha", 4, 16, 2, factor=4, heads=2, pool="mean", input_norm=norm).eval()
+    if norm == "standard":
+        probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    with torch.no_grad():
+        probe.b_qkv.normal_(0, 0.5)  # the folded biases must carry the score scale and the affine shift
+    graph = export_probe(probe, "hidden_states", 4, 16, 100, opset)
+    ops = [n.op_type for n in graph.graph.node]
+    assert ops.count("RMSNormalization") == (4 if opset >= 23 and norm != "none" else 0)
+    assert ops.count("Softmax") == 5  # one per layer + stage 2: the per-layer form, one attention each
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    states, lengths = random_batch(seed=1)  # 3 rows of 9 / 5 / 2 tokens
+    x, mask = pad(states, lengths, 12, "left", 1e4)
+    with torch.no_grad():
+        ref = probe(x, mask).numpy()
+    feed = {n: x[i].numpy() for i, n in enumerate(state_names(4))} | {"mask": mask.numpy()}
+    (logits,) = sess.run(["logits"], feed)
+    np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)

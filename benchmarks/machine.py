@@ -17,7 +17,7 @@ import time
 # int4 base / pooling / gate / MHA / llama.cpp in rotated order): with no pause the base prefilled at 1,157
 # tokens/s and the probe artifacts (each right after another ONNX Runtime session) 28-48% slower; after
 # 10 ms 1,439 and +34-49%; after 50 ms 1,653 and +4.4 / +2.7 / +6.9%; after 200 ms 1,485 and -1.8 /
-# -0.0 / +5.7% (llama.cpp 327 -> 400 -> 502 -> 463 tokens/s).
+# -0.0 / +5.7% (llama.cpp 327 -> 400 -> 502 -> 463 tokens/s). 0.1 s: between the two settled points.
 SETTLE_S = 0.1
 
 

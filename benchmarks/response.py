@@ -560,7 +560,7 @@ def decode_overhead(
         for r in range(repeats):
             for name in names[r % len(names) :] + names[: r % len(names)]:
                 rt, (st, toks), ids = rts[name], start[name], prompt_ids[name]
-                settle()  # the other artifact's threads asleep (machine.SETTLE_S)
+                settle()  # the other artifacts' threads asleep (machine.SETTLE_S)
                 prefill(rt.backend, rt.manifest, [ids] * b)  # untimed: warms this session's threads
                 t0 = time.perf_counter()
                 prefill(rt.backend, rt.manifest, [ids] * b)

@@ -290,7 +290,7 @@ def render(doc: dict) -> str:
             f"`runtime.api.load(threads={cost['threads']})`; "
             f"one prompt prefilled (repeated for batch 8) and a few greedy steps, then blocks of "
             + (
-                f"(after {cost['settle_s']} s idle, the other artifact's threads asleep, and an untimed prefill) "
+                f"(after {cost['settle_s']} s idle, the other artifacts' threads asleep, and an untimed prefill) "
                 if cost.get("settle_s")
                 else ""
             )

@@ -119,17 +119,26 @@ def _fold_constants(proto):
 
 
 def _rms_norm(g, x, shape, weight, eps):
-    """TorchScript symbolic of ``aten::rms_norm`` (``F.rms_norm``, without a weight): opset 23's
-    RMSNormalization, one op; below 23, x / sqrt(mean(x^2) + eps) with the mean as a product with a
-    constant column (``models.probes.inv_rms_product``)."""
+    """TorchScript symbolic of ``aten::rms_norm`` (``F.rms_norm(x, shape, weight, eps)``), registered for
+    the process's TorchScript exports: opset 23's RMSNormalization over the last ``len(shape)`` axes (one
+    op; ``weight`` its scale, else ones); below 23, over the last axis only, x / sqrt(mean(x^2) + eps)
+    with the mean as a product with a constant column (``models.probes.inv_rms_product``), times
+    ``weight``. ``eps`` None: torch's default, float32's epsilon."""
     import torch
+    from torch.onnx import symbolic_helper
 
-    eps = 1e-5 if eps is None else eps  # torch's default for float32 is its epsilon; the probes pass one
+    eps = torch.finfo(torch.float32).eps if eps is None else eps
+    no_weight = symbolic_helper._is_none(weight)
     if g.opset >= 23:
-        return g.op("RMSNormalization", x, g.op("Constant", value_t=torch.ones(shape)), axis_i=-1, epsilon_f=eps)
-    mean_sq = g.op("MatMul", g.op("Mul", x, x), g.op("Constant", value_t=torch.full((shape[-1], 1), 1.0 / shape[-1])))
+        scale = g.op("Constant", value_t=torch.ones(shape)) if no_weight else weight
+        return g.op("RMSNormalization", x, scale, axis_i=-len(shape), epsilon_f=eps)
+    if len(shape) != 1:
+        raise RuntimeError(f"rms_norm over {len(shape)} axes needs opset 23 (RMSNormalization), not {g.opset}")
+    d = shape[0]
+    mean_sq = g.op("MatMul", g.op("Mul", x, x), g.op("Constant", value_t=torch.full((d, 1), 1.0 / d)))
     eps_t = g.op("Constant", value_t=torch.tensor(eps, dtype=torch.float32))
-    return g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, eps_t)))
+    y = g.op("Div", x, g.op("Sqrt", g.op("Add", mean_sq, eps_t)))
+    return y if no_weight else g.op("Mul", y, weight)
 
 
 _SYMBOLICS: list = []  # registered once per process

@@ -680,8 +680,8 @@ class MHAProbe(Probe):
     # Per layer: RMS-normalise, one projection (the "standard" affine map and the 1/sqrt(dh) score scale
     # folded into its weights), attention, and the masked token mean read as one row of weights through the
     # attention: (w_tok @ softmax) @ v, [B, H, 1, dh], never the [B, H, T, dh] outputs. The output projection
-    # is linear, so it runs once on the L+1 layers' pooled heads after them, not once per layer: ~12 ops a
-    # layer, where ``attend`` on one layer exports ~31.
+    # is linear, so it runs once on the L+1 layers' pooled heads after them, not once per layer: 13 ops a
+    # layer (12 without normalisation), where ``attend`` on one layer exports ~31.
 
     def layer_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Stage 1's q, k, v projection of RMS-normalised tokens: w [L+1, d, 3*d_inner], b [L+1, 3*d_inner],

@@ -146,7 +146,7 @@ def test_errors_health_and_metrics(cluster):
     assert status == 400 and body["error"]["param"] == "n"  # the app's own errors, through the proxy
     with pytest.raises(openai.NotFoundError):
         client(cluster.url).completions.create(model="nope", prompt="Hi", max_tokens=2)
-    seen = health_replicas(cluster.url)
+    seen = health_replicas(cluster.url, want=2)
     assert len(seen) == 2 and len(set(seen.values())) == 2  # two processes
     # one replica's own Prometheus page, through the ingress
     status, _, text = request(cluster.url, "GET", "/metrics")
@@ -282,7 +282,7 @@ def test_killing_a_replica_under_load_loses_nothing(real_artifact):
     tokens = 64
     args = ["--replicas", "2", "--replica-cpus", "1", "--model-name", "smollm2", "--ignore-eos"]
     with ray_server(real_artifact.path, *args) as s:
-        before = health_replicas(s.url)
+        before = health_replicas(s.url, want=2)
         assert len(before) == 2
         results: list[dict] = []
         first: list[str] = []
@@ -314,7 +314,7 @@ def test_killing_a_replica_under_load_loses_nothing(real_artifact):
 
         # Ray replaces the replica; new requests are served meanwhile and after
         def replaced() -> bool:
-            now = health_replicas(s.url, 10)
+            now = health_replicas(s.url, want=2, tries=10, patience=0)
             return len(now) == 2 and victim not in now
 
         wait_until(replaced, 90)

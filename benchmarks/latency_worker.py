@@ -25,32 +25,31 @@ from pathlib import Path
 MIB = 2**20
 
 
-def rss_mib() -> float:
+def status_mib(*keys: str) -> list[float]:
+    """Memory fields of /proc/self/status (VmRSS, VmHWM, RssAnon, ...), in MiB (nan where absent)."""
     with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
+        got = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f if ":" in line) if k in keys}
+    return [got.get(k, float("nan")) for k in keys]
+
+
+def rss_mib() -> float:
+    return status_mib("VmRSS")[0]
 
 
 def peak_rss_mib() -> float:
     """Peak resident memory of this process image: /proc/self/status VmHWM. (``ru_maxrss`` is not
     usable here: Linux keeps it across fork and execve, so a worker started by the benchmark's
     process, which holds torch and the backbone, would report that process's peak.)"""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    peak = status_mib("VmHWM")[0]
+    return peak if peak == peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
 def rss_split_mib() -> dict[str, float]:
     """This process's resident memory now, by kind: ``anon`` (its own allocations) and ``file``
     (pages of mapped files: libraries, and the weights ONNX Runtime and llama.cpp map from their
     files)."""
-    with open("/proc/self/status") as f:
-        got = {k: int(v.split()[0]) / 1024 for k, v in (line.split(":", 1) for line in f if line.startswith("Rss"))}
-    return {"anon": got.get("RssAnon", float("nan")), "file": got.get("RssFile", float("nan"))}
+    anon, file = status_mib("RssAnon", "RssFile")
+    return {"anon": anon, "file": file}
 
 
 def evict_page_cache(paths) -> int:

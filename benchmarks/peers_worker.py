@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from singlepass.benchmarks.latency_worker import evict_page_cache, log, peak_rss_mib, rss_mib, rss_split_mib
-from singlepass.benchmarks.machine import SETTLE_S, settle
+from singlepass.benchmarks.machine import settle
 from singlepass.benchmarks.peer_runners import make_runner
 
 
@@ -37,7 +37,6 @@ def one(runner, ids: list[int], new_tokens: int) -> tuple[float, float]:
 
 
 def run_timing(spec: dict) -> dict:
-    pause = float(spec.get("pause", SETTLE_S))  # before every timed run (``machine.settle``)
     names = list(spec["engines"])
     runners = {}
     for n in names:
@@ -52,12 +51,12 @@ def run_timing(spec: dict) -> dict:
         dec = {n: [] for n in names}
         for ids in spec["prefill"]:
             for n in names[k % len(names) :] + names[: k % len(names)]:
-                settle(pause)
+                settle()  # the last engine's threads asleep first
                 pre[n].append(one(runners[n], ids, 0)[0])
             k += 1
         for ids in spec["decode"]:
             for n in names[k % len(names) :] + names[: k % len(names)]:
-                settle(pause)
+                settle()  # the last engine's threads asleep first
                 dec[n].append(one(runners[n], ids, spec["new_tokens"]))
             k += 1
         for n in names:

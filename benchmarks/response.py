@@ -66,7 +66,7 @@ from types import SimpleNamespace
 
 import numpy as np
 
-from singlepass.benchmarks.machine import torch_machine
+from singlepass.benchmarks.machine import SETTLE_S, settle, torch_machine
 from singlepass.benchmarks.outputs import add_out_arg, results_dir
 from singlepass.files import atomic_write
 
@@ -539,7 +539,6 @@ def decode_overhead(
     fastest base block, "prefill_ms", "prefill_overhead_pct" (paired, as the decode one)}},
     "block_ms": every block's time per step, ...}}: per-repeat ratios, so a machine drifting during the
     run cancels; the minima, so a noisy one's disturbances (which only ever add time) drop out."""
-    from singlepass.benchmarks.machine import settle
     from singlepass.runtime.api import load
     from singlepass.runtime.passes import decode_one_token, last_logits, prefill
 
@@ -704,8 +703,6 @@ def cost_phase(args, bb, data: Data, log) -> dict:
         f"  {rerun['rerun_ms_per_response']:.1f} ms per response ({rerun['mean_calls']:.2f} calls) vs "
         f"{rerun['once_ms_per_response']:.1f} ms once"
     )
-    from singlepass.benchmarks.machine import SETTLE_S
-
     return {
         "weights": args.weights,
         "threads": args.threads,

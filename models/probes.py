@@ -119,6 +119,13 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
 
 
+def key_mask(m: torch.Tensor) -> torch.Tensor:
+    """An attention's additive mask over a pass's tokens as keys: m [1, B, T, 1] -> [1, B, 1, 1, T], 0 for
+    a real key, NEG for padding (a boolean one exports as Where over the scores and a NaN check, ~10% of
+    the probe graph's time)."""
+    return ((m[..., 0] - 1.0) * -NEG)[:, :, None, None]
+
+
 def token_weights(m: torch.Tensor) -> torch.Tensor:
     """The masked mean's weights of a pass's tokens: m [1, B, T, 1] -> [1, B, T], each real token
     1 / (the row's real tokens), padding 0 (a row without a real token: all 0)."""
@@ -246,11 +253,15 @@ class Probe(nn.Module):
     # once per block instead of once per layer. The MHA's attention activations grow with k: it keeps 1.
     blockable = True
 
+    def check_layers(self, layers: list[torch.Tensor]) -> None:
+        """The forms that take the L+1 layer tensors as a list: a clear error for another count."""
+        if len(layers) != self.num_layers:
+            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+
     def each_layer(self, layers: list[torch.Tensor], normalised: bool = True, block: int = 1):
         """The L+1 layer tensors [B, T, d] ``block`` layers at a time: (slice i:i+G, x [G, B, T, d],
         normalised unless ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        self.check_layers(layers)
         for i in range(0, self.num_layers, block):
             part = layers[i : i + block]
             one = slice(i, i + len(part))
@@ -279,8 +290,7 @@ class Probe(nn.Module):
     def stack(self, layers: list[torch.Tensor]) -> torch.Tensor:
         """The L+1 layer tensors [B, T, d] -> one [L+1, B, T, d] copy: one Concat and a Reshape when
         exported, already layer-first (torch.stack would be an Unsqueeze per layer + a Concat)."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        self.check_layers(layers)
         b, t, d = layers[0].shape
         return torch.cat(layers, 0).reshape(self.num_layers, b, t, d)  # [(L+1)*B, T, d] -> [L+1, B, T, d]
 
@@ -648,9 +658,7 @@ class MHAProbe(Probe):
     def attend_qkv(self, qkv_, m, modules: slice):
         """``attend`` from the modules' projected queries, keys and values qkv_ [G, B, T, 3*d_inner]."""
         G, H, dh = self.count(modules), self.heads, self.d_inner // self.heads
-        # an additive mask [1, B, 1, 1, T]: 0 for a real key, NEG for padding (a boolean one exports as Where
-        # over the scores and a NaN check, ~10% of the probe graph's time)
-        keys = None if m is None else ((m[..., 0] - 1.0) * -NEG)[:, :, None, None]
+        keys = None if m is None else key_mask(m)  # [1, B, 1, 1, T]
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
         # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
         # Its CPU kernels take 4-D inputs only: G > 1 modules attend with modules x batch as one axis.
@@ -711,11 +719,10 @@ class MHAProbe(Probe):
     def features_layers(self, layers, mask, block: int = 1):
         if self.query != "tokens" or self.pool != "mean" or block > 1:
             return super().features_layers(layers, mask, block)
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        self.check_layers(layers)
         L1 = self.num_layers
-        m = mask.to(torch.float32)[:, None, None]  # [B, 1, 1, T]
-        keys, tok = (m - 1.0) * -NEG, m / m.sum(-1, keepdim=True).clamp_min(1.0)  # [B, 1, 1, T] each
+        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
+        keys, tok = key_mask(m)[0], token_weights(m)[0, :, None, None]  # [B, 1, 1, T] each
         w, b = self.layer_qkv()
         o = torch.cat([self.pooled_heads(x, keys, tok, w[i], b[i]) for i, x in enumerate(layers)])  # [L+1, B, d_inner]
         return self.combine(o @ self.w_o[:L1] + self.b_o[:L1, None])  # summaries [L+1, B, d] -> [B, d]

@@ -36,8 +36,8 @@ SHOWN = {
 READS = {
     "pooling": "streaming (token mean, layer mean)",
     "pooling-max": "streaming (token max, layer mean)",
-    "gate": "streaming (online-softmax gate)",
-    "gate-prefix": "streaming (online-softmax gate), trained with random response prefixes",
+    "gate": "streaming (softmax gate over running sums)",
+    "gate-prefix": "streaming (softmax gate over running sums), trained with random response prefixes",
     "mha-stream": "streaming (MHA, query=learned: attention pooling, learned query per head)",
     "mha": "not streaming (reference): MHA self-attention over the whole cut response",
     "last-token": "last response token, final layer (linear probe)",

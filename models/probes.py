@@ -200,21 +200,28 @@ class Probe(nn.Module):
             x = (x - self.in_mean[layers, None, None]) * self.in_inv_std[layers, None, None]
         return x
 
-    def normalised_matmul(self, x: torch.Tensor, w: torch.Tensor, layers: slice, r=None) -> torch.Tensor:
+    def normalised_matmul(
+        self, x: torch.Tensor, w: torch.Tensor, layers: slice, r=None, fused: bool = False
+    ) -> torch.Tensor:
         """``normalise(x, layers) @ w`` without the normalised copy of x: x [G, B, T, d] as the layers hold it,
         w [G, d, k] -> [G, B*T, k]. The normalisation is a per-token scale r = 1/rms(x) and, "standard", a
         per-layer affine map (x - mean) * inv_std, so it moves onto the product's sides:
         r * (x @ (inv_std * w)) - (mean * inv_std) @ w, with the weight terms constant (folded in an export).
         One pass over x for r and one GEMM per layer, where normalising first costs ~6 passes over it.
-        ``r``: the tokens' scales [G, B*T, 1] when the caller has them (``inv_rms_product``)."""
+        ``r``: the tokens' scales [G, B*T, 1] when the caller has them (``inv_rms_product``). ``fused``: the
+        RMS normalisation as one op on x instead (``F.rms_norm``: one RMSNormalization node in an opset-23
+        export where the scale takes 6), for a decode pass's few rows, whose normalised copy costs nothing."""
         G, d = self.count(layers), self.hidden_size
         x = fp32(x).reshape(G, -1, d)  # [G, B*T, d]
         if self.input_norm == "standard":
             inv_std = self.in_inv_std[layers]  # [G, d]
             shift = (self.in_mean[layers] * inv_std)[:, None] @ w  # [G, 1, k]
             w = inv_std[..., None] * w
-        y = x @ w  # [G, B*T, k]
-        if self.input_norm != "none":
+        if fused and self.input_norm != "none":
+            y = F.rms_norm(x, (d,), eps=RMS_EPS) @ w  # [G, B*T, k]
+        else:
+            y = x @ w  # [G, B*T, k]
+        if self.input_norm != "none" and not fused:
             y = y * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
         return y - shift if self.input_norm == "standard" else y
 
@@ -348,8 +355,8 @@ class Probe(nn.Module):
         self.check_streamable()
         if len(state) != len(self.state_shapes(1)):
             raise ValueError(f"the state holds {len(self.state_shapes(1))} tensors, got {len(state)}")
-        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         if not stacked:
+            m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
             return self.fold(state, self.each_layer(layers, normalised=not self.fold_raw), m)
         if len(layers) != self.num_layers or layers[0].shape[1] != 1:
             raise ValueError(
@@ -359,7 +366,7 @@ class Probe(nn.Module):
         x = torch.cat(layers, 0).reshape(self.num_layers, -1, self.hidden_size)  # [(L+1)*B, 1, d] -> [L+1, B, d]
         if not self.fold_raw:
             x = self.normalise(x[:, :, None], EVERY)[:, :, 0]
-        return self.fold_one(state, x, m[..., 0])
+        return self.fold_one(state, x, mask.to(torch.float32)[None])  # mask [1, B, 1]
 
     def fold_one(self, state: list[torch.Tensor], x: torch.Tensor, m: torch.Tensor) -> list[torch.Tensor]:
         """``fold`` of one token per row: x [L+1, B, d] (normalised unless ``fold_raw``), m [1, B, 1]. A family
@@ -466,6 +473,10 @@ POOLING = Family(
 )
 
 
+# A gate token's softmax weight exp(tanh(.)) is at least 1/e: a streaming denominator below this has no token
+GATE_MIN_WEIGHT = 0.25
+
+
 class GateProbe(Probe):
     """B. Scoring-attention gate: score_i = tanh(w . x_i), masked softmax, weighted sum.
 
@@ -510,52 +521,53 @@ class GateProbe(Probe):
     # z = norm(x) @ [layer_gate | head weights] [1 + C'] instead of the d-wide sum itself: one GEMM of the
     # pass's tokens with [token gate | readout] weights (the normalisation folded in: normalised_matmul)
     # gives both the token's score and its readout, and the state stays [L+1, B, 1 + C'].
+    # The token scores are tanh-bounded, so the softmax needs no running maximum: a token's weight is
+    # exp(s) in [1/e, e], and the state is the plain sums l = sum exp(s) and acc = sum exp(s) z (no
+    # rescaling of what was folded in: a decode pass folds with 8 ops, where the online softmax took 18).
     streamable = True
     fold_raw = True
 
     def state_shapes(self, batch):
         L1, k = self.num_layers, 1 + self.head.out_features
-        # per-layer online softmax: running max score, denominator sum exp(s - m), sum exp(s - m) z
-        return [("m", (L1, batch)), ("l", (L1, batch)), ("acc", (L1, batch, k))]
+        # per layer: the softmax's denominator sum exp(s) and numerator sum exp(s) z
+        return [("l", (L1, batch, 1)), ("acc", (L1, batch, k))]
 
-    def _fold_z(self, x, layers):
-        """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout."""
+    def _fold_z(self, x, layers, fused: bool = False):
+        """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout
+        (``fused``: see ``normalised_matmul``)."""
         G = self.count(layers)
         readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
         # a stack, not expand or repeat: the TorchScript exporter writes those as shape arithmetic (ConstantOfShape,
         # Where, Expand) that the constant folder leaves, so every decode pass rebuilt these weights
         w = torch.cat([self.token_gates[layers][:, :, None], torch.stack([readout] * G)], -1)
-        return self.normalised_matmul(x, w, layers)  # [G, N, 2 + C']
+        return self.normalised_matmul(x, w, layers, fused=fused)  # [G, N, 2 + C']
 
     def fold(self, state, layers, m):
-        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
+        denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
         out = []
         for one, x in layers:  # x [G, B, T, d] as the layers hold it (G = 1: per layer; decode passes: fold_one)
             G, d = self.count(one), self.hidden_size
             z = self._fold_z(x.reshape(G, -1, d), one)  # [G, B*T, 2 + C']
             z = z.reshape(*self.lead(G, m), 2 + self.head.out_features)  # [G, B, T, 2 + C']
-            s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [G, B, T]
-            new_max, scale, p = softmax_fold(rows(run_max, one), s, m[..., 0])  # [G, B], [G, B], [G, B, T]
-            z_sum = (p[..., None] * z[..., 1:]).sum(2)  # [G, B, 1 + C']
-            out.append((new_max, rows(denom, one) * scale + p.sum(-1), rows(acc, one) * scale[..., None] + z_sum))
+            p = torch.exp(torch.tanh(z[..., :1])) * m  # [G, B, T, 1]: the tokens' weights (0: not folded in)
+            out.append((rows(denom, one) + p.sum(2), rows(acc, one) + (p * z[..., 1:]).sum(2)))
         return [joined(t) for t in zip(*out)]
 
     def fold_one(self, state, x, m):
-        run_max, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
-        z = self._fold_z(x, EVERY)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row
-        s = torch.tanh(z[..., 0]).masked_fill(m[..., 0] == 0, NEG)  # [L+1, B]
-        new_max, scale, p = softmax_fold_one(run_max, s, m[..., 0])  # p [L+1, B]: the token's weight (0: not folded in)
-        return [new_max, denom * scale + p, acc * scale[..., None] + p[..., None] * z[..., 1:]]
+        denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
+        z = self._fold_z(x, EVERY, fused=True)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row
+        p = torch.exp(torch.tanh(z[..., :1])) * m  # [L+1, B, 1]: the token's weight (0: not folded in)
+        return [denom + p, acc + p * z[..., 1:]]
 
     def stream_logits(self, state):
         """``head(combine(summaries))`` from the summaries' readouts: stage 2 weighs each layer by softmax over
         layers of tanh(its readout's first column), and the head of the weighted sum is the weighted sum of the
         readouts' head columns. A layer no token reached reads 0 (its summary is 0)."""
         self.check_streamable()
-        _, denom, acc = state  # [L+1, B], [L+1, B], [L+1, B, 1 + C']
-        z = acc / denom.clamp_min(1.0)[..., None]  # [L+1, B, 1 + C']: each summary's readout
-        beta = torch.softmax(torch.tanh(z[..., 0]), dim=0)  # [L+1, B]
-        return (beta[..., None] * z[..., 1:]).sum(0) + self.head.bias  # [B, C']
+        denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
+        z = acc / denom.clamp_min(GATE_MIN_WEIGHT)  # [L+1, B, 1 + C']: each summary's readout (0: no token yet)
+        beta = torch.softmax(torch.tanh(z[..., :1]), dim=0)  # [L+1, B, 1]
+        return (beta * z[..., 1:]).sum(0) + self.head.bias  # [B, C']
 
     def beta(self, v):
         """Stage-2 weights of the layer summaries v [L+1, B, d] -> [L+1, B]."""
@@ -805,7 +817,7 @@ class MHAProbe(Probe):
         run_max, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         H, dh = self.heads, self.d_inner // self.heads
         w = torch.cat([self.score_weights(EVERY), self.w_kv[:, :, self.d_inner :]], -1)  # [L+1, d, H + d_inner]
-        z = self.normalised_matmul(x, w, EVERY)  # [L+1, B, H + d_inner]: x [L+1, B, d], one token per row
+        z = self.normalised_matmul(x, w, EVERY, fused=True)  # [L+1, B, H + d_inner]: x [L+1, B, d], one per row
         s = z[..., :H].masked_fill(m == 0, NEG)  # [L+1, B, H]
         new_max, scale, p = softmax_fold_one(run_max, s, m)  # p [L+1, B, H]: the token's weight (0: not folded in)
         values = z[..., H:].reshape(self.num_layers, -1, H, dh)  # [L+1, B, H, dh]

@@ -43,9 +43,18 @@ class Backend:
         """Let go of what the backend keeps between passes for this thread (ONNX Runtime: the last
         in-place pass's binding, which holds its KV buffers): call it when the decode state goes."""
 
-    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
+    def run(
+        self,
+        feed: dict,
+        outputs: list[str] | None = None,
+        inplace: dict[str, str] | None = None,
+        carry: dict[str, str] | None = None,
+    ) -> dict:
         """-> {output name: array}. ``inplace`` {output: input}: the output is written into that
-        input's buffer (the in-place KV cache, ``export/kvcache.py``) and returned as that array."""
+        input's buffer (the in-place KV cache, ``export/kvcache.py``) and returned as that array.
+        ``carry`` {output: input}: the output is that input's next value (a response probe's state):
+        a backend may write it into a buffer it keeps for the pair, so an array returned for it stays
+        valid until the pass after next (the pass after it reads it as the input)."""
         raise NotImplementedError
 
     def check_request(self, batch: int, prompt_len: int) -> None:
@@ -151,7 +160,13 @@ class OrtBackend(Backend):
         self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest.graph.inputs}
         self._local = threading.local()  # .binding: this thread's _Binding (runs may come from several threads)
 
-    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
+    def run(
+        self,
+        feed: dict,
+        outputs: list[str] | None = None,
+        inplace: dict[str, str] | None = None,
+        carry: dict[str, str] | None = None,
+    ) -> dict:
         feed = {
             k: (v.astype(self.dtypes[k]) if self.dtypes.get(k) and v.dtype != self.dtypes[k] else v)
             for k, v in feed.items()
@@ -162,32 +177,26 @@ class OrtBackend(Backend):
         if not self.inplace:
             raise SinglepassError(f"the {self.name} backend cannot write the KV cache in place")
         binding = getattr(self._local, "binding", None)
-        if binding is None or not binding.serves(feed, names, inplace):
-            binding = self._local.binding = _Binding(self.session, feed, names, inplace)
+        carry = carry or {}
+        if binding is None or not binding.serves(feed, names, inplace, carry):
+            binding = self._local.binding = _Binding(self.session, feed, names, inplace, carry)
         return binding.run(feed)
 
     def release(self) -> None:
         self._local.binding = None
 
 
-class _Binding:
-    """One IOBinding reused by consecutive in-place passes with the same inputs and outputs
-    (decode steps): the outputs are bound to their past inputs' own buffers, so the cache is not
-    copied. Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms
-    step in all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs
-    and the outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound
-    again too. A buffer is recognised by identity: the binding references every array bound to it,
-    so an array seen again is the one bound (same memory, same shape)."""
+class _Side:
+    """One IOBinding and the arrays bound to it. A buffer is recognised by identity: the binding
+    references every array bound to it, so an array seen again is the one bound (same memory, same
+    shape)."""
 
-    def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str]):
-        self.session, self.io = session, session.io_binding()
-        self.names, self.inplace, self.inputs = list(names), dict(inplace), frozenset(feed)
+    def __init__(self, session):
+        self.io = session.io_binding()
         self.bound: dict[tuple[bool, str], np.ndarray] = {}  # (output?, name) -> the array bound to it
+        self.made: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # carried output -> (input read, array written)
 
-    def serves(self, feed: dict, names: list[str], inplace: dict[str, str]) -> bool:
-        return self.names == list(names) and self.inplace == inplace and self.inputs == frozenset(feed)
-
-    def _bind(self, name: str, arr: np.ndarray, output: bool) -> None:
+    def bind(self, name: str, arr: np.ndarray, output: bool) -> None:
         # ONNX Runtime binds a C-contiguous, aligned, writeable array's own memory (else a copy,
         # which a later pass must not reuse: such an array is bound again every pass)
         if self.bound.get((output, name)) is arr and arr.flags.aligned and arr.flags.writeable:
@@ -198,20 +207,84 @@ class _Binding:
             self.io.bind_cpu_input(name, arr)
         self.bound[(output, name)] = arr
 
+
+class _Binding:
+    """IOBindings reused by consecutive in-place passes with the same inputs and outputs (decode
+    steps): the outputs are bound to their past inputs' own buffers, so the cache is not copied.
+    Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms step in
+    all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs and the
+    outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound again too.
+
+    The ``carry`` outputs (a response probe's state: read by the next pass, so not writable in
+    place) alternate between two buffers, each bound on its own side: side k reads A and writes B,
+    the other reads B and writes A, so once both sides have run, a pass binds none of them again
+    and ONNX Runtime allocates and copies none of them. A pass writes into the input of the pass
+    that wrote its input (that state's predecessor, read already), and only into a buffer this
+    binding allocated; any other input gets a new buffer (the first pass, a batch that changed, a
+    second generation interleaved on this thread)."""
+
+    def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]):
+        self.session = session
+        self.names, self.inplace, self.carry, self.inputs = list(names), dict(inplace), dict(carry), frozenset(feed)
+        self.sides = [_Side(session)] + ([_Side(session)] if carry else [])
+        self.last = 0  # the side that ran last
+        self.owned: list[np.ndarray] = []  # the carried buffers allocated here, while a side's ``made`` holds them
+
+    def serves(self, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]) -> bool:
+        return self.names == list(names) and (self.inplace, self.carry, self.inputs) == (
+            inplace,
+            carry,
+            frozenset(feed),
+        )
+
+    def _target(self, name: str, src: np.ndarray) -> np.ndarray:
+        """Where carried output ``name`` goes when its input is ``src``."""
+        for side in self.sides:
+            before, wrote = side.made.get(name, (None, None))
+            if wrote is src:  # src is what that side wrote: its input is src's predecessor, read already
+                if any(before is a for a in self.owned) and before.shape == src.shape and before.dtype == src.dtype:
+                    return before
+                break
+        buf = np.empty(src.shape, src.dtype)  # [the state's shape]
+        self.owned.append(buf)
+        return buf
+
+    def _side(self, feed: dict, targets: dict) -> _Side:
+        """The side with this pass's carried inputs and outputs bound already, else the one that did not
+        run last."""
+        for k, side in enumerate(self.sides):
+            if self.carry and all(
+                side.bound.get((False, i)) is feed[i] and side.bound.get((True, o)) is targets[o]
+                for o, i in self.carry.items()
+            ):
+                self.last = k
+                return side
+        self.last = (self.last + 1) % len(self.sides)
+        return self.sides[self.last]
+
     def run(self, feed: dict) -> dict:
+        targets = {o: self._target(o, feed[i]) for o, i in self.carry.items()}
+        side, written = self._side(feed, targets), dict(targets)
         for k, v in feed.items():
-            self._bind(k, np.ascontiguousarray(v), output=False)
+            side.bind(k, np.ascontiguousarray(v), output=False)
         for n in self.names:
             if n in self.inplace:
                 buf = feed[self.inplace[n]]
                 if not buf.flags.c_contiguous:
                     raise SinglepassError(f"internal error: {self.inplace[n]} must be one contiguous buffer")
-                self._bind(n, buf, output=True)
+                side.bind(n, buf, output=True)
+                written[n] = buf
+            elif n in self.carry:
+                side.bind(n, targets[n], output=True)
             else:
-                self.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
-        self.session.run_with_iobinding(self.io)
-        values = self.io.get_outputs()  # OrtValues in the order first bound; the in-place ones are the feed's arrays
-        return {n: feed[self.inplace[n]] if n in self.inplace else v.numpy() for n, v in zip(self.names, values)}
+                side.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
+        self.session.run_with_iobinding(side.io)
+        for o, i in self.carry.items():
+            side.made[o] = (feed[i], targets[o])
+        held = [a for sd in self.sides for pair in sd.made.values() for a in pair]
+        self.owned = [a for a in self.owned if any(a is h for h in held)]
+        values = side.io.get_outputs()  # OrtValues in the order first bound; the others are the arrays bound
+        return {n: written[n] if n in written else v.numpy() for n, v in zip(self.names, values)}
 
 
 # ----------------------------------------------------------------------------- selection

@@ -11,7 +11,9 @@ two functions, so what is validated is what is served.
 
 A response probe folds each token it is fed after the prompt into a running state carried in
 ``State.stream`` like the KV cache (the prefill pass leaves it empty), so the decode pass that
-feeds generated token k returns the label of tokens 1..k.
+feeds generated token k returns the label of tokens 1..k. On an in-place artifact the backend
+writes it into two buffers it alternates (``Backend.run(carry=...)``): a state's arrays hold until
+the pass after the one that reads them, like the cache buffers written in place.
 
 Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
 ``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any). An artifact with the
@@ -104,20 +106,33 @@ def prefill(
     return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)
 
 
+_ONES: dict[tuple, np.ndarray] = {}
+
+
+def _ones(shape: tuple) -> np.ndarray:
+    """A decode pass's response mask (every fed token is a response token): one array per shape,
+    never written, so a backend that binds its inputs binds it once."""
+    if shape not in _ONES:
+        _ONES[shape] = np.ones(shape, np.int64)
+    return _ONES[shape]
+
+
 def decode_one_token(
     backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray, extra: tuple[str, ...] = ()
 ) -> tuple[dict, State]:
     """Feed the tokens [B] just chosen -> (outputs, state after this pass). Every fed token is a
     response token (the response probes fold it in)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
-    response = np.ones(ids.shape, np.int64) if manifest.graph.response_mask else None  # [B, 1]
+    response = _ones(ids.shape) if manifest.graph.response_mask else None  # [B, 1]
     if response is not None and len(state.stream) != len(manifest.stream_states):
         raise ValueError("the state carries no response-probe state: build it with prefill / decode_one_token")
     feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
     g = manifest.graph
-    out = backend.run(
-        feed, output_names(manifest, extra), dict(zip(g.present_names, g.past_names)) if g.inplace else None
-    )
+    if g.inplace:  # the cache written in place; the response probes' state carried in the backend's buffers
+        carry = {s["present"]: s["past"] for s in manifest.stream_states}
+        out = backend.run(feed, output_names(manifest, extra), dict(zip(g.present_names, g.past_names)), carry)
+    else:
+        out = backend.run(feed, output_names(manifest, extra))
     return out, _after(manifest, out, ids, mask, pos)
 
 

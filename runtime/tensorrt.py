@@ -189,7 +189,13 @@ class TensorRTBackend(Backend):
             self.buffers[name] = (ptr, size)
         return ptr
 
-    def run(self, feed: dict, outputs: list[str] | None = None, inplace: dict[str, str] | None = None) -> dict:
+    def run(
+        self,
+        feed: dict,
+        outputs: list[str] | None = None,
+        inplace: dict[str, str] | None = None,
+        carry: dict[str, str] | None = None,
+    ) -> dict:
         if inplace:
             raise SinglepassError("the TensorRT backend cannot write the KV cache in place")
         cudart, ctx = self.cudart, self.context

@@ -131,7 +131,7 @@ def test_a_tiny_run_writes_the_report_and_resumes(bench):
     md = (res / "response.md").read_text()
     for head in ("| method | reads | BeaverTails | GPTFuzz | SafeRLHF (OOD) | WildGuardTest (OOD) |", "## Targets"):
         assert head in md
-    assert "| gate | streaming (online-softmax gate) |" in md and "| guard | MiniLM guard" in md
+    assert "| gate | streaming (softmax gate over running sums) |" in md and "| guard | MiniLM guard" in md
     assert "| TPR @ 1% FPR |" in md and "| median tokens | p90 tokens | flagged <= 32 |" in md
     assert "best streaming F1 >= the MiniLM guard's in distribution: m" in md  # met or missed, judged
     assert "decode-step overhead of the streaming probe <= 2%: not run" in md

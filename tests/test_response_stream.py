@@ -41,6 +41,24 @@ def resp(tmp_path_factory, tiny_backbone, tiny_model_dir, cache_dir):
     return out, probes
 
 
+@pytest.fixture(scope="module")
+def resp_inplace(tmp_path_factory, resp, tiny_model_dir, cache_dir):
+    """The response probes of ``resp`` exported with the in-place KV cache: its decode passes carry
+    the response state in the backend's alternating buffers (runtime/backends._Binding)."""
+    from cli_args import export_argv
+
+    from singlepass.cli import main
+
+    _, probes = resp
+    out = tmp_path_factory.mktemp("resp_inplace") / "art"
+    specs = [f"{probes[n]}:{n}" for n in ("r_gate", "r_mean")]
+    argv = export_argv(
+        tiny_model_dir, cache_dir, out, *specs, extra=["--max-prompt-length", 128, "--kv-cache", "inplace"]
+    )
+    assert main(argv) == 0
+    return out
+
+
 def test_validation_checks_streaming_against_the_whole_prefix(resp):
     """Export validation compares every response probe, at every decode pass, with the probe run
     over all the response tokens so far in PyTorch (fp32 tolerance 1e-4)."""
@@ -54,7 +72,7 @@ def test_validation_checks_streaming_against_the_whole_prefix(resp):
     m = json.loads((art / "manifest.json").read_text())
     assert m["graph"]["response_mask"] == "response_mask"
     gate = next(p for p in m["probes"] if p["name"] == "r_gate")
-    assert gate["reads"] == "response" and [s["name"] for s in gate["state"]] == ["m", "l", "acc"]
+    assert gate["reads"] == "response" and [s["name"] for s in gate["state"]] == ["l", "acc"]
     # TensorRT has no profiles for the state inputs yet: refused with the reason
     from singlepass.export.tensorrt import require_fp32_weights
     from singlepass.runtime.contract import read_artifact
@@ -237,3 +255,60 @@ def test_server_streams_response_labels_and_stops_with_content_filter(resp):
         assert metric(s.url, "singlepass_response_stops_total", probe="r_gate") == 2
     streamed = "".join(ev.text for ev in stopping.stream(prompt, 16, temperature=1.0, seed=3))
     assert streamed == want.text  # the runtime's stream releases held-back text before the notice
+
+
+def test_inplace_passes_carry_the_state_in_two_buffers_and_keep_generations_apart(resp_inplace):
+    """An in-place artifact's decode passes write the response state into two buffers the backend
+    alternates (none bound again, allocated or copied once both sides ran). The labels equal a fresh
+    binding's (ONNX Runtime's own output buffers) at every pass; a pass never writes into the state
+    it was given nor into the one the previous pass returned; and two generations interleaved pass
+    by pass on one thread get the labels each gets alone."""
+    from singlepass.runtime.passes import decode_one_token, last_logits, prefill
+
+    rt = load(resp_inplace, backend="cpu", threads=1)
+    be, m = rt.backend, rt.manifest
+    assert m.graph.inplace and len(m.stream_states) == 4
+    names = [p.logits for p in m.reading("response")]
+
+    def start(prompts):
+        out, st = prefill(be, m, [rt.encode(p)[0] for p in prompts])
+        return st, last_logits(m, out).argmax(-1)
+
+    def step(gen, fresh=False):
+        st, toks = gen["state"]
+        if fresh:
+            be.release()
+        before = [(a, a.copy()) for a in st.stream]
+        out, st = decode_one_token(be, m, st, toks)
+        for a, copy in before:  # the state this pass read: not written by it
+            np.testing.assert_array_equal(a, copy)
+        gen["state"] = (st, last_logits(m, out).argmax(-1))
+        gen["labels"].append([out[n].copy() for n in names])
+        gen["buffers"].append([id(a) for a in st.stream])
+        gen["held"].append(st.stream)  # kept alive: ids stay unique
+
+    def generation(prompts, n, fresh=False, other=None):
+        gen = {"state": start(prompts), "labels": [], "buffers": [], "held": []}
+        for _ in range(n):
+            step(gen, fresh)
+            if other is not None:
+                step(other)
+        return gen
+
+    carried = generation(PROMPTS[:2], 8)
+    fresh = generation(PROMPTS[:2], 8, fresh=True)
+    for got, want in zip(carried["labels"], fresh["labels"]):
+        for a, b in zip(got, want):
+            np.testing.assert_array_equal(a, b)
+    for i in range(len(m.stream_states)):  # from the third pass on: two buffers, alternating
+        used = [b[i] for b in carried["buffers"][2:]]
+        assert len(set(used)) == 2 and all(x != y for x, y in zip(used, used[1:]))
+
+    alone = generation(PROMPTS[2:], 8)
+    be.release()
+    other = {"state": start(PROMPTS[2:]), "labels": [], "buffers": [], "held": []}
+    mixed = generation(PROMPTS[:2], 8, other=other)
+    for gen, want in ((mixed, carried), (other, alone)):
+        for got, w in zip(gen["labels"], want["labels"]):
+            for a, b in zip(got, w):
+                np.testing.assert_allclose(a, b, atol=1e-6)

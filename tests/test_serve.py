@@ -73,7 +73,7 @@ class Wrapped(Backend):
         self.fail = 0
         self.calls = self.passes = 0
 
-    def run(self, feed, outputs=None, inplace=None):
+    def run(self, feed, outputs=None, inplace=None, carry=None):
         self.calls += 1
         assert self.gate.wait(30), "the test never opened the gate"
         self.passes += 1
@@ -82,7 +82,7 @@ class Wrapped(Backend):
             raise RuntimeError("secret backend detail")
         if self.delay:
             time.sleep(self.delay)
-        return self.inner.run(feed, outputs, inplace)
+        return self.inner.run(feed, outputs, inplace, carry)
 
     def release(self):
         self.inner.release()

@@ -30,7 +30,7 @@ def make_probe(kind, params, input_norm, classes, seed=0):
     with torch.no_grad():
         probe.head.weight.normal_(0, 0.5)  # logits well away from 0: differences show
         if kind == "gate":
-            probe.token_gates.mul_(3.0)  # peaked token weights: the online softmax rescales for real
+            probe.token_gates.mul_(3.0)  # peaked token weights (up to e^2 apart): differences show
         if kind == "mha":
             probe.queries.mul_(3.0)  # likewise, per head
             probe.b_o.normal_(0, 0.5)  # the empty state's summaries are 0, not b_o

@@ -52,9 +52,9 @@ class Backend:
     ) -> dict:
         """-> {output name: array}. ``inplace`` {output: input}: the output is written into that
         input's buffer (the in-place KV cache, ``export/kvcache.py``) and returned as that array.
-        ``carry`` {output: input}: the output is that input's next value (a response probe's state):
-        a backend may write it into a buffer it keeps for the pair, so an array returned for it stays
-        valid until the pass after next (the pass after it reads it as the input)."""
+        ``carry`` {output: input}: the output is that input's next value (a response probe's state),
+        which the graph cannot write where it reads it: a backend may copy it into that input's array
+        after the pass and return that array (as ``inplace`` does, in two steps)."""
         raise NotImplementedError
 
     def check_request(self, batch: int, prompt_len: int) -> None:
@@ -186,17 +186,33 @@ class OrtBackend(Backend):
         self._local.binding = None
 
 
-class _Side:
-    """One IOBinding and the arrays bound to it. A buffer is recognised by identity: the binding
-    references every array bound to it, so an array seen again is the one bound (same memory, same
-    shape)."""
+class _Binding:
+    """One IOBinding reused by consecutive in-place passes with the same inputs and outputs (decode
+    steps): the outputs are bound to their past inputs' own buffers, so the cache is not copied.
+    Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms step in
+    all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs and the
+    outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound again too.
+    A buffer is recognised by identity: the binding references every array bound to it, so an array
+    seen again is the one bound (same memory, same shape).
 
-    def __init__(self, session):
-        self.io = session.io_binding()
+    The ``carry`` outputs (a response probe's state: a pass reads all of it before it writes, so it
+    cannot be written where it is read) go to a scratch buffer bound once, then are copied into their
+    input's array, which is returned: the state stays in the same arrays from pass to pass, bound
+    once, like the cache (a few KiB copied, where ONNX Runtime allocated each present, it was copied
+    out and bound again as the next past). An input that is not its caller's own writeable array
+    (converted or made contiguous on the way) gets a copy of the new state instead."""
+
+    def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]):
+        self.session, self.io = session, session.io_binding()
+        self.names, self.inplace, self.carry, self.inputs = list(names), dict(inplace), dict(carry), frozenset(feed)
         self.bound: dict[tuple[bool, str], np.ndarray] = {}  # (output?, name) -> the array bound to it
-        self.made: dict[str, tuple[np.ndarray, np.ndarray]] = {}  # carried output -> (input read, array written)
+        self.scratch: dict[str, np.ndarray] = {}  # carried output -> the buffer the pass writes it into
 
-    def bind(self, name: str, arr: np.ndarray, output: bool) -> None:
+    def serves(self, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]) -> bool:
+        same = (self.inplace, self.carry, self.inputs) == (inplace, carry, frozenset(feed))
+        return same and self.names == list(names)
+
+    def _bind(self, name: str, arr: np.ndarray, output: bool) -> None:
         # ONNX Runtime binds a C-contiguous, aligned, writeable array's own memory (else a copy,
         # which a later pass must not reuse: such an array is bound again every pass)
         if self.bound.get((output, name)) is arr and arr.flags.aligned and arr.flags.writeable:
@@ -207,83 +223,32 @@ class _Side:
             self.io.bind_cpu_input(name, arr)
         self.bound[(output, name)] = arr
 
-
-class _Binding:
-    """IOBindings reused by consecutive in-place passes with the same inputs and outputs (decode
-    steps): the outputs are bound to their past inputs' own buffers, so the cache is not copied.
-    Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms step in
-    all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs and the
-    outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound again too.
-
-    The ``carry`` outputs (a response probe's state: read by the next pass, so not writable in
-    place) alternate between two buffers, each bound on its own side: side k reads A and writes B,
-    the other reads B and writes A, so once both sides have run, a pass binds none of them again
-    and ONNX Runtime allocates and copies none of them. A pass writes into the input of the pass
-    that wrote its input (that state's predecessor, read already), and only into a buffer this
-    binding allocated; any other input gets a new buffer (the first pass, a batch that changed, a
-    second generation interleaved on this thread)."""
-
-    def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]):
-        self.session = session
-        self.names, self.inplace, self.carry, self.inputs = list(names), dict(inplace), dict(carry), frozenset(feed)
-        self.sides = [_Side(session)] + ([_Side(session)] if carry else [])
-        self.last = 0  # the side that ran last
-        self.owned: list[np.ndarray] = []  # the carried buffers allocated here, while a side's ``made`` holds them
-
-    def serves(self, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]) -> bool:
-        return self.names == list(names) and (self.inplace, self.carry, self.inputs) == (
-            inplace,
-            carry,
-            frozenset(feed),
-        )
-
-    def _target(self, name: str, src: np.ndarray) -> np.ndarray:
-        """Where carried output ``name`` goes when its input is ``src``."""
-        for side in self.sides:
-            before, wrote = side.made.get(name, (None, None))
-            if wrote is src:  # src is what that side wrote: its input is src's predecessor, read already
-                if any(before is a for a in self.owned) and before.shape == src.shape and before.dtype == src.dtype:
-                    return before
-                break
-        buf = np.empty(src.shape, src.dtype)  # [the state's shape]
-        self.owned.append(buf)
-        return buf
-
-    def _side(self, feed: dict, targets: dict) -> _Side:
-        """The side with this pass's carried inputs and outputs bound already, else the one that did not
-        run last."""
-        for k, side in enumerate(self.sides):
-            if self.carry and all(
-                side.bound.get((False, i)) is feed[i] and side.bound.get((True, o)) is targets[o]
-                for o, i in self.carry.items()
-            ):
-                self.last = k
-                return side
-        self.last = (self.last + 1) % len(self.sides)
-        return self.sides[self.last]
-
     def run(self, feed: dict) -> dict:
-        targets = {o: self._target(o, feed[i]) for o, i in self.carry.items()}
-        side, written = self._side(feed, targets), dict(targets)
         for k, v in feed.items():
-            side.bind(k, np.ascontiguousarray(v), output=False)
+            self._bind(k, np.ascontiguousarray(v), output=False)
+        written = {}
         for n in self.names:
             if n in self.inplace:
-                buf = feed[self.inplace[n]]
-                if not buf.flags.c_contiguous:
+                written[n] = feed[self.inplace[n]]
+                if not written[n].flags.c_contiguous:
                     raise SinglepassError(f"internal error: {self.inplace[n]} must be one contiguous buffer")
-                side.bind(n, buf, output=True)
-                written[n] = buf
+                self._bind(n, written[n], output=True)
             elif n in self.carry:
-                side.bind(n, targets[n], output=True)
+                src, buf = feed[self.carry[n]], self.scratch.get(n)
+                if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
+                    buf = self.scratch[n] = np.empty(src.shape, src.dtype)  # [the state's shape]
+                self._bind(n, buf, output=True)
             else:
-                side.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
-        self.session.run_with_iobinding(side.io)
-        for o, i in self.carry.items():
-            side.made[o] = (feed[i], targets[o])
-        held = [a for sd in self.sides for pair in sd.made.values() for a in pair]
-        self.owned = [a for a in self.owned if any(a is h for h in held)]
-        values = side.io.get_outputs()  # OrtValues in the order first bound; the others are the arrays bound
+                self.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
+        self.session.run_with_iobinding(self.io)
+        for n, i in self.carry.items():
+            src, buf = feed[i], self.scratch[n]
+            if self.bound.get((False, i)) is src and src.flags.writeable:
+                np.copyto(src, buf)  # the pass has read src: it takes the new state
+                written[n] = src
+            else:
+                written[n] = buf.copy()
+        values = self.io.get_outputs()  # OrtValues in the order first bound; the others are the arrays bound
         return {n: written[n] if n in written else v.numpy() for n, v in zip(self.names, values)}
 
 

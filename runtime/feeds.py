@@ -52,7 +52,7 @@ def make_feed(
     g = manifest.graph
     if g.response_mask:
         B, T = ids.shape
-        feed_r = {g.response_mask: np.zeros((B, T), np.int64) if response is None else response.astype(np.int64)}
+        feed_r = {g.response_mask: np.zeros((B, T), np.int64) if response is None else np.asarray(response, np.int64)}
         states = empty_stream(manifest, B) if stream is None else stream
         feed_r.update(zip((s["past"] for s in manifest.stream_states), states))
     else:

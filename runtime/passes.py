@@ -11,9 +11,8 @@ two functions, so what is validated is what is served.
 
 A response probe folds each token it is fed after the prompt into a running state carried in
 ``State.stream`` like the KV cache (the prefill pass leaves it empty), so the decode pass that
-feeds generated token k returns the label of tokens 1..k. On an in-place artifact the backend
-writes it into two buffers it alternates (``Backend.run(carry=...)``): a state's arrays hold until
-the pass after the one that reads them, like the cache buffers written in place.
+feeds generated token k returns the label of tokens 1..k. On an in-place artifact a decode pass
+writes it into the arrays it was fed (``Backend.run(carry=...)``), as it writes the cache.
 
 Batches are left-padded with position ids ``cumsum(mask) - 1``; the feeds follow
 ``runtime/feeds.py`` (prefill carries the backend's dummy past slots, if any). An artifact with the

@@ -170,10 +170,17 @@ def test_policy_rules_must_fit_what_the_probe_reads(resp):
         load(art, backend="cpu", policy={"safety": "stop"})
 
 
-def test_batch_rows_finishing_at_different_steps_keep_their_own_state(resp):
-    """A left-padded batch whose rows stop at different passes (one stopped by the policy, one at
-    its budget): every row's response scores equal that prompt served alone."""
-    art, _ = resp
+def _artifact(request, kind: str):
+    """The concat-cache artifact (``resp``) or the in-place one (``resp_inplace``)."""
+    return request.getfixturevalue("resp")[0] if kind == "concat" else request.getfixturevalue("resp_inplace")
+
+
+@pytest.mark.parametrize("kind", ["concat", "inplace"])
+def test_batch_rows_finishing_at_different_steps_keep_their_own_state(request, kind):
+    """A padded batch whose rows stop at different passes (one stopped by the policy, one at its
+    budget): every row's response scores equal that prompt served alone, with either cache layout
+    (the in-place one keeps the state in the arrays it is fed)."""
+    art = _artifact(request, kind)
     rt = load(art, backend="cpu", threads=1)
     alone = [rt.generate(p, 10) for p in PROMPTS]
     both = rt.generate(PROMPTS, 10)
@@ -183,13 +190,15 @@ def test_batch_rows_finishing_at_different_steps_keep_their_own_state(resp):
             np.testing.assert_allclose(a.response_scores[k], b.response_scores[k], atol=1e-5)
 
 
-def test_engine_rows_joining_and_leaving_carry_their_state(resp):
+@pytest.mark.parametrize("kind", ["concat", "inplace"])
+def test_engine_rows_joining_and_leaving_carry_their_state(request, kind):
     """Continuous batching: jobs join a running batch (merged, or in a finished row's slot) and
-    leave it at different steps; each job's response labels equal the prompt served alone."""
+    leave it at different steps; each job's response labels equal the prompt served alone, with
+    either cache layout."""
     from singlepass.runtime.sampling import Sampling
     from singlepass.serve.engine import Engine, Job
 
-    art, _ = resp
+    art = _artifact(request, kind)
     rt = load(art, backend="cpu", threads=1, policy={"r_mean": "stop:0.0"})
     plain = load(art, backend="cpu", threads=1)
     budgets = [12, 3, 7, 20, 5, 9, 2, 15]

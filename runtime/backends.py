@@ -41,7 +41,8 @@ class Backend:
 
     def release(self) -> None:
         """Let go of what the backend keeps between passes for this thread (ONNX Runtime: the last
-        in-place pass's binding, which holds its KV buffers): call it when the decode state goes."""
+        in-place pass's binding, which holds its KV buffers, the response state's arrays and their
+        scratch buffers): call it when the decode state goes."""
 
     def run(
         self,
@@ -177,7 +178,7 @@ class OrtBackend(Backend):
         if not self.inplace:
             raise SinglepassError(f"the {self.name} backend cannot write the KV cache in place")
         binding = getattr(self._local, "binding", None)
-        carry = carry or {}
+        carry = {o: i for o, i in (carry or {}).items() if o in names}  # only outputs this pass fetches
         if binding is None or not binding.serves(feed, names, inplace, carry):
             binding = self._local.binding = _Binding(self.session, feed, names, inplace, carry)
         return binding.run(feed)
@@ -199,8 +200,9 @@ class _Binding:
     cannot be written where it is read) go to a scratch buffer bound once, then are copied into their
     input's array, which is returned: the state stays in the same arrays from pass to pass, bound
     once, like the cache (a few KiB copied, where ONNX Runtime allocated each present, it was copied
-    out and bound again as the next past). An input that is not its caller's own writeable array
-    (converted or made contiguous on the way) gets a copy of the new state instead."""
+    out and bound again as the next past). An input bound as a copy (not C-contiguous) or that is
+    read-only gets a copy of the new state instead; one converted to the graph's dtype on the way
+    is the array bound, written and returned."""
 
     def __init__(self, session, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]):
         self.session, self.io = session, session.io_binding()

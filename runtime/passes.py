@@ -110,7 +110,8 @@ _ONES: dict[tuple, np.ndarray] = {}
 
 def _ones(shape: tuple) -> np.ndarray:
     """A decode pass's response mask (every fed token is a response token): one array per shape,
-    never written, so a backend that binds its inputs binds it once."""
+    shared by every thread and runtime, so a backend that binds its inputs binds it once. Nothing
+    may write into it."""
     if shape not in _ONES:
         _ONES[shape] = np.ones(shape, np.int64)
     return _ONES[shape]
@@ -120,7 +121,9 @@ def decode_one_token(
     backend: Backend, manifest: Manifest, state: State, tokens: np.ndarray, extra: tuple[str, ...] = ()
 ) -> tuple[dict, State]:
     """Feed the tokens [B] just chosen -> (outputs, state after this pass). Every fed token is a
-    response token (the response probes fold it in)."""
+    response token (the response probes fold it in). The state passed in is used up: an in-place
+    artifact writes the new keys/values and the response state into its arrays (a pass run twice
+    from one state folds its token in twice)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
     response = _ones(ids.shape) if manifest.graph.response_mask else None  # [B, 1]
     if response is not None and len(state.stream) != len(manifest.stream_states):

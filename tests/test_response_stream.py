@@ -43,8 +43,9 @@ def resp(tmp_path_factory, tiny_backbone, tiny_model_dir, cache_dir):
 
 @pytest.fixture(scope="module")
 def resp_inplace(tmp_path_factory, resp, tiny_model_dir, cache_dir):
-    """The response probes of ``resp`` exported with the in-place KV cache: its decode passes carry
-    the response state in the backend's alternating buffers (runtime/backends._Binding)."""
+    """The response probes of ``resp`` exported with the in-place KV cache: its decode passes write
+    the response state into the arrays they are fed (runtime/backends._Binding: a scratch output
+    bound once, copied back)."""
     from cli_args import export_argv
 
     from singlepass.cli import main
@@ -278,7 +279,7 @@ def test_inplace_passes_update_the_state_arrays_they_are_fed_and_keep_generation
     inplace, concat = load(resp_inplace, backend="cpu", threads=1), load(resp[0], backend="cpu", threads=1)
     assert inplace.manifest.graph.inplace and not concat.manifest.graph.inplace
 
-    def start(rt, prompts, tokens=None):
+    def start(rt, prompts):
         out, st = prefill(rt.backend, rt.manifest, [rt.encode(p)[0] for p in prompts])
         toks = last_logits(rt.manifest, out).argmax(-1)
         return {"rt": rt, "state": st, "next": toks, "tokens": [], "labels": [], "states": [], "arrays": []}

@@ -209,6 +209,8 @@ class _Binding:
         self.names, self.inplace, self.carry, self.inputs = list(names), dict(inplace), dict(carry), frozenset(feed)
         self.bound: dict[tuple[bool, str], np.ndarray] = {}  # (output?, name) -> the array bound to it
         self.scratch: dict[str, np.ndarray] = {}  # carried output -> the buffer the pass writes it into
+        self.lead = next(iter(feed))  # the first input (the ids [B, S]): a pass's output shapes follow its shape
+        self.shapes: dict[tuple, tuple] = {}  # (lead's shape, output) -> (shape, dtype) the last such pass returned
 
     def serves(self, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]) -> bool:
         same = (self.inplace, self.carry, self.inputs) == (inplace, carry, frozenset(feed))
@@ -228,7 +230,8 @@ class _Binding:
     def run(self, feed: dict) -> dict:
         for k, v in feed.items():
             self._bind(k, np.ascontiguousarray(v), output=False)
-        written = {}
+        written, learn, key = {}, [], feed[self.lead].shape
+
         for n in self.names:
             if n in self.inplace:
                 written[n] = feed[self.inplace[n]]
@@ -240,8 +243,14 @@ class _Binding:
                 if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                     buf = self.scratch[n] = np.empty(src.shape, src.dtype)  # [the state's shape]
                 self._bind(n, buf, output=True)
+            elif (key, n) in self.shapes:  # a new array each pass: the arrays returned before stay valid
+                # (bound where ONNX Runtime would allocate it and copy it out: no OrtValues to wrap)
+                shape, dtype = self.shapes[(key, n)]
+                written[n] = np.empty(shape, dtype)
+                self.io.bind_output(n, "cpu", 0, dtype, list(shape), written[n].ctypes.data)
             else:
-                self.io.bind_output(n, "cpu")  # a new buffer each pass: the arrays returned before stay valid
+                self.io.bind_output(n, "cpu")  # ONNX Runtime allocates it; its shape is learnt
+                learn.append(n)
         self.session.run_with_iobinding(self.io)
         for n, i in self.carry.items():
             src, buf = feed[i], self.scratch[n]
@@ -250,8 +259,12 @@ class _Binding:
                 written[n] = src
             else:
                 written[n] = buf.copy()
-        values = self.io.get_outputs()  # OrtValues in the order first bound; the others are the arrays bound
-        return {n: written[n] if n in written else v.numpy() for n, v in zip(self.names, values)}
+        if learn:
+            got = dict(zip(self.names, self.io.get_outputs()))  # OrtValues in the order first bound
+            for n in learn:
+                written[n] = got[n].numpy()
+                self.shapes[(key, n)] = (written[n].shape, written[n].dtype)
+        return {n: written[n] for n in self.names}
 
 
 # ----------------------------------------------------------------------------- selection

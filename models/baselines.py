@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from singlepass.models.family import Family
-from singlepass.models.probes import fp32, out_dim, rms_normalise
+from singlepass.models.probes import check_layer_count, fp32, out_dim, rms_normalise
 
 
 def last_token_onehot(mask: torch.Tensor) -> torch.Tensor:
@@ -72,8 +72,7 @@ class FixedReadoutProbe(nn.Module):
 
     def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d]: reads its one layer."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        check_layer_count(layers, self.num_layers)
         return self.head(self.read_layer(layers[self.layer], mask))
 
 

@@ -119,6 +119,12 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor, dim: int) -> torch.Tensor:
     return (x * mask).sum(dim) / mask.sum(dim).clamp_min(1.0)
 
 
+def check_layer_count(layers: list[torch.Tensor], n: int) -> None:
+    """The forms that take the L+1 layer tensors as a list: a clear error for another count."""
+    if len(layers) != n:
+        raise ValueError(f"the probe reads {n} layers, got {len(layers)}")
+
+
 def key_mask(m: torch.Tensor) -> torch.Tensor:
     """An attention's additive mask over a pass's tokens as keys: m [1, B, T, 1] -> [1, B, 1, 1, T], 0 for
     a real key, NEG for padding (a boolean one exports as Where over the scores and a NaN check, ~10% of
@@ -217,12 +223,12 @@ class Probe(nn.Module):
             inv_std = self.in_inv_std[layers]  # [G, d]
             shift = (self.in_mean[layers] * inv_std)[:, None] @ w  # [G, 1, k]
             w = inv_std[..., None] * w
-        if fused and self.input_norm != "none":
-            y = F.rms_norm(x, (d,), eps=RMS_EPS) @ w  # [G, B*T, k]
-        else:
+        if self.input_norm == "none":
             y = x @ w  # [G, B*T, k]
-        if self.input_norm != "none" and not fused:
-            y = y * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
+        elif fused:
+            y = F.rms_norm(x, (d,), eps=RMS_EPS) @ w
+        else:
+            y = (x @ w) * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
         return y - shift if self.input_norm == "standard" else y
 
     def lead(self, G: int, m) -> tuple:
@@ -261,9 +267,7 @@ class Probe(nn.Module):
     blockable = True
 
     def check_layers(self, layers: list[torch.Tensor]) -> None:
-        """The forms that take the L+1 layer tensors as a list: a clear error for another count."""
-        if len(layers) != self.num_layers:
-            raise ValueError(f"the probe reads {self.num_layers} layers, got {len(layers)}")
+        check_layer_count(layers, self.num_layers)
 
     def each_layer(self, layers: list[torch.Tensor], normalised: bool = True, block: int = 1):
         """The L+1 layer tensors [B, T, d] ``block`` layers at a time: (slice i:i+G, x [G, B, T, d],

@@ -231,7 +231,6 @@ class _Binding:
         for k, v in feed.items():
             self._bind(k, np.ascontiguousarray(v), output=False)
         written, learn, key = {}, [], feed[self.lead].shape
-
         for n in self.names:
             if n in self.inplace:
                 written[n] = feed[self.inplace[n]]

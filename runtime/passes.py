@@ -23,6 +23,7 @@ buffers, which are bound as both past inputs and present outputs (``Backend.run(
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -105,16 +106,12 @@ def prefill(
     return out, _after(manifest, out, ids, feed[manifest.graph.attention_mask], pos)
 
 
-_ONES: dict[tuple, np.ndarray] = {}
-
-
+@functools.cache
 def _ones(shape: tuple) -> np.ndarray:
     """A decode pass's response mask (every fed token is a response token): one array per shape,
     shared by every thread and runtime, so a backend that binds its inputs binds it once. Nothing
     may write into it."""
-    if shape not in _ONES:
-        _ONES[shape] = np.ones(shape, np.int64)
-    return _ONES[shape]
+    return np.ones(shape, np.int64)
 
 
 def decode_one_token(
@@ -130,7 +127,7 @@ def decode_one_token(
         raise ValueError("the state carries no response-probe state: build it with prefill / decode_one_token")
     feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
     g = manifest.graph
-    if g.inplace:  # the cache written in place; the response probes' state carried in the backend's buffers
+    if g.inplace:  # the cache written in place, the response probes' state copied back into its arrays
         carry = {s["present"]: s["past"] for s in manifest.stream_states}
         out = backend.run(feed, output_names(manifest, extra), dict(zip(g.present_names, g.past_names)), carry)
     else:

@@ -5,13 +5,14 @@ quick probe (``QUICK``): ``safety`` labels the prompt, ``safety_response`` the a
 generated:
 
     1. extract   SmolLM2-135M hidden states of each probe's training rows (cached): for the prompt
-                 probe a safety mixture (ToxicChat, WildGuardTest's validation part, AdvBench,
+                 probe a safety mixture (ToxicChat, WildGuardTest's train part, AdvBench,
                  HarmBench, StrongREJECT, Alpaca), for the response probe BeaverTails and GPTFuzz
                  answers plus the model's own answers to benign Alpaca prompts (``answer``, cached;
                  only the response tokens are stored, read after the prompt)
     2. train     a quick gate probe on each (safe / unsafe), selected on the sources' validation parts
-    3. eval      each on held-out test rows, one set out of distribution (WildGuardTest's untouched
-                 part for the prompt probe, SafeRLHF for the response probe)
+    3. eval      each on held-out test rows (the prompt probe on ToxicChat's human-annotated rows
+                 and WildGuardTest's untouched part; the response probe on BeaverTails and, out
+                 of distribution, SafeRLHF)
     4. export    one ONNX graph: next-token logits + KV cache + both probes (the response probe's
                  running state carried between passes like the KV cache), validated against
                  PyTorch as part of the export (``singlepass validate`` on a reused one)

@@ -11,8 +11,9 @@ with StrongREJECT leave StrongREJECT's rows when AdvBench is held out), select o
 sources' validation parts (mean over sources: ``selection_metric``), store the validation
 threshold, and test on S's held-out part (WildGuardTest: ``test_untouched``, the 70% never used
 for anything else). The in-distribution column is one more fold, ``in-distribution``: trained on
-all the sources, tested on each source's held-out part. WildGuardTest never trains in any fold
-(it has no training part); its ``validation`` 30% selects where it is not held out.
+all the sources, tested on each source's held-out part. WildGuardTest trains on its ``train`` 20%
+and selects on its ``validation`` 10% where it is not held out (earlier versions kept that 30% all
+for validation, so WildGuardTest never trained; ``run_key`` tells the two apart).
 
 Metrics, at the stored (validation, F1-optimal unless ``--threshold-at-fpr``) threshold, by the
 kind of the test source (what the labels allow; nothing is computed that the data cannot define):
@@ -32,7 +33,8 @@ MultiMax-style top-k token pooling on standardised inputs: models/probes.py), ``
 max instead of mean pooling over the tokens and over the layer summaries; MHA's inputs are
 standardised per layer either way), MULI, and ``guard``:
 the MiniLM classifier of benchmarks/guards.py fine-tuned on the same fold's rows (same weights,
-same selection rule; cached under ``guards/minilm-mixture-<key>``).
+same selection rule; cached under ``guards/minilm-mixture-<key>``). ``--source-weights
+wildguardmix=2`` weighs a source's training rows in the loss as ``train --dataset`` weights do.
 
 Data caps (documented in the table): alpaca_noinput is large (21,926 train / 3,132 validation /
 6,265 test rows): its train and validation parts are subsampled to ``CAPS`` before overlaps are
@@ -110,25 +112,51 @@ class Fold:
     held_out: str | None
     train_sources: tuple[str, ...]
     test_sources: tuple[str, ...]
+    weights: tuple[tuple[str, float], ...] = ()  # (source, loss weight) where not 1
 
     @property
     def mixture(self) -> str:
-        return ",".join(self.train_sources)
+        """The ``--dataset`` mixture string (models/mixture.py), e.g. ``toxicchat,wildguardmix:2``."""
+        w = dict(self.weights)
+        return ",".join(f"{s}:{w[s]:g}" if s in w else s for s in self.train_sources)
 
 
-def make_folds(sources: list[str] | tuple[str, ...], held_out: list[str] | None = None) -> list[Fold]:
+def parse_weights(items: list[str] | None, sources) -> tuple[tuple[str, float], ...]:
+    """``--source-weights wildguardmix=2 ...`` -> ((source, weight), ...), weights != 1 only."""
+    from singlepass.errors import SinglepassError
+
+    out = {}
+    for item in items or ():
+        name, sep, value = item.partition("=")
+        try:
+            w = float(value) if sep else None
+        except ValueError:
+            w = None
+        if name not in sources or w is None or not w > 0:
+            raise SinglepassError(
+                f"--source-weights {item!r}: expected SOURCE=WEIGHT with one of the sources "
+                f"({', '.join(sources)}) and a positive number"
+            )
+        if w != 1:
+            out[name] = w
+    return tuple(sorted(out.items()))
+
+
+def make_folds(
+    sources: list[str] | tuple[str, ...], held_out: list[str] | None = None, weights: tuple = ()
+) -> list[Fold]:
     """The in-distribution fold (train on all, test on each), then one fold per held-out source
-    (``held_out``: a subset of ``sources``; default all of them)."""
+    (``held_out``: a subset of ``sources``; default all of them). ``weights``: ``parse_weights``."""
     from singlepass.errors import SinglepassError
 
     sources = tuple(sources)
     if len(sources) < 2:
         raise SinglepassError("leave-one-source-out needs at least two sources")
-    out = [Fold(IN_DISTRIBUTION, None, sources, sources)]
+    out = [Fold(IN_DISTRIBUTION, None, sources, sources, weights)]
     for s in held_out or sources:
         if s not in sources:
             raise SinglepassError(f"--held-out {s!r} is not one of the sources ({', '.join(sources)})")
-        out.append(Fold(s, s, tuple(x for x in sources if x != s), (s,)))
+        out.append(Fold(s, s, tuple(x for x in sources if x != s), (s,), tuple(w for w in weights if w[0] != s)))
     return out
 
 
@@ -223,10 +251,12 @@ def slice_metrics(ds, p: np.ndarray, threshold: float) -> dict:
 
 
 def run_key(args, bb_sha: str) -> str:
+    from singlepass.models.data import WILDGUARD_PARTS
     from singlepass.models.train import RECIPE
 
     spec = {
         "sources": list(args.sources),
+        "wildguard_parts": WILDGUARD_PARTS,  # runs before WildGuardTest had a train part had no such key
         "caps": caps_for(args.limit),
         "test_caps": TEST_CAPS,
         "limit": args.limit,
@@ -239,6 +269,7 @@ def run_key(args, bb_sha: str) -> str:
         "recipe": RECIPE,
         "backbone": bb_sha,
         **({"balance_sources": True} if args.balance_sources else {}),  # absent by default: earlier keys stand
+        **({"source_weights": dict(args.weights)} if args.weights else {}),
     }
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -526,7 +557,7 @@ def targets(runs, sources, methods) -> list[str]:
         out.append(
             f"- WildGuardTest untouched part, best probe F1 >= 75: {verdict} (mixture-trained, in-distribution "
             f"fold: {_pct(ind and ind['f1'])}; WildGuardTest held out entirely: {_pct(lo and lo['f1'])}; "
-            "it never trains in either, the in-distribution fold selects on its validation part)"
+            "the in-distribution fold trains on its train part and selects on its validation part)"
         )
     return out
 
@@ -540,8 +571,7 @@ def render(doc: dict) -> str:
         "LOSO: trained on the other sources, every text of the held-out source removed from training and "
         "validation; in-distribution: trained on all the sources. The metric depends on what the source's "
         "labels define: F1 for mixed sets, recall (TPR) for harmful-only sets, FPR for the benign-only set "
-        "(lower is better). WildGuardTest never trains in any fold (it has no training part): its in-distribution "
-        "fold only selects on its validation part. `—` = not run yet.",
+        "(lower is better). `—` = not run yet.",
         "",
     ]
     head = [f"{s} ({PRIMARY.get(kinds[s], '?')})" for s in sources]
@@ -609,8 +639,8 @@ def render(doc: dict) -> str:
         + "."
     )
     lines.append(
-        "- WildGuardTest: `validation` (30%) selects only, `test_untouched` (70%) is only tested; it has no "
-        "training part. Selection: validation F1 at 0.5, the mean over the fold's sources (accuracy for "
+        "- WildGuardTest: `train` (20%) trains, `validation` (10%) selects, `test_untouched` (70%) is only "
+        "tested. Selection: validation F1 at 0.5, the mean over the fold's sources (accuracy for "
         "one-sided ones); threshold: F1-optimal on the pooled validation rows"
         + (f" (here: FPR {doc['threshold_at_fpr']:g} on validation)" if doc.get("threshold_at_fpr") else "")
         + "."
@@ -622,6 +652,7 @@ def render(doc: dict) -> str:
             if doc.get("balance_sources")
             else "natural proportions (every training row weighs the same)"
         )
+        + "".join(f"; {k} rows x{v:g} (`--source-weights`)" for k, v in (doc.get("source_weights") or {}).items())
         + "; the loss is class-balanced on the weighted totals."
     )
     commands = sorted({r.get("command") or doc["command"] for r in runs} or {doc["command"]})
@@ -690,6 +721,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
         action="store_true",
         help="weigh every training source the same in the loss (default: natural proportions)",
     )
+    p.add_argument(
+        "--source-weights",
+        nargs="+",
+        metavar="SOURCE=WEIGHT",
+        help="loss weight of a training source (as `train --dataset toxicchat:2`; default 1 each)",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads (default: %(default)s)")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--data-dir", default=None)
@@ -724,7 +761,8 @@ def run(args: argparse.Namespace) -> int:
     sources = [s for s in SOURCES if s in args.sources]
     methods = [m for m in METHODS if m in args.methods]
     args.methods = methods
-    folds = make_folds(sources, args.held_out)
+    args.weights = parse_weights(args.source_weights, sources)
+    folds = make_folds(sources, args.held_out, args.weights)
     bb = load_backbone(args.model, args.cache_dir)
     args.key = run_key(args, bb.fingerprint["sha256"])
     data = {f.name: fold_data(f, args.data_dir, args.limit, args.seed, args.balance_sources) for f in folds}
@@ -754,6 +792,7 @@ def run(args: argparse.Namespace) -> int:
         "test_caps": {k: v for k, v in TEST_CAPS.items() if k in sources},
         "threshold_at_fpr": args.threshold_at_fpr,
         "balance_sources": args.balance_sources,
+        "source_weights": dict(args.weights),
         "estimate_seconds": round(est["total"]),
         "runs": [],
     }

@@ -55,9 +55,11 @@ class DatasetSpec:
     label_column: str | None = None
 
 
-# WildGuardTest's parts: validation (selection only) and an untouched part only ever tested on,
-# stratified by label x adversarial; shared by its prompt and response views.
-WILDGUARD_PARTS = {"validation": 0.3, "test_untouched": 0.7}
+# WildGuardTest's parts: train, validation and an untouched part only ever tested on, stratified
+# by label x adversarial; shared by its prompt and response views. The cuts are cumulative per
+# stratum (``partition_rows``), so test_untouched is the same 70% it was when the first 30% was all
+# validation: train and validation split that 30% 2:1.
+WILDGUARD_PARTS = {"train": 0.2, "validation": 0.1, "test_untouched": 0.7}
 
 DATASETS: dict[str, DatasetSpec] = {
     "toxicchat": DatasetSpec("toxicchat", ("non-toxic", "toxic"), ("train", "test"), "safety"),
@@ -249,7 +251,8 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
 def partition_rows(strata: np.ndarray, fractions: dict[str, float], seed: int) -> dict[str, np.ndarray]:
     """Disjoint, seeded row indices per named part, stratified: each stratum's rows are shuffled
     and cut at the cumulative fractions (rounded), so every part keeps the strata's proportions."""
-    names, cuts = list(fractions), np.cumsum(list(fractions.values()))
+    # cuts rounded to 12 places: 0.2 + 0.1 must cut where 0.3 does (a half-row stratum rounds alike)
+    names, cuts = list(fractions), np.round(np.cumsum(list(fractions.values())), 12)
     if any(f <= 0 for f in fractions.values()) or abs(cuts[-1] - 1.0) > 1e-9:
         raise ValueError(f"partition fractions must be positive and sum to 1, not {fractions}")
     rng = np.random.default_rng(seed)
@@ -373,7 +376,7 @@ def load_dataset(
     VALIDATION_FRACTION of train (seeded) and ``train`` is then the rest; ToxicChat also
     has ``test_human`` (the human-annotated test rows the paper reports). Sets shipped as one
     file are carved by ``DatasetSpec.partition`` (advbench, strongreject, alpaca_noinput:
-    train/validation/test 70/10/20; wildguardmix: validation 30% / test_untouched 70%, besides
+    train/validation/test 70/10/20; wildguardmix: train/validation/test_untouched 20/10/70, besides
     its whole official ``test``). ``limit`` takes a seeded stratified subset.
     """
     if name not in DATASETS:

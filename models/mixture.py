@@ -6,10 +6,10 @@ is the harmful one; its labels are mapped onto ``LABELS`` (safe / unsafe), so th
 (advbench, harmbench, strongreject: all unsafe; alpaca_noinput: all safe) join the mixed ones
 (toxicchat, wildguardmix).
 
-Each source contributes its ``train``, ``validation`` and test parts (``parts``): WildGuardTest
-has no training part (its ``validation`` 30% is used for selection, its ``test_untouched`` 70%
-only for testing). Overlaps are removed on normalised text (``normalise``: NFKC, whitespace
-collapsed, case-folded): a training row whose text is in any source's validation or test part
+Each source contributes its ``train``, ``validation`` and test parts (``parts``): WildGuardTest's
+are its ``train`` 20%, ``validation`` 10% and ``test_untouched`` 70% (only ever tested on).
+Overlaps are removed on normalised text (``normalise``: NFKC, whitespace collapsed, case-folded):
+a training row whose text is in any source's validation or test part
 (or in WildGuardTest's ``test_untouched``, even when wildguardmix is not in the mixture) is
 dropped, a validation row whose text is in any test part is dropped, and repeats inside the
 training (or validation) rows are kept once, the first in the order the sources are named.
@@ -359,7 +359,7 @@ def load_mixture(
         entry["test_split"] = by_part["test"].split if "test" in by_part else None  # a file: none
         report[s.name] = entry
     if not train_parts or not sum(len(t) for t in train_parts):
-        raise SinglepassError(f"--dataset {text!r}: no source has training rows (wildguardmix is validation/test only)")
+        raise SinglepassError(f"--dataset {text!r}: no source has training rows (saferlhf is a test-only set)")
     name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
     train = concat(train_parts, name, "train", reads)
     w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)  # [N]

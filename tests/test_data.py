@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from singlepass.errors import SinglepassError
-from singlepass.models.data import DATASETS, load_dataset, load_file
+from singlepass.models.data import DATASETS, PARTITION_SEED, load_dataset, load_file, partition_rows
 
 
 @pytest.mark.parametrize("name", list(DATASETS))
@@ -132,7 +132,8 @@ def test_missing_file_and_bad_json(tmp_path):
 @pytest.mark.parametrize("name, total", [("advbench", 520), ("strongreject", 313), ("wildguardmix", 1699)])
 def test_one_file_sets_are_carved_into_disjoint_seeded_parts(name, total):
     """advbench / strongreject: train, validation, test = 70/10/20% of the one file;
-    wildguardmix: validation 30% + test_untouched 70% of the official test file."""
+    wildguardmix: train 20% + validation 10% + test_untouched 70% of the official test file, the
+    untouched part the same rows as when the first 30% was all validation."""
     from singlepass.models.data import DATASETS
 
     parts = {split: load_dataset(name, split) for split in DATASETS[name].partition}
@@ -143,6 +144,11 @@ def test_one_file_sets_are_carved_into_disjoint_seeded_parts(name, total):
         assert load_dataset(name, split).texts == ds.texts  # the same split every time
     if name == "wildguardmix":
         assert len(load_dataset(name, "test")) == total  # the official file stays whole
+        # the untouched part is the 70% a {validation: 0.3, test_untouched: 0.7} cut left untouched
+        whole = load_dataset(name, "test")
+        strata = whole.labels * 2 + np.asarray([bool(a) for a in whole.columns["adversarial"]], dtype=np.int64)
+        before = partition_rows(strata, {"validation": 0.3, "test_untouched": 0.7}, PARTITION_SEED)
+        assert parts["test_untouched"].columns["row"] == before["test_untouched"].tolist()
         for ds in parts.values():  # stratified by label and adversarial: within a point of the file's rates
             assert abs(ds.labels.mean() - 754 / 1699) < 0.01
             assert abs(np.mean([bool(a) for a in ds.columns["adversarial"]]) - 796 / 1699) < 0.01

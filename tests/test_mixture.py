@@ -84,9 +84,10 @@ def test_mixture_label_space_weights_and_overlaps(data):
     tr, va = m.train, m.validation
     assert tr.label_names == va.label_names == LABELS and tr.task == "safety"
     src = np.asarray(tr.columns["mixture_source"])
-    # one-sided sources keep their side; wildguardmix never trains (validation / untouched test only)
+    # one-sided sources keep their side; wildguardmix trains on its train part, never its untouched one
     assert set(tr.labels[src == "advbench"]) == {1} and set(tr.labels[src == "alpaca_noinput"]) == {0}
-    assert "wildguardmix" not in set(src) and "wildguardmix" in set(va.columns["mixture_source"])
+    assert set(np.asarray(tr.columns["mixture_split"])[src == "wildguardmix"]) == {"train"}
+    assert "wildguardmix" in set(va.columns["mixture_source"])
     assert not set(tr.columns["mixture_split"]) & PROTECTED_SPLITS
     # weights: per row, mean 1, in the ratio given
     w = np.asarray(tr.columns["mixture_weight"])
@@ -163,14 +164,18 @@ def test_conflicting_labels_of_the_same_text_are_an_error(data):
 def test_wildguard_untouched_split_is_disjoint_stratified_and_never_trained_on(data, tiny_backbone):
     from singlepass.models.train import train_probe
 
-    val, untouched = load_dataset("wildguardmix", "validation"), load_dataset("wildguardmix", "test_untouched")
-    assert not set(val.texts) & set(untouched.texts) and len(val) + len(untouched) == 100
-    for ds in (val, untouched):  # label x adversarial strata in each part
+    parts = {s: load_dataset("wildguardmix", s) for s in ("train", "validation", "test_untouched")}
+    train, val, untouched = parts.values()
+    assert not (set(train.texts) | set(val.texts)) & set(untouched.texts) and not set(train.texts) & set(val.texts)
+    assert (len(train), len(val), len(untouched)) == (20, 10, 70)
+    for ds in parts.values():  # label x adversarial strata in each part
         adv = np.asarray(ds.columns["adversarial"])
         assert {(int(a), int(b)) for a, b in zip(ds.labels, adv)} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert load_dataset("wildguardmix", "test_untouched").texts == untouched.texts
+    assert {normalise(t) for t in load_mixture("wildguardmix").train.texts} == {normalise(t) for t in train.texts}
+    write(data / "saferlhf", "test", [{"prompt": "q", "response": "a", "text": "q a", "label": 0}])
     with pytest.raises(SinglepassError, match="no source has training rows"):
-        load_mixture("wildguardmix")
+        load_mixture("saferlhf")
     # WildGuardTest prompts that another source also holds never train, even without wildguardmix
     copies = rows("wg safe", 10, 0)
     write(data / "toxicchat", "train", rows("chat hello", 30, 0) + rows("chat insult", 10, 1) + copies)

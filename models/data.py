@@ -63,8 +63,8 @@ WILDGUARD_PARTS = {"train": 0.2, "validation": 0.1, "test_untouched": 0.7}
 
 DATASETS: dict[str, DatasetSpec] = {
     "toxicchat": DatasetSpec("toxicchat", ("non-toxic", "toxic"), ("train", "test"), "safety"),
-    # WildGuardTest: a validation part for model selection and an untouched part that is only
-    # ever tested on (stratified by label x adversarial); "test" stays the whole official file.
+    # WildGuardTest: train and validation parts and an untouched part that is only ever tested on
+    # (WILDGUARD_PARTS); "test" stays the whole official file.
     "wildguardmix": DatasetSpec(
         "wildguardmix", ("unharmful", "harmful"), ("test",), "safety", WILDGUARD_PARTS, stratify_by="adversarial"
     ),

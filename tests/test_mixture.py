@@ -173,9 +173,10 @@ def test_wildguard_untouched_split_is_disjoint_stratified_and_never_trained_on(d
         assert {(int(a), int(b)) for a, b in zip(ds.labels, adv)} == {(0, 0), (0, 1), (1, 0), (1, 1)}
     assert load_dataset("wildguardmix", "test_untouched").texts == untouched.texts
     assert {normalise(t) for t in load_mixture("wildguardmix").train.texts} == {normalise(t) for t in train.texts}
-    write(data / "saferlhf", "test", [{"prompt": "q", "response": "a", "text": "q a", "label": 0}])
+    only_test = data.parent / "only-test"  # a response set with a test split alone
+    write(only_test / "saferlhf", "test", [{"prompt": "q", "response": "a", "text": "q a", "label": 0}])
     with pytest.raises(SinglepassError, match="no source has training rows"):
-        load_mixture("saferlhf")
+        load_mixture("saferlhf", str(only_test))
     # WildGuardTest prompts that another source also holds never train, even without wildguardmix
     copies = rows("wg safe", 10, 0)
     write(data / "toxicchat", "train", rows("chat hello", 30, 0) + rows("chat insult", 10, 1) + copies)

@@ -125,11 +125,9 @@ def test_carved_and_partitioned_response_splits():
     tr, va = load_dataset("gptfuzz", "train"), load_dataset("gptfuzz", "validation")
     assert len(tr) + len(va) == 5166 and not set(tr.columns["row"]) & set(va.columns["row"])
     assert abs(va.labels.mean() - 1693 / 5166) < 0.01 and va.reads == "response"  # stratified 10%
-    val, held = (
-        load_dataset("wildguardmix_response", "validation"),
-        load_dataset("wildguardmix_response", "test_untouched"),
-    )
-    assert len(val) + len(held) == 1689 and not set(val.columns["row"]) & set(held.columns["row"])
+    train, val, held = (load_dataset("wildguardmix_response", s) for s in ("train", "validation", "test_untouched"))
+    rows = [set(ds.columns["row"]) for ds in (train, val, held)]
+    assert sum(map(len, rows)) == len(set().union(*rows)) == 1689  # disjoint, every labelled row
     # the prompt view's held-out rows, restricted to the rows with a response label
     assert set(held.columns["row"]) <= set(load_dataset("wildguardmix", "test_untouched").columns["row"])
 

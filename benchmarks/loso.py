@@ -122,24 +122,28 @@ class Fold:
 
 
 def parse_weights(items: list[str] | None, sources) -> tuple[tuple[str, float], ...]:
-    """``--source-weights wildguardmix=2 ...`` -> ((source, weight), ...), weights != 1 only."""
+    """``--source-weights wildguardmix=2 ...`` -> ((source, weight), ...), weights != 1 only. The
+    weights are read as mixture weights (``models.mixture.parse_sources``: ``wildguardmix:2``)."""
     from singlepass.errors import SinglepassError
+    from singlepass.models.mixture import parse_sources
 
-    out = {}
+    def bad(item: str, why: str = "") -> SinglepassError:
+        return SinglepassError(
+            f"--source-weights {item!r}: expected SOURCE=WEIGHT with one of the sources "
+            f"({', '.join(sources)}) and a positive number" + (f" ({why})" if why else "")
+        )
+
+    as_mixture = []
     for item in items or ():
         name, sep, value = item.partition("=")
-        try:
-            w = float(value) if sep else None
-        except ValueError:
-            w = None
-        if name not in sources or w is None or not w > 0:
-            raise SinglepassError(
-                f"--source-weights {item!r}: expected SOURCE=WEIGHT with one of the sources "
-                f"({', '.join(sources)}) and a positive number"
-            )
-        if w != 1:
-            out[name] = w
-    return tuple(sorted(out.items()))
+        if name not in sources or not sep or not value.strip():
+            raise bad(item)
+        as_mixture.append(f"{name}:{value}")
+    try:
+        parsed = parse_sources(",".join(as_mixture)) if as_mixture else []
+    except SinglepassError as e:
+        raise bad(" ".join(items), str(e)) from None
+    return tuple(sorted((s.name, s.weight) for s in parsed if s.weight != 1))
 
 
 def make_folds(

@@ -211,7 +211,8 @@ def test_source_weights_reach_every_fold_that_trains_on_the_source(data):  # noq
     w = loso.fold_data(folds[0]).train
     src, wt = np.asarray(w.columns["mixture_source"]), np.asarray(w.columns["mixture_weight"])
     assert wt[src == "wildguardmix"][0] / wt[src == "toxicchat"][0] == pytest.approx(2.0)
-    for bad in (["wildguardmix"], ["wildguardmix=x"], ["wildguardmix=0"], ["sst2=2"]):
+    bad_items = (["wildguardmix"], ["wildguardmix="], ["wildguardmix=x"], ["wildguardmix=0"], ["wildguardmix=inf"])
+    for bad in (*bad_items, ["sst2=2"], ["wildguardmix=2", "wildguardmix=3"]):
         with pytest.raises(Exception, match="expected SOURCE=WEIGHT"):
             loso.parse_weights(bad, SOURCES)
 

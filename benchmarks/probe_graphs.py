@@ -6,8 +6,7 @@
 A response probe (``reads: response``) is timed in its decode-pass form: the stacked streaming graph
 (``export_stream_probe(stacked=True)``), one token per row. A prompt probe is timed in the form(s)
 a prefill pass runs (``export.fuse``), on ``--tokens`` tokens per row: a ``blockable`` one (pooling,
-the gate) on blocks of ``LAYERS_PER_STAGE_IF`` layers; the MHA stacked (a pass of at most
-``STACKED_PASS_TOKENS`` tokens) and per layer. Random float32 states (x 3) feed every
+the gate) on blocks of ``LAYERS_PER_STAGE_IF`` layers, the MHA per layer. Random float32 states (x 3) feed every
 layer. Prints the graph's node count and the median over ``--repeats`` of the mean time of
 ``--runs`` runs, per batch size; what it takes against a decode step or a prefill pass of the
 LLM is what ``bench response --cost`` and ``bench peers`` measure. Nothing else should run meanwhile.
@@ -21,13 +20,13 @@ import time
 import numpy as np
 
 
-def _graph(module, cfg: dict, stacked: bool, block: int, opset: int):
+def _graph(module, cfg: dict, block: int, opset: int):
     from singlepass.export.fuse import export_probe, export_stream_probe
 
     L1, d = module.num_layers, module.hidden_size
     if cfg.get("reads") == "response":
         return export_stream_probe(module, L1, d, opset, stacked=True)
-    return export_probe(module, "hidden_states", L1, d, 0, opset, stacked=stacked, block=block)
+    return export_probe(module, "hidden_states", L1, d, 0, opset, block=block)
 
 
 def _time(sess, feed: dict, runs: int, repeats: int) -> float:
@@ -44,7 +43,7 @@ def _time(sess, feed: dict, runs: int, repeats: int) -> float:
 
 def main(argv=None) -> int:
     from singlepass.benchmarks.machine import ort_machine
-    from singlepass.export.fuse import STACKED_PASS_TOKENS, stage_block
+    from singlepass.export.fuse import stage_block
     from singlepass.models.probe_io import load_probe
     from singlepass.runtime.backends import ort_session
 
@@ -66,30 +65,23 @@ def main(argv=None) -> int:
         response = cfg.get("reads") == "response"
         block = stage_block(module)
         if response:
-            forms = [("decode (stacked stream)", True, 1)]
-        elif block > 1:
-            forms = [(f"blocks of {block} layers", False, block)]
+            form = "decode (stacked stream)"
         else:
-            forms = [("stacked", True, 1), ("per layer", False, 1)]
-        for form, stacked, blk in forms:
-            proto = _graph(module, cfg, stacked, blk, a.opset)
-            sess = ort_session(proto.SerializeToString(), a.threads)
-            for b in a.batches:
-                t = 1 if response else a.tokens
-                if stacked and not response and b * t > STACKED_PASS_TOKENS:
-                    form_note = f"{form} (the artifact runs it up to {STACKED_PASS_TOKENS} tokens a pass)"
-                else:
-                    form_note = form
-                feed = {
-                    f"state_{i}": (rng.standard_normal((b, t, module.hidden_size)) * 3).astype(np.float32)
-                    for i in range(module.num_layers)
-                } | {"mask": np.ones((b, t), np.int64)}
-                if response:
-                    for (name, _), init in zip(module.stream_state_shapes(b), module.stream_init(b)):
-                        feed[f"past_{name}"] = init.numpy()
-                wanted = {i.name for i in sess.get_inputs()}
-                ms = _time(sess, {k: v for k, v in feed.items() if k in wanted}, a.runs, a.repeats) * 1e3
-                print(f"| {folder} | {form_note} | {len(proto.graph.node)} | {b} | {t} | {ms:.3f} |", flush=True)
+            form = f"blocks of {block} layers" if block > 1 else "per layer"
+        proto = _graph(module, cfg, block, a.opset)
+        sess = ort_session(proto.SerializeToString(), a.threads)
+        for b in a.batches:
+            t = 1 if response else a.tokens
+            feed = {
+                f"state_{i}": (rng.standard_normal((b, t, module.hidden_size)) * 3).astype(np.float32)
+                for i in range(module.num_layers)
+            } | {"mask": np.ones((b, t), np.int64)}
+            if response:
+                for (name, _), init in zip(module.stream_state_shapes(b), module.stream_init(b)):
+                    feed[f"past_{name}"] = init.numpy()
+            wanted = {i.name for i in sess.get_inputs()}
+            ms = _time(sess, {k: v for k, v in feed.items() if k in wanted}, a.runs, a.repeats) * 1e3
+            print(f"| {folder} | {form} | {len(proto.graph.node)} | {b} | {t} | {ms:.3f} |", flush=True)
     return 0
 
 

@@ -13,12 +13,9 @@ fused, each input reads its layer's residual-stream tensor where it is, so no [L
 is stacked for it. In the prefill-only (quantised) artifacts a prompt probe's stage 1 runs in an If
 per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_stages``): a
 ``blockable`` family (pooling, the gate) on each block's layers at once (``forward_layers(block=)``:
-one [k, B, T, d] copy of the block, its ops once per block), in one form for every pass size. The
-MHA runs stage 1 one layer at a time (its attention activations grow with the block), and as a
-short pass pays more for that form's ~L+1 times as many nodes than for one copy, it is also fused
-in its stacked form (``forward_stacked``), which passes of at most ``STACKED_PASS_TOKENS`` tokens
-run (``surgery.short_pass``); a response probe's decode passes likewise run its stacked streaming
-form.
+one [k, B, T, d] copy of the block, its ops once per block), the MHA one layer at a time (its
+attention activations would grow with the block; 5 ops a layer, one of them opset 23's
+``Attention``). A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens). In a
@@ -40,12 +37,6 @@ import warnings
 
 _CACHE: dict[tuple, bytes] = {}  # (probe weights sha, config, opset, shapes) -> serialized graph
 
-# A prefill pass of at most this many tokens (batch x length) runs a (not blockable) prompt probe's stacked form
-# (``surgery.short_pass``), a longer one its per-layer form. The stacked form's copies grow with the
-# pass (SmolLM2: 71 KiB per token each; the MHA's attention scores with its square). `bench peers`
-# (24 prompts, 64 tokens on average) measured prefill overhead pooling / gate / MHA +0.9 / +1.2 /
-# +6.0% at 64 against +2.8 / +1.3 / +9.2% at 256 (per-layer only: +1.9 / +3.4 / +12.8%).
-STACKED_PASS_TOKENS = 64
 # Layers per stage If (``surgery.layer_stages``): every pass runs each If once, decode passes
 # included (~15-20 us each here), and a block keeps its layers' states alive until its If has run.
 # SmolLM2 int4 + gate, decode at batch 1 over the base (alternating runs of a scratch script):
@@ -55,12 +46,11 @@ LAYERS_PER_STAGE_IF = 4
 
 def stage_block(module) -> int:
     """Layers per stage-1 block of a prompt probe fused in a prefill-only artifact: the stage Ifs' when
-    its family is ``blockable`` (one form for every pass size), else 1 (per layer, plus the stacked form
-    for short passes)."""
+    its family is ``blockable``, else 1 (stage 1 per layer, the Ifs still per ``LAYERS_PER_STAGE_IF``)."""
     return LAYERS_PER_STAGE_IF if getattr(module, "blockable", False) else 1
 
 
-def _wrapper(module, kind: str, stacked: bool = False, block: int = 1):
+def _wrapper(module, kind: str, block: int = 1):
     import torch
 
     from singlepass.models.probes import probabilities
@@ -75,11 +65,9 @@ def _wrapper(module, kind: str, stacked: bool = False, block: int = 1):
             return logits, probabilities(logits)
 
     class HiddenStatesProbe(WithProbs):
-        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer (block), or stacked
+        def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer (or block)
             layers, mask = list(inputs[:-1]), inputs[-1]
-            if stacked:
-                logits = self.p.forward_stacked(layers, mask)
-            elif block > 1:
+            if block > 1:
                 logits = self.p.forward_layers(layers, mask, block)
             else:
                 logits = self.p.forward_layers(layers, mask)
@@ -208,14 +196,12 @@ def export_probe(
     vocab_size: int,
     opset: int,
     exporter: str = "torchscript",
-    stacked: bool = False,
     block: int = 1,
 ):
     """-> onnx.ModelProto with inputs (state_0 .. state_L, mask) or (next_token_logits,) and outputs
     (logits, probs). A state input the probe does not read (a fixed-readout probe reads one layer)
-    may be left out by the exporter. ``stacked``: a hidden-states probe's ``forward_stacked`` form
-    (one [L+1, B, T, d] copy, a few ops over all layers) instead of ``forward_layers``; ``block``:
-    ``forward_layers``' stage 1 on blocks of that many layers (``Probe.blockable`` families).
+    may be left out by the exporter. ``block``: a hidden-states probe's ``forward_layers`` with stage 1
+    on blocks of that many layers (``Probe.blockable`` families).
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
     writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
@@ -229,9 +215,8 @@ def export_probe(
 
     from singlepass.errors import SinglepassError
 
-    form = "forward_stacked" if stacked else "forward_layers"
-    if kind == "hidden_states" and not hasattr(module, form):
-        raise SinglepassError(f"{type(module).__name__} has no {form}(layers, mask): it cannot be fused")
+    if kind == "hidden_states" and not hasattr(module, "forward_layers"):
+        raise SinglepassError(f"{type(module).__name__} has no forward_layers(layers, mask): it cannot be fused")
     state = module.state_dict()
     exporter = resolve_exporter(exporter, opset)
     # The module's plain settings (token_pool, top_k, pool, heads, ...) shape the graph as much as its
@@ -241,7 +226,7 @@ def export_probe(
         for k, v in vars(module).items()
         if not k.startswith("_") and k != "training" and isinstance(v, (bool, int, float, str, type(None)))
     )
-    shape = (kind, num_states, hidden_size, vocab_size, opset, exporter, stacked, block)
+    shape = (kind, num_states, hidden_size, vocab_size, opset, exporter, block)
     h = hashlib.sha256(repr((type(module).__name__, settings, *shape)).encode())
     for k in sorted(state):
         h.update(k.encode())
@@ -249,7 +234,7 @@ def export_probe(
     key = h.hexdigest()
     if key in _CACHE:
         return onnx.load_from_string(_CACHE[key])
-    wrapper = _wrapper(module.eval(), kind, stacked, block)
+    wrapper = _wrapper(module.eval(), kind, block)
     if kind == "hidden_states":
         args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
         args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
@@ -369,21 +354,13 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
         src = sources[kind]
         if not prefill_only:
             outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)[1]
-        elif kind == "hidden_states" and (block := stage_block(p.module)) > 1:
-            # prefill passes only, stage 1 on the blocks of layers of the stage Ifs (one form for every pass
-            # size: no stacked copy, no states handed on; no fp32 boundary casts: prefill-only artifacts are
-            # the quantised ones, never TensorRT's input)
+        elif kind == "hidden_states":
+            # prefill passes only, stage 1 in the stage Ifs, on each block's layers at once or one layer at
+            # a time (one form for every pass size: no stacked copy, no states handed on; no fp32 boundary
+            # casts: prefill-only artifacts are the quantised ones, never TensorRT's input)
+            block = stage_block(p.module)
             nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False, block=block)
-            nodes = surgery.layer_stages(graph, stream, nodes, None, 0, block)
-            surgery.prefill_only(graph, stream, nodes, outs)
-        elif kind == "hidden_states":  # prefill passes only, in the cheaper form for the pass's size
-            per_layer, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False)
-            stacked = _fuse_prompt_probe(graph, stream, p, src, f"{p.spec.name}/short", boundary=False, stacked=True)
-            # each block of layers' stage 1 in an If of its own, so that no If below holds every layer's states
-            per_layer = surgery.layer_stages(
-                graph, stream, per_layer, stacked[0], STACKED_PASS_TOKENS, LAYERS_PER_STAGE_IF
-            )
-            nodes = surgery.short_pass(graph, stream, STACKED_PASS_TOKENS, stacked, (per_layer, outs), outs)
+            nodes = surgery.layer_stages(graph, stream, nodes, LAYERS_PER_STAGE_IF)
             surgery.prefill_only(graph, stream, nodes, outs)
         else:  # a prompt probe's label is the prefill pass's: decode passes skip it
             nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)
@@ -393,14 +370,14 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
 
 
 def _fuse_prompt_probe(
-    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, stacked: bool = False, block: int = 1
+    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, block: int = 1
 ) -> tuple[list, list[str]]:
-    """Export prompt probe ``p`` (per layer or per ``block`` of layers, or ``stacked``) and fuse it under
+    """Export prompt probe ``p`` (per layer or per ``block`` of layers) and fuse it under
     ``prefix``, its inputs fed from ``sources`` (``host_feeds``). -> (the nodes added, its outputs)."""
     from singlepass.export import surgery
 
     dims = (stream.num_layers + 1, stream.hidden_size, stream.vocab_size, surgery.opset_of(graph))
-    probe = export_probe(p.module, p.spec.input, *dims, stacked=stacked, block=block)
+    probe = export_probe(p.module, p.spec.input, *dims, block=block)
     return surgery.fuse_probe_nodes(graph, probe, prefix, sources, boundary)
 
 

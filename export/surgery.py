@@ -16,9 +16,8 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     fuse_probe_nodes(graph, probe, name, sources)  the same, fed from a superset -> (nodes, outputs)
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
-    short_pass(graph, s, n, short, long, outputs)  one form in passes of <= n tokens, another above
     with_response_tokens(graph, s, nodes, outputs, carried)  a response probe's fold only where it folds something
-    layer_stages(graph, s, per_layer, stacked, n, k)  a prompt probe's stage 1, an If per block of k layers
+    layer_stages(graph, s, per_layer, k)  a prompt probe's stage 1, an If per block of k layers
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -282,8 +281,8 @@ def fuse_probe_nodes(
 ) -> tuple[list[gs.Node], list[str]]:
     """``fuse_probe`` fed from ``sources`` (host tensors by probe input name, possibly more than this
     probe graph takes: the others are left out, and one it takes that ``sources`` lacks is still
-    ``fuse_probe``'s error). -> (the nodes it added, its outputs): what ``prefill_only`` and
-    ``short_pass`` move into a branch."""
+    ``fuse_probe``'s error). -> (the nodes it added, its outputs): what ``prefill_only`` moves into a
+    branch."""
     inits = {t.name for t in probe.graph.initializer}
     wanted = {i.name for i in probe.graph.input if i.name not in inits}
     before = set(map(id, graph.nodes))
@@ -347,19 +346,6 @@ def _is_prefill(namer: "Namer", shape: gs.Variable, base: str) -> tuple[list[gs.
     nodes = [
         namer.node("Gather", [shape, gs.Constant(namer("index1"), np.array(1, np.int64))], [t], axis=0),
         namer.node("Greater", [t, gs.Constant(namer("one"), np.array(1, np.int64))], [cond]),
-    ]
-    return nodes, cond
-
-
-def _is_short(namer: "Namer", shape: gs.Variable, max_tokens: int, base: str) -> tuple[list[gs.Node], gs.Variable]:
-    """``shape`` ([2] = (B, T)) -> (nodes, B * T <= max_tokens []): is this a short pass?"""
-    n = gs.Variable(namer(f"{base}_tokens"), dtype=np.int64)  # [1] = B * T
-    cond1 = gs.Variable(namer(f"{base}_is_short_1"), dtype=np.bool_)  # [1]
-    cond = gs.Variable(namer(f"{base}_is_short"), dtype=np.bool_)  # []
-    nodes = [
-        namer.node("ReduceProd", [shape], [n], keepdims=1),
-        namer.node("LessOrEqual", [n, namer.i64("max_tokens", [int(max_tokens)])], [cond1]),
-        namer.node("Squeeze", [cond1, namer.i64("axis0", [0])], [cond]),
     ]
     return nodes, cond
 
@@ -457,29 +443,6 @@ def with_response_tokens(
     return branch(graph, head, cond, (nodes, outs), (other, kept), outputs)
 
 
-def short_pass(
-    graph: gs.Graph,
-    stream: ResidualStream,
-    max_tokens: int,
-    short: tuple[list[gs.Node], list[str]],
-    long: tuple[list[gs.Node], list[str]],
-    outputs: list[str],
-) -> list[gs.Node]:
-    """Two forms of the same computation of the graph outputs ``outputs`` (each (nodes, outputs)):
-    ``short`` in passes of at most ``max_tokens`` tokens (batch x length of ``input_ids``), ``long``
-    in longer ones (a ``branch``). A probe's stacked form copies the pass's hidden states once and runs
-    a few ops over all layers, its per-layer form runs a few ops per layer and copies nothing: the
-    per-op overhead decides a short pass, the copy a long one. -> the nodes added."""
-    namer = Namer(graph)
-    tensors = graph.tensors()
-    head, shape = _input_ids_dims(graph, stream, namer)
-    more, cond = _is_short(namer, shape, max_tokens, "pass")
-    head += more
-    (s_nodes, s_names), (l_nodes, l_names) = short, long
-    s_outs, l_outs = [tensors[x] for x in s_names], [tensors[x] for x in l_names]
-    return branch(graph, head, cond, (s_nodes, s_outs), (l_nodes, l_outs), outputs)
-
-
 def _placeholder(namer: "Namer", like: gs.Tensor) -> gs.Constant:
     """A zero scalar of ``like``'s dtype: what a branch returns for an output it has no use for (an
     If's branches may return different shapes), as the branch's own initializer: no kernel runs."""
@@ -487,12 +450,7 @@ def _placeholder(namer: "Namer", like: gs.Tensor) -> gs.Constant:
 
 
 def layer_stages(
-    graph: gs.Graph,
-    stream: ResidualStream,
-    per_layer: list[gs.Node],
-    stacked: list[gs.Node] | None,
-    max_tokens: int,
-    layers_per_if: int = 1,
+    graph: gs.Graph, stream: ResidualStream, per_layer: list[gs.Node], layers_per_if: int = 1
 ) -> list[gs.Node]:
     """Give the per-layer form's stage 1 of each block of ``layers_per_if`` layers an ``If`` of its
     own, right after the block's last layer.
@@ -500,18 +458,14 @@ def layer_stages(
     ``per_layer``: the per-layer form's nodes, reading hidden state i (``stream.hidden_states``)
     directly; the nodes that read states of one block and no other (stage 1: the token pooling of
     those layers, one layer at a time or the block at once) move into that block's If. In a prefill
-    pass that If runs them and returns the layers' summaries; in a decode pass, placeholders. With a
-    ``stacked`` form (its nodes read the states too) the If holds a second level: in a prefill pass
-    of at most ``max_tokens`` tokens (batch x length) it returns the states themselves, for the
-    stacked form (whose nodes then read them from there), and stage 1 only in a longer one; without
-    (``stacked=None``), every prefill pass runs stage 1 in the blocks. Every node left reads the Ifs'
-    outputs instead of the states, so when those nodes sit in an ``If`` of their own (``short_pass``,
-    ``prefill_only``), that If holds summaries from the outer scope, not every layer's [B, T, d]
-    states: ONNX Runtime keeps an outer-scope tensor alive until the If that reads it has run, which
-    for such an If is after the last layer. A block keeps its layers' states alive until its If has
-    run (``layers_per_if`` - 1 more than one layer's); every pass, decode included, runs each If
-    once, so fewer Ifs cost less per pass. The state-free nodes stage 1 reads stay at the top level,
-    before every If. -> the per-layer form's nodes left, in order."""
+    pass that If runs them and returns the layers' summaries; in a decode pass, placeholders. Every
+    node left reads the Ifs' outputs instead of the states, so when those nodes sit in an ``If`` of
+    their own (``prefill_only``), that If holds summaries from the outer scope, not every layer's
+    [B, T, d] states: ONNX Runtime keeps an outer-scope tensor alive until the If that reads it has
+    run, which for such an If is after the last layer. A block keeps its layers' states alive until
+    its If has run (``layers_per_if`` - 1 more than one layer's); every pass, decode included, runs
+    each If once, so fewer Ifs cost less per pass. The state-free nodes stage 1 reads stay at the top
+    level, before every If. -> the per-layer form's nodes left, in order."""
     namer = Namer(graph)
     tensors = graph.tensors()
     layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
@@ -548,51 +502,25 @@ def layer_stages(
 
     head, shape = _input_ids_dims(graph, stream, namer)
     more, prefill = _is_prefill(namer, shape, "stage")
-    head += more
-    if stacked is not None:
-        more, short = _is_short(namer, shape, max_tokens, "stage")
-        head += more
-    new_nodes = list(head) + list(top)
+    new_nodes = list(head) + more + list(top)
     swap: dict[int, gs.Tensor] = {}  # id(a stage-1 output) -> the If output that replaces it
-    passed: dict[int, gs.Tensor] = {}  # id(state i) -> its If's output (the state itself in short passes)
     for key in sorted(groups):  # the staged blocks, in layer order
-        ids = sorted(read_by[key])
-        b = ids[-1]  # names after the block's last layer, where its If runs
-        states = [tensors[stream.hidden_states[i]] for i in ids]
+        b = max(read_by[key])  # names after the block's last layer, where its If runs
         nodes = groups[key]
         inner = {id(o) for n in nodes for o in n.outputs}
         outs = [o for n in nodes for o in n.outputs if id(o) in read_outside]
         outs += [o for o in graph.outputs if id(o) in inner and all(o is not x for x in outs)]
-        if stacked is None:  # a prefill pass: stage 1 of the block
-            mid, prefill_nodes, n_states = outs, nodes, 0
-        else:
-            # inner If (a prefill pass): short -> the states themselves, long -> stage 1's outputs
-            copies = [gs.Variable(namer(f"layer{i}_state"), dtype=st.dtype or np.float32) for i, st in zip(ids, states)]
-            s_nodes = [namer.node("Identity", [st], [c]) for st, c in zip(states, copies)]
-            s_outs = copies + [_placeholder(namer, o) for o in outs]
-            l_nodes, l_outs = nodes, [_placeholder(namer, c) for c in copies] + outs
-            mid = [gs.Variable(namer(f"layer{b}_stage"), dtype=x.dtype) for x in s_outs]
-            iff = gs.Node("If", name=namer("If"), inputs=[short], outputs=mid)
-            iff.attrs = {
-                "then_branch": gs.Graph(nodes=s_nodes, outputs=s_outs, name=namer("short")),
-                "else_branch": gs.Graph(nodes=l_nodes, outputs=l_outs, name=namer("long")),
-            }
-            prefill_nodes, n_states = [iff], len(states)
-        d_nodes, d_outs = [], [_placeholder(namer, x) for x in mid]  # a decode pass: placeholders
-        outer = [gs.Variable(namer(f"layer{b}_stage_out"), dtype=x.dtype) for x in mid]
+        outer = [gs.Variable(namer(f"layer{b}_stage_out"), dtype=x.dtype) for x in outs]
         top_if = gs.Node("If", name=namer("If"), inputs=[prefill], outputs=outer)
-        top_if.attrs = {
-            "then_branch": gs.Graph(nodes=prefill_nodes, outputs=mid, name=namer("prefill")),
-            "else_branch": gs.Graph(nodes=d_nodes, outputs=d_outs, name=namer("decode")),
+        top_if.attrs = {  # a prefill pass: stage 1 of the block; a decode pass: placeholders
+            "then_branch": gs.Graph(nodes=nodes, outputs=outs, name=namer("prefill")),
+            "else_branch": gs.Graph(nodes=[], outputs=[_placeholder(namer, x) for x in outs], name=namer("decode")),
         }
         new_nodes.append(top_if)
-        passed.update({id(st): x for st, x in zip(states[:n_states], outer)})
-        swap.update({id(o): x for o, x in zip(outs, outer[n_states:])})
+        swap.update({id(o): x for o, x in zip(outs, outer)})
     graph.outputs = [swap.get(id(o), o) for o in graph.outputs]
     for n in rest:
         n.inputs = [swap.get(id(x), x) for x in n.inputs]
-    for n in stacked or []:
-        n.inputs = [passed.get(id(x), x) for x in n.inputs]
     graph.nodes = [n for n in graph.nodes if id(n) not in moved] + new_nodes
     return rest
 

@@ -27,7 +27,6 @@ A failure raises ``ValidationError`` with a table whose first row is the worst t
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -316,7 +315,6 @@ def open_parity(folder, backbone=None, probes: dict | None = None, model: str | 
 
 
 def check_prefill(par: Parity, report: Report) -> None:
-    from singlepass.export import fuse
     from singlepass.runtime.batching import pad_batch
     from singlepass.runtime.passes import prefill
 
@@ -326,14 +324,6 @@ def check_prefill(par: Parity, report: Report) -> None:
     if side == "left":  # the other side too, where the layout allows it
         cases.append(("prefill right B=4", seqs[:4], "right"))
     cases += [(f"prefill {side} B=2", seqs[4:6], side), ("prefill B=1", seqs[3:4], side)]
-    # a pass above the short-pass size, where a prefill-only prompt probe runs its per-layer form
-    # (export.fuse.STACKED_PASS_TOKENS; the cases above run the stacked one)
-    lim, over = par.m.limits, fuse.STACKED_PASS_TOKENS + 1
-    b = min(lim.max_batch, max(4, math.ceil(over / lim.max_prompt_length)))
-    n = min(lim.max_prompt_length, math.ceil(over / b))
-    if b * n >= over:
-        long = [(s * (n // len(s) + 1))[:n] for s in (seqs * b)[:b]]
-        cases.append((f"prefill {side} B={b} x {n} tokens", long, side))
     for case, batch, pad_side in cases:
         got, _ = prefill(par.backend, par.m, batch, side=pad_side, extra=par.extra)
         ids, mask, pos = pad_batch(batch, par.m.pad_id, pad_side, par.m.graph.min_prefill_tokens)  # as the runtime pads

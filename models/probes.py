@@ -175,6 +175,39 @@ def host_probabilities(logits: torch.Tensor):
     return class_probs(logits.detach().cpu().numpy())
 
 
+def head_attention(q, k, v, heads: int) -> torch.Tensor:
+    """Multi-head attention with the heads side by side: q, k [B, T, H*dk], v [B, T, H*dv] -> [B, T, H*dv],
+    per head h softmax(q_h k_h^T) v_h (no score scale: q carries it; a mask rides in q and k)."""
+    B, T = q.shape[:2]
+    q, k, v = (t.reshape(B, T, heads, -1).transpose(1, 2) for t in (q, k, v))  # [B, H, T, dk | dv]
+    p = torch.softmax(q @ k.transpose(-1, -2), dim=-1)  # [B, H, T, T]
+    return (p @ v).transpose(1, 2).reshape(B, T, -1)  # [B, H, T, dv] -> [B, T, H*dv]
+
+
+class HeadAttention(torch.autograd.Function):
+    """``head_attention`` as the TorchScript exporter writes it: from opset 23 one ONNX ``Attention`` node
+    (one fused kernel over the heads, which ONNX Runtime's CPU runs without a [B, H, T, T] tensor between
+    ops), below 23 its decomposition."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, heads: int):
+        return head_attention(q, k, v, heads)
+
+    @staticmethod
+    def symbolic(g, q, k, v, heads: int):
+        if g.opset >= 23:
+            return g.op("Attention", q, k, v, q_num_heads_i=heads, kv_num_heads_i=heads, scale_f=1.0)
+        split = g.op("Constant", value_t=torch.tensor([0, 0, heads, -1]))
+        q, k, v = (
+            g.op("Transpose", g.op("Reshape", t, split), perm_i=p)
+            for t, p in ((q, [0, 2, 1, 3]), (k, [0, 2, 3, 1]), (v, [0, 2, 1, 3]))
+        )
+        o = g.op("MatMul", g.op("Softmax", g.op("MatMul", q, k), axis_i=-1), v)  # [B, H, T, dv]
+        return g.op(
+            "Reshape", g.op("Transpose", o, perm_i=[0, 2, 1, 3]), g.op("Constant", value_t=torch.tensor([0, 0, -1]))
+        )
+
+
 class Probe(nn.Module):
     """Shared plumbing: input normalisation, mask handling and the linear head."""
 
@@ -297,20 +330,6 @@ class Probe(nn.Module):
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(states, mask))
-
-    def stack(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        """The L+1 layer tensors [B, T, d] -> one [L+1, B, T, d] copy: one Concat and a Reshape when
-        exported, already layer-first (torch.stack would be an Unsqueeze per layer + a Concat)."""
-        self.check_layers(layers)
-        b, t, d = layers[0].shape
-        return torch.cat(layers, 0).reshape(self.num_layers, b, t, d)  # [(L+1)*B, T, d] -> [L+1, B, T, d]
-
-    def forward_stacked(self, layers: list[torch.Tensor], mask: torch.Tensor) -> torch.Tensor:
-        """``forward`` on the L+1 layer tensors [B, T, d] through one stacked copy: a few ops over all
-        layers where ``forward_layers`` runs a few per layer (an exported short pass's form: per-op
-        overhead, not the copy, dominates its cost)."""
-        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        return self.head(self.combine(self.tokens_raw(self.stack(layers), m, slice(0, self.num_layers))))
 
     def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
@@ -700,48 +719,71 @@ class MHAProbe(Probe):
         o = o.transpose(2, 3).flatten(3) @ self.w_o[modules, None] + self.b_o[modules, None, None]  # [G, B, T, d]
         return o.amax(2) if m is None else masked_max(o, m, dim=2)  # [G, B, d]
 
-    # --- the per-layer form of query="tokens" with mean pooling (the exported prompt probe's long passes) ----
-    # Per layer: RMS-normalise, one projection (the "standard" affine map and the 1/sqrt(dh) score scale
-    # folded into its weights), attention, and the masked token mean read as one row of weights through the
-    # attention: (w_tok @ softmax) @ v, [B, H, 1, dh], never the [B, H, T, dh] outputs. The output projection
-    # is linear, so it runs once on the L+1 layers' pooled heads after them, not once per layer: 13 ops a
-    # layer (12 without normalisation), where ``attend`` on one layer exports ~31.
+    # --- the per-layer form of query="tokens" with mean pooling (the exported prompt probe) ----------------
+    # Per layer 5 ops: RMS-normalise, one projection to q, k, v, one addition (the same tensor for every
+    # layer), the attention (``HeadAttention``: opset 23's Attention, one kernel over the heads) and a
+    # Split; ``attend`` on one layer exports ~31. The biases and the padding mask are moved out of the
+    # layers: a key bias adds q . b_k to every score of a query alike (softmax ignores it); a query bias
+    # adds b_q . k_j to every score of key j, a linear function of the token, x_j . (W_k b_q), which
+    # rides in one more key component per head against a query component that is 1, as the mask does
+    # (0 for a real key, NEG for padding): q' . k' = q . k + b_q . k + mask; a value bias passes through
+    # the attention's average and the token mean (weights summing to 1) into the output projection's
+    # bias. What each layer adds is then [0.., 1 | 0.., mask | 0..], the same tensor for every layer. The
+    # token mean and the output projection are linear, so they run once on the L+1 layers' outputs.
 
     def layer_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Stage 1's q, k, v projection of RMS-normalised tokens: w [L+1, d, 3*d_inner], b [L+1, 3*d_inner],
-        with the "standard" affine map (x - mean) * inv_std and the queries' 1/sqrt(dh) folded in (weights
-        only: constant in an export)."""
-        L1, di = self.num_layers, self.d_inner
+        """Stage 1's q, k, v projection of RMS-normalised tokens: w [L+1, d, 2*H*(dh+1) + d_inner] (q and k
+        widened by one component per head: q's 0, k's x . (W_k b_q)), with the "standard" affine map
+        (x - mean) * inv_std and the queries' 1/sqrt(dh) folded in, and b_v [L+1, d_inner], the value bias
+        (weights only: constant in an export)."""
+        L1, di, H = self.num_layers, self.d_inner, self.heads
         w, b = self.w_qkv[:L1], self.b_qkv[:L1]
         if self.input_norm == "standard":
             b = b - ((self.in_mean * self.in_inv_std)[:, None] @ w)[:, 0]  # [L+1, 3*d_inner]
             w = self.in_inv_std[..., None] * w  # [L+1, d, 3*d_inner]
-        scale = torch.cat([w.new_full((di,), (di // self.heads) ** -0.5), w.new_ones(2 * di)])  # q | k, v
-        return w * scale, b * scale
+        s = (di // H) ** -0.5
+        wq, wk, wv = w[..., :di] * s, w[..., di : 2 * di], w[..., 2 * di :]  # slices, which constant-fold
+        bq = b[:, :di] * s
+        heads = lambda t: t.unflatten(-1, (H, -1))  # noqa: E731  [..., H*dh] -> [..., H, dh]
+        wkb = (heads(wk) * heads(bq)[:, None]).sum(-1, keepdim=True)  # [L+1, d, H, 1]: W_k b_q per head
+        q = torch.cat([heads(wq), torch.zeros_like(wkb)], -1).flatten(-2)  # [L+1, d, H*(dh+1)]
+        k = torch.cat([heads(wk), wkb], -1).flatten(-2)
+        return torch.cat([q, k, wv], -1), b[:, 2 * di :]
 
-    def pooled_heads(self, x, keys, tok, w, b) -> torch.Tensor:
-        """One layer's attention, mean-pooled over its tokens: x [B, T, d] as the layer holds it, keys
-        [B, 1, 1, T] (additive mask), tok [B, 1, 1, T] (the mean's token weights), w [d, 3*d_inner],
-        b [3*d_inner] (``layer_qkv``) -> the heads' pooled outputs [1, B, d_inner]."""
-        H, dh = self.heads, self.d_inner // self.heads
+    def layer_addend(self, m: torch.Tensor) -> torch.Tensor:
+        """What every layer adds to its projection: m [1, B, T, 1] -> [B, T, 2*H*(dh+1) + d_inner], 0 but at
+        each head's last q component (1) and last k component (NEG for a padded key)."""
+        H, dh, di = self.heads, self.d_inner // self.heads, self.d_inner
+        one = torch.tensor(([0.0] * dh + [1.0]) * H)  # [H*(dh+1)]: constants
+        q = torch.cat([one, torch.zeros(H * (dh + 1) + di)])
+        k = torch.cat([torch.zeros(H * (dh + 1)), one, torch.zeros(di)])
+        return q + (m[0] - 1.0) * -NEG * k  # [B, T, 1] * [...]
+
+    def layer_heads(self, x, addend, w) -> torch.Tensor:
+        """One layer's attention: x [B, T, d] as the layer holds it, addend (``layer_addend``), w
+        (``layer_qkv``) -> the heads' outputs [B, T, d_inner] (without the value bias)."""
         x = fp32(x)
         if self.input_norm != "none":
             x = F.rms_norm(x, (self.hidden_size,), eps=RMS_EPS)  # [B, T, d]: one op (opset 23's RMSNormalization)
-        qkv = (x @ w + b).reshape(keys.shape[0], -1, 3 * H, dh).transpose(1, 2)  # [B, 3H, T, dh]
-        q, k, v = qkv.split(H, dim=1)  # 3 x [B, H, T, dh]; q scaled by 1/sqrt(dh) in w
-        p = torch.softmax(q @ k.transpose(-1, -2) + keys, dim=-1)  # [B, H, T, T]
-        return ((tok @ p) @ v).reshape(1, -1, self.d_inner)  # [B, H, 1, dh] -> [1, B, d_inner]
+        qk = self.heads * (self.d_inner // self.heads + 1)  # a Python int: no shape arithmetic in the graph
+        # w[None]: a [1, d, n] weight, which ONNX Runtime's MatMul reads as it is in the mapped file, where
+        # it would keep a packed copy of a [d, n] one as well (measured: the MHA's peak RSS +4.7 MiB)
+        q, k, v = (x @ w[None] + addend).split([qk, qk, self.d_inner], -1)  # [B, T, H*(dh+1)] x 2, [B, T, d_inner]
+        attend = HeadAttention.apply if torch.onnx.is_in_onnx_export() else head_attention
+        return attend(q, k, v, self.heads)
 
     def features_layers(self, layers, mask, block: int = 1):
         if self.query != "tokens" or self.pool != "mean" or block > 1:
             return super().features_layers(layers, mask, block)
         self.check_layers(layers)
-        L1 = self.num_layers
+        L1, di = self.num_layers, self.d_inner
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        keys, tok = key_mask(m)[0], token_weights(m)[0, :, None, None]  # [B, 1, 1, T] each
-        w, b = self.layer_qkv()
-        o = torch.cat([self.pooled_heads(x, keys, tok, w[i], b[i]) for i, x in enumerate(layers)])  # [L+1, B, d_inner]
-        return self.combine(o @ self.w_o[:L1] + self.b_o[:L1, None])  # summaries [L+1, B, d] -> [B, d]
+        addend, tok = self.layer_addend(m), token_weights(m)[0, :, None]  # [B, T, ...], [B, 1, T]
+        w, b_v = self.layer_qkv()
+        o = torch.cat([self.layer_heads(x, addend, w[i]) for i, x in enumerate(layers)], -1)  # [B, T, (L+1)*d_inner]
+        o = (tok @ o).reshape(-1, L1, di).transpose(0, 1)  # token means [L+1, B, d_inner]
+        b_o = self.b_o[:L1] + (b_v[:, None] @ self.w_o[:L1])[:, 0]  # [L+1, d]: the value bias through w_o
+        return self.combine(o @ self.w_o[:L1] + b_o[:, None])  # summaries [L+1, B, d] -> [B, d]
 
     # --- query="learned": attention pooling with a learned query per head and layer ---------------------
     # q . k_t = q . (x_t W_k) = x_t . (W_k q): the scores read x through one d-vector per head (like the

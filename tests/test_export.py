@@ -225,7 +225,7 @@ def test_validate_command_reruns_and_catches_a_broken_graph(artifact, tmp_path, 
     shutil.copytree(artifact, broken)
     model = onnx.load(str(broken / "model.onnx"))
 
-    # a prompt probe's weights sit in If branches (it runs on prefill passes only, in one of two forms)
+    # a prompt probe's weights sit in If branches (it runs on prefill passes only, in stage Ifs)
     def graphs(g):
         yield g
         for n in g.node:

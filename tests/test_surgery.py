@@ -305,51 +305,13 @@ def assert_probe_passes(model, hs: str, cases) -> None:
     assert not run(model, feeds(B=2, T=1))["tox/probs"].any()  # a one-token pass: zeros
 
 
-@pytest.mark.parametrize("staged", [0, 1, 2])
-def test_short_pass_picks_a_form_by_pass_size_inside_prefill_only(staged):
-    """short_pass: the stacked form of a probe in passes of <= n tokens (batch x length), the per-layer
-    form above; nested in prefill_only's If, a one-token pass gets zeros. Which form ran is visible
-    here because the two forms are given different probes. ``staged`` (k > 0): layer_stages first
-    moves the per-layer form's stage 1 into an If per k layers (the only nodes left reading a state),
-    with the same results."""
-    import torch
-
-    from singlepass.export.fuse import export_probe, state_names
-    from singlepass.models.probes import build_probe
-
-    host, s, hs = toy_with_stacked_states()
-    torch.manual_seed(0)
-    per_layer, stacked = build_probe("gate", 3, D, 2).eval(), build_probe("gate", 3, D, 2).eval()
-    feeds_ = dict(zip(state_names(3), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
-
-    def fuse(probe, prefix, form):
-        return surgery.fuse_probe_nodes(
-            host, export_probe(probe, "hidden_states", 3, D, V, 18, stacked=form), prefix, feeds_
-        )
-
-    long = fuse(per_layer, "tox", False)
-    short = fuse(stacked, "tox/short", True)
-    if staged:
-        long = (surgery.layer_stages(host, s, long[0], short[0], 6, staged), long[1])
-        for i, name in enumerate(s.hidden_states):  # state i: read by the decoder and by its block's If alone
-            readers = [n for n in host.nodes if any(t.name == name for t in n.inputs) and n.name.startswith("tox")]
-            assert readers == [], f"state {i} is still read by probe nodes {[n.name for n in readers]}"
-        assert [n.op for n in host.nodes].count("If") == {1: 3, 2: 2}[staged]  # 3 states: blocks of k
-    nodes = surgery.short_pass(host, s, 6, short, long, long[1])
-    surgery.prefill_only(host, s, nodes, long[1])
-    host.cleanup().toposort()
-    model = surgery.to_model(host)
-    onnx.checker.check_model(model)
-    assert [o.name for o in model.graph.output if o.name.startswith("tox")] == ["tox/logits", "tox/probs"]
-    assert_probe_passes(model, hs, [((2, 3), stacked), ((1, 6), stacked), ((2, 4), per_layer), ((1, 7), per_layer)])
-
-
-@pytest.mark.parametrize("method,k", [("pooling", 2), ("gate", 2), ("gate", 4)])
-def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_layers(method, k):
-    """A ``blockable`` probe exported with stage 1 on blocks of k layers (``forward_layers(block=k)``) and
-    no stacked form: layer_stages gives each block's nodes an If of their own that reads that block's
-    states and no other (7 states, blocks of k), nothing else reads a state, and prefill passes of any
-    size equal the torch probe on the stacked states (a decode pass: zeros)."""
+@pytest.mark.parametrize("method,k", [("pooling", 2), ("gate", 2), ("gate", 4), ("mha", 2), ("mha", 4)])
+def test_layer_stages_runs_stage_1_of_each_block_of_layers_after_them(method, k):
+    """A probe's per-layer form (a ``blockable`` one with stage 1 on blocks of k layers,
+    ``forward_layers(block=k)``; the MHA one layer at a time): layer_stages gives each block's nodes an
+    If of their own that reads that block's states and no other (7 states, blocks of k), nothing else
+    reads a state, and prefill passes of any size equal the torch probe on the stacked states (a
+    decode pass: zeros)."""
     import torch
 
     from singlepass.export.fuse import export_probe, state_names
@@ -358,11 +320,11 @@ def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_la
     n = 7
     host, s, hs = toy_with_stacked_states(layers=n - 1)
     torch.manual_seed(0)
-    probe = build_probe(method, n, D, 2).eval()
+    probe = build_probe(method, n, D, 2, **({"factor": 2, "heads": 2} if method == "mha" else {})).eval()
     feeds_ = dict(zip(state_names(n), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
-    graph = export_probe(probe, "hidden_states", n, D, V, 18, block=k)
+    graph = export_probe(probe, "hidden_states", n, D, V, 18, block=k if probe.blockable else 1)
     nodes, outs = surgery.fuse_probe_nodes(host, graph, "tox", feeds_)
-    nodes = surgery.layer_stages(host, s, nodes, None, 0, k)
+    nodes = surgery.layer_stages(host, s, nodes, k)
     stages = [x for x in host.nodes if x.op == "If"]
     names = set(s.hidden_states)
 
@@ -379,7 +341,9 @@ def test_layer_stages_runs_a_blockable_probes_stage_1_on_each_block_after_its_la
         sorted(s.hidden_states[i : i + k]) for i in range(0, n, k)
     ]
     assert not [x.name for x in host.nodes if x.name.startswith("tox") and {t.name for t in x.inputs} & names]
-    assert [len(x.outputs) for x in stages] == [1] * len(stages)  # each block's summaries, not its states
+    # each block's summaries (one, or one per layer of a per-layer form), not its states
+    per_block = [1 if probe.blockable else min(k, n - i) for i in range(0, n, k)]
+    assert [len(x.outputs) for x in stages] == per_block
     surgery.prefill_only(host, s, nodes, outs)
     host.cleanup().toposort()
     model = surgery.to_model(host)

@@ -14,7 +14,7 @@ is stacked for it. In the prefill-only (quantised) artifacts a prompt probe's st
 per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_stages``): a
 ``blockable`` family (pooling, the gate) on each block's layers at once (``forward_layers(block=)``:
 one [k, B, T, d] copy of the block, its ops once per block), the MHA one layer at a time (its
-attention activations would grow with the block; 5 ops a layer, one of them opset 23's
+attention activations would grow with the block; 5 ops a layer in a TorchScript export, one of them opset 23's
 ``Attention``). A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
@@ -99,8 +99,8 @@ def _fold_constants(proto):
     products of its weights (the normalisation folded onto them, ``Probe.normalised_matmul``) from
     constants; the exporter's own pass leaves those above 8,192 elements, so ONNX Runtime would
     fold them at every session load, holding both the factors and the product meanwhile. Folded
-    here, the MHA probe's graphs shrink from 8.9 to 5.2 MiB of weights and from 398 / 2,929 nodes to
-    196 / 1,735 (stacked / per layer)."""
+    here, the MHA probe's graphs shrank from 8.9 to 5.2 MiB of weights and from 398 / 2,929 nodes to
+    196 / 1,735 (its stacked / per-layer forms of session 11)."""
     import onnxscript.optimizer
 
     return onnxscript.optimizer.optimize(proto, input_size_limit=1 << 26, output_size_limit=1 << 26)

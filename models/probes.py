@@ -697,7 +697,7 @@ class MHAProbe(Probe):
         # softmax(q k^T / sqrt(dh) + mask) v; the fused kernel never builds the [G*B, H, T, T] scores
         # (measured 2.1x faster forward+backward on CPU at d_inner 18, 6 heads); every row has a real key.
         # Its CPU kernels take 4-D inputs only: G > 1 modules attend with modules x batch as one axis.
-        if G == 1:  # without the module axis: a layer of the per-layer form (31 of them a pass), or stage 2
+        if G == 1:  # without the module axis: one layer (``features_layers`` of pool=max), or stage 2
             qkv_ = qkv_.reshape(*self.lead(G, m)[1:], 3, H, dh).permute(2, 0, 3, 1, 4)  # [3, B, H, T, dh]
             q, k, v = qkv_.unbind(0)  # 3 x [B, H, T, dh]
             mask = None if keys is None else keys[0]
@@ -720,15 +720,15 @@ class MHAProbe(Probe):
         return o.amax(2) if m is None else masked_max(o, m, dim=2)  # [G, B, d]
 
     # --- the per-layer form of query="tokens" with mean pooling (the exported prompt probe) ----------------
-    # Per layer 5 ops: RMS-normalise, one projection to q, k, v, one addition (the same tensor for every
-    # layer), the attention (``HeadAttention``: opset 23's Attention, one kernel over the heads) and a
-    # Split; ``attend`` on one layer exports ~31. The biases and the padding mask are moved out of the
-    # layers: a key bias adds q . b_k to every score of a query alike (softmax ignores it); a query bias
-    # adds b_q . k_j to every score of key j, a linear function of the token, x_j . (W_k b_q), which
-    # rides in one more key component per head against a query component that is 1, as the mask does
-    # (0 for a real key, NEG for padding): q' . k' = q . k + b_q . k + mask; a value bias passes through
-    # the attention's average and the token mean (weights summing to 1) into the output projection's
-    # bias. What each layer adds is then [0.., 1 | 0.., mask | 0..], the same tensor for every layer. The
+    # Per layer 5 ops in a TorchScript export: RMS-normalise, one projection to q, k, v, one addition (the same tensor
+    # for every layer), the attention (``HeadAttention``: opset 23's Attention, one kernel over the heads; the dynamo
+    # exporter writes its decomposition) and a Split; ``attend`` on one layer ~31. The biases and the padding mask are
+    # moved out of the layers: a key bias adds q . b_k to every score of a query alike (softmax ignores it); a query
+    # bias adds b_q . k_j to every score of key j, a linear function of the token, x_j . (W_k b_q), which rides in one
+    # more key component per head against a query component that is 1, as the mask does (0 for a real key, NEG for
+    # padding): q' . k' = q . k + b_q . k + mask; a value bias passes through the attention's average and the token
+    # mean (weights summing to 1: on a row with a real token, which every row the runtime feeds has) into the output
+    # projection's bias. What each layer adds is then [0.., 1 | 0.., mask | 0..], the same tensor for every layer. The
     # token mean and the output projection are linear, so they run once on the L+1 layers' outputs.
 
     def layer_qkv(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -754,9 +754,9 @@ class MHAProbe(Probe):
         """What every layer adds to its projection: m [1, B, T, 1] -> [B, T, 2*H*(dh+1) + d_inner], 0 but at
         each head's last q component (1) and last k component (NEG for a padded key)."""
         H, dh, di = self.heads, self.d_inner // self.heads, self.d_inner
-        one = torch.tensor(([0.0] * dh + [1.0]) * H)  # [H*(dh+1)]: constants
-        q = torch.cat([one, torch.zeros(H * (dh + 1) + di)])
-        k = torch.cat([torch.zeros(H * (dh + 1)), one, torch.zeros(di)])
+        one = m.new_tensor(([0.0] * dh + [1.0]) * H)  # [H*(dh+1)]: constants (m's device)
+        q = torch.cat([one, m.new_zeros(H * (dh + 1) + di)])
+        k = torch.cat([m.new_zeros(H * (dh + 1)), one, m.new_zeros(di)])
         return q + (m[0] - 1.0) * -NEG * k  # [B, T, 1] * [...]
 
     def layer_heads(self, x, addend, w) -> torch.Tensor:

@@ -150,13 +150,18 @@ def make_folds(
     sources: list[str] | tuple[str, ...], held_out: list[str] | None = None, weights: tuple = ()
 ) -> list[Fold]:
     """The in-distribution fold (train on all, test on each), then one fold per held-out source
-    (``held_out``: a subset of ``sources``; default all of them). ``weights``: ``parse_weights``."""
+    (``held_out``: a subset of ``sources``; default all of them; ``["none"]``: the in-distribution
+    fold only). ``weights``: ``parse_weights``."""
     from singlepass.errors import SinglepassError
 
     sources = tuple(sources)
     if len(sources) < 2:
         raise SinglepassError("leave-one-source-out needs at least two sources")
     out = [Fold(IN_DISTRIBUTION, None, sources, sources, weights)]
+    if held_out is not None and "none" in held_out:
+        if len(held_out) > 1:
+            raise SinglepassError("--held-out none runs the in-distribution fold only: give no source beside it")
+        return out
     for s in held_out or sources:
         if s not in sources:
             raise SinglepassError(f"--held-out {s!r} is not one of the sources ({', '.join(sources)})")
@@ -709,7 +714,12 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p = p or argparse.ArgumentParser(prog="python -m singlepass.benchmarks.loso", description=__doc__.splitlines()[0])
     p.add_argument("--model", default="smollm2-135m")
     p.add_argument("--sources", nargs="+", default=list(SOURCES), choices=list(SOURCES))
-    p.add_argument("--held-out", nargs="+", default=None, help="only these leave-one-out folds (default: every source)")
+    p.add_argument(
+        "--held-out",
+        nargs="+",
+        default=None,
+        help="only these leave-one-out folds (default: every source); `none`: the in-distribution fold only",
+    )
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--limit", type=int, default=None, help="at most N rows per part of every source (quick runs)")
     p.add_argument("--epochs", type=int, default=6)

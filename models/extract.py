@@ -8,11 +8,23 @@ do not depend on what else is in its batch.
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import torch
 
 from singlepass.models.prompts import DEFAULT_MAX_LENGTH, Encoded, encode
 from singlepass.runtime.batching import pad_batch
+
+# Rows that start with the same tokens (a chat template's system turn: SmolLM2's is 24 tokens, a third of an
+# average ToxicChat prompt) run them once: each batch then runs only its rows' own tokens, on a copy of the
+# shared tokens' keys and values (``forward_with_prefix``). Below this many shared tokens it is not worth a pass.
+MIN_SHARED_PREFIX = 8
+
+
+def decoder(model):
+    """The decoder stack under the LM head (what returns hidden states without computing logits)."""
+    return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
 @torch.no_grad()
@@ -20,8 +32,7 @@ def forward_hidden(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor
 ) -> torch.Tensor:
     """-> stacked hidden states [L+1, B, T, d] (float32 for a float32 model). No lm_head."""
-    base = model.get_decoder() if hasattr(model, "get_decoder") else model.model
-    out = base(
+    out = decoder(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
@@ -30,6 +41,55 @@ def forward_hidden(
         return_dict=True,
     )
     return torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]
+
+
+def shared_prefix(ids: list[list[int]]) -> int:
+    """How many first tokens every row has in common, leaving each row at least one of its own (0: one row)."""
+    if len(ids) < 2:
+        return 0
+    first, n = ids[0], min(len(s) for s in ids) - 1
+    for s in ids[1:]:
+        n = next((i for i in range(n) if s[i] != first[i]), n)
+    return n
+
+
+@torch.no_grad()
+def run_prefix(model, prefix: list[int]):
+    """-> (states [L+1, 1, P, d], the model's cache of their keys and values) of the rows' shared first tokens."""
+    out = decoder(model)(input_ids=torch.tensor([prefix]), use_cache=True, output_hidden_states=True, return_dict=True)
+    return torch.stack(out.hidden_states, 0), out.past_key_values
+
+
+@torch.no_grad()
+def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, side: str = "left"):
+    """``forward_hidden`` of the rows prefix + suffix_b, from the shared prefix's states and cache (``run_prefix``):
+    -> (states [L+1, B, P+S, d], mask [B, P+S]) padded on ``side`` as ``batch_tensors`` pads the whole rows.
+    The suffixes run right-padded after the prefix, so each row's tokens stay contiguous in the cache (a
+    sliding window counts cache slots, not positions); pad slots hold zeros."""
+    states_p, cache_p = prefix
+    P = states_p.shape[2]
+    ids, mask, pos = batch_tensors(suffixes, pad_id, "right")  # [B, S]
+    B, S = ids.shape
+    cache = copy.deepcopy(cache_p)  # the forward appends to it
+    cache.batch_repeat_interleave(B)
+    out = decoder(model)(
+        input_ids=ids,
+        attention_mask=torch.cat([mask.new_ones(B, P), mask], 1),
+        position_ids=pos + P,
+        past_key_values=cache,
+        use_cache=True,
+        output_hidden_states=True,
+        return_dict=True,
+    )
+    suffix = torch.stack(out.hidden_states, 0)  # [L+1, B, S, d]
+    states = suffix.new_zeros(suffix.shape[0], B, P + S, suffix.shape[-1])  # [L+1, B, P+S, d]
+    full = torch.zeros(B, P + S, dtype=mask.dtype)  # [B, P+S]
+    for j, n in enumerate(mask.sum(1).tolist()):
+        at = S - n if side == "left" else 0  # where the row's P + n tokens start
+        states[:, j, at : at + P] = states_p[:, 0]
+        states[:, j, at + P : at + P + n] = suffix[:, j, :n]
+        full[j, at : at + P + n] = 1
+    return states, full
 
 
 def batch_tensors(seqs: list[list[int]], pad_id: int, side: str = "left"):
@@ -63,10 +123,13 @@ def iter_hidden(
     padding_side: str = "left",
     progress: bool = False,
     batches: list[list[int]] | None = None,
+    share_prefix: bool = True,
 ):
     """Yield (row indices, states [L+1, B, T, d], mask [B, T]) batch by batch.
 
     ``batches`` (lists of row indices) overrides the length-sorted plan, e.g. to resume one.
+    ``share_prefix``: the first tokens every row shares run once (``MIN_SHARED_PREFIX``); the states
+    are the same up to float rounding.
     """
     from tqdm.auto import tqdm
 
@@ -74,10 +137,15 @@ def iter_hidden(
     if batches is None:
         batches = plan_batches([len(s) for s in ids], batch_size, max_batch_tokens)
     total = sum(len(ids[r]) for b in batches for r in b)
+    P = shared_prefix(ids) if share_prefix else 0
+    prefix = run_prefix(backbone.model, ids[0][:P]) if P >= MIN_SHARED_PREFIX else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="extract", disable=not progress)
     for rows in batches:
-        input_ids, mask, pos = batch_tensors([ids[i] for i in rows], pad, padding_side)
-        hs = forward_hidden(backbone.model, input_ids, mask, pos)
+        if prefix is None:
+            input_ids, mask, pos = batch_tensors([ids[i] for i in rows], pad, padding_side)
+            hs = forward_hidden(backbone.model, input_ids, mask, pos)
+        else:
+            hs, mask = forward_with_prefix(backbone.model, prefix, [ids[i][P:] for i in rows], pad, padding_side)
         bar.update(int(mask.sum()))
         yield rows, hs, mask
     bar.close()

@@ -287,12 +287,13 @@ class Probe(nn.Module):
         """Stage 2: the layer summaries v [L+1, B, d] -> v [B, d]."""
         raise NotImplementedError
 
-    def aggregate(self, states: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-        return self.combine(self.tokens(states, m, slice(0, self.num_layers)))  # [B, d]
-
     def features(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The summary v [B, d] the head reads (what a head-only probe is trained on)."""
-        return self.aggregate(*self.prepare(states, mask))
+        """The summary v [B, d] the head reads (what a head-only probe is trained on). Stage 1 reads the states
+        [L+1, B, T, d] as they are (``tokens_raw``), so a family that moves the normalisation onto its products
+        never writes a normalised copy of them: ``combine(tokens(*prepare(states, mask)))`` up to float rounding
+        (measured, training on SmolLM2's states: the gate's forward and backward 3.7x faster, the MHA's 1.14x)."""
+        m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
+        return self.combine(self.tokens_raw(states, m, slice(0, self.num_layers)))  # [B, d]
 
     # Can stage 1 run on blocks of a few layers at once (``features_layers(block=k)``)? A block is one
     # [k, B, T, d] copy of its layers, never the whole [L+1, B, T, d] stack, and the probe's small ops run

@@ -354,3 +354,21 @@ def test_multimodal_gemma3_is_a_clear_error(tmp_path, cache_dir):
     (tmp_path / "model.safetensors").write_bytes(b"")
     with pytest.raises(SinglepassError, match="architecture 'gemma3' is not supported.*gemma3_text"):
         load_backbone(str(tmp_path), cache_dir=str(cache_dir))
+
+
+def test_shared_first_tokens_run_once_with_the_same_states(arch):
+    """Extraction runs the rows' shared chat-template tokens once (models/extract.py): the same states as whole
+    rows on every architecture, sliding windows (4 tokens, shorter than the shared part) included. The tiny
+    models' templates have no system turn, so the rows share an instruction."""
+    from singlepass.models.extract import MIN_SHARED_PREFIX, iter_hidden, relative_error, shared_prefix
+    from singlepass.models.prompts import encode
+
+    _, _, backbone, _ = arch
+    ids = encode(backbone.tokenizer, ["Answer in one short sentence, and be kind. " + t for t in TEXTS]).ids
+    assert shared_prefix(ids) >= max(MIN_SHARED_PREFIX, WINDOW)
+    for side in ("left", "right"):
+        shared = iter_hidden(backbone, ids, padding_side=side, batches=[[0, 1, 2, 3]])
+        whole = iter_hidden(backbone, ids, padding_side=side, batches=[[0, 1, 2, 3]], share_prefix=False)
+        for (_, hs, mask), (_, hs_w, mask_w) in zip(shared, whole):
+            assert torch.equal(mask, mask_w)
+            assert relative_error(hs[:, mask.bool()], hs_w[:, mask_w.bool()]) <= 1e-5, side

@@ -151,3 +151,24 @@ def test_extract_cli(tiny_model_dir, tmp_path, capsys):
     assert "tokens/s" in out and "bytes/token" in out
     assert main(["extract", "--model", str(tmp_path / "missing"), "--dataset", str(data)]) == 2
     assert "not found" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_shared_first_tokens_run_once_with_the_same_states(tiny_backbone, side, monkeypatch):
+    """The chat template's system turn, shared by every row, runs once; each batch runs its rows' own tokens on
+    a copy of its keys and values: the states equal whole-row passes, in the same padded layout."""
+    from singlepass.models import extract as ex
+
+    enc = encode(tiny_backbone.tokenizer, TEXTS)
+    P = ex.shared_prefix(enc.ids)
+    assert P >= ex.MIN_SHARED_PREFIX and all(s[:P] == enc.ids[0][:P] for s in enc.ids)
+    assert ex.shared_prefix([[1, 2, 3], [1, 2, 3]]) == 2 and ex.shared_prefix([[1, 2]]) == 0
+    batches = [[0, 2], [1, 3]]
+    runs, run_prefix = [], ex.run_prefix
+    monkeypatch.setattr(ex, "run_prefix", lambda *a: runs.append(a) or run_prefix(*a))
+    shared = list(ex.iter_hidden(tiny_backbone, enc.ids, padding_side=side, batches=batches))
+    whole = list(ex.iter_hidden(tiny_backbone, enc.ids, padding_side=side, batches=batches, share_prefix=False))
+    assert len(runs) == 1  # once for every batch
+    for (rows, hs, mask), (rows_w, hs_w, mask_w) in zip(shared, whole):
+        assert rows == rows_w and torch.equal(mask, mask_w) and hs.shape == hs_w.shape
+        assert relative_error(hs[:, mask.bool()], hs_w[:, mask_w.bool()]) <= 1e-5

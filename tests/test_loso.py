@@ -43,6 +43,9 @@ def test_each_fold_holds_one_source_out_and_none_of_its_texts_train(data):  # no
     assert loso.caps_for(10_000)["alpaca_noinput"] == loso.CAPS["alpaca_noinput"]
     with pytest.raises(Exception, match="not one of the sources"):
         loso.make_folds(["toxicchat", "advbench"], ["harmbench"])
+    assert [f.name for f in loso.make_folds(SOURCES, ["none"])] == [loso.IN_DISTRIBUTION]
+    with pytest.raises(Exception, match="in-distribution fold only"):
+        loso.make_folds(SOURCES, ["none", "advbench"])
 
 
 def test_balanced_sources_weigh_the_same_in_total(data):  # noqa: F811

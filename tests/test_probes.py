@@ -275,6 +275,32 @@ def test_per_layer_form_equals_the_stacked_form(method, params):
         probe.forward_layers(list(x[:3]), mask)
 
 
+@pytest.mark.parametrize(
+    "method,params", [c for c in PER_LAYER_CASES if c[0] in ("pooling", "gate", "mha")], ids=lambda c: str(c)
+)
+def test_features_read_the_states_as_they_are_and_train_as_the_normalised_form(method, params):
+    """``features`` (what training runs: ``tokens_raw`` on the stacked states, no normalised copy) is stage 1 on
+    normalised states (``tokens(*prepare(...))``), in value and in every parameter's gradient."""
+    torch.manual_seed(0)
+    probe = build_method(method, 4, 16, 3, **params)
+    if params.get("input_norm") == "standard":
+        probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    states, lengths = random_batch()
+    x, mask = pad(states, lengths, 12, "left", 1e4)
+    reference = lambda: probe.combine(probe.tokens(*probe.prepare(x, mask), slice(0, 4)))  # noqa: E731
+    grads = []
+    for f in (lambda: probe.features(x, mask), reference):
+        probe.zero_grad()
+        out = f()
+        probe.head(out).pow(2).sum().backward()
+        grads.append((out.detach(), {n: p.grad.clone() for n, p in probe.named_parameters() if p.grad is not None}))
+    (raw, g_raw), (ref, g_ref) = grads
+    torch.testing.assert_close(raw, ref, rtol=1e-5, atol=1e-5)
+    assert g_raw.keys() == g_ref.keys() and g_raw
+    for name in g_ref:
+        torch.testing.assert_close(g_raw[name], g_ref[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
 LEARNED = {"factor": 4, "heads": 2, "query": "learned"}
 
 

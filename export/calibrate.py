@@ -70,15 +70,21 @@ def quantised_linears(model) -> dict[str, "object"]:
     }
 
 
-def input_hessians(model, ids: list[list[int]], progress: bool = True) -> dict[str, "object"]:
+def input_hessians(model, ids: list[list[int]], progress: bool = True, batch_tokens: int = 2048) -> dict[str, "object"]:
     """{parameter name: X^T X [K, K] float32} of each 4-bit Linear's input over every calibration
-    token, one prompt at a time (no padding). Linears that read the same tensor share one matrix."""
+    token. The prompts run in right-padded batches of similar length through the decoder stack alone
+    (the output head is not calibrated), each padding slot's row left out of the sums: the same
+    matrices as one prompt at a time, up to float rounding. Linears that read the same tensor share
+    one matrix."""
     import torch
     from tqdm.auto import tqdm
+
+    from singlepass.models.extract import batch_tensors, decoder, plan_batches
 
     linears = quantised_linears(model)
     hess: dict[str, torch.Tensor] = {}
     last: list = [None, None]  # the previous Linear's input tensor and parameter (q/k/v, gate/up run in a row)
+    real: list = [None]  # this batch's real-token rows [B*T] bool
 
     def hook(name):
         def fn(module, inputs, output):
@@ -87,7 +93,7 @@ def input_hessians(model, ids: list[list[int]], progress: bool = True) -> dict[s
                 hess[name] = hess[last[1]]
                 return
             last[:] = [x, name]
-            x2 = x.reshape(-1, x.shape[-1]).float()  # [B*T, K]
+            x2 = x.reshape(-1, x.shape[-1])[real[0]].float()  # [tokens, K]
             if name not in hess:
                 hess[name] = torch.zeros(x2.shape[1], x2.shape[1])
             hess[name].addmm_(x2.T, x2)
@@ -95,11 +101,15 @@ def input_hessians(model, ids: list[list[int]], progress: bool = True) -> dict[s
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
+    batches = plan_batches([len(r) for r in ids], 16, batch_tokens)
     try:
-        with torch.no_grad():
-            for row in tqdm(ids, desc="calibrate", unit="prompt", disable=not progress):
-                model(torch.tensor([row]))
+        with torch.no_grad(), tqdm(total=len(ids), desc="calibrate", unit="prompt", disable=not progress) as bar:
+            for rows in batches:
+                x, mask, pos = batch_tensors([ids[i] for i in rows], 0, "right")  # [B, T]; pad id 0: masked
+                real[0] = mask.reshape(-1).bool()
+                decoder(model)(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False)
                 last[:] = [None, None]
+                bar.update(len(rows))
     finally:
         for h in handles:
             h.remove()

@@ -43,6 +43,9 @@ DTYPES = {"float16": np.float16, "float32": np.float32}
 # fp16 holds SmolLM2's ~2.5e4 massive activations (max 65504) at half fp32's disk cost;
 # benchmarks/cache_dtype.py measures what a probe sees from it (see README).
 DEFAULT_DTYPE = "float16"
+# An interrupted extraction resumes after the last commit (states synced to disk, then the progress file):
+# one every this many bytes, where one per batch made every batch wait for the disk.
+COMMIT_BYTES = 256 * 2**20
 MAX_BATCH_TOKENS = 4096
 
 
@@ -318,23 +321,30 @@ def build(
         with open(folder / "states.bin", "wb") as f:
             f.truncate(p.total_bytes)  # preallocate (sparse); rows go to fixed offsets
         atomic_write_json(prog, {"batches_done": 0}, fsync=True)
-    np_dtype = DTYPES[dtype]
+    torch_dtype = getattr(torch, dtype)
     batches = plan_batches([len(s) for s in enc.ids], batch_size, MAX_BATCH_TOKENS)
-    layer_idx = torch.tensor(layers)
+    layer_idx = None if layers == list(range(L1)) else torch.tensor(layers)
     fd = os.open(folder / "states.bin", os.O_RDWR)
+    unsynced = 0  # bytes written since the last commit
     try:
         for k, (rows, hs, _) in enumerate(
             iter_hidden(backbone, enc.ids, padding_side="left", progress=progress, batches=batches[done:])
         ):
-            hs = hs.index_select(0, layer_idx)  # [L', B, T, d]
+            hs = hs if layer_idx is None else hs.index_select(0, layer_idx)  # [L', B, T, d]
             T = hs.shape[2]
             for j, row in enumerate(rows):
                 n = int(lengths[row])  # left padding: a row's last n tokens (its response) end at T
-                block = hs[:, j, T - n :].transpose(0, 1).contiguous().numpy().astype(np_dtype)  # [n, L', d]
-                os.pwrite(fd, block.tobytes(), int(offsets[row]) * p.bytes_per_token)
-            os.fsync(fd)
-            atomic_write_json(prog, {"batches_done": done + k + 1}, fsync=True)
-            if stop_after_batches is not None and k + 1 >= stop_after_batches:
+                block = torch.empty(n, hs.shape[0], hs.shape[3], dtype=torch_dtype)  # [n, L', d]
+                block.copy_(hs[:, j, T - n :].transpose(0, 1))  # one pass: transposed and cast
+                os.pwrite(fd, block.numpy().tobytes(), int(offsets[row]) * p.bytes_per_token)
+                unsynced += block.numel() * block.element_size()
+            last = done + k + 1 == len(batches)
+            stop = stop_after_batches is not None and k + 1 >= stop_after_batches
+            if unsynced >= COMMIT_BYTES or last or stop:  # progress names only batches on disk
+                os.fsync(fd)
+                atomic_write_json(prog, {"batches_done": done + k + 1}, fsync=True)
+                unsynced = 0
+            if stop:
                 raise KeyboardInterrupt("stopped on request (test hook)")
     finally:
         os.close(fd)

@@ -37,7 +37,10 @@ def _wrapper(model, with_past: bool, with_positions: bool):
     import torch
     from transformers import DynamicCache
 
+    from singlepass.models.extract import cache_arg
+
     L = model.config.num_hidden_layers
+    past_arg = cache_arg(model)
 
     class DecoderWithCache(torch.nn.Module):
         def __init__(self):
@@ -52,7 +55,7 @@ def _wrapper(model, with_past: bool, with_positions: bool):
                 # No config: every layer keeps its whole past (present = past + sequence, the graph's
                 # contract) even where a sliding-window layer's own cache would drop the oldest
                 # entries; the window is in the attention mask either way.
-                kw["past_key_values"] = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
+                kw[past_arg] = DynamicCache(ddp_cache_data=[(past[2 * i], past[2 * i + 1]) for i in range(L)])
                 kw["use_cache"] = True
             else:
                 kw["use_cache"] = False

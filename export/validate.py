@@ -199,6 +199,7 @@ class Parity:
         equal it). Without it the response probes have no reference (a prompt pass)."""
         import torch
 
+        from singlepass.models.extract import cache_arg
         from singlepass.models.probes import probabilities
 
         g = self.m.graph
@@ -212,7 +213,7 @@ class Parity:
         if g.position_ids:
             kw["position_ids"] = torch.from_numpy(pos)
         if cache is not None:
-            kw["past_key_values"] = cache
+            kw[cache_arg(self.model)] = cache
         with torch.no_grad():
             out = self.model(**kw)
             hs = torch.stack(out.hidden_states, 0)  # [L+1, B, T, d]

@@ -9,6 +9,7 @@ do not depend on what else is in its batch.
 from __future__ import annotations
 
 import copy
+import inspect
 
 import numpy as np
 import torch
@@ -25,6 +26,12 @@ MIN_SHARED_PREFIX = 8
 def decoder(model):
     """The decoder stack under the LM head (what returns hidden states without computing logits)."""
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
+
+
+def cache_arg(module) -> str:
+    """The name ``module``'s forward takes a KV cache by: ``cache`` in recent transformers 5 releases,
+    where ``past_key_values`` is deprecated, ``past_key_values`` before."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 @torch.no_grad()
@@ -72,14 +79,15 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
     B, S = ids.shape
     cache = copy.deepcopy(cache_p)  # the forward appends to it
     cache.batch_repeat_interleave(B)
-    out = decoder(model)(
+    base = decoder(model)
+    out = base(
         input_ids=ids,
         attention_mask=torch.cat([mask.new_ones(B, P), mask], 1),
         position_ids=pos + P,
-        past_key_values=cache,
         use_cache=True,
         output_hidden_states=True,
         return_dict=True,
+        **{cache_arg(base): cache},
     )
     suffix = torch.stack(out.hidden_states, 0)  # [L+1, B, S, d]
     states = suffix.new_zeros(suffix.shape[0], B, P + S, suffix.shape[-1])  # [L+1, B, P+S, d]

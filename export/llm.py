@@ -37,7 +37,7 @@ def _wrapper(model, with_past: bool, with_positions: bool):
     import torch
     from transformers import DynamicCache
 
-    from singlepass.models.extract import cache_arg
+    from singlepass.models.extract import cache_arg, returned_cache
 
     L = model.config.num_hidden_layers
     past_arg = cache_arg(model)
@@ -63,7 +63,7 @@ def _wrapper(model, with_past: bool, with_positions: bool):
             if not with_past:
                 return out.logits
             present = []
-            for layer in out.past_key_values.layers:
+            for layer in returned_cache(out).layers:
                 present += [layer.keys, layer.values]
             return (out.logits, *present)
 

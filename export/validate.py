@@ -199,7 +199,7 @@ class Parity:
         equal it). Without it the response probes have no reference (a prompt pass)."""
         import torch
 
-        from singlepass.models.extract import cache_arg
+        from singlepass.models.extract import cache_arg, returned_cache
         from singlepass.models.probes import probabilities
 
         g = self.m.graph
@@ -242,7 +242,7 @@ class Parity:
                 res[p.probs] = probabilities(lg).numpy()
             if g.hidden_states:
                 res[g.hidden_states] = hs.numpy()
-        return res, (out.past_key_values if cache is not None else None)
+        return res, (returned_cache(out) if cache is not None else None)
 
     def compare(self, report: Report, case: str, got: dict, ref: dict, mask: np.ndarray) -> None:
         """``mask`` [B, T]: the real tokens of this pass."""

@@ -28,6 +28,12 @@ def decoder(model):
     return model.get_decoder() if hasattr(model, "get_decoder") else model.model
 
 
+def returned_cache(out):
+    """The KV cache a forward returned: ``out.cache`` (``past_key_values`` in earlier transformers 5 releases)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
 def cache_arg(module) -> str:
     """The name ``module``'s forward takes a KV cache by: ``cache`` in recent transformers 5 releases,
     where ``past_key_values`` is deprecated, ``past_key_values`` before."""
@@ -64,7 +70,7 @@ def shared_prefix(ids: list[list[int]]) -> int:
 def run_prefix(model, prefix: list[int]):
     """-> (states [L+1, 1, P, d], the model's cache of their keys and values) of the rows' shared first tokens."""
     out = decoder(model)(input_ids=torch.tensor([prefix]), use_cache=True, output_hidden_states=True, return_dict=True)
-    return torch.stack(out.hidden_states, 0), out.past_key_values
+    return torch.stack(out.hidden_states, 0), returned_cache(out)
 
 
 @torch.no_grad()
@@ -89,13 +95,14 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
         return_dict=True,
         **{cache_arg(base): cache},
     )
-    suffix = torch.stack(out.hidden_states, 0)  # [L+1, B, S, d]
-    states = suffix.new_zeros(suffix.shape[0], B, P + S, suffix.shape[-1])  # [L+1, B, P+S, d]
+    suffix = out.hidden_states  # L+1 x [B, S, d], copied row by row (no stacked copy of them too)
+    del out, cache
+    states = suffix[0].new_zeros(len(suffix), B, P + S, suffix[0].shape[-1])  # [L+1, B, P+S, d]
     full = torch.zeros(B, P + S, dtype=mask.dtype)  # [B, P+S]
     for j, n in enumerate(mask.sum(1).tolist()):
         at = S - n if side == "left" else 0  # where the row's P + n tokens start
         states[:, j, at : at + P] = states_p[:, 0]
-        states[:, j, at + P : at + P + n] = suffix[:, j, :n]
+        states[:, j, at + P : at + P + n] = torch.stack([h[j, :n] for h in suffix])  # [L+1, n, d]
         full[j, at : at + P + n] = 1
     return states, full
 

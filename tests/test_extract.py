@@ -108,6 +108,33 @@ def test_cache_resumes_after_interruption_without_duplicates(tiny_backbone, tmp_
     assert resumed.states.shape[0] == int(fresh.lengths.sum())  # no duplicated rows
 
 
+@pytest.mark.parametrize("commit_bytes,committed", [(1, 3), (2**40, 0)])
+def test_progress_names_only_committed_batches_when_a_run_dies(
+    tiny_backbone, tmp_path, monkeypatch, commit_bytes, committed
+):
+    """Batches are committed (synced, then named in progress.json) every COMMIT_BYTES: a run that dies after
+    3 batches resumes after the last commit (3 with a commit per batch, 0 before the first), without gaps."""
+    ds = dataset(10)
+    real = state_cache.iter_hidden
+
+    def dies_after_3(*a, **k):
+        for i, item in enumerate(real(*a, **k)):
+            if i == 3:
+                raise RuntimeError("killed")
+            yield item
+
+    monkeypatch.setattr(state_cache, "COMMIT_BYTES", commit_bytes)
+    monkeypatch.setattr(state_cache, "iter_hidden", dies_after_3)
+    with pytest.raises(RuntimeError, match="killed"):
+        state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False)
+    p = state_cache.plan(tiny_backbone, ds, "chat", 512, cache_dir=tmp_path / "a")[0]
+    assert json.loads((p.folder / "progress.json").read_text()) == {"batches_done": committed}
+    monkeypatch.setattr(state_cache, "iter_hidden", real)
+    resumed = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False)
+    fresh = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "b", progress=False)
+    assert np.array_equal(np.asarray(resumed.states), np.asarray(fresh.states))
+
+
 def test_layer_subset_token_cap_and_fp16(tiny_backbone, tmp_path):
     ds = dataset(6)
     full = state_cache.build(tiny_backbone, ds, dtype="float32", cache_dir=tmp_path, progress=False)

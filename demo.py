@@ -199,7 +199,7 @@ def answers_file(bb: "Backbone", cache_dir: str | None) -> Path:
 
 def answer(bb: "Backbone", out: Path, data_dir: str | None) -> None:
     """``singlepass answer``: the served model's greedy answers to benign prompts -> ``out``."""
-    from singlepass.models.answers import benign_prompts
+    from singlepass.models.answers import ANSWER_BATCH, benign_prompts
     from singlepass.models.commands import run_answer
     from singlepass.models.data import describe
 
@@ -207,7 +207,7 @@ def answer(bb: "Backbone", out: Path, data_dir: str | None) -> None:
     ds = benign_prompts(src, split, n, data_dir)
     print(describe(ds))
     out.parent.mkdir(parents=True, exist_ok=True)
-    run_answer(bb, ds, src, split, n, new, out, 16, True)
+    run_answer(bb, ds, src, split, n, new, out, ANSWER_BATCH, True)
 
 
 def train(

@@ -466,6 +466,8 @@ class _ProbeMethods:
 
 
 def register(sub) -> None:
+    from singlepass.models.answers import ANSWER_BATCH
+
     p = sub.add_parser("train", help="train a probe (or a baseline) on cached hidden states")
     add_backbone_args(p)
     p.add_argument("--dataset", required=True, help=DATASET_HELP)
@@ -581,7 +583,9 @@ def register(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="answer a seeded subset of this many prompts")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens per answer at most (default: %(default)s)")
     p.add_argument("--out", required=True, help="answers file to write (*.jsonl.gz; provenance beside it as OUT.json)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts generated together (default: %(default)s)")
+    p.add_argument(
+        "--batch-size", type=int, default=ANSWER_BATCH, help="prompts generated together (default: %(default)s)"
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print the provenance as a JSON line")

@@ -81,22 +81,10 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
     sliding window counts cache slots, not positions); pad slots hold zeros."""
     states_p, cache_p = prefix
     P = states_p.shape[2]
-    ids, mask, pos = batch_tensors(suffixes, pad_id, "right")  # [B, S]
-    B, S = ids.shape
-    cache = copy.deepcopy(cache_p)  # the forward appends to it
-    cache.batch_repeat_interleave(B)
-    base = decoder(model)
-    out = base(
-        input_ids=ids,
-        attention_mask=torch.cat([mask.new_ones(B, P), mask], 1),
-        position_ids=pos + P,
-        use_cache=True,
-        output_hidden_states=True,
-        return_dict=True,
-        **{cache_arg(base): cache},
-    )
+    out, mask = run_suffixes(model, cache_p, P, suffixes, pad_id, hidden_states=True)  # mask [B, S]
+    B, S = mask.shape
     suffix = out.hidden_states  # L+1 x [B, S, d], copied row by row (no stacked copy of them too)
-    del out, cache
+    del out
     states = suffix[0].new_zeros(len(suffix), B, P + S, suffix[0].shape[-1])  # [L+1, B, P+S, d]
     full = torch.zeros(B, P + S, dtype=mask.dtype)  # [B, P+S]
     for j, n in enumerate(mask.sum(1).tolist()):
@@ -105,6 +93,28 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
         states[:, j, at + P : at + P + n] = torch.stack([h[j, :n] for h in suffix])  # [L+1, n, d]
         full[j, at : at + P + n] = 1
     return states, full
+
+
+@torch.no_grad()
+def run_suffixes(model, cache_p, P: int, suffixes: list[list[int]], pad_id: int, hidden_states: bool = True):
+    """The decoder stack on each row's own tokens after the shared prefix's cache ``cache_p`` (``run_prefix``;
+    ``P`` tokens): the suffixes right-padded, on a copy of the cache repeated per row. -> (the decoder's
+    output, the suffixes' mask [B, S])."""
+    ids, mask, pos = batch_tensors(suffixes, pad_id, "right")  # [B, S]
+    B = ids.shape[0]
+    cache = copy.deepcopy(cache_p)  # the forward appends to it
+    cache.batch_repeat_interleave(B)
+    base = decoder(model)
+    out = base(
+        input_ids=ids,
+        attention_mask=torch.cat([mask.new_ones(B, P), mask], 1),
+        position_ids=pos + P,
+        use_cache=True,
+        output_hidden_states=hidden_states,
+        return_dict=True,
+        **{cache_arg(base): cache},
+    )
+    return out, mask
 
 
 def batch_tensors(seqs: list[list[int]], pad_id: int, side: str = "left"):

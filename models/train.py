@@ -46,8 +46,9 @@ if TYPE_CHECKING:
 # Bumped whenever a change alters what training produces from the same data and seed (stored
 # benchmark probes of an older recipe are retrained). 2: standardised head features (folded
 # into the head) and input_norm="standard" as the gate / MHA default. 3: stage 1 trains on the states as
-# they are (``Probe.features`` through ``tokens_raw``: the same function, rounded differently).
-RECIPE = 3
+# they are (``Probe.features`` through ``tokens_raw``: the same function, rounded differently). 4: the input
+# statistics summed unpadded in float32 chunks (``models.stats.input_statistics``: rounded differently).
+RECIPE = 4
 
 
 @dataclass

@@ -99,10 +99,16 @@ def test_cache_resumes_after_interruption_without_duplicates(tiny_backbone, tmp_
             tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False, stop_after_batches=2
         )
     p = state_cache.plan(tiny_backbone, ds, "chat", 512, cache_dir=tmp_path / "a")[0]
-    assert json.loads((p.folder / "progress.json").read_text()) == {"batches_done": 2}
+    record = json.loads((p.folder / "progress.json").read_text())
+    assert record == {"batches_done": 2, "batch_size": 2, "max_batch_tokens": state_cache.MAX_BATCH_TOKENS}
     with pytest.raises(SinglepassError, match="incomplete"):
         state_cache.StateCache(p.folder)
-    resumed = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False)
+    log = []
+    # resumed with another batch size: the committed batches' plan is replayed, not the new one's
+    resumed = state_cache.build(
+        tiny_backbone, ds, batch_size=3, cache_dir=tmp_path / "a", progress=False, log=log.append
+    )
+    assert any("after 2 committed batches (batch size 2)" in line for line in log)
     fresh = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "b", progress=False)
     assert np.array_equal(np.asarray(resumed.states), np.asarray(fresh.states))
     assert resumed.states.shape[0] == int(fresh.lengths.sum())  # no duplicated rows
@@ -128,7 +134,7 @@ def test_progress_names_only_committed_batches_when_a_run_dies(
     with pytest.raises(RuntimeError, match="killed"):
         state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False)
     p = state_cache.plan(tiny_backbone, ds, "chat", 512, cache_dir=tmp_path / "a")[0]
-    assert json.loads((p.folder / "progress.json").read_text()) == {"batches_done": committed}
+    assert json.loads((p.folder / "progress.json").read_text())["batches_done"] == committed
     monkeypatch.setattr(state_cache, "iter_hidden", real)
     resumed = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "a", progress=False)
     fresh = state_cache.build(tiny_backbone, ds, batch_size=2, cache_dir=tmp_path / "b", progress=False)

@@ -276,10 +276,14 @@ def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
     import torch
 
     from singlepass.export import calibrate as C
+    from singlepass.models.extract import MIN_SHARED_PREFIX, shared_prefix
 
     ids = C.calibration_ids(tiny_backbone.tokenizer, "alpaca_noinput", 8)
     assert len(ids) == 8 and all(len(r) > 3 for r in ids)
+    assert shared_prefix(ids) >= MIN_SHARED_PREFIX  # the chat template's first tokens run once
     hess = C.input_hessians(tiny_backbone.model, ids, progress=False)
+    # without a shared prefix (a token of each row's own first): every token runs in the batches
+    own = C.input_hessians(tiny_backbone.model, [[i + 1] + r for i, r in enumerate(ids)], progress=False)
     linears = C.quantised_linears(tiny_backbone.model)
     assert set(hess) == set(linears) and "lm_head.weight" not in linears
     at = "model.layers.1.self_attn."
@@ -293,6 +297,14 @@ def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
     h.remove()
     x = torch.cat(seen)  # [tokens, K]
     torch.testing.assert_close(hess["model.layers.1.mlp.down_proj.weight"], x.T @ x, rtol=1e-4, atol=1e-4)
+    seen.clear()
+    h = linears["model.layers.1.mlp.down_proj.weight"].register_forward_hook(lambda m, i, o: seen.append(i[0][0]))
+    with torch.no_grad():
+        for i, r in enumerate(ids):
+            tiny_backbone.model(torch.tensor([[i + 1] + r]))
+    h.remove()
+    x = torch.cat(seen)  # [tokens, K]
+    torch.testing.assert_close(own["model.layers.1.mlp.down_proj.weight"], x.T @ x, rtol=1e-4, atol=1e-4)
 
     logs = []
     a, info = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 8, tmp_path, log=logs.append, progress=False)

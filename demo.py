@@ -179,12 +179,14 @@ def extract(
     whole demo)."""
     from singlepass.models.commands import extract_cache, extract_dataset, load_backbone_logged
     from singlepass.models.data import describe
-    from singlepass.models.prompts import DEFAULT_MAX_LENGTH
+    from singlepass.models.prompts import DEFAULT_MAX_LENGTH, EXTRACT_BATCH
 
     ds = extract_dataset(dataset or q.dataset, "train", data_dir, q.limit, q.balanced)
     print(describe(ds))
     bb = bb or load_backbone_logged(model, cache_dir)
-    extract_cache(bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, 8, cache_dir, True, q.max_response_tokens)
+    extract_cache(
+        bb, ds, "chat", DEFAULT_MAX_LENGTH, "float16", None, None, EXTRACT_BATCH, cache_dir, True, q.max_response_tokens
+    )
     return bb
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import time
 from pathlib import Path
 
@@ -180,12 +181,18 @@ def gptq_rounded(
     log(f"int4: calibrating the 4-bit rounding on {len(ids)} prompts ({sum(map(len, ids))} tokens) of {spec} ...")
     hess = input_hessians(backbone.model, ids, progress)
     out = {}
-    for name, m in tqdm(quantised_linears(backbone.model).items(), desc="gptq", unit="matrix", disable=not progress):
-        w = m.weight.detach().float().numpy()
-        if name not in hess or w.shape[1] % Q.BLOCK:
-            continue  # never reached by the calibration prompts, or K off the block size: round to nearest
-        packed, scales, zp, _ = Q.gptq_4bit(w, hess[name], DAMP)
-        out[name] = (packed, scales, zp)
+    groups: dict[tuple, list[str]] = {}  # the same Linear of every layer (same shape): rounded together
+    for name, m in quantised_linears(backbone.model).items():
+        if name in hess and m.weight.shape[1] % Q.BLOCK == 0:  # else round to nearest: never reached by
+            # the calibration prompts, or K off the block size
+            groups.setdefault((re.sub(r"\.\d+\.", ".N.", name), tuple(m.weight.shape)), []).append(name)
+    params = dict(backbone.model.named_parameters())
+    with tqdm(total=sum(map(len, groups.values())), desc="gptq", unit="matrix", disable=not progress) as bar:
+        for names in groups.values():
+            ws = [params[n].detach().float().numpy() for n in names]
+            for name, (packed, scales, zp, _) in zip(names, Q.gptq_4bit_many(ws, [hess[n] for n in names], DAMP)):
+                out[name] = (packed, scales, zp)
+            bar.update(len(names))
     del hess
     info.update(tokens=int(sum(map(len, ids))), seconds=round(time.perf_counter() - t0, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

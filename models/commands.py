@@ -467,6 +467,7 @@ class _ProbeMethods:
 
 def register(sub) -> None:
     from singlepass.models.answers import ANSWER_BATCH
+    from singlepass.models.prompts import EXTRACT_BATCH
 
     p = sub.add_parser("train", help="train a probe (or a baseline) on cached hidden states")
     add_backbone_args(p)
@@ -559,7 +560,9 @@ def register(sub) -> None:
     )
     p.add_argument("--layers", default=None, help="layer subset to store, e.g. 0,10-20,30 (default: all L+1)")
     p.add_argument("--token-cap", type=int, default=None, help="store only each prompt's last N tokens")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument(
+        "--batch-size", type=int, default=EXTRACT_BATCH, help="prompts per forward pass (default: %(default)s)"
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true", help="also print a JSON summary line")
     p.set_defaults(func=cmd_extract)

@@ -14,7 +14,7 @@ import inspect
 import numpy as np
 import torch
 
-from singlepass.models.prompts import DEFAULT_MAX_LENGTH, Encoded, encode
+from singlepass.models.prompts import DEFAULT_MAX_LENGTH, EXTRACT_BATCH, Encoded, encode
 from singlepass.runtime.batching import pad_batch
 
 # Rows that start with the same tokens (a chat template's system turn: SmolLM2's is 24 tokens, a third of an
@@ -143,7 +143,7 @@ def plan_batches(lengths: list[int], batch_size: int, max_batch_tokens: int) -> 
 def iter_hidden(
     backbone,
     ids: list[list[int]],
-    batch_size: int = 8,
+    batch_size: int = EXTRACT_BATCH,
     max_batch_tokens: int = 4096,
     padding_side: str = "left",
     progress: bool = False,
@@ -181,7 +181,7 @@ def extract(
     texts: list[str],
     prompt_format: str = "chat",
     max_length: int = DEFAULT_MAX_LENGTH,
-    batch_size: int = 8,
+    batch_size: int = EXTRACT_BATCH,
     padding_side: str = "left",
     progress: bool = False,
 ):
@@ -193,7 +193,9 @@ def extract(
     return (*stack_in_order(backbone, enc, batch_size, padding_side, progress), enc)
 
 
-def stack_in_order(backbone, enc: Encoded, batch_size: int = 8, padding_side: str = "left", progress: bool = False):
+def stack_in_order(
+    backbone, enc: Encoded, batch_size: int = EXTRACT_BATCH, padding_side: str = "left", progress: bool = False
+):
     T = max(len(s) for s in enc.ids)
     L1, d = backbone.num_layers + 1, backbone.hidden_size
     out = torch.zeros(L1, len(enc.ids), T, d)

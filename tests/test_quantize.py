@@ -85,6 +85,14 @@ def test_gptq_lowers_the_layer_output_error_on_correlated_inputs():
 
     assert out_err(gptq[3]) < 0.5 * out_err(near[3])
     np.testing.assert_array_equal(Q.dequantize(gptq[0], gptq[1], gptq[2], 4, k), gptq[3].reshape(n, k))
+    # several matrices of one shape, each with its own Hessian, at once: each as it is rounded alone
+    more = [w * (1 + g) for g in range(3)]
+    hs = [x.T @ x, np.eye(w.shape[1], dtype=np.float32), (x[:7].T @ x[:7])]  # the last one rank-deficient
+    for one, together in zip([Q.gptq_4bit(m, h) for m, h in zip(more, hs)], Q.gptq_4bit_many(more, hs)):
+        for u, v in zip(one, together):
+            np.testing.assert_array_equal(u, v)
+    with pytest.raises(SinglepassError, match="one shape"):
+        Q.gptq_4bit_many([w, w[:-1]], hs[:2])
     with pytest.raises(SinglepassError, match="multiple of 32"):
         Q.gptq_4bit(w[:, :100], np.eye(100))
 

@@ -30,6 +30,9 @@ DEFAULT_CALIBRATION = "alpaca_noinput"  # generic instructions: no overlap with 
 DEFAULT_ROWS = 256
 MAX_LENGTH = 512
 DAMP = 0.01  # GPTQ's dampening: this share of the mean diagonal is added to the Hessian
+# Matrices rounded together hold their float64 Hessians [G, K, K] a few times over: G is capped so one copy
+# stays under this (SmolLM2's 30 down_proj, K = 1536: 0.57 GB; a K = 8192 model: 2 at a time).
+GPTQ_GROUP_BYTES = 1 << 30
 NONE = "none"
 
 
@@ -153,9 +156,12 @@ def gptq_rounded(
     from tqdm.auto import tqdm
 
     from singlepass.export import quantize as Q
+    from singlepass.models import extract
     from singlepass.models.backbone import cache_root
 
-    code = hashlib.sha256(Path(__file__).read_bytes() + Path(Q.__file__).read_bytes()).hexdigest()[:16]
+    # the code that makes the statistics (the shared-prefix pass) and the codes
+    code = hashlib.sha256(b"".join(Path(f).read_bytes() for f in (__file__, Q.__file__, extract.__file__)))
+    code = code.hexdigest()[:16]
     info = {
         "method": "gptq",
         "data": _source(spec),
@@ -181,18 +187,21 @@ def gptq_rounded(
     log(f"int4: calibrating the 4-bit rounding on {len(ids)} prompts ({sum(map(len, ids))} tokens) of {spec} ...")
     hess = input_hessians(backbone.model, ids, progress)
     out = {}
+    linears = quantised_linears(backbone.model)
     groups: dict[tuple, list[str]] = {}  # the same Linear of every layer (same shape): rounded together
-    for name, m in quantised_linears(backbone.model).items():
+    for name, m in linears.items():
         if name in hess and m.weight.shape[1] % Q.BLOCK == 0:  # else round to nearest: never reached by
             # the calibration prompts, or K off the block size
             groups.setdefault((re.sub(r"\.\d+\.", ".N.", name), tuple(m.weight.shape)), []).append(name)
-    params = dict(backbone.model.named_parameters())
     with tqdm(total=sum(map(len, groups.values())), desc="gptq", unit="matrix", disable=not progress) as bar:
-        for names in groups.values():
-            ws = [params[n].detach().float().numpy() for n in names]
-            for name, (packed, scales, zp, _) in zip(names, Q.gptq_4bit_many(ws, [hess[n] for n in names], DAMP)):
-                out[name] = (packed, scales, zp)
-            bar.update(len(names))
+        for (_, (_, k)), names in groups.items():
+            step = max(1, GPTQ_GROUP_BYTES // (8 * k * k))  # float64 Hessians [G, K, K]: a few copies at once
+            for i in range(0, len(names), step):
+                part = names[i : i + step]
+                ws = [linears[n].weight.detach().float().numpy() for n in part]
+                for name, (packed, scales, zp, _) in zip(part, Q.gptq_4bit_many(ws, [hess[n] for n in part], DAMP)):
+                    out[name] = (packed, scales, zp)
+                bar.update(len(part))
     del hess
     info.update(tokens=int(sum(map(len, ids))), seconds=round(time.perf_counter() - t0, 1))
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -51,6 +51,8 @@ DEFAULT_DTYPE = "float16"
 # the extraction (``Committer``), which otherwise waited ~1 s per commit for 256 MiB to reach a 267 MB/s disk.
 COMMIT_BYTES = 256 * 2**20
 MAX_BATCH_TOKENS = 4096
+# The plan of a progress file that records none (written before plans were): every such run batched 8 rows.
+LEGACY_PLAN = {"batch_size": 8, "max_batch_tokens": MAX_BATCH_TOKENS}
 
 
 def content_key(fields: dict) -> str:
@@ -352,7 +354,7 @@ def build(
         record = json.loads(prog.read_text())
         done = record["batches_done"]
         # the plan the committed batches followed (a progress file without one: this call's)
-        plan_args = {k: int(record.get(k, v)) for k, v in plan_args.items()}
+        plan_args = {k: int(record.get(k, v)) for k, v in LEGACY_PLAN.items()}  # before plans were recorded
         log(f"resuming {folder.name} after {done} committed batches (batch size {plan_args['batch_size']})")
     else:
         np.save(folder / "lengths.npy", lengths)
@@ -388,8 +390,10 @@ def build(
             if stop:
                 raise KeyboardInterrupt("stopped on request (test hook)")
     finally:
-        commits.close()  # the commit in flight lands (or fails loudly) before the file is closed
-        os.close(fd)
+        try:
+            commits.close()  # the commit in flight lands (or fails loudly) before the file is closed
+        finally:
+            os.close(fd)
     prog.unlink()
     return StateCache(folder)
 

@@ -114,6 +114,21 @@ def test_cache_resumes_after_interruption_without_duplicates(tiny_backbone, tmp_
     assert resumed.states.shape[0] == int(fresh.lengths.sum())  # no duplicated rows
 
 
+def test_a_progress_file_without_a_plan_resumes_with_the_8_row_batches_it_was_written_with(tiny_backbone, tmp_path):
+    """A progress file from before batch plans were recorded holds only the batch count: every such run
+    batched 8 rows, so that plan is replayed (today's default, 32 rows, would skip unwritten rows)."""
+    ds = dataset(10)
+    with pytest.raises(KeyboardInterrupt):
+        state_cache.build(
+            tiny_backbone, ds, batch_size=8, cache_dir=tmp_path / "a", progress=False, stop_after_batches=1
+        )
+    p = state_cache.plan(tiny_backbone, ds, "chat", 512, cache_dir=tmp_path / "a")[0]
+    (p.folder / "progress.json").write_text(json.dumps({"batches_done": 1}))  # the old format
+    resumed = state_cache.build(tiny_backbone, ds, cache_dir=tmp_path / "a", progress=False)
+    fresh = state_cache.build(tiny_backbone, ds, batch_size=8, cache_dir=tmp_path / "b", progress=False)
+    assert np.array_equal(np.asarray(resumed.states), np.asarray(fresh.states))
+
+
 @pytest.mark.parametrize("commit_bytes,committed", [(1, 3), (2**40, 0)])
 def test_progress_names_only_committed_batches_when_a_run_dies(
     tiny_backbone, tmp_path, monkeypatch, commit_bytes, committed

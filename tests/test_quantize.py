@@ -278,7 +278,7 @@ def test_a_prompt_probe_runs_stage_1_after_each_block_of_layers(tmp_path, tiny_b
     np.testing.assert_allclose(padded["safety/probs"][0], alone["safety/probs"][0], atol=1e-4)
 
 
-def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
+def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone, monkeypatch):
     """X^T X of each 4-bit Linear's input (q/k/v and gate/up share theirs), checked against the
     inputs captured separately; the GPTQ codes are cached per model and calibration data."""
     import torch
@@ -321,6 +321,11 @@ def test_calibration_statistics_and_their_cache(tmp_path, tiny_backbone):
     assert set(a) == set(linears)
     for name in a:
         for u, v in zip(a[name], b[name]):
+            np.testing.assert_array_equal(u, v)
+    monkeypatch.setattr(C, "GPTQ_GROUP_BYTES", 1)  # each matrix rounded alone: the same codes
+    alone, _ = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 8, tmp_path / "alone", progress=False)
+    for name in a:
+        for u, v in zip(a[name], alone[name]):
             np.testing.assert_array_equal(u, v)
     c, _ = C.gptq_rounded(tiny_backbone, "alpaca_noinput", 9, tmp_path, log=logs.append, progress=False)
     assert "from the cache" not in logs[-1]  # other calibration data: another entry

@@ -8,6 +8,7 @@ import pytest
 
 from singlepass import demo
 from singlepass.errors import SinglepassError
+from singlepass.models.prompts import EXTRACT_BATCH
 
 
 def _fake_stages(monkeypatch, calls: list, reuse: bool, answers=None):
@@ -267,7 +268,7 @@ def test_extract_and_train_print_what_the_commands_print(tmp_path, monkeypatch, 
         dtype="float16",
         layers=None,
         token_cap=None,
-        batch_size=8,
+        batch_size=EXTRACT_BATCH,  # the command's default
         no_progress=False,
         json=False,
         max_response_tokens=128,

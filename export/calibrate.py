@@ -86,13 +86,12 @@ def input_hessians(model, ids: list[list[int]], progress: bool = True, batch_tok
     from tqdm.auto import tqdm
 
     from singlepass.models.extract import (
-        MIN_SHARED_PREFIX,
         batch_tensors,
         decoder,
         plan_batches,
+        prefix_to_share,
         run_prefix,
         run_suffixes,
-        shared_prefix,
     )
 
     linears = quantised_linears(model)
@@ -115,8 +114,7 @@ def input_hessians(model, ids: list[list[int]], progress: bool = True, batch_tok
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
-    P = shared_prefix(ids)
-    P = P if P >= MIN_SHARED_PREFIX else 0
+    P = prefix_to_share(ids)
     batches = plan_batches([len(r) - P for r in ids], 16, batch_tokens)
     try:
         with torch.no_grad(), tqdm(total=len(ids), desc="calibrate", unit="prompt", disable=not progress) as bar:
@@ -129,7 +127,7 @@ def input_hessians(model, ids: list[list[int]], progress: bool = True, batch_tok
                 x, mask, pos = batch_tensors(seqs, 0, "right")  # [B, T]; pad id 0: masked
                 real[0] = mask.reshape(-1).bool()
                 if P:
-                    run_suffixes(model, cache_p, P, seqs, 0, hidden_states=False)
+                    run_suffixes(model, cache_p, P, x, mask, pos, hidden_states=False)
                 else:
                     decoder(model)(input_ids=x, attention_mask=mask, position_ids=pos, use_cache=False)
                 last[:] = [None, None]

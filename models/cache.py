@@ -353,8 +353,8 @@ def build(
     if prog.exists():
         record = json.loads(prog.read_text())
         done = record["batches_done"]
-        # the plan the committed batches followed (a progress file without one: this call's)
-        plan_args = {k: int(record.get(k, v)) for k, v in LEGACY_PLAN.items()}  # before plans were recorded
+        # the plan the committed batches followed (a progress file without one: ``LEGACY_PLAN``)
+        plan_args = {k: int(record.get(k, v)) for k, v in LEGACY_PLAN.items()}
         log(f"resuming {folder.name} after {done} committed batches (batch size {plan_args['batch_size']})")
     else:
         np.save(folder / "lengths.npy", lengths)

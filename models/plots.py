@@ -24,7 +24,7 @@ def layer_weights(module, cfg: dict, cache) -> tuple[np.ndarray, np.ndarray]:
     W = np.zeros((len(cache), cfg["num_layers"]), dtype=np.float64)
     pred = np.zeros(len(cache), dtype=np.int64)
     for mb in data.micro(np.arange(len(cache))):
-        states, mask = cache.batch(mb)  # [L+1, b, T, d], [b, T]
+        states, mask = cache.batch(mb, scratch=data.scratch)  # [L+1, b, T, d], [b, T]
         W[mb] = module.layer_weights(states, mask).numpy()
         p = host_probabilities(module(states, mask))  # [b, C] float64, as the runtime decides
         thr = cfg["threshold"]

@@ -33,16 +33,18 @@ def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, d
     import torch
     from tqdm.auto import tqdm
 
+    from singlepass.models.cache import Scratch
     from singlepass.models.probes import host_probabilities
 
     module.check_streamable()
     n = len(cache)
     out = np.full((n, int(cache.lengths.max()) if n else 0), np.nan)
     order = np.argsort(-cache.lengths, kind="stable")
+    scratch = Scratch()  # each batch is read into the same buffer
     with torch.no_grad(), tqdm(total=n, desc=desc, unit="row", disable=not progress, leave=False) as bar:
         for s in range(0, n, batch_rows):
             rows = order[s : s + batch_rows]
-            states, mask = cache.batch(rows)  # [L+1, B, T, d], [B, T] (right padding)
+            states, mask = cache.batch(rows, scratch=scratch)  # [L+1, B, T, d], [B, T] (right padding)
             state = module.stream_init(len(rows))
             for t in range(states.shape[2]):
                 layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]

@@ -27,14 +27,35 @@ def settle(seconds: float = SETTLE_S) -> None:
         time.sleep(seconds)
 
 
-def cpu_name() -> str:
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of /proc/cpuinfo (None where there is none)."""
     try:
         for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
+            if line.split(":", 1)[0].strip() == field:
                 return line.split(":", 1)[1].strip()
     except OSError:
         pass
-    return platform.processor() or platform.machine()
+    return None
+
+
+def vector_isa(flags: set[str]) -> str:
+    """The widest SIMD the CPU flags name, and the int8 dot-product extensions: what sets int4/int8 matmul speed
+    (ONNX Runtime's MatMulNBits and llama.cpp's quantised dot products use VNNI where it exists). A VM names
+    its CPU "AMD EPYC" whatever its generation, so the model name alone does not say which kernels ran."""
+    if "avx512f" in flags:
+        out = "AVX-512" + (" + VNNI" if "avx512_vnni" in flags else "")
+    elif "avx2" in flags:
+        out = "AVX2" + (" + AVX-VNNI" if "avx_vnni" in flags else "") + ", no AVX-512"
+    else:
+        out = "no AVX2"
+    return out + (" + AMX" if "amx_tile" in flags else "")
+
+
+def cpu_name() -> str:
+    """The CPU model and its vector ISA, e.g. "AMD EPYC (AVX2, no AVX-512)"."""
+    name = _cpuinfo("model name") or platform.processor() or platform.machine()
+    flags = _cpuinfo("flags")
+    return f"{name} ({vector_isa(set(flags.split()))})" if flags is not None else name
 
 
 def memory_gib() -> float:

@@ -216,6 +216,17 @@ def test_machine_record_keys():
     assert list(machine_info()) == ["cpu", "cpu_count", "memory_gib", "system", "python"]
 
 
+def test_machine_names_the_vector_isa_behind_the_cpu_name():
+    from singlepass.benchmarks.machine import cpu_name, vector_isa
+
+    assert vector_isa({"avx2", "fma"}) == "AVX2, no AVX-512"
+    assert vector_isa({"avx2", "avx_vnni"}) == "AVX2 + AVX-VNNI, no AVX-512"
+    assert vector_isa({"avx2", "avx512f", "avx512_vnni", "amx_tile"}) == "AVX-512 + VNNI + AMX"
+    assert vector_isa({"sse4_2"}) == "no AVX2"
+    flags = {f for line in open("/proc/cpuinfo") if line.startswith("flags") for f in line.split(":")[1].split()}
+    assert cpu_name().endswith(f"({vector_isa(flags)})")
+
+
 # --- the serving side on a tiny exported artifact (the runtime's public API only) -------------------
 
 

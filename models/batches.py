@@ -67,13 +67,14 @@ class StateData:
         max_attn: int | None = None,
         prefixes: float = 0.0,
         seed: int = 0,
+        scratch: Scratch | None = None,
     ):
         self.cache = cache
         self.rows = np.arange(len(cache)) if rows is None else np.asarray(rows)  # cache row of each position [N]
         self.max_tokens, self.max_attn = max_tokens, max_attn
         self.prefixes = prefixes  # share of rows read as a random prefix each time (``random_prefixes``)
         self.rng = np.random.default_rng(seed)
-        self.scratch = Scratch()
+        self.scratch = scratch or Scratch()  # shared with another StateData read in turn (train and validation)
 
     def __len__(self) -> int:
         return len(self.rows)

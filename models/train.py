@@ -134,11 +134,9 @@ def make_data(
     ``HParams.prefixes`` (the training rows of a probe trained through its states only)."""
     family = prep.family
     if not family.head_only:
-        return (
-            StateData(prep.train_src, max_attn=family.max_attn, prefixes=prefixes, seed=seed),
-            StateData(prep.val_src, max_attn=family.max_attn),  # selected on whole rows
-            None,
-        )
+        train = StateData(prep.train_src, max_attn=family.max_attn, prefixes=prefixes, seed=seed)
+        # selected on whole rows; validation runs between training steps, so both read into one buffer
+        return train, StateData(prep.val_src, max_attn=family.max_attn, scratch=train.scratch), None
     if prefixes:
         raise SinglepassError(
             f"prefixes={prefixes:g}: the {family.name} probe trains its head on features computed once per "

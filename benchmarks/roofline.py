@@ -212,6 +212,7 @@ def main(argv=None) -> int:
         "serving": rows,
     }
     out = results_dir(a.out)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "roofline.json").write_text(json.dumps(record, indent=1))
     (out / "roofline.md").write_text(report(record, serve))
     print(report(record, serve))

@@ -227,6 +227,17 @@ def stored_lengths(enc: Encoded, token_cap: int | None) -> list[int]:
     return [min(n, token_cap) if token_cap else n for n in enc.keep]
 
 
+def states_name(dataset) -> str:
+    """The name a dataset's states are cached (keyed and foldered) under: its own, but a safety
+    mixture's (models/mixture.py, "source:weight,...") with every weight 1. The weights multiply
+    the loss and leave the rows, and so their states, alone: a reweighted mixture reads the states
+    cached for the unweighted one instead of extracting them again (the key's text digest still
+    tells different rows apart)."""
+    if "mixture_weight" not in dataset.columns:
+        return dataset.name
+    return ",".join(item.rpartition(":")[0] + ":1" for item in dataset.name.split(","))
+
+
 def plan(
     backbone,
     dataset,
@@ -256,7 +267,7 @@ def plan(
     key_fields = {
         "version": CACHE_VERSION,
         "model": backbone.fingerprint["sha256"],
-        "dataset": dataset.name,
+        "dataset": states_name(dataset),
         "split": dataset.split,
         "data": texts_digest(digested, dataset.labels),
         "prompt_format": prompt_format,
@@ -267,7 +278,7 @@ def plan(
     }
     if response:  # prompt entries keep their keys (and so their existing caches)
         key_fields.update({"reads": "response", "max_response_tokens": max_response_tokens})
-    name = f"{dataset.name.replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
+    name = f"{key_fields['dataset'].replace('/', '_')}-{dataset.split}-{content_key(key_fields)[:16]}"
     folder = (cache_dir or cache_root()) / "states" / name
     stored = stored_lengths(enc, token_cap)
     bpt = len(layers) * backbone.hidden_size * np.dtype(DTYPES[dtype]).itemsize

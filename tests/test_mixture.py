@@ -150,6 +150,24 @@ def test_balanced_limit_keeps_a_rare_class_whole(data):
     assert m.validation.texts == plain.validation.texts  # validation keeps its proportions
 
 
+def test_a_reweighted_mixture_reads_the_states_of_the_unweighted_one(data, tiny_backbone, cache_dir):
+    """The weights multiply the loss, not the rows: the state cache is keyed without them (no second
+    extraction of the same rows), while other rows or a plain dataset get their own entries."""
+    from singlepass.models.cache import plan
+
+    def folder(ds):
+        return plan(tiny_backbone, ds, "chat", MAX_LEN, cache_dir=cache_dir)[0].folder
+
+    plain = load_mixture("toxicchat,advbench")
+    weighted = load_mixture("toxicchat:3,advbench:0.5")
+    assert weighted.train.name == "toxicchat:3,advbench:0.5"  # what reports and probe configs show
+    assert folder(weighted.train) == folder(plain.train)
+    assert folder(weighted.train).name.startswith("toxicchat:1,advbench:1-train-")
+    assert folder(weighted.validation) == folder(plain.validation) != folder(plain.train)
+    assert folder(load_mixture("toxicchat:3,advbench:0.5", limit=5).train) != folder(plain.train)  # other rows
+    assert folder(load_dataset("toxicchat", "train")).name.startswith("toxicchat-train-")
+
+
 def test_conflicting_labels_of_the_same_text_are_an_error(data):
     write(
         data / "alpaca_noinput",

@@ -16,6 +16,7 @@ TensorRT profiles want a past length >= 1; the engine contract and ``TensorRTBac
 
 from __future__ import annotations
 
+import operator
 import threading
 from pathlib import Path
 
@@ -158,7 +159,12 @@ class OrtBackend(Backend):
         self.session = ort_session(path, threads, device, spinning, arena)
         self.name = f"onnxruntime-{device}"
         self.inplace = device == "cpu"  # the buffers are host memory
-        self.dtypes = {i["name"]: NP_DTYPES.get(i["dtype"], None) for i in manifest.graph.inputs}
+        cache = set(manifest.graph.past_names)
+        self.convert = {  # input -> the dtype the graph takes (the KV cache aside: see run)
+            i["name"]: NP_DTYPES[i["dtype"]]
+            for i in manifest.graph.inputs
+            if i["dtype"] in NP_DTYPES and i["name"] not in cache
+        }
         self._local = threading.local()  # .binding: this thread's _Binding (runs may come from several threads)
 
     def run(
@@ -168,17 +174,20 @@ class OrtBackend(Backend):
         inplace: dict[str, str] | None = None,
         carry: dict[str, str] | None = None,
     ) -> dict:
-        feed = {
-            k: (v.astype(self.dtypes[k]) if self.dtypes.get(k) and v.dtype != self.dtypes[k] else v)
-            for k, v in feed.items()
-        }
+        # an input fed in another dtype than the graph's is converted (the KV cache is not checked: its
+        # arrays are the graph's own presents or empty_past's float32, the one KV dtype an export writes)
+        wrong = [k for k, want in self.convert.items() if k in feed and feed[k].dtype != want]
+        if wrong:
+            feed = feed | {k: feed[k].astype(self.convert[k]) for k in wrong}
         names = outputs or [o.name for o in self.session.get_outputs()]
         if not inplace:
             return dict(zip(names, self.session.run(names, feed)))
         if not self.inplace:
             raise SinglepassError(f"the {self.name} backend cannot write the KV cache in place")
         binding = getattr(self._local, "binding", None)
-        carry = {o: i for o, i in (carry or {}).items() if o in names}  # only outputs this pass fetches
+        carry = carry or {}
+        if any(o not in names for o in carry):
+            carry = {o: i for o, i in carry.items() if o in names}  # only outputs this pass fetches
         if binding is None or not binding.serves(feed, names, inplace, carry):
             binding = self._local.binding = _Binding(self.session, feed, names, inplace, carry)
         return binding.run(feed)
@@ -190,11 +199,14 @@ class OrtBackend(Backend):
 class _Binding:
     """One IOBinding reused by consecutive in-place passes with the same inputs and outputs (decode
     steps): the outputs are bound to their past inputs' own buffers, so the cache is not copied.
-    Binding 2 x L caches per pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms step in
-    all, SmolLM2 int4); now only what changed is bound again: the small per-step inputs and the
-    outputs ONNX Runtime allocates, while a widened cache is new buffers, so it is bound again too.
-    A buffer is recognised by identity: the binding references every array bound to it, so an array
-    seen again is the one bound (same memory, same shape).
+    The 2 x L cache buffers are bound once and kept while the passes bring the same arrays (one
+    identity check of the list; a widened cache is new buffers, bound again); a pass binds only its
+    small per-step inputs and the outputs ONNX Runtime would allocate. Binding every buffer every
+    pass cost ~0.3 ms of Python at batch 1 (0.75 ms of a 5.2 ms step in all, SmolLM2 int4), and
+    checking each one every pass ~0.1 ms more: this Python runs right after the pass has streamed
+    the weights through the CPU caches, so every object it touches is a cache miss. A buffer is
+    recognised by identity: the binding references every array bound to it, so an array seen again
+    is the one bound (same memory, same shape).
 
     The ``carry`` outputs (a response probe's state: a pass reads all of it before it writes, so it
     cannot be written where it is read) go to a scratch buffer bound once, then are copied into their
@@ -211,10 +223,15 @@ class _Binding:
         self.scratch: dict[str, np.ndarray] = {}  # carried output -> the buffer the pass writes it into
         self.lead = next(iter(feed))  # the first input (the ids [B, S]): a pass's output shapes follow its shape
         self.shapes: dict[tuple, tuple] = {}  # (lead's shape, output) -> (shape, dtype) the last such pass returned
+        self.cache_out = [n for n in self.names if n in self.inplace]  # the presents, each written into its past
+        self.cache_in = [self.inplace[n] for n in self.cache_out]
+        self.small = [k for k in feed if k not in set(self.cache_in)]  # ids, mask, positions, probe state
+        self.fresh = [n for n in self.names if n not in self.inplace]  # logits, probe outputs, carried state
+        self.cache: list[np.ndarray] | None = None  # the cache arrays bound as themselves (None: bind again)
 
     def serves(self, feed: dict, names: list[str], inplace: dict[str, str], carry: dict[str, str]) -> bool:
-        same = (self.inplace, self.carry, self.inputs) == (inplace, carry, frozenset(feed))
-        return same and self.names == list(names)
+        same = feed.keys() == self.inputs and self.carry == carry and self.inplace == inplace
+        return same and self.names == names
 
     def _bind(self, name: str, arr: np.ndarray, output: bool) -> None:
         # ONNX Runtime binds a C-contiguous, aligned, writeable array's own memory (else a copy,
@@ -227,17 +244,25 @@ class _Binding:
             self.io.bind_cpu_input(name, arr)
         self.bound[(output, name)] = arr
 
+    def _bind_cache(self, cache: list[np.ndarray]) -> list[np.ndarray] | None:
+        """Bind each cache array as its past input and as its present output -> ``cache``, or None
+        when one of them is bound as a copy (then the next pass binds them again)."""
+        for i, o, a in zip(self.cache_in, self.cache_out, cache):
+            if not a.flags.c_contiguous:
+                raise SinglepassError(f"internal error: {i} must be one contiguous buffer")
+            self._bind(i, a, output=False)
+            self._bind(o, a, output=True)
+        return cache if all(a.flags.aligned and a.flags.writeable for a in cache) else None
+
     def run(self, feed: dict) -> dict:
-        for k, v in feed.items():
-            self._bind(k, np.ascontiguousarray(v), output=False)
-        written, learn, key = {}, [], feed[self.lead].shape
-        for n in self.names:
-            if n in self.inplace:
-                written[n] = feed[self.inplace[n]]
-                if not written[n].flags.c_contiguous:
-                    raise SinglepassError(f"internal error: {self.inplace[n]} must be one contiguous buffer")
-                self._bind(n, written[n], output=True)
-            elif n in self.carry:
+        cache = [feed[i] for i in self.cache_in]
+        if self.cache is None or not all(map(operator.is_, cache, self.cache)):
+            self.cache = self._bind_cache(cache)
+        for k in self.small:
+            self._bind(k, np.ascontiguousarray(feed[k]), output=False)
+        written, learn, key = dict(zip(self.cache_out, cache)), [], feed[self.lead].shape
+        for n in self.fresh:
+            if n in self.carry:
                 src, buf = feed[self.carry[n]], self.scratch.get(n)
                 if buf is None or buf.shape != src.shape or buf.dtype != src.dtype:
                     buf = self.scratch[n] = np.empty(src.shape, src.dtype)  # [the state's shape]
@@ -259,11 +284,11 @@ class _Binding:
             else:
                 written[n] = buf.copy()
         if learn:
-            got = dict(zip(self.names, self.io.get_outputs()))  # OrtValues in the order first bound
+            got = dict(zip(self.cache_out + self.fresh, self.io.get_outputs()))  # OrtValues in the order first bound
             for n in learn:
                 written[n] = got[n].numpy()
                 self.shapes[(key, n)] = (written[n].shape, written[n].dtype)
-        return {n: written[n] for n in self.names}
+        return written
 
 
 # ----------------------------------------------------------------------------- selection

@@ -18,6 +18,7 @@ for the writers that update it (validation, engine builds).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
@@ -252,9 +253,10 @@ class Manifest:
         """The probes that label the prompt (``"prompt"``) or the response (``"response"``)."""
         return [p for p in self.probes if p.reads == what]
 
-    @property
+    @functools.cached_property
     def stream_states(self) -> list[dict]:
-        """Every response probe's state tensors, in the order passes carry them."""
+        """Every response probe's state tensors, in the order passes carry them (computed once: a
+        manifest's probes do not change)."""
         return [s for p in self.reading("response") for s in p.state]
 
     @property

@@ -73,11 +73,23 @@ class State:
 
 def output_names(manifest: Manifest, extra: tuple[str, ...] = ()) -> list[str]:
     """What a pass fetches: the logits, the presents, every probe's logits (its labels are computed
-    from them in float64: ``labels_from``), the response probes' states (and ``extra``)."""
-    g = manifest.graph
-    names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.logits for p in manifest.probes]
-    names += [s["present"] for s in manifest.stream_states]
-    return names + [n for n in extra if n not in names]
+    from them in float64: ``labels_from``), the response probes' states (and ``extra``). One list
+    per manifest and ``extra``, the same object every pass (a decode step's Python runs with cold
+    CPU caches, after the weights went through them): nothing may modify it."""
+    return _pass_io(manifest, tuple(extra))[0]
+
+
+def _pass_io(manifest: Manifest, extra: tuple[str, ...]) -> tuple[list[str], dict[str, str], dict[str, str]]:
+    """(output names, in-place cache {present: past}, carried response state {present: past}), kept on
+    the manifest per ``extra`` (in its ``__dict__``, as ``functools.cached_property`` keeps a value)."""
+    memo = vars(manifest).setdefault("_pass_io", {})
+    if extra not in memo:
+        g, states = manifest.graph, manifest.stream_states
+        names = [g.logits] + (list(g.present_names) if g.kv_cache else []) + [p.logits for p in manifest.probes]
+        names += [s["present"] for s in states]
+        names += [n for n in extra if n not in names]
+        memo[extra] = (names, dict(zip(g.present_names, g.past_names)), {s["present"]: s["past"] for s in states})
+    return memo[extra]
 
 
 def prefill(
@@ -122,16 +134,15 @@ def decode_one_token(
     artifact writes the new keys/values and the response state into its arrays (a pass run twice
     from one state folds its token in twice)."""
     ids, mask, pos, past = advance(manifest, tokens, state.ids, state.mask, state.pos, state.past)
+    names, inplace, carry = _pass_io(manifest, tuple(extra))
     response = _ones(ids.shape) if manifest.graph.response_mask else None  # [B, 1]
-    if response is not None and len(state.stream) != len(manifest.stream_states):
+    if response is not None and len(state.stream) != len(carry):
         raise ValueError("the state carries no response-probe state: build it with prefill / decode_one_token")
     feed = make_feed(manifest, ids, mask, pos, past, stream=state.stream or None, response=response)
-    g = manifest.graph
-    if g.inplace:  # the cache written in place, the response probes' state copied back into its arrays
-        carry = {s["present"]: s["past"] for s in manifest.stream_states}
-        out = backend.run(feed, output_names(manifest, extra), dict(zip(g.present_names, g.past_names)), carry)
+    if manifest.graph.inplace:  # the cache written in place, the response probes' state copied back into its arrays
+        out = backend.run(feed, names, inplace, carry)
     else:
-        out = backend.run(feed, output_names(manifest, extra))
+        out = backend.run(feed, names)
     return out, _after(manifest, out, ids, mask, pos)
 
 

@@ -72,7 +72,7 @@ def stream_of(layers: int = 1) -> ResidualStream:
 def backend(model: onnx.ModelProto, tmp_path, name: str) -> OrtBackend:
     path = tmp_path / f"{name}.onnx"
     onnx.save(model, str(path))
-    return OrtBackend(path, SimpleNamespace(graph=SimpleNamespace(inputs=[])), threads=1)
+    return OrtBackend(path, SimpleNamespace(graph=SimpleNamespace(inputs=[], past_names=())), threads=1)
 
 
 def test_inplace_kv_cache_writes_the_new_column_of_each_row_in_place(tmp_path):
@@ -287,3 +287,29 @@ def test_inplace_decode_steps_reuse_one_binding_per_thread_and_release_it(layout
     be.release()
     gc.collect()
     assert all(r() is None for r in buffers)
+
+
+def test_engine_steps_times_the_runtime_outside_onnx_runtime(layouts):
+    """benchmarks/engine_steps.host_s: a decode step's time minus its time inside the session's run
+    (the runtime's own Python), which is part of the step; the session's run is its own again after."""
+    from singlepass.benchmarks.engine_steps import host_s, median_s
+    from singlepass.runtime.passes import decode_one_token, prefill
+
+    rt = layouts["inplace"]
+    be, m = rt.backend, rt.manifest
+    state = prefill(be, m, [[5, 6, 7, 8]])[1]
+    toks = np.array([3], np.int64)
+    state = decode_one_token(be, m, state, toks)[1]
+
+    def step():
+        decode_one_token(be, m, state, toks)
+
+    host = host_s(rt, step, 9)
+    whole = median_s(step, 9)
+    assert 0 < host < 0.8 * whole  # here ~0.4: the tiny model's pass is about half of the step
+    assert "run_with_iobinding" not in vars(be.session)  # the wrapper is gone
+
+    def no_ort():  # nothing inside the session: all of it is host time
+        sum(range(20000))
+
+    assert host_s(rt, no_ort, 5) > 0.5 * median_s(no_ort, 5)

@@ -257,6 +257,7 @@ class _Binding:
     def run(self, feed: dict) -> dict:
         cache = [feed[i] for i in self.cache_in]
         if self.cache is None or not all(map(operator.is_, cache, self.cache)):
+            self.cache = None  # until every array is bound (a bind that raises leaves some bound)
             self.cache = self._bind_cache(cache)
         for k in self.small:
             self._bind(k, np.ascontiguousarray(feed[k]), output=False)

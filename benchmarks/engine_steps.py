@@ -91,8 +91,11 @@ def main(argv=None) -> int:
                 out, st = prefill(rt.backend, m, [[1] + [100 + i for i in range(W - 1)]] * B)
                 toks = np.ones(B, np.int64)
                 st = decode_one_token(rt.backend, m, st, toks)[1]  # [B] rows of W + 1 tokens
-                t = median_s(lambda st=st, toks=toks, rt=rt, m=m: decode_one_token(rt.backend, m, st, toks), n)
-                h = host_s(rt, lambda st=st, toks=toks, rt=rt, m=m: decode_one_token(rt.backend, m, st, toks), n)
+
+                def step(st=st, toks=toks, rt=rt, m=m):
+                    return decode_one_token(rt.backend, m, st, toks)
+
+                t, h = median_s(step, n), host_s(rt, step, n)
                 kv = sum(x.nbytes for x in st.past or []) / 2**20
                 c = median_s(lambda st=st, p=prefix: fit(st, st.mask.shape[1] + 1, 0, True, p), n)
                 k = median_s(lambda st=st, B=B: st.keep(list(range(max(1, B - 1)))), n)

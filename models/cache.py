@@ -233,9 +233,9 @@ def states_name(dataset) -> str:
     the loss and leave the rows, and so their states, alone: a reweighted mixture reads the states
     cached for the unweighted one instead of extracting them again (the key's text digest still
     tells different rows apart)."""
-    if "mixture_weight" not in dataset.columns:
-        return dataset.name
-    return ",".join(item.rpartition(":")[0] + ":1" for item in dataset.name.split(","))
+    from singlepass.models.mixture import unweighted_name
+
+    return unweighted_name(dataset.name) if "mixture_weight" in dataset.columns else dataset.name
 
 
 def plan(

@@ -360,7 +360,7 @@ def load_mixture(
         report[s.name] = entry
     if not train_parts or not sum(len(t) for t in train_parts):
         raise SinglepassError(f"--dataset {text!r}: no source has training rows (saferlhf is a test-only set)")
-    name = ",".join(f"{s.name}:{s.weight:g}" for s in sources)
+    name = mixture_name([(s.name, s.weight) for s in sources])
     train = concat(train_parts, name, "train", reads)
     w = np.asarray(train.columns["mixture_weight"], dtype=np.float64)  # [N]
     if equal_sources:
@@ -368,6 +368,16 @@ def load_mixture(
         w = w / rows[row_source]
     train.columns["mixture_weight"] = (w / w.mean()).tolist()  # mean 1: the loss scale of an unweighted set
     return Mixture(sources, train, concat(val_parts, name, "validation", reads), report)
+
+
+def mixture_name(sources: list[tuple[str, float]]) -> str:
+    """The name of a mixture's train and validation datasets: "source:weight,..."."""
+    return ",".join(f"{name}:{weight:g}" for name, weight in sources)
+
+
+def unweighted_name(name: str) -> str:
+    """A ``mixture_name`` with every weight 1 (the weight is what follows a source's last ':')."""
+    return mixture_name([(item.rpartition(":")[0], 1) for item in name.split(",")])
 
 
 def empty() -> Dataset:

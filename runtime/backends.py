@@ -225,7 +225,8 @@ class _Binding:
         self.shapes: dict[tuple, tuple] = {}  # (lead's shape, output) -> (shape, dtype) the last such pass returned
         self.cache_out = [n for n in self.names if n in self.inplace]  # the presents, each written into its past
         self.cache_in = [self.inplace[n] for n in self.cache_out]
-        self.small = [k for k in feed if k not in set(self.cache_in)]  # ids, mask, positions, probe state
+        cached = set(self.cache_in)
+        self.small = [k for k in feed if k not in cached]  # ids, mask, positions, probe state
         self.fresh = [n for n in self.names if n not in self.inplace]  # logits, probe outputs, carried state
         self.cache: list[np.ndarray] | None = None  # the cache arrays bound as themselves (None: bind again)
 

@@ -251,7 +251,9 @@ def write_report(res: dict, out: Path) -> None:
         f"Command: `{res['command']}`  ",
         f"Machine: {res['machine']['cpu']}, {res['machine']['cpu_count']} cores, load average at start "
         f"{res['machine']['loadavg']}; onnxruntime {res['versions']['onnxruntime']}, onnxruntime-genai "
-        f"{res['versions']['onnxruntime_genai']}, llama-cpp-python {res['versions']['llama_cpp']}  ",
+        f"{res['versions']['onnxruntime_genai']}, llama-cpp-python {res['versions']['llama_cpp']}"
+        + (f" (CPU kernels: {res['versions']['llama_cpp_cpu']})" if res["versions"].get("llama_cpp_cpu") else "")
+        + "  ",
         f"Prompts: {res['n_prefill']} ToxicChat test prompts ({res['prefill_tokens']} tokens, chat template) for "
         f"prefill; {res['n_decode']} x {res['new_tokens']} greedy tokens for decode; batch 1; medians over "
         f"{res['repeats']} repeats of alternating runs; {res['seconds']:.0f} s in all.",
@@ -467,7 +469,20 @@ def versions() -> dict:
             out[key] = version(dist)
         except PackageNotFoundError:
             out[key] = None
+    out["llama_cpp_cpu"] = llama_cpp_cpu() if out["llama_cpp"] else None
     return out
+
+
+def llama_cpp_cpu(info: str | None = None) -> str:
+    """The CPU kernels the installed llama.cpp was compiled with ("SSE3 ... AVX2 F16C FMA AVX512 ..."),
+    from its system info (``info``: that text, read from llama.cpp when None): its build flags
+    (``make peers``) set its speed as much as the CPU does, so the report names them."""
+    if info is None:
+        import llama_cpp
+
+        info = llama_cpp.llama_print_system_info().decode()  # "CPU : SSE3 = 1 | AVX2 = 1 | ... |"
+    cpu = info.split("CPU :", 1)[-1].split("\n", 1)[0]
+    return " ".join(k.strip() for k, _, v in (f.partition("=") for f in cpu.split("|")) if v.strip() == "1")
 
 
 def main(argv: list[str] | None = None) -> int:

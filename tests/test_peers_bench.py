@@ -91,7 +91,7 @@ def test_ratios_pair_repeats_and_mark_targets(tmp_path):
     res.update(
         command="singlepass bench peers",
         machine={"cpu": "test", "cpu_count": 2, "loadavg": [0, 0, 0]},
-        versions={"onnxruntime": "x", "onnxruntime_genai": "y", "llama_cpp": "z"},
+        versions={"onnxruntime": "x", "onnxruntime_genai": "y", "llama_cpp": "z", "llama_cpp_cpu": "AVX2 FMA"},
         n_prefill=24,
         prefill_tokens=2400,
         n_decode=8,
@@ -104,8 +104,21 @@ def test_ratios_pair_repeats_and_mark_targets(tmp_path):
     assert "| decode tok/s, singlepass int4 + gate / llama.cpp | 1.50x | >= 1.2x | met |" in md
     assert "| gate probe: prefill time over the int4 base (batch 1) | +2.0% | <= 1% | **missed** |" in md
     assert "| mha probe: peak RSS over the int4 base | +10.0% | <= 5% | **missed** |" in md
+    assert "llama-cpp-python z (CPU kernels: AVX2 FMA)" in md
     assert (tmp_path / "peers.png").stat().st_size > 0
     json.dumps(res)  # the stored result is plain JSON
+
+
+def test_llama_cpp_cpu_names_the_kernels_llama_cpp_was_built_with():
+    """llama-cpp-python 0.3.36's system info on an AVX-512 build: the flags set to 1, in order."""
+    info = (
+        "CPU : SSE3 = 1 | SSSE3 = 1 | AVX = 1 | AVX2 = 1 | F16C = 1 | FMA = 1 | BMI2 = 1 | AVX512 = 1 | "
+        "AVX512_VBMI = 1 | AVX512_VNNI = 1 | AVX512_BF16 = 1 | AMX_INT8 = 0 | LLAMAFILE = 1 | OPENMP = 1 | "
+        "REPACK = 1 | "
+    )
+    assert peers.llama_cpp_cpu(info) == (
+        "SSE3 SSSE3 AVX AVX2 F16C FMA BMI2 AVX512 AVX512_VBMI AVX512_VNNI AVX512_BF16 LLAMAFILE OPENMP REPACK"
+    )
 
 
 def test_prefill_memory_reports_each_artifact_from_a_fresh_process(tiny_arts, capsys):

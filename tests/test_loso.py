@@ -128,7 +128,8 @@ def test_a_state_view_over_per_part_caches_trains_the_same_probe(data, tiny_back
     for method, params in (("pooling", {"token_pool": "topk", "input_norm": "standard"}), ("muli", {"epochs": 30})):
         a, cfg_a = train_probe(method, tiny_backbone, m.train, m.validation, overrides=params, sources=views, **kw)
         b, cfg_b = train_probe(method, tiny_backbone, m.train, m.validation, overrides=params, **kw)
-        torch.testing.assert_close(a.head.weight, b.head.weight)
+        # the same probe up to what the inputs' rounding step moves (AVX-512 CPUs: 2.4e-5 in one weight)
+        torch.testing.assert_close(a.head.weight, b.head.weight, rtol=1e-4, atol=1e-4)
         assert cfg_a["threshold"] == pytest.approx(cfg_b["threshold"])
     with pytest.raises(Exception, match="do not match"):
         train_probe("pooling", tiny_backbone, m.train, m.validation, sources=views[::-1], **kw)

@@ -16,8 +16,11 @@ text, as ``"User: <prompt>\\nAssistant: <cut response>"``.
 Methods (``METHODS``): the streaming probes ``pooling`` (token mean), ``pooling-max`` (token max,
 layer mean), ``gate``, ``gate-prefix`` (the gate trained with prefix augmentation: each time a
 training row is drawn, with probability 0.5 it is read as a random prefix of its response,
-``HParams.prefixes``; models/batches.py ``random_prefixes``) and ``mha-stream`` (MHA with
-``query=learned``: attention pooling with a learned query per head, its recurrent variant),
+``HParams.prefixes``; models/batches.py ``random_prefixes``), ``mha-stream`` (MHA with
+``query=learned``: attention pooling with a learned query per head, its recurrent variant), and
+``gate-stop`` / ``mha-stream-stop`` (the same two trained for the stop rule, ``stream_loss=stop``:
+on their logits after every decode pass, every pass of a safe response toward safe, a harmful one's
+finished response and best early window toward unsafe; models/streaming.py ``stop_loss``),
 evaluated on the finished cut response and replayed token by token through their streaming form
 (``stream_update``) for early detection; ``mha`` (the paper's self-attention, ``query=tokens``: no
 streaming form, every token attends to every other, so it is evaluated on the whole cut response,
@@ -31,8 +34,10 @@ rows (``wildguardmix_response`` ``test_untouched``) out of distribution; F1 at t
 threshold, AUPRC and TPR at 1% FPR (benchmarks/loso.py ``source_metrics``).
 
 Early detection (streaming methods): each test response is replayed through the probe's streaming
-state, and the runtime's stop rule (runtime/policy.py ``Streaks``: P(unsafe) >= threshold on 2
-decode passes in a row, pass k having seen response tokens 1..k) gives the first pass k that
+state (``separation_by_pass``: the ROC AUC of the score after pass k, k = 1, 2, 4, ..., 64, over
+the responses still running at k: how much the probe can tell after k tokens, whatever the rule),
+and the runtime's stop rule (runtime/policy.py ``Streaks``: P(unsafe) >= threshold on 2 decode
+passes in a row, pass k having seen response tokens 1..k) gives the first pass k that
 would stop the response (``stop_pass``). Harmful rows: median / p90 of k over the flagged rows,
 the share flagged within 32 tokens and the share never flagged; safe rows: the false-stop rate.
 
@@ -69,6 +74,7 @@ import numpy as np
 from singlepass.benchmarks.machine import SETTLE_S, settle, torch_machine
 from singlepass.benchmarks.outputs import add_out_arg, results_dir
 from singlepass.files import atomic_write
+from singlepass.models.streaming import EARLY_TOKENS
 
 MIXTURE = "beavertails,gptfuzz"
 # (dataset, split): the held-out test parts; the last two are out of distribution
@@ -87,17 +93,23 @@ METHODS = {
     "gate": ("gate", {}),
     "gate-prefix": ("gate", {"prefixes": 0.5}),  # half the training rows read as a random response prefix
     "mha-stream": ("mha", {"query": "learned"}),
+    # trained for the stop rule: the logits after every decode pass (models/streaming.py stop_loss)
+    "gate-stop": ("gate", {"stream_loss": "stop"}),
+    "mha-stream-stop": ("mha", {"query": "learned", "stream_loss": "stop"}),
     "mha": ("mha", {}),
     "last-token": ("last-token", {}),
     "guard": None,
 }
-STREAMING = ("pooling", "pooling-max", "gate", "gate-prefix", "mha-stream")  # replayed token by token (early detection)
-HEAVY = ("gate", "gate-prefix", "mha-stream", "mha")  # trained through the whole [L+1, B, T, d] tensor every step
+# replayed token by token (early detection)
+STREAMING = ("pooling", "pooling-max", "gate", "gate-prefix", "mha-stream", "gate-stop", "mha-stream-stop")
+# trained through the whole [L+1, B, T, d] tensor every step
+HEAVY = ("gate", "gate-prefix", "mha-stream", "gate-stop", "mha-stream-stop", "mha")
 CONSECUTIVE = 2  # the runtime's stop rule: flagged on this many decode passes in a row
-WITHIN = 32  # early-detection window (tokens) and the guard's re-run period
+WITHIN = EARLY_TOKENS  # early-detection window (tokens) and the guard's re-run period
 # The stop-calibrated operating point (train --threshold-at-fpr of a streaming response probe): the
 # threshold at which the stop rule stops at most this share of the safe validation responses.
 STOP_FPR = 0.05
+BY_PASS = (1, 2, 4, 8, 16, 32, 64)  # the decode passes whose scores' separation the report shows
 # The response guard: the latency benchmark's MiniLM recipe, longer texts truncated on the LEFT so
 # the whole cut response is always kept (64 SmolLM2 tokens are at most ~80 MiniLM tokens; a long
 # WildGuardTest prompt loses its beginning instead).
@@ -113,6 +125,22 @@ GUARD_CALL = 0.01
 
 
 # --- the stop rule and early detection ----------------------------------------------------------------
+
+
+def separation_by_pass(scores: np.ndarray, labels, passes=BY_PASS) -> list[dict]:
+    """How well the score after decode pass k alone separates harmful from safe responses: scores [N, T]
+    (``stream_scores``: NaN past a row's end), labels [N] -> per k in ``passes`` (within T) the rows still
+    running at k and the ROC AUC of their scores after pass k (None when one class is missing)."""
+    from sklearn.metrics import roc_auc_score
+
+    y = np.asarray(labels)
+    out = []
+    for k in (k for k in passes if k <= scores.shape[1]):
+        live = ~np.isnan(scores[:, k - 1])
+        both = len(np.unique(y[live])) == 2
+        auroc = float(roc_auc_score(y[live], scores[live, k - 1])) if both else None
+        out.append({"pass": k, "rows": int(live.sum()), "auroc": auroc})
+    return out
 
 
 def stop_pass(scores, threshold: float, consecutive: int = CONSECUTIVE) -> int | None:
@@ -464,6 +492,7 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
                 s = stream_scores(module, cache, progress=not args.no_progress, desc=f"replay {name}")
                 last = s[np.arange(len(ds)), cache.lengths - 1]
                 t["stream_vs_whole_max_abs_diff"] = float(np.abs(last - p).max())
+                t["by_pass"] = separation_by_pass(s, ds.labels)
                 t["early"] = detection([stop_pass(r[:n], threshold) for r, n in zip(s, cache.lengths)], ds.labels)
                 t["early_stop_fpr"] = detection(
                     [stop_pass(r[:n], stop_point["threshold"]) for r, n in zip(s, cache.lengths)], ds.labels
@@ -495,17 +524,21 @@ def run_one(args, bb, method: str, seed: int, data: Data, log) -> dict:
     }
 
 
+def committed(args, results: Path | None) -> dict:
+    """The results folder's response.json when it was written for this data key and these settings, else {}."""
+    doc = results / "response.json" if results is not None else None
+    if doc is None or not doc.is_file():
+        return {}
+    old = json.loads(doc.read_text())
+    return old if old.get("key") == args.key and old.get("settings") == settings_of(args) else {}
+
+
 def stored_runs(args, data: Data, results: Path | None = None) -> list[dict]:
     """Every stored (method, seed) of this data key and these settings, in method then seed order:
     from the cache, else from the results folder's response.json when it was written for the same
     data key and settings (so a ``--cost`` run on a machine without the cache keeps the committed
     accuracy runs)."""
-    kept = {}
-    doc = results / "response.json" if results is not None else None
-    if doc is not None and doc.is_file():
-        old = json.loads(doc.read_text())
-        if old.get("key") == args.key and old.get("settings") == settings_of(args):
-            kept = {(r["method"], r["seed"]): r for r in old.get("runs", [])}
+    kept = {(r["method"], r["seed"]): r for r in committed(args, results).get("runs", [])}
     out = []
     for method in METHODS:
         for seed in args.seeds:
@@ -739,7 +772,10 @@ def settings_of(args) -> dict:
 
 
 def make_doc(args, bb, data: Data, command: str, results: Path | None = None) -> dict:
-    cost = json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else None
+    # the cost phase stored in the cache, else the results folder's (a machine without that cache keeps it)
+    cost = (
+        json.loads(cost_path(args).read_text()) if cost_path(args).is_file() else committed(args, results).get("cost")
+    )
     if cost and "probes" not in cost:  # a cost phase of an older format (one probe): rerun --cost
         cost = None
     return {

@@ -39,6 +39,8 @@ READS = {
     "gate": "streaming (softmax gate over running sums)",
     "gate-prefix": "streaming (softmax gate over running sums), trained with random response prefixes",
     "mha-stream": "streaming (MHA, query=learned: attention pooling, learned query per head)",
+    "gate-stop": "streaming gate, trained for the stop rule (its logits after every decode pass)",
+    "mha-stream-stop": "streaming MHA (query=learned), trained for the stop rule (its logits after every decode pass)",
     "mha": "not streaming (reference): MHA self-attention over the whole cut response",
     "last-token": "last response token, final layer (linear probe)",
     "guard": "MiniLM guard, once on the finished cut response",
@@ -100,6 +102,39 @@ def detection_table(runs, tests, methods, early: bool | str) -> list[str]:
                 f"{e('p90_tokens', 1, 1)} | {e('flagged_within')} | {e('never_flagged')} | {e('safe_rows', 1, 0)} | "
                 f"{e('false_stop')} | {e('false_stop_within')} |"
             )
+    return lines
+
+
+def by_pass_table(runs, tests, methods) -> list[str]:
+    """The ROC AUC of the streaming methods' scores after pass k (``separation_by_pass``), for the runs that
+    stored it; nothing when none did."""
+    passes = sorted({b["pass"] for r in runs for t in r["tests"].values() for b in t.get("by_pass") or []})
+    if not passes:
+        return []
+    lines = [
+        "",
+        "### What a probe can tell after k tokens",
+        "",
+        "ROC AUC of the score after decode pass k alone, over the test responses still running at k (their count "
+        "in the first row of each set): the separation any stop rule on these scores starts from.",
+        "",
+        "| test set | method | " + " | ".join(f"k = {k}" for k in passes) + " |",
+        "| --- | --- | " + " | ".join("---:" for _ in passes) + " |",
+    ]
+    for t in tests:
+        for m in methods:
+            recs = [r["tests"][t]["by_pass"] for r in runs if r["method"] == m and r["tests"].get(t, {}).get("by_pass")]
+            if not recs:
+                continue
+            auc = {
+                k: [b["auroc"] for rec in recs for b in rec if b["pass"] == k and b["auroc"] is not None]
+                for k in passes
+            }
+            cells = [f"{np.mean(auc[k]):.3f}" if auc[k] else "—" for k in passes]
+            lines.append(f"| {SHOWN[t]} | {m} | " + " | ".join(cells) + " |")
+        rows = {b["pass"]: b["rows"] for r in runs for b in r["tests"].get(t, {}).get("by_pass") or []}
+        if rows:
+            lines.append(f"| {SHOWN[t]} | (rows running) | " + " | ".join(str(rows.get(k, "—")) for k in passes) + " |")
     return lines
 
 
@@ -268,6 +303,7 @@ def render(doc: dict) -> str:
             "",
         ]
         lines += detection_table(runs, tests, methods, "early_stop_fpr")
+    lines += by_pass_table(runs, tests, methods)
     checks = [r["tests"][t].get("stream_vs_whole_max_abs_diff") for r in runs for t in r["tests"]]
     checks = [c for c in checks if c is not None]
     if checks:

@@ -119,6 +119,14 @@ class StateData:
             mask = random_prefixes(mask, self.prefixes, self.rng)
         return module(states, mask)  # [b, C']
 
+    def prefix_logits(self, module: nn.Module, idx: Rows) -> tuple[torch.Tensor, torch.Tensor]:
+        """A streaming probe's logit after every pass of these rows (models/streaming.py ``prefix_logits``)
+        -> ([b, T], the mask [b, T]). Whole rows: every prefix is read already."""
+        from singlepass.models.streaming import prefix_logits
+
+        states, mask = self.cache.batch(self.rows[np.asarray(idx)], scratch=self.scratch)  # [L+1, b, T, d], [b, T]
+        return prefix_logits(module, states, mask), mask
+
 
 def random_prefixes(mask: torch.Tensor, share: float, rng: np.random.Generator) -> torch.Tensor:
     """Prefix augmentation of a response probe's training rows: each row, with probability

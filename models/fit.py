@@ -24,6 +24,22 @@ from singlepass.models.search import HParams
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]  # (logits, y, row weights)
 
 
+def class_totals(
+    num_classes: int, labels: np.ndarray, class_weight: str, sample_weight: np.ndarray | None = None
+) -> np.ndarray:
+    """[C] each class's row count, or its total ``sample_weight``; a clear error for a bad class_weight."""
+    if class_weight not in ("none", "balanced"):
+        raise SinglepassError(f"class_weight must be 'none' or 'balanced', not {class_weight!r}")
+    if sample_weight is None:
+        return np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return np.bincount(labels, weights=np.asarray(sample_weight, np.float64), minlength=num_classes)
+
+
+def positive_weight(counts: np.ndarray) -> float:
+    """A binary task's balanced weight of the positive rows: negatives / positives."""
+    return float(counts[0] / max(counts[1], 1.0))
+
+
 def make_loss(
     num_classes: int, labels: np.ndarray, class_weight: str, sample_weight: np.ndarray | None = None
 ) -> LossFn:
@@ -31,14 +47,9 @@ def make_loss(
 
     ``sample_weight`` [N] (a mixture's per-source weights) multiplies each row's loss, and
     ``balanced`` then balances the weighted class totals (the plain counts when it is None)."""
-    if sample_weight is None:
-        counts = np.bincount(labels, minlength=num_classes).astype(np.float64)  # [C]
-    else:
-        counts = np.bincount(labels, weights=np.asarray(sample_weight, np.float64), minlength=num_classes)  # [C]
-    if class_weight not in ("none", "balanced"):
-        raise SinglepassError(f"class_weight must be 'none' or 'balanced', not {class_weight!r}")
+    counts = class_totals(num_classes, labels, class_weight, sample_weight)  # [C]
     if num_classes == 2:
-        pw = torch.tensor(counts[0] / max(counts[1], 1.0), dtype=torch.float32) if class_weight == "balanced" else None
+        pw = torch.tensor(positive_weight(counts), dtype=torch.float32) if class_weight == "balanced" else None
         if sample_weight is None:
             bce = nn.BCEWithLogitsLoss(pos_weight=pw, reduction="sum")
             return lambda z, y, w=None: bce(z[:, 0], y.float())
@@ -105,6 +116,19 @@ def _fit(
     n_batches = math.ceil(len(train) / hp.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(hp.epochs * n_batches))
     loss_fn = make_loss(num_classes, y_train, hp.class_weight, sample_weight)
+    if hp.stream_loss == "stop":  # the logits after every decode pass, for the stop rule
+        from singlepass.models.streaming import stop_loss
+
+        counts = class_totals(num_classes, y_train, hp.class_weight, sample_weight)
+        pw = positive_weight(counts) if hp.class_weight == "balanced" else 1.0
+
+        def batch_loss(mb, y, w):
+            return stop_loss(*train.prefix_logits(module, mb), y, pw, w)
+    else:
+
+        def batch_loss(mb, y, w):
+            return loss_fn(train.logits(module, mb), y, w)
+
     y_t = torch.as_tensor(y_train)  # [N]
     w_t = None if sample_weight is None else torch.as_tensor(np.asarray(sample_weight), dtype=torch.float32)  # [N]
     head_w = module.head.weight  # [C', F]
@@ -118,7 +142,7 @@ def _fit(
             opt.zero_grad(set_to_none=True)
             for mb in train.micro(rows):
                 at = torch.as_tensor(mb)
-                loss = loss_fn(train.logits(module, mb), y_t[at], None if w_t is None else w_t[at]) / len(rows)
+                loss = batch_loss(mb, y_t[at], None if w_t is None else w_t[at]) / len(rows)
                 loss.backward()
                 total += float(loss.detach()) * len(rows)
             if hp.l1 or hp.l2:

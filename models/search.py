@@ -34,6 +34,9 @@ class HParams:
     # response probes trained through their states: share of training rows read as a random prefix
     # of their response each time they are drawn (models/batches.py random_prefixes); 0 = whole rows
     prefixes: float = 0.0
+    # streaming response probes: "whole" trains the finished response's label; "stop" trains the logits
+    # after every decode pass for the runtime's stop rule (models/streaming.py stop_loss)
+    stream_loss: str = "whole"
     params: dict = field(default_factory=dict)  # probe constructor kwargs
 
     @classmethod

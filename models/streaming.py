@@ -10,6 +10,15 @@ one number per row turns "the share of safe responses the rule would stop" into 
 positive rate, and an operating point calibrated on it (``stop_operating_point``: ``train
 --threshold-at-fpr`` of a streaming response probe) bounds the stops a deployment sees, not the
 whole-response FPR.
+
+Training for the rule (``train --set stream_loss=stop``, ``HParams.stream_loss``): a probe trained on whole
+responses is read from the first token on, where it was never trained, and the rule then stops many safe
+responses early. ``prefix_logits`` runs the streaming form over a batch's tokens with gradients (the logits
+after every pass, exactly what the rule reads), and ``stop_loss`` trains on them what the rule needs:
+every prefix of a safe response is safe, so each of its passes is trained toward safe and its stop
+statistic too; a harmful response's early prefixes may not be harmful yet, so only its finished response
+and its stop statistic within the first ``EARLY_TOKENS`` passes are trained toward unsafe (some window of
+its early passes should stop it, not every pass).
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 NEVER = -1.0  # the statistic of a row too short to be stopped: below every probability
+EARLY_TOKENS = 32  # early detection: stopped within this many generated tokens (issue 15's window)
 
 
 def stop_consecutive() -> int:
@@ -81,3 +91,54 @@ def stop_operating_point(module, cache, y: np.ndarray, fpr_target: float) -> dic
     stat = stop_statistic(stream_scores(module, cache), consecutive)  # [N]
     t = threshold_at_fpr(y, stat, fpr_target)
     return {"threshold": t, "target_fpr": fpr_target, "consecutive": consecutive, **rates_at(y, stat, t)}
+
+
+def prefix_logits(module, states, mask):
+    """A streaming binary probe's logit after every decode pass, with gradients (training): states
+    [L+1, B, T, d] (a batch's response tokens), mask [B, T] (1: a response token) -> [B, T] float32, the
+    logit after pass t has folded in the row's real tokens up to t (a padded position repeats the last
+    one). The same ``stream_update`` (stacked, one token per pass) and ``stream_logits`` the runtime's
+    decode passes run, so training reads exactly what the stop rule reads."""
+    import torch
+
+    module.check_streamable()
+    state = module.stream_init(mask.shape[0])
+    out = []
+    for t in range(mask.shape[1]):
+        layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
+        state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
+        out.append(module.stream_logits(state)[:, 0])  # [B]
+    return torch.stack(out, 1)  # [B, T]
+
+
+def stop_loss(z, mask, y, pos_weight: float = 1.0, weight=None, early: int = EARLY_TOKENS):
+    """The stop rule's training loss, summed over rows: z [B, T] (``prefix_logits``), mask [B, T], y [B]
+    (0 safe, 1 harmful), ``weight`` [B] per-row weights or None, ``pos_weight`` the harmful rows' weight
+    (class balance, as ``fit.make_loss``). With s the stop statistic (the largest min over two passes in
+    a row: ``stop_statistic``, in logits) and BCE(x, c) the binary cross-entropy of logit x toward c:
+
+        safe row      mean over its passes of BCE(z_t, 0) + BCE(s, 0)
+        harmful row   pos_weight * (BCE(z_last, 1) + BCE(s_early, 1))
+
+    s_early reads the windows whose second pass is within the first ``early`` passes. A row of one token
+    has no window (the rule cannot stop it): its statistic term is 0."""
+    import torch
+    import torch.nn.functional as F
+
+    from singlepass.models.probes import NEG
+
+    real = mask > 0  # [B, T]
+    n = real.sum(1)  # [B]
+    passes = mask.to(torch.long).cumsum(1)  # [B, T]: the pass number at a real token (either padding side)
+    safe_passes = (F.softplus(z) * real).sum(1) / n.clamp_min(1)  # [B]: mean BCE(z_t, 0)
+    lows = torch.minimum(z[:, :-1], z[:, 1:])  # [B, T-1]: window (t, t+1)
+    window = real[:, :-1] & real[:, 1:]  # [B, T-1]
+    s = lows.masked_fill(~window, NEG).amax(1)  # [B]
+    s_early = lows.masked_fill(~(window & (passes[:, 1:] <= early)), NEG).amax(1)  # [B]
+    has = n >= 2
+    zero = torch.zeros_like(s)
+    last = z.gather(1, (real * torch.arange(z.shape[1])).argmax(1, keepdim=True))[:, 0]  # [B]: the last real pass
+    safe = safe_passes + torch.where(has, F.softplus(s), zero)
+    harmful = pos_weight * (F.softplus(-last) + torch.where(has, F.softplus(-s_early), zero))
+    loss = torch.where(y > 0, harmful, safe)  # [B]
+    return (loss if weight is None else loss * weight).sum()

@@ -122,6 +122,32 @@ def prepare(
     )
 
 
+STREAM_LOSSES = ("whole", "stop")
+
+
+def check_stream_loss(hp: HParams, method: str, reads: str, num_classes: int) -> None:
+    """``stream_loss=stop`` (models/streaming.py ``stop_loss``): a binary response probe trained through its
+    states (not head-only), without random prefixes (it reads every prefix already); a clear error else.
+    Whether the probe's parameters stream is checked once it is built (``run_trial``)."""
+    from singlepass.models.registry import get_family
+
+    if hp.stream_loss not in STREAM_LOSSES:
+        raise SinglepassError(f"stream_loss must be one of {', '.join(STREAM_LOSSES)}, not {hp.stream_loss!r}")
+    if hp.stream_loss == "whole":
+        return
+    why = None
+    if reads != "response":
+        why = "applies to response probes (a prompt probe is read once, on the whole prompt)"
+    elif num_classes != 2:
+        why = f"trains a binary label (safe / unsafe), not {num_classes} classes"
+    elif get_family(method).head_only:
+        why = f"trains through the states; the {method} probe trains its head on features computed once per row"
+    elif hp.prefixes:
+        why = f"reads every prefix already: drop prefixes={hp.prefixes:g}"
+    if why:
+        raise SinglepassError(f"stream_loss=stop {why}")
+
+
 def make_data(
     prep: Prepared, module: nn.Module, params: dict, progress: bool = False, prefixes: float = 0.0, seed: int = 0
 ) -> tuple[Data, Data, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -182,6 +208,11 @@ def run_trial(
         module = family.build(num_layers, hidden_size, num_classes, **params)
     except (TypeError, ValueError) as e:
         raise SinglepassError(f"invalid {family.name} parameters {params}: {e}") from None
+    if hp.stream_loss == "stop":
+        try:
+            module.check_streamable()
+        except ValueError as e:
+            raise SinglepassError(f"stream_loss=stop needs a streaming probe: {e}") from None
     if getattr(module, "input_norm", None) == "standard":
         if prep.input_stats is None:
             prep.input_stats = input_statistics(prep.train_src)
@@ -306,6 +337,7 @@ def train_probe(
             raise SinglepassError(
                 f"prefixes={hp.prefixes:g} applies to response probes (a prompt probe reads the whole prompt)"
             )
+        check_stream_loss(hp, method, train_ds.reads, num_classes)
     prep = prepare(
         method,
         backbone,

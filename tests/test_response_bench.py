@@ -29,6 +29,19 @@ def test_the_stop_rule_needs_consecutive_flagged_passes():
     assert response.stop_pass([], 0.5) is None
 
 
+def test_separation_by_pass_reads_the_rows_still_running():
+    """The ROC AUC after pass k over the rows with a score at k (NaN: ended), None with one class left."""
+    nan = np.nan
+    scores = np.array([[0.9, 0.8, 0.7], [0.2, 0.9, nan], [0.1, 0.3, 0.4], [0.6, nan, nan]])
+    got = response.separation_by_pass(scores, [1, 1, 0, 0], passes=(1, 2, 3, 4))
+    assert [(b["pass"], b["rows"]) for b in got] == [(1, 4), (2, 3), (3, 2)]  # no pass 4 in 3 columns
+    # pass 1: harmful 0.9, 0.2 vs safe 0.1, 0.6 -> 3 of 4 pairs ordered; pass 2: 0.8, 0.9 vs 0.3 -> 1
+    assert got[0]["auroc"] == pytest.approx(0.75) and got[1]["auroc"] == 1.0
+    assert got[2]["auroc"] == 1.0  # rows 0 (harmful, 0.7) and 2 (safe, 0.4)
+    # at pass 3 only rows 0 and 2 are running: both harmful here, so no AUC
+    assert response.separation_by_pass(scores, [1, 1, 1, 0], passes=(3,))[0]["auroc"] is None
+
+
 def test_early_detection_summary_counts_both_sides():
     d = response.detection([2, None, 40, 3, None, 33], [1, 1, 1, 0, 0, 0], within=32)
     assert d["harmful_rows"] == 3 and d["flagged"] == 2
@@ -122,6 +135,10 @@ def test_a_tiny_run_writes_the_report_and_resumes(bench):
     assert gate["tests"]["wildguardmix_response"]["split"] == "test_untouched" and mha["params"]["query"] == "learned"
     for r in (gate, mha):  # the replay's last pass is the probe over the whole cut response
         assert max(t["stream_vs_whole_max_abs_diff"] for t in r["tests"].values()) < 1e-5
+    for r in (gate, mha):  # the separation after pass k, over the rows still running at k
+        for t in r["tests"].values():
+            assert [b["pass"] for b in t["by_pass"]] == [1, 2, 4, 8] and t["by_pass"][0]["rows"] == 16
+    assert "### What a probe can tell after k tokens" in (res / "response.md").read_text()
     early = gate["tests"]["beavertails"]["early"]
     assert early["harmful_rows"] + early["safe_rows"] == 16 and early["within"] == 32
     guard = doc["runs"][3]
@@ -191,6 +208,14 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
     assert "decode-step overhead of the streaming gate probe <= 2% (fastest blocks): m" in md
     assert "decode-step overhead of the streaming mha-stream probe" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed
+    # an accuracy run on a machine whose cache lacks the cost phase keeps the report's
+    (stored,) = Path(cache_dir).rglob("cost.json")
+    stored.rename(stored.with_suffix(".aside"))
+    try:
+        rc, out = bench_main([*argv, "--methods", "gate"])
+    finally:
+        stored.with_suffix(".aside").rename(stored)
+    assert rc == 0 and "=== " not in out and json.loads((res / "response.json").read_text())["cost"] == cost
     # other settings (pooling / last-token's search budget): the report's runs are not those runs
     for r in runs:
         r.rename(r.with_suffix(".aside"))

@@ -202,6 +202,33 @@ def test_prefix_training_is_for_response_probes_trained_through_states(tiny_mode
     assert main(bad) == 2 and "between 0 and 1" in capsys.readouterr().err
 
 
+def test_stop_loss_training_is_for_streaming_response_probes(tiny_model_dir, cache_dir, tmp_path, capsys):
+    """train --set stream_loss=stop: a streaming response probe trained on its logits after every pass; a
+    clear error for a prompt probe, a head-only or non-streaming probe, random prefixes or an unknown loss."""
+    from singlepass.models.probe_io import read_config
+
+    base = ["train", *on_model(tiny_model_dir, cache_dir), "--limit", "24", "--val-limit", "16"]
+    base += ["--max-length", str(MAX_LEN), "--trials", "1", "--epochs", "1", "--no-progress"]
+    resp = ["--dataset", "beavertails", "--max-response-tokens", "16"]
+    out = tmp_path / "gate"
+    assert main([*base, *resp, "--probe", "gate", "--set", "stream_loss=stop", "--out", str(out)]) == 0
+    cfg = read_config(out)
+    assert cfg["hparams"]["stream_loss"] == "stop" and np.isfinite(cfg["training"]["history"][0]["train_loss"])
+    capsys.readouterr()
+    for extra, why in [
+        (["--probe", "pooling", "--set", "stream_loss=stop"], "trains its head on features"),
+        (["--probe", "mha", "--set", "stream_loss=stop"], "needs a streaming probe"),
+        (["--probe", "gate", "--set", "stream_loss=stop", "--set", "prefixes=0.5"], "drop prefixes"),
+        (["--probe", "gate", "--set", "stream_loss=last"], "stream_loss must be one of whole, stop"),
+    ]:
+        assert main([*base, *resp, *extra, "--out", str(tmp_path / "x")]) == 2
+        assert why in capsys.readouterr().err, extra
+    prompt = [*base, "--dataset", "toxicchat", "--probe", "gate", "--set", "stream_loss=stop"]
+    assert (
+        main([*prompt, "--out", str(tmp_path / "q")]) == 2 and "applies to response probes" in capsys.readouterr().err
+    )
+
+
 def test_threshold_at_fpr_of_a_streaming_response_probe_bounds_the_stops(tiny_model_dir, cache_dir, tmp_path):
     """A streaming response probe's --threshold-at-fpr is calibrated on the stop rule over every
     pass: replaying the validation responses, the rule stops at most that share of the safe ones

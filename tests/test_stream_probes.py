@@ -212,3 +212,70 @@ def test_the_decode_form_computes_nothing_from_weights_alone(kind, params):
 
     probe = make_probe(kind, params, "standard", 2)
     assert weight_only_nodes(export_stream_probe(probe, L1, D, 23, stacked=True)) == []
+
+
+@pytest.mark.parametrize("kind,params", [STREAMING[0], STREAMING[4], STREAMING[5]], ids=[ID[0], ID[4], ID[5]])
+def test_prefix_logits_are_the_probe_over_each_prefix_with_gradients(kind, params):
+    """models/streaming.prefix_logits (the stop loss's input): the logit after pass t equals the probe run
+    over the row's first t real tokens, on either padding side (a padded pass repeats the last), and
+    gradients reach the probe's parameters."""
+    from singlepass.models.streaming import prefix_logits
+
+    probe = make_probe(kind, params, "standard", 2)
+    states = random_states(3)
+    mask = torch.ones(3, T, dtype=torch.long)
+    mask[1, 7:] = 0  # right padding
+    mask[2, :4] = 0  # left padding
+    z = prefix_logits(probe, states, mask)  # [B, T]
+    assert z.shape == (3, T)
+    with torch.no_grad():
+        for b in range(3):
+            real = mask[b].nonzero().flatten().tolist()
+            for t in range(T):
+                seen = [i for i in real if i <= t]
+                if not seen:
+                    continue
+                m = torch.zeros(1, T, dtype=torch.long)
+                m[0, seen] = 1
+                want = probe(states[:, b : b + 1], m)[0, 0]
+                assert float(z[b, t]) == pytest.approx(float(want), abs=1e-4)
+    z.sum().backward()
+    grads = [p.grad for p in probe.parameters() if p.requires_grad]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_stop_loss_trains_every_safe_pass_and_a_harmful_rows_early_window():
+    """stop_loss against its definition computed row by row in numpy: safe rows, the mean BCE of every
+    pass toward safe plus the stop statistic's; harmful ones, the last pass's and the best early window's
+    toward unsafe, times pos_weight; a one-token row has no statistic term; padding is never read."""
+    from singlepass.models.streaming import stop_loss, stop_statistic
+
+    def bce(x, c):  # binary cross-entropy of logit x toward class c
+        return float(np.log1p(np.exp(-x)) if c else np.log1p(np.exp(x)))
+
+    rng = np.random.default_rng(0)
+    z = torch.tensor(rng.normal(0, 2, (5, 8)), dtype=torch.float32)
+    mask = torch.ones(5, 8, dtype=torch.long)
+    mask[1, 5:] = 0
+    mask[2, :6] = 0  # left padding: 2 real passes
+    mask[3, 1:] = 0  # one token: never stopped
+    y = torch.tensor([0, 1, 0, 1, 1])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0])
+    early = 4
+    total = 0.0
+    for b in range(5):
+        real = z[b][mask[b] > 0].double().numpy()
+        n = len(real)
+        stat = float(stop_statistic(real[None], 2)[0]) if n >= 2 else None
+        if y[b] == 0:
+            row = np.mean([bce(x, 0) for x in real]) + (bce(stat, 0) if stat is not None else 0.0)
+        else:
+            first = real[: min(n, early)]
+            s_early = float(stop_statistic(first[None], 2)[0]) if len(first) >= 2 else None
+            row = 3.0 * (bce(real[-1], 1) + (bce(s_early, 1) if s_early is not None else 0.0))
+        total += float(w[b]) * row
+    got = stop_loss(z, mask, y, pos_weight=3.0, weight=w, early=early)
+    assert float(got) == pytest.approx(total, rel=1e-5)
+    z2 = z.clone()
+    z2[1, 6] = z2[2, 0] = 1e6  # padding: never read
+    assert float(stop_loss(z2, mask, y, pos_weight=3.0, weight=w, early=early)) == pytest.approx(total, rel=1e-5)

@@ -116,7 +116,7 @@ def by_pass_table(runs, tests, methods) -> list[str]:
         "### What a probe can tell after k tokens",
         "",
         "ROC AUC of the score after decode pass k alone, over the test responses still running at k (their count "
-        "in the first row of each set): the separation any stop rule on these scores starts from.",
+        "in the last row of each set): the separation any stop rule on these scores starts from.",
         "",
         "| test set | method | " + " | ".join(f"k = {k}" for k in passes) + " |",
         "| --- | --- | " + " | ".join("---:" for _ in passes) + " |",

@@ -95,10 +95,11 @@ def stop_operating_point(module, cache, y: np.ndarray, fpr_target: float) -> dic
 
 def prefix_logits(module, states, mask):
     """A streaming binary probe's logit after every decode pass, with gradients (training): states
-    [L+1, B, T, d] (a batch's response tokens), mask [B, T] (1: a response token) -> [B, T] float32, the
-    logit after pass t has folded in the row's real tokens up to t (a padded position repeats the last
-    one). The same ``stream_update`` (stacked, one token per pass) and ``stream_logits`` the runtime's
-    decode passes run, so training reads exactly what the stop rule reads."""
+    [L+1, B, T, d] (a batch's response tokens), mask [B, T] (1: a response token) -> [B, T] float32: at a
+    real token t, the logit once the row's real tokens up to t are folded in; a padded position after
+    them repeats the last one, one before them (left padding) is the empty state's (``stop_loss`` reads
+    real positions only). The same ``stream_update`` (stacked, one token per pass) and ``stream_logits``
+    the runtime's decode passes run, so training reads exactly what the stop rule reads."""
     import torch
 
     module.check_streamable()
@@ -111,34 +112,48 @@ def prefix_logits(module, states, mask):
     return torch.stack(out, 1)  # [B, T]
 
 
-def stop_loss(z, mask, y, pos_weight: float = 1.0, weight=None, early: int = EARLY_TOKENS):
-    """The stop rule's training loss, summed over rows: z [B, T] (``prefix_logits``), mask [B, T], y [B]
-    (0 safe, 1 harmful), ``weight`` [B] per-row weights or None, ``pos_weight`` the harmful rows' weight
-    (class balance, as ``fit.make_loss``). With s the stop statistic (the largest min over two passes in
-    a row: ``stop_statistic``, in logits) and BCE(x, c) the binary cross-entropy of logit x toward c:
+def stop_loss(z, mask, y, pos_weight: float = 1.0, weight=None, early: int = EARLY_TOKENS, consecutive=None):
+    """The stop rule's training loss, summed over rows: z [B, T] (``prefix_logits``), mask [B, T] (either
+    padding side), y [B] (0 safe, 1 harmful), ``weight`` [B] per-row weights or None, ``pos_weight`` the
+    harmful rows' weight (class balance, as ``fit.make_loss``), ``consecutive`` the rule's passes in a row
+    (None: the runtime's, ``stop_consecutive``). With s the stop statistic (the largest minimum over
+    ``consecutive`` passes in a row: ``stop_statistic``, in logits) and BCE(x, c) the binary cross-entropy
+    of logit x toward c:
 
         safe row      mean over its passes of BCE(z_t, 0) + BCE(s, 0)
         harmful row   pos_weight * (BCE(z_last, 1) + BCE(s_early, 1))
 
-    s_early reads the windows whose second pass is within the first ``early`` passes. A row of one token
-    has no window (the rule cannot stop it): its statistic term is 0."""
+    s_early reads the windows whose last pass is within the first ``early`` passes. A row with fewer than
+    ``consecutive`` passes has no window (the rule cannot stop it): its statistic term is 0; a row with no
+    real token adds nothing."""
     import torch
     import torch.nn.functional as F
 
     from singlepass.models.probes import NEG
 
+    c = stop_consecutive() if consecutive is None else consecutive
+    if c < 1 or early < c:
+        raise ValueError(f"need 1 <= consecutive <= early, not consecutive={c}, early={early}")
+    B = z.shape[0]
     real = mask > 0  # [B, T]
     n = real.sum(1)  # [B]
     passes = mask.to(torch.long).cumsum(1)  # [B, T]: the pass number at a real token (either padding side)
-    safe_passes = (F.softplus(z) * real).sum(1) / n.clamp_min(1)  # [B]: mean BCE(z_t, 0)
-    lows = torch.minimum(z[:, :-1], z[:, 1:])  # [B, T-1]: window (t, t+1)
-    window = real[:, :-1] & real[:, 1:]  # [B, T-1]
+    safe_passes = F.softplus(z).masked_fill(~real, 0.0).sum(1) / n.clamp_min(1)  # [B]: mean BCE(z_t, 0)
+    # windows of c passes in a row [B, W], W = T - c + 1 (none when T < c), each its lowest logit, whether
+    # all its passes are real, and its last pass; then one column that is never a window, so amax has one
+    if z.shape[1] >= c:
+        lows, window, ends = z.unfold(1, c, 1).amin(-1), real.unfold(1, c, 1).all(-1), passes[:, c - 1 :]
+    else:
+        lows, window, ends = z[:, :0], real[:, :0], passes[:, :0]
+    lows = torch.cat([lows, z.new_full((B, 1), NEG)], 1)
+    window = torch.cat([window, torch.zeros_like(real[:, :1])], 1)
+    ends = torch.cat([ends, torch.zeros_like(passes[:, :1])], 1)
     s = lows.masked_fill(~window, NEG).amax(1)  # [B]
-    s_early = lows.masked_fill(~(window & (passes[:, 1:] <= early)), NEG).amax(1)  # [B]
-    has = n >= 2
+    s_early = lows.masked_fill(~(window & (ends <= early)), NEG).amax(1)  # [B]
+    has = n >= c
     zero = torch.zeros_like(s)
-    last = z.gather(1, (real * torch.arange(z.shape[1])).argmax(1, keepdim=True))[:, 0]  # [B]: the last real pass
+    at = (real * torch.arange(z.shape[1], device=z.device)).argmax(1, keepdim=True)  # [B, 1]: the last real pass
     safe = safe_passes + torch.where(has, F.softplus(s), zero)
-    harmful = pos_weight * (F.softplus(-last) + torch.where(has, F.softplus(-s_early), zero))
-    loss = torch.where(y > 0, harmful, safe)  # [B]
+    harmful = pos_weight * (F.softplus(-z.gather(1, at)[:, 0]) + torch.where(has, F.softplus(-s_early), zero))
+    loss = torch.where(n > 0, torch.where(y > 0, harmful, safe), zero)  # [B]; a row with no token: nothing
     return (loss if weight is None else loss * weight).sum()

@@ -125,10 +125,10 @@ def prepare(
 STREAM_LOSSES = ("whole", "stop")
 
 
-def check_stream_loss(hp: HParams, method: str, reads: str, num_classes: int) -> None:
+def check_stream_loss(hp: HParams, method: str, reads: str, num_classes: int, num_layers: int, hidden: int) -> None:
     """``stream_loss=stop`` (models/streaming.py ``stop_loss``): a binary response probe trained through its
-    states (not head-only), without random prefixes (it reads every prefix already); a clear error else.
-    Whether the probe's parameters stream is checked once it is built (``run_trial``)."""
+    states (not head-only) that streams with these parameters, without random prefixes (it reads every prefix
+    already); a clear error else, before any hidden state is extracted."""
     from singlepass.models.registry import get_family
 
     if hp.stream_loss not in STREAM_LOSSES:
@@ -146,6 +146,14 @@ def check_stream_loss(hp: HParams, method: str, reads: str, num_classes: int) ->
         why = f"reads every prefix already: drop prefixes={hp.prefixes:g}"
     if why:
         raise SinglepassError(f"stream_loss=stop {why}")
+    try:  # a probe of these parameters (an invalid one is reported by run_trial)
+        module = get_family(method).build(num_layers, hidden, num_classes, **hp.params)
+    except (TypeError, ValueError):
+        return
+    try:
+        module.check_streamable()
+    except ValueError as e:
+        raise SinglepassError(f"stream_loss=stop needs a streaming probe: {e}") from None
 
 
 def make_data(
@@ -208,11 +216,6 @@ def run_trial(
         module = family.build(num_layers, hidden_size, num_classes, **params)
     except (TypeError, ValueError) as e:
         raise SinglepassError(f"invalid {family.name} parameters {params}: {e}") from None
-    if hp.stream_loss == "stop":
-        try:
-            module.check_streamable()
-        except ValueError as e:
-            raise SinglepassError(f"stream_loss=stop needs a streaming probe: {e}") from None
     if getattr(module, "input_norm", None) == "standard":
         if prep.input_stats is None:
             prep.input_stats = input_statistics(prep.train_src)
@@ -337,7 +340,7 @@ def train_probe(
             raise SinglepassError(
                 f"prefixes={hp.prefixes:g} applies to response probes (a prompt probe reads the whole prompt)"
             )
-        check_stream_loss(hp, method, train_ds.reads, num_classes)
+        check_stream_loss(hp, method, train_ds.reads, num_classes, L1, d)
     prep = prepare(
         method,
         backbone,

@@ -202,10 +202,16 @@ def test_prefix_training_is_for_response_probes_trained_through_states(tiny_mode
     assert main(bad) == 2 and "between 0 and 1" in capsys.readouterr().err
 
 
-def test_stop_loss_training_is_for_streaming_response_probes(tiny_model_dir, cache_dir, tmp_path, capsys):
-    """train --set stream_loss=stop: a streaming response probe trained on its logits after every pass; a
-    clear error for a prompt probe, a head-only or non-streaming probe, random prefixes or an unknown loss."""
+def test_stop_loss_training_is_for_streaming_response_probes(tiny_model_dir, cache_dir, tmp_path, capsys, monkeypatch):
+    """train --set stream_loss=stop: a streaming response probe trained on its logits after every pass (through
+    ``stop_loss``); a clear error for a prompt probe, a head-only or non-streaming probe, random prefixes or an
+    unknown loss."""
+    from singlepass.models import streaming
     from singlepass.models.probe_io import read_config
+
+    calls = []
+    real_loss = streaming.stop_loss
+    monkeypatch.setattr(streaming, "stop_loss", lambda z, *a, **k: calls.append(z.shape) or real_loss(z, *a, **k))
 
     base = ["train", *on_model(tiny_model_dir, cache_dir), "--limit", "24", "--val-limit", "16"]
     base += ["--max-length", str(MAX_LEN), "--trials", "1", "--epochs", "1", "--no-progress"]
@@ -214,6 +220,7 @@ def test_stop_loss_training_is_for_streaming_response_probes(tiny_model_dir, cac
     assert main([*base, *resp, "--probe", "gate", "--set", "stream_loss=stop", "--out", str(out)]) == 0
     cfg = read_config(out)
     assert cfg["hparams"]["stream_loss"] == "stop" and np.isfinite(cfg["training"]["history"][0]["train_loss"])
+    assert calls and all(len(shape) == 2 for shape in calls)  # [b, T]: the logits after every pass
     capsys.readouterr()
     for extra, why in [
         (["--probe", "pooling", "--set", "stream_loss=stop"], "trains its head on features"),

@@ -240,42 +240,69 @@ def test_prefix_logits_are_the_probe_over_each_prefix_with_gradients(kind, param
                 want = probe(states[:, b : b + 1], m)[0, 0]
                 assert float(z[b, t]) == pytest.approx(float(want), abs=1e-4)
     z.sum().backward()
-    grads = [p.grad for p in probe.parameters() if p.requires_grad]
-    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+    for name, p in probe.named_parameters():  # every parameter, stage 1's too, not only the head
+        assert p.grad is not None and float(p.grad.abs().sum()) > 0, name
 
 
-def test_stop_loss_trains_every_safe_pass_and_a_harmful_rows_early_window():
+@pytest.mark.parametrize("consecutive", [2, 3])
+def test_stop_loss_trains_every_safe_pass_and_a_harmful_rows_early_window(consecutive):
     """stop_loss against its definition computed row by row in numpy: safe rows, the mean BCE of every
     pass toward safe plus the stop statistic's; harmful ones, the last pass's and the best early window's
-    toward unsafe, times pos_weight; a one-token row has no statistic term; padding is never read."""
+    toward unsafe, times pos_weight; a row shorter than a window has no statistic term; padding (either
+    side) is never read; the early windows are those whose last pass number is within ``early``."""
     from singlepass.models.streaming import stop_loss, stop_statistic
 
     def bce(x, c):  # binary cross-entropy of logit x toward class c
         return float(np.log1p(np.exp(-x)) if c else np.log1p(np.exp(x)))
 
     rng = np.random.default_rng(0)
-    z = torch.tensor(rng.normal(0, 2, (5, 8)), dtype=torch.float32)
-    mask = torch.ones(5, 8, dtype=torch.long)
+    z = torch.tensor(rng.normal(0, 2, (6, 9)), dtype=torch.float32)
+    mask = torch.ones(6, 9, dtype=torch.long)
     mask[1, 5:] = 0
-    mask[2, :6] = 0  # left padding: 2 real passes
+    mask[2, :6] = 0  # left padding: 3 real passes
     mask[3, 1:] = 0  # one token: never stopped
-    y = torch.tensor([0, 1, 0, 1, 1])
-    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0])
+    mask[5, :2] = 0  # left padding, harmful, 7 real passes: the early windows count passes, not positions
     early = 4
-    total = 0.0
-    for b in range(5):
-        real = z[b][mask[b] > 0].double().numpy()
-        n = len(real)
-        stat = float(stop_statistic(real[None], 2)[0]) if n >= 2 else None
-        if y[b] == 0:
-            row = np.mean([bce(x, 0) for x in real]) + (bce(stat, 0) if stat is not None else 0.0)
-        else:
-            first = real[: min(n, early)]
-            s_early = float(stop_statistic(first[None], 2)[0]) if len(first) >= 2 else None
-            row = 3.0 * (bce(real[-1], 1) + (bce(s_early, 1) if s_early is not None else 0.0))
-        total += float(w[b]) * row
-    got = stop_loss(z, mask, y, pos_weight=3.0, weight=w, early=early)
-    assert float(got) == pytest.approx(total, rel=1e-5)
+    # row 5's pass k is at position k + 1: passes 1 .. early-c at -5, pass early-c+1 at 1, the rest at 20, so
+    # its best early window (the one ending at pass `early`) has minimum 1 and every later one 20
+    z[5, 2 : 2 + early - consecutive] = -5.0
+    z[5, 2 + early - consecutive] = 1.0
+    z[5, 2 + early - consecutive + 1 :] = 20.0
+    y = torch.tensor([0, 1, 0, 1, 1, 1])
+    w = torch.tensor([1.0, 2.0, 0.5, 1.0, 1.0, 1.5])
+
+    def oracle(z, mask, y, w):
+        total = 0.0
+        for b in range(len(y)):
+            real = z[b][mask[b] > 0].double().numpy()
+            n = len(real)
+            stat = float(stop_statistic(real[None], consecutive)[0]) if n >= consecutive else None
+            if y[b] == 0:
+                row = np.mean([bce(x, 0) for x in real]) + (bce(stat, 0) if stat is not None else 0.0)
+            else:
+                first = real[: min(n, early)]
+                s_early = float(stop_statistic(first[None], consecutive)[0]) if len(first) >= consecutive else None
+                row = 3.0 * (bce(real[-1], 1) + (bce(s_early, 1) if s_early is not None else 0.0))
+            total += float(w[b]) * row
+        return total
+
+    def loss(z, mask, y, w):
+        return float(stop_loss(z, mask, y, pos_weight=3.0, weight=w, early=early, consecutive=consecutive))
+
+    total = oracle(z, mask, y, w)
+    assert loss(z, mask, y, w) == pytest.approx(total, rel=1e-5)
+    # row 5's early term is its window ending at pass `early` (minimum 1): one pass later (20) gives another loss
+    shifted = stop_loss(z, mask, y, pos_weight=3.0, weight=w, early=early + 1, consecutive=consecutive)
+    assert float(shifted) < total - 1.5 * 3.0 * (bce(1.0, 1) - bce(20.0, 1)) + 1e-3
     z2 = z.clone()
-    z2[1, 6] = z2[2, 0] = 1e6  # padding: never read
-    assert float(stop_loss(z2, mask, y, pos_weight=3.0, weight=w, early=early)) == pytest.approx(total, rel=1e-5)
+    z2[1, 6] = z2[2, 0] = z2[5, 0] = float("inf")  # padding: never read
+    assert loss(z2, mask, y, w) == pytest.approx(total, rel=1e-5)
+    first = [0, 1, 3, 4]  # rows whose first position is real: a batch one pass wide has no window anywhere
+    one = mask[first, :1].clone()
+    assert loss(z[first, :1], one, y[first], w[first]) == pytest.approx(oracle(z[first, :1], one, y[first], w[first]))
+    empty = mask.clone()
+    empty[4] = 0  # a row with no real token adds nothing
+    rest = [0, 1, 2, 3, 5]
+    assert loss(z, empty, y, w) == pytest.approx(oracle(z[rest], mask[rest], y[rest], w[rest]), rel=1e-5)
+    with pytest.raises(ValueError, match="consecutive <= early"):
+        stop_loss(z, mask, y, early=consecutive - 1, consecutive=consecutive)

@@ -115,7 +115,6 @@ def _fit(
         raise SinglepassError(f"optimizer must be 'adamw' or 'sgd', not {hp.optimizer!r}")
     n_batches = math.ceil(len(train) / hp.batch_size)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, cosine(hp.epochs * n_batches))
-    loss_fn = make_loss(num_classes, y_train, hp.class_weight, sample_weight)
     if hp.stream_loss == "stop":  # the logits after every decode pass, for the stop rule
         from singlepass.models.streaming import stop_loss
 
@@ -125,6 +124,7 @@ def _fit(
         def batch_loss(mb, y, w):
             return stop_loss(*train.prefix_logits(module, mb), y, pw, w)
     else:
+        loss_fn = make_loss(num_classes, y_train, hp.class_weight, sample_weight)
 
         def batch_loss(mb, y, w):
             return loss_fn(train.logits(module, mb), y, w)

@@ -46,7 +46,6 @@ def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, d
     from singlepass.models.cache import Scratch
     from singlepass.models.probes import host_probabilities
 
-    module.check_streamable()
     n = len(cache)
     out = np.full((n, int(cache.lengths.max()) if n else 0), np.nan)
     order = np.argsort(-cache.lengths, kind="stable")
@@ -55,11 +54,8 @@ def stream_scores(module, cache, batch_rows: int = 32, progress: bool = False, d
         for s in range(0, n, batch_rows):
             rows = order[s : s + batch_rows]
             states, mask = cache.batch(rows, scratch=scratch)  # [L+1, B, T, d], [B, T] (right padding)
-            state = module.stream_init(len(rows))
-            for t in range(states.shape[2]):
-                layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
-                state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
-                p = host_probabilities(module.stream_logits(state))[:, 1]  # [B]
+            for t, z in enumerate(pass_logits(module, states, mask)):
+                p = host_probabilities(z)[:, 1]  # [B]
                 live = mask[:, t].numpy().astype(bool)
                 out[rows[live], t] = p[live]
             bar.update(len(rows))
@@ -93,23 +89,28 @@ def stop_operating_point(module, cache, y: np.ndarray, fpr_target: float) -> dic
     return {"threshold": t, "target_fpr": fpr_target, "consecutive": consecutive, **rates_at(y, stat, t)}
 
 
+def pass_logits(module, states, mask):
+    """The probe's logits [B, C'] after each decode pass, in order: states [L+1, B, T, d] (a batch's response
+    tokens), mask [B, T] (1: a response token), folded in one token per pass through the stacked
+    ``stream_update`` and read by ``stream_logits``, as the runtime's decode passes do. The one replay loop
+    of ``stream_scores`` (no gradients) and ``prefix_logits`` (training)."""
+    module.check_streamable()
+    state = module.stream_init(mask.shape[0])
+    for t in range(mask.shape[1]):
+        layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
+        state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
+        yield module.stream_logits(state)  # [B, C']
+
+
 def prefix_logits(module, states, mask):
     """A streaming binary probe's logit after every decode pass, with gradients (training): states
     [L+1, B, T, d] (a batch's response tokens), mask [B, T] (1: a response token) -> [B, T] float32: at a
     real token t, the logit once the row's real tokens up to t are folded in; a padded position after
     them repeats the last one, one before them (left padding) is the empty state's (``stop_loss`` reads
-    real positions only). The same ``stream_update`` (stacked, one token per pass) and ``stream_logits``
-    the runtime's decode passes run, so training reads exactly what the stop rule reads."""
+    real positions only). ``pass_logits``, so training reads exactly what the stop rule reads."""
     import torch
 
-    module.check_streamable()
-    state = module.stream_init(mask.shape[0])
-    out = []
-    for t in range(mask.shape[1]):
-        layers = list(states[:, :, t : t + 1].unbind(0))  # L+1 x [B, 1, d]
-        state = module.stream_update(state, layers, mask[:, t : t + 1], stacked=True)
-        out.append(module.stream_logits(state)[:, 0])  # [B]
-    return torch.stack(out, 1)  # [B, T]
+    return torch.stack([z[:, 0] for z in pass_logits(module, states, mask)], 1)  # [B, T]
 
 
 def stop_loss(z, mask, y, pos_weight: float = 1.0, weight=None, early: int = EARLY_TOKENS, consecutive=None):

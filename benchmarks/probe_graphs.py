@@ -1,13 +1,16 @@
 """A probe's exported graph timed alone, as the fused artifact runs it (no LLM around it).
 
     python -m singlepass.benchmarks.probe_graphs PROBE [PROBE ...] [--batches 1 8] [--tokens 48]
-        [--threads 2] [--repeats 7] [--runs 200]
+        [--threads 2] [--repeats 7] [--runs 200] [--states normalised|raw]
 
 A response probe (``reads: response``) is timed in its decode-pass form: the stacked streaming graph
 (``export_stream_probe(stacked=True)``), one token per row. A prompt probe is timed in the form(s)
 a prefill pass runs (``export.fuse``), on ``--tokens`` tokens per row: a ``blockable`` one (pooling,
-the gate) on blocks of ``LAYERS_PER_STAGE_IF`` layers, the MHA per layer. Random float32 states (x 3) feed every
-layer. Prints the graph's node count and the median over ``--repeats`` of the mean time of
+the gate) on blocks of ``LAYERS_PER_STAGE_IF`` layers, the MHA per layer; with ``--states normalised``
+(the default) reading layers 0 .. L-1 as a decoder's own RMS norm outputs and the last as it is, as
+the quantised artifacts fuse it (``export.fuse.normalised_sources``), with ``--states raw`` every
+layer's state (the fp32 artifacts' form, and the quantised ones' before session 31). Random float32
+states (x 3) feed every layer. Prints the graph's node count and the median over ``--repeats`` of the mean time of
 ``--runs`` runs, per batch size; what it takes against a decode step or a prefill pass of the
 LLM is what ``bench response --cost`` and ``bench peers`` measure. Nothing else should run meanwhile.
 """
@@ -20,13 +23,16 @@ import time
 import numpy as np
 
 
-def _graph(module, cfg: dict, block: int, opset: int):
+def _graph(module, cfg: dict, block: int, opset: int, normalised: bool = False):
     from singlepass.export.fuse import export_probe, export_stream_probe
 
     L1, d = module.num_layers, module.hidden_size
     if cfg.get("reads") == "response":
         return export_stream_probe(module, L1, d, opset, stacked=True)
-    return export_probe(module, "hidden_states", L1, d, 0, opset, block=block)
+    gains = None
+    if normalised and module.reads_rms:  # gains of about 1 (their values cost nothing): the decoder's norms
+        gains = [np.random.default_rng(i).uniform(0.5, 1.5, d).astype(np.float32) for i in range(L1 - 1)] + [None]
+    return export_probe(module, "hidden_states", L1, d, 0, opset, block=block, gains=gains)
 
 
 def _time(sess, feed: dict, runs: int, repeats: int) -> float:
@@ -55,6 +61,7 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--runs", type=int, default=200)
     p.add_argument("--opset", type=int, default=23)
+    p.add_argument("--states", choices=("normalised", "raw"), default="normalised", help="what a prompt probe reads")
     a = p.parse_args(argv)
     print(ort_machine(), flush=True)
     print("| probe | form | nodes | batch | tokens per row | ms |\n| --- | --- | ---: | ---: | ---: | ---: |")
@@ -68,7 +75,8 @@ def main(argv=None) -> int:
             form = "decode (stacked stream)"
         else:
             form = f"blocks of {block} layers" if block > 1 else "per layer"
-        proto = _graph(module, cfg, block, a.opset)
+            form += ", normalised layers" if a.states == "normalised" and module.reads_rms else ", states"
+        proto = _graph(module, cfg, block, a.opset, a.states == "normalised")
         sess = ort_session(proto.SerializeToString(), a.threads)
         for b in a.batches:
             t = 1 if response else a.tokens

@@ -15,7 +15,12 @@ per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_s
 ``blockable`` family (pooling, the gate) on each block's layers at once (``forward_layers(block=)``:
 one [k, B, T, d] copy of the block, its ops once per block), the MHA one layer at a time (its
 attention activations would grow with the block; 5 ops a layer in a TorchScript export, one of them opset 23's
-``Attention``). A response probe's decode passes run its stacked streaming form.
+``Attention``). There a prompt probe reads each layer as the decoder RMS-normalises it, where the
+graph has that norm (``surgery.stream_norms``: the next layer's input norm, output 0 of its fused
+``SkipSimplifiedLayerNormalization``), instead of the state: the norm is computed anyway, the
+probe's own per-token scale is not, its gain folds into the probe's weights, and pooling and the
+gate then read each normalised layer where it is, without a block copy (``normalised_sources``).
+A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
 The mask a fused probe sees is ``attention_mask[:, -T:]`` (the current step's tokens). In a
@@ -50,7 +55,7 @@ def stage_block(module) -> int:
     return LAYERS_PER_STAGE_IF if getattr(module, "blockable", False) else 1
 
 
-def _wrapper(module, kind: str, block: int = 1):
+def _wrapper(module, kind: str, block: int = 1, gains: list | None = None):
     import torch
 
     from singlepass.models.probes import probabilities
@@ -67,8 +72,8 @@ def _wrapper(module, kind: str, block: int = 1):
     class HiddenStatesProbe(WithProbs):
         def forward(self, *inputs):  # state_0 .. state_L [B, T, d], mask [B, T]: per layer (or block)
             layers, mask = list(inputs[:-1]), inputs[-1]
-            if block > 1:
-                logits = self.p.forward_layers(layers, mask, block)
+            if block > 1 or gains is not None:
+                logits = self.p.forward_layers(layers, mask, block, gains)
             else:
                 logits = self.p.forward_layers(layers, mask)
             return logits, probabilities(logits)
@@ -197,11 +202,14 @@ def export_probe(
     opset: int,
     exporter: str = "torchscript",
     block: int = 1,
+    gains: list | None = None,
 ):
     """-> onnx.ModelProto with inputs (state_0 .. state_L, mask) or (next_token_logits,) and outputs
     (logits, probs). A state input the probe does not read (a fixed-readout probe reads one layer)
     may be left out by the exporter. ``block``: a hidden-states probe's ``forward_layers`` with stage 1
-    on blocks of that many layers (``Probe.blockable`` families).
+    on blocks of that many layers (``Probe.blockable`` families). ``gains``: per layer None, or the
+    gain [d] of the decoder's RMS normalisation that ``state_i`` then carries instead of the state
+    (``forward_layers``' gains; ``normalised_sources``).
 
     The probe graph must use the decoder graph's opset. torch.onnx's TorchScript exporter
     writes any opset and takes ~0.2 s; the dynamo exporter takes 5-12 s per probe and cannot
@@ -210,6 +218,7 @@ def export_probe(
     without data-dependent control flow, so tracing it is exact; every export is checked
     against PyTorch anyway.
     """
+    import numpy as np
     import onnx
     import torch
 
@@ -228,13 +237,15 @@ def export_probe(
     )
     shape = (kind, num_states, hidden_size, vocab_size, opset, exporter, block)
     h = hashlib.sha256(repr((type(module).__name__, settings, *shape)).encode())
+    for g in gains or []:
+        h.update(b"-" if g is None else np.asarray(g, np.float32).tobytes())
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().numpy().tobytes())
     key = h.hexdigest()
     if key in _CACHE:
         return onnx.load_from_string(_CACHE[key])
-    wrapper = _wrapper(module.eval(), kind, block)
+    wrapper = _wrapper(module.eval(), kind, block, gains)
     if kind == "hidden_states":
         args = tuple(torch.randn(2, 5, hidden_size) for _ in range(num_states))  # [B, T, d] each
         args += (torch.tensor([[0, 1, 1, 1, 1], [1, 1, 1, 1, 1]]),)  # mask [B, T]
@@ -337,6 +348,7 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
 
     opset = surgery.opset_of(graph)
     sources = {}  # probe input kind -> {probe input name: host tensor}, built once
+    norms = None  # the decoder's own normalisation of each hidden state (``surgery.stream_norms``), found once
     for p in probes:
         kind = p.spec.input
         if p.spec.reads == "response":  # the streaming form, its state carried like the KV cache
@@ -359,8 +371,12 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
             # a time (one form for every pass size: no stacked copy, no states handed on; no fp32 boundary
             # casts: prefill-only artifacts are the quantised ones, never TensorRT's input)
             block = stage_block(p.module)
-            nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name, boundary=False, block=block)
-            nodes = surgery.layer_stages(graph, stream, nodes, LAYERS_PER_STAGE_IF)
+            if norms is None:
+                norms = surgery.stream_norms(graph, stream)
+            fed, gains = normalised_sources(p.module, src, norms)
+            nodes, outs = _fuse_prompt_probe(graph, stream, p, fed, p.spec.name, False, block, gains)
+            also = {n.tensor: i for i, n in enumerate(norms) if n is not None}
+            nodes = surgery.layer_stages(graph, stream, nodes, LAYERS_PER_STAGE_IF, also)
             surgery.prefill_only(graph, stream, nodes, outs)
         else:  # a prompt probe's label is the prefill pass's: decode passes skip it
             nodes, outs = _fuse_prompt_probe(graph, stream, p, src, p.spec.name)
@@ -370,15 +386,35 @@ def fuse_probes(graph, stream, probes, prefill_only: bool = False) -> None:
 
 
 def _fuse_prompt_probe(
-    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, block: int = 1
+    graph, stream, p, sources: dict, prefix: str, boundary: bool = True, block: int = 1, gains: list | None = None
 ) -> tuple[list, list[str]]:
     """Export prompt probe ``p`` (per layer or per ``block`` of layers) and fuse it under
-    ``prefix``, its inputs fed from ``sources`` (``host_feeds``). -> (the nodes added, its outputs)."""
+    ``prefix``, its inputs fed from ``sources`` (``host_feeds``; ``normalised_sources`` with
+    ``gains``). -> (the nodes added, its outputs)."""
     from singlepass.export import surgery
 
     dims = (stream.num_layers + 1, stream.hidden_size, stream.vocab_size, surgery.opset_of(graph))
-    probe = export_probe(p.module, p.spec.input, *dims, block=block)
+    probe = export_probe(p.module, p.spec.input, *dims, block=block, gains=gains)
     return surgery.fuse_probe_nodes(graph, probe, prefix, sources, boundary)
+
+
+def normalised_sources(module, sources: dict[str, str], norms: list) -> tuple[dict[str, str], list | None]:
+    """Feed a prompt probe the decoder's own RMS normalisation of its layers where the graph has it
+    (``surgery.stream_norms``), instead of the states: the norm's output 0 is computed anyway (the
+    next layer reads it), so the probe's own per-token scale (a reduction over every token's width)
+    goes away, its gain folds into the probe's weights, and stage 1 reads each layer where it is
+    (``Probe.features_layers``' gains; pooling's and the gate's stage-1 graphs alone ~3x faster on
+    SmolLM2's 31 layers of 64 tokens). A layer without a norm (the last: the final norm's output) is
+    read as it is; a probe without an RMS step (input_norm="none") reads the states. -> (the sources,
+    the gains: None where nothing is normalised)."""
+    gains = [None if n is None else n.gain for n in norms]
+    if not getattr(module, "reads_rms", False) or all(g is None for g in gains):
+        return sources, None
+    fed = dict(sources)
+    for name, n in zip(state_names(len(norms)), norms):
+        if n is not None:
+            fed[name] = n.tensor
+    return fed, gains
 
 
 def host_feeds(graph, stream, kind: str) -> dict[str, str]:

@@ -475,6 +475,76 @@ def _norms_last_residual(final: gs.Tensor, last: gs.Tensor) -> bool:
     return depends_on(final, last)
 
 
+# ----------------------------------------------------------------------------- the stream's own norms
+
+RMS_NORM_OPS = {"RMSNormalization", "SimplifiedLayerNormalization"}  # ONNX opset 23's; ORT's (ai.onnx or contrib)
+# The largest norm epsilon a probe reads a decoder's normalisation with (its own is 1e-6): eps only
+# matters against a token's mean square, SmolLM2's smallest (hidden state 0's) ~7e-3, where 1e-5
+# scales a token by 0.06%.
+MAX_NORM_EPS = 1e-5
+
+
+@dataclass
+class StreamNorm:
+    """A hidden state as the decoder RMS-normalises it: ``tensor`` = x / sqrt(mean(x^2) + eps) * gain."""
+
+    tensor: str
+    gain: np.ndarray  # [d] float32, every element finite and non-zero
+    eps: float
+
+
+def _norm_gain(t: gs.Tensor, d: int) -> np.ndarray | None:
+    """A norm's scale input as a usable gain [d] float32: constant, 1-D of width d, finite, no zero."""
+    w = _weight(t)
+    if w is None or list(w.shape) != [d]:
+        return None
+    g = np.asarray(w.values, dtype=np.float32)
+    return g if np.isfinite(g).all() and (np.abs(g) > 0).all() else None
+
+
+def _last_axis(node: gs.Node, x: gs.Tensor) -> bool:
+    axis = int(node.attrs.get("axis", -1))
+    return axis == -1 or (x.shape is not None and axis == len(x.shape) - 1)
+
+
+def rms_norm_of(x: gs.Tensor, d: int) -> StreamNorm | None:
+    """The decoder's own RMS normalisation of the stream tensor ``x`` [B, T, d], if the graph has one:
+    output 0 of the ``Skip*SimplifiedLayerNormalization`` whose output 3 is x, or of an
+    ``RMSNormalization`` / ``SimplifiedLayerNormalization`` over x's last axis, with a constant gain
+    and eps <= ``MAX_NORM_EPS``. None for anything else (a norm decomposed into elementary ops
+    included): the probe then reads x and normalises it itself."""
+    p = producer(x)
+    if (
+        p is not None
+        and p.op == "SkipSimplifiedLayerNormalization"
+        and len(p.outputs) > SKIP_SUM_OUTPUT
+        and p.outputs[SKIP_SUM_OUTPUT] is x
+        and p.outputs[0].name
+        and len(p.inputs) >= 3
+    ):
+        cands = [(p, p.inputs[2], float(p.attrs.get("epsilon", 1e-12)))]
+    else:
+        cands = [
+            (n, n.inputs[1], float(n.attrs.get("epsilon", 1e-5)))
+            for n in x.outputs
+            if n.op in RMS_NORM_OPS and len(n.inputs) >= 2 and n.inputs[0] is x and _last_axis(n, x)
+        ]
+    for node, scale, eps in cands:
+        gain = _norm_gain(scale, d)
+        if gain is not None and eps <= MAX_NORM_EPS and node.outputs and node.outputs[0].name:
+            return StreamNorm(node.outputs[0].name, gain, eps)
+    return None
+
+
+def stream_norms(graph: gs.Graph, stream: ResidualStream) -> list[StreamNorm | None]:
+    """``rms_norm_of`` each hidden state (``stream.hidden_states``): in a pre-norm decoder, hidden
+    states 0 .. L-1 are each the input of the next layer's first norm; hidden state L is the final
+    norm's output, which the decoder does not normalise again (None; a fused probe's own norm of it
+    is not the decoder's)."""
+    tensors = graph.tensors()
+    return [rms_norm_of(tensors[name], stream.hidden_size) for name in stream.hidden_states[:-1]] + [None]
+
+
 def find_residual_stream(
     graph: gs.Graph, expected_layers: int | None = None, logits_name: str | None = None
 ) -> ResidualStream:

@@ -18,6 +18,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     with_response_tokens(graph, s, nodes, outputs, carried)  a response probe's fold only where it folds something
     layer_stages(graph, s, per_layer, k)  a prompt probe's stage 1, an If per block of k layers
+    stream_norms(graph, s)                the decoder's own RMS norm of each hidden state (probes read it)
     add_output(graph, name)               expose a tensor as a graph output
     to_model(graph, like)                 gs.export_onnx, one copy of the weights
 
@@ -41,6 +42,7 @@ from singlepass.export.residual import (  # noqa: F401
     opset_of,
     producer,
     scalar_step,
+    stream_norms,
 )
 from singlepass.runtime.contract import RESPONSE_MASK
 
@@ -449,8 +451,26 @@ def _placeholder(namer: "Namer", like: gs.Tensor) -> gs.Constant:
     return gs.Constant(namer("unused"), np.zeros((), np.dtype(like.dtype or np.float32)))
 
 
+def _state_readers_and_needs(nodes: list[gs.Node], deps: list[set[int]], layer: dict[int, int]) -> set[int]:
+    """ids of the ``nodes`` that read a layer's state directly, and of the nodes derived from layers that
+    those need (their ancestors among ``nodes`` with ``deps``)."""
+    made = {id(o): (n, d) for n, d in zip(nodes, deps) for o in n.outputs}
+    todo = [n for n in nodes if any(id(t) in layer for t in n.inputs)]
+    seen: set[int] = set()
+    while todo:
+        n = todo.pop()
+        if id(n) not in seen:
+            seen.add(id(n))
+            todo += [made[id(t)][0] for t in n.inputs if id(t) in made and made[id(t)][1]]
+    return seen
+
+
 def layer_stages(
-    graph: gs.Graph, stream: ResidualStream, per_layer: list[gs.Node], layers_per_if: int = 1
+    graph: gs.Graph,
+    stream: ResidualStream,
+    per_layer: list[gs.Node],
+    layers_per_if: int = 1,
+    also: dict[str, int] | None = None,
 ) -> list[gs.Node]:
     """Give the per-layer form's stage 1 of each block of ``layers_per_if`` layers an ``If`` of its
     own, right after the block's last layer.
@@ -465,10 +485,12 @@ def layer_stages(
     run, which for such an If is after the last layer. A block keeps its layers' states alive until
     its If has run (``layers_per_if`` - 1 more than one layer's); every pass, decode included, runs
     each If once, so fewer Ifs cost less per pass. The state-free nodes stage 1 reads stay at the top
-    level, before every If. -> the per-layer form's nodes left, in order."""
+    level, before every If. ``also``: more tensors that stand for a layer (its state normalised by the
+    decoder: ``residual.stream_norms``), by name. -> the per-layer form's nodes left, in order."""
     namer = Namer(graph)
     tensors = graph.tensors()
     layer = {id(tensors[n]): i for i, n in enumerate(stream.hidden_states)}
+    layer |= {id(tensors[n]): i for n, i in (also or {}).items()}
     k = max(1, layers_per_if)
     reads: dict[int, set[int]] = {}  # id(tensor) -> the layers it derives from
     deps = []
@@ -479,11 +501,13 @@ def layer_stages(
         deps.append(d)
     groups: dict[int, list[gs.Node]] = {}  # block -> the nodes that read its layers and no other block's
     read_by: dict[int, set[int]] = {}  # block -> the layers its nodes read
-    # one block holds every layer the probe reads (a model of at most k + 1 layers): only single-layer
-    # nodes are stage 1 there, as what joins the layers (stage 2, the head) would read that block too
+    # one block holds every layer the probe reads (a model of at most k + 1 layers): stage 1 there is the
+    # single-layer nodes and what a node reading a state needs from the layers (what joins the layers'
+    # summaries, stage 2 and the head, reads that block too, and no state)
     several = len({i // k for d in deps for i in d}) > 1
+    needed = set() if several else _state_readers_and_needs(per_layer, deps, layer)
     for n, d in zip(per_layer, deps):
-        if d and min(d) // k == max(d) // k and (several or len(d) == 1):
+        if d and min(d) // k == max(d) // k and (several or len(d) == 1 or id(n) in needed):
             groups.setdefault(min(d) // k, []).append(n)
             read_by.setdefault(min(d) // k, set()).update(d)
     staged = {id(n) for g in groups.values() for n in g}

@@ -125,6 +125,11 @@ def check_layer_count(layers: list[torch.Tensor], n: int) -> None:
         raise ValueError(f"the probe reads {n} layers, got {len(layers)}")
 
 
+def block_gain(gains: list, d: int) -> torch.Tensor:
+    """The gains [d] of a block's layers (``Probe.features_layers``; None: 1), stacked -> [G, d] float32."""
+    return torch.stack([torch.ones(d) if g is None else torch.as_tensor(g, dtype=torch.float32) for g in gains])
+
+
 def key_mask(m: torch.Tensor) -> torch.Tensor:
     """An attention's additive mask over a pass's tokens as keys: m [1, B, T, 1] -> [1, B, 1, 1, T], 0 for
     a real key, NEG for padding (a boolean one exports as Where over the scores and a NaN check, ~10% of
@@ -235,12 +240,22 @@ class Probe(nn.Module):
         x = fp32(x)
         if self.input_norm != "none":
             x = rms_normalise(x)
+        return self.standardise(x, layers)
+
+    def standardise(self, x: torch.Tensor, layers: slice) -> torch.Tensor:
+        """RMS-normalised tokens x [G, B, T, d] -> the "standard" affine map of them (else x itself)."""
         if self.input_norm == "standard":
             x = (x - self.in_mean[layers, None, None]) * self.in_inv_std[layers, None, None]
         return x
 
+    @property
+    def reads_rms(self) -> bool:
+        """Does stage 1 RMS-normalise its tokens first? Then it can read a decoder's own RMS-normalised
+        tensors instead of the states (``gains`` of ``features_layers``)."""
+        return self.input_norm != "none"
+
     def normalised_matmul(
-        self, x: torch.Tensor, w: torch.Tensor, layers: slice, r=None, fused: bool = False
+        self, x: torch.Tensor, w: torch.Tensor, layers: slice, r=None, fused: bool = False, gain=None
     ) -> torch.Tensor:
         """``normalise(x, layers) @ w`` without the normalised copy of x: x [G, B, T, d] as the layers hold it,
         w [G, d, k] -> [G, B*T, k]. The normalisation is a per-token scale r = 1/rms(x) and, "standard", a
@@ -249,20 +264,31 @@ class Probe(nn.Module):
         One pass over x for r and one GEMM per layer, where normalising first costs ~6 passes over it.
         ``r``: the tokens' scales [G, B*T, 1] when the caller has them (``inv_rms_product``). ``fused``: the
         RMS normalisation as one op on x instead (``F.rms_norm``: one RMSNormalization node in an opset-23
-        export where the scale takes 6), for a decode pass's few rows, whose normalised copy costs nothing."""
+        export where the scale takes 6), for a decode pass's few rows, whose normalised copy costs nothing.
+        ``gain`` [G, d]: x is already RMS-normalised, times gain per dimension (``features_layers``' gains):
+        1 / gain moves onto w, and no scale is computed."""
         G, d = self.count(layers), self.hidden_size
         x = fp32(x).reshape(G, -1, d)  # [G, B*T, d]
-        if self.input_norm == "standard":
-            inv_std = self.in_inv_std[layers]  # [G, d]
-            shift = (self.in_mean[layers] * inv_std)[:, None] @ w  # [G, 1, k]
-            w = inv_std[..., None] * w
-        if self.input_norm == "none":
+        w, shift = self.normalised_weights(w, layers, gain)
+        if self.input_norm == "none" or gain is not None:
             y = x @ w  # [G, B*T, k]
         elif fused:
             y = F.rms_norm(x, (d,), eps=RMS_EPS) @ w
         else:
             y = (x @ w) * (inv_rms_product(x, d) if r is None else r)  # r [G, B*T, 1]
-        return y - shift if self.input_norm == "standard" else y
+        return y if shift is None else y - shift
+
+    def normalised_weights(self, w: torch.Tensor, layers: slice, gain=None) -> tuple:
+        """``normalised_matmul``'s weights: w [G, d, k] -> (w', shift [G, 1, k] or None) with
+        standardise(x) @ w = x @ w' - shift for RMS-normalised x, and x / gain in place of x with ``gain``."""
+        shift = None
+        if self.input_norm == "standard":
+            inv_std = self.in_inv_std[layers]  # [G, d]
+            shift = (self.in_mean[layers] * inv_std)[:, None] @ w  # [G, 1, k]
+            w = inv_std[..., None] * w
+        if gain is not None:
+            w = w / gain[..., None]  # [G, d, k]
+        return w, shift
 
     def lead(self, G: int, m) -> tuple:
         """[G, B, T], the leading axes of a pass's G layers of tokens, as a reshape target: B read from the
@@ -319,22 +345,56 @@ class Probe(nn.Module):
         onto them (``normalised_matmul``): no normalised copy of the states."""
         return self.tokens(self.normalise(x, layers), m, layers)
 
-    def features_layers(self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1) -> torch.Tensor:
+    def features_layers(
+        self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1, gains: list | None = None
+    ) -> torch.Tensor:
         """``features(torch.stack(layers), mask)``, stage 1 one layer (or ``block`` layers) at a time: layers
-        L+1 x [B, T, d]."""
+        L+1 x [B, T, d]. ``gains``: per layer None (the state as it is) or a gain g [d] when the layer is
+        given as the decoder's own RMS normalisation of its state, x / rms(x) * g (``check_gains``)."""
         if block > 1 and not self.blockable:
             raise ValueError(f"{type(self).__name__} runs stage 1 one layer at a time, not in blocks of {block}")
+        gains, d = self.check_gains(gains), self.hidden_size
+        self.check_layers(layers)
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
-        each = self.each_layer(layers, normalised=False, block=block)
-        v = [self.tokens_raw(x, m, one) for one, x in each]  # L+1 / G x [G, B, d]
+        v = []  # L+1 / G x [G, B, d]
+        for i in range(0, self.num_layers, block):
+            one = slice(i, min(i + block, self.num_layers))
+            part = layers[one]
+            if all(g is None for g in gains[one]):  # one [G, B, T, d] copy of the block's states
+                v.append(self.tokens_raw(part[0][None] if len(part) == 1 else torch.stack(part), m, one))
+            else:  # the normalised layers where they are (one the decoder does not normalise: its own norm)
+                xs = [x if g is not None else F.rms_norm(fp32(x), (d,), eps=RMS_EPS) for x, g in zip(part, gains[one])]
+                v.append(self.tokens_normed(xs, block_gain(gains[one], d), m, one))
         return self.combine(torch.cat(v))  # [L+1, B, d] -> [B, d]
+
+    def check_gains(self, gains: list | None) -> list:
+        """``features_layers``' gains -> one entry per layer, None where a layer is given as it is. A gain
+        replaces the probe's own RMS step (its eps aside: the decoder's), so a probe without one
+        (input_norm="none") takes none."""
+        if gains is None:
+            return [None] * self.num_layers
+        check_layer_count(gains, self.num_layers)
+        if not self.reads_rms and any(g is not None for g in gains):
+            raise ValueError("a probe with input_norm='none' reads the states as they are, not normalised ones")
+        return list(gains)
+
+    def tokens_normed(self, xs: list[torch.Tensor], gain: torch.Tensor, m: torch.Tensor, layers: slice) -> torch.Tensor:
+        """``tokens_raw`` of G layers given as the decoder normalised them: xs G x [B, T, d], each
+        norm(state) * gain, gain [G, d] (a constant in an export) -> [G, B, d]. This form stacks the layers
+        and divides the gain out of every token; a family whose stage 1 reads the tokens through products
+        overrides it with products of each layer where it is (no stacked copy) and the gain on its weights."""
+        d = self.hidden_size
+        x = torch.cat([fp32(t) for t in xs]).reshape(*self.lead(len(xs), m), d)  # [G, B, T, d]
+        return self.tokens(self.standardise(x / gain[:, None, None], layers), m, layers)
 
     def forward(self, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(states, mask))
 
-    def forward_layers(self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1) -> torch.Tensor:
+    def forward_layers(
+        self, layers: list[torch.Tensor], mask: torch.Tensor, block: int = 1, gains: list | None = None
+    ) -> torch.Tensor:
         """``forward(torch.stack(layers), mask)`` on the L+1 layer tensors [B, T, d] (the exported form)."""
-        return self.head(self.features_layers(layers, mask, block))
+        return self.head(self.features_layers(layers, mask, block, gains))
 
     # --- streaming form: stage 1 as a recurrent state over the tokens folded in so far ---------------
     # A family streams by setting ``streamable`` and defining three hooks: ``state_shapes(batch)``,
@@ -448,10 +508,25 @@ class PoolingProbe(Probe):
         mean = token_weights(m)[..., None]  # [1, B, T, 1]
         w = mean if self.input_norm == "none" else mean * inv_rms(x)  # [G, B, T, 1]
         v = (w.transpose(-1, -2) @ x).squeeze(-2)  # [G, B, 1, T] @ [G, B, T, d] -> [G, B, d]
+        return self.standardise_mean(v, mean, layers)
+
+    def standardise_mean(self, v, mean, layers):
+        """The "standard" map of v [G, B, d], a weighted mean of RMS-normalised tokens with the token weights
+        mean [1, B, T, 1] (summing to 1 on a row with a token, 0 on one without; other norms: v itself)."""
         if self.input_norm != "standard":
             return v
         inv_std = self.in_inv_std[layers, None]  # [G, 1, d]
         return v * inv_std - (self.in_mean[layers, None] * inv_std) * mean.sum(2)  # mean.sum(2) [1, B, 1]: 1 or 0
+
+    def tokens_normed(self, xs, gain, m, layers):
+        if self.token_pool != "mean":
+            return super().tokens_normed(xs, gain, m, layers)
+        # the decoder's normalised tokens norm(state) * gain: one weighted sum per layer where it is (a GEMV),
+        # the gain divided out of the [G, B, d] result (no reduction over the tokens' width, no stacked copy)
+        mean = token_weights(m)[..., None]  # [1, B, T, 1]
+        w = mean[0].transpose(-1, -2)  # [B, 1, T]
+        v = torch.cat([w @ fp32(x) for x in xs], 1).transpose(0, 1)  # G x [B, 1, d] -> [G, B, d]
+        return self.standardise_mean(v / gain[:, None], mean, layers)
 
     def combine(self, v):
         if self.layer_pool == "mean":
@@ -536,9 +611,27 @@ class GateProbe(Probe):
         alpha = torch.softmax(s, dim=-1)
         w = alpha if r is None else alpha * r.reshape(self.lead(G, m))
         v = (w.unsqueeze(-2) @ x).squeeze(-2)  # [G, B, d]: the weighted sum of the tokens as they are
+        return self.standardise_sum(v, layers)
+
+    def standardise_sum(self, v, layers):
+        """The "standard" map of v [G, B, d], a softmax-weighted sum of RMS-normalised tokens (else v)."""
         if self.input_norm != "standard":
             return v
         return v * self.in_inv_std[layers, None] - (self.in_mean * self.in_inv_std)[layers, None]
+
+    def tokens_normed(self, xs, gain, m, layers):
+        # the decoder's normalised tokens norm(state) * gain, each layer where it is: its scores and its weighted
+        # sum one GEMV each, 1 / gain on the gate weights and on the [G, B, d] result (no scale per token, no
+        # stacked copy); the G layers' scores [B, G, T] share the small ops
+        w, shift = self.normalised_weights(self.token_gates[layers][:, :, None], layers, gain)  # [G, d, 1], [G, 1, 1]
+        s = torch.cat([fp32(x) @ w[i] for i, x in enumerate(xs)], -1).transpose(1, 2)  # [B, T, G] -> [B, G, T]
+        if shift is not None:
+            s = s - shift[:, 0, 0, None]
+        keys = m[0].transpose(1, 2)  # [B, 1, T]
+        alpha = torch.softmax(torch.tanh(s).masked_fill(keys == 0, NEG), dim=-1)  # [B, G, T]
+        a = alpha.split(1, dim=1)  # G x [B, 1, T]
+        v = torch.cat([a[i] @ fp32(x) for i, x in enumerate(xs)], 1).transpose(0, 1)  # G x [B, 1, d] -> [G, B, d]
+        return self.standardise_sum(v / gain[:, None], layers)
 
     # Streaming: stage 2's scores and the head are linear in each layer's summary (a weighted mean of the
     # normalised tokens), so the state carries, per layer, the weighted sums of each token's readout
@@ -760,11 +853,14 @@ class MHAProbe(Probe):
         k = torch.cat([m.new_zeros(H * (dh + 1)), one, m.new_zeros(di)])
         return q + (m[0] - 1.0) * -NEG * k  # [B, T, 1] * [...]
 
-    def layer_heads(self, x, addend, w) -> torch.Tensor:
+    def layer_heads(self, x, addend, w, gain=None) -> torch.Tensor:
         """One layer's attention: x [B, T, d] as the layer holds it, addend (``layer_addend``), w
-        (``layer_qkv``) -> the heads' outputs [B, T, d_inner] (without the value bias)."""
+        (``layer_qkv``) -> the heads' outputs [B, T, d_inner] (without the value bias). ``gain`` [d]: x is
+        the decoder's normalisation of the layer, norm(state) * gain (1 / gain folds into w)."""
         x = fp32(x)
-        if self.input_norm != "none":
+        if gain is not None:
+            w = w / torch.as_tensor(gain, dtype=torch.float32)[:, None]  # [d, n]
+        elif self.input_norm != "none":
             x = F.rms_norm(x, (self.hidden_size,), eps=RMS_EPS)  # [B, T, d]: one op (opset 23's RMSNormalization)
         qk = self.heads * (self.d_inner // self.heads + 1)  # a Python int: no shape arithmetic in the graph
         # w[None]: a [1, d, n] weight, which ONNX Runtime's MatMul reads as it is in the mapped file, where
@@ -773,15 +869,17 @@ class MHAProbe(Probe):
         attend = HeadAttention.apply if torch.onnx.is_in_onnx_export() else head_attention
         return attend(q, k, v, self.heads)
 
-    def features_layers(self, layers, mask, block: int = 1):
+    def features_layers(self, layers, mask, block: int = 1, gains=None):
         if self.query != "tokens" or self.pool != "mean" or block > 1:
-            return super().features_layers(layers, mask, block)
+            return super().features_layers(layers, mask, block, gains)
         self.check_layers(layers)
+        gains = self.check_gains(gains)  # per layer: None (normalised here) or the decoder's gain
         L1, di = self.num_layers, self.d_inner
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         addend, tok = self.layer_addend(m), token_weights(m)[0, :, None]  # [B, T, ...], [B, 1, T]
         w, b_v = self.layer_qkv()
-        o = torch.cat([self.layer_heads(x, addend, w[i]) for i, x in enumerate(layers)], -1)  # [B, T, (L+1)*d_inner]
+        o = [self.layer_heads(x, addend, w[i], gains[i]) for i, x in enumerate(layers)]
+        o = torch.cat(o, -1)  # [B, T, (L+1)*d_inner]
         o = (tok @ o).reshape(-1, L1, di).transpose(0, 1)  # token means [L+1, B, d_inner]
         b_o = self.b_o[:L1] + (b_v[:, None] @ self.w_o[:L1])[:, 0]  # [L+1, d]: the value bias through w_o
         return self.combine(o @ self.w_o[:L1] + b_o[:, None])  # summaries [L+1, B, d] -> [B, d]

@@ -276,6 +276,39 @@ def test_per_layer_form_equals_the_stacked_form(method, params):
 
 
 @pytest.mark.parametrize(
+    "method,params",
+    [c for c in PER_LAYER_CASES if c[0] in ("pooling", "gate", "mha") and c[1].get("input_norm") != "none"],
+    ids=lambda c: str(c),
+)
+def test_per_layer_form_reads_the_decoders_own_norms(method, params):
+    """forward_layers with gains (the fused prefill form where the decoder RMS-normalises a layer: the probe
+    reads x / rms(x) * gain, in blocks of 2 or one layer at a time, a layer without a gain as it is, here
+    layers 1 and 3: a block of both kinds) is forward on the states. A probe without an RMS step takes no
+    gains, and a gain per layer is needed."""
+    import torch.nn.functional as F
+
+    from singlepass.models.probes import RMS_EPS
+
+    torch.manual_seed(0)
+    probe = build_method(method, 4, 16, 3, **params).eval()
+    if params.get("input_norm") == "standard":
+        probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    states, lengths = random_batch()
+    gains = [torch.randn(16), None, torch.rand(16) + 0.1, None]
+    for side in ("left", "right"):
+        x, mask = pad(states, lengths, 12, side, 1e4)
+        given = [F.rms_norm(h, (16,), eps=RMS_EPS) * g if g is not None else h for h, g in zip(x, gains)]
+        for block in (1, 2) if probe.blockable else (1,):
+            got = probe.forward_layers(given, mask, block, gains)
+            torch.testing.assert_close(got, probe(x, mask), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reads 4 layers"):
+        probe.forward_layers(given, mask, 1, gains[:3])
+    plain = build_method(method, 4, 16, 3, **(params | {"input_norm": "none"}))
+    with pytest.raises(ValueError, match="input_norm='none' reads the states as they are"):
+        plain.forward_layers(list(x), mask, 1, gains)
+
+
+@pytest.mark.parametrize(
     "method,params", [c for c in PER_LAYER_CASES if c[0] in ("pooling", "gate", "mha")], ids=lambda c: str(c)
 )
 def test_features_read_the_states_as_they_are_and_train_as_the_normalised_form(method, params):

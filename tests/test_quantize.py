@@ -239,8 +239,10 @@ def _outer_reads(node) -> set[str]:
 def test_a_prompt_probe_runs_stage_1_after_each_block_of_layers(tmp_path, tiny_backbone, method):
     """In a prefill-only artifact a prompt probe's stage 1 runs in an If per block of layers, right after
     the block: pooling and the gate on each block's layers at once, the MHA one layer at a time (one
-    ``Attention`` node each, opset 23), in one form for every pass size. Export validation passes; one
-    prompt's label is the same alone and in a longer, padded batch."""
+    ``Attention`` node each, opset 23), in one form for every pass size. It reads the decoder's own RMS
+    normalisation of every layer that has one (output 0 of the fused ``SkipSimplifiedLayerNormalization``
+    / the first layer's ``RMSNormalization``), the state only of the last (the final norm's output).
+    Export validation passes; one prompt's label is the same alone and in a longer, padded batch."""
     from export_helpers import make_probe
 
     from singlepass.export import fuse
@@ -254,11 +256,19 @@ def test_a_prompt_probe_runs_stage_1_after_each_block_of_layers(tmp_path, tiny_b
     export_artifact(art, [f"{probe}:safety"], backbone=tiny_backbone, weights="int8", log=lambda m: None)
     v = json.loads((art / "validation.json").read_text())
     assert v["passed"] and "safety/probs" in {c["tensor"] for c in v["checks"]}
-    model = onnx.load(str(art / "model.onnx"), load_external_data=False)
-    from singlepass.export.surgery import find_residual_stream
+    model = onnx.load(str(art / "model.onnx"))  # the norms' gains are read
+    from singlepass.export.surgery import find_residual_stream, producer, stream_norms
 
-    states = set(find_residual_stream(gs.import_onnx(model)).hidden_states)
+    graph = gs.import_onnx(model)
+    stream = find_residual_stream(graph)
+    norms = stream_norms(graph, stream)
+    assert [n is None for n in norms] == [False] * stream.num_layers + [True]
+    kinds = {producer(graph.tensors()[n.tensor]).op for n in norms if n is not None}
+    assert kinds == {"RMSNormalization", "SkipSimplifiedLayerNormalization"}
+    read = [n.tensor for n in norms[:-1]] + stream.hidden_states[-1:]  # what the probe reads of each layer
+    states = set(read)
     ifs = [x for x in model.graph.node if x.op_type == "If"]
+    assert not any(_outer_reads(x) & set(stream.hidden_states[:-1]) for x in ifs)
     reads = [_outer_reads(x) & states for x in ifs]
     # each block of layers' stage 1 in an If of its own (it reads those layers' states and no other) ...
     k, n = fuse.LAYERS_PER_STAGE_IF, len(states)

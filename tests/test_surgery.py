@@ -37,8 +37,11 @@ class Toy:
         seed=0,
         embed_scale=False,
         softcap=False,
+        rms_op=False,
+        norm_eps=1e-5,
     ):
         self.rng = np.random.default_rng(seed)
+        self.rms_op, self.norm_eps = rms_op, norm_eps  # rms_op: the norms as RMSNormalization (opset 23)
         self.random_names = random_names
         self.nodes, self.inits, self.weights = [], [], {}
         self.opset = opset
@@ -102,6 +105,8 @@ class Toy:
         return out
 
     def norm(self, x):
+        if self.rms_op:
+            return self.node("RMSNormalization", [x, self.w("norm_w", (D,))], epsilon=self.norm_eps, axis=-1)
         two = numpy_helper.from_array(np.array(2.0, np.float32), self.t("two") + str(len(self.inits)))
         eps = numpy_helper.from_array(np.array(1e-5, np.float32), self.t("eps") + str(len(self.inits)))
         self.inits += [two, eps]
@@ -349,6 +354,78 @@ def test_layer_stages_runs_stage_1_of_each_block_of_layers_after_them(method, k)
     model = surgery.to_model(host)
     onnx.checker.check_model(model)
     assert_probe_passes(model, hs, [((2, 3), probe), ((1, 9), probe)])
+
+
+@pytest.mark.parametrize(
+    "method,k,norm", [("pooling", 4, "rms"), ("gate", 4, "rms"), ("gate", 2, "standard"), ("mha", 4, "rms")]
+)
+def test_a_probe_reads_the_decoders_own_rms_norms(method, k, norm):
+    """A decoder with its norms as RMSNormalization (opset 23): ``stream_norms`` finds each hidden state's
+    (its output and gain; the last hidden state, the final norm's output: None). A prompt probe fed those
+    (``normalised_sources``; the gains folded into its graph), its stage 1 in blocks of k layers (the last
+    block mixes normalised layers and the one read as it is), equals the torch probe on the stacked states,
+    and no stage If reads the state of a layer it reads normalised."""
+    import torch
+
+    from singlepass.export.fuse import export_probe, normalised_sources, state_names
+    from singlepass.models.probes import build_probe
+
+    n = 7
+    toy = Toy(layers=n - 1, opset=23, rms_op=True, norm_eps=1e-6)  # the probe's own eps: exact parity
+    host = toy.graph()
+    s = surgery.find_residual_stream(host)
+    hs = surgery.add_stacked_hidden_states(host, s)
+    surgery.add_output(host, hs, dims=[n, "batch", "sequence", D])
+    norms = surgery.stream_norms(host, s)
+    assert [x is None for x in norms] == [False] * (n - 1) + [True]
+    first_norm = [x for x in host.nodes if x.op == "RMSNormalization"][0]
+    np.testing.assert_array_equal(norms[0].gain, toy.weights[first_norm.inputs[1].name])
+    assert norms[0].tensor == first_norm.outputs[0].name and norms[0].eps == pytest.approx(1e-6)
+    torch.manual_seed(0)
+    probe = build_probe(method, n, D, 2, input_norm=norm, **({"factor": 2, "heads": 2} if method == "mha" else {}))
+    if norm == "standard":
+        probe.set_input_statistics(torch.randn(n, D) * 0.1, torch.rand(n, D) + 0.5)
+    probe.eval()
+    feeds_ = dict(zip(state_names(n), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
+    fed, gains = normalised_sources(probe, feeds_, norms)
+    assert [fed[f"state_{i}"] for i in range(n)] == [x.tensor for x in norms[:-1]] + s.hidden_states[-1:]
+    graph = export_probe(probe, "hidden_states", n, D, V, 23, block=k if probe.blockable else 1, gains=gains)
+    # no per-token scale of its own but for a block of the one layer read as it is (k = 2: layer 6 alone)
+    assert [x.op_type for x in graph.graph.node].count("ReduceL2") == (1 if n % k == 1 and probe.blockable else 0)
+    nodes, outs = surgery.fuse_probe_nodes(host, graph, "tox", fed)
+    nodes = surgery.layer_stages(host, s, nodes, k, {x.tensor: i for i, x in enumerate(norms) if x is not None})
+    stages = [x for x in host.nodes if x.op == "If"]
+    assert len(stages) == -(-n // k)
+    states = set(s.hidden_states[:-1])
+    assert not [x.name for x in host.nodes if x.name.startswith("tox") and {t.name for t in x.inputs} & states]
+    surgery.prefill_only(host, s, nodes, outs)
+    host.cleanup().toposort()
+    model = surgery.to_model(host)
+    onnx.checker.check_model(model)
+    assert_probe_passes(model, hs, [((2, 3), probe), ((1, 9), probe)])
+
+
+def test_stream_norms_only_where_the_decoder_normalises_as_a_probe_would():
+    """No norm is used where it would not stand for the probe's own RMS step: a norm decomposed into
+    elementary ops (not recognised), a gain with a zero (the state is lost), an eps far above the probe's;
+    a probe without an RMS step (input_norm="none") reads the states."""
+    from singlepass.export.fuse import normalised_sources, state_names
+    from singlepass.models.probes import build_probe
+
+    host = Toy(layers=2).graph()
+    assert surgery.stream_norms(host, surgery.find_residual_stream(host)) == [None] * 3
+    host = Toy(layers=2, opset=23, rms_op=True, norm_eps=1e-3).graph()
+    assert surgery.stream_norms(host, surgery.find_residual_stream(host)) == [None] * 3
+    host = Toy(layers=2, opset=23, rms_op=True).graph()
+    s = surgery.find_residual_stream(host)
+    norm = [x for x in host.nodes if x.op == "RMSNormalization"][0]  # hidden state 0's
+    norm.inputs[1].values = np.where(np.arange(D) == 3, 0.0, norm.inputs[1].values).astype(np.float32)
+    norms = surgery.stream_norms(host, s)
+    assert norms[0] is None and norms[1] is not None and norms[2] is None
+    src = dict(zip(state_names(3), s.hidden_states))
+    assert normalised_sources(build_probe("gate", 3, D, 2, input_norm="none"), src, norms) == (src, None)
+    fed, gains = normalised_sources(build_probe("gate", 3, D, 2), src, norms)
+    assert fed["state_1"] == norms[1].tensor and gains[0] is None and gains[2] is None
 
 
 def test_cleanup_and_toposort():

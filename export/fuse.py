@@ -16,10 +16,11 @@ per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_s
 one [k, B, T, d] copy of the block, its ops once per block), the MHA one layer at a time (its
 attention activations would grow with the block; 5 ops a layer in a TorchScript export, one of them opset 23's
 ``Attention``). There a prompt probe reads each layer as the decoder RMS-normalises it, where the
-graph has that norm (``surgery.stream_norms``: the next layer's input norm, output 0 of its fused
-``SkipSimplifiedLayerNormalization``), instead of the state: the norm is computed anyway, the
-probe's own per-token scale is not, its gain folds into the probe's weights, and pooling and the
-gate then read each normalised layer where it is, without a block copy (``normalised_sources``).
+graph has that norm (``surgery.stream_norms``: the next layer's input norm, an ``RMSNormalization``
+when probes are fused, which ``ortfuse`` then fuses into a ``SkipSimplifiedLayerNormalization``
+keeping its output), instead of the state: the norm is computed anyway, the probe's own per-token
+scale is not, its gain folds into the probe's weights, and pooling (token mean) and the gate then
+read each normalised layer where it is, without a block copy (``normalised_sources``).
 A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.
@@ -237,8 +238,9 @@ def export_probe(
     )
     shape = (kind, num_states, hidden_size, vocab_size, opset, exporter, block)
     h = hashlib.sha256(repr((type(module).__name__, settings, *shape)).encode())
-    for g in gains or []:
-        h.update(b"-" if g is None else np.asarray(g, np.float32).tobytes())
+    for i, g in enumerate(gains or []):  # each layer's gain, tagged with its layer and length
+        g = b"" if g is None else np.asarray(g, np.float32).tobytes()
+        h.update(f"gain {i} {len(g)}:".encode() + g)
     for k in sorted(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().numpy().tobytes())

@@ -494,11 +494,15 @@ class StreamNorm:
 
 
 def _norm_gain(t: gs.Tensor, d: int) -> np.ndarray | None:
-    """A norm's scale input as a usable gain [d] float32: constant, 1-D of width d, finite, no zero."""
+    """A norm's scale input as a usable gain [d] float32: constant, 1-D of width d, finite, no zero
+    (None too when its values cannot be read: a model loaded without its external data)."""
     w = _weight(t)
     if w is None or list(w.shape) != [d]:
         return None
-    g = np.asarray(w.values, dtype=np.float32)
+    try:
+        g = np.asarray(w.values, dtype=np.float32)
+    except Exception:  # onnx's ValidationError / OSError for external data that was not loaded
+        return None
     return g if np.isfinite(g).all() and (np.abs(g) > 0).all() else None
 
 
@@ -507,12 +511,14 @@ def _last_axis(node: gs.Node, x: gs.Tensor) -> bool:
     return axis == -1 or (x.shape is not None and axis == len(x.shape) - 1)
 
 
-def rms_norm_of(x: gs.Tensor, d: int) -> StreamNorm | None:
+def rms_norm_of(x: gs.Tensor, d: int, top: set[int] | None = None) -> StreamNorm | None:
     """The decoder's own RMS normalisation of the stream tensor ``x`` [B, T, d], if the graph has one:
     output 0 of the ``Skip*SimplifiedLayerNormalization`` whose output 3 is x, or of an
     ``RMSNormalization`` / ``SimplifiedLayerNormalization`` over x's last axis, with a constant gain
-    and eps <= ``MAX_NORM_EPS``. None for anything else (a norm decomposed into elementary ops
-    included): the probe then reads x and normalises it itself."""
+    and eps <= ``MAX_NORM_EPS`` (an absolute bound, fit for decoders whose tokens' mean square is far
+    above it, as SmolLM2's). None for anything else (a norm decomposed into elementary ops included):
+    the probe then reads x and normalises it itself. ``top``: ids of the graph's own nodes; a consumer
+    elsewhere (inside an If's branch: a fused probe's) is not the decoder's norm."""
     p = producer(x)
     if (
         p is not None
@@ -527,7 +533,11 @@ def rms_norm_of(x: gs.Tensor, d: int) -> StreamNorm | None:
         cands = [
             (n, n.inputs[1], float(n.attrs.get("epsilon", 1e-5)))
             for n in x.outputs
-            if n.op in RMS_NORM_OPS and len(n.inputs) >= 2 and n.inputs[0] is x and _last_axis(n, x)
+            if n.op in RMS_NORM_OPS
+            and (top is None or id(n) in top)
+            and len(n.inputs) >= 2
+            and n.inputs[0] is x
+            and _last_axis(n, x)
         ]
     for node, scale, eps in cands:
         gain = _norm_gain(scale, d)
@@ -541,8 +551,8 @@ def stream_norms(graph: gs.Graph, stream: ResidualStream) -> list[StreamNorm | N
     states 0 .. L-1 are each the input of the next layer's first norm; hidden state L is the final
     norm's output, which the decoder does not normalise again (None; a fused probe's own norm of it
     is not the decoder's)."""
-    tensors = graph.tensors()
-    return [rms_norm_of(tensors[name], stream.hidden_size) for name in stream.hidden_states[:-1]] + [None]
+    tensors, top = graph.tensors(), set(map(id, graph.nodes))
+    return [rms_norm_of(tensors[name], stream.hidden_size, top) for name in stream.hidden_states[:-1]] + [None]
 
 
 def find_residual_stream(

@@ -356,18 +356,39 @@ def test_layer_stages_runs_stage_1_of_each_block_of_layers_after_them(method, k)
     assert_probe_passes(model, hs, [((2, 3), probe), ((1, 9), probe)])
 
 
+def subgraph_reads(node: gs.Node) -> set[str]:
+    """The tensors a node (an If: its branches, recursively) reads from the enclosing scope."""
+    made, read = set(), {t.name for t in node.inputs}
+    for g in node.attrs.values():
+        if isinstance(g, gs.Graph):
+            for x in g.nodes:
+                read |= subgraph_reads(x)
+                made |= {t.name for t in x.outputs}
+    return read - made
+
+
+def subgraph_ops(node: gs.Node) -> list[str]:
+    """The op types inside a node's branches, recursively."""
+    return [
+        op for g in node.attrs.values() if isinstance(g, gs.Graph) for x in g.nodes for op in [x.op, *subgraph_ops(x)]
+    ]
+
+
 @pytest.mark.parametrize(
     "method,k,norm", [("pooling", 4, "rms"), ("gate", 4, "rms"), ("gate", 2, "standard"), ("mha", 4, "rms")]
 )
-def test_a_probe_reads_the_decoders_own_rms_norms(method, k, norm):
-    """A decoder with its norms as RMSNormalization (opset 23): ``stream_norms`` finds each hidden state's
-    (its output and gain; the last hidden state, the final norm's output: None). A prompt probe fed those
-    (``normalised_sources``; the gains folded into its graph), its stage 1 in blocks of k layers (the last
-    block mixes normalised layers and the one read as it is), equals the torch probe on the stacked states,
-    and no stage If reads the state of a layer it reads normalised."""
+def test_a_probe_reads_the_decoders_own_rms_norms(method, k, norm, monkeypatch):
+    """A decoder with its norms as RMSNormalization (opset 23, random gains): ``stream_norms`` finds each
+    hidden state's (its output and gain; the last hidden state, the final norm's output: None). A prompt
+    probe fused for prefill passes (``fuse_probes``: fed those, the gains folded into its graph), its stage 1
+    in blocks of k layers (the last block mixes normalised layers and the one read as it is), equals the
+    torch probe on the stacked states; its stage Ifs read the norms' outputs, no state of a normalised layer,
+    and compute no per-token scale but for a block of the one layer read as it is."""
+    import types
+
     import torch
 
-    from singlepass.export.fuse import export_probe, normalised_sources, state_names
+    from singlepass.export import fuse
     from singlepass.models.probes import build_probe
 
     n = 7
@@ -386,19 +407,19 @@ def test_a_probe_reads_the_decoders_own_rms_norms(method, k, norm):
     if norm == "standard":
         probe.set_input_statistics(torch.randn(n, D) * 0.1, torch.rand(n, D) + 0.5)
     probe.eval()
-    feeds_ = dict(zip(state_names(n), s.hidden_states)) | {"mask": surgery.probe_attention_mask(host, s)}
-    fed, gains = normalised_sources(probe, feeds_, norms)
-    assert [fed[f"state_{i}"] for i in range(n)] == [x.tensor for x in norms[:-1]] + s.hidden_states[-1:]
-    graph = export_probe(probe, "hidden_states", n, D, V, 23, block=k if probe.blockable else 1, gains=gains)
-    # no per-token scale of its own but for a block of the one layer read as it is (k = 2: layer 6 alone)
-    assert [x.op_type for x in graph.graph.node].count("ReduceL2") == (1 if n % k == 1 and probe.blockable else 0)
-    nodes, outs = surgery.fuse_probe_nodes(host, graph, "tox", fed)
-    nodes = surgery.layer_stages(host, s, nodes, k, {x.tensor: i for i, x in enumerate(norms) if x is not None})
-    stages = [x for x in host.nodes if x.op == "If"]
+    spec = types.SimpleNamespace(
+        name="tox", input="hidden_states", reads="prompt", outputs={"logits": "tox/logits", "probs": "tox/probs"}
+    )
+    monkeypatch.setattr(fuse, "LAYERS_PER_STAGE_IF", k)
+    fuse.fuse_probes(host, s, [types.SimpleNamespace(spec=spec, module=probe)], prefill_only=True)
+    layer_tensors = {x.tensor for x in norms if x} | set(s.hidden_states)
+    stages = [x for x in host.nodes if x.op == "If" and subgraph_reads(x) & layer_tensors]
     assert len(stages) == -(-n // k)
-    states = set(s.hidden_states[:-1])
-    assert not [x.name for x in host.nodes if x.name.startswith("tox") and {t.name for t in x.inputs} & states]
-    surgery.prefill_only(host, s, nodes, outs)
+    reads = set().union(*map(subgraph_reads, stages))
+    assert reads >= {x.tensor for x in norms[:-1]} | {s.hidden_states[-1]}
+    assert not reads & set(s.hidden_states[:-1])
+    reduce_l2 = sum(subgraph_ops(x).count("ReduceL2") for x in host.nodes if x.op == "If")
+    assert reduce_l2 == (1 if n % k == 1 and probe.blockable else 0)  # k = 2: layer 6 is a block alone
     host.cleanup().toposort()
     model = surgery.to_model(host)
     onnx.checker.check_model(model)
@@ -426,6 +447,40 @@ def test_stream_norms_only_where_the_decoder_normalises_as_a_probe_would():
     assert normalised_sources(build_probe("gate", 3, D, 2, input_norm="none"), src, norms) == (src, None)
     fed, gains = normalised_sources(build_probe("gate", 3, D, 2), src, norms)
     assert fed["state_1"] == norms[1].tensor and gains[0] is None and gains[2] is None
+
+
+def test_stream_norms_ignore_norms_in_branches_and_unread_gains(tmp_path):
+    """Only the decoder's own nodes count: an RMSNormalization of a state inside an If's branch (a fused
+    probe's, say) is not the decoder's norm; a gain whose values were not loaded (a model read without its
+    external data) gives no norm rather than an error."""
+    from export_helpers import save_graph
+
+    host = Toy(layers=2).graph()  # the decoder's norms decomposed: none of its own is recognised
+    s = surgery.find_residual_stream(host)
+    state = host.tensors()[s.hidden_states[1]]
+    y = gs.Variable("branch_norm", dtype=np.float32)
+    inner = gs.Node("RMSNormalization", inputs=[state, gs.Constant("g", np.ones(D, np.float32))], outputs=[y])
+    branch = gs.Graph(nodes=[inner], outputs=[y], name="then")
+    flag = gs.Constant("flag", np.array(True))
+    host.nodes.append(
+        gs.Node(
+            "If",
+            inputs=[flag],
+            outputs=[gs.Variable("if_out", dtype=np.float32)],
+            attrs={"then_branch": branch, "else_branch": branch},
+        )
+    )
+    assert state.outputs and any(n.op == "RMSNormalization" for n in state.outputs)
+    assert surgery.stream_norms(host, s) == [None] * 3
+    path = save_graph(Toy(layers=2, opset=23, rms_op=True).model(), tmp_path / "toy.onnx", external=True)
+    lazy = gs.import_onnx(onnx.load(str(path), load_external_data=False))
+    assert surgery.stream_norms(lazy, surgery.find_residual_stream(lazy)) == [None] * 3
+    loaded = gs.import_onnx(onnx.load(str(path)))
+    assert [x is None for x in surgery.stream_norms(loaded, surgery.find_residual_stream(loaded))] == [
+        False,
+        False,
+        True,
+    ]
 
 
 def test_cleanup_and_toposort():

@@ -332,17 +332,7 @@ def test_layer_stages_runs_stage_1_of_each_block_of_layers_after_them(method, k)
     nodes = surgery.layer_stages(host, s, nodes, k)
     stages = [x for x in host.nodes if x.op == "If"]
     names = set(s.hidden_states)
-
-    def outer_reads(node) -> set[str]:
-        made, read = set(), {t.name for t in node.inputs}
-        for g in node.attrs.values():
-            if isinstance(g, gs.Graph):
-                for x in g.nodes:
-                    read |= outer_reads(x)
-                    made |= {t.name for t in x.outputs}
-        return read - made
-
-    assert [sorted(outer_reads(x) & names) for x in stages] == [
+    assert [sorted(subgraph_reads(x) & names) for x in stages] == [
         sorted(s.hidden_states[i : i + k]) for i in range(0, n, k)
     ]
     assert not [x.name for x in host.nodes if x.name.startswith("tox") and {t.name for t in x.inputs} & names]

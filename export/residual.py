@@ -525,7 +525,6 @@ def rms_norm_of(x: gs.Tensor, d: int, top: set[int] | None = None) -> StreamNorm
         and p.op == "SkipSimplifiedLayerNormalization"
         and len(p.outputs) > SKIP_SUM_OUTPUT
         and p.outputs[SKIP_SUM_OUTPUT] is x
-        and p.outputs[0].name
         and len(p.inputs) >= 3
     ):
         cands = [(p, p.inputs[2], float(p.attrs.get("epsilon", 1e-12)))]

@@ -125,6 +125,11 @@ def check_layer_count(layers: list[torch.Tensor], n: int) -> None:
         raise ValueError(f"the probe reads {n} layers, got {len(layers)}")
 
 
+def stacked(part: list[torch.Tensor]) -> torch.Tensor:
+    """G layer tensors [B, T, d] as one [G, B, T, d] (one layer: a view, no copy)."""
+    return part[0][None] if len(part) == 1 else torch.stack(part)
+
+
 def block_gain(gains: list, d: int) -> torch.Tensor:
     """The gains [d] of a block's layers (``Probe.features_layers``; None: 1), stacked -> [G, d] float32."""
     return torch.stack([torch.ones(d) if g is None else torch.as_tensor(g, dtype=torch.float32) for g in gains])
@@ -329,14 +334,18 @@ class Probe(nn.Module):
     def check_layers(self, layers: list[torch.Tensor]) -> None:
         check_layer_count(layers, self.num_layers)
 
-    def each_layer(self, layers: list[torch.Tensor], normalised: bool = True, block: int = 1):
-        """The L+1 layer tensors [B, T, d] ``block`` layers at a time: (slice i:i+G, x [G, B, T, d],
-        normalised unless ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
+    def blocks(self, layers: list[torch.Tensor], block: int = 1):
+        """The L+1 layer tensors [B, T, d] ``block`` layers at a time: (slice i:i+G, the G tensors)."""
         self.check_layers(layers)
         for i in range(0, self.num_layers, block):
             part = layers[i : i + block]
-            one = slice(i, i + len(part))
-            x = part[0][None] if len(part) == 1 else torch.stack(part)  # [G, B, T, d]
+            yield slice(i, i + len(part)), part
+
+    def each_layer(self, layers: list[torch.Tensor], normalised: bool = True, block: int = 1):
+        """``blocks`` of the layers, each as one tensor: (slice i:i+G, x [G, B, T, d], normalised unless
+        ``normalised=False``), so no [L+1, B, T, d] copy is ever built."""
+        for one, part in self.blocks(layers, block):
+            x = stacked(part)  # [G, B, T, d]
             yield one, self.normalise(x, one) if normalised else x
 
     def tokens_raw(self, x: torch.Tensor, m: torch.Tensor, layers: slice) -> torch.Tensor:
@@ -354,14 +363,11 @@ class Probe(nn.Module):
         if block > 1 and not self.blockable:
             raise ValueError(f"{type(self).__name__} runs stage 1 one layer at a time, not in blocks of {block}")
         gains, d = self.check_gains(gains), self.hidden_size
-        self.check_layers(layers)
         m = mask.to(torch.float32)[None, :, :, None]  # [1, B, T, 1]
         v = []  # L+1 / G x [G, B, d]
-        for i in range(0, self.num_layers, block):
-            one = slice(i, min(i + block, self.num_layers))
-            part = layers[one]
+        for one, part in self.blocks(layers, block):
             if all(g is None for g in gains[one]):  # one [G, B, T, d] copy of the block's states
-                v.append(self.tokens_raw(part[0][None] if len(part) == 1 else torch.stack(part), m, one))
+                v.append(self.tokens_raw(stacked(part), m, one))
             else:  # the normalised layers where they are (one the decoder does not normalise: its own norm)
                 xs = [x if g is not None else F.rms_norm(fp32(x), (d,), eps=RMS_EPS) for x, g in zip(part, gains[one])]
                 v.append(self.tokens_normed(xs, block_gain(gains[one], d), m, one))

@@ -61,6 +61,18 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--quality-only", action="store_true", help="rerun only the quality table into the stored peers.json"
     )
+    p.add_argument(
+        "--switched-rounds",
+        type=int,
+        default=240,
+        help="rounds of the in-session prefill measurement per probe (probe on, off, off again; the prefill "
+        "prompts in turn) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--switched-only",
+        action="store_true",
+        help="rerun only the in-session prefill measurement into the stored peers.json",
+    )
     return p
 
 
@@ -99,6 +111,22 @@ def prepare(args: argparse.Namespace) -> dict:
         "probes": probes,
         "gguf": str(bb.source.path),
     }
+
+
+def switched_prefill(args: argparse.Namespace, paths: dict, pre: list[list[int]]) -> dict:
+    """Each probe's prefill cost inside one session (``benchmarks/switch.py``): its int4 artifact copied
+    with the probe behind ``singlepass/probe_on``, batch-1 prefills of the prompts in turn, probe on, off
+    and off again per round, at the largest thread count. -> probe -> ``switched_overhead``'s result."""
+    from singlepass.benchmarks.switch import switchable, switched_overhead
+
+    out = {}
+    for m in PROBES:
+        log(f"prefill in one session: {m} switched on / off / off, {args.switched_rounds} rounds ...")
+        sw = switchable(paths[m], args.cache_root / "bench-artifacts" / "int4" / f"{m}-switch")
+        out[m] = switched_overhead(sw, pre, max(args.threads), (1,), args.switched_rounds, "prefill")
+        v = out[m]["batch 1"]
+        log(f"  {m}: {v['overhead_ms']:+.3f} ms ({v['overhead_pct']:+.2f}%; null {v['null_pct']:+.2f}%)")
+    return out
 
 
 def prompt_ids(args: argparse.Namespace, artifact: str) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
@@ -232,6 +260,8 @@ def derived(res: dict) -> dict:
             for m in PROBES
         },
     }
+    if res.get("switched"):  # the probe switched on and off inside one session (benchmarks/switch.py)
+        d["overhead_prefill_switched"] = {m: v["batch 1"]["overhead_pct"] / 100 for m, v in res["switched"].items()}
     mem = res.get("memory", {})
     if mem:
         d["memory_over_base"] = {
@@ -315,11 +345,20 @@ def write_report(res: dict, out: Path) -> None:
         lines.append(f"| prefill tok/s, {n} / llama.cpp | {v:.2f}x | {target(v, tgt)}")
     lines.append(f"| decode tok/s, {gate} / onnxruntime-genai int4 | {d['decode_vs_genai']:.2f}x | | |")
     lines.append(f"| prefill tok/s, {gate} / onnxruntime-genai int4 | {d['prefill_vs_genai']:.2f}x | | |")
+    one = d.get("overhead_prefill_switched", {})
     for m in PROBES:
         v, tgt = d["overhead_prefill"][m], T["overhead"][m]
-        lines.append(
-            f"| {m} probe: prefill time over the int4 base (batch 1) | {v:+.1%} | <= {tgt:.0%} | {mark(v <= tgt)} |"
-        )
+        if m in one:  # judged in one session; the two-session ratio beside it, no verdict
+            w = one[m]
+            lines.append(
+                f"| {m} probe: prefill time, probe on over off in one session (batch 1) | {w:+.2%} | <= {tgt:.0%} | "
+                f"{mark(w <= tgt)} |"
+            )
+            lines.append(f"| {m} probe: prefill time over the int4 base, two sessions (batch 1) | {v:+.1%} | | |")
+        else:
+            lines.append(
+                f"| {m} probe: prefill time over the int4 base (batch 1) | {v:+.1%} | <= {tgt:.0%} | {mark(v <= tgt)} |"
+            )
         lines.append(f"| {m} probe: decode time over the int4 base | {d['overhead_decode'][m]:+.1%} | | |")
     for m, v in d.get("memory_over_base", {}).items():
         tgt = T["mha_memory"] if m == "mha" else None
@@ -328,6 +367,32 @@ def write_report(res: dict, out: Path) -> None:
             f"{mark(v <= tgt) if tgt else ''} |"
         )
     lines.append("")
+    sw = res.get("switched")
+    if sw:
+        first = next(iter(sw.values()))["batch 1"]
+        lines += [
+            "## Prefill cost in one session",
+            "",
+            "Two sessions of one artifact differ by up to ~6% on this VM (`benchmarks/switch.py`), more than "
+            "the 1% targets, so the prefill targets are judged inside one session: each probe's int4 artifact "
+            "copied with its probe behind the graph input `singlepass/probe_on` (off, every `If` the probe's "
+            f"surgery added takes its no-op branch), then {first['pairs']} rounds of three batch-1 prefills of "
+            f"one prompt (the {first['prompts']} prefill prompts in turn, {first['context_tokens']:.1f} tokens "
+            "on average), probe on, off and off again in rotated order. Overhead: the median over rounds of "
+            "(on - off) over the median off pass; null: the same for the second off pass."
+            + (f" Measured by `{res['switched_command']}`." if res.get("switched_command") else ""),
+            "",
+            "| probe | off (ms) | on (ms) | overhead (ms) | overhead | overhead IQR | null (off vs off) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
+        ]
+        for m, by in sw.items():
+            v = by["batch 1"]
+            lo, hi = v["overhead_pct_iqr"]
+            lines.append(
+                f"| {m} | {v['off_ms']:.2f} | {v['on_ms']:.2f} | {v['overhead_ms']:+.3f} | {v['overhead_pct']:+.2f}% | "
+                f"{lo:+.1f}% to {hi:+.1f}% | {v['null_pct']:+.2f}% |"
+            )
+        lines.append("")
     q = res.get("quality")
     if q:
         lines += [
@@ -401,6 +466,22 @@ def run(args: argparse.Namespace) -> int:
         return 0
     out.mkdir(parents=True, exist_ok=True)
     args.cache_root = cache_root(args.cache_dir)
+    if args.switched_only:
+        from singlepass.benchmarks.latency_prepare import ensure_artifacts, ensure_probes
+        from singlepass.models.backbone import load_backbone
+
+        res = json.loads((out / "peers.json").read_text())
+        bb = load_backbone(args.model, args.cache_dir)
+        probes = ensure_probes(args, bb, out / "accuracy" / "toxicchat")
+        paths = ensure_artifacts(args, bb, probes, {m: [f"{probes[m]['dir']}:{m}"] for m in PROBES}, "int4")
+        pre = prompt_ids(args, str(paths[PROBES[0]]))[0]
+        res["switched"] = switched_prefill(args, paths, pre)
+        res["switched_command"] = command
+        res["switched_machine"] = ort_machine()
+        atomic_write_json(out / "peers.json", res)
+        write_report(res, out)
+        print((out / "peers.md").read_text())
+        return 0
     if args.quality_only:
         res = json.loads((out / "peers.json").read_text())
         prep = prepare(args)
@@ -446,6 +527,8 @@ def run(args: argparse.Namespace) -> int:
         log(f"memory: {name} ...")
         spec = {"mode": "memory", "threads": max(args.threads), "engine": eng, "prompts": mem, "new_tokens": 16}
         res["memory"][name] = worker(spec)
+    paths = {m: prep["engines"][f"singlepass int4 + {m}"]["path"] for m in PROBES}
+    res["switched"] = switched_prefill(args, paths, pre)
     if not args.skip_quality:
         res["quality"] = quality(args, prep["quality"], prep["gguf"])
     res["seconds"] = time.perf_counter() - t_measure

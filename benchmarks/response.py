@@ -350,6 +350,7 @@ def estimate(args, data: Data, methods: list[str]) -> dict:
             per[method] = per.get(method, 0.0) + s
     n_art = 1 + len(set(args.cost_probe))
     cost = n_art * EXPORT + args.cost_repeats * args.cost_steps * n_art * sum(STEP.values())
+    cost += (n_art - 1) * args.cost_pairs * 3 * sum(STEP.values())  # the in-session rounds (benchmarks/switch.py)
     cost += args.cost_rows * 3 * math.ceil(args.cost_tokens / WITHIN) * GUARD_CALL
     return {
         "seconds": per,
@@ -696,9 +697,12 @@ def cost_rows(data: Data, n: int, tokenizer, max_tokens: int, seed: int = 0) -> 
 
 def cost_phase(args, bb, data: Data, log) -> dict:
     """Export (or reuse) the base and one base + streaming probe artifact per ``--cost-probe``, time
-    their decode steps (alternating, one run), and time the guard re-run every 32 tokens."""
+    their decode steps (alternating, one run), time each probe switched on and off inside one session
+    (``benchmarks/switch.py``: the judged overhead, free of the ~5% two sessions of one artifact can
+    differ by), and time the guard re-run every 32 tokens."""
     from singlepass.benchmarks.latency_prepare import artifact_current
     from singlepass.benchmarks.machine import ort_machine
+    from singlepass.benchmarks.switch import switchable, switched_overhead
     from singlepass.export.pipeline import export_artifact
     from singlepass.runtime.contract import read_artifact
 
@@ -736,6 +740,16 @@ def cost_phase(args, bb, data: Data, log) -> dict:
             f"  {k}: base {v['base_ms']:.2f} ms per step; "
             + "; ".join(f"+ {m} {p['probe_ms']:.2f} ms ({p['overhead_pct']:+.2f}%)" for m, p in v["probes"].items())
         )
+    log(f"== decode steps in one session, each probe switched on / off / off ({args.cost_pairs} rounds)")
+    switched = {}
+    for m in methods:
+        sw = switchable(folders[m], root / f"response-{m}-switch")
+        switched[m] = switched_overhead(sw, prompt, args.threads, pairs=args.cost_pairs)
+        for k, v in switched[m].items():
+            log(
+                f"  {m}, {k}: off {v['off_ms']:.2f} ms per step, on {v['on_ms']:.2f}: {v['overhead_ms']:+.3f} ms "
+                f"({v['overhead_pct']:+.2f}%; null {v['null_pct']:+.2f}%)"
+            )
     n = args.cost_tokens
     log(f"== guard re-run every {WITHIN} tokens on {args.cost_rows} test responses of up to {n} tokens (batch 1)")
     rows = cost_rows(data, args.cost_rows, bb.tokenizer, n)
@@ -751,6 +765,7 @@ def cost_phase(args, bb, data: Data, log) -> dict:
         "probes": {m: {"artifact": str(folder), "threshold": cfg["threshold"]} for m, (cfg, folder) in probes.items()},
         "artifacts": {k: str(v) for k, v in folders.items()},
         "decode": decode,
+        "switched": switched,
         "guard": {"folder": str(guard), **rerun},
         "machine": machine_before,
         "loadavg_end": list(os.getloadavg()),
@@ -843,13 +858,20 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument(
         "--cost-probe",
         nargs="+",
-        default=["gate", "mha-stream"],
+        default=["pooling", "gate", "mha-stream"],
         choices=list(STREAMING),
         help="the streaming probes the cost phase exports (one artifact each) and times against the base "
         "(default: %(default)s)",
     )
     p.add_argument("--cost-repeats", type=int, default=15, help="timed blocks per artifact (default: %(default)s)")
     p.add_argument("--cost-steps", type=int, default=8, help="decode steps per timed block (default: %(default)s)")
+    p.add_argument(
+        "--cost-pairs",
+        type=int,
+        default=1000,
+        help="rounds of the in-session measurement (probe on, off, off again: one decode step each) per probe "
+        "and batch size (default: %(default)s)",
+    )
     p.add_argument("--cost-rows", type=int, default=100, help="responses the guard re-run is timed on")
     p.add_argument(
         "--cost-tokens",

@@ -208,19 +208,64 @@ def targets(doc: dict) -> list[str]:
     if not cost:
         out.append("- decode-step overhead of the streaming probe <= 2%: not run (the `--cost` phase)")
     else:
+        switched = cost.get("switched") or {}
         for m in cost["probes"]:
             d = {k: v["probes"][m] for k, v in cost["decode"].items()}
-            ok = all(p["min_overhead_pct"] <= 2.0 for p in d.values())
-            out.append(
-                f"- decode-step overhead of the streaming {m} probe{' (the best)' if m == best else ''} <= 2% "
-                f"(fastest blocks): {'met' if ok else 'missed'} ("
-                + "; ".join(
-                    f"{k} {p['min_overhead_pct']:+.2f}%, median of block ratios {p['overhead_pct']:+.2f}%"
-                    for k, p in d.items()
-                )
-                + ")"
+            two = "; ".join(
+                f"{k} {p['min_overhead_pct']:+.2f}%, median of block ratios {p['overhead_pct']:+.2f}%"
+                for k, p in d.items()
             )
+            tag = f"the streaming {m} probe{' (the best)' if m == best else ''}"
+            if m in switched:  # judged in one session (benchmarks/switch.py); two sessions listed beside it
+                ok = cost_met(cost, m)
+                out.append(
+                    f"- decode-step overhead of {tag} <= 2% (one session, the probe switched on and off): "
+                    f"{'met' if ok else 'missed'} ("
+                    + "; ".join(
+                        f"{k} {p['overhead_pct']:+.2f}% ({1e3 * p['overhead_ms']:+.0f} us; null {p['null_pct']:+.2f}%)"
+                        for k, p in switched[m].items()
+                    )
+                    + f"; two sessions, fastest blocks: {two})"
+                )
+            else:
+                ok = all(p["min_overhead_pct"] <= 2.0 for p in d.values())
+                out.append(
+                    f"- decode-step overhead of {tag} <= 2% (fastest blocks): {'met' if ok else 'missed'} ({two})"
+                )
+    every = [m for m in STREAMING if meets_every_target(runs, cost, m)]
+    out.append(
+        "- streaming methods that meet every target above on their own (F1 vs the guard in and out of "
+        f"distribution, median detection, decode-step overhead in one session): {', '.join(every) or 'none'}"
+    )
     return out
+
+
+def cost_met(cost: dict | None, method: str) -> bool | None:
+    """The decode-step target for ``method`` from the in-session measurement: None where it was not run."""
+    sw = (cost or {}).get("switched") or {}
+    if method not in sw:
+        return None
+    return all(p["overhead_pct"] <= 2.0 for p in sw[method].values())
+
+
+def meets_every_target(runs, cost, method: str) -> bool:
+    """``method``'s mean F1 >= the guard's on each in-distribution test set and within 10 points of it on
+    each out-of-distribution one, its median detection within ``WITHIN`` tokens on every test set, and its
+    in-session decode-step overhead <= 2% at every batch size measured."""
+
+    def f1(m, t):
+        return mean_of(runs, m, t, "f1")
+
+    pairs = [(t, f1(method, t), f1("guard", t)) for t, _ in TESTS]
+    if any(a is None or g is None for _, a, g in pairs):
+        return False
+    med = [mean_of(runs, method, t, "median_tokens", early=True) for t, _ in TESTS]
+    return (
+        all(a >= g for t, a, g in pairs if t in IN_DIST)
+        and all(100 * (g - a) <= 10 for t, a, g in pairs if t in OOD)
+        and all(v is not None and v <= WITHIN for v in med)
+        and bool(cost_met(cost, method))
+    )
 
 
 def render(doc: dict) -> str:
@@ -334,7 +379,8 @@ def render(doc: dict) -> str:
             f"block (order rotated every block); times are medians of {first['repeats']} blocks, the overhead "
             "the median over blocks of (probe block / the base block of the same rotation - 1), with its interquartile "
             "range (the machine's noise), and the fastest probe block over the fastest base block (noise only "
-            "ever adds time, so the minima are the least disturbed estimate; the target is judged on them). "
+            "ever adds time, so the minima are the least disturbed estimate; the target is judged on them where "
+            "the in-session measurement below was not run). "
             "Target: <= 2% per step. Before each block, one timed prefill of the prompt (no response token in "
             "it: the probe's fold is skipped), its overhead the median of the paired ratios likewise.",
             "",
@@ -350,6 +396,33 @@ def render(doc: dict) -> str:
                     f"{p['overhead_ms']:+.3f} | {p['overhead_pct']:+.2f}% | {lo:+.1f}% to {hi:+.1f}% | "
                     f"{p['min_overhead_pct']:+.2f}% | {_prefill_cells(v, p)} |"
                 )
+        switched = cost.get("switched") or {}
+        if switched:
+            first = next(iter(next(iter(switched.values())).values()))
+            lines += [
+                "",
+                "The same probes measured inside one session (`benchmarks/switch.py`; the target is judged on "
+                "this): two sessions of one artifact differ by up to ~6% here (their buffers land elsewhere), "
+                "more than the 2% asked, so each probe artifact is copied with its probe behind a graph input "
+                "(`singlepass/probe_on`: off, the decode form's `If` returns the state unchanged and zero labels) "
+                f"and {first['pairs']} rounds of three decode steps from one state alternate on, off and off "
+                "again, in rotated order. Overhead: the median over rounds of (on - off), over the median off "
+                "step; null: the same for the second off step (the method's own error). Off still runs the "
+                "probe's `If` and its pass-through (an Identity per state tensor and a zero fill per label), "
+                "which the overhead therefore leaves out.",
+                "",
+                "| batch | context (tokens) | probe | off (ms / step) | on (ms / step) | overhead (ms) | overhead | "
+                "overhead IQR | null (off vs off) |",
+                "| ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+            ]
+            for m, by in switched.items():
+                for v in by.values():
+                    lo, hi = v["overhead_pct_iqr"]
+                    lines.append(
+                        f"| {v['batch']} | {v['context_tokens']} | {m} | {v['off_ms']:.2f} | {v['on_ms']:.2f} | "
+                        f"{v['overhead_ms']:+.3f} | {v['overhead_pct']:+.2f}% | {lo:+.1f}% to {hi:+.1f}% | "
+                        f"{v['null_pct']:+.2f}% |"
+                    )
         g = cost["guard"]
         b1 = cost["decode"].get("batch 1")
         lines += [
@@ -367,6 +440,7 @@ def render(doc: dict) -> str:
             f"{g['rerun_ms_per_token']:.3f} |",
         ]
         for m, p in (b1["probes"] if b1 else {}).items():
+            p = switched.get(m, {}).get("batch 1", p)  # the in-session overhead where measured
             lines.append(f"| (streaming {m} probe, batch 1) | — | — | {p['overhead_ms']:+.3f} (decode-step overhead) |")
         m = cost["machine"]
         lines += [

@@ -380,7 +380,7 @@ def prefill_only(
         return
     more, batch = _batch_of(namer, shape)
     head += more
-    other, zeros = _zeros_for(namer, batch, [tensors[n] for n in outputs], "prefill_only")
+    other, zeros = zeros_for(namer, batch, [tensors[n] for n in outputs], "prefill_only")
     branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, zeros), outputs)
 
 
@@ -390,7 +390,7 @@ def _batch_of(namer: "Namer", shape: gs.Variable) -> tuple[list[gs.Node], gs.Var
     return [namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch])], batch
 
 
-def _zeros_for(namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], what: str) -> tuple[list, list]:
+def zeros_for(namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], what: str) -> tuple[list, list]:
     """Zeros [B, C] in place of each [batch, C] output in ``outs`` -> (nodes, the zero tensors)."""
     nodes, zeros = [], []
     for out in outs:
@@ -432,7 +432,7 @@ def with_response_tokens(
     outs = [tensors[n] for n in outputs]
     other, kept = [], []
     labels = [o for o in outs if o.name not in carried]
-    z_nodes, zeros = _zeros_for(namer, batch, labels, "with_response_tokens")
+    z_nodes, zeros = zeros_for(namer, batch, labels, "with_response_tokens")
     other += z_nodes
     zero_of = dict(zip(map(id, labels), zeros))
     for o in outs:

@@ -543,13 +543,51 @@ class PoolingProbe(Probe):
     def streamable(self):
         return self.token_pool in POOLS
 
+    # Mean over tokens, mean over layers, then the head: a linear map of the tokens' normalised states, so
+    # the state can be the head's running sum over them (one number per class and row, where a running sum
+    # of every layer's tokens is [L+1, B, d]): logits = sum_t sum_l norm(x_lt) @ W^T / (L+1) / T + b.
+    # A decode pass then runs one [L+1, B, d] x [d, C'] product (rms), a sum over the layers, and carries 2
+    # small tensors.
+
+    @property
+    def linear(self) -> bool:
+        return self.token_pool == "mean" and self.layer_pool == "mean"
+
+    @property
+    def fold_raw(self):  # the linear fold normalises through normalised_matmul
+        return self.linear
+
     def state_shapes(self, batch):
         L1, d = self.num_layers, self.hidden_size
         if self.token_pool == "max":
             return [("max", (L1, batch, d))]  # running masked max
+        if self.linear:  # the head's running sum over the tokens and layers folded in, tokens folded in
+            return [("score", (1, batch, self.head.out_features)), ("count", (1, batch, 1))]
         return [("sum", (L1, batch, d)), ("count", (1, batch, 1))]  # running masked sum, tokens folded in
 
+    def _scores(self, x, layers, fused: bool = False):
+        """The head's share of each token: x [G, B, T, d] as the layers hold it -> [G, B*T, C'],
+        norm(x) @ W^T / (L+1) (the layer mean's 1/(L+1) folded in)."""
+        w = self.head.weight.T / self.num_layers  # [d, C']: one weight for every layer (rms)
+        if self.input_norm == "standard":  # per-layer affine maps: one weight per layer (constants)
+            w = torch.stack([w] * self.count(layers))  # [G, d, C']
+        return self.normalised_matmul(x, w, layers, fused=fused)
+
+    def fold_one(self, state, x, m):
+        if not self.linear:
+            return super().fold_one(state, x, m)
+        score, count = state  # [1, B, C'], [1, B, 1]
+        s = self._scores(x, EVERY, fused=True).sum(0, keepdim=True)  # [1, B, C']: x [L+1, B, d], one per row
+        return [score + s * m, count + m]
+
     def fold(self, state, layers, m):
+        if self.linear:
+            score, count = state  # [1, B, C'], [1, B, 1]
+            for one, x in layers:  # x [G, B, T, d] as the layers hold it
+                lead = self.lead(self.count(one), m)  # [G, B, T]
+                s = self._scores(x, one).reshape(*lead, self.head.out_features)  # [G, B, T, C']
+                score = score + (s * m).sum((0, 2))[None]  # m [1, B, T, 1]
+            return [score, count + m.sum(2)]
         if self.token_pool == "max":
             (run,) = state  # [L+1, B, d]
             return [joined([torch.maximum(rows(run, one), masked_max(x, m, dim=2)) for one, x in layers])]
@@ -562,6 +600,15 @@ class PoolingProbe(Probe):
             return torch.where(run > NEG / 2, run, torch.zeros_like(run))  # no token yet: 0, not NEG
         total, count = state
         return total / count.clamp_min(1.0)  # [L+1, B, d]; no token yet: 0
+
+    def stream_logits(self, state):
+        if not self.linear:
+            return super().stream_logits(state)
+        self.check_streamable()
+        score, count = state  # [1, B, C'], [1, B, 1]
+        # [B, C'] with a constant width (a Python int), so the exported logits are not [B, <symbolic>]
+        logits = (score / count.clamp_min(1.0)).reshape(-1, self.head.out_features)
+        return logits + self.head.bias  # no token yet: the bias, head(0)
 
 
 POOLS = ("mean", "max")
@@ -979,7 +1026,9 @@ class MHAProbe(Probe):
         outputs o (with a last 1 while a token has been seen) times the output projection w (with the bias
         as its last row): 0, not b_o, for a layer no token reached yet. Stage 2's first step is a linear map
         of the summaries (qkv = v @ w_qkv + b_qkv), so it reads o through the product of the two weights,
-        [L+1, d_inner + 1, 3*d_inner] (constant-folded)."""
+        [L+1, d_inner + 1, 3*d_inner] (constant-folded). With mean pooling, the attention is one node and the
+        output projection and the head one product (the decode form of ``benchmarks/results/response.md``'s
+        streaming MHA: 59 -> 44 nodes)."""
         self.check_streamable()
         _, denom, acc = state  # [L+1, B, H], [L+1, B, H], [L+1, B, H, dh]
         L1 = self.num_layers
@@ -987,8 +1036,21 @@ class MHAProbe(Probe):
         o = (acc / denom.clamp_min(1.0)[..., None]).reshape(L1, -1, self.d_inner)  # [L+1, B, d_inner]
         o = torch.cat([o, seen], -1)  # [L+1, B, d_inner + 1]
         w = torch.cat([self.w_o[:L1], self.b_o[:L1, None]], 1)  # [L+1, d_inner + 1, d]
-        qkv_ = (o @ (w @ self.w_qkv[0])).transpose(0, 1)[None] + self.b_qkv[0]  # [1, B, L+1, 3*d_inner]
-        return self.head(self.attend_qkv(qkv_, None, slice(self.num_layers, self.num_layers + 1))[0])
+        if self.pool != "mean":
+            qkv_ = (o @ (w @ self.w_qkv[0])).transpose(0, 1)[None] + self.b_qkv[0]  # [1, B, L+1, 3*d_inner]
+            return self.head(self.attend_qkv(qkv_, None, slice(self.num_layers, self.num_layers + 1))[0])
+        # mean pooling: the same function in fewer exported ops (every decode pass runs it). The queries'
+        # 1/sqrt(dh) rides in their weights; one Attention node over the heads (opset 23; HeadAttention);
+        # the mean over the L+1 queries, then stage 2's output projection and the head as one linear map
+        # (both are linear): pooled @ (w_o @ W_head^T) + (b_o @ W_head^T + b_head).
+        di, s = self.d_inner, (self.d_inner // self.heads) ** -0.5
+        scale = torch.cat([torch.full((di,), s), torch.ones(2 * di)]).to(acc)  # [3*d_inner]: q's columns
+        qkv = (o @ (w @ self.w_qkv[0] * scale)).transpose(0, 1) + self.b_qkv[0] * scale  # [B, L+1, 3*d_inner]
+        q, k, v = qkv.split(di, -1)  # 3 x [B, L+1, d_inner]
+        attend = HeadAttention.apply if torch.onnx.is_in_onnx_export() else head_attention
+        pooled = attend(q, k, v, self.heads).mean(1)  # [B, d_inner]: the L+1 queries' mean
+        w_head = self.head.weight.T  # [d, C']
+        return pooled @ (self.w_o[L1] @ w_head) + (self.b_o[L1] @ w_head + self.head.bias)  # [B, C']
 
 
 # --- MHA's search space: the paper's downcast factors and head counts -------------------------------

@@ -107,6 +107,29 @@ def test_ratios_pair_repeats_and_mark_targets(tmp_path):
     assert "llama-cpp-python z (CPU kernels: AVX2 FMA)" in md
     assert (tmp_path / "peers.png").stat().st_size > 0
     json.dumps(res)  # the stored result is plain JSON
+    # measured in one session too (benchmarks/switch.py): the prefill targets are judged on that
+    res["switched"] = {
+        m: {
+            "batch 1": {
+                "off_ms": 70.0,
+                "on_ms": 70.0 * (1 + pct / 100),
+                "overhead_ms": 0.7 * pct,
+                "overhead_pct": pct,
+                "overhead_pct_iqr": [pct - 1, pct + 1],
+                "null_pct": 0.1,
+                "pairs": 240,
+                "prompts": 24,
+                "context_tokens": 64.5,
+            }
+        }
+        for m, pct in (("pooling", 0.4), ("gate", 0.8), ("mha", 3.5))
+    }
+    peers.write_report(res, tmp_path)
+    md = (tmp_path / "peers.md").read_text()
+    assert "| gate probe: prefill time, probe on over off in one session (batch 1) | +0.80% | <= 1% | met |" in md
+    assert "| mha probe: prefill time, probe on over off in one session (batch 1) | +3.50% | <= 3% | **missed** |" in md
+    assert "| gate probe: prefill time over the int4 base, two sessions (batch 1) | +2.0% | | |" in md
+    assert "## Prefill cost in one session" in md and "| gate | 70.00 | 70.56 | +0.560 | +0.80% |" in md
 
 
 def test_llama_cpp_cpu_names_the_kernels_llama_cpp_was_built_with():

@@ -174,6 +174,7 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
 
     argv, res, _, _ = bench
     cost_args = ["--cost", "--cost-repeats", "2", "--cost-steps", "2", "--cost-rows", "4", "--cost-tokens", "40"]
+    cost_args += ["--cost-probe", "gate", "mha-stream", "--cost-pairs", "3"]
     runs = sorted(Path(cache_dir).rglob("*-seed0-*.json"))
     assert len(runs) == 4  # gate, mha-stream, last-token, guard
     for r in runs:
@@ -197,6 +198,10 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
             assert p["prefill_ms"] > 0 and np.isfinite(p["prefill_overhead_pct"])
         assert v["base_prefill_ms"] > 0
         assert [len(b) for b in v["block_ms"].values()] == [2, 2, 2]  # base, gate, mha-stream: 2 repeats each
+    # in one session (benchmarks/switch.py): each probe switched on and off, 3 rounds per batch size
+    assert list(cost["switched"]) == ["gate", "mha-stream"]
+    for by in cost["switched"].values():
+        assert list(by) == ["batch 1", "batch 8"] and all(v["pairs"] == 3 and v["on_ms"] > 0 for v in by.values())
     g = cost["guard"]
     # 40 tokens (every row is longer on the tiny tokenizer): calls at tokens 32 and 40, vs one at 40
     assert g["rows"] == 4 and g["max_tokens"] == 40 and g["mean_tokens"] == 40 and g["mean_calls"] == 2.0
@@ -205,8 +210,12 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
     md = (res / "response.md").read_text()
     assert "| batch | context (tokens) | base (ms / step) | probe | + probe (ms / step) |" in md
     assert "| prefill base / + probe (ms) | prefill overhead |" in md
-    assert "decode-step overhead of the streaming gate probe <= 2% (fastest blocks): m" in md
-    assert "decode-step overhead of the streaming mha-stream probe" in md
+    assert (
+        "decode-step overhead of the streaming gate probe <= 2% (one session, the probe switched on and off): m" in md
+    )
+    assert "decode-step overhead of the streaming mha-stream probe" in md and "two sessions, fastest blocks" in md
+    assert "| batch | context (tokens) | probe | off (ms / step) | on (ms / step) |" in md
+    assert "- streaming methods that meet every target above on their own" in md
     assert "--cost --cost-repeats 2" in md  # the cost phase's command is listed
     # an accuracy run on a machine whose cache lacks the cost phase keeps the report's
     (stored,) = Path(cache_dir).rglob("cost.json")

@@ -113,6 +113,17 @@ def test_the_stacked_form_folds_one_token_per_row(kind, params):
         probe.stream_update(probe.stream_init(2), list(random_states(2)[:, :, :2]), torch.ones(2, 2), stacked=True)
 
 
+@pytest.mark.parametrize("input_norm", ["rms", "standard"])
+def test_mean_pooling_streams_the_heads_running_sum(input_norm):
+    """Mean over tokens and layers is linear up to the head: its state is C' running sums and a count per row
+    (the other pooling forms carry [L+1, B, d]); the equivalence tests above hold it to the whole-prefix probe."""
+    assert make_probe("pooling", STREAMING[0][1], input_norm, 3).stream_state_shapes(2) == [
+        ("score", (1, 2, 3)),
+        ("count", (1, 2, 1)),
+    ]
+    assert make_probe("pooling", STREAMING[1][1], input_norm, 2).stream_state_shapes(2)[0] == ("sum", (L1, 2, D))
+
+
 @pytest.mark.parametrize(
     "module,what",
     [

@@ -378,8 +378,10 @@ def write_report(res: dict, out: Path) -> None:
             "copied with its probe behind the graph input `singlepass/probe_on` (off, every `If` the probe's "
             f"surgery added takes its no-op branch), then {first['pairs']} rounds of three batch-1 prefills of "
             f"one prompt (the {first['prompts']} prefill prompts in turn, {first['context_tokens']:.1f} tokens "
-            "on average), probe on, off and off again in rotated order. Overhead: the median over rounds of "
-            "(on - off) over the median off pass; null: the same for the second off pass."
+            "on average), probe on, off and off again, each round in one of the 6 orders in turn. Overhead: the "
+            "median over rounds of (on - off) over the median off pass; null: the same for the second off pass. "
+            "A lower bound of the cost over the base: off still runs the probe's `If` shells (their no-op "
+            "branches), an `And` per `If` and the nodes computing the pass's shape."
             + (f" Measured by `{res['switched_command']}`." if res.get("switched_command") else ""),
             "",
             "| probe | off (ms) | on (ms) | overhead (ms) | overhead | overhead IQR | null (off vs off) |",

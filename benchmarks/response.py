@@ -695,6 +695,25 @@ def cost_rows(data: Data, n: int, tokenizer, max_tokens: int, seed: int = 0) -> 
     return out[:n]
 
 
+def switched_phase(args, folders: dict, prompt: str, log) -> dict:
+    """Each streaming probe's decode-step cost inside one session (``benchmarks/switch.py``): its artifact
+    ({method: folder}) copied with the probe behind ``singlepass/probe_on``, ``--cost-pairs`` rounds of
+    on / off / off steps at batch 1 and 8. -> {method: ``switched_overhead``'s result}."""
+    from singlepass.benchmarks.switch import switchable, switched_overhead
+
+    log(f"== decode steps in one session, each probe switched on / off / off ({args.cost_pairs} rounds)")
+    out = {}
+    for m, folder in folders.items():
+        sw = switchable(folder, Path(folder).with_name(f"{Path(folder).name}-switch"))
+        out[m] = switched_overhead(sw, prompt, args.threads, pairs=args.cost_pairs)
+        for k, v in out[m].items():
+            log(
+                f"  {m}, {k}: off {v['off_ms']:.2f} ms per step, on {v['on_ms']:.2f}: {v['overhead_ms']:+.3f} ms "
+                f"({v['overhead_pct']:+.2f}%; null {v['null_pct']:+.2f}%)"
+            )
+    return out
+
+
 def cost_phase(args, bb, data: Data, log) -> dict:
     """Export (or reuse) the base and one base + streaming probe artifact per ``--cost-probe``, time
     their decode steps (alternating, one run), time each probe switched on and off inside one session
@@ -702,7 +721,6 @@ def cost_phase(args, bb, data: Data, log) -> dict:
     differ by), and time the guard re-run every 32 tokens."""
     from singlepass.benchmarks.latency_prepare import artifact_current
     from singlepass.benchmarks.machine import ort_machine
-    from singlepass.benchmarks.switch import switchable, switched_overhead
     from singlepass.export.pipeline import export_artifact
     from singlepass.runtime.contract import read_artifact
 
@@ -740,16 +758,7 @@ def cost_phase(args, bb, data: Data, log) -> dict:
             f"  {k}: base {v['base_ms']:.2f} ms per step; "
             + "; ".join(f"+ {m} {p['probe_ms']:.2f} ms ({p['overhead_pct']:+.2f}%)" for m, p in v["probes"].items())
         )
-    log(f"== decode steps in one session, each probe switched on / off / off ({args.cost_pairs} rounds)")
-    switched = {}
-    for m in methods:
-        sw = switchable(folders[m], root / f"response-{m}-switch")
-        switched[m] = switched_overhead(sw, prompt, args.threads, pairs=args.cost_pairs)
-        for k, v in switched[m].items():
-            log(
-                f"  {m}, {k}: off {v['off_ms']:.2f} ms per step, on {v['on_ms']:.2f}: {v['overhead_ms']:+.3f} ms "
-                f"({v['overhead_pct']:+.2f}%; null {v['null_pct']:+.2f}%)"
-            )
+    switched = switched_phase(args, {m: folders[m] for m in methods}, prompt, log)
     n = args.cost_tokens
     log(f"== guard re-run every {WITHIN} tokens on {args.cost_rows} test responses of up to {n} tokens (batch 1)")
     rows = cost_rows(data, args.cost_rows, bb.tokenizer, n)
@@ -866,6 +875,11 @@ def build_parser(p: argparse.ArgumentParser | None = None) -> argparse.ArgumentP
     p.add_argument("--cost-repeats", type=int, default=15, help="timed blocks per artifact (default: %(default)s)")
     p.add_argument("--cost-steps", type=int, default=8, help="decode steps per timed block (default: %(default)s)")
     p.add_argument(
+        "--cost-switched-only",
+        action="store_true",
+        help="with --cost: rerun only the in-session measurement into the stored cost phase (its artifacts)",
+    )
+    p.add_argument(
         "--cost-pairs",
         type=int,
         default=1000,
@@ -940,7 +954,24 @@ def run(args: argparse.Namespace) -> int:
     if args.estimate_only:
         return 0
     results.mkdir(parents=True, exist_ok=True)
-    if args.cost:
+    if args.cost and args.cost_switched_only:  # the stored cost phase, its in-session measurement rerun
+        from singlepass.errors import SinglepassError
+
+        if not cost_path(args).is_file():
+            raise SinglepassError(f"--cost-switched-only: no stored cost phase ({cost_path(args)}): run --cost first")
+        res = json.loads(cost_path(args).read_text())
+        probes = [m for m in dict.fromkeys(args.cost_probe) if m in res["artifacts"]]
+        if not probes:
+            raise SinglepassError(
+                f"--cost-switched-only: the stored cost phase has none of {', '.join(args.cost_probe)}"
+            )
+        prompt = data.tests["beavertails"].columns["prompt"][0]
+        res["switched"] = (res.get("switched") or {}) | switched_phase(
+            args, {m: res["artifacts"][m] for m in probes}, prompt, log
+        )
+        res["switched_command"] = command
+        atomic_write(cost_path(args), json.dumps(res, indent=1))
+    elif args.cost:
         log(f"== cost phase ({time.strftime('%H:%M:%S')})")
         res = cost_phase(args, bb, data, log)
         res["command"] = command

@@ -406,10 +406,11 @@ def render(doc: dict) -> str:
                 "more than the 2% asked, so each probe artifact is copied with its probe behind a graph input "
                 "(`singlepass/probe_on`: off, the decode form's `If` returns the state unchanged and zero labels) "
                 f"and {first['pairs']} rounds of three decode steps from one state alternate on, off and off "
-                "again, in rotated order. Overhead: the median over rounds of (on - off), over the median off "
-                "step; null: the same for the second off step (the method's own error). Off still runs the "
-                "probe's `If` and its pass-through (an Identity per state tensor and a zero fill per label), "
-                "which the overhead therefore leaves out.",
+                "again, each round in one of the 6 orders in turn. Overhead: the median over rounds of "
+                "(on - off), over the median off step; null: the same for the second off step (the method's "
+                "own error). A lower bound of the cost over the base: off still runs the probe's `If`, the "
+                "switch's inner `If` and its pass-through (an Identity per state tensor and a zero fill per "
+                "label), which the overhead leaves out.",
                 "",
                 "| batch | context (tokens) | probe | off (ms / step) | on (ms / step) | overhead (ms) | overhead | "
                 "overhead IQR | null (off vs off) |",
@@ -481,7 +482,11 @@ def render(doc: dict) -> str:
         f"recipe, {GUARD_RECIPE['max_length']} MiniLM tokens, truncated on the left so the cut response is always "
         "kept whole and a long prompt loses its beginning)."
     )
-    commands = sorted({r.get("command") or doc["command"] for r in runs} | ({cost["command"]} if cost else set()))
+    commands = sorted(
+        {r.get("command") or doc["command"] for r in runs}
+        | ({cost["command"]} if cost else set())
+        | ({cost["switched_command"]} if cost and cost.get("switched_command") else set())
+    )
     machines = sorted({r["machine"] for r in runs})
     lines += ["", "## Reproduce", "", "The commands that produced the stored runs (a rerun skips them):", ""]
     lines += ["```", *(commands or [doc["command"]]), "```", ""]

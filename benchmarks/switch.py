@@ -12,9 +12,14 @@ long it runs. Here the probe is switched off and on inside one session instead:
   ``cond AND probe_on``;
 - a response probe: its decode form (the else branch of its prefill/decode ``If``) runs inside
   ``If(PROBE_ON, decode form, pass-through)``; the pass-through returns each state tensor as it came
-  (an Identity each) and zeros for each label (``surgery.zeros_for``). So "off" still runs that inner
-  ``If`` and its pass-through, which "on" replaces by the decode form: what ``switched_overhead``
-  reports for a response probe leaves out that shell (a few small nodes).
+  (an Identity each) and zeros for each label (``surgery.zeros_for``).
+
+What ``switched_overhead`` reports is a lower bound of the probe's cost over the base: "off" still
+runs what the switch cannot remove. For a response probe, its prefill/decode ``If``, the inner ``If``
+and the pass-through (Shape, Slice, an Identity per state tensor, a Concat and a ConstantOfShape per
+label: 8 nodes for a probe with 2 state tensors); for a prompt probe, each of its ``If`` shells
+(9 on SmolLM2: 8 stage ``If``s and the last), the ``And`` per ``If`` and the nodes computing the
+pass's shape.
 
 ``switched_overhead`` then alternates the probe on and off pass by pass (decode steps, or prefill
 passes for a prompt probe) on one state, with a second "off" arm as a null control (off vs off: how
@@ -23,6 +28,7 @@ far the method is from 0 on this machine).
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import time
 from pathlib import Path
@@ -30,6 +36,9 @@ from pathlib import Path
 import numpy as np
 
 PROBE_ON = "singlepass/probe_on"
+# the three arms of a round in every order: round r runs ORDERS[(r // prompts) % 6], so each arm follows each
+# other arm equally often and every prompt meets every order (a fixed rotation would tie both to the round)
+ORDERS = list(itertools.permutations(("on", "off", "null")))
 
 
 def switchable(src: str | Path, dst: str | Path) -> Path:
@@ -53,15 +62,22 @@ def switchable(src: str | Path, dst: str | Path) -> Path:
     graph = gs.import_onnx(onnx.load(str(src / GRAPH)))
     on = gs.Variable(PROBE_ON, np.bool_, [1])
     namer = Namer(graph)
-    ifs = [n for n in graph.nodes if n.op == "If"]
+    # the Ifs the export's surgery added (surgery.Namer: "singlepass/If..."); a base graph's own are left alone
+    ifs = [n for n in graph.nodes if n.op == "If" and (n.name or "").startswith("singlepass/If")]
     if not ifs:
         raise SinglepassError(
             f"{src}: the probe {probe.name!r} is not behind an If (an fp32 artifact fuses it unbranched)"
         )
     if probe.state:  # a response probe: one If, prefill form / decode form
-        (iff,) = ifs
-        decode = iff.attrs["else_branch"]
         presents = {s["present"]: s["past"] for s in probe.state}
+        outputs = {f"{probe.name}/logits", *presents}
+        mine = [n for n in ifs if outputs <= {o.name for o in n.outputs}]
+        if len(mine) != 1:
+            raise SinglepassError(
+                f"{src}: the response probe {probe.name!r} has {len(mine)} Ifs returning its logits and state, not 1"
+            )
+        (iff,) = mine
+        decode = iff.attrs["else_branch"]
         tensors = graph.tensors()
         inner_outs = [gs.Variable(namer(o.name.replace("/", "_") + "_switched"), o.dtype, o.shape) for o in iff.outputs]
         labels = [o for o in iff.outputs if o.name not in presents]
@@ -123,8 +139,9 @@ class Switched:
 
 
 def _timed(backend, manifest, phase: str, state, tokens, seqs) -> float:
-    """Seconds of one pass: a decode step from ``state`` (the same state every time: the in-place cache is
-    written at the same slot), or a prefill of ``seqs``."""
+    """Seconds of one pass: a decode step from ``state`` (the same cache every time: the in-place cache is
+    written at the same slot; a response probe's state, written back into its arrays, folds the token in
+    again on each "on" pass), or a prefill of ``seqs``."""
     from singlepass.runtime.passes import decode_one_token, prefill
 
     t0 = time.perf_counter()
@@ -145,11 +162,11 @@ def switched_overhead(
     warmup: int = 8,
 ) -> dict:
     """The probe of the switchable artifact ``folder`` on and off inside one session, at each batch
-    size: ``pairs`` rounds of three passes in rotated order: probe on, off, and off again (the null
-    control). ``prompts``: a text, or a list of texts or token-id lists (through the chat template
-    already). ``phase="decode"`` (a response probe) times decode steps from one state: the first prompt
-    (repeated for batch B) prefilled and ``warmup`` greedy steps; ``"prefill"`` (a prompt probe) times
-    prefill passes, round r on prompt r mod n (repeated for batch B).
+    size: ``pairs`` rounds of three passes, probe on, off, and off again (the null control), in each of
+    the 6 orders in turn (``ORDERS``). ``prompts``: a text, or a list of texts or token-id lists
+    (through the chat template already). ``phase="decode"`` (a response probe) times decode steps
+    from one state: the first prompt (repeated for batch B) prefilled and ``warmup`` greedy steps;
+    ``"prefill"`` (a prompt probe) times prefill passes, round r on prompt r mod n (repeated for B).
     -> {"batch B": {"off_ms", "on_ms" (medians), "overhead_ms" (median of on - off within a round),
     "overhead_pct" (that over off_ms), "overhead_pct_iqr", "null_pct" (median of off2 - off within a
     round, over off_ms: the method's own error), "null_pct_iqr", "pairs", "context_tokens"}}.
@@ -184,7 +201,7 @@ def switched_overhead(
         times = {a: [] for a in arms}
         for r in range(pairs):
             batch = [seqs[r % len(seqs)]] * b
-            for a in arms[r % 3 :] + arms[: r % 3]:
+            for a in ORDERS[(r // len(seqs)) % len(ORDERS)]:
                 backend.on = a == "on"
                 times[a].append(_timed(backend, rt.manifest, phase, st, toks, batch))
         on, off, null = (np.asarray(times[a]) * 1e3 for a in arms)

@@ -202,6 +202,14 @@ def test_the_cost_phase_runs_on_the_tiny_model(bench, cache_dir):
     assert list(cost["switched"]) == ["gate", "mha-stream"]
     for by in cost["switched"].values():
         assert list(by) == ["batch 1", "batch 8"] and all(v["pairs"] == 3 and v["on_ms"] > 0 for v in by.values())
+    # --cost-switched-only: the in-session measurement of one probe rerun into the stored cost phase
+    rc, out = bench_main([*argv, "--cost", "--cost-switched-only", "--cost-probe", "gate", "--cost-pairs", "2"])
+    again = json.loads((res / "response.json").read_text())["cost"]
+    assert rc == 0 and "== decode steps in one session" in out and "== guard re-run" not in out
+    assert again["switched"]["gate"]["batch 1"]["pairs"] == 2  # rerun
+    assert again["switched"]["mha-stream"]["batch 1"]["pairs"] == 3  # kept
+    assert again["decode"] == cost["decode"] and "--cost-switched-only" in again["switched_command"]
+    cost = again  # the stored cost phase from here on
     g = cost["guard"]
     # 40 tokens (every row is longer on the tiny tokenizer): calls at tokens 32 and 40, vs one at 40
     assert g["rows"] == 4 and g["max_tokens"] == 40 and g["mean_tokens"] == 40 and g["mean_calls"] == 2.0

@@ -34,6 +34,7 @@ def make_probe(kind, params, input_norm, classes, seed=0):
         if kind == "mha":
             probe.queries.mul_(3.0)  # likewise, per head
             probe.b_o.normal_(0, 0.5)  # the empty state's summaries are 0, not b_o
+            probe.b_qkv.normal_(0, 0.5)  # stage 2's biases (its queries' part carries the score scale)
     return probe
 
 

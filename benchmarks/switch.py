@@ -12,7 +12,7 @@ long it runs. Here the probe is switched off and on inside one session instead:
   ``cond AND probe_on``;
 - a response probe: its decode form (the else branch of its prefill/decode ``If``) runs inside
   ``If(PROBE_ON, decode form, pass-through)``; the pass-through returns each state tensor as it came
-  (an Identity each) and zeros for each label (``surgery.zeros_for``).
+  (an Identity each) and zeros for each label (``surgery.state_unchanged``, as a prompt's prefill does).
 
 What ``switched_overhead`` reports is a lower bound of the probe's cost over the base: "off" still
 runs what the switch cannot remove. For a response probe, its prefill/decode ``If``, the inner ``If``
@@ -51,7 +51,7 @@ def switchable(src: str | Path, dst: str | Path) -> Path:
     from singlepass.errors import SinglepassError
     from singlepass.export.manifest import GRAPH, GRAPH_DATA
     from singlepass.export.pipeline import save_graph
-    from singlepass.export.surgery import Namer, zeros_for
+    from singlepass.export.surgery import Namer, state_unchanged
     from singlepass.runtime.contract import RESPONSE_MASK, read_artifact
 
     src, dst = Path(src), Path(dst)
@@ -78,27 +78,16 @@ def switchable(src: str | Path, dst: str | Path) -> Path:
             )
         (iff,) = mine
         decode = iff.attrs["else_branch"]
-        tensors = graph.tensors()
         inner_outs = [gs.Variable(namer(o.name.replace("/", "_") + "_switched"), o.dtype, o.shape) for o in iff.outputs]
-        labels = [o for o in iff.outputs if o.name not in presents]
-        # the batch size from the response mask [B, T]: zeros [B, C] for each label
+        # the batch size from the response mask [B, T]; the state unchanged, zero labels
         mask_shape = gs.Variable(namer("switch_mask_shape"), np.int64)
         batch = gs.Variable(namer("switch_batch"), np.int64)
         nodes = [
-            namer.node("Shape", [tensors[RESPONSE_MASK]], [mask_shape]),
+            namer.node("Shape", [graph.tensors()[RESPONSE_MASK]], [mask_shape]),
             namer.node("Slice", [mask_shape, namer.i64("b0", [0]), namer.i64("b1", [1])], [batch]),
         ]
-        z_nodes, zeros = zeros_for(namer, batch, labels, "switchable")
-        zero_of = dict(zip(map(id, labels), zeros))
-        outs = []
-        for o in iff.outputs:
-            if o.name in presents:
-                kept = gs.Variable(namer(o.name.replace("/", "_") + "_kept"), o.dtype, o.shape)
-                nodes.append(namer.node("Identity", [tensors[presents[o.name]]], [kept]))
-                outs.append(kept)
-            else:
-                outs.append(zero_of[id(o)])
-        through = gs.Graph(nodes=nodes + z_nodes, outputs=outs, name=namer("pass_through"))
+        more, outs = state_unchanged(graph, namer, batch, list(iff.outputs), presents, "switchable")
+        through = gs.Graph(nodes=nodes + more, outputs=outs, name=namer("pass_through"))
         inner = gs.Node("If", name=namer("If"), inputs=[on], outputs=inner_outs)
         inner.attrs = {"then_branch": decode, "else_branch": through}
         iff.attrs["else_branch"] = gs.Graph(nodes=[inner], outputs=inner_outs, name=namer("switched_decode"))

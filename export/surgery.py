@@ -17,6 +17,7 @@ is tested on a tiny generated graph (tests/test_surgery.py):
     branch(graph, head, cond, then, orelse, outputs)   an ``If`` between two computations of outputs
     prefill_only(graph, s, nodes, outputs) run those nodes only in passes of 2+ tokens (an ``If``)
     with_response_tokens(graph, s, nodes, outputs, carried)  a response probe's fold only where it folds something
+    state_unchanged(graph, namer, batch, outs, carried, what)  a fold-free branch: state as it came, zero labels
     layer_stages(graph, s, per_layer, k)  a prompt probe's stage 1, an If per block of k layers
     stream_norms(graph, s)                the decoder's own RMS norm of each hidden state (probes read it)
     add_output(graph, name)               expose a tensor as a graph output
@@ -380,7 +381,7 @@ def prefill_only(
         return
     more, batch = _batch_of(namer, shape)
     head += more
-    other, zeros = zeros_for(namer, batch, [tensors[n] for n in outputs], "prefill_only")
+    other, zeros = _zeros_for(namer, batch, [tensors[n] for n in outputs], "prefill_only")
     branch(graph, head, cond, (nodes, [tensors[n] for n in outputs]), (other, zeros), outputs)
 
 
@@ -390,7 +391,7 @@ def _batch_of(namer: "Namer", shape: gs.Variable) -> tuple[list[gs.Node], gs.Var
     return [namer.node("Slice", [shape, namer.i64("b_start", [0]), namer.i64("b_end", [1])], [batch])], batch
 
 
-def zeros_for(namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], what: str) -> tuple[list, list]:
+def _zeros_for(namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], what: str) -> tuple[list, list]:
     """Zeros [B, C] in place of each [batch, C] output in ``outs`` -> (nodes, the zero tensors)."""
     nodes, zeros = [], []
     for out in outs:
@@ -430,19 +431,29 @@ def with_response_tokens(
         namer.node("Greater", [top, gs.Constant(namer("zero"), np.array(0, np.int64))], [cond]),
     ]
     outs = [tensors[n] for n in outputs]
-    other, kept = [], []
+    other, kept = state_unchanged(graph, namer, batch, outs, carried, "with_response_tokens")
+    return branch(graph, head, cond, (nodes, outs), (other, kept), outputs)
+
+
+def state_unchanged(
+    graph: gs.Graph, namer: "Namer", batch: gs.Variable, outs: list[gs.Tensor], carried: dict[str, str], what: str
+) -> tuple[list[gs.Node], list[gs.Tensor]]:
+    """A response probe's pass that folds nothing in: each carried state output in ``outs`` (``carried``:
+    present -> its past input) is its past, copied (a branch may not return an outer value), and each
+    label output zeros [B, C] (``_zeros_for``, ``batch`` [1] = (B,)). -> (nodes, the tensors in the order
+    of ``outs``): a branch's computation."""
     labels = [o for o in outs if o.name not in carried]
-    z_nodes, zeros = zeros_for(namer, batch, labels, "with_response_tokens")
-    other += z_nodes
+    nodes, zeros = _zeros_for(namer, batch, labels, what)
     zero_of = dict(zip(map(id, labels), zeros))
+    kept = []
     for o in outs:
-        if o.name in carried:  # the state passes through unchanged (a copy: a branch may not return an outer value)
+        if o.name in carried:
             same = gs.Variable(namer(o.name.replace("/", "_") + "_kept"), dtype=o.dtype, shape=o.shape)
-            other.append(namer.node("Identity", [_tensor(graph, carried[o.name], "past state input")], [same]))
+            nodes.append(namer.node("Identity", [_tensor(graph, carried[o.name], "past state input")], [same]))
             kept.append(same)
         else:
             kept.append(zero_of[id(o)])
-    return branch(graph, head, cond, (nodes, outs), (other, kept), outputs)
+    return nodes, kept
 
 
 def _placeholder(namer: "Namer", like: gs.Tensor) -> gs.Constant:

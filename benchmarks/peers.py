@@ -382,7 +382,13 @@ def write_report(res: dict, out: Path) -> None:
             "median over rounds of (on - off) over the median off pass; null: the same for the second off pass. "
             "A lower bound of the cost over the base: off still runs the probe's `If` shells (their no-op "
             "branches), an `And` per `If` and the nodes computing the pass's shape."
-            + (f" Measured by `{res['switched_command']}`." if res.get("switched_command") else ""),
+            + (f" Measured by `{res['switched_command']}`." if res.get("switched_command") else "")
+            + (
+                f" Machine: {sm['cpu']}, {sm['cpu_count']} cores, load average at start {sm['loadavg']} (this section "
+                "may come from a later run than the tables above: compare it with those only as ratios)."
+                if (sm := res.get("switched_machine"))
+                else ""
+            ),
             "",
             "| probe | off (ms) | on (ms) | overhead (ms) | overhead | overhead IQR | null (off vs off) |",
             "|---|---:|---:|---:|---:|---:|---:|",

@@ -20,7 +20,9 @@ graph has that norm (``surgery.stream_norms``: the next layer's input norm, an `
 when probes are fused, which ``ortfuse`` then fuses into a ``SkipSimplifiedLayerNormalization``
 keeping its output), instead of the state: the norm is computed anyway, the probe's own per-token
 scale is not, its gain folds into the probe's weights, and pooling (token mean) and the gate then
-read each normalised layer where it is, without a block copy (``normalised_sources``).
+read each normalised layer where it is, without a block copy (``normalised_sources``); the gate
+reads each layer once, one product with its [token gate | stage-2 gate | head] weights (its streaming
+readout; ``GateProbe.forward_layers``), where its summaries' form read it twice.
 A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.

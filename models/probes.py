@@ -723,6 +723,38 @@ class GateProbe(Probe):
             out.append((rows(denom, one) + p.sum(2), rows(acc, one) + (p * z[..., 1:]).sum(2)))
         return [joined(t) for t in zip(*out)]
 
+    def forward_layers(self, layers, mask, block=1, gains=None):
+        """``forward`` on the L+1 layer tensors [B, T, d] (the exported prompt form) through the streaming form's
+        readout: the whole pass folded into a zero state, then ``stream_logits``. Each layer's tokens are read
+        once, by one product with its [token gate | stage-2 gate | head] weights (the normalisation, and a
+        gain, on the weights), where the summaries' form reads them twice (its scores, then its weighted sum)
+        and builds [L+1, B, d] summaries that only the stage-2 gate and the head read. Stage 1 of a block of
+        layers is their products side by side; the softmax sums run once, on every layer's readouts (a
+        few numbers per token and layer). A row without a real token reads as the stream's (the bias)."""
+        gains, d, k = self.check_gains(gains), self.hidden_size, 2 + self.head.out_features
+        readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
+        zs, shifts = [], []
+        for one, part in self.blocks(layers, block):
+            ys = []
+            for i, x, g in zip(range(one.start, one.stop), part, gains[one]):
+                x = fp32(x)  # [B, T, d]
+                if g is None and self.reads_rms:  # a layer the decoder does not normalise (or no gains at all)
+                    x = F.rms_norm(x, (d,), eps=RMS_EPS)
+                w = torch.cat([self.token_gates[i, :, None], readout], 1)[None]  # [1, d, k]
+                w, shift = self.normalised_weights(w, slice(i, i + 1), None if g is None else block_gain([g], d))
+                ys.append(x @ w[0])  # [B, T, k]
+                shifts.append(shift)
+            # the block's stage 1, its one output: [B, T, G*k] -> [B, T, G, k] (B from the mask: computed once)
+            zs.append(torch.cat(ys, -1).reshape(mask.shape[0], -1, len(part), k))
+        z = torch.cat(zs, 2)  # [B, T, L+1, k]
+        if shifts[0] is not None:
+            z = z - torch.cat(shifts)[:, 0]  # the "standard" map's constant part [L+1, k] (weights only)
+        keep = mask.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
+        p = torch.exp(torch.tanh(z[..., :1])) * keep  # [B, T, L+1, 1]: the tokens' weights (padding: 0)
+        state = [p.sum(1), (p * z[..., 1:]).sum(1)]  # [B, L+1, 1], [B, L+1, 1 + C']: stream_state's sums
+        logits = self.stream_logits([t.transpose(0, 1) for t in state])
+        return logits.reshape(-1, self.head.out_features)  # [B, C']: C' known to an export's shape inference
+
     def fold_one(self, state, x, m):
         denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
         z = self._fold_z(x, EVERY, fused=True)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row

@@ -470,3 +470,40 @@ def test_mha_per_layer_graph_equals_torch_at_each_opset(opset, norm):
     feed = {n: x[i].numpy() for i, n in enumerate(state_names(4))} | {"mask": mask.numpy()}
     (logits,) = sess.run(["logits"], feed)
     np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("norm", ["standard", "rms", "none"])
+@pytest.mark.parametrize("block", [1, 2])
+def test_gate_per_layer_graph_reads_each_layer_once(norm, block):
+    """The gate's exported prompt form (``GateProbe.forward_layers``: the streaming readout) reads each layer
+    through one product with its [token gate | stage-2 gate | head] weights, where the summaries' form read
+    it twice (its scores, then its weighted sum); fed the decoder's norms (gains) or the states, in blocks
+    or per layer, it equals the torch probe on a padded batch of another size than the trace's, and its
+    logits are [batch, C'] with C' known."""
+    import onnxruntime as ort
+    import torch.nn.functional as F
+
+    from singlepass.export.fuse import export_probe, state_names
+    from singlepass.models.probes import RMS_EPS
+
+    torch.manual_seed(0)
+    probe = build_method("gate", 4, 16, 3, input_norm=norm).eval()
+    if norm == "standard":
+        probe.set_input_statistics(torch.randn(4, 16), torch.rand(4, 16) + 0.5)
+    gains = None if norm == "none" else [torch.rand(16) + 0.5, None, torch.rand(16) + 0.5, torch.rand(16) + 0.5]
+    graph = export_probe(probe, "hidden_states", 4, 16, 100, 23, block=block, gains=gains)
+    readers = {n: [x.op_type for x in graph.graph.node if n in x.input] for n in state_names(4)}
+    # a layer given as it is (no gain) is RMS-normalised once first, then read by the one product
+    assert all(ops in (["MatMul"], ["RMSNormalization"]) for ops in readers.values()), readers
+    logits_dims = [d.dim_value for d in graph.graph.output[0].type.tensor_type.shape.dim]
+    assert logits_dims[1] == probe.head.out_features
+    sess = ort.InferenceSession(graph.SerializeToString(), providers=["CPUExecutionProvider"])
+    states, lengths = random_batch(seed=1)  # 3 rows of 9 / 5 / 2 tokens
+    for side in ("left", "right"):
+        x, mask = pad(states, lengths, 12, side, 1e4)
+        with torch.no_grad():
+            ref = probe(x, mask).numpy()
+        given = [F.rms_norm(h, (16,), eps=RMS_EPS) * g if g is not None else h for h, g in zip(x, gains or [None] * 4)]
+        feed = {n: given[i].numpy() for i, n in enumerate(state_names(4))} | {"mask": mask.numpy()}
+        (logits,) = sess.run(["logits"], feed)
+        np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)

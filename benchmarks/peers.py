@@ -384,7 +384,8 @@ def write_report(res: dict, out: Path) -> None:
             "branches), an `And` per `If` and the nodes computing the pass's shape."
             + (f" Measured by `{res['switched_command']}`." if res.get("switched_command") else "")
             + (
-                f" Machine: {sm['cpu']}, {sm['cpu_count']} cores, load average at start {sm['loadavg']} (this section "
+                f" Machine: {sm['cpu']}, {sm['cpu_count']} cores, load average before it "
+                f"{' / '.join(f'{x:.2f}' for x in sm['loadavg'])} (this section "
                 "may come from a later run than the tables above: compare it with those only as ratios)."
                 if (sm := res.get("switched_machine"))
                 else ""
@@ -483,9 +484,10 @@ def run(args: argparse.Namespace) -> int:
         probes = ensure_probes(args, bb, out / "accuracy" / "toxicchat")
         paths = ensure_artifacts(args, bb, probes, {m: [f"{probes[m]['dir']}:{m}"] for m in PROBES}, "int4")
         pre = prompt_ids(args, str(paths[PROBES[0]]))[0]
+        machine = ort_machine()  # the load average right before the measurement (after any re-export)
         res["switched"] = switched_prefill(args, paths, pre)
         res["switched_command"] = command
-        res["switched_machine"] = ort_machine()
+        res["switched_machine"] = machine
         atomic_write_json(out / "peers.json", res)
         write_report(res, out)
         print((out / "peers.md").read_text())

@@ -7,22 +7,24 @@ models/; carried into the manifest as ``FusedProbe.input``):
     "logits"                   forward(logits [B, V] float32)                            -> logits [B, C']
                                (MULI: the next-token logits at the last prompt position)
 
-A hidden-states probe is exported in its per-layer form, ``forward_layers(layers, mask)`` (the
-same function; models/probes.py), with L+1 inputs ``state_0 .. state_L`` [B, T, d] and ``mask``:
-fused, each input reads its layer's residual-stream tensor where it is, so no [L+1, B, T, d] copy
-is stacked for it. In the prefill-only (quantised) artifacts a prompt probe's stage 1 runs in an If
-per block of ``LAYERS_PER_STAGE_IF`` layers, right after them (``surgery.layer_stages``): a
-``blockable`` family (pooling, the gate) on each block's layers at once (``forward_layers(block=)``:
-one [k, B, T, d] copy of the block, its ops once per block), the MHA one layer at a time (its
-attention activations would grow with the block; 5 ops a layer in a TorchScript export, one of them opset 23's
-``Attention``). There a prompt probe reads each layer as the decoder RMS-normalises it, where the
-graph has that norm (``surgery.stream_norms``: the next layer's input norm, an ``RMSNormalization``
-when probes are fused, which ``ortfuse`` then fuses into a ``SkipSimplifiedLayerNormalization``
-keeping its output), instead of the state: the norm is computed anyway, the probe's own per-token
-scale is not, its gain folds into the probe's weights, and pooling (token mean) and the gate then
-read each normalised layer where it is, without a block copy (``normalised_sources``); the gate
-reads each layer once, one product with its [token gate | stage-2 gate | head] weights (its streaming
-readout; ``GateProbe.forward_layers``), where its summaries' form read it twice.
+A hidden-states probe is exported in its per-layer form, ``forward_layers(layers, mask)`` (the same
+function on every row with a real token; models/probes.py), with L+1 inputs ``state_0 .. state_L``
+[B, T, d] and ``mask``: fused, each input reads its layer's residual-stream tensor where it is, so
+no [L+1, B, T, d] copy is stacked for it. In the prefill-only (quantised) artifacts a prompt probe's
+stage 1 runs in an If per block of ``LAYERS_PER_STAGE_IF`` layers, right after them
+(``surgery.layer_stages``): a ``blockable`` family (pooling, the gate) on each block's layers at
+once (``forward_layers(block=)``: one [k, B, T, d] copy of the block, its ops once per block), the
+MHA one layer at a time (its attention activations would grow with the block; 5 ops a layer in a
+TorchScript export, one of them opset 23's ``Attention``). There a prompt probe reads each layer as
+the decoder RMS-normalises it, where the graph has that norm (``surgery.stream_norms``: the next
+layer's input norm, an ``RMSNormalization`` when probes are fused, which ``ortfuse`` then fuses into
+a ``SkipSimplifiedLayerNormalization`` keeping its output), instead of the state: the norm is
+computed anyway, the probe's own per-token scale is not, its gain folds into the probe's weights,
+and pooling (token mean) and the gate then read each normalised layer where it is, without a block
+copy (``normalised_sources``).
+In every export the gate reads each layer by one product with its [token gate | stage-2 gate | head]
+weights (its streaming readout; ``GateProbe.forward_layers``), where its summaries' form read it
+twice.
 A response probe's decode passes run its stacked streaming form.
 The exported probe graph returns ``logits`` and ``probs`` ([B, C], ``probes.probabilities``);
 fused under the prefix ``<name>/`` they become the outputs ``<name>/logits``, ``<name>/probs``.

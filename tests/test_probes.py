@@ -507,3 +507,18 @@ def test_gate_per_layer_graph_reads_each_layer_once(norm, block):
         feed = {n: given[i].numpy() for i, n in enumerate(state_names(4))} | {"mask": mask.numpy()}
         (logits,) = sess.run(["logits"], feed)
         np.testing.assert_allclose(logits, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_per_layer_form_reads_a_row_without_real_tokens_as_the_bias():
+    """A row whose mask is all 0 (never fed by the runtime): the streaming readout's empty state, the head's
+    bias, where ``forward`` averages the padding; rows with tokens beside it are unchanged."""
+    torch.manual_seed(0)
+    probe = build_method("gate", 4, 16, 3).eval()
+    states, lengths = random_batch(seed=2)
+    x, mask = pad(states, lengths, 12, "right", 1e4)
+    mask[1] = 0
+    with torch.no_grad():
+        got = probe.forward_layers(list(x), mask)
+        ref = probe(x, mask)
+    torch.testing.assert_close(got[1], probe.head.bias.detach())
+    torch.testing.assert_close(got[[0, 2]], ref[[0, 2]], rtol=1e-5, atol=1e-5)

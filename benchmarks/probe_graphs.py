@@ -72,13 +72,13 @@ def main(argv=None) -> int:
         module, cfg = load_probe(folder)[:2]
         module = module.eval()
         response = cfg.get("reads") == "response"
+        normalised = a.states == "normalised" and module.reads_rms and not response
         block = stage_block(module)
         if response:
             form = "decode (stacked stream)"
         else:
             form = f"blocks of {block} layers" if block > 1 else "per layer"
-            form += ", normalised layers" if a.states == "normalised" and module.reads_rms else ", states"
-        normalised = a.states == "normalised" and module.reads_rms and not response
+            form += ", normalised layers" if normalised else ", states"
         proto = _graph(module, cfg, block, a.opset, normalised)
         sess = ort_session(proto.SerializeToString(), a.threads)
         for b in a.batches:

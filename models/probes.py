@@ -702,15 +702,25 @@ class GateProbe(Probe):
         # per layer: the softmax's denominator sum exp(s) and numerator sum exp(s) z
         return [("l", (L1, batch, 1)), ("acc", (L1, batch, k))]
 
-    def _fold_z(self, x, layers, fused: bool = False):
-        """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout
-        (``fused``: see ``normalised_matmul``)."""
+    def fold_weights(self, layers) -> torch.Tensor:
+        """The layers' [token gate | stage-2 gate | head weights^T] [G, d, 2 + C']: a token's product with its
+        layer's gives its score (before tanh), then its readout (weights only: constant in an export)."""
         G = self.count(layers)
         readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
         # a stack, not expand or repeat: the TorchScript exporter writes those as shape arithmetic (ConstantOfShape,
         # Where, Expand) that the constant folder leaves, so every decode pass rebuilt these weights
-        w = torch.cat([self.token_gates[layers][:, :, None], torch.stack([readout] * G)], -1)
-        return self.normalised_matmul(x, w, layers, fused=fused)  # [G, N, 2 + C']
+        return torch.cat([self.token_gates[layers][:, :, None], torch.stack([readout] * G)], -1)
+
+    @staticmethod
+    def token_weight(z, m):
+        """A token's weight in its layer's softmax sums, exp(tanh(score)) (no running maximum: in [1/e, e]), from
+        its z [..., 2 + C'] (``fold_weights``' product, score first), times m (0: not folded in) -> [..., 1]."""
+        return torch.exp(torch.tanh(z[..., :1])) * m
+
+    def _fold_z(self, x, layers, fused: bool = False):
+        """x [G, N, d] as the layers hold it -> [G, N, 2 + C']: each token's score (before tanh), then its readout
+        (``fused``: see ``normalised_matmul``)."""
+        return self.normalised_matmul(x, self.fold_weights(layers), layers, fused=fused)  # [G, N, 2 + C']
 
     def fold(self, state, layers, m):
         denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
@@ -719,7 +729,7 @@ class GateProbe(Probe):
             G, d = self.count(one), self.hidden_size
             z = self._fold_z(x.reshape(G, -1, d), one)  # [G, B*T, 2 + C']
             z = z.reshape(*self.lead(G, m), 2 + self.head.out_features)  # [G, B, T, 2 + C']
-            p = torch.exp(torch.tanh(z[..., :1])) * m  # [G, B, T, 1]: the tokens' weights (0: not folded in)
+            p = self.token_weight(z, m)  # [G, B, T, 1]: the tokens' weights (0: not folded in)
             out.append((rows(denom, one) + p.sum(2), rows(acc, one) + (p * z[..., 1:]).sum(2)))
         return [joined(t) for t in zip(*out)]
 
@@ -732,7 +742,6 @@ class GateProbe(Probe):
         layers is their products side by side; the softmax sums run once, on every layer's readouts (a
         few numbers per token and layer). A row without a real token reads as the stream's (the bias)."""
         gains, d, k = self.check_gains(gains), self.hidden_size, 2 + self.head.out_features
-        readout = torch.cat([self.layer_gate[:, None], self.head.weight.T], 1)  # [d, 1 + C']
         zs, shifts = [], []
         for one, part in self.blocks(layers, block):
             ys = []
@@ -740,8 +749,10 @@ class GateProbe(Probe):
                 x = fp32(x)  # [B, T, d]
                 if g is None and self.reads_rms:  # a layer the decoder does not normalise (or no gains at all)
                     x = F.rms_norm(x, (d,), eps=RMS_EPS)
-                w = torch.cat([self.token_gates[i, :, None], readout], 1)[None]  # [1, d, k]
-                w, shift = self.normalised_weights(w, slice(i, i + 1), None if g is None else block_gain([g], d))
+                layer = slice(i, i + 1)
+                w, shift = self.normalised_weights(  # [1, d, k]
+                    self.fold_weights(layer), layer, None if g is None else block_gain([g], d)
+                )
                 ys.append(x @ w[0])  # [B, T, k]
                 shifts.append(shift)
             # the block's stage 1, its one output: [B, T, G*k] -> [B, T, G, k] (B from the mask: computed once)
@@ -750,7 +761,7 @@ class GateProbe(Probe):
         if shifts[0] is not None:
             z = z - torch.cat(shifts)[:, 0]  # the "standard" map's constant part [L+1, k] (weights only)
         keep = mask.to(torch.float32)[:, :, None, None]  # [B, T, 1, 1]
-        p = torch.exp(torch.tanh(z[..., :1])) * keep  # [B, T, L+1, 1]: the tokens' weights (padding: 0)
+        p = self.token_weight(z, keep)  # [B, T, L+1, 1]: the tokens' weights (padding: 0)
         state = [p.sum(1), (p * z[..., 1:]).sum(1)]  # [B, L+1, 1], [B, L+1, 1 + C']: stream_state's sums
         logits = self.stream_logits([t.transpose(0, 1) for t in state])
         return logits.reshape(-1, self.head.out_features)  # [B, C']: C' known to an export's shape inference
@@ -758,7 +769,7 @@ class GateProbe(Probe):
     def fold_one(self, state, x, m):
         denom, acc = state  # [L+1, B, 1], [L+1, B, 1 + C']
         z = self._fold_z(x, EVERY, fused=True)  # [L+1, B, 2 + C']: x [L+1, B, d], one token per row
-        p = torch.exp(torch.tanh(z[..., :1])) * m  # [L+1, B, 1]: the token's weight (0: not folded in)
+        p = self.token_weight(z, m)  # [L+1, B, 1]: the token's weight (0: not folded in)
         return [denom + p, acc + p * z[..., 1:]]
 
     def stream_logits(self, state):
